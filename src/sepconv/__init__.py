@@ -1,0 +1,38 @@
+"""sepconv: depthwise separable convolutions for PyTorch — layers, exact costs, conversion, fast kernels.
+
+>>> import torch, sepconv
+>>> layer = sepconv.SeparableConv2d(10, 32, 3)
+>>> sepconv.cost(layer, (5, 10, 50, 50)).macs
+4723200
+"""
+
+from sepconv.cost import Comparison, Cost, compare, cost
+from sepconv.layers import (
+    DepthwiseConv1d,
+    DepthwiseConv2d,
+    DepthwiseConv3d,
+    PointwiseConv1d,
+    PointwiseConv2d,
+    PointwiseConv3d,
+    SeparableConv1d,
+    SeparableConv2d,
+    SeparableConv3d,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Comparison",
+    "Cost",
+    "DepthwiseConv1d",
+    "DepthwiseConv2d",
+    "DepthwiseConv3d",
+    "PointwiseConv1d",
+    "PointwiseConv2d",
+    "PointwiseConv3d",
+    "SeparableConv1d",
+    "SeparableConv2d",
+    "SeparableConv3d",
+    "compare",
+    "cost",
+]

@@ -1,0 +1,1 @@
+"""Subcommands of the ``sepconv`` CLI, one module each (see ``sepconv.cli``)."""

@@ -1,0 +1,364 @@
+"""Depthwise, pointwise and depthwise separable convolutions with the ``nn.ConvNd`` interface.
+
+A separable convolution is a depthwise KxK conv (``groups = in_channels``, ``depth_multiplier``
+filters per channel) followed by a 1x1 pointwise conv. Both parts are ``nn.ConvNd`` subclasses,
+so state_dicts, ``torch.compile``, ``torch.export`` and ONNX see ordinary convolutions.
+
+>>> import torch
+>>> layer = SeparableConv2d(10, 32, 3)
+>>> layer(torch.rand(5, 10, 50, 50)).shape
+torch.Size([5, 32, 48, 48])
+>>> sum(p.numel() for p in layer.parameters())  # 10·9 depthwise + 10·32 + 32 pointwise
+442
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sepconv._args import divisible, int_tuple, padding_arg, padding_mode_arg, positive_int
+from sepconv.padding import Padding, resolve_padding
+
+__all__ = [
+    "DepthwiseConv1d",
+    "DepthwiseConv2d",
+    "DepthwiseConv3d",
+    "PointwiseConv1d",
+    "PointwiseConv2d",
+    "PointwiseConv3d",
+    "SeparableConv1d",
+    "SeparableConv2d",
+    "SeparableConv3d",
+]
+
+ModuleFactory = Callable[..., nn.Module]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+_SPATIAL_NAMES = {1: "L", 2: "H, W", 3: "D, H, W"}
+
+
+def check_input(layer: str, input: Tensor, in_channels: int, ndim: int) -> None:
+    """Raise a ValueError naming expected and actual shape unless ``input`` fits the layer."""
+    if input.dim() not in (ndim + 1, ndim + 2) or input.shape[-ndim - 1] != in_channels:
+        spatial = _SPATIAL_NAMES[ndim]
+        raise ValueError(
+            f"{layer} expected input of shape (N, {in_channels}, {spatial}) or ({in_channels}, {spatial}),"
+            f" got {tuple(input.shape)}"
+        )
+
+
+class _Conv:
+    """Mixin for an ``nn.ConvNd``: validated arguments, 'same' padding with any stride, input check."""
+
+    _ndim: int
+
+    def _init_conv(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: Any,
+        stride: Any,
+        padding: Any,
+        dilation: Any,
+        groups: int,
+        bias: bool,
+        padding_mode: str,
+        device: Any,
+        dtype: Any,
+    ) -> None:
+        n = self._ndim
+        kernel_size = int_tuple("kernel_size", kernel_size, n)
+        stride = int_tuple("stride", stride, n)
+        dilation = int_tuple("dilation", dilation, n)
+        padding = padding_arg(padding, n)
+        padding_mode = padding_mode_arg(padding_mode)
+        # PyTorch's 'same' is stride-1 only; for stride > 1 we pad in forward, as TensorFlow does.
+        strided_same = padding == "same" and any(s > 1 for s in stride)
+        super().__init__(  # type: ignore[call-arg]
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride,
+            0 if strided_same else padding,
+            dilation,
+            groups,
+            bias,
+            padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        if strided_same:
+            self.padding = "same"
+
+    def forward(self, input: Tensor) -> Tensor:
+        check_input(type(self).__name__, input, self.in_channels, self._ndim)  # type: ignore[attr-defined]
+        if self.padding == "same" and any(s > 1 for s in self.stride):  # type: ignore[attr-defined]
+            return self._strided_same_forward(input)
+        return super().forward(input)  # type: ignore[misc]
+
+    def _strided_same_forward(self, input: Tensor) -> Tensor:
+        n = self._ndim
+        pads = resolve_padding("same", input.shape[-n:], self.kernel_size, self.stride, self.dilation)  # type: ignore[attr-defined]
+        flat = [p for lo_hi in reversed(pads) for p in lo_hi]  # F.pad wants the last dim first
+        input = F.pad(input, flat, mode=_PAD_MODE[self.padding_mode])  # type: ignore[attr-defined]
+        return _CONV[n](input, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)  # type: ignore[attr-defined]
+
+
+class _DepthwiseConv(_Conv):
+    def __init__(
+        self,
+        in_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: Padding = 0,
+        dilation: int | tuple[int, ...] = 1,
+        depth_multiplier: int = 1,
+        bias: bool = False,
+        padding_mode: str = "zeros",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        positive_int("in_channels", in_channels)
+        positive_int("depth_multiplier", depth_multiplier)
+        self._init_conv(
+            in_channels,
+            in_channels * depth_multiplier,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            in_channels,
+            bias,
+            padding_mode,
+            device,
+            dtype,
+        )
+
+    @property
+    def depth_multiplier(self) -> int:
+        return self.out_channels // self.in_channels  # type: ignore[attr-defined]
+
+
+class _PointwiseConv(_Conv):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        bias: bool = True,
+        groups: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        positive_int("in_channels", in_channels)
+        positive_int("out_channels", out_channels)
+        positive_int("groups", groups)
+        divisible("in_channels", in_channels, groups)
+        divisible("out_channels", out_channels, groups)
+        self._init_conv(in_channels, out_channels, 1, 1, 0, 1, groups, bias, "zeros", device, dtype)
+
+
+class DepthwiseConv1d(_DepthwiseConv, nn.Conv1d):
+    """Depthwise 1-d conv: ``nn.Conv1d(C, C·m, k, groups=C)``; no bias by default.
+
+    >>> DepthwiseConv1d(8, 5, padding="same")(torch.rand(2, 8, 30)).shape
+    torch.Size([2, 8, 30])
+    """
+
+    _ndim = 1
+
+
+class DepthwiseConv2d(_DepthwiseConv, nn.Conv2d):
+    """Depthwise 2-d conv: ``nn.Conv2d(C, C·m, k, groups=C)``; no bias by default.
+
+    >>> DepthwiseConv2d(16, 3, stride=2, padding="same", depth_multiplier=2)(torch.rand(1, 16, 7, 7)).shape
+    torch.Size([1, 32, 4, 4])
+    """
+
+    _ndim = 2
+
+
+class DepthwiseConv3d(_DepthwiseConv, nn.Conv3d):
+    """Depthwise 3-d conv: ``nn.Conv3d(C, C·m, k, groups=C)``; no bias by default.
+
+    >>> DepthwiseConv3d(4, (1, 3, 3), padding=(0, 1, 1))(torch.rand(1, 4, 5, 8, 8)).shape
+    torch.Size([1, 4, 5, 8, 8])
+    """
+
+    _ndim = 3
+
+
+class PointwiseConv1d(_PointwiseConv, nn.Conv1d):
+    """1x1 conv mixing channels: ``nn.Conv1d(C, O, 1, groups=groups)``.
+
+    >>> PointwiseConv1d(8, 3)(torch.rand(2, 8, 30)).shape
+    torch.Size([2, 3, 30])
+    """
+
+    _ndim = 1
+
+
+class PointwiseConv2d(_PointwiseConv, nn.Conv2d):
+    """1x1 conv mixing channels: ``nn.Conv2d(C, O, 1, groups=groups)``.
+
+    >>> PointwiseConv2d(8, 16, bias=False)(torch.rand(2, 8, 5, 5)).shape
+    torch.Size([2, 16, 5, 5])
+    """
+
+    _ndim = 2
+
+
+class PointwiseConv3d(_PointwiseConv, nn.Conv3d):
+    """1x1x1 conv mixing channels: ``nn.Conv3d(C, O, 1, groups=groups)``.
+
+    >>> PointwiseConv3d(4, 6)(torch.rand(1, 4, 3, 5, 5)).shape
+    torch.Size([1, 6, 3, 5, 5])
+    """
+
+    _ndim = 3
+
+
+def _mid_module(name: str, factory: Any, *args: int, device: Any, dtype: Any) -> nn.Module | None:
+    """Build the optional norm/activation between the two convs from a class or factory."""
+    if factory is None:
+        return None
+    if isinstance(factory, nn.Module):
+        if args:  # a norm instance would silently carry its own channel count
+            raise TypeError(f"{name} must be a module class or factory such as nn.BatchNorm2d, not an instance")
+        module = factory
+    elif callable(factory):
+        module = factory(*args)
+    else:
+        raise TypeError(f"{name} must be None or a module class/factory, got {factory!r}")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{name} must build an nn.Module, got {type(module).__name__}")
+    to_kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+    return module.to(**to_kwargs) if to_kwargs else module
+
+
+class _SeparableConv(nn.Module):
+    _ndim: int
+    _depthwise: type[_DepthwiseConv]
+    _pointwise: type[_PointwiseConv]
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: Padding = 0,
+        dilation: int | tuple[int, ...] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        depth_multiplier: int = 1,
+        depthwise_bias: bool = False,
+        mid_norm: ModuleFactory | None = None,
+        mid_activation: ModuleFactory | nn.Module | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        positive_int("in_channels", in_channels)
+        positive_int("groups", groups)
+        divisible("in_channels", in_channels, groups)
+        self.depthwise = self._depthwise(
+            in_channels,
+            kernel_size,
+            stride,
+            padding,
+            dilation,
+            depth_multiplier,
+            depthwise_bias,
+            padding_mode,
+            device,
+            dtype,
+        )
+        mid = self.depthwise.out_channels  # type: ignore[attr-defined]
+        self.mid_norm = _mid_module("mid_norm", mid_norm, mid, device=device, dtype=dtype)
+        self.mid_activation = _mid_module("mid_activation", mid_activation, device=device, dtype=dtype)
+        self.pointwise = self._pointwise(mid, out_channels, bias, groups, device, dtype)
+
+    def forward(self, input: Tensor) -> Tensor:
+        check_input(type(self).__name__, input, self.in_channels, self._ndim)
+        x = self.depthwise(input)
+        if self.mid_norm is not None:
+            x = self.mid_norm(x)
+        if self.mid_activation is not None:
+            x = self.mid_activation(x)
+        return self.pointwise(x)
+
+    def reset_parameters(self) -> None:
+        for module in (self.depthwise, self.mid_norm, self.mid_activation, self.pointwise):
+            if module is not None and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    # The nn.ConvNd attributes, read from the parts, so there is one source of truth.
+    in_channels = property(lambda self: self.depthwise.in_channels)
+    out_channels = property(lambda self: self.pointwise.out_channels)
+    kernel_size = property(lambda self: self.depthwise.kernel_size)
+    stride = property(lambda self: self.depthwise.stride)
+    padding = property(lambda self: self.depthwise.padding)
+    dilation = property(lambda self: self.depthwise.dilation)
+    groups = property(lambda self: self.pointwise.groups)
+    padding_mode = property(lambda self: self.depthwise.padding_mode)
+    depth_multiplier = property(lambda self: self.depthwise.depth_multiplier)
+
+    def extra_repr(self) -> str:
+        n = self._ndim
+        parts = [f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}"]
+        if self.stride != (1,) * n:
+            parts.append(f"stride={self.stride}")
+        if self.padding != (0,) * n:
+            parts.append(f"padding={self.padding!r}")
+        if self.dilation != (1,) * n:
+            parts.append(f"dilation={self.dilation}")
+        if self.groups != 1:
+            parts.append(f"groups={self.groups}")
+        if self.padding_mode != "zeros":
+            parts.append(f"padding_mode={self.padding_mode!r}")
+        if self.depth_multiplier != 1:
+            parts.append(f"depth_multiplier={self.depth_multiplier}")
+        return ", ".join(parts)
+
+
+class SeparableConv1d(_SeparableConv):
+    """Depthwise separable 1-d conv, a drop-in for ``nn.Conv1d``.
+
+    >>> SeparableConv1d(8, 16, 5, padding="same", depth_multiplier=2)(torch.rand(2, 8, 30)).shape
+    torch.Size([2, 16, 30])
+    """
+
+    _ndim, _depthwise, _pointwise = 1, DepthwiseConv1d, PointwiseConv1d
+
+
+class SeparableConv2d(_SeparableConv):
+    """Depthwise separable 2-d conv, a drop-in for ``nn.Conv2d``.
+
+    Arguments are ``nn.Conv2d``'s (``groups`` applies to the pointwise part) plus, keyword-only,
+    ``depth_multiplier``, ``depthwise_bias`` and ``mid_norm``/``mid_activation`` (a module class
+    or factory, called with the channel count for the norm, with nothing for the activation).
+
+    >>> layer = SeparableConv2d(32, 64, 3, stride=2, padding="same", mid_norm=nn.BatchNorm2d, mid_activation=nn.ReLU)
+    >>> layer(torch.rand(1, 32, 15, 15)).shape  # 'same' with stride 2: ceil(15 / 2) = 8
+    torch.Size([1, 64, 8, 8])
+    """
+
+    _ndim, _depthwise, _pointwise = 2, DepthwiseConv2d, PointwiseConv2d
+
+
+class SeparableConv3d(_SeparableConv):
+    """Depthwise separable 3-d conv, a drop-in for ``nn.Conv3d``.
+
+    >>> SeparableConv3d(4, 8, 3, padding=1)(torch.rand(1, 4, 6, 10, 10)).shape
+    torch.Size([1, 8, 6, 10, 10])
+    """
+
+    _ndim, _depthwise, _pointwise = 3, DepthwiseConv3d, PointwiseConv3d

@@ -1,0 +1,62 @@
+"""Atomic writes, overwrite refusal, and weights loading that never unpickles arbitrary objects."""
+
+import collections
+import os
+
+import pytest
+import torch
+
+from sepconv.io import atomic_write, atomic_write_text, load_state_dict, save_state_dict
+
+
+def test_atomic_write_refuses_to_overwrite_unless_asked(tmp_path) -> None:
+    path = tmp_path / "out.txt"
+    atomic_write_text(path, "first")
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        atomic_write_text(path, "second")
+    assert path.read_text() == "first"
+    atomic_write_text(path, "second", overwrite=True)
+    assert path.read_text() == "second"
+
+
+def test_failed_write_leaves_the_old_file_and_no_temp_file(tmp_path) -> None:
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, broken, overwrite=True)
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_safetensors_and_torch_round_trips(tmp_path) -> None:
+    state = {"a.weight": torch.randn(3, 4), "b": torch.arange(5)}
+    save_state_dict(state, tmp_path / "w.safetensors")
+    loaded = load_state_dict(tmp_path / "w.safetensors")
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+    torch.save({"state_dict": collections.OrderedDict(state)}, tmp_path / "ckpt.pt")
+    assert torch.equal(load_state_dict(tmp_path / "ckpt.pt")["a.weight"], state["a.weight"])
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_full_pickles_are_refused(tmp_path, capsys) -> None:
+    torch.save({"w": torch.ones(1), "evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="full pickles are never loaded"):
+        load_state_dict(tmp_path / "evil.pt")
+    assert "unpickled!" not in capsys.readouterr().out
+
+
+def test_missing_or_wrong_content(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_state_dict(tmp_path / "nope.safetensors")
+    torch.save([torch.ones(1)], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="does not hold a state_dict"):
+        load_state_dict(tmp_path / "list.pt")

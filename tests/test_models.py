@@ -1,0 +1,40 @@
+"""Model specs: torchvision, module:callable, weights from files, and clear errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from sepconv.io import save_state_dict
+from sepconv.models import load_model
+
+
+def test_torchvision_and_callable_specs() -> None:
+    model = load_model("torchvision:resnet18")
+    assert type(model).__name__ == "ResNet" and sum(p.numel() for p in model.parameters()) == 11_689_512
+    assert isinstance(load_model("torch.nn:Identity"), nn.Identity)
+
+
+def test_weights_are_loaded_strictly(tmp_path) -> None:
+    source = load_model("torchvision:squeezenet1_0")
+    save_state_dict(source.state_dict(), tmp_path / "w.safetensors")
+    loaded = load_model("torchvision:squeezenet1_0", weights=tmp_path / "w.safetensors")
+    assert all(
+        torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
+    with pytest.raises(RuntimeError, match="Missing key"):
+        load_model("torchvision:resnet18", weights=tmp_path / "w.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("resnet18", "model spec must look like"),
+        ("torchvision:resnet9000", "unknown torchvision model 'resnet9000'"),
+        ("no_such_module_xyz:build", "cannot import module 'no_such_module_xyz'"),
+        ("torch.nn:NoSuchThing", "has no attribute 'NoSuchThing'"),
+        ("math:pi", "is not an nn.Module"),
+    ],
+)
+def test_bad_specs(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_model(spec)
