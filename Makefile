@@ -10,8 +10,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet -e '.[dev,vision]'
+	$(BIN)/pip install -qq $(TORCH)
+	$(BIN)/pip install -qq -e '.[dev,vision]'
 	touch $@
 
 demo: $(STAMP)
