@@ -143,7 +143,7 @@ def test_depthwise_bias_true_reproduces_the_seed_block_exactly() -> None:
         {"depthwise." + k[2:] if k[0] == "0" else "pointwise." + k[2:]: v for k, v in seed.state_dict().items()}
     )
     x = torch.randn(2, 10, 12, 12, dtype=torch.float64)
-    torch.testing.assert_close(ours(x), seed(x), rtol=0, atol=0)
+    torch.testing.assert_close(ours(x), seed(x), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("ndim", [1, 2, 3])
@@ -172,7 +172,7 @@ def test_mid_norm_and_activation_follow_the_depthwise_conv() -> None:
     assert layer.mid_norm.weight.dtype == torch.float64
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
     expected = layer.pointwise(torch.relu(layer.mid_norm(layer.depthwise(x))))
-    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
     assert list(layer.state_dict())[:3] == ["depthwise.weight", "mid_norm.weight", "mid_norm.bias"]
 
 
@@ -215,11 +215,11 @@ def test_depthwise_and_pointwise_alone_match_nn_conv(ndim: int) -> None:
     depthwise = DEPTHWISE[ndim](3, 3, padding=1, depth_multiplier=2, bias=True, dtype=torch.float64)
     reference = CONV[ndim](3, 6, 3, padding=1, groups=3, dtype=torch.float64)
     reference.load_state_dict(depthwise.state_dict())
-    torch.testing.assert_close(depthwise(x), reference(x), rtol=0, atol=0)
+    torch.testing.assert_close(depthwise(x), reference(x), rtol=1e-12, atol=1e-12)
     pointwise = POINTWISE[ndim](3, 6, groups=3, dtype=torch.float64)
     reference = CONV[ndim](3, 6, 1, groups=3, dtype=torch.float64)
     reference.load_state_dict(pointwise.state_dict())
-    torch.testing.assert_close(pointwise(x), reference(x), rtol=0, atol=0)
+    torch.testing.assert_close(pointwise(x), reference(x), rtol=1e-12, atol=1e-12)
 
 
 def test_compile_and_export_see_ordinary_convolutions() -> None:

@@ -7,6 +7,13 @@
 """
 
 from sepconv.cost import Comparison, Cost, compare, cost
+from sepconv.cpu_strategy import (
+    clear_cpu_strategy_cache,
+    cpu_strategy_decisions,
+    get_cpu_strategy,
+    set_cpu_strategy,
+    use_cpu_strategy,
+)
 from sepconv.layers import (
     DepthwiseConv1d,
     DepthwiseConv2d,
@@ -33,6 +40,11 @@ __all__ = [
     "SeparableConv1d",
     "SeparableConv2d",
     "SeparableConv3d",
+    "clear_cpu_strategy_cache",
     "compare",
     "cost",
+    "cpu_strategy_decisions",
+    "get_cpu_strategy",
+    "set_cpu_strategy",
+    "use_cpu_strategy",
 ]

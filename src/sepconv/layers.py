@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sepconv import cpu_strategy
 from sepconv._args import divisible, int_tuple, padding_arg, padding_mode_arg, positive_int
 from sepconv.padding import Padding, resolve_padding
 
@@ -143,6 +144,10 @@ class _DepthwiseConv(_Conv):
     @property
     def depth_multiplier(self) -> int:
         return self.out_channels // self.in_channels  # type: ignore[attr-defined]
+
+    def forward(self, input: Tensor) -> Tensor:
+        plain = super().forward
+        return cpu_strategy.run(self, input, plain, plain)  # type: ignore[arg-type]
 
 
 class _PointwiseConv(_Conv):
@@ -288,12 +293,19 @@ class _SeparableConv(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         check_input(type(self).__name__, input, self.in_channels, self._ndim)
+        return cpu_strategy.run(self, input, self._forward, self._convs)
+
+    def _forward(self, input: Tensor) -> Tensor:
         x = self.depthwise(input)
         if self.mid_norm is not None:
             x = self.mid_norm(x)
         if self.mid_activation is not None:
             x = self.mid_activation(x)
         return self.pointwise(x)
+
+    def _convs(self, input: Tensor) -> Tensor:
+        """The stateless part the CPU strategy may time (a training-mode norm must not see extra batches)."""
+        return self.pointwise(self.depthwise(input))
 
     def reset_parameters(self) -> None:
         for module in (self.depthwise, self.mid_norm, self.mid_activation, self.pointwise):

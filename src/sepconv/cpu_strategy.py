@@ -1,0 +1,184 @@
+"""CPU execution strategy: run depthwise/separable layers in the faster memory format, transparently.
+
+On CPU, PyTorch's depthwise convolution is often many times faster in ``channels_last`` than in the
+default contiguous (NCHW) layout — a padded 31x31 depthwise conv by 20-40x — but not always. In mode
+``"auto"`` (the default) the first call of each configuration (layer geometry, input shape, dtype,
+training or inference, thread count) times both layouts on the layer's own convolutions and caches the
+faster; later calls only look it up. The caller sees no difference: an NCHW input gives an NCHW output,
+equal up to float rounding, with autograd intact. Only contiguous, batched 2-d/3-d CPU inputs are
+considered; tracing, ``torch.compile`` and ``torch.export`` always see the plain PyTorch path.
+
+Modes: ``"auto"`` (measure once, cache), ``"channels_last"`` (always convert), ``"off"`` (plain PyTorch).
+The environment variable ``SEPCONV_CPU_STRATEGY`` sets the initial mode.
+
+>>> import torch, sepconv
+>>> layer = sepconv.SeparableConv2d(8, 16, 7, padding=3)
+>>> with use_cpu_strategy("channels_last"):
+...     y = layer(torch.rand(1, 8, 20, 20))
+>>> y.is_contiguous()  # the layout the caller gave
+True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "clear_cpu_strategy_cache",
+    "cpu_strategy_decisions",
+    "get_cpu_strategy",
+    "set_cpu_strategy",
+    "use_cpu_strategy",
+]
+
+MODES = ("auto", "channels_last", "off")
+CONTIGUOUS, CHANNELS_LAST = "contiguous", "channels_last"
+_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+_TIMED_RUNS = 3
+_CLEAR_WIN = 3.0
+
+_state = threading.local()  # per-thread override from the cpu_strategy() context manager
+_global_mode = os.environ.get("SEPCONV_CPU_STRATEGY", "auto")
+_decisions: dict[tuple, str] = {}
+_lock = threading.Lock()
+
+
+def set_cpu_strategy(mode: str) -> None:
+    """Set the process-wide CPU strategy: ``"auto"``, ``"channels_last"`` or ``"off"``."""
+    global _global_mode
+    _global_mode = _check_mode(mode)
+
+
+def get_cpu_strategy() -> str:
+    """The mode in force in this thread."""
+    return getattr(_state, "mode", None) or _global_mode
+
+
+@contextlib.contextmanager
+def use_cpu_strategy(mode: str) -> Iterator[None]:
+    """Use ``mode`` in this thread for the duration of the ``with`` block."""
+    previous = getattr(_state, "mode", None)
+    _state.mode = _check_mode(mode)
+    try:
+        yield
+    finally:
+        _state.mode = previous
+
+
+def cpu_strategy_decisions() -> dict[tuple, str]:
+    """A copy of the cached choices: configuration key -> ``"contiguous"`` or ``"channels_last"``."""
+    with _lock:
+        return dict(_decisions)
+
+
+def clear_cpu_strategy_cache() -> None:
+    """Forget every cached choice (they are measured again on next use)."""
+    with _lock:
+        _decisions.clear()
+
+
+def run(
+    layer: nn.Module, input: Tensor, forward: Callable[[Tensor], Tensor], convs: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """``forward(input)`` in the layout the strategy picks; ``convs`` is the stateless part that is timed.
+
+    Layers nested inside a managed call (a separable layer's depthwise part) run as they are given.
+    """
+    mode = get_cpu_strategy()
+    if mode == "off" or getattr(_state, "busy", False) or not _eligible(input):
+        return forward(input)
+    _state.busy = True
+    try:
+        layout = CHANNELS_LAST if mode == "channels_last" else _decide(layer, input, convs)
+        if layout == CONTIGUOUS:
+            return forward(input)
+        return forward(input.contiguous(memory_format=_FORMATS[input.dim()])).contiguous()
+    finally:
+        _state.busy = False
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"CPU strategy must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+    return mode
+
+
+def _eligible(input: Tensor) -> bool:
+    return (
+        input.device.type == "cpu"
+        and input.dim() in _FORMATS
+        and type(input) is Tensor
+        and input.is_contiguous()
+        and not input.is_contiguous(memory_format=_FORMATS[input.dim()])  # C=1 or 1x1 spatial: nothing to gain
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _decide(layer: nn.Module, input: Tensor, run_convs: Callable[[Tensor], Tensor]) -> str:
+    convs = [m for m in layer.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    params = [p for conv in convs for p in conv.parameters(recurse=False) if p.requires_grad]
+    training = torch.is_grad_enabled() and (input.requires_grad or bool(params))
+    key = (
+        type(layer).__name__,
+        *(conv.extra_repr() for conv in convs),
+        tuple(input.shape),
+        input.dtype,
+        training,
+        torch.get_num_threads(),
+    )
+    layout = _decisions.get(key)
+    if layout is None:
+        with _lock:  # one measurement per key, even when threads race to it
+            layout = _decisions.get(key)
+            if layout is None:
+                layout = _decisions[key] = _measure(input, run_convs, params if training else None)
+    return layout
+
+
+def _measure(input: Tensor, convs: Callable[[Tensor], Tensor], params: list[Tensor] | None) -> str:
+    """The faster layout for ``convs``, conversions included: forward first, then forward+backward
+    when training, unless the forward alone already shows a clear winner (it spares the slow
+    layout's backward, which can take seconds: 31x31 depthwise in NCHW)."""
+    times = _time_layouts(input, convs, None)
+    if params is not None and not _clear_winner(times):
+        times = _time_layouts(input, convs, params)
+    return min(times, key=times.__getitem__)
+
+
+def _clear_winner(times: dict[str, float]) -> bool:
+    return max(times.values()) > _CLEAR_WIN * min(times.values())
+
+
+def _time_layouts(input: Tensor, convs: Callable[[Tensor], Tensor], params: list[Tensor] | None) -> dict[str, float]:
+    """Median seconds of one step per layout, after a warm-up round; rounds interleave the layouts."""
+    memory_format = _FORMATS[input.dim()]
+
+    def step(layout: str) -> None:
+        x = input.detach()
+        with torch.enable_grad() if params is not None else torch.no_grad():
+            if params is not None:
+                x.requires_grad_(True)
+            out = convs(x.contiguous(memory_format=memory_format) if layout == CHANNELS_LAST else x).contiguous()
+            if params is not None:
+                torch.autograd.grad(out, [x, *params], torch.ones_like(out))
+
+    samples: dict[str, list[float]] = {CONTIGUOUS: [], CHANNELS_LAST: []}
+    for round_ in range(_TIMED_RUNS + 1):
+        for layout, layout_samples in samples.items():
+            start = time.perf_counter()
+            step(layout)
+            if round_:  # round 0 is warm-up
+                layout_samples.append(time.perf_counter() - start)
+        medians = {layout: statistics.median(values) for layout, values in samples.items() if values}
+        if medians and _clear_winner(medians):
+            break
+    return medians

@@ -1,0 +1,152 @@
+"""The CPU strategy changes layouts, never results: float64 equality with the plain path, and its cache."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from hypothesis import given, settings
+from tests.strategies import ConvConfig, conv_configs
+from torch import nn
+
+import sepconv
+from sepconv import cpu_strategy
+
+SEPARABLE = {2: sepconv.SeparableConv2d, 3: sepconv.SeparableConv3d}
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    sepconv.clear_cpu_strategy_cache()
+    yield
+    sepconv.clear_cpu_strategy_cache()
+
+
+def forward_and_grads(layer: nn.Module, x: torch.Tensor, mode: str):
+    x = x.detach().requires_grad_(True)
+    with sepconv.use_cpu_strategy(mode):
+        out = layer(x)
+    grads = torch.autograd.grad(out, [x, *layer.parameters()], torch.ones_like(out) + out.detach())
+    return out, grads
+
+
+@settings(max_examples=60)
+@given(conv_configs(ndims=(2, 3)))
+def test_channels_last_and_auto_equal_the_plain_path_in_float64(cfg: ConvConfig) -> None:
+    layer = SEPARABLE[cfg.ndim](
+        cfg.in_channels,
+        cfg.out_channels,
+        cfg.kernel_size,
+        **cfg.conv_kwargs,
+        depth_multiplier=cfg.depth_multiplier,
+        depthwise_bias=True,
+        dtype=torch.float64,
+    )
+    x = torch.randn(cfg.input_shape, dtype=torch.float64)
+    plain, plain_grads = forward_and_grads(layer, x, "off")
+    for mode in ("channels_last", "auto"):
+        out, grads = forward_and_grads(layer, x, mode)
+        assert out.is_contiguous() and out.shape == plain.shape
+        torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
+        for got, expected in zip(grads, plain_grads, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_depthwise_layer_alone_uses_the_strategy_and_keeps_results() -> None:
+    layer = sepconv.DepthwiseConv2d(6, 7, padding="same", depth_multiplier=2, dtype=torch.float64)
+    x = torch.randn(2, 6, 13, 11, dtype=torch.float64)
+    with sepconv.use_cpu_strategy("off"):
+        plain = layer(x)
+    torch.testing.assert_close(layer(x), plain, rtol=1e-12, atol=1e-12)
+    assert [key[0] for key in sepconv.cpu_strategy_decisions()] == ["DepthwiseConv2d"]
+
+
+def test_decisions_are_cached_per_configuration(monkeypatch) -> None:
+    calls = []
+    real_measure = cpu_strategy._measure
+    monkeypatch.setattr(cpu_strategy, "_measure", lambda *args: calls.append(1) or real_measure(*args))
+    layer = sepconv.SeparableConv2d(4, 8, 5, padding=2)
+    twin = sepconv.SeparableConv2d(4, 8, 5, padding=2)  # same geometry: shares the decision
+    x = torch.randn(2, 4, 16, 16)
+    layer(x), layer(x), twin(x)
+    assert len(calls) == 1
+    layer(torch.randn(2, 4, 17, 16))  # a new input shape
+    with torch.no_grad():
+        layer(x)  # inference is decided apart from training
+    assert len(calls) == 3
+    decisions = sepconv.cpu_strategy_decisions()
+    assert len(decisions) == 3 and set(decisions.values()) <= {"contiguous", "channels_last"}
+    assert {key[-4] for key in decisions} == {(2, 4, 16, 16), (2, 4, 17, 16)}
+
+
+def test_one_measurement_when_threads_race_for_the_same_configuration(monkeypatch) -> None:
+    calls = []
+
+    def slow_measure(*args):
+        calls.append(1)
+        time.sleep(0.2)
+        return "channels_last"
+
+    monkeypatch.setattr(cpu_strategy, "_measure", slow_measure)
+    layer = sepconv.SeparableConv2d(4, 8, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(1, 4, 10, 10, dtype=torch.float64)
+    with sepconv.use_cpu_strategy("off"):
+        expected = layer(x)
+    results = [None] * 4
+
+    def worker(i: int) -> None:
+        results[i] = layer(x)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1
+    for result in results:
+        torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_batchnorm_statistics_see_each_batch_once() -> None:
+    torch.manual_seed(0)
+    layer = sepconv.SeparableConv2d(4, 8, 3, mid_norm=nn.BatchNorm2d, mid_activation=nn.ReLU, dtype=torch.float64)
+    twin = sepconv.SeparableConv2d(4, 8, 3, mid_norm=nn.BatchNorm2d, mid_activation=nn.ReLU, dtype=torch.float64)
+    twin.load_state_dict(layer.state_dict())
+    x = torch.randn(3, 4, 12, 12, dtype=torch.float64)
+    with sepconv.use_cpu_strategy("auto"):
+        out = layer(x)
+    with sepconv.use_cpu_strategy("off"):
+        expected = twin(x)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    assert layer.mid_norm.num_batches_tracked.item() == 1
+    torch.testing.assert_close(layer.mid_norm.running_mean, twin.mid_norm.running_mean, rtol=0, atol=0)
+
+
+def test_ineligible_inputs_run_as_given_and_record_nothing() -> None:
+    layer = sepconv.SeparableConv2d(4, 8, 3, padding=1)
+    x_cl = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+    assert layer(x_cl).is_contiguous(memory_format=torch.channels_last)  # the caller's layout, as nn.Conv2d
+    layer(torch.randn(4, 9, 9))  # unbatched
+    sepconv.SeparableConv1d(4, 8, 3)(torch.randn(2, 4, 9))  # 1-d has no channels_last
+    with sepconv.use_cpu_strategy("off"):
+        layer(torch.randn(2, 4, 9, 9))
+    assert sepconv.cpu_strategy_decisions() == {}
+
+
+def test_context_manager_is_per_thread_and_modes_are_checked() -> None:
+    seen = []
+    with sepconv.use_cpu_strategy("off"):
+        thread = threading.Thread(target=lambda: seen.append(sepconv.get_cpu_strategy()))
+        thread.start()
+        thread.join()
+        assert sepconv.get_cpu_strategy() == "off"
+    assert seen == ["auto"] and sepconv.get_cpu_strategy() == "auto"
+    with pytest.raises(ValueError, match="CPU strategy must be one of 'auto', 'channels_last', 'off'; got 'fast'"):
+        sepconv.set_cpu_strategy("fast")
+    sepconv.set_cpu_strategy("off")
+    try:
+        assert sepconv.get_cpu_strategy() == "off"
+    finally:
+        sepconv.set_cpu_strategy("auto")
