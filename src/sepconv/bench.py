@@ -1,49 +1,89 @@
-"""Latency measurement: medians from ``torch.utils.benchmark`` on CPU or CUDA.
+"""Latency measurement: the median of repeated calls, on CPU or CUDA (synchronized).
 
 >>> import torch
 >>> t = median_latency(lambda: torch.ones(8) + 1, min_run_time=0.01)
->>> t.median_ms > 0
+>>> t.median_ms > 0 and t.runs >= 5
 True
 """
 
 from __future__ import annotations
 
-import logging
+import platform
+import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-# torch.utils.benchmark imports cpp_extension, which logs a CUDA_HOME warning on CPU-only machines.
-_cpp_logger = logging.getLogger("torch.utils.cpp_extension")
-_level = _cpp_logger.level
-_cpp_logger.setLevel(logging.ERROR)
-from torch.utils import benchmark  # noqa: E402
-
-_cpp_logger.setLevel(_level)
-
-__all__ = ["Timing", "median_latency", "peak_memory_bytes"]
+__all__ = ["Timing", "device_name", "median_latency", "peak_memory_bytes", "versions"]
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Median and interquartile range of one call, in milliseconds, over ``runs`` timed blocks."""
+    """Median and interquartile range of one call, in milliseconds, over ``runs`` timed calls."""
 
     median_ms: float
     iqr_ms: float
     runs: int
 
 
-def median_latency(fn: Callable[[], object], *, min_run_time: float = 0.2, warmup: int = 3) -> Timing:
-    """Time ``fn()`` with all intra-op threads; CUDA work is synchronized by the timer.
+def median_latency(
+    fn: Callable[[], object],
+    *,
+    min_run_time: float = 0.2,
+    warmup: int = 3,
+    min_runs: int = 5,
+    max_runs: int = 10_000,
+) -> Timing:
+    """Time ``fn()`` after ``warmup`` calls: at least ``min_runs`` calls and ``min_run_time`` seconds.
 
-    ``warmup`` calls run first (allocator, cuDNN/oneDNN algorithm choice, lazy init).
+    Each call is timed on its own (CUDA synchronized before and after), so the median is robust
+    to the odd slow call; the warm-up absorbs allocator, oneDNN/cuDNN algorithm choice and lazy init.
     """
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     for _ in range(warmup):
         fn()
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    measurement = timer.blocked_autorange(min_run_time=min_run_time)
-    return Timing(median_ms=measurement.median * 1e3, iqr_ms=measurement.iqr * 1e3, runs=len(measurement.times))
+    times: list[float] = []
+    deadline = time.perf_counter() + min_run_time
+    while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < max_runs):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - start)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return Timing(statistics.median(times) * 1e3, (quartiles[2] - quartiles[0]) * 1e3, len(times))
+
+
+def device_name(device: torch.device | str = "cpu") -> str:
+    """A human name for the device results were measured on (CPU model or GPU name)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    """Library versions to store beside every benchmark result."""
+    import sepconv
+
+    found = {"python": platform.python_version(), "torch": torch.__version__, "sepconv": sepconv.__version__}
+    try:
+        import triton
+
+        found["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return found
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str) -> int | None:

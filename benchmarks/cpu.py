@@ -1,0 +1,277 @@
+"""CPU benchmark: separable layers in PyTorch NCHW, PyTorch channels_last, ours, and the standard conv.
+
+Everything is measured side by side in one run, fp32, medians of per-call timings:
+
+- layers: the shapes of DESIGN.md §2 plus a kernel-size sweep, batch 1 and 32, forward (no_grad) and
+  forward+backward (grads of input and weights);
+  ``torch_nchw``/``torch_channels_last`` = ``Sequential(depthwise, pointwise)`` with NCHW / channels_last
+  input (the caller owns the layout), ``ours`` = ``sepconv.SeparableConv2d`` with the CPU strategy on and
+  an NCHW input (NCHW out), ``standard_*`` = the ``nn.Conv2d`` it replaces in either layout;
+- models: the small Fashion-MNIST CNNs (``sepconv.nets``), standard vs separable, training step and inference.
+
+    python benchmarks/cpu.py                    # full run, writes benchmarks/results/cpu.{json,png}
+    python benchmarks/cpu.py --quick --out /tmp  # a few shapes, to check the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import sepconv
+from sepconv.bench import Timing, device_name, median_latency, versions
+from sepconv.io import atomic_write, atomic_write_text
+from sepconv.nets import small_resnet, small_vgg
+
+# (C, H, O, K, stride): DESIGN.md §2, then a kernel sweep at C=O=128, 28x28.
+SHAPES = [
+    (32, 112, 16, 3, 1),
+    (144, 56, 24, 3, 1),
+    (576, 14, 96, 3, 1),
+    (960, 7, 160, 3, 1),
+    (96, 112, 24, 3, 2),
+    (384, 28, 1536, 7, 1),
+    (256, 28, 256, 31, 1),
+    *[(128, 28, 128, k, 1) for k in (3, 5, 7, 15, 31)],
+]
+QUICK_SHAPES = [(32, 56, 16, 3, 1), (128, 14, 128, 7, 1)]
+STANDARD_MAX_MACS = 40e9  # a standard conv above this takes minutes on 2 cores: recorded as skipped
+SLOW_CALL_S = 3.0  # a call slower than this is timed once (runs=1 in the result)
+CL = torch.channels_last
+
+
+def timed(fn: Callable[[], object], min_run_time: float) -> Timing:
+    start = time.perf_counter()
+    fn()  # warm-up, and a probe of how slow one call is
+    first = time.perf_counter() - start
+    if first > SLOW_CALL_S:
+        start = time.perf_counter()
+        fn()
+        return Timing(median_ms=(time.perf_counter() - start) * 1e3, iqr_ms=0.0, runs=1)
+    return median_latency(fn, min_run_time=min_run_time, warmup=1, min_runs=3)
+
+
+def forward(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.no_grad():
+            return module(x)
+
+    return run
+
+
+def forward_backward(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    x = x.detach().requires_grad_(True)
+    params = list(module.parameters())
+
+    def run() -> object:
+        out = module(x)
+        return torch.autograd.grad(out, [x, *params], torch.ones_like(out))
+
+    return run
+
+
+def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_time: float) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(batch, c, h, h)
+    ours = sepconv.SeparableConv2d(c, o, k, stride=stride, padding=k // 2)
+    plain = nn.Sequential(nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False), nn.Conv2d(c, o, 1))
+    plain.load_state_dict(
+        {"0.weight": ours.depthwise.weight, "1.weight": ours.pointwise.weight, "1.bias": ours.pointwise.bias}
+    )
+    plain_cl = nn.Sequential(*[m for m in plain]).to(memory_format=CL)  # same parameters
+    standard = nn.Conv2d(c, o, k, stride, k // 2)
+    separable_macs = sepconv.cost(ours, x.shape).macs
+    standard_macs = sepconv.cost(standard, x.shape).macs
+    row: dict = {
+        "C": c,
+        "H": h,
+        "O": o,
+        "K": k,
+        "stride": stride,
+        "batch": batch,
+        "separable_macs": separable_macs,
+        "standard_macs": standard_macs,
+    }
+    # The strategy's one-time decision (measurement) per pass, then the steady state.
+    sepconv.clear_cpu_strategy_cache()
+    for name, make in (("forward", forward), ("forward_backward", forward_backward)):
+        start = time.perf_counter()
+        make(ours, x)()
+        row[f"ours_decision_ms_{name}"] = (time.perf_counter() - start) * 1e3
+    row["ours_layout"] = sorted(set(sepconv.cpu_strategy_decisions().values()))
+    variants = {
+        "torch_nchw": (plain, x),
+        "torch_channels_last": (plain_cl, x.contiguous(memory_format=CL)),
+        "ours": (ours, x),
+        "standard_nchw": (standard, x),
+        "standard_channels_last": (standard, x.contiguous(memory_format=CL)),
+    }
+    for name, (module, inp) in variants.items():
+        for pass_name, make in (("forward", forward), ("forward_backward", forward_backward)):
+            if name.startswith("standard") and standard_macs > STANDARD_MAX_MACS:
+                row[f"{name}_{pass_name}_ms"] = None
+                continue
+            timing = timed(make(module, inp), min_run_time)
+            row[f"{name}_{pass_name}_ms"] = timing.median_ms
+            row[f"{name}_{pass_name}_runs"] = timing.runs
+    return row
+
+
+def model_rows(min_run_time: float) -> list[dict]:
+    rows = []
+    for arch_name, build in (("small_vgg", small_vgg), ("small_resnet", small_resnet)):
+        for conv in ("standard", "separable"):
+            for strategy in ("off", "auto") if conv == "separable" else ("off",):
+                for layout in ("nchw", "channels_last"):
+                    if strategy == "auto" and layout == "channels_last":
+                        continue  # the strategy acts on NCHW inputs; a channels_last model is plain PyTorch
+                    rows.append(model_row(arch_name, build, conv, strategy, layout, min_run_time))
+    return rows
+
+
+def model_row(arch: str, build: Callable, conv: str, strategy: str, layout: str, min_run_time: float) -> dict:
+    torch.manual_seed(0)
+    model = build(conv)
+    fmt = CL if layout == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(64, 1, 28, 28).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (64,))
+    x1 = x[:1].contiguous(memory_format=fmt)
+
+    def train_step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+
+    row = {
+        "arch": arch,
+        "conv": conv,
+        "strategy": strategy,
+        "layout": layout,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    with sepconv.use_cpu_strategy(strategy):
+        sepconv.clear_cpu_strategy_cache()
+        model.train()
+        row["train_step_b64_ms"] = timed(train_step, min_run_time).median_ms
+        model.eval()
+        row["inference_b64_ms"] = timed(forward(model, x), min_run_time).median_ms
+        row["inference_b1_ms"] = timed(forward(model, x1), min_run_time).median_ms
+    return row
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({row["batch"] for row in result["layers"]})
+    passes = ("forward", "forward_backward")
+    fig, axes = plt.subplots(len(passes), len(batches), figsize=(7 * len(batches), 8), squeeze=False)
+    variants = [
+        ("torch_nchw", "PyTorch NCHW"),
+        ("torch_channels_last", "PyTorch channels_last"),
+        ("ours", "sepconv (NCHW in/out)"),
+        ("standard_best", "standard conv (best layout)"),
+    ]
+    for i, pass_name in enumerate(passes):
+        for j, batch in enumerate(batches):
+            ax = axes[i][j]
+            rows = [row for row in result["layers"] if row["batch"] == batch]
+            labels = [
+                f"{r['C']},{r['H']},{r['O']},k{r['K']}" + (f",s{r['stride']}" if r["stride"] > 1 else "") for r in rows
+            ]
+            width = 0.2
+            for v, (key, label) in enumerate(variants):
+                values = []
+                for r in rows:
+                    base = r[f"torch_nchw_{pass_name}_ms"]
+                    if key == "standard_best":
+                        std = [r[f"standard_{lay}_{pass_name}_ms"] for lay in ("nchw", "channels_last")]
+                        t = min(std) if None not in std else float("nan")
+                    else:
+                        t = r[f"{key}_{pass_name}_ms"]
+                    values.append(base / t)
+                ax.bar([p + (v - 1.5) * width for p in range(len(rows))], values, width, label=label)
+            ax.set_yscale("log")
+            ax.axhline(1.0, color="gray", linewidth=0.8)
+            ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+            ax.set_ylabel("speed vs PyTorch NCHW separable (higher is faster)")
+            ax.set_title(f"{pass_name.replace('_', '+')}, batch {batch}")
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Separable conv on CPU: {result['device']}, {result['threads']} threads, fp32")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), overwrite=True)
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "| C,H,O,K,s | batch | pass | PyTorch NCHW ms | PyTorch CL ms | ours ms | ours / best PyTorch speed "
+        "| standard best ms | ours vs standard |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["layers"]:
+        for p in ("forward", "forward_backward"):
+            nchw, cl, ours = (r[f"{k}_{p}_ms"] for k in ("torch_nchw", "torch_channels_last", "ours"))
+            std = [r[f"standard_{lay}_{p}_ms"] for lay in ("nchw", "channels_last")]
+            std_best = None if None in std else min(std)
+            lines.append(
+                f"| {r['C']},{r['H']},{r['O']},{r['K']},{r['stride']} | {r['batch']} | {p.replace('_', '+')} "
+                f"| {nchw:.3f} | {cl:.3f} | {ours:.3f} | {min(nchw, cl) / ours:.2f}x "
+                f"| {'skipped' if std_best is None else f'{std_best:.3f}'} "
+                f"| {'-' if std_best is None else f'{std_best / ours:.2f}x'} |"
+            )
+    lines += [
+        "",
+        "| model | conv | strategy | layout | params | train step b64 ms | inference b64 ms | b1 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["models"]:
+        lines.append(
+            f"| {r['arch']} | {r['conv']} | {r['strategy']} | {r['layout']} | {r['params']:,} "
+            f"| {r['train_step_b64_ms']:.2f} | {r['inference_b64_ms']:.2f} | {r['inference_b1_ms']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two small shapes, batch 1 and 4, no models")
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
+    args = parser.parse_args()
+    shapes, batches = (QUICK_SHAPES, (1, 4)) if args.quick else (SHAPES, (1, 32))
+    result = {
+        "benchmark": "cpu",
+        "device": device_name("cpu"),
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "versions": versions(),
+        "min_run_time_s": args.min_run_time,
+        "layers": [],
+        "models": [],
+    }
+    for batch in batches:
+        for shape in shapes:
+            row = layer_row(*shape, batch, args.min_run_time)
+            print(json.dumps(row), flush=True)
+            result["layers"].append(row)
+    if not args.quick:
+        for row in model_rows(args.min_run_time):
+            print(json.dumps(row), flush=True)
+            result["models"].append(row)
+    atomic_write_text(args.out / "cpu.json", json.dumps(result, indent=1) + "\n", overwrite=True)
+    plot(result, args.out / "cpu.png")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
