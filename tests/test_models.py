@@ -38,3 +38,14 @@ def test_weights_are_loaded_strictly(tmp_path) -> None:
 def test_bad_specs(spec: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         load_model(spec)
+
+
+def test_segmentation_models_build_without_downloading_a_backbone(monkeypatch) -> None:
+    import torchvision.models._api as torchvision_api
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("load_model tried to download weights")
+
+    monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", no_download)
+    model = load_model("torchvision:lraspp_mobilenet_v3_large")
+    assert type(model).__name__ == "LRASPP"

@@ -6,6 +6,7 @@
 4723200
 """
 
+from sepconv.analyze import Report, analyze
 from sepconv.cost import Comparison, Cost, compare, cost
 from sepconv.cpu_strategy import (
     clear_cpu_strategy_cache,
@@ -37,9 +38,11 @@ __all__ = [
     "PointwiseConv1d",
     "PointwiseConv2d",
     "PointwiseConv3d",
+    "Report",
     "SeparableConv1d",
     "SeparableConv2d",
     "SeparableConv3d",
+    "analyze",
     "clear_cpu_strategy_cache",
     "compare",
     "cost",

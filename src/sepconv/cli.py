@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import sepconv
 
-COMMANDS = ("demo",)
+COMMANDS = ("demo", "analyze")
 
 
 class UsageError(Exception):

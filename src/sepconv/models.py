@@ -11,6 +11,7 @@ Models are built without pretrained weights: nothing is downloaded. Weights come
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from torch import nn
 
@@ -45,7 +46,11 @@ def _torchvision_model(name: str) -> nn.Module:
     available = torchvision.models.list_models()
     if name not in available:
         raise ValueError(f"unknown torchvision model {name!r}; e.g. {', '.join(available[:8])}, ...")
-    return torchvision.models.get_model(name, weights=None)
+    builder = torchvision.models.get_model_builder(name)
+    kwargs = {"weights": None}
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None  # detection/segmentation builders would download it otherwise
+    return builder(**kwargs)
 
 
 def _timm_model(name: str) -> nn.Module:
