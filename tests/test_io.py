@@ -60,3 +60,14 @@ def test_missing_or_wrong_content(tmp_path) -> None:
     torch.save([torch.ones(1)], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="does not hold a state_dict"):
         load_state_dict(tmp_path / "list.pt")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path) -> None:
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        save_state_dict({"w": torch.ones(1)}, tmp_path / "b.safetensors")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.safetensors").stat().st_mode & 0o777 == 0o644

@@ -7,6 +7,7 @@
 """
 
 from sepconv.analyze import Report, analyze
+from sepconv.convert import ConversionReport, convert
 from sepconv.cost import Comparison, Cost, compare, cost
 from sepconv.cpu_strategy import (
     clear_cpu_strategy_cache,
@@ -15,6 +16,7 @@ from sepconv.cpu_strategy import (
     set_cpu_strategy,
     use_cpu_strategy,
 )
+from sepconv.decompose import decompose_conv
 from sepconv.layers import (
     DepthwiseConv1d,
     DepthwiseConv2d,
@@ -31,6 +33,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Comparison",
+    "ConversionReport",
     "Cost",
     "DepthwiseConv1d",
     "DepthwiseConv2d",
@@ -45,8 +48,10 @@ __all__ = [
     "analyze",
     "clear_cpu_strategy_cache",
     "compare",
+    "convert",
     "cost",
     "cpu_strategy_decisions",
+    "decompose_conv",
     "get_cpu_strategy",
     "set_cpu_strategy",
     "use_cpu_strategy",

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import sepconv
 
-COMMANDS = ("demo", "analyze")
+COMMANDS = ("demo", "analyze", "convert")
 
 
 class UsageError(Exception):

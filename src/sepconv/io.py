@@ -38,9 +38,16 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], *, overwrite: bo
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, _new_file_mode())  # mkstemp makes 0600; give what open() would
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def atomic_write_text(path: PathLike, text: str, *, overwrite: bool = False) -> None:
