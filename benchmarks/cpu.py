@@ -16,6 +16,7 @@ Everything is measured side by side in one run, fp32, medians of per-call timing
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from collections.abc import Callable
@@ -84,8 +85,9 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
     plain.load_state_dict(
         {"0.weight": ours.depthwise.weight, "1.weight": ours.pointwise.weight, "1.bias": ours.pointwise.bias}
     )
-    plain_cl = nn.Sequential(*[m for m in plain]).to(memory_format=CL)  # same parameters
+    plain_cl = copy.deepcopy(plain).to(memory_format=CL)  # a copy: .to() would change `plain` too
     standard = nn.Conv2d(c, o, k, stride, k // 2)
+    standard_cl = copy.deepcopy(standard).to(memory_format=CL)
     separable_macs = sepconv.cost(ours, x.shape).macs
     standard_macs = sepconv.cost(standard, x.shape).macs
     row: dict = {
@@ -110,7 +112,7 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
         "torch_channels_last": (plain_cl, x.contiguous(memory_format=CL)),
         "ours": (ours, x),
         "standard_nchw": (standard, x),
-        "standard_channels_last": (standard, x.contiguous(memory_format=CL)),
+        "standard_channels_last": (standard_cl, x.contiguous(memory_format=CL)),
     }
     for name, (module, inp) in variants.items():
         for pass_name, make in (("forward", forward), ("forward_backward", forward_backward)):

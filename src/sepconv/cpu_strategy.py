@@ -26,6 +26,7 @@ import os
 import statistics
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -48,6 +49,7 @@ _CLEAR_WIN = 3.0
 _state = threading.local()  # per-thread override from the cpu_strategy() context manager
 _global_mode = os.environ.get("SEPCONV_CPU_STRATEGY", "auto")
 _decisions: dict[tuple, str] = {}
+_signatures: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, ...], list[Tensor]]] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 
@@ -124,24 +126,27 @@ def _eligible(input: Tensor) -> bool:
 
 
 def _decide(layer: nn.Module, input: Tensor, run_convs: Callable[[Tensor], Tensor]) -> str:
-    convs = [m for m in layer.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    params = [p for conv in convs for p in conv.parameters(recurse=False) if p.requires_grad]
-    training = torch.is_grad_enabled() and (input.requires_grad or bool(params))
-    key = (
-        type(layer).__name__,
-        *(conv.extra_repr() for conv in convs),
-        tuple(input.shape),
-        input.dtype,
-        training,
-        torch.get_num_threads(),
-    )
+    signature, params = _layer_signature(layer)
+    training = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in params))
+    key = (*signature, tuple(input.shape), input.dtype, training, torch.get_num_threads())
     layout = _decisions.get(key)
     if layout is None:
         with _lock:  # one measurement per key, even when threads race to it
             layout = _decisions.get(key)
             if layout is None:
-                layout = _decisions[key] = _measure(input, run_convs, params if training else None)
+                trainable = [p for p in params if p.requires_grad] if training else None
+                layout = _decisions[key] = _measure(input, run_convs, trainable)
     return layout
+
+
+def _layer_signature(layer: nn.Module) -> tuple[tuple[str, ...], list[Tensor]]:
+    """(class and conv geometry, conv parameters) of ``layer``, computed once per layer object."""
+    cached = _signatures.get(layer)
+    if cached is None:
+        convs = [m for m in layer.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+        signature = (type(layer).__name__, *(conv.extra_repr() for conv in convs))
+        cached = _signatures[layer] = (signature, [p for conv in convs for p in conv.parameters(recurse=False)])
+    return cached
 
 
 def _measure(input: Tensor, convs: Callable[[Tensor], Tensor], params: list[Tensor] | None) -> str:
