@@ -125,23 +125,33 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
     return row
 
 
+MODEL_VARIANTS = {
+    # name: (CPU strategy, model/input layout, wrap with run_channels_last)
+    "pytorch_nchw": ("off", "nchw", False),
+    "pytorch_channels_last": ("off", "channels_last", False),
+    "ours_per_layer": ("auto", "nchw", False),
+    "ours_run_channels_last": ("auto", "nchw", True),
+}
+
+
 def model_rows(min_run_time: float) -> list[dict]:
     rows = []
     for arch_name, build in (("small_vgg", small_vgg), ("small_resnet", small_resnet)):
         for conv in ("standard", "separable"):
-            for strategy in ("off", "auto") if conv == "separable" else ("off",):
-                for layout in ("nchw", "channels_last"):
-                    if strategy == "auto" and layout == "channels_last":
-                        continue  # the strategy acts on NCHW inputs; a channels_last model is plain PyTorch
-                    rows.append(model_row(arch_name, build, conv, strategy, layout, min_run_time))
+            for variant in MODEL_VARIANTS:
+                if conv == "standard" and variant == "ours_per_layer":
+                    continue  # no sepconv layer inside: identical to pytorch_nchw
+                rows.append(model_row(arch_name, build, conv, variant, min_run_time))
     return rows
 
 
-def model_row(arch: str, build: Callable, conv: str, strategy: str, layout: str, min_run_time: float) -> dict:
+def model_row(arch: str, build: Callable, conv: str, variant: str, min_run_time: float) -> dict:
+    strategy, layout, wrap = MODEL_VARIANTS[variant]
     torch.manual_seed(0)
-    model = build(conv)
     fmt = CL if layout == "channels_last" else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = build(conv).to(memory_format=fmt)
+    if wrap:
+        sepconv.run_channels_last(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.randn(64, 1, 28, 28).contiguous(memory_format=fmt)
     y = torch.randint(0, 10, (64,))
@@ -152,13 +162,7 @@ def model_row(arch: str, build: Callable, conv: str, strategy: str, layout: str,
         nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
 
-    row = {
-        "arch": arch,
-        "conv": conv,
-        "strategy": strategy,
-        "layout": layout,
-        "params": sum(p.numel() for p in model.parameters()),
-    }
+    row = {"arch": arch, "conv": conv, "variant": variant, "params": sum(p.numel() for p in model.parameters())}
     with sepconv.use_cpu_strategy(strategy):
         sepconv.clear_cpu_strategy_cache()
         model.train()
@@ -209,7 +213,10 @@ def plot(result: dict, path: Path) -> None:
             ax.set_ylabel("speed vs PyTorch NCHW separable (higher is faster)")
             ax.set_title(f"{pass_name.replace('_', '+')}, batch {batch}")
             ax.legend(fontsize=7)
-    fig.suptitle(f"Separable conv on CPU: {result['device']}, {result['threads']} threads, fp32")
+    fig.suptitle(
+        f"Separable conv on CPU: {result['device']}, {result['threads']} threads, fp32, "
+        f"allocator: {result['allocator']}"
+    )
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), overwrite=True)
 
@@ -233,12 +240,12 @@ def markdown(result: dict) -> str:
             )
     lines += [
         "",
-        "| model | conv | strategy | layout | params | train step b64 ms | inference b64 ms | b1 ms |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | conv | variant | params | train step b64 ms | inference b64 ms | b1 ms |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in result["models"]:
         lines.append(
-            f"| {r['arch']} | {r['conv']} | {r['strategy']} | {r['layout']} | {r['params']:,} "
+            f"| {r['arch']} | {r['conv']} | {r['variant']} | {r['params']:,} "
             f"| {r['train_step_b64_ms']:.2f} | {r['inference_b64_ms']:.2f} | {r['inference_b1_ms']:.3f} |"
         )
     return "\n".join(lines)
@@ -249,7 +256,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two small shapes, batch 1 and 4, no models")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="sepconv.keep_freed_memory() first")
     args = parser.parse_args()
+    allocator = "glibc default"
+    if args.keep_freed_memory:
+        if not sepconv.keep_freed_memory():
+            parser.error("--keep-freed-memory needs Linux with glibc")
+        allocator = "sepconv.keep_freed_memory()"
+    stem = "cpu_keep_freed_memory" if args.keep_freed_memory else "cpu"
     shapes, batches = (QUICK_SHAPES, (1, 4)) if args.quick else (SHAPES, (1, 32))
     result = {
         "benchmark": "cpu",
@@ -257,6 +271,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "dtype": "float32",
         "versions": versions(),
+        "allocator": allocator,
         "min_run_time_s": args.min_run_time,
         "layers": [],
         "models": [],
@@ -270,8 +285,8 @@ def main() -> None:
         for row in model_rows(args.min_run_time):
             print(json.dumps(row), flush=True)
             result["models"].append(row)
-    atomic_write_text(args.out / "cpu.json", json.dumps(result, indent=1) + "\n", overwrite=True)
-    plot(result, args.out / "cpu.png")
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=1) + "\n", overwrite=True)
+    plot(result, args.out / f"{stem}.png")
     print(markdown(result))
 
 

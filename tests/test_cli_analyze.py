@@ -66,3 +66,27 @@ def test_errors_are_one_line_exit_2(args: list[str], message: str, capsys: pytes
     err = capsys.readouterr().err
     assert err.startswith("sepconv analyze: error: ") and message in err
     assert err.count("\n") == 1
+
+
+def test_analyze_a_converted_model_from_its_report(tmp_path: Path) -> None:
+    import torch
+
+    import sepconv
+    from sepconv.io import atomic_write_text, save_state_dict
+    from sepconv.nets import small_vgg
+
+    converted, report = sepconv.convert(small_vgg(), rank=1)
+    save_state_dict(converted.state_dict(), tmp_path / "w.safetensors")
+    atomic_write_text(tmp_path / "report.json", report.to_json())
+    out = tmp_path / "a.json"
+    argv = ["analyze", "sepconv.nets:small_vgg", "--input", "2,1,28,28", "--format", "json", "--out", str(out)]
+    assert main([*argv, "--ranks", str(tmp_path / "report.json"), "--weights", str(tmp_path / "w.safetensors")]) == 0
+    expected = sepconv.analyze(converted, (2, 1, 28, 28)).total
+    data = json.loads(out.read_text())
+    assert (data["total"]["macs"], data["total"]["params"]) == (expected.macs, expected.params)
+    assert expected.macs < sepconv.analyze(small_vgg(), (2, 1, 28, 28)).total.macs
+    loaded = sepconv.models.load_model("sepconv.nets:small_vgg", ranks=report.ranks, weights=tmp_path / "w.safetensors")
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(loaded.eval()(x), converted.eval()(x))
+    (tmp_path / "bad.json").write_text('{"rows": []}')
+    assert main([*argv, "--force", "--ranks", str(tmp_path / "bad.json")]) == 2

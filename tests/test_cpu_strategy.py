@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 
@@ -13,6 +14,7 @@ from torch import nn
 
 import sepconv
 from sepconv import cpu_strategy
+from sepconv.nets import small_resnet, small_vgg
 
 SEPARABLE = {2: sepconv.SeparableConv2d, 3: sepconv.SeparableConv3d}
 
@@ -150,3 +152,37 @@ def test_context_manager_is_per_thread_and_modes_are_checked() -> None:
         assert sepconv.get_cpu_strategy() == "off"
     finally:
         sepconv.set_cpu_strategy("auto")
+
+
+@pytest.mark.parametrize("build", [small_resnet, small_vgg])
+def test_run_channels_last_keeps_nchw_outside_and_results_in_float64(build) -> None:
+    torch.manual_seed(0)
+    model = build("separable").double()
+    twin = copy.deepcopy(model)
+    sepconv.run_channels_last(twin)
+    assert sepconv.run_channels_last(twin) is twin and len(twin._forward_pre_hooks) == 1  # idempotent
+    seen = []
+    separable = [m for m in twin.modules() if isinstance(m, sepconv.SeparableConv2d)]
+    for layer in (separable[0].depthwise, separable[-1].pointwise):  # the last: past norms, pools, adds
+        layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
+    with sepconv.use_cpu_strategy("off"):
+        expected = model(x)
+    out = twin(x)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in seen)
+    out.sum().backward()
+    expected.sum().backward()
+    for (name, p), q in zip(twin.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert sepconv.cpu_strategy_decisions() == {}  # inside, layers see channels_last: nothing to decide
+
+
+def test_run_channels_last_handles_3d_models_and_returns_contiguous_maps() -> None:
+    model = nn.Sequential(sepconv.SeparableConv3d(2, 4, 3, padding=1), nn.ReLU()).double()
+    twin = sepconv.run_channels_last(copy.deepcopy(model))
+    assert twin[0].pointwise.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(1, 2, 4, 5, 6, dtype=torch.float64)
+    out = twin(x)
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, model(x), rtol=1e-10, atol=1e-12)

@@ -9,10 +9,12 @@
 from sepconv.analyze import Report, analyze
 from sepconv.convert import ConversionReport, convert
 from sepconv.cost import Comparison, Cost, compare, cost
+from sepconv.cpu_allocator import keep_freed_memory
 from sepconv.cpu_strategy import (
     clear_cpu_strategy_cache,
     cpu_strategy_decisions,
     get_cpu_strategy,
+    run_channels_last,
     set_cpu_strategy,
     use_cpu_strategy,
 )
@@ -53,6 +55,8 @@ __all__ = [
     "cpu_strategy_decisions",
     "decompose_conv",
     "get_cpu_strategy",
+    "keep_freed_memory",
+    "run_channels_last",
     "set_cpu_strategy",
     "use_cpu_strategy",
 ]

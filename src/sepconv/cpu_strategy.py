@@ -36,6 +36,7 @@ __all__ = [
     "clear_cpu_strategy_cache",
     "cpu_strategy_decisions",
     "get_cpu_strategy",
+    "run_channels_last",
     "set_cpu_strategy",
     "use_cpu_strategy",
 ]
@@ -45,6 +46,7 @@ CONTIGUOUS, CHANNELS_LAST = "contiguous", "channels_last"
 _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _TIMED_RUNS = 3
 _CLEAR_WIN = 3.0
+_MARGIN = 1.1
 
 _state = threading.local()  # per-thread override from the cpu_strategy() context manager
 _global_mode = os.environ.get("SEPCONV_CPU_STRATEGY", "auto")
@@ -107,6 +109,57 @@ def run(
         _state.busy = False
 
 
+def run_channels_last(model: nn.Module) -> nn.Module:
+    """Run ``model`` in channels_last throughout while its callers keep NCHW in, NCHW out; returns it.
+
+    A layer on its own must convert NCHW to channels_last and back on every call; a whole network
+    converts once at its input and once at its output, and every conv, norm, activation and pool in
+    between stays in channels_last. The 4-d (5-d) parameters and buffers are stored channels_last
+    (channels_last_3d) in place; results are equal up to float rounding. Calling it again is a no-op.
+
+    >>> import torch
+    >>> from sepconv.nets import small_vgg
+    >>> net = run_channels_last(small_vgg("separable")).eval()
+    >>> net(torch.rand(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+    """
+    if getattr(model, "_sepconv_channels_last", False):
+        return model
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            if tensor.dim() in _FORMATS:
+                tensor.data = tensor.data.contiguous(memory_format=_FORMATS[tensor.dim()])
+    # At the model's input and at every conv (ours included): layouts propagate through norms, activations and pools,
+    # but not out of a conv whose input has one channel (ambiguous strides) — the next conv restores it.
+    from sepconv.layers import _SeparableConv  # layers import this module
+
+    convs = (nn.modules.conv._ConvNd, _SeparableConv)
+    for module in (model, *(m for m in model.modules() if isinstance(m, convs))):
+        module.register_forward_pre_hook(lambda module, args: _map_tensors(args, _to_channels_last))
+    model.register_forward_hook(lambda module, args, output: _map_tensors(output, _to_contiguous))
+    model._sepconv_channels_last = True
+    return model
+
+
+def _to_channels_last(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=_FORMATS[t.dim()]) if t.dim() in _FORMATS else t
+
+
+def _to_contiguous(t: Tensor) -> Tensor:
+    return t.contiguous() if t.dim() in _FORMATS else t
+
+
+def _map_tensors(value: object, fn: Callable[[Tensor], Tensor]) -> object:
+    """``value`` with ``fn`` applied to every tensor inside tuples, lists and dicts."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_map_tensors(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map_tensors(v, fn) for k, v in value.items()}
+    return value
+
+
 def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"CPU strategy must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
@@ -156,7 +209,8 @@ def _measure(input: Tensor, convs: Callable[[Tensor], Tensor], params: list[Tens
     times = _time_layouts(input, convs, None)
     if params is not None and not _clear_winner(times):
         times = _time_layouts(input, convs, params)
-    return min(times, key=times.__getitem__)
+    # channels_last must win clearly: conversions cost more inside a network than in this isolated test
+    return CHANNELS_LAST if times[CHANNELS_LAST] * _MARGIN < times[CONTIGUOUS] else CONTIGUOUS
 
 
 def _clear_winner(times: dict[str, float]) -> bool:
@@ -168,7 +222,7 @@ def _time_layouts(input: Tensor, convs: Callable[[Tensor], Tensor], params: list
     memory_format = _FORMATS[input.dim()]
 
     def step(layout: str) -> None:
-        x = input.detach()
+        x = input.detach().clone()  # a fresh buffer, as a layer's input is in a real network
         with torch.enable_grad() if params is not None else torch.no_grad():
             if params is not None:
                 x.requires_grad_(True)

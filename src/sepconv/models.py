@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
+from collections.abc import Mapping
+from pathlib import Path
 
 from torch import nn
 
@@ -20,8 +23,14 @@ from sepconv.io import PathLike, load_state_dict
 __all__ = ["load_model"]
 
 
-def load_model(spec: str, *, weights: PathLike | None = None) -> nn.Module:
-    """The model named by ``spec``, with ``weights`` (safetensors or weights-only torch file) loaded strictly."""
+def load_model(
+    spec: str, *, weights: PathLike | None = None, ranks: Mapping[str, int] | PathLike | None = None
+) -> nn.Module:
+    """The model named by ``spec``, with ``weights`` (safetensors or weights-only torch file) loaded strictly.
+
+    ``ranks`` rebuilds a model converted by ``sepconv.convert`` before its weights are loaded: a
+    ``{layer name: rank}`` mapping, or the JSON report that ``sepconv convert --report`` wrote.
+    """
     source, sep, name = spec.partition(":")
     if not sep or not source or not name:
         raise ValueError(
@@ -33,9 +42,26 @@ def load_model(spec: str, *, weights: PathLike | None = None) -> nn.Module:
         model = _timm_model(name)
     else:
         model = _callable_model(source, name)
+    if ranks is not None:
+        from sepconv.convert import convert  # convert builds on layers; keep this module light
+
+        model, _ = convert(model, rank=_read_ranks(ranks), init="random", inplace=True)
     if weights is not None:
         model.load_state_dict(load_state_dict(weights))
     return model
+
+
+def _read_ranks(ranks: Mapping[str, int] | PathLike) -> dict[str, int]:
+    if isinstance(ranks, Mapping):
+        return dict(ranks)
+    path = Path(ranks)
+    try:
+        found = json.loads(path.read_text(encoding="utf-8")).get("ranks")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"cannot read ranks from {path}: {error}") from error
+    if not isinstance(found, dict) or not all(isinstance(r, int) for r in found.values()):
+        raise ValueError(f"{path} has no 'ranks' mapping of layer names to ints (a `sepconv convert --report` file)")
+    return found
 
 
 def _torchvision_model(name: str) -> nn.Module:

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("spec", help="torchvision:NAME, timm:NAME or package.module:callable")
     parser.add_argument("--input", required=True, metavar="SHAPE", help="input shape, e.g. 1,3,224,224")
     parser.add_argument("--weights", metavar="FILE", help="safetensors or weights-only torch state_dict")
+    parser.add_argument(
+        "--ranks", metavar="REPORT", help="a `sepconv convert --report` JSON: analyze the converted model"
+    )
     parser.add_argument("--what-if", action="store_true", help="cost of replacing standard convs by separable ones")
     parser.add_argument("--backward", action="store_true", help="also count the backward pass (training step)")
     parser.add_argument("--measure", action="store_true", help="time the model and its separable twin")
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     device = _device(args.device) if args.measure else "cpu"
-    model = _build(args.spec, args.weights, real=args.measure or args.weights is not None)
+    model = _build(args.spec, args.weights, args.ranks, real=args.measure or args.weights is not None)
     model.train(args.backward)
     report = analyze(
         model,
@@ -101,15 +104,15 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _build(spec: str, weights: str | None, *, real: bool) -> nn.Module:
+def _build(spec: str, weights: str | None, ranks: str | None, *, real: bool) -> nn.Module:
     """The model; built on the meta device (instant, no memory) unless real weights are needed."""
     if not real:
         try:
             with torch.device("meta"):
-                return load_model(spec)
+                return load_model(spec, ranks=ranks)
         except (NotImplementedError, RuntimeError):  # a constructor that reads tensor values: build it for real
             pass
-    return load_model(spec, weights=weights)
+    return load_model(spec, weights=weights, ranks=ranks)
 
 
 def _render(report: Report, fmt: str, max_rows: int | None) -> str:
