@@ -30,10 +30,12 @@ from sepconv.layers import (
     SeparableConv2d,
     SeparableConv3d,
 )
+from sepconv.train import Batches, distillation_loss, evaluate, finetune, fit
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batches",
     "Comparison",
     "ConversionReport",
     "Cost",
@@ -54,6 +56,10 @@ __all__ = [
     "cost",
     "cpu_strategy_decisions",
     "decompose_conv",
+    "distillation_loss",
+    "evaluate",
+    "finetune",
+    "fit",
     "get_cpu_strategy",
     "keep_freed_memory",
     "run_channels_last",

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import sepconv
 
-COMMANDS = ("demo", "analyze", "convert")
+COMMANDS = ("demo", "analyze", "convert", "train")
 
 
 class UsageError(Exception):
