@@ -14,6 +14,8 @@ cell can be rerun from the CLI, e.g. ``sepconv train --arch small_vgg --conv sep
 
     python benchmarks/accuracy.py                         # full grid, writes benchmarks/results/accuracy.{json,png}
     python benchmarks/accuracy.py --quick --out /tmp/acc  # a few steps per cell, to check the script
+    python benchmarks/accuracy.py --archs small_vgg       # one arch: writes accuracy_small_vgg.{json,png}
+    python benchmarks/accuracy.py --combine benchmarks/results/accuracy_small_*.json  # -> accuracy.{json,png,md}
 """
 
 from __future__ import annotations
@@ -170,7 +172,21 @@ def main() -> None:
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per latency")
     parser.add_argument("--device", default="cpu", help="training device (latency is always measured on CPU)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="sepconv.keep_freed_memory() first (glibc; same results, less page-fault time)",
+    )
+    parser.add_argument("--combine", nargs="+", type=Path, metavar="JSON", help="merge per-arch results, no training")
     args = parser.parse_args()
+    if args.combine:
+        result = combine([json.loads(path.read_text()) for path in args.combine])
+        write(result, args.out, "accuracy")
+        return
+    allocator = "glibc default"
+    if args.keep_freed_memory and sepconv.keep_freed_memory():
+        allocator = "sepconv.keep_freed_memory()"
     if args.quick:
         args.seeds, args.epochs, args.finetune_epochs = args.seeds[:1], 1, 1
         args.limit_train, args.limit_test, args.min_run_time = 512, 500, 0.05
@@ -183,6 +199,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "dtype": "float32",
         "versions": versions(),
+        "allocator": allocator,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "archs": args.archs,
         "rows": [],
@@ -195,10 +212,35 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             result["rows"].append(row)
     result["total_seconds"] = time.perf_counter() - start
-    stem = "accuracy_quick" if args.quick else "accuracy"
-    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=1) + "\n", overwrite=True)
-    plot(result, args.out / f"{stem}.png")
-    print(markdown(result))
+    stem = "accuracy" if args.archs == list(ARCHS) else "accuracy_" + "_".join(args.archs)
+    write(result, args.out, stem + "_quick" if args.quick else stem)
+
+
+def combine(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from per-arch runs; they must share device, versions, allocator and settings but ``archs``."""
+    first = results[0]
+    for other in results[1:]:
+        for key in ("device", "threads", "dtype", "versions", "allocator"):
+            if other.get(key) != first.get(key):
+                raise SystemExit(f"--combine: results differ in {key!r}: {first.get(key)!r} vs {other.get(key)!r}")
+        mine = {k: v for k, v in first["settings"].items() if k not in ("archs", "combine", "out")}
+        theirs = {k: v for k, v in other["settings"].items() if k not in ("archs", "combine", "out")}
+        if mine != theirs:
+            raise SystemExit(f"--combine: results differ in settings: {mine} vs {theirs}")
+    merged = {k: v for k, v in first.items() if k not in ("archs", "rows", "total_seconds")}
+    merged["archs"] = [arch for r in results for arch in r["archs"]]
+    merged["settings"] = {**first["settings"], "archs": merged["archs"]}
+    merged["rows"] = [row for r in results for row in r["rows"]]
+    merged["total_seconds"] = sum(r["total_seconds"] for r in results)
+    return merged
+
+
+def write(result: dict[str, Any], out: Path, stem: str) -> None:
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1) + "\n", overwrite=True)
+    plot(result, out / f"{stem}.png")
+    table = markdown(result)
+    atomic_write_text(out / f"{stem}.md", table + "\n", overwrite=True)
+    print(table)
 
 
 if __name__ == "__main__":
