@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from sepconv import cpu_strategy
 from sepconv._args import divisible, int_tuple, padding_arg, padding_mode_arg, positive_int
+from sepconv.dispatch import backend_arg, triton_blocker, triton_depthwise_forward
 from sepconv.padding import Padding, resolve_padding
 
 __all__ = [
@@ -124,9 +125,12 @@ class _DepthwiseConv(_Conv):
         padding_mode: str = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        backend: str = "auto",
     ) -> None:
         positive_int("in_channels", in_channels)
         positive_int("depth_multiplier", depth_multiplier)
+        backend = backend_arg(backend, self._ndim)
         self._init_conv(
             in_channels,
             in_channels * depth_multiplier,
@@ -140,14 +144,26 @@ class _DepthwiseConv(_Conv):
             device,
             dtype,
         )
+        self.backend = backend
 
     @property
     def depth_multiplier(self) -> int:
         return self.out_channels // self.in_channels  # type: ignore[attr-defined]
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.backend != "torch":
+            blocker = triton_blocker(self, input, auto=self.backend == "auto")  # type: ignore[arg-type]
+            if blocker is None:
+                check_input(type(self).__name__, input, self.in_channels, self._ndim)  # type: ignore[attr-defined]
+                return triton_depthwise_forward(self, input)  # type: ignore[arg-type]
+            if self.backend == "triton":
+                raise RuntimeError(f"backend='triton' cannot run this layer: {blocker}; use backend='auto' or 'torch'")
         plain = super().forward
         return cpu_strategy.run(self, input, plain, plain)  # type: ignore[arg-type]
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()  # type: ignore[misc]
+        return text if self.backend == "auto" else f"{text}, backend={self.backend!r}"
 
 
 class _PointwiseConv(_Conv):
@@ -180,6 +196,8 @@ class DepthwiseConv1d(_DepthwiseConv, nn.Conv1d):
 
 class DepthwiseConv2d(_DepthwiseConv, nn.Conv2d):
     """Depthwise 2-d conv: ``nn.Conv2d(C, C·m, k, groups=C)``; no bias by default.
+
+    Keyword ``backend``: ``"auto"`` (default), ``"torch"`` or ``"triton"`` (see :mod:`sepconv.dispatch`).
 
     >>> DepthwiseConv2d(16, 3, stride=2, padding="same", depth_multiplier=2)(torch.rand(1, 16, 7, 7)).shape
     torch.Size([1, 32, 4, 4])
@@ -267,6 +285,7 @@ class _SeparableConv(nn.Module):
         depthwise_bias: bool = False,
         mid_norm: ModuleFactory | None = None,
         mid_activation: ModuleFactory | nn.Module | None = None,
+        backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -285,6 +304,7 @@ class _SeparableConv(nn.Module):
             padding_mode,
             device,
             dtype,
+            backend=backend,
         )
         mid = self.depthwise.out_channels  # type: ignore[attr-defined]
         self.mid_norm = _mid_module("mid_norm", mid_norm, mid, device=device, dtype=dtype)
@@ -322,6 +342,7 @@ class _SeparableConv(nn.Module):
     groups = property(lambda self: self.pointwise.groups)
     padding_mode = property(lambda self: self.depthwise.padding_mode)
     depth_multiplier = property(lambda self: self.depthwise.depth_multiplier)
+    backend = property(lambda self: self.depthwise.backend)
 
     def extra_repr(self) -> str:
         n = self._ndim
@@ -338,6 +359,8 @@ class _SeparableConv(nn.Module):
             parts.append(f"padding_mode={self.padding_mode!r}")
         if self.depth_multiplier != 1:
             parts.append(f"depth_multiplier={self.depth_multiplier}")
+        if self.backend != "auto":
+            parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
 
 
@@ -355,8 +378,9 @@ class SeparableConv2d(_SeparableConv):
     """Depthwise separable 2-d conv, a drop-in for ``nn.Conv2d``.
 
     Arguments are ``nn.Conv2d``'s (``groups`` applies to the pointwise part) plus, keyword-only,
-    ``depth_multiplier``, ``depthwise_bias`` and ``mid_norm``/``mid_activation`` (a module class
-    or factory, called with the channel count for the norm, with nothing for the activation).
+    ``depth_multiplier``, ``depthwise_bias``, ``mid_norm``/``mid_activation`` (a module class
+    or factory, called with the channel count for the norm, with nothing for the activation) and
+    ``backend`` for the depthwise part: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`sepconv.dispatch`).
 
     >>> layer = SeparableConv2d(32, 64, 3, stride=2, padding="same", mid_norm=nn.BatchNorm2d, mid_activation=nn.ReLU)
     >>> layer(torch.rand(1, 32, 15, 15)).shape  # 'same' with stride 2: ceil(15 / 2) = 8

@@ -1,0 +1,24 @@
+"""Triton GPU kernels behind the layers' ``backend="triton"``; reached through :mod:`sepconv.layers` dispatch.
+
+Importing this package needs Triton (installed with PyTorch's CUDA builds on Linux).
+``sepconv.kernels.available()`` says whether it can be used without importing it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+__all__ = ["available", "depthwise_conv2d"]
+
+
+def available() -> bool:
+    """True when Triton is installed, so ``sepconv.kernels`` can be imported."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def __getattr__(name: str):  # lazy: `import sepconv` must not import Triton
+    if name == "depthwise_conv2d":
+        from sepconv.kernels.depthwise import depthwise_conv2d
+
+        return depthwise_conv2d
+    raise AttributeError(f"module 'sepconv.kernels' has no attribute {name!r}")

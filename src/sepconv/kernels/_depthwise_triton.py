@@ -1,0 +1,203 @@
+"""Triton kernels of the 2-d depthwise convolution: forward, grad-input and grad-weight (+ grad-bias).
+
+Every kernel reads and writes through explicit element strides, so NCHW, channels_last and
+non-contiguous tensors share one code path. A program owns a tile of BLOCK_P output pixels x BLOCK_C
+channels; the host picks the tile so that the unit-stride dimension (pixels in NCHW, channels in
+channels_last) is the long side, for coalesced loads. Products accumulate in fp32 (fp64 for fp64).
+Padding is implicit: taps outside the input are masked, never materialized.
+
+- forward: ``y[n, c, oh, ow] = sum_{kh, kw} x[n, c // m, oh·s - pad + kh·d, ...] · w[c, kh, kw]``;
+- grad-input gathers, for every input pixel, the output pixels that read it (stride handled by a
+  divisibility mask, no zero insertion), over the m output channels of each input channel;
+- grad-weight: one program per (channel block, tap, split of the N·OH·OW reduction) writes a partial
+  sum; the host adds the partials in a fixed order (deterministic, no atomics). The extra tap index
+  ``KH·KW`` sums grad-output alone: the bias gradient.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def depthwise_forward_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    H,
+    W,
+    C_OUT,
+    OH,
+    OW,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    syn,
+    syc,
+    syh,
+    syw,
+    KH,
+    KW,
+    STRIDE_H,
+    STRIDE_W,
+    PAD_H,
+    PAD_W,
+    DIL_H,
+    DIL_W,
+    MULT,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(2).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < OH * OW
+    c_ok = c < C_OUT
+    oh = p // OW
+    ow = p % OW
+    x_chan = x_ptr + n * sxn + (c // MULT).to(tl.int64)[None, :] * sxc
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    for kh in range(0, KH):
+        ih = ih0 + kh * DIL_H
+        row_ok = p_ok & (ih >= 0) & (ih < H)
+        for kw in range(0, KW):
+            iw = iw0 + kw * DIL_W
+            ok = row_ok & (iw >= 0) & (iw < W)
+            offset = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            xv = tl.load(x_chan + offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + c * (KH * KW) + (kh * KW + kw), mask=c_ok, other=0.0)
+            acc += xv.to(ACC) * wv.to(ACC)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
+    y_offset = n * syn + c.to(tl.int64)[None, :] * syc + (oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None]
+    tl.store(y_ptr + y_offset, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def depthwise_grad_input_kernel(
+    gy_ptr,
+    w_ptr,
+    gx_ptr,
+    C_IN,
+    H,
+    W,
+    OH,
+    OW,
+    sgn,
+    sgc,
+    sgh,
+    sgw,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    KH,
+    KW,
+    STRIDE_H,
+    STRIDE_W,
+    PAD_H,
+    PAD_W,
+    DIL_H,
+    DIL_W,
+    MULT,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(2).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < H * W
+    c_ok = c < C_IN
+    ih = p // W
+    iw = p % W
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    for j in range(0, MULT):
+        c_out = c * MULT + j
+        gy_chan = gy_ptr + n * sgn + c_out.to(tl.int64)[None, :] * sgc
+        for kh in range(0, KH):
+            th = ih + PAD_H - kh * DIL_H  # = oh·STRIDE_H for the output row that reads this input row
+            oh = th // STRIDE_H
+            row_ok = p_ok & (th >= 0) & (th == oh * STRIDE_H) & (oh < OH)
+            for kw in range(0, KW):
+                tw = iw + PAD_W - kw * DIL_W
+                ow = tw // STRIDE_W
+                ok = row_ok & (tw >= 0) & (tw == ow * STRIDE_W) & (ow < OW)
+                offset = oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+                gv = tl.load(gy_chan + offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
+                wv = tl.load(w_ptr + c_out * (KH * KW) + (kh * KW + kw), mask=c_ok, other=0.0)
+                acc += gv.to(ACC) * wv.to(ACC)[None, :]
+    x_offset = n * sxn + c.to(tl.int64)[None, :] * sxc + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
+    tl.store(gx_ptr + x_offset, acc.to(gx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def depthwise_grad_weight_kernel(
+    x_ptr,
+    gy_ptr,
+    partial_ptr,
+    H,
+    W,
+    C_OUT,
+    OH,
+    OW,
+    PIXELS,
+    CHUNK,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    sgn,
+    sgc,
+    sgh,
+    sgw,
+    KH,
+    KW,
+    STRIDE_H,
+    STRIDE_W,
+    PAD_H,
+    PAD_W,
+    DIL_H,
+    DIL_W,
+    MULT,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tap = tl.program_id(1)  # KH·KW taps, then one more for the bias gradient
+    split = tl.program_id(2)
+    is_bias = tap == KH * KW
+    is_weight = tap < KH * KW
+    kh = tap // KW
+    kw = tap % KW
+    c_ok = c < C_OUT
+    x_chan = x_ptr + (c // MULT).to(tl.int64)[None, :] * sxc
+    gy_chan = gy_ptr + c.to(tl.int64)[None, :] * sgc
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    for start in range(0, CHUNK, BLOCK_P):
+        q = split * CHUNK + start + tl.arange(0, BLOCK_P)  # flat (n, oh, ow) index
+        q_ok = q < PIXELS
+        n = (q // (OH * OW)).to(tl.int64)
+        r = q % (OH * OW)
+        oh = r // OW
+        ow = r % OW
+        g_offset = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+        gv = tl.load(gy_chan + g_offset[:, None], mask=q_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+        ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & is_weight
+        x_offset = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+        xv = tl.load(x_chan + x_offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
+        acc += gv * tl.where(is_bias, 1.0, xv)
+    total = tl.sum(acc, axis=0)
+    taps = KH * KW + 1
+    out = partial_ptr + (split * C_OUT + c).to(tl.int64) * taps + tap
+    tl.store(out, total, mask=c_ok)

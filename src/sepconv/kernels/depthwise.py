@@ -1,0 +1,367 @@
+"""``depthwise_conv2d``: the 2-d depthwise convolution on our Triton kernels, differentiable.
+
+Registered as the PyTorch custom ops ``sepconv::depthwise_conv2d`` (+ ``_grad_input``,
+``_grad_weight``), so autograd, ``torch.compile`` (fake tensors, no graph break) and autocast (inputs
+cast like ``F.conv2d``'s) work. CUDA tensors run compiled kernels; CPU tensors run them in Triton's
+interpreter when ``TRITON_INTERPRET=1`` is set before ``sepconv.kernels`` is imported (slow: for tests).
+
+>>> import torch
+>>> import torch.nn.functional as F
+>>> x, w = torch.randn(2, 4, 9, 9, dtype=torch.float64), torch.randn(8, 1, 3, 3, dtype=torch.float64)
+>>> y = depthwise_conv2d(x, w, stride=2, padding=1)  # depth multiplier 2
+>>> torch.allclose(y, F.conv2d(x, w, stride=2, padding=1, groups=4))
+True
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from sepconv._args import int_tuple
+from sepconv.kernels._depthwise_triton import (
+    depthwise_forward_kernel,
+    depthwise_grad_input_kernel,
+    depthwise_grad_weight_kernel,
+)
+from sepconv.padding import same_padding
+
+__all__ = ["SUPPORTED_DTYPES", "depthwise_conv2d", "interpreting", "output_size", "resolve_padding_sides"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_ACC = {torch.float64: tl.float64}  # everything else accumulates in fp32
+_TILE = 1024  # outputs per program
+_MAX_SPLITS = 64  # programs sharing one grad-weight reduction
+
+PaddingSpec = int | str | Sequence[int] | Sequence[Sequence[int]]
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def resolve_padding_sides(
+    padding: PaddingSpec, size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]
+) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` zero padding from any accepted ``padding`` form.
+
+    Forms: an int; ``(pad_h, pad_w)``; per side ``((top, bottom), (left, right))``; ``'valid'``;
+    ``'same'`` (TensorFlow semantics, any stride: ``ceil(size / stride)`` outputs, odd pixel last).
+
+    >>> resolve_padding_sides("same", (56, 56), (3, 3), (2, 2), (1, 1))
+    (0, 1, 0, 1)
+    >>> resolve_padding_sides(((1, 2), (0, 3)), (8, 8), (3, 3), (1, 1), (1, 1))
+    (1, 2, 0, 3)
+    """
+    message = (
+        "padding must be an int >= 0, (pad_h, pad_w), ((top, bottom), (left, right)), 'same' or 'valid'; "
+        f"got {padding!r}"
+    )
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0, 0, 0)
+        if padding == "same":
+            (top, bottom), (left, right) = (
+                same_padding(n, k, s, d) for n, k, s, d in zip(size, kernel, stride, dilation, strict=True)
+            )
+            return (top, bottom, left, right)
+        raise ValueError(message)
+    if isinstance(padding, (list, tuple)) and len(padding) == 2 and all(isinstance(p, (list, tuple)) for p in padding):
+        sides = tuple(v for pair in padding for v in pair)
+        if len(sides) != 4:
+            raise ValueError(message)
+    else:
+        try:
+            pad_h, pad_w = int_tuple("padding", padding, 2, minimum=0)
+        except (TypeError, ValueError) as error:
+            raise type(error)(message) from None
+        sides = (pad_h, pad_h, pad_w, pad_w)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in sides):
+        raise ValueError(message)
+    return sides  # type: ignore[return-value]
+
+
+def output_size(
+    size: Sequence[Any], kernel: Sequence[int], stride: Sequence[int], sides: Sequence[int], dilation: Sequence[int]
+) -> tuple[Any, Any]:
+    """``(OH, OW)``: ``floor((n + lo + hi - d·(k - 1) - 1) / s) + 1`` per dimension (symbolic sizes allowed)."""
+    return tuple(  # type: ignore[return-value]
+        (n + lo + hi - d * (k - 1) - 1) // s + 1
+        for n, k, s, lo, hi, d in zip(size, kernel, stride, sides[0::2], sides[1::2], dilation, strict=True)
+    )
+
+
+def depthwise_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: PaddingSpec = 0,
+    dilation: int | Sequence[int] = 1,
+) -> Tensor:
+    """Depthwise conv, ``F.conv2d(x, weight, bias, stride, padding, dilation, groups=C)`` on Triton kernels.
+
+    ``x``: (N, C, H, W) or (C, H, W), any memory format (the output keeps it); ``weight``: (C·m, 1, KH, KW)
+    for depth multiplier m; ``bias``: (C·m,) or None. fp16/bf16/fp32 accumulate in fp32, fp64 in fp64.
+    ``padding``: zeros; int, (pad_h, pad_w), ((top, bottom), (left, right)), 'same' (any stride) or 'valid'.
+    """
+    stride = int_tuple("stride", stride, 2)
+    dilation = int_tuple("dilation", dilation, 2)
+    _check_tensors(x, weight, bias)
+    unbatched = x.dim() == 3
+    if unbatched:
+        x = x.unsqueeze(0)
+    kernel = tuple(weight.shape[-2:])
+    sides = resolve_padding_sides(padding, x.shape[-2:], kernel, stride, dilation)
+    out_h, out_w = output_size(x.shape[-2:], kernel, stride, sides, dilation)
+    if out_h < 1 or out_w < 1:
+        raise ValueError(
+            f"depthwise_conv2d: the output would be {out_h}x{out_w} for input {tuple(x.shape[-2:])}, kernel {kernel}, "
+            f"stride {stride}, padding (top, bottom, left, right) {sides}, dilation {dilation}; it must be at least 1x1"
+        )
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):  # as F.conv2d: compute in the autocast dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    y = torch.ops.sepconv.depthwise_conv2d(x, weight, bias, list(stride), list(sides), list(dilation))
+    return y.squeeze(0) if unbatched else y
+
+
+def _check_tensors(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if x.dim() not in (3, 4):
+        raise ValueError(f"x must have shape (N, C, H, W) or (C, H, W), got {tuple(x.shape)}")
+    channels = x.shape[-3]
+    if weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[0] % channels or weight.shape[0] == 0:
+        raise ValueError(
+            f"weight must have shape (C·m, 1, KH, KW) with C = {channels} input channels and m >= 1, "
+            f"got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) or be None, got {tuple(bias.shape)}")
+    allowed = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must have dtype {allowed}; got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share one device")
+    if not torch.is_autocast_enabled(x.device.type):
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != x.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype} but x has {x.dtype}; they must match (or use autocast)")
+    if x.device.type != "cuda" and not interpreting():
+        raise RuntimeError(
+            f"sepconv.kernels runs on CUDA tensors; x is on {x.device}. For CPU tensors set TRITON_INTERPRET=1 "
+            "before importing sepconv.kernels (Triton's interpreter, for testing), or use the PyTorch path."
+        )
+
+
+# ---- launches ---------------------------------------------------------------------------------------------
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last when ``x`` is laid out so (as PyTorch's convs decide), else contiguous."""
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _tiles(t: Tensor, pixels: int, channels: int) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C): the long side along ``t``'s unit-stride dimension, for coalesced access."""
+    np2 = triton.next_power_of_2
+    if t.stride(1) <= t.stride(3):  # channels vary fastest (channels_last)
+        block_c = min(max(np2(channels), 4), 64)
+        return min(max(np2(pixels), 4), _TILE // block_c), block_c
+    block_p = min(max(np2(pixels), 16), 128)
+    return block_p, min(max(np2(channels), 1), _TILE // block_p)
+
+
+def _geometry(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
+    return (stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1])
+
+
+def _empty_output(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
+    out_h, out_w = output_size(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
+    shape = (x.shape[0], weight.shape[0], out_h, out_w)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+
+def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
+    y = _empty_output(x, weight, stride, padding, dilation)
+    if y.numel() == 0:
+        return y
+    n, c_out, out_h, out_w = y.shape
+    weight = weight.contiguous()
+    block_p, block_c = _tiles(x, out_h * out_w, c_out)
+    grid = (triton.cdiv(out_h * out_w, block_p), triton.cdiv(c_out, block_c), n)
+    depthwise_forward_kernel[grid](
+        x,
+        weight,
+        weight if bias is None else bias.contiguous(),
+        y,
+        x.shape[2],
+        x.shape[3],
+        c_out,
+        out_h,
+        out_w,
+        *x.stride(),
+        *y.stride(),
+        weight.shape[2],
+        weight.shape[3],
+        *_geometry(stride, padding, dilation),
+        c_out // x.shape[1],
+        HAS_BIAS=bias is not None,
+        ACC=_ACC.get(x.dtype, tl.float32),
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+    )
+    return y
+
+
+def _grad_input(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    if grad_x.numel() == 0:
+        return grad_x
+    n, c_in, h, w = x.shape
+    weight = weight.contiguous()
+    block_p, block_c = _tiles(grad_x, h * w, c_in)
+    grid = (triton.cdiv(h * w, block_p), triton.cdiv(c_in, block_c), n)
+    depthwise_grad_input_kernel[grid](
+        grad,
+        weight,
+        grad_x,
+        c_in,
+        h,
+        w,
+        grad.shape[2],
+        grad.shape[3],
+        *grad.stride(),
+        *grad_x.stride(),
+        weight.shape[2],
+        weight.shape[3],
+        *_geometry(stride, padding, dilation),
+        weight.shape[0] // c_in,
+        ACC=_ACC.get(x.dtype, tl.float32),
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+    )
+    return grad_x
+
+
+def _grad_weight(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[Tensor, Tensor]:
+    c_out, _, kh, kw = weight.shape
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n, _, out_h, out_w = grad.shape
+    pixels = n * out_h * out_w
+    block_p, block_c = _tiles(x, pixels, c_out)
+    splits = max(1, min(_MAX_SPLITS, triton.cdiv(pixels, 16 * block_p)))
+    chunk = triton.cdiv(triton.cdiv(pixels, splits), block_p) * block_p
+    splits = triton.cdiv(pixels, chunk) if pixels else 1
+    partial = torch.zeros((splits, c_out, kh * kw + 1), dtype=acc, device=x.device)
+    if pixels:
+        grid = (triton.cdiv(c_out, block_c), kh * kw + 1, splits)
+        depthwise_grad_weight_kernel[grid](
+            x,
+            grad,
+            partial,
+            x.shape[2],
+            x.shape[3],
+            c_out,
+            out_h,
+            out_w,
+            pixels,
+            chunk,
+            *x.stride(),
+            *grad.stride(),
+            kh,
+            kw,
+            *_geometry(stride, padding, dilation),
+            c_out // x.shape[1],
+            ACC=_ACC.get(x.dtype, tl.float32),
+            BLOCK_P=block_p,
+            BLOCK_C=block_c,
+        )
+    total = partial.sum(0)  # fixed order: deterministic
+    grad_weight = total[:, : kh * kw].to(weight.dtype, copy=True).reshape(c_out, 1, kh, kw)
+    return grad_weight, total[:, kh * kw].to(weight.dtype, copy=True)  # copies: outputs must not alias
+
+
+# ---- custom ops -------------------------------------------------------------------------------------------
+
+_GEOMETRY = "int[] stride, int[] padding, int[] dilation"
+
+
+@torch.library.custom_op(
+    "sepconv::depthwise_conv2d",
+    mutates_args=(),
+    schema=f"(Tensor x, Tensor weight, Tensor? bias, {_GEOMETRY}) -> Tensor",
+)
+def _depthwise_conv2d_op(x, weight, bias, stride, padding, dilation):
+    return _forward(x, weight, bias, stride, padding, dilation)
+
+
+@_depthwise_conv2d_op.register_fake
+def _(x, weight, bias, stride, padding, dilation):
+    return _empty_output(x, weight, stride, padding, dilation)
+
+
+@torch.library.custom_op(
+    "sepconv::depthwise_conv2d_grad_input",
+    mutates_args=(),
+    schema=f"(Tensor grad, Tensor x, Tensor weight, {_GEOMETRY}) -> Tensor",
+)
+def _grad_input_op(grad, x, weight, stride, padding, dilation):
+    return _grad_input(grad, x, weight, stride, padding, dilation)
+
+
+@_grad_input_op.register_fake
+def _(grad, x, weight, stride, padding, dilation):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+
+@torch.library.custom_op(
+    "sepconv::depthwise_conv2d_grad_weight",
+    mutates_args=(),
+    schema=f"(Tensor grad, Tensor x, Tensor weight, {_GEOMETRY}) -> (Tensor, Tensor)",
+)
+def _grad_weight_op(grad, x, weight, stride, padding, dilation):
+    return _grad_weight(grad, x, weight, stride, padding, dilation)
+
+
+@_grad_weight_op.register_fake
+def _(grad, x, weight, stride, padding, dilation):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), weight.new_empty(weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+    ctx.geometry = (stride, padding, dilation)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+    grad_x = grad_weight = grad_bias = None
+    if needs_x:
+        grad_x = torch.ops.sepconv.depthwise_conv2d_grad_input(grad, x, weight, *ctx.geometry)
+    if needs_weight or (ctx.has_bias and needs_bias):
+        grad_weight, grad_bias = torch.ops.sepconv.depthwise_conv2d_grad_weight(grad, x, weight, *ctx.geometry)
+        grad_weight = grad_weight if needs_weight else None
+        grad_bias = grad_bias if ctx.has_bias and needs_bias else None
+    return grad_x, grad_weight, grad_bias, None, None, None
+
+
+_depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,141 @@
+"""Layers' ``backend=``: the Triton path equals the PyTorch path; ``auto`` keeps PyTorch where it must."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sepconv
+from sepconv import dispatch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def twins(factory, **kwargs):
+    """The same layer (same weights) with backend='torch' and backend='triton', float64."""
+    torch.manual_seed(0)
+    plain = factory(backend="torch", dtype=torch.float64, device=DEVICE, **kwargs)
+    fast = factory(backend="triton", dtype=torch.float64, device=DEVICE, **kwargs)
+    fast.load_state_dict(plain.state_dict())
+    return plain, fast
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "shape"),
+    [
+        (sepconv.DepthwiseConv2d, {"in_channels": 5, "kernel_size": 3, "padding": 1, "bias": True}, (2, 5, 7, 6)),
+        (sepconv.DepthwiseConv2d, {"in_channels": 3, "kernel_size": (4, 2), "depth_multiplier": 2}, (1, 3, 6, 6)),
+        (sepconv.DepthwiseConv2d, {"in_channels": 4, "kernel_size": 5, "stride": 2, "padding": "same"}, (2, 4, 9, 8)),
+        (
+            sepconv.SeparableConv2d,
+            {"in_channels": 4, "out_channels": 6, "kernel_size": 3, "stride": 2, "padding": "same", "dilation": 2},
+            (2, 4, 11, 10),
+        ),
+        (
+            sepconv.SeparableConv2d,
+            {
+                "in_channels": 6,
+                "out_channels": 4,
+                "kernel_size": 5,
+                "padding": "valid",
+                "groups": 2,
+                "depth_multiplier": 2,
+            },
+            (1, 6, 8, 9),
+        ),
+    ],
+)
+def test_triton_backend_equals_torch_backend_with_gradients(factory, kwargs, shape):
+    plain, fast = twins(factory, **kwargs)
+    x = torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y_plain, y_fast = plain(x), fast(x)
+    torch.testing.assert_close(y_fast, y_plain, atol=1e-12, rtol=1e-12)
+    grad = torch.randn_like(y_plain)
+    params = [p for _, p in sorted(plain.named_parameters())]
+    fast_params = [p for _, p in sorted(fast.named_parameters())]
+    want = torch.autograd.grad(y_plain, [x, *params], grad)
+    got = torch.autograd.grad(y_fast, [x, *fast_params], grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+
+
+def test_triton_backend_with_mid_norm_and_activation_in_training():
+    plain, fast = twins(
+        sepconv.SeparableConv2d,
+        in_channels=3,
+        out_channels=5,
+        kernel_size=3,
+        padding=1,
+        mid_norm=nn.BatchNorm2d,
+        mid_activation=nn.ReLU,
+    )
+    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(fast(x), plain(x))
+    torch.testing.assert_close(fast.mid_norm.running_mean, plain.mid_norm.running_mean)
+
+
+def test_the_kernel_really_runs_for_triton_and_not_for_auto_on_cpu(monkeypatch):
+    calls = []
+    real = dispatch.triton_depthwise_forward
+
+    def spy(layer, input):
+        calls.append(layer.backend)
+        return real(layer, input)
+
+    monkeypatch.setattr(sepconv.layers, "triton_depthwise_forward", spy)
+    x = torch.randn(1, 2, 5, 5, device=DEVICE)
+    sepconv.DepthwiseConv2d(2, 3, device=DEVICE, backend="triton")(x)
+    sepconv.DepthwiseConv2d(2, 3, device=DEVICE, backend="torch")(x)
+    sepconv.DepthwiseConv2d(2, 3, device=DEVICE)(x.cpu() if DEVICE == "cuda" else x)
+    assert calls == ["triton"]  # auto on a CPU tensor: PyTorch
+
+
+def test_auto_reasons():
+    layer = sepconv.DepthwiseConv2d(2, 3)
+    x = torch.randn(1, 2, 5, 5)
+    assert dispatch.triton_blocker(layer, x, auto=True) == "the input is on cpu, not CUDA"
+    assert dispatch.triton_blocker(layer, x, auto=False) is None
+    reflect = sepconv.DepthwiseConv2d(2, 3, padding=1, padding_mode="reflect")
+    assert "padding_mode='reflect'" in dispatch.triton_blocker(reflect, x, auto=True)
+    assert "3-d" in dispatch.triton_blocker(sepconv.DepthwiseConv3d(2, 3), x.unsqueeze(2), auto=True)
+
+
+def test_auto_keeps_pytorch_while_exporting(monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    reason = dispatch.triton_blocker(sepconv.DepthwiseConv2d(2, 3), torch.randn(1, 2, 5, 5, device=DEVICE), auto=True)
+    assert reason == "tracing or exporting: the graph keeps PyTorch's conv"
+
+
+def test_explicit_triton_that_cannot_run_says_why():
+    layer = sepconv.DepthwiseConv2d(2, 3, padding=1, padding_mode="circular", backend="triton", device=DEVICE)
+    with pytest.raises(RuntimeError, match="backend='triton' cannot run this layer: padding_mode='circular'"):
+        layer(torch.randn(1, 2, 5, 5, device=DEVICE))
+
+
+def test_wrong_input_channels_error_comes_from_the_layer():
+    layer = sepconv.DepthwiseConv2d(2, 3, backend="triton", device=DEVICE)
+    with pytest.raises(ValueError, match=r"DepthwiseConv2d expected input of shape \(N, 2, H, W\)"):
+        layer(torch.randn(1, 3, 5, 5, device=DEVICE))
+
+
+@pytest.mark.parametrize(
+    ("factory", "backend", "match"),
+    [
+        (sepconv.DepthwiseConv2d, "cuda", "backend must be one of 'auto', 'torch', 'triton'; got 'cuda'"),
+        (sepconv.DepthwiseConv1d, "triton", "backend='triton' supports 2-d layers only"),
+        (sepconv.DepthwiseConv3d, "triton", "backend='triton' supports 2-d layers only"),
+    ],
+)
+def test_bad_backend_argument(factory, backend, match):
+    with pytest.raises(ValueError, match=match):
+        factory(4, 3, backend=backend)
+
+
+def test_backend_is_not_state_and_shows_in_repr():
+    fast = sepconv.SeparableConv2d(4, 8, 3, backend="triton")
+    plain = sepconv.SeparableConv2d(4, 8, 3)
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    assert fast.backend == fast.depthwise.backend == "triton"
+    assert "backend='triton'" in repr(fast)
+    assert "backend" not in repr(plain)

@@ -1,0 +1,254 @@
+"""sepconv.kernels.depthwise_conv2d vs F.conv2d in float64: output, grad-input, grad-weight, grad-bias.
+
+Without a GPU the kernels run in Triton's interpreter (the root conftest sets TRITON_INTERPRET=1), so
+shapes stay small; with one, the same tests run the compiled kernels on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sepconv.kernels.depthwise import depthwise_conv2d, resolve_padding_sides
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LAYOUTS = ("contiguous", "channels_last", "strided")
+
+
+def layout(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """``x`` (same values) as contiguous, channels_last, or a non-contiguous view of a bigger tensor."""
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":
+        big = torch.zeros(x.shape[0], 2 * x.shape[1], x.shape[2], 2 * x.shape[3], dtype=x.dtype, device=x.device)
+        big[:, ::2, :, ::2] = x
+        return big[:, ::2, :, ::2]
+    return x.contiguous()
+
+
+def reference(x, weight, bias, stride, sides, dilation):
+    """F.conv2d on explicitly zero-padded input: an independent path for every padding form."""
+    top, bottom, left, right = sides
+    padded = F.pad(x, (left, right, top, bottom))
+    return F.conv2d(padded, weight, bias, stride, 0, dilation, groups=x.shape[1])
+
+
+def check_against_reference(x, weight, bias, stride, padding, dilation, *, atol, rtol):
+    """Our output and all gradients vs the float64 reference computed from the same (rounded) values."""
+    leaves = [t.detach().requires_grad_() for t in (x, weight) + ((bias,) if bias is not None else ())]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ours = depthwise_conv2d(leaves[0], leaves[1], leaves[2] if bias is not None else None, stride, padding, dilation)
+    sides = resolve_padding_sides(padding, x.shape[-2:], weight.shape[-2:], _pair(stride), _pair(dilation))
+    ref_bias = ref_leaves[2] if bias is not None else None
+    expected = reference(ref_leaves[0], ref_leaves[1], ref_bias, stride, sides, dilation)
+    assert ours.shape == expected.shape
+    assert ours.dtype == x.dtype
+    torch.testing.assert_close(ours.double(), expected, atol=atol, rtol=rtol)
+    grad = torch.randn_like(expected)
+    got = torch.autograd.grad(ours, leaves, grad.to(ours.dtype))
+    want = torch.autograd.grad(expected, ref_leaves, grad)
+    for name, g, w in zip(("grad_input", "grad_weight", "grad_bias"), got, want, strict=False):
+        assert g.dtype == x.dtype, name
+        scale = max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g.double(), w, atol=atol * scale, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+    return ours
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+@st.composite
+def depthwise_configs(draw):
+    kh, kw = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+    stride = draw(st.sampled_from([1, 2, (1, 2), (2, 1)]))
+    dilation = draw(st.sampled_from([1, 1, 2, (1, 2)]))
+    padding = draw(
+        st.one_of(
+            st.integers(0, 3),
+            st.tuples(st.integers(0, 3), st.integers(0, 3)),
+            st.tuples(st.tuples(st.integers(0, 3), st.integers(0, 3)), st.tuples(st.integers(0, 3), st.integers(0, 3))),
+            st.sampled_from(["same", "valid"]),
+        )
+    )
+    h, w = draw(st.integers(1, 11)), draw(st.integers(1, 11))
+    return {
+        "shape": (draw(st.integers(1, 2)), draw(st.integers(1, 5)), h, w),
+        "multiplier": draw(st.integers(1, 3)),
+        "kernel": (kh, kw),
+        "stride": stride,
+        "padding": padding,
+        "dilation": dilation,
+        "bias": draw(st.booleans()),
+        "layout": draw(st.sampled_from(LAYOUTS)),
+    }
+
+
+def _output_is_empty(cfg) -> bool:
+    sides = resolve_padding_sides(
+        cfg["padding"], cfg["shape"][2:], cfg["kernel"], _pair(cfg["stride"]), _pair(cfg["dilation"])
+    )
+    for n, k, s, d, lo, hi in zip(
+        cfg["shape"][2:],
+        cfg["kernel"],
+        _pair(cfg["stride"]),
+        _pair(cfg["dilation"]),
+        sides[::2],
+        sides[1::2],
+        strict=True,
+    ):
+        if (n + lo + hi - d * (k - 1) - 1) // s + 1 < 1:
+            return True
+    return False
+
+
+def make_inputs(cfg, dtype=torch.float64):
+    n, c, h, w = cfg["shape"]
+    x = layout(torch.randn(n, c, h, w, dtype=dtype, device=DEVICE), cfg["layout"])
+    weight = torch.randn(c * cfg["multiplier"], 1, *cfg["kernel"], dtype=dtype, device=DEVICE)
+    bias = torch.randn(c * cfg["multiplier"], dtype=dtype, device=DEVICE) if cfg["bias"] else None
+    return x, weight, bias
+
+
+@given(depthwise_configs())
+def test_matches_conv2d_in_float64(cfg):
+    torch.manual_seed(0)
+    x, weight, bias = make_inputs(cfg)
+    if _output_is_empty(cfg):
+        with pytest.raises(ValueError, match="output would be"):
+            depthwise_conv2d(x, weight, bias, cfg["stride"], cfg["padding"], cfg["dilation"])
+        return
+    y = check_against_reference(x, weight, bias, cfg["stride"], cfg["padding"], cfg["dilation"], atol=1e-10, rtol=1e-10)
+    # the output keeps the input's memory format, as PyTorch's convs do
+    if cfg["layout"] == "channels_last" and x.shape[1] > 1 and x.shape[2] * x.shape[3] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    elif cfg["layout"] != "channels_last":
+        assert y.is_contiguous()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float32, 1e-5), (torch.float16, 1e-2), (torch.bfloat16, 8e-2)], ids=str
+)
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_low_precision_accumulates_in_fp32(dtype, atol, kind):
+    # 20 channels (not a multiple of 16), 13x13 (not a multiple of any tile), K=7: a sum of 49 products.
+    torch.manual_seed(1)
+    x = layout(torch.randn(2, 20, 13, 13, device=DEVICE).to(dtype), kind)
+    weight = (torch.randn(20, 1, 7, 7, device=DEVICE) / 7).to(dtype)
+    bias = torch.randn(20, device=DEVICE).to(dtype)
+    check_against_reference(x, weight, bias, 1, 3, 1, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize(
+    ("shape", "kernel", "stride", "padding"),
+    [
+        ((1, 3, 9, 8), (31, 31), 1, 15),  # RepLKNet-size kernel, larger than the input
+        ((1, 2, 6, 5), (31, 4), 2, "same"),  # K > H, even and non-square, strided 'same'
+        ((1, 33, 1, 1), (3, 3), 1, 1),  # 1x1 spatial, 33 channels
+        ((1, 17, 1, 1), (1, 1), 1, 0),  # 1x1 kernel and spatial
+        ((3, 4, 2, 40), (1, 5), (1, 2), (0, 2)),  # wide input, tiles cut mid-row
+    ],
+)
+def test_edge_cases(shape, kernel, stride, padding):
+    torch.manual_seed(2)
+    cfg = {"shape": shape, "multiplier": 1, "kernel": kernel, "bias": True, "layout": "contiguous"}
+    x, weight, bias = make_inputs(cfg)
+    check_against_reference(x, weight, bias, stride, padding, 1, atol=1e-10, rtol=1e-10)
+
+
+def test_unbatched_input_and_expanded_gradient():
+    x = torch.randn(4, 6, 7, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    weight = torch.randn(8, 1, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = depthwise_conv2d(x, weight, padding=1)
+    expected = F.conv2d(x.unsqueeze(0), weight, None, 1, 1, 1, 4).squeeze(0)
+    torch.testing.assert_close(y, expected)
+    y.sum().backward()  # grad_output with zero strides (an expanded scalar)
+    gx, gw = torch.autograd.grad(expected.sum(), (x, weight))
+    torch.testing.assert_close(x.grad, gx)
+    torch.testing.assert_close(weight.grad, gw)
+
+
+def test_grad_weight_is_deterministic():
+    torch.manual_seed(3)
+    x = torch.randn(4, 8, 16, 16, device=DEVICE)
+    weight = torch.randn(8, 1, 3, 3, device=DEVICE, requires_grad=True)
+    grad = torch.randn(4, 8, 16, 16, device=DEVICE)
+    first, second = (torch.autograd.grad(depthwise_conv2d(x, weight, padding=1), weight, grad)[0] for _ in range(2))
+    assert torch.equal(first, second)
+
+
+def test_autocast_computes_in_the_autocast_dtype_like_conv2d():
+    x = torch.randn(2, 4, 8, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(4, 1, 3, 3, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = depthwise_conv2d(x, weight, padding=1)
+        expected_dtype = F.conv2d(x, weight, None, 1, 1, 1, 4).dtype
+    assert y.dtype == expected_dtype == torch.bfloat16
+    torch.testing.assert_close(y, depthwise_conv2d(x.bfloat16(), weight.bfloat16(), padding=1))
+    y.float().sum().backward()
+    assert x.grad.dtype == weight.grad.dtype == torch.float32
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 9, 9, device=DEVICE, requires_grad=True)
+    weight = torch.randn(6, 1, 3, 3, device=DEVICE, requires_grad=True)
+
+    def block(x, weight):
+        return depthwise_conv2d(x, weight, stride=2, padding="same").relu()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    got = compiled(x, weight)
+    want = block(x, weight)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(
+        torch.autograd.grad(got.sum(), (x, weight)), torch.autograd.grad(want.sum(), (x, weight))
+    )
+
+
+def test_custom_op_passes_opcheck():
+    x = torch.randn(2, 3, 6, 6, device=DEVICE)
+    weight = torch.randn(6, 1, 3, 3, device=DEVICE)
+    bias = torch.randn(6, device=DEVICE)
+    result = torch.library.opcheck(
+        torch.ops.sepconv.depthwise_conv2d.default, (x, weight, bias, [2, 1], [1, 0, 1, 1], [1, 2])
+    )
+    assert set(result.values()) == {"SUCCESS"}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"weight": torch.randn(5, 1, 3, 3)}, ValueError, r"weight must have shape \(C·m, 1, KH, KW\) with C = 4"),
+        ({"weight": torch.randn(4, 2, 3, 3)}, ValueError, "weight must have shape"),
+        ({"bias": torch.randn(3)}, ValueError, r"bias must have shape \(4,\)"),
+        (
+            {"weight": torch.randn(4, 1, 3, 3, dtype=torch.float64)},
+            TypeError,
+            "weight has dtype torch.float64 but x has torch.float32",
+        ),
+        ({"x": torch.randint(0, 3, (1, 4, 5, 5))}, TypeError, "x must have dtype float16, bfloat16, float32, float64"),
+        ({"x": torch.randn(4, 5)}, ValueError, r"x must have shape \(N, C, H, W\)"),
+        ({"padding": "full"}, ValueError, "padding must be an int >= 0, .* 'same' or 'valid'; got 'full'"),
+        ({"padding": -1}, ValueError, "padding must be an int >= 0"),
+        ({"padding": ((1, 2), (3,))}, ValueError, "padding must be"),
+        ({"stride": 0}, ValueError, "stride must be an int >= 1"),
+        ({"dilation": (1, 2, 3)}, ValueError, "dilation must be an int or a tuple of 2 ints"),
+        ({"weight": torch.randn(4, 1, 9, 9)}, ValueError, "output would be -3x-3"),
+    ],
+)
+def test_bad_arguments_get_clear_errors(kwargs, error, match):
+    args = {"x": torch.randn(1, 4, 5, 5), "weight": torch.randn(4, 1, 3, 3), "bias": None} | kwargs
+    args = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    with pytest.raises(error, match=match):
+        depthwise_conv2d(**args)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="checks the CPU error, which needs a machine without CUDA")
+def test_cpu_tensors_without_the_interpreter_name_the_fix(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        depthwise_conv2d(torch.randn(1, 2, 4, 4), torch.randn(2, 1, 3, 3))
