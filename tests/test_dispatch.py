@@ -139,3 +139,23 @@ def test_backend_is_not_state_and_shows_in_repr():
     assert fast.backend == fast.depthwise.backend == "triton"
     assert "backend='triton'" in repr(fast)
     assert "backend" not in repr(plain)
+
+
+def test_separable_layer_takes_the_fused_kernel_only_when_fusable(monkeypatch):
+    fused, depthwise_only = [], []
+    real_fused, real_dw = dispatch.triton_separable_forward, dispatch.triton_depthwise_forward
+    monkeypatch.setattr(
+        sepconv.layers, "triton_separable_forward", lambda layer, x: fused.append(layer) or real_fused(layer, x)
+    )
+    monkeypatch.setattr(
+        sepconv.layers, "triton_depthwise_forward", lambda layer, x: depthwise_only.append(layer) or real_dw(layer, x)
+    )
+    x = torch.randn(1, 4, 6, 6, device=DEVICE)
+    plain = sepconv.SeparableConv2d(4, 8, 3, backend="triton", device=DEVICE)
+    grouped = sepconv.SeparableConv2d(4, 8, 3, groups=2, backend="triton", device=DEVICE)
+    with_act = sepconv.SeparableConv2d(4, 8, 3, mid_activation=nn.ReLU, backend="triton", device=DEVICE)
+    with sepconv.use_cpu_strategy("off"):  # on CPU, "auto" would also time the layers' parts
+        for layer in (plain, grouped, with_act):
+            layer(x)
+    assert fused == [plain]
+    assert depthwise_only == [grouped.depthwise, with_act.depthwise]

@@ -6,6 +6,7 @@
 4723200
 """
 
+from sepconv.accelerate import Acceleration, FusedSeparableConv2d, accelerate
 from sepconv.analyze import Report, analyze
 from sepconv.convert import ConversionReport, convert
 from sepconv.cost import Comparison, Cost, compare, cost
@@ -35,6 +36,7 @@ from sepconv.train import Batches, distillation_loss, evaluate, finetune, fit
 __version__ = "0.1.0"
 
 __all__ = [
+    "Acceleration",
     "Batches",
     "Comparison",
     "ConversionReport",
@@ -42,6 +44,7 @@ __all__ = [
     "DepthwiseConv1d",
     "DepthwiseConv2d",
     "DepthwiseConv3d",
+    "FusedSeparableConv2d",
     "PointwiseConv1d",
     "PointwiseConv2d",
     "PointwiseConv3d",
@@ -49,6 +52,7 @@ __all__ = [
     "SeparableConv1d",
     "SeparableConv2d",
     "SeparableConv3d",
+    "accelerate",
     "analyze",
     "clear_cpu_strategy_cache",
     "compare",

@@ -1,8 +1,10 @@
 """Which implementation runs a layer's depthwise conv: PyTorch's or our Triton kernel (``backend=``).
 
 - ``"torch"``: always PyTorch (``F.conv2d``; on CPU through :mod:`sepconv.cpu_strategy`).
-- ``"triton"``: always our kernel (:func:`sepconv.kernels.depthwise_conv2d`); a call it cannot run raises
-  an error that says why. CPU tensors need ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests).
+- ``"triton"``: always our kernels; a call they cannot run raises an error that says why. CPU tensors need
+  ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests). A separable layer with no mid norm/activation
+  and ``groups=1`` runs the fused kernel (:func:`sepconv.kernels.separable_conv2d`, the intermediate stays
+  on chip); otherwise its depthwise part runs :func:`sepconv.kernels.depthwise_conv2d` and the rest PyTorch.
 - ``"auto"`` (default): the kernel for 2-d CUDA inputs with zero padding in fp16/bf16/fp32, outside
   tracing and export (``torch.jit.trace``, ``torch.export``, ONNX keep seeing ``nn.Conv2d``); PyTorch
   otherwise — CPU behaviour is unchanged.
@@ -18,7 +20,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BACKENDS", "backend_arg", "triton_blocker", "triton_depthwise_forward"]
+__all__ = [
+    "BACKENDS",
+    "backend_arg",
+    "fusable",
+    "triton_blocker",
+    "triton_depthwise_forward",
+    "triton_separable_forward",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 _AUTO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -68,3 +77,16 @@ def triton_depthwise_forward(layer: nn.Module, input: Tensor) -> Tensor:
     from sepconv.kernels.depthwise import depthwise_conv2d
 
     return depthwise_conv2d(input, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation)
+
+
+def fusable(layer: nn.Module) -> bool:
+    """A separable layer the fused kernel computes whole: nothing between the convs, ungrouped pointwise."""
+    return layer.mid_norm is None and layer.mid_activation is None and layer.pointwise.groups == 1
+
+
+def triton_separable_forward(layer: nn.Module, input: Tensor) -> Tensor:
+    """A :func:`fusable` separable ``layer`` on the fused Triton kernel."""
+    from sepconv.kernels.separable import separable_conv2d
+
+    dw, pw = layer.depthwise, layer.pointwise
+    return separable_conv2d(input, dw.weight, pw.weight, pw.bias, dw.stride, dw.padding, dw.dilation, dw.bias)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from sepconv import cpu_strategy
 from sepconv._args import divisible, int_tuple, padding_arg, padding_mode_arg, positive_int
-from sepconv.dispatch import backend_arg, triton_blocker, triton_depthwise_forward
+from sepconv.dispatch import backend_arg, fusable, triton_blocker, triton_depthwise_forward, triton_separable_forward
 from sepconv.padding import Padding, resolve_padding
 
 __all__ = [
@@ -313,6 +313,9 @@ class _SeparableConv(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         check_input(type(self).__name__, input, self.in_channels, self._ndim)
+        auto = self.backend == "auto"
+        if self.backend != "torch" and fusable(self) and triton_blocker(self.depthwise, input, auto=auto) is None:
+            return triton_separable_forward(self, input)
         return cpu_strategy.run(self, input, self._forward, self._convs)
 
     def _forward(self, input: Tensor) -> Tensor:
@@ -380,7 +383,8 @@ class SeparableConv2d(_SeparableConv):
     Arguments are ``nn.Conv2d``'s (``groups`` applies to the pointwise part) plus, keyword-only,
     ``depth_multiplier``, ``depthwise_bias``, ``mid_norm``/``mid_activation`` (a module class
     or factory, called with the channel count for the norm, with nothing for the activation) and
-    ``backend`` for the depthwise part: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`sepconv.dispatch`).
+    ``backend``: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`sepconv.dispatch`; with nothing between the
+    convs and ``groups=1`` the Triton path is one fused kernel, else the depthwise part runs on Triton).
 
     >>> layer = SeparableConv2d(32, 64, 3, stride=2, padding="same", mid_norm=nn.BatchNorm2d, mid_activation=nn.ReLU)
     >>> layer(torch.rand(1, 32, 15, 15)).shape  # 'same' with stride 2: ceil(15 / 2) = 8

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 
-__all__ = ["available", "depthwise_conv2d"]
+__all__ = ["available", "depthwise_conv2d", "separable_conv2d"]
 
 
 def available() -> bool:
@@ -21,4 +21,8 @@ def __getattr__(name: str):  # lazy: `import sepconv` must not import Triton
         from sepconv.kernels.depthwise import depthwise_conv2d
 
         return depthwise_conv2d
+    if name == "separable_conv2d":
+        from sepconv.kernels.separable import separable_conv2d
+
+        return separable_conv2d
     raise AttributeError(f"module 'sepconv.kernels' has no attribute {name!r}")

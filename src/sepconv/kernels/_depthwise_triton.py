@@ -1,4 +1,4 @@
-"""Triton kernels of the 2-d depthwise convolution: forward, grad-input and grad-weight (+ grad-bias).
+"""Triton kernels: 2-d depthwise conv forward, grad-input, grad-weight (+ grad-bias); fused separable forward.
 
 Every kernel reads and writes through explicit element strides, so NCHW, channels_last and
 non-contiguous tensors share one code path. A program owns a tile of BLOCK_P output pixels x BLOCK_C
@@ -201,3 +201,91 @@ def depthwise_grad_weight_kernel(
     taps = KH * KW + 1
     out = partial_ptr + (split * C_OUT + c).to(tl.int64) * taps + tap
     tl.store(out, total, mask=c_ok)
+
+
+@triton.jit
+def separable_forward_kernel(
+    x_ptr,
+    dw_ptr,
+    dwb_ptr,
+    pw_ptr,
+    pwb_ptr,
+    y_ptr,
+    H,
+    W,
+    C_MID,
+    C_OUT,
+    OH,
+    OW,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    syn,
+    syc,
+    syh,
+    syw,
+    KH,
+    KW,
+    STRIDE_H,
+    STRIDE_W,
+    PAD_H,
+    PAD_W,
+    DIL_H,
+    DIL_W,
+    MULT,
+    HAS_DW_BIAS: tl.constexpr,
+    HAS_PW_BIAS: tl.constexpr,
+    MID_ACT: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+):
+    """Fused depthwise + (relu | relu6) + pointwise: per block of mid channels, the depthwise tile is computed
+    in registers (``ACC``), activated, rounded to the input dtype (as PyTorch's block would store it) and
+    multiplied into the pointwise block with ``tl.dot``; the intermediate never reaches memory."""
+    n = tl.program_id(2).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    p_ok = p < OH * OW
+    o_ok = o < C_OUT
+    oh = p // OW
+    ow = p % OW
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    acc = tl.zeros((BLOCK_P, BLOCK_O), dtype=ACC)
+    for c0 in range(0, C_MID, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_ok = c < C_MID
+        x_chan = x_ptr + n * sxn + (c // MULT).to(tl.int64)[None, :] * sxc
+        mid = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+        for kh in range(0, KH):
+            ih = ih0 + kh * DIL_H
+            row_ok = p_ok & (ih >= 0) & (ih < H)
+            for kw in range(0, KW):
+                iw = iw0 + kw * DIL_W
+                ok = row_ok & (iw >= 0) & (iw < W)
+                offset = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+                xv = tl.load(x_chan + offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
+                wv = tl.load(dw_ptr + c * (KH * KW) + (kh * KW + kw), mask=c_ok, other=0.0)
+                mid += xv.to(ACC) * wv.to(ACC)[None, :]
+        if HAS_DW_BIAS:
+            mid += tl.load(dwb_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
+        if MID_ACT == 1:  # relu
+            mid = tl.maximum(mid, 0.0)
+        elif MID_ACT == 2:  # relu6
+            mid = tl.minimum(tl.maximum(mid, 0.0), 6.0)
+        pw = tl.load(pw_ptr + o[None, :] * C_MID + c[:, None], mask=c_ok[:, None] & o_ok[None, :], other=0.0)
+        mid_rounded = mid.to(y_ptr.dtype.element_ty)  # what PyTorch's depthwise conv would have stored
+        pw = pw.to(y_ptr.dtype.element_ty)
+        if DOT_IN_FP32:  # same products (bf16 x bf16 is exact in fp32); works around the interpreter's bf16 dot
+            acc += tl.dot(mid_rounded.to(tl.float32), pw.to(tl.float32), input_precision="ieee", out_dtype=ACC)
+        else:
+            acc += tl.dot(mid_rounded, pw, input_precision=PRECISION, out_dtype=ACC)
+    if HAS_PW_BIAS:
+        acc += tl.load(pwb_ptr + o, mask=o_ok, other=0.0).to(ACC)[None, :]
+    y_offset = n * syn + o.to(tl.int64)[None, :] * syc + (oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None]
+    tl.store(y_ptr + y_offset, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])

@@ -32,7 +32,14 @@ from sepconv.kernels._depthwise_triton import (
 )
 from sepconv.padding import same_padding
 
-__all__ = ["SUPPORTED_DTYPES", "depthwise_conv2d", "interpreting", "output_size", "resolve_padding_sides"]
+__all__ = [
+    "SUPPORTED_DTYPES",
+    "depthwise_conv2d",
+    "interpreting",
+    "output_size",
+    "prepare_call",
+    "resolve_padding_sides",
+]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ACC = {torch.float64: tl.float64}  # everything else accumulates in fp32
@@ -112,8 +119,26 @@ def depthwise_conv2d(
     for depth multiplier m; ``bias``: (C·m,) or None. fp16/bf16/fp32 accumulate in fp32, fp64 in fp64.
     ``padding``: zeros; int, (pad_h, pad_w), ((top, bottom), (left, right)), 'same' (any stride) or 'valid'.
     """
+    x, (weight, bias), geometry, unbatched = prepare_call(x, (weight, bias), stride, padding, dilation)
+    y = torch.ops.sepconv.depthwise_conv2d(x, weight, bias, *geometry)
+    return y.squeeze(0) if unbatched else y
+
+
+def prepare_call(
+    x: Tensor,
+    tensors: tuple[Tensor | None, ...],
+    stride: int | Sequence[int],
+    padding: PaddingSpec,
+    dilation: int | Sequence[int],
+) -> tuple[Tensor, tuple[Tensor | None, ...], tuple[list[int], list[int], list[int]], bool]:
+    """Validate a call and bring it to the custom ops' form.
+
+    ``tensors`` starts with the depthwise weight and its bias (checked here against ``x``); all are cast
+    as autocast would cast them. Returns batched ``x``, ``tensors``, the geometry
+    ``([sh, sw], [top, bottom, left, right], [dh, dw])`` and whether ``x`` was unbatched."""
     stride = int_tuple("stride", stride, 2)
     dilation = int_tuple("dilation", dilation, 2)
+    weight, bias = tensors[0], tensors[1]
     _check_tensors(x, weight, bias)
     unbatched = x.dim() == 3
     if unbatched:
@@ -123,16 +148,15 @@ def depthwise_conv2d(
     out_h, out_w = output_size(x.shape[-2:], kernel, stride, sides, dilation)
     if out_h < 1 or out_w < 1:
         raise ValueError(
-            f"depthwise_conv2d: the output would be {out_h}x{out_w} for input {tuple(x.shape[-2:])}, kernel {kernel}, "
+            f"the output would be {out_h}x{out_w} for input {tuple(x.shape[-2:])}, kernel {kernel}, "
             f"stride {stride}, padding (top, bottom, left, right) {sides}, dilation {dilation}; it must be at least 1x1"
         )
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):  # as F.conv2d: compute in the autocast dtype
         dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
-    y = torch.ops.sepconv.depthwise_conv2d(x, weight, bias, list(stride), list(sides), list(dilation))
-    return y.squeeze(0) if unbatched else y
+        x = x.to(dtype)
+        tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
+    return x, tensors, (list(stride), list(sides), list(dilation)), unbatched
 
 
 def _check_tensors(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:

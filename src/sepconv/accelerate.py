@@ -1,0 +1,322 @@
+"""``sepconv.accelerate``: route the depthwise separable blocks of an existing model through our kernels.
+
+It finds ``depthwise conv -> (BatchNorm) -> (ReLU | ReLU6) -> 1x1 conv -> (BatchNorm)`` chains wherever
+modules run one after the other (``nn.Sequential`` and its plain subclasses such as torchvision's
+``Conv2dNormActivation``, nested at any depth; our ``SeparableConv2d``) and replaces each by a
+:class:`FusedSeparableConv2d`: BatchNorms in eval mode are folded into the conv weights and the
+activation is fused, so on CUDA the whole chain is one Triton kernel (:func:`sepconv.kernels.separable_conv2d`).
+
+A BatchNorm in training mode cannot be folded (it needs the batch statistics of the depthwise output):
+then the chain is not fused and only its depthwise conv is replaced, by a :class:`~sepconv.DepthwiseConv2d`
+(our depthwise kernel on CUDA); a BatchNorm after the 1x1 conv stays as it is and the part before it is
+fused. Depthwise convs outside any chain (e.g. followed by squeeze-excitation) are replaced the same way,
+with a following eval-mode BatchNorm folded in. The input model is not modified.
+
+>>> import torch
+>>> from torch import nn
+>>> block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 16, 1))
+>>> fast, changes = accelerate(block.eval())
+>>> [(c.kind, c.replaced) for c in changes]
+[('fused separable', ('0', '1', '2', '3'))]
+>>> x = torch.randn(2, 8, 10, 10)
+>>> torch.allclose(fast(x), block(x), atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sepconv.dispatch import backend_arg, triton_blocker
+from sepconv.layers import DepthwiseConv2d, SeparableConv2d
+from sepconv.padding import resolve_padding
+
+__all__ = ["Acceleration", "FusedSeparableConv2d", "accelerate"]
+
+_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
+_TORCH_ACTIVATIONS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """One change: the modules at ``replaced`` (paths in the input model) became one ``kind`` module."""
+
+    kind: str  # "fused separable" | "depthwise"
+    replaced: tuple[str, ...]
+    folded_norms: tuple[str, ...]
+    activation: str | None
+
+
+class FusedSeparableConv2d(nn.Module):
+    """depthwise conv (+ bias) -> relu | relu6 | nothing -> 1x1 conv (+ bias), as one module.
+
+    On CUDA (``backend="auto"``) one fused Triton kernel; elsewhere, or with ``backend="torch"``, PyTorch's
+    two convs. Built by :func:`accelerate`; parameters ``dw_weight``, ``dw_bias``, ``pw_weight``, ``pw_bias``.
+    """
+
+    _ndim = 2
+    padding_mode = "zeros"
+
+    def __init__(
+        self,
+        in_channels: int,
+        dw_weight: Tensor,
+        dw_bias: Tensor | None,
+        pw_weight: Tensor,
+        pw_bias: Tensor | None,
+        stride: Sequence[int],
+        padding: str | Sequence[int],
+        dilation: Sequence[int],
+        mid_activation: str | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.dw_weight = nn.Parameter(dw_weight.detach().clone())
+        self.dw_bias = None if dw_bias is None else nn.Parameter(dw_bias.detach().clone())
+        self.pw_weight = nn.Parameter(pw_weight.detach().clone())
+        self.pw_bias = None if pw_bias is None else nn.Parameter(pw_bias.detach().clone())
+        self.stride, self.padding, self.dilation = tuple(stride), padding, tuple(dilation)
+        self.mid_activation = mid_activation
+        self.backend = backend_arg(backend, 2)
+
+    @property
+    def depth_multiplier(self) -> int:
+        return self.dw_weight.shape[0] // self.in_channels
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.backend != "torch" and triton_blocker(self, input, auto=self.backend == "auto") is None:
+            from sepconv.kernels.separable import separable_conv2d
+
+            return separable_conv2d(
+                input,
+                self.dw_weight,
+                self.pw_weight,
+                self.pw_bias,
+                self.stride,
+                self.padding,
+                self.dilation,
+                self.dw_bias,
+                mid_activation=self.mid_activation,
+            )
+        groups = self.in_channels
+        mid = _depthwise_torch(input, self.dw_weight, self.dw_bias, self.stride, self.padding, self.dilation, groups)
+        return F.conv2d(_TORCH_ACTIVATIONS[self.mid_activation](mid), self.pw_weight, self.pw_bias)
+
+    def extra_repr(self) -> str:
+        mid, out = self.dw_weight.shape[0], self.pw_weight.shape[0]
+        return (
+            f"{self.in_channels} -> {mid} -> {out}, kernel_size={tuple(self.dw_weight.shape[-2:])}, "
+            f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, "
+            f"mid_activation={self.mid_activation!r}, backend={self.backend!r}"
+        )
+
+
+def _depthwise_torch(x: Tensor, weight, bias, stride, padding, dilation, groups: int) -> Tensor:
+    if isinstance(padding, str) and padding == "same" and any(s > 1 for s in stride):  # TF 'same', as our layers
+        pads = resolve_padding("same", x.shape[-2:], weight.shape[-2:], stride, dilation)
+        x = F.pad(x, [p for lo_hi in reversed(pads) for p in lo_hi])
+        padding = 0
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def accelerate(model: nn.Module, *, backend: str = "auto") -> tuple[nn.Module, list[Acceleration]]:
+    """A copy of ``model`` whose separable chains run fused (see the module docstring), and the changes.
+
+    Outputs equal the original's to float rounding (BatchNorm folding reorders a few products).
+    ``backend`` is given to every module it creates: ``"auto"`` (Triton on CUDA, PyTorch elsewhere),
+    ``"triton"`` or ``"torch"``.
+    """
+    backend_arg(backend, 2)
+    model = copy.deepcopy(model)
+    changes: list[Acceleration] = []
+    if _is_plain_sequential(model) or isinstance(model, SeparableConv2d):
+        return _rewrite_sequence(model, "", changes, backend), changes
+    if _is_depthwise(model):
+        changes.append(Acceleration("depthwise", ("",), (), None))
+        return _depthwise_replacement(model, None, backend), changes
+    _rewrite_children(model, "", changes, backend)
+    return model, changes
+
+
+# ---- model surgery ----------------------------------------------------------------------------------------
+
+
+def _is_plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _rewrite_children(module: nn.Module, prefix: str, changes: list[Acceleration], backend: str) -> None:
+    for name, child in list(module.named_children()):
+        path = _join(prefix, name)
+        if _is_plain_sequential(child) or isinstance(child, SeparableConv2d):
+            replacement = _rewrite_sequence(child, path, changes, backend)
+        elif _is_depthwise(child):
+            replacement = _depthwise_replacement(child, None, backend)
+            changes.append(Acceleration("depthwise", (path,), (), None))
+        else:
+            _rewrite_children(child, path, changes, backend)
+            continue
+        setattr(module, name, replacement)
+
+
+def _leaves(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:
+    """The modules a plain Sequential (or our SeparableConv2d) runs, in order, nested ones flattened."""
+    if isinstance(module, SeparableConv2d):
+        for name in ("depthwise", "mid_norm", "mid_activation", "pointwise"):
+            part = getattr(module, name)
+            if part is not None:
+                yield _join(path, name), part
+        return
+    for name, child in module.named_children():
+        if _is_plain_sequential(child) or isinstance(child, SeparableConv2d):
+            yield from _leaves(child, _join(path, name))
+        else:
+            yield _join(path, name), child
+
+
+def _rewrite_sequence(module: nn.Module, path: str, changes: list[Acceleration], backend: str) -> nn.Module:
+    leaves = list(_leaves(module, path))
+    rebuilt: list[tuple[str, nn.Module]] = []
+    changed = False
+    i = 0
+    while i < len(leaves):
+        chain = _match_chain(leaves, i)
+        if chain is not None:
+            end, fused, change = chain
+            fused.backend = backend
+            rebuilt.append((leaves[i][0], fused))
+            changes.append(change)
+            changed, i = True, end
+            continue
+        leaf_path, leaf = leaves[i]
+        if _is_depthwise(leaf):
+            norm = (
+                leaves[i + 1] if i + 1 < len(leaves) and _foldable_norm(leaves[i + 1][1], leaf.out_channels) else None
+            )
+            rebuilt.append((leaf_path, _depthwise_replacement(leaf, None if norm is None else norm[1], backend)))
+            folded = () if norm is None else (norm[0],)
+            changes.append(Acceleration("depthwise", (leaf_path, *folded), folded, None))
+            changed, i = True, i + 1 + len(folded)
+            continue
+        _rewrite_children(leaf, leaf_path, changes, backend)
+        rebuilt.append((leaf_path, leaf))
+        i += 1
+    if not changed:
+        return module
+    sequence = nn.Sequential(OrderedDict((p[len(path) :].lstrip(".").replace(".", "_"), m) for p, m in rebuilt))
+    sequence.training = module.training  # this module's flag only: the children keep theirs
+    return sequence
+
+
+def _is_depthwise(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Conv2d)
+        and not isinstance(module, FusedSeparableConv2d)
+        and module.groups == module.in_channels
+        and module.out_channels % module.in_channels == 0
+        and module.padding_mode == "zeros"
+    )
+
+
+def _is_pointwise(module: nn.Module, channels: int) -> bool:
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.stride == (1, 1)
+        and module.padding in ((0, 0), "valid")
+        and module.groups == 1
+        and module.in_channels == channels
+    )
+
+
+def _foldable_norm(module: nn.Module, channels: int) -> bool:
+    """An eval-mode BatchNorm2d with running statistics: a per-channel affine map that can be folded."""
+    return (
+        isinstance(module, nn.BatchNorm2d)
+        and not module.training
+        and module.track_running_stats
+        and module.running_mean is not None
+        and module.num_features == channels
+    )
+
+
+def _match_chain(leaves: list[tuple[str, nn.Module]], start: int):
+    """(end, FusedSeparableConv2d, Acceleration) for a chain starting at ``start``, or None."""
+    dw = leaves[start][1]
+    if not _is_depthwise(dw):
+        return None
+    i, mid = start + 1, dw.out_channels
+    norm1 = activation = norm2 = None
+    if i < len(leaves) and isinstance(leaves[i][1], nn.BatchNorm2d):
+        if not _foldable_norm(leaves[i][1], mid):
+            return None  # a training-mode norm between the convs: not fusable
+        norm1, i = leaves[i], i + 1
+    if i < len(leaves) and type(leaves[i][1]) in _ACTIVATIONS:
+        activation, i = leaves[i], i + 1
+    if i >= len(leaves) or not _is_pointwise(leaves[i][1], mid):
+        return None
+    pw = leaves[i][1]
+    i += 1
+    if i < len(leaves) and _foldable_norm(leaves[i][1], pw.out_channels):
+        norm2, i = leaves[i], i + 1
+    dw_weight, dw_bias = _fold(dw.weight, dw.bias, None if norm1 is None else norm1[1])
+    pw_weight, pw_bias = _fold(pw.weight, pw.bias, None if norm2 is None else norm2[1])
+    act_name = None if activation is None else _ACTIVATIONS[type(activation[1])]
+    geometry = (dw.stride, dw.padding, dw.dilation)
+    fused = FusedSeparableConv2d(dw.in_channels, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, act_name)
+    fused.training = dw.training
+    replaced = tuple(p for p, _ in leaves[start:i])
+    folded = tuple(n[0] for n in (norm1, norm2) if n is not None)
+    return i, fused, Acceleration("fused separable", replaced, folded, act_name)
+
+
+@torch.no_grad()
+def _fold(weight: Tensor, bias: Tensor | None, norm: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor | None]:
+    """Weights and bias of ``norm(conv(x))`` as one conv (computed in float64)."""
+    if norm is None:
+        return weight, bias
+    scale = (norm.running_var.double() + norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight.double()
+    shift = -norm.running_mean.double() * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.double()
+    if bias is not None:
+        shift = shift + bias.double() * scale
+    folded = weight.double() * scale.view(-1, *([1] * (weight.dim() - 1)))
+    return folded.to(weight.dtype), shift.to(weight.dtype)
+
+
+def _depthwise_replacement(conv: nn.Conv2d, norm: nn.BatchNorm2d | None, backend: str) -> DepthwiseConv2d:
+    weight, bias = _fold(conv.weight, conv.bias, norm)
+    layer = DepthwiseConv2d(
+        conv.in_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        depth_multiplier=conv.out_channels // conv.in_channels,
+        bias=bias is not None,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+        backend=backend,
+    )
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    layer.weight.requires_grad_(conv.weight.requires_grad)
+    layer.training = conv.training
+    return layer

@@ -1,0 +1,197 @@
+"""``separable_conv2d``: depthwise (+ relu/relu6) + pointwise in one Triton kernel; the intermediate never
+reaches memory.
+
+Forward: each program computes a depthwise tile in registers, applies the optional mid activation and
+feeds it to the pointwise product
+(``tl.dot``: tensor cores for fp16/bf16, exact fp32 for fp32). Backward recomputes the intermediate
+instead of saving it (training keeps x, not the C·m-channel intermediate), then runs the 1x1 products
+with PyTorch and the depthwise backward on our kernels. Custom op ``sepconv::separable_conv2d``.
+
+>>> import torch
+>>> import torch.nn.functional as F
+>>> x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+>>> dw, pw = torch.randn(4, 1, 3, 3, dtype=torch.float64), torch.randn(16, 4, 1, 1, dtype=torch.float64)
+>>> y = separable_conv2d(x, dw, pw, padding=1)
+>>> torch.allclose(y, F.conv2d(F.conv2d(x, dw, padding=1, groups=4), pw))
+True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from sepconv.kernels._depthwise_triton import separable_forward_kernel
+from sepconv.kernels.depthwise import (
+    _ACC,
+    _GEOMETRY,
+    PaddingSpec,
+    _geometry,
+    _memory_format,
+    interpreting,
+    output_size,
+    prepare_call,
+)
+
+__all__ = ["MID_ACTIVATIONS", "separable_conv2d"]
+
+MID_ACTIVATIONS = (None, "relu", "relu6")  # the kernel's codes are the positions
+
+_MIN_DOT = 16  # tl.dot needs every block dimension >= 16
+
+
+def separable_conv2d(
+    x: Tensor,
+    dw_weight: Tensor,
+    pw_weight: Tensor,
+    pw_bias: Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: PaddingSpec = 0,
+    dilation: int | Sequence[int] = 1,
+    dw_bias: Tensor | None = None,
+    mid_activation: str | None = None,
+) -> Tensor:
+    """``F.conv2d(act(F.conv2d(x, dw_weight, dw_bias, stride, padding, dilation, groups=C)), pw_weight, pw_bias)``.
+
+    ``dw_weight``: (C·m, 1, KH, KW) (depth multiplier m); ``pw_weight``: (O, C·m, 1, 1); ``mid_activation``:
+    None, ``"relu"`` or ``"relu6"``. Padding forms, dtypes and layouts as
+    :func:`sepconv.kernels.depthwise_conv2d`; the output keeps ``x``'s memory format.
+    """
+    x, tensors, geometry, unbatched = prepare_call(
+        x, (dw_weight, dw_bias, pw_weight, pw_bias), stride, padding, dilation
+    )
+    dw_weight, dw_bias, pw_weight, pw_bias = tensors
+    _check_pointwise(dw_weight, pw_weight, pw_bias, x)
+    if mid_activation not in MID_ACTIVATIONS:
+        raise ValueError(f"mid_activation must be one of {MID_ACTIVATIONS}; got {mid_activation!r}")
+    activation = MID_ACTIVATIONS.index(mid_activation)
+    y = torch.ops.sepconv.separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, activation)
+    return y.squeeze(0) if unbatched else y
+
+
+def _check_pointwise(dw_weight: Tensor, pw_weight: Tensor, pw_bias: Tensor | None, x: Tensor) -> None:
+    mid = dw_weight.shape[0]
+    if not isinstance(pw_weight, Tensor) or pw_weight.dim() != 4 or tuple(pw_weight.shape[1:]) != (mid, 1, 1):
+        shape = tuple(pw_weight.shape) if isinstance(pw_weight, Tensor) else type(pw_weight).__name__
+        raise ValueError(
+            f"pw_weight must have shape (O, {mid}, 1, 1) for a depthwise conv with {mid} outputs, got {shape}"
+        )
+    if pw_bias is not None and tuple(pw_bias.shape) != (pw_weight.shape[0],):
+        raise ValueError(f"pw_bias must have shape ({pw_weight.shape[0]},) or be None, got {tuple(pw_bias.shape)}")
+    for name, t in (("pw_weight", pw_weight), ("pw_bias", pw_bias)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; they must match")
+
+
+def _block(size: int, cap: int) -> int:
+    return min(max(triton.next_power_of_2(size), _MIN_DOT), cap)
+
+
+def _forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation) -> Tensor:
+    out_h, out_w = output_size(x.shape[-2:], dw_weight.shape[-2:], stride, padding, dilation)
+    c_mid, c_out = dw_weight.shape[0], pw_weight.shape[0]
+    y = torch.empty((x.shape[0], c_out, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    if y.numel() == 0:
+        return y
+    dw_weight, pw_weight = dw_weight.contiguous(), pw_weight.contiguous()
+    block_p, block_c, block_o = _block(out_h * out_w, 64), _block(c_mid, 32), _block(c_out, 128)
+    grid = (triton.cdiv(out_h * out_w, block_p), triton.cdiv(c_out, block_o), x.shape[0])
+    separable_forward_kernel[grid](
+        x,
+        dw_weight,
+        dw_weight if dw_bias is None else dw_bias.contiguous(),
+        pw_weight,
+        pw_weight if pw_bias is None else pw_bias.contiguous(),
+        y,
+        x.shape[2],
+        x.shape[3],
+        c_mid,
+        c_out,
+        out_h,
+        out_w,
+        *x.stride(),
+        *y.stride(),
+        dw_weight.shape[2],
+        dw_weight.shape[3],
+        *_geometry(stride, padding, dilation),
+        c_mid // x.shape[1],
+        HAS_DW_BIAS=dw_bias is not None,
+        HAS_PW_BIAS=pw_bias is not None,
+        MID_ACT=activation,
+        ACC=_ACC.get(x.dtype, tl.float32),
+        PRECISION="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32",
+        DOT_IN_FP32=x.dtype == torch.bfloat16 and interpreting(),  # Triton's interpreter multiplies bf16 bits wrong
+        BLOCK_P=block_p,
+        BLOCK_C=block_c,
+        BLOCK_O=block_o,
+    )
+    return y
+
+
+@torch.library.custom_op(
+    "sepconv::separable_conv2d",
+    mutates_args=(),
+    schema="(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor pw_weight, Tensor? pw_bias, "
+    f"{_GEOMETRY}, int activation) -> Tensor",
+)
+def _separable_conv2d_op(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation):
+    return _forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation)
+
+
+@_separable_conv2d_op.register_fake
+def _(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation):
+    out_h, out_w = output_size(x.shape[-2:], dw_weight.shape[-2:], stride, padding, dilation)
+    shape = (x.shape[0], pw_weight.shape[0], out_h, out_w)
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+
+
+def _setup_context(ctx, inputs, output):
+    x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation = inputs
+    ctx.save_for_backward(x, dw_weight, dw_bias, pw_weight)  # not the intermediate: backward recomputes it
+    ctx.has_pw_bias = pw_bias is not None
+    ctx.geometry = (stride, padding, dilation)
+    ctx.activation = activation
+
+
+def _backward(ctx, grad):
+    x, dw_weight, dw_bias, pw_weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_pw = grad_pw_bias = grad_x = grad_dw = grad_dw_bias = None
+    needs_mid = needs[3] or (ctx.activation and (needs[0] or needs[1] or needs[2]))
+    pre = torch.ops.sepconv.depthwise_conv2d(x, dw_weight, dw_bias, *ctx.geometry) if needs_mid else None
+    if needs[3]:
+        mid = _activate(pre, ctx.activation)
+        grad_pw = torch.einsum("nohw,nchw->oc", grad, mid).reshape(pw_weight.shape)
+    if ctx.has_pw_bias and needs[4]:
+        grad_pw_bias = grad.sum((0, 2, 3))
+    if needs[0] or needs[1] or needs[2]:
+        grad_mid = F.conv2d(grad, pw_weight.transpose(0, 1))  # the 1x1 conv's input gradient
+        if ctx.activation:
+            grad_mid = grad_mid * _activation_slope(pre, ctx.activation)
+        if needs[0]:
+            grad_x = torch.ops.sepconv.depthwise_conv2d_grad_input(grad_mid, x, dw_weight, *ctx.geometry)
+        if needs[1] or needs[2]:
+            grad_dw, grad_dw_bias = torch.ops.sepconv.depthwise_conv2d_grad_weight(
+                grad_mid, x, dw_weight, *ctx.geometry
+            )
+            grad_dw = grad_dw if needs[1] else None
+            grad_dw_bias = grad_dw_bias if dw_bias is not None and needs[2] else None
+    return grad_x, grad_dw, grad_dw_bias, grad_pw, grad_pw_bias, None, None, None, None
+
+
+def _activate(pre: Tensor, activation: int) -> Tensor:
+    return pre if activation == 0 else F.relu(pre) if activation == 1 else F.relu6(pre)
+
+
+def _activation_slope(pre: Tensor, activation: int) -> Tensor:
+    """d act / d pre as PyTorch's backward takes it (0 at the kinks)."""
+    inside = pre > 0 if activation == 1 else (pre > 0) & (pre < 6)
+    return inside.to(pre.dtype)
+
+
+_separable_conv2d_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,156 @@
+"""sepconv.accelerate: chains found in real models, outputs and gradients equal the original's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import sepconv
+from sepconv.accelerate import FusedSeparableConv2d, accelerate
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, so folding is really tested."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=gen) - 0.5)
+    return model
+
+
+def snapshot(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
+    return [type(m).__name__ for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    torch.manual_seed(0)
+    return randomize_norms(torchvision.models.mobilenet_v2(width_mult=0.35)).eval().to(DEVICE)
+
+
+def test_mobilenet_v2_eval_fuses_every_block_and_keeps_outputs(mobilenet):
+    before = snapshot(mobilenet)
+    fast, changes = accelerate(mobilenet)
+    # 17 inverted residual blocks, each: dw conv, BN, ReLU6, 1x1 conv, BN
+    assert [c.kind for c in changes] == ["fused separable"] * 17
+    assert all(c.activation == "relu6" and len(c.replaced) == 5 and len(c.folded_norms) == 2 for c in changes)
+    assert sum(isinstance(m, FusedSeparableConv2d) for m in fast.modules()) == 17
+    assert not any(isinstance(m, nn.BatchNorm2d) and m.num_features == 16 for m in fast.features[1].modules())
+    x = torch.randn(2, 3, 64, 64, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), mobilenet(x), atol=1e-5, rtol=1e-4)
+    after = snapshot(mobilenet)  # the input model is left as it is
+    assert before[0] == after[0]
+    assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
+
+
+def test_mobilenet_v2_on_the_triton_kernels(mobilenet):
+    fast, _ = accelerate(mobilenet, backend="triton")  # on CPU: Triton's interpreter
+    x = torch.randn(1, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), mobilenet(x), atol=1e-5, rtol=1e-4)
+
+
+def test_efficientnet_b0_has_no_fusable_chain_but_its_depthwise_convs_are_routed():
+    torch.manual_seed(0)
+    model = randomize_norms(torchvision.models.efficientnet_b0()).eval()
+    fast, changes = accelerate(model)
+    # squeeze-excitation sits between every depthwise and pointwise conv: 16 depthwise convs, BN folded in
+    assert [c.kind for c in changes] == ["depthwise"] * 16
+    assert all(len(c.folded_norms) == 1 for c in changes)
+    assert sum(type(m) is sepconv.DepthwiseConv2d for m in fast.modules()) == 16
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(fast(x), expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
+
+
+def test_training_mode_norms_are_not_folded_and_gradients_match():
+    torch.manual_seed(1)
+    model = torchvision.models.mobilenet_v2(width_mult=0.35).train().double()
+    fast, changes = accelerate(model)
+    assert [c.kind for c in changes] == ["depthwise"] * 17  # a training BatchNorm sits between the convs
+    assert all(c.folded_norms == () for c in changes)
+    assert fast.training and all(m.training for m in fast.modules())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(4)  # the same dropout masks
+    expected = model(x)
+    torch.manual_seed(4)
+    got = fast(x)
+    torch.testing.assert_close(got, expected)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    original_dw = model.features[2].conv[1][0].weight
+    routed_dw = next(m for m in fast.features[2].modules() if type(m) is sepconv.DepthwiseConv2d).weight
+    torch.testing.assert_close(routed_dw.grad, original_dw.grad)
+    torch.testing.assert_close(fast.classifier[1].weight.grad, model.classifier[1].weight.grad)
+
+
+def test_chain_without_norm_trains_fused_with_the_kernel_backward():
+    torch.manual_seed(2)
+    block = nn.Sequential(
+        nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=4, bias=True),  # depth multiplier 2
+        nn.ReLU(),
+        nn.Conv2d(8, 6, 1),
+        nn.BatchNorm2d(6),  # training mode: stays, after the fused part
+    ).double()
+    fast, changes = accelerate(block, backend="triton")
+    assert [(c.kind, c.replaced, c.activation) for c in changes] == [("fused separable", ("0", "1", "2"), "relu")]
+    assert isinstance(fast[0], FusedSeparableConv2d) and isinstance(fast[1], nn.BatchNorm2d)
+    x = torch.randn(3, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(3, 6, 5, 5, dtype=torch.float64)
+    want = torch.autograd.grad(block(x), [x, block[0].weight, block[0].bias, block[2].weight, block[2].bias], grad)
+    fused = fast[0]
+    got = torch.autograd.grad(fast(x), [x, fused.dw_weight, fused.dw_bias, fused.pw_weight, fused.pw_bias], grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_our_separable_layer_with_mid_norm_is_fused_in_eval():
+    torch.manual_seed(3)
+    layer = sepconv.SeparableConv2d(6, 10, 3, padding="same", mid_norm=nn.BatchNorm2d, mid_activation=nn.ReLU6)
+    model = nn.Sequential(randomize_norms(layer), nn.BatchNorm2d(10)).eval()
+    randomize_norms(model)
+    fast, changes = accelerate(model)
+    assert [c.replaced for c in changes] == [("0.depthwise", "0.mid_norm", "0.mid_activation", "0.pointwise", "1")]
+    x = torch.randn(2, 6, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        nn.Sequential(nn.Conv2d(4, 4, 3, groups=4, padding=1, padding_mode="reflect"), nn.Conv2d(4, 8, 1)),
+        nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 1)),  # not depthwise
+        nn.Sequential(nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 1)),
+    ],
+    ids=["reflect-padding", "standard-conv", "pointwise-only"],
+)
+def test_what_is_not_a_chain_is_left_alone(model):
+    fast, changes = accelerate(model.eval())
+    assert changes == []
+    assert [type(m) for m in fast.modules()] == [type(m) for m in model.modules()]
+
+
+def test_depthwise_conv_followed_by_pointwise_with_stride_is_routed_not_fused():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 8, 1, stride=2)).eval()
+    fast, changes = accelerate(model)
+    assert [c.kind for c in changes] == ["depthwise"]
+    x = torch.randn(1, 4, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        accelerate(nn.Conv2d(2, 2, 1), backend="cuda")

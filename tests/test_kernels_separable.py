@@ -1,0 +1,156 @@
+"""sepconv.kernels.separable_conv2d (fused depthwise + pointwise) vs two F.conv2d calls in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sepconv.kernels.depthwise import resolve_padding_sides
+from sepconv.kernels.separable import separable_conv2d
+from test_kernels_depthwise import DEVICE, layout
+
+
+def reference(x, dw, dw_bias, pw, pw_bias, stride, padding, dilation, mid_dtype, act=None):
+    """Depthwise then pointwise via F.conv2d in float64, the intermediate rounded to ``mid_dtype`` (as
+    PyTorch's two-conv block stores it), explicit zero padding for every padding form."""
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    top, bottom, left, right = resolve_padding_sides(padding, x.shape[-2:], dw.shape[-2:], pair(stride), pair(dilation))
+    mid = F.conv2d(F.pad(x, (left, right, top, bottom)), dw, dw_bias, stride, 0, dilation, groups=x.shape[1])
+    mid = {None: mid, "relu": F.relu(mid), "relu6": F.relu6(mid)}[act]
+    return F.conv2d(mid.to(mid_dtype).double(), pw, pw_bias)
+
+
+def check(x, dw, dw_bias, pw, pw_bias, stride, padding, dilation, *, atol, act=None):
+    tensors = (x, dw, dw_bias, pw, pw_bias)
+    leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
+    ref_leaves = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+    x_, dw_, dwb_, pw_, pwb_ = leaves
+    ours = separable_conv2d(x_, dw_, pw_, pwb_, stride, padding, dilation, dwb_, mid_activation=act)
+    expected = reference(*ref_leaves, stride, padding, dilation, x.dtype, act)
+    assert ours.shape == expected.shape and ours.dtype == x.dtype
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(ours.double(), expected, atol=atol * scale, rtol=0)
+    grad = torch.randn_like(expected)
+    present = [i for i, t in enumerate(leaves) if t is not None]
+    got = torch.autograd.grad(ours, [leaves[i] for i in present], grad.to(x.dtype))
+    want = torch.autograd.grad(expected, [ref_leaves[i] for i in present], grad)
+    names = ("grad_x", "grad_dw", "grad_dw_bias", "grad_pw", "grad_pw_bias")
+    for i, g, w in zip(present, got, want, strict=True):
+        assert g.dtype == x.dtype and g.shape == w.shape, names[i]
+        scale = max(1.0, w.abs().max().item())
+        torch.testing.assert_close(g.double(), w, atol=atol * scale, rtol=0, msg=lambda m, n=names[i]: f"{n}: {m}")
+    return ours
+
+
+@st.composite
+def separable_configs(draw):
+    return {
+        "n": draw(st.integers(1, 2)),
+        "c": draw(st.integers(1, 18)),
+        "m": draw(st.integers(1, 2)),
+        "o": draw(st.integers(1, 40)),
+        "hw": (draw(st.integers(1, 9)), draw(st.integers(1, 9))),
+        "k": (draw(st.integers(1, 5)), draw(st.integers(1, 5))),
+        "stride": draw(st.sampled_from([1, 2, (2, 1)])),
+        "padding": draw(st.one_of(st.integers(0, 2), st.sampled_from(["same", ((0, 2), (1, 0))]))),
+        "dilation": draw(st.sampled_from([1, 2])),
+        "dw_bias": draw(st.booleans()),
+        "pw_bias": draw(st.booleans()),
+        "layout": draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
+        "act": draw(st.sampled_from([None, "relu", "relu6"])),
+    }
+
+
+def make(cfg, dtype=torch.float64):
+    g = lambda *s: torch.randn(*s, dtype=dtype, device=DEVICE)  # noqa: E731
+    mid = cfg["c"] * cfg["m"]
+    x = layout(g(cfg["n"], cfg["c"], *cfg["hw"]), cfg["layout"])
+    return (
+        x,
+        g(mid, 1, *cfg["k"]),
+        g(mid) if cfg["dw_bias"] else None,
+        g(cfg["o"], mid, 1, 1),
+        g(cfg["o"]) if cfg["pw_bias"] else None,
+    )
+
+
+@given(separable_configs())
+def test_matches_two_convs_in_float64(cfg):
+    torch.manual_seed(0)
+    tensors = make(cfg)
+    geometry = (cfg["stride"], cfg["padding"], cfg["dilation"])
+    try:
+        expected = reference(*tensors, *geometry, torch.float64)
+    except RuntimeError:  # PyTorch refuses: the output would be empty
+        with pytest.raises(ValueError, match="output would be"):
+            separable_conv2d(tensors[0], tensors[1], tensors[3], tensors[4], *geometry, tensors[2])
+        return
+    y = check(*tensors, *geometry, atol=1e-12, act=cfg["act"])
+    assert y.shape == expected.shape
+    if cfg["layout"] != "channels_last":
+        assert y.is_contiguous()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 4e-2)], ids=str
+)
+def test_low_precision(dtype, atol):
+    # 40 mid channels (two channel blocks), 130 outputs (two output blocks), 11x11 pixels (two pixel blocks)
+    torch.manual_seed(5)
+    cfg = {"n": 2, "c": 20, "m": 2, "o": 130, "hw": (11, 11), "k": (3, 3), "dw_bias": True, "pw_bias": True}
+    x, dw, dwb, pw, pwb = make(cfg | {"layout": "channels_last"}, torch.float32)
+    tensors = [x.to(dtype), (dw / 3).to(dtype), dwb.to(dtype), (pw / 6).to(dtype), pwb.to(dtype)]
+    check(*tensors, 1, 1, 1, atol=atol, act="relu6")
+
+
+def test_backward_does_not_keep_the_intermediate():
+    x = torch.randn(2, 8, 10, 10, device=DEVICE, requires_grad=True)
+    dw = torch.randn(32, 1, 3, 3, device=DEVICE, requires_grad=True)  # depth multiplier 4: a large intermediate
+    pw = torch.randn(4, 32, 1, 1, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = separable_conv2d(x, dw, pw, padding=1)
+    assert (2, 32, 10, 10) not in saved  # the intermediate
+    assert sorted(saved) == sorted([(2, 8, 10, 10), (32, 1, 3, 3), (4, 32, 1, 1)])
+    y.sum().backward()
+    assert x.grad is not None and dw.grad is not None and pw.grad is not None
+
+
+def test_torch_compile_and_opcheck():
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 7, 7, device=DEVICE, requires_grad=True)
+    dw = torch.randn(3, 1, 3, 3, device=DEVICE, requires_grad=True)
+    pw = torch.randn(16, 3, 1, 1, device=DEVICE, requires_grad=True)
+
+    def block(x, dw, pw):
+        return separable_conv2d(x, dw, pw, stride=2, padding="same").relu()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    got, want = compiled(x, dw, pw), block(x, dw, pw)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(
+        torch.autograd.grad(got.sum(), (x, dw, pw)), torch.autograd.grad(want.sum(), (x, dw, pw))
+    )
+    args = (x.detach(), dw.detach(), None, pw.detach(), torch.randn(16, device=DEVICE), [1, 2], [1, 1, 0, 2], [1, 1], 2)
+    result = torch.library.opcheck(torch.ops.sepconv.separable_conv2d.default, args)
+    assert set(result.values()) == {"SUCCESS"}
+
+
+@pytest.mark.parametrize(
+    ("pw", "pw_bias", "match"),
+    [
+        (torch.randn(5, 3, 1, 1), None, r"pw_weight must have shape \(O, 4, 1, 1\)"),
+        (torch.randn(5, 4, 3, 3), None, r"pw_weight must have shape \(O, 4, 1, 1\)"),
+        (torch.randn(5, 4, 1, 1), torch.randn(4), r"pw_bias must have shape \(5,\)"),
+        (torch.randn(5, 4, 1, 1), "gelu", r"mid_activation must be one of \(None, 'relu', 'relu6'\); got 'gelu'"),
+    ],
+)
+def test_bad_pointwise_arguments(pw, pw_bias, match):
+    x, dw = torch.randn(1, 4, 5, 5, device=DEVICE), torch.randn(4, 1, 3, 3, device=DEVICE)
+    act = pw_bias if isinstance(pw_bias, str) else None
+    pw_bias = pw_bias.to(DEVICE) if isinstance(pw_bias, torch.Tensor) else None
+    with pytest.raises(ValueError, match=match):
+        separable_conv2d(x, dw, pw.to(DEVICE), pw_bias, mid_activation=act)
