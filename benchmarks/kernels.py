@@ -1,17 +1,21 @@
-"""GPU kernel benchmark: our Triton depthwise conv vs PyTorch eager vs torch.compile vs the floors.
+"""GPU kernel benchmark: our Triton kernels vs PyTorch eager vs torch.compile vs the floors; whole models.
 
-For every configuration (shape, batch, dtype, layout), side by side in one run, medians:
+Sections (side by side in one run, medians, plus the peak memory of each forward+backward):
 
-- ``ours`` = ``sepconv.kernels.depthwise_conv2d``; ``eager`` = ``F.conv2d(groups=C)`` (cuDNN), no bias;
-  ``compile`` = ``torch.compile`` of the same call — forward, and forward+backward (grads of x and w);
+- ``depthwise``: ``ours`` = ``sepconv.kernels.depthwise_conv2d``; ``eager`` = ``F.conv2d(groups=C)`` (cuDNN),
+  no bias; ``compile`` = ``torch.compile`` of the same call — forward, and forward+backward (grads of x, w);
+- ``separable``: DESIGN.md §2's blocks; ``ours`` = ``sepconv.kernels.separable_conv2d`` (fused), ``eager`` =
+  depthwise then 1x1 ``F.conv2d``, ``compile``, and ``standard`` = the KxK conv the block replaces;
+- ``models``: torchvision mobilenet_v2 and efficientnet_b0 eager, compiled and through ``sepconv.accelerate``,
+  and resnet18; inference (eval) and an SGD training step, bf16 channels_last, batch 64 and 1;
 - ``memory floor`` = bytes that must move / copy bandwidth measured in this run: forward reads x and
   writes y; forward+backward also reads x and grad-y and writes grad-x;
-- ``FLOP floor`` = MACs / the fp32 CUDA-core FMA rate measured in this run (depthwise has no tensor-core
-  form here; bf16/fp16 accumulate in fp32 too); ``floor`` = max of the two.
+- ``FLOP floor`` (depthwise section) = MACs / the fp32 CUDA-core FMA rate measured in this run (depthwise
+  has no tensor-core form here; bf16/fp16 accumulate in fp32 too); ``floor`` = max of the two.
 
 CUDA timings use ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, median). On a
-machine without a GPU, ``--quick`` runs two tiny configurations through Triton's interpreter to check
-the script (timings of the interpreter mean nothing and are labelled so).
+machine without a GPU, ``--quick`` runs tiny configurations of every section through Triton's interpreter
+to check the script (timings of the interpreter mean nothing and are labelled so).
 
     python benchmarks/kernels.py                      # full run, writes benchmarks/results/kernels.{json,png}
     python benchmarks/kernels.py --quick --out /tmp   # check the script
@@ -20,6 +24,7 @@ the script (timings of the interpreter mean nothing and are labelled so).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -34,12 +39,15 @@ if not torch.cuda.is_available():  # before sepconv.kernels is imported: the int
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F
+import torchvision
 import triton
 import triton.language as tl
 
-from sepconv.bench import device_name, median_latency, versions
+import sepconv
+from sepconv.bench import device_name, median_latency, peak_memory_bytes, versions
 from sepconv.io import atomic_write, atomic_write_text
 from sepconv.kernels.depthwise import depthwise_conv2d
+from sepconv.kernels.separable import separable_conv2d
 
 # (name, C, H, K, stride, batch-64 batch): the depthwise issue's list.
 SHAPES = [
@@ -50,6 +58,24 @@ SHAPES = [
     ("replknet 256x28 k31", 256, 28, 31, 1, 32),
 ]
 QUICK_SHAPES = [("tiny 8x6 k3", 8, 6, 3, 1, 2), ("tiny 4x5 k5 s2", 4, 5, 5, 2, 2)]
+# (name, C, H, O, K, stride, batch-64 batch): DESIGN.md §2's separable blocks.
+SEPARABLE_SHAPES = [
+    ("mbv2 32x112->16", 32, 112, 16, 3, 1, 64),
+    ("mbv2 144x56->24", 144, 56, 24, 3, 1, 64),
+    ("mbv2 576x14->96", 576, 14, 96, 3, 1, 64),
+    ("mbv2 960x7->160", 960, 7, 160, 3, 1, 64),
+    ("mbv2 96x112->24 s2", 96, 112, 24, 3, 2, 64),
+    ("convnext 384x28->1536 k7", 384, 28, 1536, 7, 1, 64),
+    ("replknet 256x28->256 k31", 256, 28, 256, 31, 1, 32),
+]
+QUICK_SEPARABLE_SHAPES = [("tiny 8x6->16", 8, 6, 16, 3, 1, 2)]
+MODELS = [
+    ("mobilenet_v2", torchvision.models.mobilenet_v2, 224),
+    ("efficientnet_b0", torchvision.models.efficientnet_b0, 224),
+    ("resnet18", torchvision.models.resnet18, 224),
+]
+QUICK_MODELS = [("mobilenet_v2 x0.35", functools.partial(torchvision.models.mobilenet_v2, width_mult=0.35), 32)]
+SECTIONS = ("depthwise", "separable", "models")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
@@ -93,13 +119,22 @@ def fma_rate(device: str) -> float | None:
     return programs * block * iters * 4 / (ms * 1e-3)
 
 
-def time_config(name, channels, size, kernel, stride, batch, dtype_name, layout_name, *, device, compile_):
+def time_passes(row: dict[str, Any], impls: dict[str, Callable], inputs: tuple, grads_of: tuple, grad, device: str):
+    """``row[impl_forward_ms]``, ``row[impl_forward_backward_ms]`` and the training peak memory per impl."""
+    with torch.no_grad():
+        for impl, fn in impls.items():
+            row[f"{impl}_forward_ms"] = measure(lambda fn=fn: fn(*inputs), device)
+    for impl, fn in impls.items():
+        step = lambda fn=fn: torch.autograd.grad(fn(*inputs), grads_of, grad)  # noqa: E731
+        row[f"{impl}_forward_backward_ms"] = measure(step, device)
+        row[f"{impl}_training_peak_bytes"] = peak_memory_bytes(step, device)
+
+
+def depthwise_row(name, channels, size, kernel, stride, batch, dtype_name, layout_name, *, device, compile_):
     dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout_name]
     pad = kernel // 2
     x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
     w = (torch.randn(channels, 1, kernel, kernel, device=device) / kernel).to(dtype)
-    if layout_name == "nhwc":
-        w = w.contiguous(memory_format=torch.channels_last)
 
     def ours(x, w):
         return depthwise_conv2d(x, w, None, stride, pad)
@@ -111,10 +146,9 @@ def time_config(name, channels, size, kernel, stride, batch, dtype_name, layout_
     if compile_:
         impls["compile"] = torch.compile(eager, dynamic=False)
     y = eager(x, w)
-    error = (ours(x, w).float() - y.float()).abs().max().item()
     xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-    grad = torch.randn_like(y)
     row: dict[str, Any] = {
+        "section": "depthwise",
         "shape": name,
         "C": channels,
         "H": size,
@@ -123,31 +157,121 @@ def time_config(name, channels, size, kernel, stride, batch, dtype_name, layout_
         "batch": batch,
         "dtype": dtype_name,
         "layout": layout_name,
-        "max_abs_error_vs_eager": error,
+        "max_abs_error_vs_eager": (ours(x, w).float() - y.float()).abs().max().item(),
         "macs": y.numel() * kernel * kernel,
         "bytes_forward": (x.numel() + y.numel()) * x.element_size(),
         "bytes_forward_backward": (3 * x.numel() + 2 * y.numel()) * x.element_size(),
     }
+    time_passes(row, impls, (xg, wg), (xg, wg), torch.randn_like(y), device)
+    return row
+
+
+def separable_row(name, channels, size, out, kernel, stride, batch, dtype_name, layout_name, *, device, compile_):
+    """The separable block (no bias between, as PyTorch's best configuration) and the standard conv."""
+    dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout_name]
+    pad = kernel // 2
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    dw = (torch.randn(channels, 1, kernel, kernel, device=device) / kernel).to(dtype)
+    pw = (torch.randn(out, channels, 1, 1, device=device) / channels**0.5).to(dtype)
+    std = (torch.randn(out, channels, kernel, kernel, device=device) / (kernel * channels**0.5)).to(dtype)
+
+    def ours(x, dw, pw, std):
+        return separable_conv2d(x, dw, pw, None, stride, pad)
+
+    def eager(x, dw, pw, std):
+        return F.conv2d(F.conv2d(x, dw, None, stride, pad, 1, channels), pw)
+
+    def standard(x, dw, pw, std):
+        return F.conv2d(x, std, None, stride, pad)
+
+    impls: dict[str, Callable] = {"ours": ours, "eager": eager}
+    if compile_:
+        impls["compile"] = torch.compile(eager, dynamic=False)
+    impls["standard"] = standard
+    y = eager(x, dw, pw, std)
+    inputs = tuple(t.detach().requires_grad_() for t in (x, dw, pw, std))
+    row: dict[str, Any] = {
+        "section": "separable",
+        "shape": name,
+        "C": channels,
+        "H": size,
+        "O": out,
+        "K": kernel,
+        "stride": stride,
+        "batch": batch,
+        "dtype": dtype_name,
+        "layout": layout_name,
+        "max_abs_error_vs_eager": (ours(x, dw, pw, std).float() - y.float()).abs().max().item(),
+        "macs": y.numel() // out * channels * (kernel * kernel + out),
+        "bytes_forward": (x.numel() + y.numel()) * x.element_size(),
+        "bytes_forward_backward": (3 * x.numel() + 2 * y.numel()) * x.element_size(),
+    }
+    grad = torch.randn_like(y)
     with torch.no_grad():
         for impl, fn in impls.items():
-            row[f"{impl}_forward_ms"] = measure(lambda fn=fn: fn(x, w), device)
+            row[f"{impl}_forward_ms"] = measure(lambda fn=fn: fn(*inputs), device)
     for impl, fn in impls.items():
-        row[f"{impl}_forward_backward_ms"] = measure(
-            lambda fn=fn: torch.autograd.grad(fn(xg, wg), (xg, wg), grad), device
-        )
+        wrt = (inputs[0], inputs[3]) if impl == "standard" else inputs[:3]
+        step = lambda fn=fn, wrt=wrt: torch.autograd.grad(fn(*inputs), wrt, grad)  # noqa: E731
+        row[f"{impl}_forward_backward_ms"] = measure(step, device)
+        row[f"{impl}_training_peak_bytes"] = peak_memory_bytes(step, device)
     return row
+
+
+def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: str, dtype, compile_: bool):
+    """Inference (eval, no_grad) and a training step (SGD) of a torchvision model: eager, compile, accelerate."""
+    rows = []
+    for mode in ("inference", "training"):
+        base = factory().to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        base.train(mode == "training")
+        accelerated, changes = sepconv.accelerate(base)
+        variants = {"eager": base}
+        if compile_:
+            variants["compile"] = torch.compile(base)
+        if changes:
+            variants["accelerate"] = accelerated
+        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        row: dict[str, Any] = {
+            "section": "models",
+            "model": name,
+            "mode": mode,
+            "batch": batch,
+            "input": size,
+            "dtype": str(dtype).removeprefix("torch."),
+            "layout": "nhwc",
+            "accelerate_changes": [f"{c.kind}: {c.replaced[0]}" for c in changes],
+        }
+        for variant, model in variants.items():
+            if mode == "inference":
+                with torch.no_grad():
+                    row[f"{variant}_ms"] = measure(lambda model=model, x=x: model(x), device)
+            else:
+                optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+                def step(model=model, optimizer=optimizer, x=x):
+                    optimizer.zero_grad(set_to_none=True)
+                    model(x).float().square().mean().backward()
+                    optimizer.step()
+
+                row[f"{variant}_ms"] = measure(step, device)
+                row[f"{variant}_training_peak_bytes"] = peak_memory_bytes(step, device)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
 
 
 def add_floors(row: dict[str, Any], bandwidth: float, fmas: float | None) -> None:
     for pass_, macs in (("forward", row["macs"]), ("forward_backward", 3 * row["macs"])):
         memory = row[f"bytes_{pass_}"] / bandwidth * 1e3
-        flops = None if fmas is None else macs / fmas * 1e3
+        flops = None if fmas is None or row["section"] != "depthwise" else macs / fmas * 1e3
         row[f"memory_floor_{pass_}_ms"] = memory
         row[f"flop_floor_{pass_}_ms"] = flops
         row[f"floor_{pass_}_ms"] = max(memory, flops or 0.0)
         row[f"ours_vs_floor_{pass_}"] = row[f"ours_{pass_}_ms"] / row[f"floor_{pass_}_ms"]
         best = min(row[f"{impl}_{pass_}_ms"] for impl in ("eager", "compile") if f"{impl}_{pass_}_ms" in row)
         row[f"speedup_vs_best_torch_{pass_}"] = best / row[f"ours_{pass_}_ms"]
+        if "standard_forward_ms" in row:
+            row[f"speedup_vs_standard_{pass_}"] = row[f"standard_{pass_}_ms"] / row[f"ours_{pass_}_ms"]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -156,9 +280,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
-    labels = [f"{r['shape']} b{r['batch']} {r['dtype']} {r['layout']}" for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 0.28 * len(rows) + 2), sharey=True)
+    rows = [r for r in result["rows"] if r["section"] in ("depthwise", "separable")]
+    labels = [f"{r['section'][:3]} {r['shape']} b{r['batch']} {r['dtype']} {r['layout']}" for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 0.25 * len(rows) + 2), sharey=True)
     for ax, pass_ in zip(axes, ("forward", "forward_backward"), strict=True):
         speedups = [r[f"speedup_vs_best_torch_{pass_}"] for r in rows]
         ax.barh(labels, speedups, color=["C2" if s >= 1 else "C3" for s in speedups])
@@ -166,7 +290,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel(f"{pass_.replace('_', '+')}: speedup of ours over the faster of eager / compile")
         ax.grid(alpha=0.3, axis="x")
-    fig.suptitle(f"depthwise conv, {result['device']}; {result['versions']}", fontsize=8)
+        ax.tick_params(axis="y", labelsize=6)
+    fig.suptitle(f"{result['device']}; {result['versions']}", fontsize=8)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), overwrite=True)
     plt.close(fig)
@@ -174,35 +299,37 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two tiny configurations: checks the script")
+    parser.add_argument("--quick", action="store_true", help="tiny configurations: checks the script")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves compile time)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.quick:
         parser.error("the full benchmark needs a CUDA GPU; use --quick to check the script on CPU")
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    compile_ = not args.no_compile and device == "cuda"
     start = time.perf_counter()
     bandwidth, fmas = copy_bandwidth(device), fma_rate(device)
-    rows = []
-    for (name, c, h, k, s, big_batch), batch, dtype, layout in itertools.product(shapes, (None, 1), DTYPES, LAYOUTS):
-        if device == "cpu" and dtype == "bf16":
-            continue
-        row = time_config(
-            name,
-            c,
-            h,
-            k,
-            s,
-            batch or big_batch,
-            dtype,
-            layout,
-            device=device,
-            compile_=not args.no_compile and device == "cuda",
-        )
-        add_floors(row, bandwidth, fmas)
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    dtypes = [d for d in DTYPES if device == "cuda" or d == "fp32"]  # the interpreter has no fast bf16
+    rows: list[dict[str, Any]] = []
+    if "depthwise" in args.sections:
+        shapes = QUICK_SHAPES if args.quick else SHAPES
+        for (name, c, h, k, s, big), batch, dtype, layout in itertools.product(shapes, (None, 1), dtypes, LAYOUTS):
+            rows.append(depthwise_row(name, c, h, k, s, batch or big, dtype, layout, device=device, compile_=compile_))
+            add_floors(rows[-1], bandwidth, fmas)
+            print(json.dumps(rows[-1]), flush=True)
+    if "separable" in args.sections:
+        shapes = QUICK_SEPARABLE_SHAPES if args.quick else SEPARABLE_SHAPES
+        for (name, c, h, o, k, s, big), batch, dtype, layout in itertools.product(shapes, (None, 1), dtypes, LAYOUTS):
+            row = separable_row(name, c, h, o, k, s, batch or big, dtype, layout, device=device, compile_=compile_)
+            add_floors(row, bandwidth, fmas)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if "models" in args.sections:
+        models = QUICK_MODELS if args.quick else MODELS
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        for (name, factory, size), batch in itertools.product(models, (2,) if args.quick else (64, 1)):
+            rows += model_rows(name, factory, batch, size, device=device, dtype=dtype, compile_=compile_)
     result = {
         "benchmark": "kernels",
         "device": device_name(device) + ("" if device == "cuda" else " (Triton interpreter: timings meaningless)"),
