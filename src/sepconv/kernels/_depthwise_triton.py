@@ -21,6 +21,43 @@ import triton.language as tl
 
 
 @triton.jit
+def _depthwise_tile(
+    x_chan,
+    w_ptr,
+    c,
+    c_ok,
+    ih0,
+    iw0,
+    p_ok,
+    H,
+    W,
+    sxh,
+    sxw,
+    KH,
+    KW,
+    DIL_H,
+    DIL_W,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Depthwise outputs for BLOCK_P pixels (top-left input corners ``ih0``, ``iw0``) x BLOCK_C channels;
+    ``x_chan`` points at each channel's input plane. Taps outside the input read as zeros."""
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    for kh in range(0, KH):
+        ih = ih0 + kh * DIL_H
+        row_ok = p_ok & (ih >= 0) & (ih < H)
+        for kw in range(0, KW):
+            iw = iw0 + kw * DIL_W
+            ok = row_ok & (iw >= 0) & (iw < W)
+            offset = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+            xv = tl.load(x_chan + offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
+            wv = tl.load(w_ptr + c * (KH * KW) + (kh * KW + kw), mask=c_ok, other=0.0)
+            acc += xv.to(ACC) * wv.to(ACC)[None, :]
+    return acc
+
+
+@triton.jit
 def depthwise_forward_kernel(
     x_ptr,
     w_ptr,
@@ -63,17 +100,9 @@ def depthwise_forward_kernel(
     x_chan = x_ptr + n * sxn + (c // MULT).to(tl.int64)[None, :] * sxc
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
-    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-    for kh in range(0, KH):
-        ih = ih0 + kh * DIL_H
-        row_ok = p_ok & (ih >= 0) & (ih < H)
-        for kw in range(0, KW):
-            iw = iw0 + kw * DIL_W
-            ok = row_ok & (iw >= 0) & (iw < W)
-            offset = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            xv = tl.load(x_chan + offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
-            wv = tl.load(w_ptr + c * (KH * KW) + (kh * KW + kw), mask=c_ok, other=0.0)
-            acc += xv.to(ACC) * wv.to(ACC)[None, :]
+    acc = _depthwise_tile(
+        x_chan, w_ptr, c, c_ok, ih0, iw0, p_ok, H, W, sxh, sxw, KH, KW, DIL_H, DIL_W, ACC, BLOCK_P, BLOCK_C
+    )
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
     y_offset = n * syn + c.to(tl.int64)[None, :] * syc + (oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None]
@@ -261,17 +290,9 @@ def separable_forward_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C_MID
         x_chan = x_ptr + n * sxn + (c // MULT).to(tl.int64)[None, :] * sxc
-        mid = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-        for kh in range(0, KH):
-            ih = ih0 + kh * DIL_H
-            row_ok = p_ok & (ih >= 0) & (ih < H)
-            for kw in range(0, KW):
-                iw = iw0 + kw * DIL_W
-                ok = row_ok & (iw >= 0) & (iw < W)
-                offset = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-                xv = tl.load(x_chan + offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
-                wv = tl.load(dw_ptr + c * (KH * KW) + (kh * KW + kw), mask=c_ok, other=0.0)
-                mid += xv.to(ACC) * wv.to(ACC)[None, :]
+        mid = _depthwise_tile(
+            x_chan, dw_ptr, c, c_ok, ih0, iw0, p_ok, H, W, sxh, sxw, KH, KW, DIL_H, DIL_W, ACC, BLOCK_P, BLOCK_C
+        )
         if HAS_DW_BIAS:
             mid += tl.load(dwb_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
         if MID_ACT == 1:  # relu
