@@ -11,28 +11,12 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not for the interpreter
-
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
-from sepconv.kernels import _depthwise_triton as kernels
-
-DTYPES = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}  # data -> accumulator
-LAUNCHES = [
-    (kernels.depthwise_forward_kernel, {"HAS_BIAS": True}),
-    (kernels.depthwise_grad_input_kernel, {}),
-    (kernels.depthwise_grad_weight_kernel, {}),
-    (
-        kernels.separable_forward_kernel,
-        {"HAS_DW_BIAS": True, "HAS_PW_BIAS": True, "MID_ACT": 2, "DOT_IN_FP32": False, "BLOCK_O": 64},
-    ),
-]
-
 
 def compile_one(fn, data: str, constexprs: dict, capability: int) -> None:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -44,19 +28,35 @@ def compile_one(fn, data: str, constexprs: dict, capability: int) -> None:
         else:
             signature[name] = "i32"
     keyed = {(fn.arg_names.index(k),): v for k, v in constexprs.items()}
-    compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=keyed), target=GPUTarget("cuda", capability, 32)
-    )
+    source = ASTSource(fn=fn, signature=signature, constexprs=keyed)
+    compiled = triton.compile(source, target=GPUTarget("cuda", capability, 32))
     if "cubin" not in compiled.asm:
         raise RuntimeError("no cubin produced")
 
 
 def main() -> int:
+    # Imports here, not at module level: pytest imports this file for doctests, and the interpreter
+    # setting must stay as the test session has it.
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not for the interpreter
+    import triton.language as tl
+
+    from sepconv.kernels import _depthwise_triton as kernels
+
+    dtypes = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}  # data -> accumulator
+    launches = [
+        (kernels.depthwise_forward_kernel, {"HAS_BIAS": True}),
+        (kernels.depthwise_grad_input_kernel, {}),
+        (kernels.depthwise_grad_weight_kernel, {}),
+        (
+            kernels.separable_forward_kernel,
+            {"HAS_DW_BIAS": True, "HAS_PW_BIAS": True, "MID_ACT": 2, "DOT_IN_FP32": False, "BLOCK_O": 64},
+        ),
+    ]
     capabilities = [int(c) for c in sys.argv[1:]] or [90]
     failures = 0
     for capability in capabilities:
-        for fn, extra in LAUNCHES:
-            for data, acc in DTYPES.items():
+        for fn, extra in launches:
+            for data, acc in dtypes.items():
                 constexprs = {"ACC": acc, "BLOCK_P": 32, "BLOCK_C": 32, **extra}
                 if "PRECISION" in fn.arg_names:
                     constexprs["PRECISION"] = "ieee" if data in ("fp32", "fp64") else "tf32"

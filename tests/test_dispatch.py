@@ -150,12 +150,45 @@ def test_separable_layer_takes_the_fused_kernel_only_when_fusable(monkeypatch):
     monkeypatch.setattr(
         sepconv.layers, "triton_depthwise_forward", lambda layer, x: depthwise_only.append(layer) or real_dw(layer, x)
     )
-    x = torch.randn(1, 4, 6, 6, device=DEVICE)
-    plain = sepconv.SeparableConv2d(4, 8, 3, backend="triton", device=DEVICE)
-    grouped = sepconv.SeparableConv2d(4, 8, 3, groups=2, backend="triton", device=DEVICE)
-    with_act = sepconv.SeparableConv2d(4, 8, 3, mid_activation=nn.ReLU, backend="triton", device=DEVICE)
+    x = torch.randn(2, 4, 6, 6, device=DEVICE)
+
+    def make(**kwargs):
+        return sepconv.SeparableConv2d(4, 8, 3, backend="triton", device=DEVICE, **kwargs)
+
+    plain, relu6 = make(), make(mid_activation=nn.ReLU6)
+    eval_norm = make(mid_norm=nn.BatchNorm2d, mid_activation=nn.ReLU).eval()
+    grouped, gelu, train_norm = make(groups=2), make(mid_activation=nn.GELU), make(mid_norm=nn.BatchNorm2d)
     with sepconv.use_cpu_strategy("off"):  # on CPU, "auto" would also time the layers' parts
-        for layer in (plain, grouped, with_act):
+        for layer in (plain, relu6, eval_norm, grouped, gelu, train_norm):
             layer(x)
-    assert fused == [plain]
-    assert depthwise_only == [grouped.depthwise, with_act.depthwise]
+    assert fused == [plain, relu6, eval_norm]
+    assert depthwise_only == [grouped.depthwise, gelu.depthwise, train_norm.depthwise]
+
+
+def test_fused_layer_with_eval_norm_equals_torch_including_norm_parameter_gradients():
+    plain, fast = twins(
+        sepconv.SeparableConv2d,
+        in_channels=3,
+        out_channels=5,
+        kernel_size=3,
+        padding=1,
+        stride=2,
+        mid_norm=nn.BatchNorm2d,
+        mid_activation=nn.ReLU6,
+    )
+    with torch.no_grad():
+        for layer in (plain, fast):
+            layer.mid_norm.running_mean.copy_(torch.linspace(-0.5, 0.5, 3))
+            layer.mid_norm.running_var.copy_(torch.linspace(0.5, 2.0, 3))
+            layer.mid_norm.weight.copy_(torch.tensor([0.5, 1.5, -1.0]))
+    plain.eval(), fast.eval()
+    assert dispatch.fusable(fast)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y_plain, y_fast = plain(x), fast(x)
+    torch.testing.assert_close(y_fast, y_plain)
+    grad = torch.randn_like(y_plain)
+    names = [n for n, _ in plain.named_parameters()]
+    want = torch.autograd.grad(y_plain, [x, *plain.parameters()], grad)
+    got = torch.autograd.grad(y_fast, [x, *fast.parameters()], grad)
+    for name, g, w in zip(["input", *names], got, want, strict=True):
+        torch.testing.assert_close(g, w, msg=lambda m, name=name: f"{name}: {m}")

@@ -34,13 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sepconv.dispatch import backend_arg, triton_blocker
+from sepconv.dispatch import FUSED_ACTIVATIONS, backend_arg, triton_blocker
+from sepconv.folding import fold_batch_norm, foldable_norm
 from sepconv.layers import DepthwiseConv2d, SeparableConv2d
 from sepconv.padding import resolve_padding
 
 __all__ = ["Acceleration", "FusedSeparableConv2d", "accelerate"]
 
-_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
 _TORCH_ACTIVATIONS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}
 
 
@@ -202,9 +202,7 @@ def _rewrite_sequence(module: nn.Module, path: str, changes: list[Acceleration],
             continue
         leaf_path, leaf = leaves[i]
         if _is_depthwise(leaf):
-            norm = (
-                leaves[i + 1] if i + 1 < len(leaves) and _foldable_norm(leaves[i + 1][1], leaf.out_channels) else None
-            )
+            norm = leaves[i + 1] if i + 1 < len(leaves) and foldable_norm(leaves[i + 1][1], leaf.out_channels) else None
             rebuilt.append((leaf_path, _depthwise_replacement(leaf, None if norm is None else norm[1], backend)))
             folded = () if norm is None else (norm[0],)
             changes.append(Acceleration("depthwise", (leaf_path, *folded), folded, None))
@@ -241,17 +239,6 @@ def _is_pointwise(module: nn.Module, channels: int) -> bool:
     )
 
 
-def _foldable_norm(module: nn.Module, channels: int) -> bool:
-    """An eval-mode BatchNorm2d with running statistics: a per-channel affine map that can be folded."""
-    return (
-        isinstance(module, nn.BatchNorm2d)
-        and not module.training
-        and module.track_running_stats
-        and module.running_mean is not None
-        and module.num_features == channels
-    )
-
-
 def _match_chain(leaves: list[tuple[str, nn.Module]], start: int):
     """(end, FusedSeparableConv2d, Acceleration) for a chain starting at ``start``, or None."""
     dw = leaves[start][1]
@@ -260,20 +247,20 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int):
     i, mid = start + 1, dw.out_channels
     norm1 = activation = norm2 = None
     if i < len(leaves) and isinstance(leaves[i][1], nn.BatchNorm2d):
-        if not _foldable_norm(leaves[i][1], mid):
+        if not foldable_norm(leaves[i][1], mid):
             return None  # a training-mode norm between the convs: not fusable
         norm1, i = leaves[i], i + 1
-    if i < len(leaves) and type(leaves[i][1]) in _ACTIVATIONS:
+    if i < len(leaves) and type(leaves[i][1]) in FUSED_ACTIVATIONS:
         activation, i = leaves[i], i + 1
     if i >= len(leaves) or not _is_pointwise(leaves[i][1], mid):
         return None
     pw = leaves[i][1]
     i += 1
-    if i < len(leaves) and _foldable_norm(leaves[i][1], pw.out_channels):
+    if i < len(leaves) and foldable_norm(leaves[i][1], pw.out_channels):
         norm2, i = leaves[i], i + 1
     dw_weight, dw_bias = _fold(dw.weight, dw.bias, None if norm1 is None else norm1[1])
     pw_weight, pw_bias = _fold(pw.weight, pw.bias, None if norm2 is None else norm2[1])
-    act_name = None if activation is None else _ACTIVATIONS[type(activation[1])]
+    act_name = None if activation is None else FUSED_ACTIVATIONS[type(activation[1])]
     geometry = (dw.stride, dw.padding, dw.dilation)
     fused = FusedSeparableConv2d(dw.in_channels, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, act_name)
     fused.training = dw.training
@@ -284,18 +271,10 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int):
 
 @torch.no_grad()
 def _fold(weight: Tensor, bias: Tensor | None, norm: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor | None]:
-    """Weights and bias of ``norm(conv(x))`` as one conv (computed in float64)."""
+    """Weights and bias of ``norm(conv(x))`` as one conv, computed in float64, stored in ``weight``'s dtype."""
     if norm is None:
         return weight, bias
-    scale = (norm.running_var.double() + norm.eps).rsqrt()
-    if norm.weight is not None:
-        scale = scale * norm.weight.double()
-    shift = -norm.running_mean.double() * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias.double()
-    if bias is not None:
-        shift = shift + bias.double() * scale
-    folded = weight.double() * scale.view(-1, *([1] * (weight.dim() - 1)))
+    folded, shift = fold_batch_norm(weight.double(), None if bias is None else bias.double(), norm)
     return folded.to(weight.dtype), shift.to(weight.dtype)
 
 

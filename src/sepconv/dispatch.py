@@ -2,9 +2,11 @@
 
 - ``"torch"``: always PyTorch (``F.conv2d``; on CPU through :mod:`sepconv.cpu_strategy`).
 - ``"triton"``: always our kernels; a call they cannot run raises an error that says why. CPU tensors need
-  ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests). A separable layer with no mid norm/activation
-  and ``groups=1`` runs the fused kernel (:func:`sepconv.kernels.separable_conv2d`, the intermediate stays
-  on chip); otherwise its depthwise part runs :func:`sepconv.kernels.depthwise_conv2d` and the rest PyTorch.
+  ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests). A separable layer runs the fused kernel
+  (:func:`sepconv.kernels.separable_conv2d`, the intermediate stays on chip) when :func:`fusable`: groups=1,
+  and between the convs at most an eval-mode BatchNorm (folded into the depthwise weights on each call) and
+  a ReLU/ReLU6. Otherwise — e.g. a BatchNorm in training mode, which needs the intermediate's batch
+  statistics — its depthwise part runs :func:`sepconv.kernels.depthwise_conv2d` and the rest PyTorch.
 - ``"auto"`` (default): the kernel for 2-d CUDA inputs with zero padding in fp16/bf16/fp32, outside
   tracing and export (``torch.jit.trace``, ``torch.export``, ONNX keep seeing ``nn.Conv2d``); PyTorch
   otherwise — CPU behaviour is unchanged.
@@ -20,8 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sepconv.folding import fold_batch_norm, foldable_norm
+
 __all__ = [
     "BACKENDS",
+    "FUSED_ACTIVATIONS",
     "backend_arg",
     "fusable",
     "triton_blocker",
@@ -31,6 +36,7 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "triton")
 _AUTO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}  # mid activations the fused kernel applies
 
 
 def backend_arg(value: object, ndim: int) -> str:
@@ -80,8 +86,14 @@ def triton_depthwise_forward(layer: nn.Module, input: Tensor) -> Tensor:
 
 
 def fusable(layer: nn.Module) -> bool:
-    """A separable layer the fused kernel computes whole: nothing between the convs, ungrouped pointwise."""
-    return layer.mid_norm is None and layer.mid_activation is None and layer.pointwise.groups == 1
+    """A separable layer the fused kernel computes whole: ungrouped pointwise, and between the convs at most an
+    eval-mode BatchNorm (folded per call) and a ReLU or ReLU6 (fused). A training-mode norm is not fusable."""
+    norm, activation = layer.mid_norm, layer.mid_activation
+    return (
+        layer.pointwise.groups == 1
+        and (norm is None or foldable_norm(norm, layer.depthwise.out_channels))
+        and (activation is None or type(activation) in FUSED_ACTIVATIONS)
+    )
 
 
 def triton_separable_forward(layer: nn.Module, input: Tensor) -> Tensor:
@@ -89,4 +101,10 @@ def triton_separable_forward(layer: nn.Module, input: Tensor) -> Tensor:
     from sepconv.kernels.separable import separable_conv2d
 
     dw, pw = layer.depthwise, layer.pointwise
-    return separable_conv2d(input, dw.weight, pw.weight, pw.bias, dw.stride, dw.padding, dw.dilation, dw.bias)
+    weight, bias = dw.weight, dw.bias
+    if layer.mid_norm is not None:
+        weight, bias = fold_batch_norm(weight, bias, layer.mid_norm)
+    activation = None if layer.mid_activation is None else FUSED_ACTIVATIONS[type(layer.mid_activation)]
+    return separable_conv2d(
+        input, weight, pw.weight, pw.bias, dw.stride, dw.padding, dw.dilation, bias, mid_activation=activation
+    )

@@ -1,0 +1,48 @@
+"""Folding an eval-mode BatchNorm into the conv before it: ``norm(conv(x)) == conv'(x)``.
+
+>>> import torch
+>>> from torch import nn
+>>> conv, norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval()
+>>> norm.running_mean.uniform_(-1, 1); norm.running_var.uniform_(0.5, 2)  # doctest: +ELLIPSIS
+tensor(...)
+>>> weight, bias = fold_batch_norm(conv.weight, conv.bias, norm)
+>>> x = torch.randn(2, 3, 8, 8)
+>>> torch.allclose(torch.nn.functional.conv2d(x, weight, bias), norm(conv(x)), atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["fold_batch_norm", "foldable_norm"]
+
+
+def foldable_norm(module: nn.Module, channels: int) -> bool:
+    """An eval-mode ``BatchNorm2d`` over ``channels`` with running statistics: a per-channel affine map."""
+    return (
+        isinstance(module, nn.BatchNorm2d)
+        and not module.training
+        and module.track_running_stats
+        and module.running_mean is not None
+        and module.num_features == channels
+    )
+
+
+def fold_batch_norm(weight: Tensor, bias: Tensor | None, norm: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
+    """Weight and bias of ``norm ∘ conv`` as one conv, differentiable in every parameter.
+
+    Computed in at least float32 (float64 stays float64), returned in ``weight``'s dtype.
+    """
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    scale = (norm.running_var.to(compute) + norm.eps).rsqrt()
+    if norm.weight is not None:
+        scale = scale * norm.weight.to(compute)
+    shift = -norm.running_mean.to(compute) * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.to(compute)
+    if bias is not None:
+        shift = shift + bias.to(compute) * scale
+    folded = weight.to(compute) * scale.view(-1, *([1] * (weight.dim() - 1)))
+    return folded.to(weight.dtype), shift.to(weight.dtype)
