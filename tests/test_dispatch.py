@@ -192,3 +192,11 @@ def test_fused_layer_with_eval_norm_equals_torch_including_norm_parameter_gradie
     got = torch.autograd.grad(y_fast, [x, *fast.parameters()], grad)
     for name, g, w in zip(["input", *names], got, want, strict=True):
         torch.testing.assert_close(g, w, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_meta_tensors_take_the_pytorch_path_so_analyze_counts_them():
+    model = nn.Sequential(sepconv.SeparableConv2d(8, 16, 3, padding=1, backend="triton"))
+    plain = nn.Sequential(sepconv.SeparableConv2d(8, 16, 3, padding=1, backend="torch"))
+    ours, reference = sepconv.analyze(model, (2, 8, 10, 10)), sepconv.analyze(plain, (2, 8, 10, 10))
+    assert ours.total.macs == reference.total.macs == 2 * 100 * (8 * 9 + 8 * 16)
+    assert ours.total.params == reference.total.params

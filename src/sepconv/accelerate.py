@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sepconv.dispatch import FUSED_ACTIVATIONS, backend_arg, triton_blocker
+from sepconv.dispatch import FUSED_ACTIVATIONS, backend_arg, use_triton
 from sepconv.folding import fold_batch_norm, foldable_norm
 from sepconv.layers import DepthwiseConv2d, SeparableConv2d
 from sepconv.padding import resolve_padding
@@ -92,7 +92,7 @@ class FusedSeparableConv2d(nn.Module):
         return self.dw_weight.shape[0] // self.in_channels
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.backend != "torch" and triton_blocker(self, input, auto=self.backend == "auto") is None:
+        if use_triton(self, input):
             from sepconv.kernels.separable import separable_conv2d
 
             return separable_conv2d(

@@ -32,6 +32,7 @@ __all__ = [
     "triton_blocker",
     "triton_depthwise_forward",
     "triton_separable_forward",
+    "use_triton",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -76,6 +77,20 @@ def triton_blocker(layer: nn.Module, input: Tensor, *, auto: bool) -> str | None
         if input.dtype not in _AUTO_DTYPES:
             return f"dtype {input.dtype}; auto uses the kernel for fp16, bf16 and fp32"
     return None
+
+
+def use_triton(layer: nn.Module, input: Tensor) -> bool:
+    """Whether ``layer`` runs this call on Triton, by its ``backend``; raises when ``"triton"`` cannot.
+
+    Meta tensors (shape analysis, e.g. :func:`sepconv.analyze`) always take PyTorch's path, which computes
+    the same thing with ops the analysis can count.
+    """
+    if layer.backend == "torch" or input.device.type == "meta":
+        return False
+    blocker = triton_blocker(layer, input, auto=layer.backend == "auto")
+    if blocker is not None and layer.backend == "triton":
+        raise RuntimeError(f"backend='triton' cannot run this layer: {blocker}; use backend='auto' or 'torch'")
+    return blocker is None
 
 
 def triton_depthwise_forward(layer: nn.Module, input: Tensor) -> Tensor:

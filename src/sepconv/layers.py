@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from sepconv import cpu_strategy
 from sepconv._args import divisible, int_tuple, padding_arg, padding_mode_arg, positive_int
-from sepconv.dispatch import backend_arg, fusable, triton_blocker, triton_depthwise_forward, triton_separable_forward
+from sepconv.dispatch import backend_arg, fusable, triton_depthwise_forward, triton_separable_forward, use_triton
 from sepconv.padding import Padding, resolve_padding
 
 __all__ = [
@@ -151,13 +151,9 @@ class _DepthwiseConv(_Conv):
         return self.out_channels // self.in_channels  # type: ignore[attr-defined]
 
     def forward(self, input: Tensor) -> Tensor:
-        if self.backend != "torch":
-            blocker = triton_blocker(self, input, auto=self.backend == "auto")  # type: ignore[arg-type]
-            if blocker is None:
-                check_input(type(self).__name__, input, self.in_channels, self._ndim)  # type: ignore[attr-defined]
-                return triton_depthwise_forward(self, input)  # type: ignore[arg-type]
-            if self.backend == "triton":
-                raise RuntimeError(f"backend='triton' cannot run this layer: {blocker}; use backend='auto' or 'torch'")
+        if use_triton(self, input):  # type: ignore[arg-type]
+            check_input(type(self).__name__, input, self.in_channels, self._ndim)  # type: ignore[attr-defined]
+            return triton_depthwise_forward(self, input)  # type: ignore[arg-type]
         plain = super().forward
         return cpu_strategy.run(self, input, plain, plain)  # type: ignore[arg-type]
 
@@ -313,8 +309,7 @@ class _SeparableConv(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         check_input(type(self).__name__, input, self.in_channels, self._ndim)
-        auto = self.backend == "auto"
-        if self.backend != "torch" and fusable(self) and triton_blocker(self.depthwise, input, auto=auto) is None:
+        if fusable(self) and use_triton(self.depthwise, input):
             return triton_separable_forward(self, input)
         return cpu_strategy.run(self, input, self._forward, self._convs)
 
