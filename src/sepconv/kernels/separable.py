@@ -125,7 +125,7 @@ def _forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilatio
         MID_ACT=activation,
         ACC=_ACC.get(x.dtype, tl.float32),
         PRECISION="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32",
-        DOT_IN_FP32=x.dtype == torch.bfloat16 and interpreting(),  # Triton's interpreter multiplies bf16 bits wrong
+        DOT_IN_FP32=x.dtype == torch.bfloat16 and interpreting(),  # interpreter: bf16 tl.dot, triton-lang/triton#11584
         BLOCK_P=block_p,
         BLOCK_C=block_c,
         BLOCK_O=block_o,
