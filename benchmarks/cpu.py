@@ -5,8 +5,11 @@ Everything is measured side by side in one run, fp32, medians of per-call timing
 - layers: the shapes of DESIGN.md §2 plus a kernel-size sweep, batch 1 and 32, forward (no_grad) and
   forward+backward (grads of input and weights);
   ``torch_nchw``/``torch_channels_last`` = ``Sequential(depthwise, pointwise)`` with NCHW / channels_last
-  input (the caller owns the layout), ``ours`` = ``sepconv.SeparableConv2d`` with the CPU strategy on and
-  an NCHW input (NCHW out), ``standard_*`` = the ``nn.Conv2d`` it replaces in either layout;
+  input (the caller owns the layout), ``torch_channels_last_converted`` = the channels_last block called
+  with NCHW input, converted in and back out (what an NCHW caller pays for channels_last in plain
+  PyTorch), ``ours`` = ``sepconv.SeparableConv2d`` with the CPU strategy on and an NCHW input (NCHW out),
+  ``ours_channels_last_in`` = ours given channels_last input (it stays channels_last), ``standard_*`` = the
+  ``nn.Conv2d`` it replaces in either layout;
 - models: the small Fashion-MNIST CNNs (``sepconv.nets``), standard vs separable, training step and inference.
 
     python benchmarks/cpu.py                    # full run, writes benchmarks/results/cpu.{json,png}
@@ -77,6 +80,17 @@ def forward_backward(module: nn.Module, x: torch.Tensor) -> Callable[[], object]
     return run
 
 
+class ConvertAround(nn.Module):
+    """What an NCHW caller pays to use a channels_last module in plain PyTorch: convert in, run, convert back."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.contiguous(memory_format=CL)).contiguous()
+
+
 def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_time: float) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, c, h, h)
@@ -110,7 +124,9 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
     variants = {
         "torch_nchw": (plain, x),
         "torch_channels_last": (plain_cl, x.contiguous(memory_format=CL)),
+        "torch_channels_last_converted": (ConvertAround(plain_cl), x),
         "ours": (ours, x),
+        "ours_channels_last_in": (ours, x.contiguous(memory_format=CL)),
         "standard_nchw": (standard, x),
         "standard_channels_last": (standard_cl, x.contiguous(memory_format=CL)),
     }
@@ -223,18 +239,29 @@ def plot(result: dict, path: Path) -> None:
 
 def markdown(result: dict) -> str:
     lines = [
-        "| C,H,O,K,s | batch | pass | PyTorch NCHW ms | PyTorch CL ms | ours ms | ours / best PyTorch speed "
+        "| C,H,O,K,s | batch | pass | PyTorch NCHW ms | PyTorch CL ms | PyTorch CL+conversions ms | ours ms "
+        "| ours / best PyTorch | ours / best for an NCHW caller | ours CL-in / PyTorch CL "
         "| standard best ms | ours vs standard |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["layers"]:
         for p in ("forward", "forward_backward"):
-            nchw, cl, ours = (r[f"{k}_{p}_ms"] for k in ("torch_nchw", "torch_channels_last", "ours"))
+            nchw, cl, cl_conv, ours, ours_cl = (
+                r[f"{k}_{p}_ms"]
+                for k in (
+                    "torch_nchw",
+                    "torch_channels_last",
+                    "torch_channels_last_converted",
+                    "ours",
+                    "ours_channels_last_in",
+                )
+            )
             std = [r[f"standard_{lay}_{p}_ms"] for lay in ("nchw", "channels_last")]
             std_best = None if None in std else min(std)
             lines.append(
                 f"| {r['C']},{r['H']},{r['O']},{r['K']},{r['stride']} | {r['batch']} | {p.replace('_', '+')} "
-                f"| {nchw:.3f} | {cl:.3f} | {ours:.3f} | {min(nchw, cl) / ours:.2f}x "
+                f"| {nchw:.3f} | {cl:.3f} | {cl_conv:.3f} | {ours:.3f} | {min(nchw, cl) / ours:.2f}x "
+                f"| {min(nchw, cl_conv) / ours:.2f}x | {cl / ours_cl:.2f}x "
                 f"| {'skipped' if std_best is None else f'{std_best:.3f}'} "
                 f"| {'-' if std_best is None else f'{std_best / ours:.2f}x'} |"
             )
@@ -276,6 +303,7 @@ def main() -> None:
         "layers": [],
         "models": [],
     }
+    start = time.perf_counter()
     for batch in batches:
         for shape in shapes:
             row = layer_row(*shape, batch, args.min_run_time)
@@ -285,6 +313,7 @@ def main() -> None:
         for row in model_rows(args.min_run_time):
             print(json.dumps(row), flush=True)
             result["models"].append(row)
+    result["total_seconds"] = time.perf_counter() - start
     atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=1) + "\n", overwrite=True)
     plot(result, args.out / f"{stem}.png")
     print(markdown(result))
