@@ -104,16 +104,22 @@ def summarize(arch: str, variant: str, per_seed: list[dict[str, Any]], args: arg
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
+    """Accuracy vs MACs per arch; models right after conversion (far below) are listed, not drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
-    fig, axes = plt.subplots(1, len(result["archs"]), figsize=(6.5 * len(result["archs"]), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(result["archs"]), figsize=(6.5 * len(result["archs"]), 5.2), squeeze=False)
     variants = list(dict.fromkeys(r["variant"] for r in result["rows"]))
     markers = "os^v<>Dp*hX"
     for ax, arch in zip(axes[0], result["archs"], strict=True):
+        untrained = []
         for row in (r for r in result["rows"] if r["arch"] == arch):
+            if row["variant"].endswith("converted"):
+                untrained.append(f"{row['variant']}: {100 * row['accuracy_mean']:.1f}% (no fine-tune; not drawn)")
+                continue
             i = variants.index(row["variant"])
             ax.errorbar(
                 row["macs_per_image"] / 1e6,
@@ -124,18 +130,23 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 label=row["variant"],
                 capsize=3,
                 alpha=0.85,
+                markersize=8,
             )
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=8, loc="lower right", title="\n".join(untrained), title_fontsize=7)
         ax.set_xscale("log")
-        ax.set_xlabel("MMACs per image")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_xlabel("MMACs per image (log)")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{arch} on Fashion-MNIST ({len(result['settings']['seeds'])} seeds)")
-        ax.grid(alpha=0.3)
-    versions_ = result["versions"]
+        ax.set_title(f"{arch} on Fashion-MNIST, mean ± std over {len(result['settings']['seeds'])} seeds")
+        ax.grid(alpha=0.3, which="both")
+    settings, versions_ = result["settings"], result["versions"]
     fig.suptitle(
-        f"{result['device']} ({result['threads']} threads), {result['dtype']}, "
-        f"torch {versions_['torch']}, sepconv {versions_['sepconv']}; error bars: std over seeds",
-        fontsize=9,
+        f"{result['device']} ({result['threads']} threads), {result['dtype']}, torch {versions_['torch']}, "
+        f"sepconv {versions_['sepconv']}\nfrom scratch: {settings['epochs']} epochs; fine-tunes: "
+        f"{settings['finetune_epochs']} epoch(s); batch {settings['batch_size']}",
+        fontsize=8,
     )
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), overwrite=True)
