@@ -142,6 +142,37 @@ def test_what_is_not_a_chain_is_left_alone(model):
     assert [type(m) for m in fast.modules()] == [type(m) for m in model.modules()]
 
 
+class ConvSame(nn.Conv2d):
+    """Like timm's Conv2dSame: pads at run time, so its padding attribute does not describe what it computes."""
+
+    def forward(self, x):
+        return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """Like timm's BatchNormAct2d: a BatchNorm subclass that also applies an activation."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_subclasses_with_their_own_forward_are_not_folded_or_replaced():
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        ConvSame(4, 4, 3, groups=4),
+        nn.Conv2d(4, 8, 1),  # not a plain depthwise conv: no chain
+        nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        BatchNormAct(8),
+        nn.Conv2d(8, 8, 1),  # BN+act: not foldable
+    )
+    model = randomize_norms(model).eval()
+    fast, changes = accelerate(model)
+    assert [(c.kind, c.replaced, c.folded_norms) for c in changes] == [("depthwise", ("2",), ())]
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+
+
 def test_depthwise_conv_followed_by_pointwise_with_stride_is_routed_not_fused():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 8, 1, stride=2)).eval()
     fast, changes = accelerate(model)

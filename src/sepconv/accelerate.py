@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from sepconv.dispatch import FUSED_ACTIVATIONS, backend_arg, use_triton
 from sepconv.folding import fold_batch_norm, foldable_norm
-from sepconv.layers import DepthwiseConv2d, SeparableConv2d
+from sepconv.layers import DepthwiseConv2d, PointwiseConv2d, SeparableConv2d
 from sepconv.padding import resolve_padding
 
 __all__ = ["Acceleration", "FusedSeparableConv2d", "accelerate"]
@@ -218,10 +218,17 @@ def _rewrite_sequence(module: nn.Module, path: str, changes: list[Acceleration],
     return sequence
 
 
+def _plain_conv(module: nn.Module) -> bool:
+    """An ``nn.Conv2d`` that computes what ``nn.Conv2d`` computes: its own forward, or one of our layers.
+    Subclasses with a forward of their own (timm's ``Conv2dSame`` pads at run time) are left alone."""
+    return isinstance(module, nn.Conv2d) and (
+        type(module).forward is nn.Conv2d.forward or isinstance(module, (DepthwiseConv2d, PointwiseConv2d))
+    )
+
+
 def _is_depthwise(module: nn.Module) -> bool:
     return (
-        isinstance(module, nn.Conv2d)
-        and not isinstance(module, FusedSeparableConv2d)
+        _plain_conv(module)
         and module.groups == module.in_channels
         and module.out_channels % module.in_channels == 0
         and module.padding_mode == "zeros"
@@ -230,7 +237,7 @@ def _is_depthwise(module: nn.Module) -> bool:
 
 def _is_pointwise(module: nn.Module, channels: int) -> bool:
     return (
-        isinstance(module, nn.Conv2d)
+        _plain_conv(module)
         and module.kernel_size == (1, 1)
         and module.stride == (1, 1)
         and module.padding in ((0, 0), "valid")

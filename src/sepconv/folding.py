@@ -20,9 +20,11 @@ __all__ = ["fold_batch_norm", "foldable_norm"]
 
 
 def foldable_norm(module: nn.Module, channels: int) -> bool:
-    """An eval-mode ``BatchNorm2d`` over ``channels`` with running statistics: a per-channel affine map."""
+    """An eval-mode ``BatchNorm2d`` over ``channels`` with running statistics: a per-channel affine map.
+    Subclasses with a forward of their own (timm's ``BatchNormAct2d`` also applies an activation) are not."""
     return (
         isinstance(module, nn.BatchNorm2d)
+        and type(module).forward is nn.BatchNorm2d.forward
         and not module.training
         and module.track_running_stats
         and module.running_mean is not None
