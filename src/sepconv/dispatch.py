@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sepconv.folding import fold_batch_norm, foldable_norm
+from sepconv.kernels import available as kernels_available
 
 __all__ = [
     "BACKENDS",
@@ -61,13 +62,11 @@ def _exporting() -> bool:
 
 def triton_blocker(layer: nn.Module, input: Tensor, *, auto: bool) -> str | None:
     """Why the Triton kernel cannot (or, for ``auto``, should not) run this call; None when it can."""
-    from sepconv import kernels
-
     if getattr(layer, "_ndim", 2) != 2:
         return f"the layer is {layer._ndim}-d; the kernel is 2-d"
     if layer.padding_mode != "zeros":
         return f"padding_mode={layer.padding_mode!r}; the kernel pads with zeros only"
-    if not kernels.available():
+    if not kernels_available():
         return "Triton is not installed"
     if auto:
         if _exporting():
@@ -85,7 +84,8 @@ def use_triton(layer: nn.Module, input: Tensor) -> bool:
     Meta tensors (shape analysis, e.g. :func:`sepconv.analyze`) always take PyTorch's path, which computes
     the same thing with ops the analysis can count.
     """
-    if layer.backend == "torch" or input.device.type == "meta":
+    backend, device = layer.backend, input.device.type
+    if backend == "torch" or device == "meta" or (backend == "auto" and device != "cuda"):  # the per-call fast path
         return False
     blocker = triton_blocker(layer, input, auto=layer.backend == "auto")
     if blocker is not None and layer.backend == "triton":

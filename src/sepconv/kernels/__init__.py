@@ -6,13 +6,15 @@ Importing this package needs Triton (installed with PyTorch's CUDA builds on Lin
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 __all__ = ["available", "depthwise_conv2d", "separable_conv2d"]
 
 
+@functools.cache
 def available() -> bool:
-    """True when Triton is installed, so ``sepconv.kernels`` can be imported."""
+    """True when Triton is installed, so ``sepconv.kernels`` can be imported (looked up once)."""
     return importlib.util.find_spec("triton") is not None
 
 
