@@ -10,7 +10,9 @@ A BatchNorm in training mode cannot be folded (it needs the batch statistics of 
 then the chain is not fused and only its depthwise conv is replaced, by a :class:`~sepconv.DepthwiseConv2d`
 (our depthwise kernel on CUDA); a BatchNorm after the 1x1 conv stays as it is and the part before it is
 fused. Depthwise convs outside any chain (e.g. followed by squeeze-excitation) are replaced the same way,
-with a following eval-mode BatchNorm folded in. The input model is not modified.
+with a following eval-mode BatchNorm folded in. The input model is not modified; a Sequential that is
+rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` -> ``conv.1_0.weight``): the
+result is for running, keep checkpoints of the original.
 
 >>> import torch
 >>> from torch import nn
