@@ -21,6 +21,19 @@ def twins(factory, **kwargs):
     return plain, fast
 
 
+def assert_twins_agree(plain: nn.Module, fast: nn.Module, x: torch.Tensor, **tolerance) -> None:
+    """Equal outputs, and equal gradients of the input and of every parameter (paired by name)."""
+    y_plain, y_fast = plain(x), fast(x)
+    torch.testing.assert_close(y_fast, y_plain, **tolerance)
+    grad = torch.randn_like(y_plain)
+    names = [n for n, _ in plain.named_parameters()]
+    fast_params = dict(fast.named_parameters())
+    want = torch.autograd.grad(y_plain, [x, *plain.parameters()], grad)
+    got = torch.autograd.grad(y_fast, [x, *(fast_params[n] for n in names)], grad)
+    for name, g, w in zip(["input", *names], got, want, strict=True):
+        torch.testing.assert_close(g, w, **tolerance, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @pytest.mark.parametrize(
     ("factory", "kwargs", "shape"),
     [
@@ -49,15 +62,7 @@ def twins(factory, **kwargs):
 def test_triton_backend_equals_torch_backend_with_gradients(factory, kwargs, shape):
     plain, fast = twins(factory, **kwargs)
     x = torch.randn(*shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    y_plain, y_fast = plain(x), fast(x)
-    torch.testing.assert_close(y_fast, y_plain, atol=1e-12, rtol=1e-12)
-    grad = torch.randn_like(y_plain)
-    params = [p for _, p in sorted(plain.named_parameters())]
-    fast_params = [p for _, p in sorted(fast.named_parameters())]
-    want = torch.autograd.grad(y_plain, [x, *params], grad)
-    got = torch.autograd.grad(y_fast, [x, *fast_params], grad)
-    for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+    assert_twins_agree(plain, fast, x, atol=1e-12, rtol=1e-12)
 
 
 def test_triton_backend_with_mid_norm_and_activation_in_training():
@@ -184,14 +189,7 @@ def test_fused_layer_with_eval_norm_equals_torch_including_norm_parameter_gradie
     plain.eval(), fast.eval()
     assert dispatch.fusable(fast)
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    y_plain, y_fast = plain(x), fast(x)
-    torch.testing.assert_close(y_fast, y_plain)
-    grad = torch.randn_like(y_plain)
-    names = [n for n, _ in plain.named_parameters()]
-    want = torch.autograd.grad(y_plain, [x, *plain.parameters()], grad)
-    got = torch.autograd.grad(y_fast, [x, *fast.parameters()], grad)
-    for name, g, w in zip(["input", *names], got, want, strict=True):
-        torch.testing.assert_close(g, w, msg=lambda m, name=name: f"{name}: {m}")
+    assert_twins_agree(plain, fast, x)
 
 
 def test_meta_tensors_take_the_pytorch_path_so_analyze_counts_them():

@@ -38,8 +38,7 @@ from torch import Tensor, nn
 
 from sepconv.dispatch import FUSED_ACTIVATIONS, backend_arg, use_triton
 from sepconv.folding import fold_batch_norm, foldable_norm
-from sepconv.layers import DepthwiseConv2d, PointwiseConv2d, SeparableConv2d
-from sepconv.padding import resolve_padding
+from sepconv.layers import DepthwiseConv2d, PointwiseConv2d, SeparableConv2d, pad_same
 
 __all__ = ["Acceleration", "FusedSeparableConv2d", "accelerate"]
 
@@ -123,9 +122,7 @@ class FusedSeparableConv2d(nn.Module):
 
 def _depthwise_torch(x: Tensor, weight, bias, stride, padding, dilation, groups: int) -> Tensor:
     if isinstance(padding, str) and padding == "same" and any(s > 1 for s in stride):  # TF 'same', as our layers
-        pads = resolve_padding("same", x.shape[-2:], weight.shape[-2:], stride, dilation)
-        x = F.pad(x, [p for lo_hi in reversed(pads) for p in lo_hi])
-        padding = 0
+        x, padding = pad_same(x, tuple(weight.shape[-2:]), stride, dilation), 0
     return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 

@@ -87,8 +87,8 @@ def use_triton(layer: nn.Module, input: Tensor) -> bool:
     backend, device = layer.backend, input.device.type
     if backend == "torch" or device == "meta" or (backend == "auto" and device != "cuda"):  # the per-call fast path
         return False
-    blocker = triton_blocker(layer, input, auto=layer.backend == "auto")
-    if blocker is not None and layer.backend == "triton":
+    blocker = triton_blocker(layer, input, auto=backend == "auto")
+    if blocker is not None and backend == "triton":
         raise RuntimeError(f"backend='triton' cannot run this layer: {blocker}; use backend='auto' or 'torch'")
     return blocker is None
 

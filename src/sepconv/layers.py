@@ -106,10 +106,15 @@ class _Conv:
 
     def _strided_same_forward(self, input: Tensor) -> Tensor:
         n = self._ndim
-        pads = resolve_padding("same", input.shape[-n:], self.kernel_size, self.stride, self.dilation)  # type: ignore[attr-defined]
-        flat = [p for lo_hi in reversed(pads) for p in lo_hi]  # F.pad wants the last dim first
-        input = F.pad(input, flat, mode=_PAD_MODE[self.padding_mode])  # type: ignore[attr-defined]
+        mode = _PAD_MODE[self.padding_mode]  # type: ignore[attr-defined]
+        input = pad_same(input, self.kernel_size, self.stride, self.dilation, mode)  # type: ignore[attr-defined]
         return _CONV[n](input, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)  # type: ignore[attr-defined]
+
+
+def pad_same(input: Tensor, kernel_size: Any, stride: Any, dilation: Any, mode: str = "constant") -> Tensor:
+    """``input`` padded for TensorFlow-style 'same' with any stride (``ceil(size / stride)`` outputs)."""
+    pads = resolve_padding("same", input.shape[-len(kernel_size) :], kernel_size, stride, dilation)
+    return F.pad(input, [p for lo_hi in reversed(pads) for p in lo_hi], mode=mode)  # F.pad: last dim first
 
 
 class _DepthwiseConv(_Conv):
@@ -309,7 +314,7 @@ class _SeparableConv(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         check_input(type(self).__name__, input, self.in_channels, self._ndim)
-        if fusable(self) and use_triton(self.depthwise, input):
+        if use_triton(self.depthwise, input) and fusable(self):  # the cheap test first: every call pays it
             return triton_separable_forward(self, input)
         return cpu_strategy.run(self, input, self._forward, self._convs)
 
