@@ -1,18 +1,44 @@
 #!/usr/bin/env bash
-# One device call for a session with a GPU (see the device tool): the kernel tests on CUDA, then the
-# kernel benchmark. Writes under $OUT (the device tool's folder) or benchmarks/results.
-#   run(command="bash benchmarks/gpu_session.sh", timeout_s=590)
-#   BENCH_SECTIONS="depthwise separable" BENCH_SECONDS=300 bash benchmarks/gpu_session.sh --no-compile
+# One device call for a session with a GPU (see the device tool), sized to fit one call of under 7 minutes:
+# the launch-configuration sweep, the kernel benchmark (sections cut by time, most important rows first), a
+# host-overhead profile, then the kernel tests on CUDA. At most 8 files under $OUT (the device tool's
+# folder) or benchmarks/results.
+#   run(command="bash benchmarks/gpu_session.sh", timeout_s=420)
+#   TUNE_PLAN="forward:nchw" SECTIONS="depthwise" bash benchmarks/gpu_session.sh
 set -uo pipefail
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 export PYTHONPATH=src PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee "$out/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/gpu.txt"
-timeout "${TEST_SECONDS:-150}" python3 -m pytest -q -x -p no:cacheprovider \
-    tests/test_kernels_depthwise.py tests/test_kernels_separable.py tests/test_dispatch.py tests/test_accelerate.py \
-    2>&1 | tail -25 | tee "$out/gpu_tests.txt"
+{
+    nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.sm,temperature.gpu --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$out/gpu.txt"
+if [ "${TUNE_SECONDS:-60}" != 0 ]; then
+    # shellcheck disable=SC2086
+    timeout 80 python3 benchmarks/tune_kernels.py --seconds "${TUNE_SECONDS:-60}" --out "$out" \
+        ${TUNE_PLAN:+--plan $TUNE_PLAN} > "$out/tune.log" 2>&1
+    echo "tune exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
+fi
 # shellcheck disable=SC2086
-timeout "${BENCH_SECONDS:-400}" python3 benchmarks/kernels.py --out "$out" --sections ${BENCH_SECTIONS:-depthwise separable models} "$@" \
-    > "$out/kernels_log.jsonl" 2> "$out/kernels_stderr.txt"
-echo "benchmark exit: $?" | tee -a "$out/gpu.txt"
+timeout "${BENCH_SECONDS:-240}" python3 benchmarks/kernels.py --out "$out" --compile-where big-bf16 \
+    --sections ${SECTIONS:-depthwise kernel_sizes separable models} \
+    --section-seconds ${SECTION_SECONDS:-depthwise=70 kernel_sizes=40 separable=60 models=55} > "$out/kernels.log" 2>&1
+echo "benchmark exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
+timeout 30 python3 benchmarks/profile_overhead.py > "$out/profile.txt" 2>&1
+echo "profile exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
+CI=true timeout "${TEST_SECONDS:-30}" python3 -m pytest -q -x -p no:cacheprovider \
+    tests/test_kernels_depthwise.py tests/test_kernels_separable.py tests/test_dispatch.py tests/test_accelerate.py \
+    > "$out/tests.txt" 2>&1
+echo "tests exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
+tail -3 "$out/tests.txt"
+head -5 "$out/profile.txt"
+python3 - "$out" <<'PY'
+import json, sys
+r = json.load(open(f"{sys.argv[1]}/kernels.json"))
+for row in r["rows"]:
+    if row["section"] == "models":
+        print(row["model"], row["mode"], row["batch"], {k: round(v, 3) for k, v in row.items() if k.endswith("_ms")})
+    else:
+        ms = {k: round(v, 3) for k, v in row.items() if k.endswith("_ms") and "floor" not in k}
+        print(row["section"][:3], row["shape"], row["batch"], row["dtype"], row["layout"], ms)
+PY

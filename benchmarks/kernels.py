@@ -4,6 +4,8 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
 
 - ``depthwise``: ``ours`` = ``sepconv.kernels.depthwise_conv2d``; ``eager`` = ``F.conv2d(groups=C)`` (cuDNN),
   no bias; ``compile`` = ``torch.compile`` of the same call — forward, and forward+backward (grads of x, w);
+- ``kernel_sizes``: the depthwise comparison at 256x28, batch 32, for kernel sizes 9 to 27 (where ``auto``'s
+  threshold lies), bf16 and fp32, without compile;
 - ``separable``: DESIGN.md §2's blocks; ``ours`` = ``sepconv.kernels.separable_conv2d`` (fused), ``eager`` =
   depthwise then 1x1 ``F.conv2d``, ``compile``, and ``standard`` = the KxK conv the block replaces;
 - ``models``: torchvision mobilenet_v2 and efficientnet_b0 eager, compiled and through ``sepconv.accelerate``,
@@ -57,6 +59,9 @@ SHAPES = [
     ("convnext 384x28 k7", 384, 28, 7, 1, 64),
     ("replknet 256x28 k31", 256, 28, 31, 1, 32),
 ]
+# auto's threshold: the replknet row's shape with the kernel sizes between 7x7 and 31x31 (batch 32, no compile)
+KERNEL_SIZE_SHAPES = [(f"256x28 k{k}", 256, 28, k, 1, 32) for k in (9, 13, 17, 21, 27)]
+KERNEL_SIZE_COMBOS = [(None, "bf16", "nhwc"), (None, "bf16", "nchw"), (None, "fp32", "nhwc")]
 QUICK_SHAPES = [("tiny 8x6 k3", 8, 6, 3, 1, 2), ("tiny 4x5 k5 s2", 4, 5, 5, 2, 2)]
 # (name, C, H, O, K, stride, batch-64 batch): DESIGN.md §2's separable blocks.
 SEPARABLE_SHAPES = [
@@ -71,11 +76,11 @@ SEPARABLE_SHAPES = [
 QUICK_SEPARABLE_SHAPES = [("tiny 8x6->16", 8, 6, 16, 3, 1, 2)]
 MODELS = [
     ("mobilenet_v2", torchvision.models.mobilenet_v2, 224),
-    ("efficientnet_b0", torchvision.models.efficientnet_b0, 224),
     ("resnet18", torchvision.models.resnet18, 224),
+    ("efficientnet_b0", torchvision.models.efficientnet_b0, 224),
 ]
 QUICK_MODELS = [("mobilenet_v2 x0.35", functools.partial(torchvision.models.mobilenet_v2, width_mult=0.35), 32)]
-SECTIONS = ("depthwise", "separable", "models")
+SECTIONS = ("depthwise", "kernel_sizes", "separable", "models")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
@@ -96,7 +101,7 @@ def _fma_kernel(out_ptr, ITERS: tl.constexpr, BLOCK: tl.constexpr):
 def measure(fn: Callable[[], object], device: str) -> float:
     """Median milliseconds of ``fn()``."""
     if device == "cuda":
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
     return median_latency(fn, min_run_time=0.01, warmup=1, min_runs=3).median_ms
 
 
@@ -144,6 +149,7 @@ def depthwise_row(name, channels, size, kernel, stride, batch, dtype_name, layou
 
     impls: dict[str, Callable] = {"ours": ours, "eager": eager}
     if compile_:
+        torch._dynamo.reset()  # one code object per row: past its recompile limit dynamo would run eager
         impls["compile"] = torch.compile(eager, dynamic=False)
     y = eager(x, w)
     xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
@@ -186,6 +192,7 @@ def separable_row(name, channels, size, out, kernel, stride, batch, dtype_name, 
 
     impls: dict[str, Callable] = {"ours": ours, "eager": eager}
     if compile_:
+        torch._dynamo.reset()  # one code object per row: past its recompile limit dynamo would run eager
         impls["compile"] = torch.compile(eager, dynamic=False)
     impls["standard"] = standard
     y = eager(x, dw, pw, std)
@@ -218,15 +225,17 @@ def separable_row(name, channels, size, out, kernel, stride, batch, dtype_name, 
     return row
 
 
-def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: str, dtype, compile_: bool):
-    """Inference (eval, no_grad) and a training step (SGD) of a torchvision model: eager, compile, accelerate."""
+def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: str, dtype, compile_: set[str]):
+    """Inference (eval, no_grad) and a training step (SGD) of a torchvision model: eager, accelerate, and
+    compile for the modes in ``compile_``."""
     rows = []
     for mode in ("inference", "training"):
+        torch._dynamo.reset()
         base = factory().to(device=device, dtype=dtype, memory_format=torch.channels_last)
         base.train(mode == "training")
         accelerated, changes = sepconv.accelerate(base)
         variants = {"eager": base}
-        if compile_:
+        if mode in compile_:
             variants["compile"] = torch.compile(base)
         if changes:
             variants["accelerate"] = accelerated
@@ -255,7 +264,6 @@ def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: s
 
                 row[f"{variant}_ms"] = measure(step, device)
                 row[f"{variant}_training_peak_bytes"] = peak_memory_bytes(step, device)
-        print(json.dumps(row), flush=True)
         rows.append(row)
     return rows
 
@@ -263,7 +271,7 @@ def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: s
 def add_floors(row: dict[str, Any], bandwidth: float, fmas: float | None) -> None:
     for pass_, macs in (("forward", row["macs"]), ("forward_backward", 3 * row["macs"])):
         memory = row[f"bytes_{pass_}"] / bandwidth * 1e3
-        flops = None if fmas is None or row["section"] != "depthwise" else macs / fmas * 1e3
+        flops = None if fmas is None or row["section"] == "separable" else macs / fmas * 1e3
         row[f"memory_floor_{pass_}_ms"] = memory
         row[f"flop_floor_{pass_}_ms"] = flops
         row[f"floor_{pass_}_ms"] = max(memory, flops or 0.0)
@@ -280,7 +288,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["section"] in ("depthwise", "separable")]
+    rows = [r for r in result["rows"] if r["section"] in ("depthwise", "kernel_sizes", "separable")]
     labels = [f"{r['section'][:3]} {r['shape']} b{r['batch']} {r['dtype']} {r['layout']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.25 * len(rows) + 2), sharey=True)
     for ax, pass_ in zip(axes, ("forward", "forward_backward"), strict=True):
@@ -297,51 +305,108 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _section_seconds(text: str) -> tuple[str, float]:
+    section, _, seconds = text.partition("=")
+    if section not in SECTIONS or not seconds:
+        raise argparse.ArgumentTypeError(f"expected SECTION=SECONDS with SECTION in {SECTIONS}, got {text!r}")
+    return section, float(seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny configurations: checks the script")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (saves compile time)")
+    parser.add_argument(
+        "--compile-where",
+        choices=("all", "big-bf16"),
+        default="all",
+        help="big-bf16: torch.compile only in the batch-64 bf16 rows (and model inference): saves compile time",
+    )
+    parser.add_argument(
+        "--section-seconds",
+        type=_section_seconds,
+        nargs="*",
+        default=[],
+        help="SECTION=SECONDS: start no new row of SECTION after this long in it (rows run most important first)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not args.quick:
         parser.error("the full benchmark needs a CUDA GPU; use --quick to check the script on CPU")
     compile_ = not args.no_compile and device == "cuda"
+    budgets = dict(args.section_seconds)
     start = time.perf_counter()
     bandwidth, fmas = copy_bandwidth(device), fma_rate(device)
     dtypes = [d for d in DTYPES if device == "cuda" or d == "fp32"]  # the interpreter has no fast bf16
-    rows: list[dict[str, Any]] = []
-    if "depthwise" in args.sections:
-        shapes = QUICK_SHAPES if args.quick else SHAPES
-        for (name, c, h, k, s, big), batch, dtype, layout in itertools.product(shapes, (None, 1), dtypes, LAYOUTS):
-            rows.append(depthwise_row(name, c, h, k, s, batch or big, dtype, layout, device=device, compile_=compile_))
-            add_floors(rows[-1], bandwidth, fmas)
-            print(json.dumps(rows[-1]), flush=True)
-    if "separable" in args.sections:
-        shapes = QUICK_SEPARABLE_SHAPES if args.quick else SEPARABLE_SHAPES
-        for (name, c, h, o, k, s, big), batch, dtype, layout in itertools.product(shapes, (None, 1), dtypes, LAYOUTS):
-            row = separable_row(name, c, h, o, k, s, batch or big, dtype, layout, device=device, compile_=compile_)
-            add_floors(row, bandwidth, fmas)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    if "models" in args.sections:
-        models = QUICK_MODELS if args.quick else MODELS
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        for (name, factory, size), batch in itertools.product(models, (2,) if args.quick else (64, 1)):
-            rows += model_rows(name, factory, batch, size, device=device, dtype=dtype, compile_=compile_)
-    result = {
+    # Most important first (a section's budget may cut the rest): big batch bf16, then the other combinations.
+    combos = sorted(itertools.product((None, 1), dtypes, LAYOUTS), key=lambda c: (c[1] != "bf16", c[0] == 1))
+    result: dict[str, Any] = {
         "benchmark": "kernels",
         "device": device_name(device) + ("" if device == "cuda" else " (Triton interpreter: timings meaningless)"),
         "versions": versions(),
         "copy_bandwidth_bytes_per_s": bandwidth,
         "fp32_fma_per_s": fmas,
         "timer": "triton.testing.do_bench median" if device == "cuda" else "sepconv.bench.median_latency",
-        "rows": rows,
-        "total_seconds": time.perf_counter() - start,
+        "compile_where": "none" if not compile_ else args.compile_where,
+        "section_seconds": budgets,
+        "rows": [],
     }
     stem = "kernels_quick" if args.quick else "kernels"
-    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=1) + "\n", overwrite=True)
+
+    def emit(row: dict[str, Any]) -> None:  # written as it comes: a cut run keeps its rows
+        print(json.dumps(row), flush=True)
+        result["rows"].append(row)
+        result["total_seconds"] = time.perf_counter() - start
+        atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=1) + "\n", overwrite=True)
+
+    def compiled(batch: int | None, dtype: str) -> bool:
+        return compile_ and (args.compile_where == "all" or (batch is None and dtype == "bf16"))
+
+    for section in args.sections:
+        deadline = time.perf_counter() + budgets.get(section, float("inf"))
+        if section in ("depthwise", "kernel_sizes"):
+            if section == "depthwise":
+                shapes, chosen = (QUICK_SHAPES if args.quick else SHAPES), combos
+            else:
+                shapes = QUICK_SHAPES[:1] if args.quick else KERNEL_SIZE_SHAPES
+                chosen = [c for c in KERNEL_SIZE_COMBOS if c[1] in dtypes]
+            for (batch, dtype, layout), (name, c, h, k, s, big) in itertools.product(chosen, shapes):
+                if time.perf_counter() > deadline:
+                    break
+                compile_row = compiled(batch, dtype) and section == "depthwise"
+                row = depthwise_row(name, c, h, k, s, batch or big, dtype, layout, device=device, compile_=compile_row)
+                row["section"] = section
+                add_floors(row, bandwidth, fmas)
+                emit(row)
+        elif section == "separable":
+            shapes = QUICK_SEPARABLE_SHAPES if args.quick else SEPARABLE_SHAPES
+            for (batch, dtype, layout), (name, c, h, o, k, s, big) in itertools.product(combos, shapes):
+                if time.perf_counter() > deadline:
+                    break
+                row = separable_row(
+                    name, c, h, o, k, s, batch or big, dtype, layout, device=device, compile_=compiled(batch, dtype)
+                )
+                add_floors(row, bandwidth, fmas)
+                emit(row)
+        else:
+            models = QUICK_MODELS if args.quick else MODELS
+            dtype = torch.bfloat16 if device == "cuda" else torch.float32
+            for batch, (name, factory, size) in itertools.product((2,) if args.quick else (64, 1), models):
+                if time.perf_counter() > deadline:
+                    break
+                modes = {"inference", "training"} if args.compile_where == "all" else {"inference"}
+                for row in model_rows(
+                    name,
+                    factory,
+                    batch,
+                    size,
+                    device=device,
+                    dtype=dtype,
+                    compile_=modes if compile_ and (args.compile_where == "all" or batch != 1) else set(),
+                ):
+                    emit(row)
     plot(result, args.out / f"{stem}.png")
 
 

@@ -106,6 +106,56 @@ def test_auto_reasons():
     assert "3-d" in dispatch.triton_blocker(sepconv.DepthwiseConv3d(2, 3), x.unsqueeze(2), auto=True)
 
 
+@pytest.mark.parametrize("side", [3, 7, 8, 9, 13, 31])
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("needs_grad", [True, False])
+@pytest.mark.parametrize(("batch", "channels", "size", "stride"), [(1, 8, 12, 1), (32, 256, 28, 1), (64, 96, 112, 2)])
+def test_auto_uses_the_kernel_only_where_it_measured_faster(
+    side, channels_last, needs_grad, batch, channels, size, stride
+):
+    x = torch.empty(batch, channels, size, size, device="meta")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    reason = dispatch.slower_than_pytorch(x, (side, side), channels, (stride, stride), needs_grad)
+    out = -(-size // stride)
+    macs = batch * channels * out * out * side * side
+    floor = dispatch.AUTO_MIN_MACS_WITH_GRAD if needs_grad else dispatch.AUTO_MIN_MACS
+    expect_kernel = channels_last and side * side >= dispatch.AUTO_MIN_KERNEL_AREA and macs >= floor
+    assert (reason is None) == expect_kernel, reason
+    if not channels_last:
+        assert "not channels_last" in reason
+    elif side * side < dispatch.AUTO_MIN_KERNEL_AREA:
+        assert f"kernel {side}x{side}" in reason
+    elif not expect_kernel:
+        assert f"{macs:,} MACs" in reason
+
+
+def test_auto_thresholds_match_the_measured_crossover():
+    """The rule's constants against the benchmark's measured crossover (H200): channels_last 7x7 was slower
+    than PyTorch and 9x9 faster; the replknet shape (32x256x28x28, 31x31) faster with gradients."""
+    assert 7 * 7 < dispatch.AUTO_MIN_KERNEL_AREA <= 9 * 9
+    assert 32 * 256 * 28 * 28 * 31 * 31 >= dispatch.AUTO_MIN_MACS_WITH_GRAD >= dispatch.AUTO_MIN_MACS
+
+
+def test_auto_never_fuses_a_separable_layer(monkeypatch):
+    """Where auto takes our kernels at all, a separable layer runs our depthwise kernel and PyTorch's 1x1 conv."""
+    fused, depthwise = [], []
+    monkeypatch.setattr(sepconv.layers, "use_triton", lambda layer, x: True)  # as on CUDA with a winning shape
+    monkeypatch.setattr(sepconv.layers, "triton_separable_forward", lambda *args: fused.append(1))
+    real = dispatch.triton_depthwise_forward
+    monkeypatch.setattr(sepconv.layers, "triton_depthwise_forward", lambda *a: depthwise.append(1) or real(*a))
+    torch.manual_seed(0)
+    layer = sepconv.SeparableConv2d(4, 6, 3, padding=1, device=DEVICE, dtype=torch.float64)
+    x = torch.randn(1, 4, 6, 6, device=DEVICE, dtype=torch.float64)
+    with sepconv.use_cpu_strategy("off"):  # on CPU, auto would also time the layer's parts
+        y = layer(x)
+    torch.testing.assert_close(
+        y,
+        layer.pointwise(nn.functional.conv2d(x, layer.depthwise.weight, layer.depthwise.bias, padding=1, groups=4)),
+    )
+    assert (fused, depthwise) == ([], [1])
+
+
 def test_auto_keeps_pytorch_while_exporting(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
     reason = dispatch.triton_blocker(sepconv.DepthwiseConv2d(2, 3), torch.randn(1, 2, 5, 5, device=DEVICE), auto=True)

@@ -4,7 +4,10 @@ It finds ``depthwise conv -> (BatchNorm) -> (ReLU | ReLU6) -> 1x1 conv -> (Batch
 modules run one after the other (``nn.Sequential`` and its plain subclasses such as torchvision's
 ``Conv2dNormActivation``, nested at any depth; our ``SeparableConv2d``) and replaces each by a
 :class:`FusedSeparableConv2d`: BatchNorms in eval mode are folded into the conv weights and the
-activation is fused, so on CUDA the whole chain is one Triton kernel (:func:`sepconv.kernels.separable_conv2d`).
+activation is fused: with ``backend="triton"`` the whole chain is one Triton kernel
+(:func:`sepconv.kernels.separable_conv2d`). With ``backend="auto"`` (default) each module takes the path
+:mod:`sepconv.dispatch` measured faster: PyTorch's convs (on the folded weights), and our depthwise kernel
+for large kernels in channels_last on CUDA; auto never runs the fused kernel, which measured slower.
 
 A BatchNorm in training mode cannot be folded (it needs the batch statistics of the depthwise output):
 then the chain is not fused and only its depthwise conv is replaced, by a :class:`~sepconv.DepthwiseConv2d`
@@ -58,8 +61,9 @@ class Acceleration:
 class FusedSeparableConv2d(nn.Module):
     """depthwise conv (+ bias) -> relu | relu6 | nothing -> 1x1 conv (+ bias), as one module.
 
-    On CUDA (``backend="auto"``) one fused Triton kernel; elsewhere, or with ``backend="torch"``, PyTorch's
-    two convs. Built by :func:`accelerate`; parameters ``dw_weight``, ``dw_bias``, ``pw_weight``, ``pw_bias``.
+    ``backend="triton"``: one fused Triton kernel; ``"auto"``: PyTorch's two convs, the depthwise one on our
+    kernel where :mod:`sepconv.dispatch` measured it faster; ``"torch"``: PyTorch's two convs. Built by
+    :func:`accelerate`; parameters ``dw_weight``, ``dw_bias``, ``pw_weight``, ``pw_bias``.
     """
 
     _ndim = 2
@@ -93,7 +97,8 @@ class FusedSeparableConv2d(nn.Module):
         return self.dw_weight.shape[0] // self.in_channels
 
     def forward(self, input: Tensor) -> Tensor:
-        if use_triton(self, input):
+        on_triton = use_triton(self, input)  # auto: only where our depthwise kernel measured faster
+        if on_triton and self.backend == "triton":  # auto never fuses: the fused kernel measured slower
             from sepconv.kernels.separable import separable_conv2d
 
             return separable_conv2d(
@@ -107,8 +112,13 @@ class FusedSeparableConv2d(nn.Module):
                 self.dw_bias,
                 mid_activation=self.mid_activation,
             )
-        groups = self.in_channels
-        mid = _depthwise_torch(input, self.dw_weight, self.dw_bias, self.stride, self.padding, self.dilation, groups)
+        if on_triton:
+            from sepconv.kernels.depthwise import depthwise_conv2d
+
+            mid = depthwise_conv2d(input, self.dw_weight, self.dw_bias, self.stride, self.padding, self.dilation)
+        else:
+            geometry = (self.stride, self.padding, self.dilation, self.in_channels)
+            mid = _depthwise_torch(input, self.dw_weight, self.dw_bias, *geometry)
         return F.conv2d(_TORCH_ACTIVATIONS[self.mid_activation](mid), self.pw_weight, self.pw_bias)
 
     def extra_repr(self) -> str:
@@ -130,8 +140,8 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> tuple[nn.Module, l
     """A copy of ``model`` whose separable chains run fused (see the module docstring), and the changes.
 
     Outputs equal the original's to float rounding (BatchNorm folding reorders a few products).
-    ``backend`` is given to every module it creates: ``"auto"`` (Triton on CUDA, PyTorch elsewhere),
-    ``"triton"`` or ``"torch"``.
+    ``backend`` is given to every module it creates: ``"auto"`` (our kernels only where they measured
+    faster, see :mod:`sepconv.dispatch`), ``"triton"`` (always; fused chains) or ``"torch"``.
     """
     backend_arg(backend, 2)
     model = copy.deepcopy(model)

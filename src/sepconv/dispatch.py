@@ -7,9 +7,13 @@
   and between the convs at most an eval-mode BatchNorm (folded into the depthwise weights on each call) and
   a ReLU/ReLU6. Otherwise — e.g. a BatchNorm in training mode, which needs the intermediate's batch
   statistics — its depthwise part runs :func:`sepconv.kernels.depthwise_conv2d` and the rest PyTorch.
-- ``"auto"`` (default): the kernel for 2-d CUDA inputs with zero padding in fp16/bf16/fp32, outside
-  tracing and export (``torch.jit.trace``, ``torch.export``, ONNX keep seeing ``nn.Conv2d``); PyTorch
-  otherwise — CPU behaviour is unchanged.
+- ``"auto"`` (default): our depthwise kernel only where it measured faster than PyTorch
+  (``benchmarks/results/kernels.json``, H200): 2-d CUDA inputs in channels_last, fp16/bf16/fp32, zero
+  padding, kernels of at least :data:`AUTO_MIN_KERNEL_AREA` taps (9x9 and up: there PyTorch's channels_last
+  depthwise conv is 8-14x slower than ours), and enough work to pay our per-call host overhead
+  (:data:`AUTO_MIN_MACS`, :data:`AUTO_MIN_MACS_WITH_GRAD`); outside tracing and export (``torch.jit.trace``,
+  ``torch.export``, ONNX keep seeing ``nn.Conv2d``). ``auto`` never fuses: the fused separable kernel measured
+  slower than PyTorch's two convs on almost every shape. PyTorch otherwise — CPU behaviour is unchanged.
 
 >>> import torch, sepconv
 >>> layer = sepconv.DepthwiseConv2d(8, 3, padding=1)
@@ -26,6 +30,9 @@ from sepconv.folding import fold_batch_norm, foldable_norm
 from sepconv.kernels import available as kernels_available
 
 __all__ = [
+    "AUTO_MIN_KERNEL_AREA",
+    "AUTO_MIN_MACS",
+    "AUTO_MIN_MACS_WITH_GRAD",
     "BACKENDS",
     "FUSED_ACTIVATIONS",
     "backend_arg",
@@ -39,6 +46,15 @@ __all__ = [
 BACKENDS = ("auto", "torch", "triton")
 _AUTO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}  # mid activations the fused kernel applies
+# auto's measured rule (benchmarks/results/kernels.json, H200, bf16 and fp32). channels_last: PyTorch's
+# depthwise conv is fast up to 7x7 (ours 1.2-3x slower there) and 8-14x slower than ours from 9x9 to 31x31
+# (it falls off its fast path). NCHW: mixed (0.5-1.7x), so PyTorch. Our calls carry a host overhead of
+# ~0.1 ms (forward) and ~1 ms (forward+backward), measured by benchmarks/profile_overhead.py; the MAC
+# thresholds keep auto on PyTorch where that overhead would eat the gain (break-even from the measured rates:
+# PyTorch >= 0.22 TMAC/s forward+backward and 0.45 forward; ours 0.53 and 3.8 -> ~50M and ~400M MACs).
+AUTO_MIN_KERNEL_AREA = 81  # 9x9
+AUTO_MIN_MACS = 50_000_000  # forward MACs, inference
+AUTO_MIN_MACS_WITH_GRAD = 400_000_000  # forward MACs, when gradients will be computed
 
 
 def backend_arg(value: object, ndim: int) -> str:
@@ -75,6 +91,44 @@ def triton_blocker(layer: nn.Module, input: Tensor, *, auto: bool) -> str | None
             return f"the input is on {input.device.type}, not CUDA"
         if input.dtype not in _AUTO_DTYPES:
             return f"dtype {input.dtype}; auto uses the kernel for fp16, bf16 and fp32"
+        weight = layer.weight if hasattr(layer, "weight") else layer.dw_weight
+        needs_grad = torch.is_grad_enabled() and (
+            input.requires_grad or any(p.requires_grad for p in layer.parameters())
+        )
+        return slower_than_pytorch(input, tuple(weight.shape[-2:]), weight.shape[0], layer.stride, needs_grad)
+    return None
+
+
+def slower_than_pytorch(
+    input: Tensor, kernel_size: tuple[int, int], out_channels: int, stride: tuple[int, int], needs_grad: bool
+) -> str | None:
+    """Why PyTorch is expected to be faster than our depthwise kernel for such a call (auto's measured rule,
+    see :data:`AUTO_MIN_KERNEL_AREA`); None when ours is.
+
+    >>> x = torch.rand(8, 256, 28, 28).contiguous(memory_format=torch.channels_last)
+    >>> slower_than_pytorch(x, (31, 31), 256, (1, 1), needs_grad=False) is None
+    True
+    >>> slower_than_pytorch(x, (3, 3), 256, (1, 1), needs_grad=False)
+    'kernel 3x3: 9 taps < AUTO_MIN_KERNEL_AREA = 81; PyTorch measured faster'
+    >>> slower_than_pytorch(x[:1], (9, 9), 256, (1, 1), needs_grad=True)
+    '16,257,024 MACs < AUTO_MIN_MACS_WITH_GRAD = 400,000,000: our per-call overhead would outweigh the gain'
+    """
+    channels_last = input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last)
+    if not channels_last or input.is_contiguous():
+        return "the input is not channels_last: PyTorch measured faster or on par on NCHW"
+    taps = kernel_size[0] * kernel_size[1]
+    if taps < AUTO_MIN_KERNEL_AREA:
+        return (
+            f"kernel {kernel_size[0]}x{kernel_size[1]}: {taps} taps < AUTO_MIN_KERNEL_AREA = {AUTO_MIN_KERNEL_AREA}; "
+            "PyTorch measured faster"
+        )
+    n, _, h, w = input.shape
+    macs = n * out_channels * -(-h // stride[0]) * -(-w // stride[1]) * taps
+    name, floor = (
+        ("AUTO_MIN_MACS_WITH_GRAD", AUTO_MIN_MACS_WITH_GRAD) if needs_grad else ("AUTO_MIN_MACS", AUTO_MIN_MACS)
+    )
+    if macs < floor:
+        return f"{macs:,} MACs < {name} = {floor:,}: our per-call overhead would outweigh the gain"
     return None
 
 

@@ -314,7 +314,8 @@ class _SeparableConv(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         check_input(type(self).__name__, input, self.in_channels, self._ndim)
-        if use_triton(self.depthwise, input) and fusable(self):  # the cheap test first: every call pays it
+        # auto never fuses (the fused kernel measured slower, see sepconv.dispatch); the cheap tests first
+        if self.depthwise.backend == "triton" and use_triton(self.depthwise, input) and fusable(self):
             return triton_separable_forward(self, input)
         return cpu_strategy.run(self, input, self._forward, self._convs)
 

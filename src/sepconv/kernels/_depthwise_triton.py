@@ -21,6 +21,16 @@ import triton.language as tl
 
 
 @triton.jit
+def _depthwise_tap(acc, x_chan, w_ptr, c, c_ok, ih, row_ok, iw0, W, sxh, sxw, tap, kw, KH, KW, DIL_W):
+    iw = iw0 + kw * DIL_W
+    ok = row_ok & (iw >= 0) & (iw < W)
+    offset = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
+    xv = tl.load(x_chan + offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
+    wv = tl.load(w_ptr + c * (KH * KW) + tap, mask=c_ok, other=0.0)
+    return acc + xv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
+
+
+@triton.jit
 def _depthwise_tile(
     x_chan,
     w_ptr,
@@ -40,20 +50,29 @@ def _depthwise_tile(
     ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    STATIC_KH: tl.constexpr = 0,
+    STATIC_KW: tl.constexpr = 0,
 ):
     """Depthwise outputs for BLOCK_P pixels (top-left input corners ``ih0``, ``iw0``) x BLOCK_C channels;
-    ``x_chan`` points at each channel's input plane. Taps outside the input read as zeros."""
+    ``x_chan`` points at each channel's input plane. Taps outside the input read as zeros. With
+    ``STATIC_KH``/``STATIC_KW`` (= KH, KW) the tap loops are unrolled at compile time."""
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-    for kh in range(0, KH):
-        ih = ih0 + kh * DIL_H
-        row_ok = p_ok & (ih >= 0) & (ih < H)
-        for kw in range(0, KW):
-            iw = iw0 + kw * DIL_W
-            ok = row_ok & (iw >= 0) & (iw < W)
-            offset = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-            xv = tl.load(x_chan + offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
-            wv = tl.load(w_ptr + c * (KH * KW) + (kh * KW + kw), mask=c_ok, other=0.0)
-            acc += xv.to(ACC) * wv.to(ACC)[None, :]
+    if STATIC_KH > 0:
+        for kh in tl.static_range(STATIC_KH):
+            ih = ih0 + kh * DIL_H
+            row_ok = p_ok & (ih >= 0) & (ih < H)
+            for kw in tl.static_range(STATIC_KW):
+                acc = _depthwise_tap(
+                    acc, x_chan, w_ptr, c, c_ok, ih, row_ok, iw0, W, sxh, sxw, kh * STATIC_KW + kw, kw, KH, KW, DIL_W
+                )
+    else:
+        for kh in range(0, KH):
+            ih = ih0 + kh * DIL_H
+            row_ok = p_ok & (ih >= 0) & (ih < H)
+            for kw in range(0, KW):
+                acc = _depthwise_tap(
+                    acc, x_chan, w_ptr, c, c_ok, ih, row_ok, iw0, W, sxh, sxw, kh * KW + kw, kw, KH, KW, DIL_W
+                )
     return acc
 
 
@@ -89,6 +108,8 @@ def depthwise_forward_kernel(
     ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    STATIC_KH: tl.constexpr = 0,
+    STATIC_KW: tl.constexpr = 0,
 ):
     n = tl.program_id(2).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -101,7 +122,26 @@ def depthwise_forward_kernel(
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
     acc = _depthwise_tile(
-        x_chan, w_ptr, c, c_ok, ih0, iw0, p_ok, H, W, sxh, sxw, KH, KW, DIL_H, DIL_W, ACC, BLOCK_P, BLOCK_C
+        x_chan,
+        w_ptr,
+        c,
+        c_ok,
+        ih0,
+        iw0,
+        p_ok,
+        H,
+        W,
+        sxh,
+        sxw,
+        KH,
+        KW,
+        DIL_H,
+        DIL_W,
+        ACC,
+        BLOCK_P,
+        BLOCK_C,
+        STATIC_KH,
+        STATIC_KW,
     )
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
@@ -272,6 +312,8 @@ def separable_forward_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_O: tl.constexpr,
+    STATIC_KH: tl.constexpr = 0,
+    STATIC_KW: tl.constexpr = 0,
 ):
     """Fused depthwise + (relu | relu6) + pointwise: per block of mid channels, the depthwise tile is computed
     in registers (``ACC``), activated, rounded to the input dtype (as PyTorch's block would store it) and
@@ -291,7 +333,26 @@ def separable_forward_kernel(
         c_ok = c < C_MID
         x_chan = x_ptr + n * sxn + (c // MULT).to(tl.int64)[None, :] * sxc
         mid = _depthwise_tile(
-            x_chan, dw_ptr, c, c_ok, ih0, iw0, p_ok, H, W, sxh, sxw, KH, KW, DIL_H, DIL_W, ACC, BLOCK_P, BLOCK_C
+            x_chan,
+            dw_ptr,
+            c,
+            c_ok,
+            ih0,
+            iw0,
+            p_ok,
+            H,
+            W,
+            sxh,
+            sxw,
+            KH,
+            KW,
+            DIL_H,
+            DIL_W,
+            ACC,
+            BLOCK_P,
+            BLOCK_C,
+            STATIC_KH,
+            STATIC_KW,
         )
         if HAS_DW_BIAS:
             mid += tl.load(dwb_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]

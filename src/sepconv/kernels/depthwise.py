@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -43,7 +43,9 @@ __all__ = [
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ACC = {torch.float64: tl.float64}  # everything else accumulates in fp32
-_TILE = 1024  # outputs per program
+_TILE = 1024  # outputs per program (NCHW)
+_TILE_CHANNELS_LAST = 2048
+_MAX_STATIC_TAPS = 49  # unrolled tap loops measured faster up to 7x7; 31x31 unrolled would compile for minutes
 _MAX_SPLITS = 64  # programs sharing one grad-weight reduction
 
 PaddingSpec = int | str | Sequence[int] | Sequence[Sequence[int]]
@@ -201,14 +203,33 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _tiles(t: Tensor, pixels: int, channels: int) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_C): the long side along ``t``'s unit-stride dimension, for coalesced access."""
+class Tiles(NamedTuple):
+    """Launch configuration: a program's tile (BLOCK_P pixels x BLOCK_C channels), its warps, and
+    whether the forward unrolls the tap loops at compile time (``static_taps``)."""
+
+    block_p: int
+    block_c: int
+    num_warps: int = 4
+    static_taps: bool = False
+
+
+def _tiles(t: Tensor, pixels: int, channels: int, taps: int = 0) -> Tiles:
+    """Default tiles: the long side along ``t``'s unit-stride dimension, for coalesced access. channels_last:
+    64 x 32 below 256 channels, 16 x 128 from 256; forward taps unrolled up to 7x7 in both layouts (``taps``:
+    the forward's kernel area; 0 for the backward kernels). The fastest or near it in
+    ``benchmarks/results/tune_kernels.json`` (H200, bf16); NCHW tiles were at their best already."""
     np2 = triton.next_power_of_2
     if t.stride(1) <= t.stride(3):  # channels vary fastest (channels_last)
-        block_c = min(max(np2(channels), 4), 64)
-        return min(max(np2(pixels), 4), _TILE // block_c), block_c
+        block_c = min(max(np2(channels), 4), 128 if channels >= 256 else 32)
+        return Tiles(min(max(np2(pixels), 4), _TILE_CHANNELS_LAST // block_c), block_c, 4, 0 < taps <= _MAX_STATIC_TAPS)
     block_p = min(max(np2(pixels), 16), 128)
-    return block_p, min(max(np2(channels), 1), _TILE // block_p)
+    return Tiles(block_p, min(max(np2(channels), 1), _TILE // block_p), 4, 0 < taps <= _MAX_STATIC_TAPS)
+
+
+def _static_taps(tiles: Tiles, kernel: Sequence[int]) -> dict[str, int]:
+    """The STATIC_KH/STATIC_KW launch arguments: the kernel size when unrolled, else 0 (dynamic loops)."""
+    kh, kw = kernel
+    return {"STATIC_KH": kh, "STATIC_KW": kw} if tiles.static_taps else {"STATIC_KH": 0, "STATIC_KW": 0}
 
 
 def _geometry(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
@@ -221,14 +242,16 @@ def _empty_output(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Seq
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
 
 
-def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation) -> Tensor:
+def _forward(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, tiles: Tiles | None = None
+) -> Tensor:
     y = _empty_output(x, weight, stride, padding, dilation)
     if y.numel() == 0:
         return y
     n, c_out, out_h, out_w = y.shape
     weight = weight.contiguous()
-    block_p, block_c = _tiles(x, out_h * out_w, c_out)
-    grid = (triton.cdiv(out_h * out_w, block_p), triton.cdiv(c_out, block_c), n)
+    tiles = tiles or _tiles(x, out_h * out_w, c_out, weight.shape[2] * weight.shape[3])
+    grid = (triton.cdiv(out_h * out_w, tiles.block_p), triton.cdiv(c_out, tiles.block_c), n)
     depthwise_forward_kernel[grid](
         x,
         weight,
@@ -247,20 +270,24 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, di
         c_out // x.shape[1],
         HAS_BIAS=bias is not None,
         ACC=_ACC.get(x.dtype, tl.float32),
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
+        BLOCK_P=tiles.block_p,
+        BLOCK_C=tiles.block_c,
+        num_warps=tiles.num_warps,
+        **_static_taps(tiles, weight.shape[2:]),
     )
     return y
 
 
-def _grad_input(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+def _grad_input(
+    grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, tiles: Tiles | None = None
+) -> Tensor:
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     if grad_x.numel() == 0:
         return grad_x
     n, c_in, h, w = x.shape
     weight = weight.contiguous()
-    block_p, block_c = _tiles(grad_x, h * w, c_in)
-    grid = (triton.cdiv(h * w, block_p), triton.cdiv(c_in, block_c), n)
+    tiles = tiles or _tiles(grad_x, h * w, c_in)
+    grid = (triton.cdiv(h * w, tiles.block_p), triton.cdiv(c_in, tiles.block_c), n)
     depthwise_grad_input_kernel[grid](
         grad,
         weight,
@@ -277,18 +304,22 @@ def _grad_input(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilati
         *_geometry(stride, padding, dilation),
         weight.shape[0] // c_in,
         ACC=_ACC.get(x.dtype, tl.float32),
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
+        BLOCK_P=tiles.block_p,
+        BLOCK_C=tiles.block_c,
+        num_warps=tiles.num_warps,
     )
     return grad_x
 
 
-def _grad_weight(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[Tensor, Tensor]:
+def _grad_weight(
+    grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, tiles: Tiles | None = None
+) -> tuple[Tensor, Tensor]:
     c_out, _, kh, kw = weight.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n, _, out_h, out_w = grad.shape
     pixels = n * out_h * out_w
-    block_p, block_c = _tiles(x, pixels, c_out)
+    tiles = tiles or _tiles(x, pixels, c_out)
+    block_p, block_c = tiles.block_p, tiles.block_c
     splits = max(1, min(_MAX_SPLITS, triton.cdiv(pixels, 16 * block_p)))
     chunk = triton.cdiv(triton.cdiv(pixels, splits), block_p) * block_p
     splits = triton.cdiv(pixels, chunk) if pixels else 1
@@ -315,6 +346,7 @@ def _grad_weight(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilat
             ACC=_ACC.get(x.dtype, tl.float32),
             BLOCK_P=block_p,
             BLOCK_C=block_c,
+            num_warps=tiles.num_warps,
         )
     total = partial.sum(0)  # fixed order: deterministic
     grad_weight = total[:, : kh * kw].to(weight.dtype, copy=True).reshape(c_out, 1, kh, kw)

@@ -19,6 +19,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,19 +89,46 @@ def _check_pointwise(dw_weight: Tensor, pw_weight: Tensor, pw_bias: Tensor | Non
             raise TypeError(f"{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; they must match")
 
 
+class SeparableTiles(NamedTuple):
+    """Launch configuration: BLOCK_P pixels x BLOCK_O output channels per program, mid channels in steps of
+    BLOCK_C, warps, pipelining stages, and whether the depthwise tap loops are unrolled at compile time."""
+
+    block_p: int
+    block_c: int
+    block_o: int
+    num_warps: int = 4
+    num_stages: int = 3
+    static_taps: bool = False
+
+
 def _block(size: int, cap: int) -> int:
     return min(max(triton.next_power_of_2(size), _MIN_DOT), cap)
 
 
-def _forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation) -> Tensor:
+def _tiles(pixels: int, c_mid: int, c_out: int) -> SeparableTiles:
+    return SeparableTiles(_block(pixels, 64), _block(c_mid, 32), _block(c_out, 128))
+
+
+def _forward(
+    x,
+    dw_weight,
+    dw_bias,
+    pw_weight,
+    pw_bias,
+    stride,
+    padding,
+    dilation,
+    activation,
+    tiles: SeparableTiles | None = None,
+) -> Tensor:
     out_h, out_w = output_size(x.shape[-2:], dw_weight.shape[-2:], stride, padding, dilation)
     c_mid, c_out = dw_weight.shape[0], pw_weight.shape[0]
     y = torch.empty((x.shape[0], c_out, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     if y.numel() == 0:
         return y
     dw_weight, pw_weight = dw_weight.contiguous(), pw_weight.contiguous()
-    block_p, block_c, block_o = _block(out_h * out_w, 64), _block(c_mid, 32), _block(c_out, 128)
-    grid = (triton.cdiv(out_h * out_w, block_p), triton.cdiv(c_out, block_o), x.shape[0])
+    tiles = tiles or _tiles(out_h * out_w, c_mid, c_out)
+    grid = (triton.cdiv(out_h * out_w, tiles.block_p), triton.cdiv(c_out, tiles.block_o), x.shape[0])
     separable_forward_kernel[grid](
         x,
         dw_weight,
@@ -126,9 +154,13 @@ def _forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilatio
         ACC=_ACC.get(x.dtype, tl.float32),
         PRECISION="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32",
         DOT_IN_FP32=x.dtype == torch.bfloat16 and interpreting(),  # interpreter: bf16 tl.dot, triton-lang/triton#11584
-        BLOCK_P=block_p,
-        BLOCK_C=block_c,
-        BLOCK_O=block_o,
+        BLOCK_P=tiles.block_p,
+        BLOCK_C=tiles.block_c,
+        BLOCK_O=tiles.block_o,
+        num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
+        STATIC_KH=dw_weight.shape[2] if tiles.static_taps else 0,
+        STATIC_KW=dw_weight.shape[3] if tiles.static_taps else 0,
     )
     return y
 

@@ -1,0 +1,62 @@
+"""Where a small depthwise call spends its time on the host: our kernels vs PyTorch, batch 1 (GPU).
+
+Prints, for the forward and the forward+backward of one small layer, the host microseconds per call (the
+time to issue it, measured with the GPU idle between calls, then with a sync) and the torch.profiler table
+of CPU time by op, so that launch and dispatch overheads can be told from kernel time.
+
+    python benchmarks/profile_overhead.py > profile.txt
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from sepconv.kernels.depthwise import depthwise_conv2d
+
+
+def host_us(fn, repeats: int = 200) -> tuple[float, float]:
+    """Median microseconds to issue ``fn`` (GPU idle before each call) and to finish it (issue + sync)."""
+    issue, total = [], []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        issued = time.perf_counter()
+        torch.cuda.synchronize()
+        done = time.perf_counter()
+        issue.append((issued - start) * 1e6)
+        total.append((done - start) * 1e6)
+    return statistics.median(issue), statistics.median(total)
+
+
+def main() -> None:
+    x = torch.randn(1, 144, 56, 56, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(144, 1, 3, 3, device="cuda", dtype=torch.bfloat16)
+    xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+    cases = {
+        "ours forward": lambda: depthwise_conv2d(x, w, None, 1, 1),
+        "eager forward": lambda: F.conv2d(x, w, None, 1, 1, 1, 144),
+        "ours forward+backward": lambda: depthwise_conv2d(xg, wg, None, 1, 1).sum().backward(),
+        "eager forward+backward": lambda: F.conv2d(xg, wg, None, 1, 1, 1, 144).sum().backward(),
+    }
+    for name, fn in cases.items():
+        for _ in range(20):
+            fn()
+        issue, total = host_us(fn)
+        print(f"{name:24s} issue {issue:8.1f} us   issue+sync {total:8.1f} us")
+    for name in ("ours forward", "ours forward+backward"):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                cases[name]()
+            torch.cuda.synchronize()
+        print(f"\n== {name}: 20 calls")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
