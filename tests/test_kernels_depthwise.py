@@ -6,13 +6,16 @@ shapes stay small; with one, the same tests run the compiled kernels on CUDA.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from sepconv.kernels.depthwise import depthwise_conv2d, resolve_padding_sides
+from sepconv.kernels.depthwise import depthwise_conv2d, plain_eager, resolve_padding_sides
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAYOUTS = ("contiguous", "channels_last", "strided")
@@ -207,6 +210,53 @@ def test_torch_compile_fullgraph_forward_and_backward():
     torch.testing.assert_close(
         torch.autograd.grad(got.sum(), (x, weight)), torch.autograd.grad(want.sum(), (x, weight))
     )
+
+
+class _OpLog(TorchDispatchMode):
+    """Records the ops that reach the dispatcher."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_dispatcher_and_modes_take_the_custom_op():
+    """Plain eager calls run the kernels directly (less host time); under a dispatch mode (as under tracing,
+    fake tensors, functorch) the custom ops run. Same outputs and gradients, float64."""
+    torch.manual_seed(5)
+    x = torch.randn(2, 3, 7, 7, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, 1, 3, 3, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 6, 4, 4, device=DEVICE, dtype=torch.float64)
+    results = []
+    for mode in (contextlib.nullcontext(), _OpLog()):
+        with mode:
+            y = depthwise_conv2d(x, weight, bias, stride=2, padding=1)
+            grads = torch.autograd.grad(y, (x, weight, bias), grad)
+        results.append((y, *grads))
+        ops = getattr(mode, "ops", None)
+        if ops is not None:
+            assert {"sepconv.depthwise_conv2d.default", "sepconv.depthwise_conv2d_grad_input.default"} <= set(ops)
+            assert "sepconv.depthwise_conv2d_grad_weight.default" in ops
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(results[0][0], F.conv2d(x, weight, bias, 2, 1, 1, 3), rtol=1e-12, atol=1e-12)
+
+
+def test_plain_eager_is_false_for_subclasses_and_under_compile(monkeypatch):
+    x = torch.randn(1, 2, 4, 4)
+    assert plain_eager((x, torch.nn.Parameter(torch.randn(2, 1, 3, 3)), None))
+    assert not plain_eager((x.as_subclass(_Marked),))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not plain_eager((x,))
+
+
+class _Marked(torch.Tensor):
+    pass
 
 
 def test_custom_op_passes_opcheck():

@@ -49,6 +49,7 @@ _MAX_STATIC_TAPS = 49  # unrolled tap loops measured faster up to 7x7; 31x31 unr
 _MAX_SPLITS = 64  # programs sharing one grad-weight reduction
 
 PaddingSpec = int | str | Sequence[int] | Sequence[Sequence[int]]
+_PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def interpreting() -> bool:
@@ -122,8 +123,40 @@ def depthwise_conv2d(
     ``padding``: zeros; int, (pad_h, pad_w), ((top, bottom), (left, right)), 'same' (any stride) or 'valid'.
     """
     x, (weight, bias), geometry, unbatched = prepare_call(x, (weight, bias), stride, padding, dilation)
-    y = torch.ops.sepconv.depthwise_conv2d(x, weight, bias, *geometry)
+    y = run_op(torch.ops.sepconv.depthwise_conv2d, _DepthwiseConv2d, (x, weight, bias, *geometry), (x, weight, bias))
     return y.squeeze(0) if unbatched else y
+
+
+def plain_eager(tensors: Sequence[Tensor | None]) -> bool:
+    """True for an eager call on plain tensors: not inside torch.compile/export tracing, no fake tensors or
+    other subclasses, no dispatch or function modes, no functorch transforms. Such calls may skip the custom
+    op's dispatcher round trip (tens of microseconds of Python per call); everything else goes through it."""
+    if torch.compiler.is_compiling() or any(t is not None and type(t) not in _PLAIN for t in tensors):
+        return False
+    try:
+        return not (
+            torch._C._are_functorch_transforms_active()
+            or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+        )
+    except AttributeError:  # a PyTorch without these internals: always the custom op
+        return False
+
+
+def run_op(op: Any, function: type[torch.autograd.Function], args: tuple, tensors: Sequence[Tensor | None]) -> Any:
+    """``op(*args)`` (a custom op), or the same computation without the dispatcher for :func:`plain_eager`
+    calls: ``function.apply`` (same forward, setup_context and backward as the op's autograd) when a
+    gradient is needed, else its forward alone."""
+    if not plain_eager(tensors):
+        return op(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return function.apply(*args)
+    return function.forward(*args)
+
+
+def run_kernel(op: Any, kernel: Any, args: tuple, tensors: Sequence[Tensor | None]) -> Any:
+    """``op(*args)``, or ``kernel(*args)`` directly for :func:`plain_eager` calls (backward helpers)."""
+    return kernel(*args) if plain_eager(tensors) else op(*args)
 
 
 def prepare_call(
@@ -411,13 +444,25 @@ def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     grad_x = grad_weight = grad_bias = None
+    args, tensors = (grad, x, weight, *ctx.geometry), (grad, x, weight)
     if needs_x:
-        grad_x = torch.ops.sepconv.depthwise_conv2d_grad_input(grad, x, weight, *ctx.geometry)
+        grad_x = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
     if needs_weight or (ctx.has_bias and needs_bias):
-        grad_weight, grad_bias = torch.ops.sepconv.depthwise_conv2d_grad_weight(grad, x, weight, *ctx.geometry)
+        grad_weight, grad_bias = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_weight, _grad_weight, args, tensors)
         grad_weight = grad_weight if needs_weight else None
         grad_bias = grad_bias if ctx.has_bias and needs_bias else None
     return grad_x, grad_weight, grad_bias, None, None, None
 
 
 _depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _DepthwiseConv2d(torch.autograd.Function):
+    """The custom op's autograd, callable without the dispatcher (:func:`run_op`)."""
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, dilation):  # the op's signature (no launch configuration)
+        return _forward(x, weight, bias, stride, padding, dilation)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)

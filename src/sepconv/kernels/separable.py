@@ -32,11 +32,16 @@ from sepconv.kernels.depthwise import (
     _ACC,
     _GEOMETRY,
     PaddingSpec,
+    _DepthwiseConv2d,
     _geometry,
+    _grad_input,
+    _grad_weight,
     _memory_format,
     interpreting,
     output_size,
     prepare_call,
+    run_kernel,
+    run_op,
 )
 
 __all__ = ["MID_ACTIVATIONS", "separable_conv2d"]
@@ -71,7 +76,8 @@ def separable_conv2d(
     if mid_activation not in MID_ACTIVATIONS:
         raise ValueError(f"mid_activation must be one of {MID_ACTIVATIONS}; got {mid_activation!r}")
     activation = MID_ACTIVATIONS.index(mid_activation)
-    y = torch.ops.sepconv.separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, activation)
+    args = (x, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, activation)
+    y = run_op(torch.ops.sepconv.separable_conv2d, _SeparableConv2d, args, (x, dw_weight, dw_bias, pw_weight, pw_bias))
     return y.squeeze(0) if unbatched else y
 
 
@@ -195,7 +201,10 @@ def _backward(ctx, grad):
     needs = ctx.needs_input_grad
     grad_pw = grad_pw_bias = grad_x = grad_dw = grad_dw_bias = None
     needs_mid = needs[3] or (ctx.activation and (needs[0] or needs[1] or needs[2]))
-    pre = torch.ops.sepconv.depthwise_conv2d(x, dw_weight, dw_bias, *ctx.geometry) if needs_mid else None
+    pre = None
+    if needs_mid:
+        depthwise_args = (x, dw_weight, dw_bias, *ctx.geometry)
+        pre = run_op(torch.ops.sepconv.depthwise_conv2d, _DepthwiseConv2d, depthwise_args, (x, dw_weight, dw_bias))
     if needs[3]:
         mid = _activate(pre, ctx.activation)
         grad_pw = torch.einsum("nohw,nchw->oc", grad, mid).reshape(pw_weight.shape)
@@ -205,11 +214,12 @@ def _backward(ctx, grad):
         grad_mid = F.conv2d(grad, pw_weight.transpose(0, 1))  # the 1x1 conv's input gradient
         if ctx.activation:
             grad_mid = grad_mid * _activation_slope(pre, ctx.activation)
+        args, tensors = (grad_mid, x, dw_weight, *ctx.geometry), (grad_mid, x, dw_weight)
         if needs[0]:
-            grad_x = torch.ops.sepconv.depthwise_conv2d_grad_input(grad_mid, x, dw_weight, *ctx.geometry)
+            grad_x = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
         if needs[1] or needs[2]:
-            grad_dw, grad_dw_bias = torch.ops.sepconv.depthwise_conv2d_grad_weight(
-                grad_mid, x, dw_weight, *ctx.geometry
+            grad_dw, grad_dw_bias = run_kernel(
+                torch.ops.sepconv.depthwise_conv2d_grad_weight, _grad_weight, args, tensors
             )
             grad_dw = grad_dw if needs[1] else None
             grad_dw_bias = grad_dw_bias if dw_bias is not None and needs[2] else None
@@ -227,3 +237,14 @@ def _activation_slope(pre: Tensor, activation: int) -> Tensor:
 
 
 _separable_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SeparableConv2d(torch.autograd.Function):
+    """The custom op's autograd, callable without the dispatcher (:func:`~sepconv.kernels.depthwise.run_op`)."""
+
+    @staticmethod
+    def forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation):  # the op's
+        return _forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
