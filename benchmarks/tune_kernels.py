@@ -31,17 +31,21 @@ from sepconv.kernels import separable as sep
 from sepconv.kernels.depthwise import Tiles
 from sepconv.kernels.separable import SeparableTiles
 
-# (block_p, block_c, num_warps, static_taps); the first entry of each list is the untuned default.
+# (block_p, block_c, num_warps, static_taps[, tile_w]); the first entry of each list is the untuned default.
 FORWARD = {
     "nhwc": [(16, 64, 4, False), (16, 64, 4, True), (32, 64, 4, True), (64, 64, 8, True), (32, 128, 8, True),
-             (16, 128, 4, True), (64, 32, 4, True)],
+             (16, 128, 4, True), (64, 32, 4, True), (64, 32, 4, True, 8), (64, 32, 4, True, 16),
+             (16, 128, 4, True, 4), (32, 128, 8, True, 8), (128, 32, 8, True, 16)],
     "nchw": [(128, 8, 4, False), (128, 8, 4, True), (256, 4, 4, True), (64, 16, 4, True), (256, 8, 8, True),
-             (512, 4, 8, True), (128, 16, 8, True), (512, 2, 4, True)],
+             (512, 4, 8, True), (128, 16, 8, True), (512, 2, 4, True), (128, 8, 4, True, 32),
+             (256, 4, 4, True, 32), (256, 8, 8, True, 64), (512, 4, 8, True, 64)],
 }  # fmt: skip
 BACKWARD = {
-    "nhwc": [(16, 64, 4), (32, 64, 4), (64, 64, 8), (16, 128, 4), (32, 128, 8), (64, 32, 4)],
-    "nchw": [(128, 8, 4), (256, 4, 4), (64, 16, 4), (256, 8, 8), (512, 4, 8)],
-}
+    "nhwc": [(16, 64, 4), (32, 64, 4), (64, 64, 8), (16, 128, 4), (32, 128, 8), (64, 32, 4),
+             (64, 32, 4, False, 8), (16, 128, 4, False, 4)],
+    "nchw": [(128, 8, 4), (256, 4, 4), (64, 16, 4), (256, 8, 8), (512, 4, 8), (128, 8, 4, False, 32),
+             (256, 4, 4, False, 32)],
+}  # fmt: skip
 # (block_p, block_c, block_o or None = the default's, num_warps, num_stages, static_taps)
 SEPARABLE = [(64, 32, None, 4, 3, False), (64, 32, None, 4, 3, True), (128, 32, None, 8, 3, True),
              (64, 64, None, 4, 3, True), (32, 32, None, 4, 2, True), (128, 64, None, 8, 2, True),
@@ -89,6 +93,8 @@ def depthwise_rows(kernel: str, layout: str, shapes, dtype, device, deadline: fl
             launch = functools.partial(dw._grad_weight, gy, x, w)
         tried: set[Tiles] = set()
         for cfg in FORWARD[layout] if kernel == "forward" else BACKWARD[layout]:
+            if kernel == "grad_weight" and len(cfg) > 3:  # grad-weight tiles are flat
+                continue
             if time.perf_counter() > deadline:
                 return
             tiles = Tiles(*cfg)

@@ -45,9 +45,10 @@ def main() -> int:
     dtypes = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}  # data -> accumulator
     separable = {"HAS_DW_BIAS": True, "HAS_PW_BIAS": True, "MID_ACT": 2, "DOT_IN_FP32": False, "BLOCK_O": 64}
     launches = [
-        (kernels.depthwise_forward_kernel, {"HAS_BIAS": True, "STATIC_KH": 0, "STATIC_KW": 0}),
-        (kernels.depthwise_forward_kernel, {"HAS_BIAS": True, "STATIC_KH": 3, "STATIC_KW": 5}),  # unrolled taps
-        (kernels.depthwise_grad_input_kernel, {}),
+        (kernels.depthwise_forward_kernel, {"HAS_BIAS": True, "STATIC_KH": 0, "STATIC_KW": 0, "TILE_W": 0}),
+        (kernels.depthwise_forward_kernel, {"HAS_BIAS": True, "STATIC_KH": 3, "STATIC_KW": 5, "TILE_W": 8}),  # 4x8
+        (kernels.depthwise_grad_input_kernel, {"TILE_W": 0}),
+        (kernels.depthwise_grad_input_kernel, {"TILE_W": 8}),
         (kernels.depthwise_grad_weight_kernel, {}),
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 0, "STATIC_KW": 0}),
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 3, "STATIC_KW": 3}),

@@ -11,11 +11,19 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from sepconv.kernels.depthwise import depthwise_conv2d, plain_eager, resolve_padding_sides
+from sepconv.kernels.depthwise import (
+    Tiles,
+    _forward,
+    _grad_input,
+    _grad_weight,
+    depthwise_conv2d,
+    plain_eager,
+    resolve_padding_sides,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LAYOUTS = ("contiguous", "channels_last", "strided")
@@ -130,6 +138,39 @@ def test_matches_conv2d_in_float64(cfg):
         assert y.is_contiguous(memory_format=torch.channels_last)
     elif cfg["layout"] != "channels_last":
         assert y.is_contiguous()
+
+
+@settings(max_examples=15)  # three interpreted launches per example
+@given(
+    st.sampled_from([16, 32, 64]),
+    st.sampled_from([1, 4, 8]),
+    st.sampled_from([1, 2, 4]),
+    st.booleans(),
+    st.sampled_from([0, 4, 8, 16]),
+    st.sampled_from(LAYOUTS),
+    st.sampled_from([(3, 3), (2, 5), (1, 1)]),
+    st.sampled_from([1, 2]),
+)
+def test_every_launch_configuration_computes_the_same_conv(
+    block_p, block_c, warps, static, tile_w, kind, kernel, stride
+):
+    """Any tile shape (flat or rectangular pixels), warps and tap unrolling: forward, grad-input and
+    grad-weight equal the float64 reference (the benchmark's sweep times these configurations)."""
+    tiles = Tiles(block_p, block_c, warps, static, min(tile_w, block_p))
+    torch.manual_seed(1)
+    x = layout(torch.randn(2, 5, 9, 7, dtype=torch.float64, device=DEVICE), kind)
+    weight = torch.randn(10, 1, *kernel, dtype=torch.float64, device=DEVICE)
+    geometry = ((stride, stride), (1, 0, 2, 1), (1, 1))
+    expected = reference(x, weight, None, stride, (1, 0, 2, 1), 1)
+    grad = torch.randn_like(expected)
+    torch.testing.assert_close(_forward(x, weight, None, *geometry, tiles=tiles), expected, rtol=1e-12, atol=1e-12)
+    padded = torch.nn.functional.pad(x, (2, 1, 1, 0)).requires_grad_()
+    w = weight.detach().requires_grad_()
+    want_x, want_w = torch.autograd.grad(F.conv2d(padded, w, None, stride, 0, 1, 5), (padded, w), grad)
+    want_x = want_x[:, :, 1 : 1 + x.shape[2], 2 : 2 + x.shape[3]]
+    grad_x = _grad_input(grad, x, weight, *geometry, tiles=tiles)
+    torch.testing.assert_close(grad_x, want_x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_grad_weight(grad, x, weight, *geometry, tiles=tiles)[0], want_w, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,10 @@
 """Triton kernels: 2-d depthwise conv forward, grad-input, grad-weight (+ grad-bias); fused separable forward.
 
 Every kernel reads and writes through explicit element strides, so NCHW, channels_last and
-non-contiguous tensors share one code path. A program owns a tile of BLOCK_P output pixels x BLOCK_C
-channels; the host picks the tile so that the unit-stride dimension (pixels in NCHW, channels in
-channels_last) is the long side, for coalesced loads. Products accumulate in fp32 (fp64 for fp64).
-Padding is implicit: taps outside the input are masked, never materialized.
+non-contiguous tensors share one code path. A program owns a tile of BLOCK_P output pixels (a run of the
+row-major order, or a TILE_W-wide rectangle) x BLOCK_C channels; the host picks the tile so that the
+unit-stride dimension (pixels in NCHW, channels in channels_last) is the long side, for coalesced loads.
+Products accumulate in fp32 (fp64 for fp64). Padding is implicit: taps outside the input are masked, never materialized.
 
 - forward: ``y[n, c, oh, ow] = sum_{kh, kw} x[n, c // m, oh·s - pad + kh·d, ...] · w[c, kh, kw]``;
 - grad-input gathers, for every input pixel, the output pixels that read it (stride handled by a
@@ -18,6 +18,25 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _pixel_tile(pid, ROWS, COLS, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr):
+    """Row, column and validity of program ``pid``'s BLOCK_P pixels: a run of the row-major order
+    (``TILE_W`` = 0), or a (BLOCK_P / TILE_W) x TILE_W rectangle, whose pixels share more of their input
+    windows (fewer input rows per output)."""
+    i = tl.arange(0, BLOCK_P)
+    if TILE_W == 0:
+        flat = pid * BLOCK_P + i
+        row = flat // COLS
+        col = flat % COLS
+        ok = flat < ROWS * COLS
+    else:
+        tiles_w = tl.cdiv(COLS, TILE_W)
+        row = (pid // tiles_w) * (BLOCK_P // TILE_W) + i // TILE_W
+        col = (pid % tiles_w) * TILE_W + i % TILE_W
+        ok = (row < ROWS) & (col < COLS)
+    return row, col, ok
 
 
 @triton.jit
@@ -110,14 +129,12 @@ def depthwise_forward_kernel(
     BLOCK_C: tl.constexpr,
     STATIC_KH: tl.constexpr = 0,
     STATIC_KW: tl.constexpr = 0,
+    TILE_W: tl.constexpr = 0,
 ):
     n = tl.program_id(2).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    oh, ow, p_ok = _pixel_tile(tl.program_id(0), OH, OW, BLOCK_P, TILE_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = p < OH * OW
     c_ok = c < C_OUT
-    oh = p // OW
-    ow = p % OW
     x_chan = x_ptr + n * sxn + (c // MULT).to(tl.int64)[None, :] * sxc
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
@@ -179,14 +196,12 @@ def depthwise_grad_input_kernel(
     ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    TILE_W: tl.constexpr = 0,
 ):
     n = tl.program_id(2).to(tl.int64)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ih, iw, p_ok = _pixel_tile(tl.program_id(0), H, W, BLOCK_P, TILE_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = p < H * W
     c_ok = c < C_IN
-    ih = p // W
-    iw = p % W
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     for j in range(0, MULT):
         c_out = c * MULT + j

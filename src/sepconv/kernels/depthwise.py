@@ -237,13 +237,21 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 class Tiles(NamedTuple):
-    """Launch configuration: a program's tile (BLOCK_P pixels x BLOCK_C channels), its warps, and
-    whether the forward unrolls the tap loops at compile time (``static_taps``)."""
+    """Launch configuration: a program's tile (BLOCK_P pixels x BLOCK_C channels), its warps, whether the
+    forward unrolls the tap loops at compile time (``static_taps``), and the pixels' shape: a run of the
+    row-major order (``tile_w`` = 0) or a (block_p / tile_w) x tile_w rectangle (forward and grad-input)."""
 
     block_p: int
     block_c: int
     num_warps: int = 4
     static_taps: bool = False
+    tile_w: int = 0
+
+    def pixel_programs(self, rows: int, cols: int) -> int:
+        """Programs along the pixel axis for a rows x cols plane."""
+        if self.tile_w == 0:
+            return triton.cdiv(rows * cols, self.block_p)
+        return triton.cdiv(rows, self.block_p // self.tile_w) * triton.cdiv(cols, self.tile_w)
 
 
 def _tiles(t: Tensor, pixels: int, channels: int, taps: int = 0) -> Tiles:
@@ -284,7 +292,7 @@ def _forward(
     n, c_out, out_h, out_w = y.shape
     weight = weight.contiguous()
     tiles = tiles or _tiles(x, out_h * out_w, c_out, weight.shape[2] * weight.shape[3])
-    grid = (triton.cdiv(out_h * out_w, tiles.block_p), triton.cdiv(c_out, tiles.block_c), n)
+    grid = (tiles.pixel_programs(out_h, out_w), triton.cdiv(c_out, tiles.block_c), n)
     depthwise_forward_kernel[grid](
         x,
         weight,
@@ -306,6 +314,7 @@ def _forward(
         BLOCK_P=tiles.block_p,
         BLOCK_C=tiles.block_c,
         num_warps=tiles.num_warps,
+        TILE_W=tiles.tile_w,
         **_static_taps(tiles, weight.shape[2:]),
     )
     return y
@@ -320,7 +329,7 @@ def _grad_input(
     n, c_in, h, w = x.shape
     weight = weight.contiguous()
     tiles = tiles or _tiles(grad_x, h * w, c_in)
-    grid = (triton.cdiv(h * w, tiles.block_p), triton.cdiv(c_in, tiles.block_c), n)
+    grid = (tiles.pixel_programs(h, w), triton.cdiv(c_in, tiles.block_c), n)
     depthwise_grad_input_kernel[grid](
         grad,
         weight,
@@ -340,6 +349,7 @@ def _grad_input(
         BLOCK_P=tiles.block_p,
         BLOCK_C=tiles.block_c,
         num_warps=tiles.num_warps,
+        TILE_W=tiles.tile_w,
     )
     return grad_x
 
