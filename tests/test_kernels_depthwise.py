@@ -215,6 +215,27 @@ def test_unbatched_input_and_expanded_gradient():
     torch.testing.assert_close(weight.grad, gw)
 
 
+def test_grad_weight_writes_every_partial_sum(monkeypatch):
+    """The partial-sum buffer is allocated uninitialized: poisoned with NaN, every entry must be overwritten."""
+    real_empty = torch.empty
+
+    def poisoned(*args, **kwargs):
+        return real_empty(*args, **kwargs).fill_(float("nan"))
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+    torch.manual_seed(2)
+    x = torch.randn(3, 5, 11, 9, dtype=torch.float64, device=DEVICE)
+    weight = torch.randn(10, 1, 3, 2, dtype=torch.float64, device=DEVICE)
+    grad = torch.randn(3, 10, 6, 9, dtype=torch.float64, device=DEVICE)
+    grad_weight, grad_bias = _grad_weight(grad, x, weight, (2, 1), (1, 1, 1, 0), (1, 1))
+    monkeypatch.undo()
+    x_ = x.clone().requires_grad_()
+    w_ = weight.clone().requires_grad_()
+    want = torch.autograd.grad(reference(x_, w_, None, (2, 1), (1, 1, 1, 0), 1), w_, grad)[0]
+    torch.testing.assert_close(grad_weight, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_bias, grad.sum((0, 2, 3)), rtol=1e-10, atol=1e-10)
+
+
 def test_grad_weight_is_deterministic():
     torch.manual_seed(3)
     x = torch.randn(4, 8, 16, 16, device=DEVICE)

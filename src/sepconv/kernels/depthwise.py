@@ -366,7 +366,8 @@ def _grad_weight(
     splits = max(1, min(_MAX_SPLITS, triton.cdiv(pixels, 16 * block_p)))
     chunk = triton.cdiv(triton.cdiv(pixels, splits), block_p) * block_p
     splits = triton.cdiv(pixels, chunk) if pixels else 1
-    partial = torch.zeros((splits, c_out, kh * kw + 1), dtype=acc, device=x.device)
+    # every (split, channel, tap) partial is written by the kernel: no fill launch unless nothing runs
+    partial = (torch.empty if pixels else torch.zeros)((splits, c_out, kh * kw + 1), dtype=acc, device=x.device)
     if pixels:
         grid = (triton.cdiv(c_out, block_c), kh * kw + 1, splits)
         depthwise_grad_weight_kernel[grid](
