@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 import time
 
@@ -81,6 +82,25 @@ def test_decisions_are_cached_per_configuration(monkeypatch) -> None:
     decisions = sepconv.cpu_strategy_decisions()
     assert len(decisions) == 3 and set(decisions.values()) <= {"contiguous", "channels_last"}
     assert {key[-4] for key in decisions} == {(2, 4, 16, 16), (2, 4, 17, 16)}
+
+
+def test_timing_warms_up_and_alternates_which_layout_goes_first(monkeypatch) -> None:
+    """ABBA rounds after the warm-up rounds: neither layout always runs first (first-call and cache-order bias)."""
+    monkeypatch.setattr(cpu_strategy, "_clear_winner", lambda times: False)  # no early stop: every round runs
+    seen: list[str] = []
+
+    def convs(x: torch.Tensor) -> torch.Tensor:
+        cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        seen.append(cpu_strategy.CHANNELS_LAST if cl else cpu_strategy.CONTIGUOUS)
+        return x * 2
+
+    times = cpu_strategy._time_layouts(torch.randn(1, 3, 4, 4), convs, None)
+    rounds = cpu_strategy._WARMUP_ROUNDS + cpu_strategy._TIMED_RUNS
+    assert len(seen) == 2 * rounds
+    firsts = seen[::2]
+    assert all(a != b for a, b in itertools.pairwise(firsts))  # the first layout alternates
+    assert all(seen[2 * r] != seen[2 * r + 1] for r in range(rounds))  # both layouts every round
+    assert set(times) == {cpu_strategy.CONTIGUOUS, cpu_strategy.CHANNELS_LAST}
 
 
 def test_one_measurement_when_threads_race_for_the_same_configuration(monkeypatch) -> None:

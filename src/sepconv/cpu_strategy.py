@@ -44,7 +44,8 @@ __all__ = [
 MODES = ("auto", "channels_last", "off")
 CONTIGUOUS, CHANNELS_LAST = "contiguous", "channels_last"
 _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
-_TIMED_RUNS = 3
+_WARMUP_ROUNDS = 2
+_TIMED_RUNS = 5
 _CLEAR_WIN = 3.0
 _MARGIN = 1.1
 
@@ -231,12 +232,13 @@ def _time_layouts(input: Tensor, convs: Callable[[Tensor], Tensor], params: list
                 torch.autograd.grad(out, [x, *params], torch.ones_like(out))
 
     samples: dict[str, list[float]] = {CONTIGUOUS: [], CHANNELS_LAST: []}
-    for round_ in range(_TIMED_RUNS + 1):
-        for layout, layout_samples in samples.items():
+    for round_ in range(_WARMUP_ROUNDS + _TIMED_RUNS):
+        order = list(samples) if round_ % 2 == 0 else list(samples)[::-1]  # ABBA: no layout always goes first
+        for layout in order:
             start = time.perf_counter()
             step(layout)
-            if round_:  # round 0 is warm-up
-                layout_samples.append(time.perf_counter() - start)
+            if round_ >= _WARMUP_ROUNDS:  # warm-up rounds grow the allocator's pool and caches
+                samples[layout].append(time.perf_counter() - start)
         medians = {layout: statistics.median(values) for layout, values in samples.items() if values}
         if medians and _clear_winner(medians):
             break
