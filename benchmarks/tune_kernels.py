@@ -46,6 +46,13 @@ BACKWARD = {
     "nchw": [(128, 8, 4), (256, 4, 4), (64, 16, 4), (256, 8, 8), (512, 4, 8), (128, 8, 4, False, 32),
              (256, 4, 4, False, 32)],
 }  # fmt: skip
+# grad-weight: (block_p, block_c, num_warps, static_taps, tile_w, loop_taps)
+GRAD_WEIGHT = {
+    "nhwc": [(16, 64, 4), (64, 32, 4), (16, 128, 4), (64, 64, 8), (64, 32, 4, False, 0, True),
+             (16, 128, 4, False, 0, True), (32, 64, 4, False, 0, True), (128, 32, 8, False, 0, True)],
+    "nchw": [(128, 8, 4), (64, 16, 4), (256, 8, 8), (128, 8, 4, False, 0, True), (256, 4, 4, False, 0, True),
+             (64, 16, 4, False, 0, True)],
+}  # fmt: skip
 # (block_p, block_c, block_o or None = the default's, num_warps, num_stages, static_taps)
 SEPARABLE = [(64, 32, None, 4, 3, False), (64, 32, None, 4, 3, True), (128, 32, None, 8, 3, True),
              (64, 64, None, 4, 3, True), (32, 32, None, 4, 2, True), (128, 64, None, 8, 2, True),
@@ -92,9 +99,7 @@ def depthwise_rows(kernel: str, layout: str, shapes, dtype, device, deadline: fl
             truth = torch.nn.grad.conv2d_weight(x.float(), w.shape, gy.float(), s, pad, 1, c)
             launch = functools.partial(dw._grad_weight, gy, x, w)
         tried: set[Tiles] = set()
-        for cfg in FORWARD[layout] if kernel == "forward" else BACKWARD[layout]:
-            if kernel == "grad_weight" and len(cfg) > 3:  # grad-weight tiles are flat
-                continue
+        for cfg in {"forward": FORWARD, "grad_input": BACKWARD, "grad_weight": GRAD_WEIGHT}[kernel][layout]:
             if time.perf_counter() > deadline:
                 return
             tiles = Tiles(*cfg)

@@ -150,13 +150,14 @@ def test_matches_conv2d_in_float64(cfg):
     st.sampled_from(LAYOUTS),
     st.sampled_from([(3, 3), (2, 5), (1, 1)]),
     st.sampled_from([1, 2]),
+    st.booleans(),
 )
 def test_every_launch_configuration_computes_the_same_conv(
-    block_p, block_c, warps, static, tile_w, kind, kernel, stride
+    block_p, block_c, warps, static, tile_w, kind, kernel, stride, loop_taps
 ):
-    """Any tile shape (flat or rectangular pixels), warps and tap unrolling: forward, grad-input and
-    grad-weight equal the float64 reference (the benchmark's sweep times these configurations)."""
-    tiles = Tiles(block_p, block_c, warps, static, min(tile_w, block_p))
+    """Any tile shape (flat or rectangular pixels), warps, tap unrolling and grad-weight tap looping: forward,
+    grad-input and grad-weight equal the float64 reference (the benchmark's sweep times these configurations)."""
+    tiles = Tiles(block_p, block_c, warps, static, min(tile_w, block_p), loop_taps)
     torch.manual_seed(1)
     x = layout(torch.randn(2, 5, 9, 7, dtype=torch.float64, device=DEVICE), kind)
     weight = torch.randn(10, 1, *kernel, dtype=torch.float64, device=DEVICE)

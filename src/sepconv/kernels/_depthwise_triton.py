@@ -254,17 +254,40 @@ def depthwise_grad_weight_kernel(
     ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    LOOP_TAPS: tl.constexpr = False,
 ):
+    """One program per (channel block, tap, split); with ``LOOP_TAPS`` one per (channel block, split) that
+    walks every tap over its pixel chunk, so the chunk's grad-output stays in cache across taps."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    tap = tl.program_id(1)  # KH·KW taps, then one more for the bias gradient
     split = tl.program_id(2)
+    c_ok = c < C_OUT
+    x_chan = x_ptr + (c // MULT).to(tl.int64)[None, :] * sxc
+    gy_chan = gy_ptr + c.to(tl.int64)[None, :] * sgc
+    if LOOP_TAPS:
+        for tap in range(0, KH * KW + 1):
+            _grad_weight_tap(
+                x_chan, gy_chan, partial_ptr, c, c_ok, tap, split, H, W, C_OUT, OH, OW, PIXELS, CHUNK, sxn, sxh,
+                sxw, sgn, sgh, sgw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, ACC, BLOCK_P, BLOCK_C,
+            )  # fmt: skip
+    else:
+        _grad_weight_tap(
+            x_chan, gy_chan, partial_ptr, c, c_ok, tl.program_id(1), split, H, W, C_OUT, OH, OW, PIXELS, CHUNK, sxn,
+            sxh, sxw, sgn, sgh, sgw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, ACC, BLOCK_P, BLOCK_C,
+        )  # fmt: skip
+
+
+@triton.jit
+def _grad_weight_tap(
+    x_chan, gy_chan, partial_ptr, c, c_ok, tap, split, H, W, C_OUT, OH, OW, PIXELS, CHUNK, sxn, sxh, sxw, sgn, sgh,
+    sgw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """partial[split, c, tap] = sum over the split's pixel chunk of grad-output x the tap's input (tap KH·KW:
+    grad-output alone, the bias gradient)."""
     is_bias = tap == KH * KW
     is_weight = tap < KH * KW
     kh = tap // KW
     kw = tap % KW
-    c_ok = c < C_OUT
-    x_chan = x_ptr + (c // MULT).to(tl.int64)[None, :] * sxc
-    gy_chan = gy_ptr + c.to(tl.int64)[None, :] * sgc
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     for start in range(0, CHUNK, BLOCK_P):
         q = split * CHUNK + start + tl.arange(0, BLOCK_P)  # flat (n, oh, ow) index

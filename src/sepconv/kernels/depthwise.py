@@ -47,6 +47,7 @@ _TILE = 1024  # outputs per program (NCHW)
 _TILE_CHANNELS_LAST = 2048
 _MAX_STATIC_TAPS = 49  # unrolled tap loops measured faster up to 7x7; 31x31 unrolled would compile for minutes
 _MAX_SPLITS = 64  # programs sharing one grad-weight reduction
+_LOOP_TAPS_CHUNK_BLOCKS = 8  # grad-weight with loop_taps: pixel blocks per program
 
 PaddingSpec = int | str | Sequence[int] | Sequence[Sequence[int]]
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -239,13 +240,15 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 class Tiles(NamedTuple):
     """Launch configuration: a program's tile (BLOCK_P pixels x BLOCK_C channels), its warps, whether the
     forward unrolls the tap loops at compile time (``static_taps``), and the pixels' shape: a run of the
-    row-major order (``tile_w`` = 0) or a (block_p / tile_w) x tile_w rectangle (forward and grad-input)."""
+    row-major order (``tile_w`` = 0) or a (block_p / tile_w) x tile_w rectangle (forward and grad-input), and
+    whether grad-weight's programs loop over the taps (``loop_taps``) instead of taking one tap each."""
 
     block_p: int
     block_c: int
     num_warps: int = 4
     static_taps: bool = False
     tile_w: int = 0
+    loop_taps: bool = False  # grad-weight: a program walks every tap over a chunk of 8 pixel blocks
 
     def pixel_programs(self, rows: int, cols: int) -> int:
         """Programs along the pixel axis for a rows x cols plane."""
@@ -363,13 +366,16 @@ def _grad_weight(
     pixels = n * out_h * out_w
     tiles = tiles or _tiles(x, pixels, c_out)
     block_p, block_c = tiles.block_p, tiles.block_c
-    splits = max(1, min(_MAX_SPLITS, triton.cdiv(pixels, 16 * block_p)))
+    if tiles.loop_taps:  # small chunks: each program's grad-output stays in cache while it walks the taps
+        splits = max(1, triton.cdiv(pixels, _LOOP_TAPS_CHUNK_BLOCKS * block_p))
+    else:
+        splits = max(1, min(_MAX_SPLITS, triton.cdiv(pixels, 16 * block_p)))
     chunk = triton.cdiv(triton.cdiv(pixels, splits), block_p) * block_p
     splits = triton.cdiv(pixels, chunk) if pixels else 1
     # every (split, channel, tap) partial is written by the kernel: no fill launch unless nothing runs
     partial = (torch.empty if pixels else torch.zeros)((splits, c_out, kh * kw + 1), dtype=acc, device=x.device)
     if pixels:
-        grid = (triton.cdiv(c_out, block_c), kh * kw + 1, splits)
+        grid = (triton.cdiv(c_out, block_c), 1 if tiles.loop_taps else kh * kw + 1, splits)
         depthwise_grad_weight_kernel[grid](
             x,
             grad,
@@ -390,6 +396,7 @@ def _grad_weight(
             ACC=_ACC.get(x.dtype, tl.float32),
             BLOCK_P=block_p,
             BLOCK_C=block_c,
+            LOOP_TAPS=tiles.loop_taps,
             num_warps=tiles.num_warps,
         )
     total = partial.sum(0)  # fixed order: deterministic
