@@ -37,6 +37,7 @@ __all__ = [
     "FUSED_ACTIVATIONS",
     "backend_arg",
     "fusable",
+    "slower_than_pytorch",
     "triton_blocker",
     "triton_depthwise_forward",
     "triton_separable_forward",

@@ -34,18 +34,22 @@ from sepconv.padding import same_padding
 
 __all__ = [
     "SUPPORTED_DTYPES",
+    "Tiles",
     "depthwise_conv2d",
     "interpreting",
     "output_size",
+    "plain_eager",
     "prepare_call",
     "resolve_padding_sides",
+    "run_kernel",
+    "run_op",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ACC = {torch.float64: tl.float64}  # everything else accumulates in fp32
 _TILE = 1024  # outputs per program (NCHW)
 _TILE_CHANNELS_LAST = 2048
-_MAX_STATIC_TAPS = 49  # unrolled tap loops measured faster up to 7x7; 31x31 unrolled would compile for minutes
+_MAX_STATIC_TAPS = 49  # unrolled tap loops measured faster up to 7x7; larger kernels keep loops (not timed unrolled)
 _MAX_SPLITS = 64  # programs sharing one grad-weight reduction
 _LOOP_TAPS_CHUNK_BLOCKS = 8  # grad-weight with loop_taps: pixel blocks per program
 
