@@ -10,7 +10,7 @@
 - ``"auto"`` (default): our depthwise kernel only where it measured faster than PyTorch
   (``benchmarks/results/kernels.json``, H200): 2-d CUDA inputs in channels_last, fp16/bf16/fp32, zero
   padding, kernels of at least :data:`AUTO_MIN_KERNEL_AREA` taps (9x9 and up: there PyTorch's channels_last
-  depthwise conv is 8-14x slower than ours), and enough work to pay our per-call host overhead
+  depthwise conv is 7-14x slower than ours), and enough work to pay our per-call host overhead
   (:data:`AUTO_MIN_MACS`, :data:`AUTO_MIN_MACS_WITH_GRAD`); outside tracing and export (``torch.jit.trace``,
   ``torch.export``, ONNX keep seeing ``nn.Conv2d``). ``auto`` never fuses: the fused separable kernel measured
   slower than PyTorch's two convs on almost every shape. PyTorch otherwise — CPU behaviour is unchanged.
@@ -48,7 +48,7 @@ BACKENDS = ("auto", "torch", "triton")
 _AUTO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}  # mid activations the fused kernel applies
 # auto's measured rule (benchmarks/results/kernels.json, H200, bf16 and fp32). channels_last: PyTorch's
-# depthwise conv is fast up to 7x7 (ours 1.2-3x slower there) and 8-14x slower than ours from 9x9 to 31x31
+# depthwise conv is fast up to 7x7 (ours 1.0-3.1x slower there) and 7-14x slower than ours from 9x9 to 31x31
 # (it falls off its fast path). NCHW: mixed (0.5-1.7x), so PyTorch. Our calls carry a host overhead of
 # ~0.1 ms (forward) and ~1 ms (forward+backward), measured by benchmarks/profile_overhead.py; the MAC
 # thresholds keep auto on PyTorch where that overhead would eat the gain (break-even from the measured rates:
