@@ -139,27 +139,9 @@ def depthwise_forward_kernel(
     ih0 = oh * STRIDE_H - PAD_H
     iw0 = ow * STRIDE_W - PAD_W
     acc = _depthwise_tile(
-        x_chan,
-        w_ptr,
-        c,
-        c_ok,
-        ih0,
-        iw0,
-        p_ok,
-        H,
-        W,
-        sxh,
-        sxw,
-        KH,
-        KW,
-        DIL_H,
-        DIL_W,
-        ACC,
-        BLOCK_P,
-        BLOCK_C,
-        STATIC_KH,
-        STATIC_KW,
-    )
+        x_chan, w_ptr, c, c_ok, ih0, iw0, p_ok, H, W, sxh, sxw, KH, KW, DIL_H, DIL_W,
+        ACC, BLOCK_P, BLOCK_C, STATIC_KH, STATIC_KW,
+    )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
     y_offset = n * syn + c.to(tl.int64)[None, :] * syc + (oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None]
@@ -371,27 +353,9 @@ def separable_forward_kernel(
         c_ok = c < C_MID
         x_chan = x_ptr + n * sxn + (c // MULT).to(tl.int64)[None, :] * sxc
         mid = _depthwise_tile(
-            x_chan,
-            dw_ptr,
-            c,
-            c_ok,
-            ih0,
-            iw0,
-            p_ok,
-            H,
-            W,
-            sxh,
-            sxw,
-            KH,
-            KW,
-            DIL_H,
-            DIL_W,
-            ACC,
-            BLOCK_P,
-            BLOCK_C,
-            STATIC_KH,
-            STATIC_KW,
-        )
+            x_chan, dw_ptr, c, c_ok, ih0, iw0, p_ok, H, W, sxh, sxw, KH, KW, DIL_H, DIL_W,
+            ACC, BLOCK_P, BLOCK_C, STATIC_KH, STATIC_KW,
+        )  # fmt: skip
         if HAS_DW_BIAS:
             mid += tl.load(dwb_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
         if MID_ACT == 1:  # relu

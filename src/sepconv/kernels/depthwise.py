@@ -274,8 +274,9 @@ def _tiles(t: Tensor, pixels: int, channels: int, taps: int = 0) -> Tiles:
     return Tiles(block_p, min(max(np2(channels), 1), _TILE // block_p), 4, 0 < taps <= _MAX_STATIC_TAPS)
 
 
-def _static_taps(tiles: Tiles, kernel: Sequence[int]) -> dict[str, int]:
-    """The STATIC_KH/STATIC_KW launch arguments: the kernel size when unrolled, else 0 (dynamic loops)."""
+def _static_taps(tiles: Any, kernel: Sequence[int]) -> dict[str, int]:
+    """The STATIC_KH/STATIC_KW launch arguments (``tiles``: any launch configuration with ``static_taps``): the
+    kernel size when unrolled, else 0 (dynamic loops)."""
     kh, kw = kernel
     return {"STATIC_KH": kh, "STATIC_KW": kw} if tiles.static_taps else {"STATIC_KH": 0, "STATIC_KW": 0}
 

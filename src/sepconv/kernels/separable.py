@@ -37,6 +37,7 @@ from sepconv.kernels.depthwise import (
     _grad_input,
     _grad_weight,
     _memory_format,
+    _static_taps,
     interpreting,
     output_size,
     prepare_call,
@@ -165,8 +166,7 @@ def _forward(
         BLOCK_O=tiles.block_o,
         num_warps=tiles.num_warps,
         num_stages=tiles.num_stages,
-        STATIC_KH=dw_weight.shape[2] if tiles.static_taps else 0,
-        STATIC_KW=dw_weight.shape[3] if tiles.static_taps else 0,
+        **_static_taps(tiles, dw_weight.shape[2:]),
     )
     return y
 
