@@ -9,6 +9,9 @@ of CPU time by op, so that launch and dispatch overheads can be told from kernel
 
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
 import statistics
 import time
 
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from sepconv.kernels import depthwise as dw
 from sepconv.kernels.depthwise import depthwise_conv2d
 
 
@@ -49,6 +53,30 @@ def main() -> None:
             fn()
         issue, total = host_us(fn)
         print(f"{name:24s} issue {issue:8.1f} us   issue+sync {total:8.1f} us")
+    # the forward's host path in pieces: validation, then output allocation + launch, then the bare launch
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1])
+    pieces = {
+        "prepare_call": lambda: dw.prepare_call(x, (w, None), 1, 1, 1),
+        "_forward (alloc+launch)": lambda: dw._forward(x, w, None, *geometry),
+        "empty output": lambda: dw._empty_output(x, w, *geometry),
+        "plain_eager check": lambda: dw.plain_eager((x, w, None)),
+    }
+    for name, fn in pieces.items():
+        for _ in range(20):
+            fn()
+        issue, total = host_us(fn)
+        print(f"{name:24s} issue {issue:8.1f} us   issue+sync {total:8.1f} us")
+    for name in ("ours forward", "ours forward+backward"):
+        profiler = cProfile.Profile()
+        torch.cuda.synchronize()
+        profiler.enable()
+        for _ in range(200):
+            cases[name]()
+        profiler.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+        print(f"\n== cProfile, {name}: 200 calls (tottime order)\n" + text.getvalue()[-9000:])
     for name in ("ours forward", "ours forward+backward"):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
