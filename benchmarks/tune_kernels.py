@@ -32,19 +32,19 @@ from sepconv.kernels.depthwise import Tiles
 from sepconv.kernels.separable import SeparableTiles
 
 # (block_p, block_c, num_warps, static_taps[, tile_w]); the first entry of each list is the untuned default.
+# static_taps: True (all taps up to 5x5, else each row's), "all", "rows" or False (loops); see depthwise._static_taps
 FORWARD = {
-    "nhwc": [(16, 64, 4, False), (16, 64, 4, True), (32, 64, 4, True), (64, 64, 8, True), (32, 128, 8, True),
-             (16, 128, 4, True), (64, 32, 4, True), (64, 32, 4, True, 8), (64, 32, 4, True, 16),
-             (16, 128, 4, True, 4), (32, 128, 8, True, 8), (128, 32, 8, True, 16)],
-    "nchw": [(128, 8, 4, False), (128, 8, 4, True), (256, 4, 4, True), (64, 16, 4, True), (256, 8, 8, True),
-             (512, 4, 8, True), (128, 16, 8, True), (512, 2, 4, True), (128, 8, 4, True, 32),
-             (256, 4, 4, True, 32), (256, 8, 8, True, 64), (512, 4, 8, True, 64)],
+    "nhwc": [(16, 64, 4, False), (64, 32, 4, True), (64, 32, 4, "all"), (64, 32, 4, False), (16, 128, 4, True, 4),
+             (16, 128, 4, "all", 4), (16, 128, 4, False, 4), (64, 32, 4, True, 16), (32, 64, 4, True),
+             (16, 128, 4, True)],
+    "nchw": [(128, 8, 4, False), (128, 8, 4, True), (128, 8, 4, "all"), (256, 4, 4, True), (64, 16, 4, True),
+             (128, 8, 4, True, 32), (256, 8, 8, True)],
 }  # fmt: skip
 BACKWARD = {
-    "nhwc": [(16, 64, 4), (32, 64, 4), (64, 64, 8), (16, 128, 4), (32, 128, 8), (64, 32, 4),
-             (64, 32, 4, False, 8), (16, 128, 4, False, 4)],
-    "nchw": [(128, 8, 4), (256, 4, 4), (64, 16, 4), (256, 8, 8), (512, 4, 8), (128, 8, 4, False, 32),
-             (256, 4, 4, False, 32)],
+    "nhwc": [(16, 64, 4), (64, 32, 4), (64, 32, 4, False, 8), (64, 32, 4, True, 8), (16, 128, 4, False, 4),
+             (16, 128, 4, True, 4), (32, 64, 4, True), (16, 128, 4, True)],
+    "nchw": [(128, 8, 4), (128, 8, 4, True), (256, 4, 4), (256, 4, 4, True), (128, 8, 4, False, 32),
+             (128, 8, 4, True, 32)],
 }  # fmt: skip
 # grad-weight: (block_p, block_c, num_warps, static_taps, tile_w, loop_taps)
 GRAD_WEIGHT = {
@@ -57,7 +57,7 @@ GRAD_WEIGHT = {
 SEPARABLE = [(64, 32, None, 4, 3, False), (64, 32, None, 4, 3, True), (128, 32, None, 8, 3, True),
              (64, 64, None, 4, 3, True), (32, 32, None, 4, 2, True), (128, 64, None, 8, 2, True),
              (64, 32, 64, 4, 3, True), (64, 32, 256, 8, 3, True)]  # fmt: skip
-MAX_STATIC_TAPS = 225  # unrolling 31x31 = 961 taps makes compiles very slow: dynamic loops there
+MAX_STATIC_TAPS = 225  # unrolling all 31x31 = 961 taps makes compiles very slow: not swept
 LAYOUTS = {"nhwc": torch.channels_last, "nchw": torch.contiguous_format}
 
 
@@ -103,8 +103,10 @@ def depthwise_rows(kernel: str, layout: str, shapes, dtype, device, deadline: fl
             if time.perf_counter() > deadline:
                 return
             tiles = Tiles(*cfg)
-            if tiles.static_taps and k * k > MAX_STATIC_TAPS:  # the same tile with dynamic tap loops
-                tiles = tiles._replace(static_taps=False)
+            if tiles.static_taps == "all" and k * k > MAX_STATIC_TAPS:  # compiles very slowly: not swept
+                continue
+            if tiles.static_taps == "all" and k * k <= dw._MAX_FULL_UNROLL:  # the same launch as True
+                tiles = tiles._replace(static_taps=True)
             if tiles in tried:
                 continue
             tried.add(tiles)

@@ -47,8 +47,9 @@ def main() -> int:
     launches = [
         (kernels.depthwise_forward_kernel, {"HAS_BIAS": True, "STATIC_KH": 0, "STATIC_KW": 0, "TILE_W": 0}),
         (kernels.depthwise_forward_kernel, {"HAS_BIAS": True, "STATIC_KH": 3, "STATIC_KW": 5, "TILE_W": 8}),  # 4x8
-        (kernels.depthwise_grad_input_kernel, {"TILE_W": 0}),
-        (kernels.depthwise_grad_input_kernel, {"TILE_W": 8}),
+        (kernels.depthwise_forward_kernel, {"HAS_BIAS": False, "STATIC_KH": 0, "STATIC_KW": 7, "TILE_W": 0}),  # rows
+        (kernels.depthwise_grad_input_kernel, {"TILE_W": 0, "STATIC_KW": 0}),
+        (kernels.depthwise_grad_input_kernel, {"TILE_W": 8, "STATIC_KW": 5}),
         (kernels.depthwise_grad_weight_kernel, {"LOOP_TAPS": False}),
         (kernels.depthwise_grad_weight_kernel, {"LOOP_TAPS": True}),
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 0, "STATIC_KW": 0}),

@@ -145,10 +145,10 @@ def test_matches_conv2d_in_float64(cfg):
     st.sampled_from([16, 32, 64]),
     st.sampled_from([1, 4, 8]),
     st.sampled_from([1, 2, 4]),
-    st.booleans(),
+    st.sampled_from([False, True, "rows", "all"]),
     st.sampled_from([0, 4, 8, 16]),
     st.sampled_from(LAYOUTS),
-    st.sampled_from([(3, 3), (2, 5), (1, 1)]),
+    st.sampled_from([(3, 3), (2, 5), (1, 1), (6, 5)]),  # (6, 5): above the full-unroll area, rows unrolled
     st.sampled_from([1, 2]),
     st.booleans(),
 )

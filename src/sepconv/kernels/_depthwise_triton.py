@@ -84,6 +84,14 @@ def _depthwise_tile(
                 acc = _depthwise_tap(
                     acc, x_chan, w_ptr, c, c_ok, ih, row_ok, iw0, W, sxh, sxw, kh * STATIC_KW + kw, kw, KH, KW, DIL_W
                 )
+    elif STATIC_KW > 0:  # only each row's taps unrolled: bounded code size and register pressure
+        for kh in range(0, KH):
+            ih = ih0 + kh * DIL_H
+            row_ok = p_ok & (ih >= 0) & (ih < H)
+            for kw in tl.static_range(STATIC_KW):
+                acc = _depthwise_tap(
+                    acc, x_chan, w_ptr, c, c_ok, ih, row_ok, iw0, W, sxh, sxw, kh * STATIC_KW + kw, kw, KH, KW, DIL_W
+                )
     else:
         for kh in range(0, KH):
             ih = ih0 + kh * DIL_H
@@ -149,6 +157,18 @@ def depthwise_forward_kernel(
 
 
 @triton.jit
+def _grad_input_tap(acc, gy_chan, w_tap, c_ok, oh, row_ok, iw, kw, OW, sgh, sgw, STRIDE_W, PAD_W, DIL_W):
+    """Adds the grad-output pixels that tap ``kw`` of the current kernel row maps onto the input pixels."""
+    tw = iw + PAD_W - kw * DIL_W
+    ow = tw // STRIDE_W
+    ok = row_ok & (tw >= 0) & (tw == ow * STRIDE_W) & (ow < OW)
+    offset = oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
+    gv = tl.load(gy_chan + offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
+    wv = tl.load(w_tap, mask=c_ok, other=0.0)
+    return acc + gv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
+
+
+@triton.jit
 def depthwise_grad_input_kernel(
     gy_ptr,
     w_ptr,
@@ -179,6 +199,7 @@ def depthwise_grad_input_kernel(
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
     TILE_W: tl.constexpr = 0,
+    STATIC_KW: tl.constexpr = 0,
 ):
     n = tl.program_id(2).to(tl.int64)
     ih, iw, p_ok = _pixel_tile(tl.program_id(0), H, W, BLOCK_P, TILE_W)
@@ -189,17 +210,20 @@ def depthwise_grad_input_kernel(
         c_out = c * MULT + j
         gy_chan = gy_ptr + n * sgn + c_out.to(tl.int64)[None, :] * sgc
         for kh in range(0, KH):
+            w_row = w_ptr + c_out * (KH * KW) + kh * KW
             th = ih + PAD_H - kh * DIL_H  # = oh·STRIDE_H for the output row that reads this input row
             oh = th // STRIDE_H
             row_ok = p_ok & (th >= 0) & (th == oh * STRIDE_H) & (oh < OH)
-            for kw in range(0, KW):
-                tw = iw + PAD_W - kw * DIL_W
-                ow = tw // STRIDE_W
-                ok = row_ok & (tw >= 0) & (tw == ow * STRIDE_W) & (ow < OW)
-                offset = oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
-                gv = tl.load(gy_chan + offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
-                wv = tl.load(w_ptr + c_out * (KH * KW) + (kh * KW + kw), mask=c_ok, other=0.0)
-                acc += gv.to(ACC) * wv.to(ACC)[None, :]
+            if STATIC_KW > 0:  # the row's taps unrolled
+                for kw in tl.static_range(STATIC_KW):
+                    acc = _grad_input_tap(
+                        acc, gy_chan, w_row + kw, c_ok, oh, row_ok, iw, kw, OW, sgh, sgw, STRIDE_W, PAD_W, DIL_W
+                    )
+            else:
+                for kw in range(0, KW):
+                    acc = _grad_input_tap(
+                        acc, gy_chan, w_row + kw, c_ok, oh, row_ok, iw, kw, OW, sgh, sgw, STRIDE_W, PAD_W, DIL_W
+                    )
     x_offset = n * sxn + c.to(tl.int64)[None, :] * sxc + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
     tl.store(gx_ptr + x_offset, acc.to(gx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
 
