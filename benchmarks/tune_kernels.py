@@ -32,19 +32,18 @@ from sepconv.kernels.depthwise import Tiles
 from sepconv.kernels.separable import SeparableTiles
 
 # (block_p, block_c, num_warps, static_taps[, tile_w]); the first entry of each list is the untuned default.
-# static_taps: True (all taps up to 5x5, else each row's), "all", "rows" or False (loops); see depthwise._static_taps
+# static_taps: "all" (every tap unrolled), "rows" (each kernel row's taps) or False (loops)
 FORWARD = {
-    "nhwc": [(16, 64, 4, False), (64, 32, 4, True), (64, 32, 4, "all"), (64, 32, 4, False), (16, 128, 4, True, 4),
-             (16, 128, 4, "all", 4), (16, 128, 4, False, 4), (64, 32, 4, True, 16), (32, 64, 4, True),
-             (16, 128, 4, True)],
-    "nchw": [(128, 8, 4, False), (128, 8, 4, True), (128, 8, 4, "all"), (256, 4, 4, True), (64, 16, 4, True),
-             (128, 8, 4, True, 32), (256, 8, 8, True)],
+    "nhwc": [(16, 64, 4, False), (64, 32, 4, "all"), (64, 32, 4, "rows"), (64, 32, 4, False), (16, 128, 4, "rows", 4),
+             (16, 128, 4, "all", 4), (16, 128, 4, False, 4), (64, 32, 4, "rows", 16), (32, 64, 4, "rows")],
+    "nchw": [(128, 8, 4, False), (128, 8, 4, "rows"), (128, 8, 4, "all"), (256, 4, 4, "all"), (64, 16, 4, "all"),
+             (128, 8, 4, "all", 32)],
 }  # fmt: skip
-BACKWARD = {
-    "nhwc": [(16, 64, 4), (64, 32, 4), (64, 32, 4, False, 8), (64, 32, 4, True, 8), (16, 128, 4, False, 4),
-             (16, 128, 4, True, 4), (32, 64, 4, True), (16, 128, 4, True)],
-    "nchw": [(128, 8, 4), (128, 8, 4, True), (256, 4, 4), (256, 4, 4, True), (128, 8, 4, False, 32),
-             (128, 8, 4, True, 32)],
+BACKWARD = {  # grad-input unrolls rows at most
+    "nhwc": [(16, 64, 4), (64, 32, 4), (64, 32, 4, False, 8), (64, 32, 4, "rows", 8), (16, 128, 4, False, 4),
+             (16, 128, 4, "rows", 4), (32, 64, 4, "rows")],
+    "nchw": [(128, 8, 4), (128, 8, 4, "rows"), (256, 4, 4), (256, 4, 4, "rows"), (128, 8, 4, False, 32),
+             (128, 8, 4, "rows", 32)],
 }  # fmt: skip
 # grad-weight: (block_p, block_c, num_warps, static_taps, tile_w, loop_taps)
 GRAD_WEIGHT = {
@@ -105,8 +104,6 @@ def depthwise_rows(kernel: str, layout: str, shapes, dtype, device, deadline: fl
             tiles = Tiles(*cfg)
             if tiles.static_taps == "all" and k * k > MAX_STATIC_TAPS:  # compiles very slowly: not swept
                 continue
-            if tiles.static_taps == "all" and k * k <= dw._MAX_FULL_UNROLL:  # the same launch as True
-                tiles = tiles._replace(static_taps=True)
             if tiles in tried:
                 continue
             tried.add(tiles)

@@ -49,11 +49,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _ACC = {torch.float64: tl.float64}  # everything else accumulates in fp32
 _TILE = 1024  # outputs per program (NCHW)
 _TILE_CHANNELS_LAST = 2048
-# Tap loops unrolled at compile time: all taps up to this kernel area, above it each kernel row's taps (the kernel
-# row loop stays). Compiled for sm_90, the fully unrolled 7x7 forward spills ~3200 registers to local memory and
-# issues 8.9 instructions per multiply-add; unrolling rows only: no spills, 4.6 (31x31: 4.2 vs 7.7 for plain
-# loops). See benchmarks/KERNEL_NOTES.md.
-_MAX_FULL_UNROLL = 25
+# Tap loops unrolled at compile time (default tiles, `_tiles`): every tap up to a kernel area of 25 in
+# channels_last (49 in NCHW), else each kernel row's taps up to 7 per row, else loops. Compiled for sm_90, the
+# fully unrolled channels_last 7x7 forward spills ~3200 registers and measured 1.5x slower than row unrolling
+# (NCHW's smaller per-thread tile does not: all taps 1.24x faster there); row unrolling of 13x13 and up was
+# slower than loops (31x31: 1.87 vs 1.39 ms). benchmarks/KERNEL_NOTES.md has the numbers.
+_MAX_FULL_UNROLL = {True: 25, False: 49}  # channels_last?
+_MAX_ROW_UNROLL = 7
 _MAX_SPLITS = 64  # programs sharing one grad-weight reduction
 _LOOP_TAPS_CHUNK_BLOCKS = 8  # grad-weight with loop_taps: pixel blocks per program
 
@@ -254,7 +256,7 @@ class Tiles(NamedTuple):
     block_p: int
     block_c: int
     num_warps: int = 4
-    static_taps: bool | str = False  # True, "all", "rows" or False: see _static_taps
+    static_taps: bool | str = False  # "all" (or True), "rows" or False: see _static_taps
     tile_w: int = 0
     loop_taps: bool = False  # grad-weight: a program walks every tap over a chunk of 8 pixel blocks
 
@@ -265,31 +267,35 @@ class Tiles(NamedTuple):
         return triton.cdiv(rows, self.block_p // self.tile_w) * triton.cdiv(cols, self.tile_w)
 
 
-def _tiles(t: Tensor, pixels: int, channels: int, grad_input: bool = False) -> Tiles:
+def _tiles(t: Tensor, pixels: int, channels: int, kernel: Sequence[int] = (0, 0), grad_input: bool = False) -> Tiles:
     """Default tiles: the long side along ``t``'s unit-stride dimension, for coalesced access. channels_last:
-    64 x 32 below 256 channels (grad-input: in 8 x 8 rectangles), 16 x 128 in 4 x 4 rectangles from 256; taps
-    unrolled (see :func:`_static_taps`). The fastest or near it in ``benchmarks/results/tune_kernels.json``
-    (H200, bf16); NCHW tiles were at their best already."""
+    64 x 32 below 256 channels (grad-input: in 8 x 8 rectangles), 16 x 128 in 4 x 4 rectangles from 256. Tap
+    unrolling for ``kernel`` as ``_MAX_FULL_UNROLL``/``_MAX_ROW_UNROLL`` say (grad-input: rows at most). The
+    fastest or near it in ``benchmarks/results/tune_kernels.json`` (H200, bf16)."""
     np2 = triton.next_power_of_2
-    if t.stride(1) <= t.stride(3):  # channels vary fastest (channels_last)
+    channels_last = t.stride(1) <= t.stride(3)  # channels vary fastest
+    kh, kw = kernel
+    if kh * kw <= _MAX_FULL_UNROLL[channels_last] and not grad_input:
+        unroll: bool | str = "all"
+    else:
+        unroll = "rows" if kw <= _MAX_ROW_UNROLL else False
+    if channels_last:
         block_c = min(max(np2(channels), 4), 128 if channels >= 256 else 32)
         block_p = min(max(np2(pixels), 4), _TILE_CHANNELS_LAST // block_c)
         square = 4 if (block_p, block_c) == (16, 128) else 8 if grad_input and (block_p, block_c) == (64, 32) else 0
-        return Tiles(block_p, block_c, 4, True, square)
+        return Tiles(block_p, block_c, 4, unroll, square)
     block_p = min(max(np2(pixels), 16), 128)
-    return Tiles(block_p, min(max(np2(channels), 1), _TILE // block_p), 4, True)
+    return Tiles(block_p, min(max(np2(channels), 1), _TILE // block_p), 4, unroll)
 
 
 def _static_taps(tiles: Any, kernel: Sequence[int]) -> dict[str, int]:
-    """The STATIC_KH/STATIC_KW launch arguments (``tiles``: any launch configuration with ``static_taps``).
-    ``static_taps`` True: every tap unrolled up to a kernel area of ``_MAX_FULL_UNROLL``, above it each kernel
-    row's taps (STATIC_KW alone); "all" or "rows" force either; False: loops (0, 0)."""
-    kh, kw = kernel
+    """The STATIC_KH/STATIC_KW launch arguments (``tiles``: any launch configuration with ``static_taps``):
+    "all" or True: both kernel sizes (every tap unrolled); "rows": STATIC_KW alone (each kernel row's taps);
+    False: 0 (loops)."""
     mode = tiles.static_taps
     if not mode:
         return {"STATIC_KH": 0, "STATIC_KW": 0}
-    every_tap = mode == "all" or (mode is True and kh * kw <= _MAX_FULL_UNROLL)
-    return {"STATIC_KH": kh if every_tap else 0, "STATIC_KW": kw}
+    return {"STATIC_KH": 0 if mode == "rows" else kernel[0], "STATIC_KW": kernel[1]}
 
 
 def _geometry(stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
@@ -310,7 +316,7 @@ def _forward(
         return y
     n, c_out, out_h, out_w = y.shape
     weight = weight.contiguous()
-    tiles = tiles or _tiles(x, out_h * out_w, c_out)
+    tiles = tiles or _tiles(x, out_h * out_w, c_out, weight.shape[2:])
     grid = (tiles.pixel_programs(out_h, out_w), triton.cdiv(c_out, tiles.block_c), n)
     depthwise_forward_kernel[grid](
         x,
@@ -347,7 +353,7 @@ def _grad_input(
         return grad_x
     n, c_in, h, w = x.shape
     weight = weight.contiguous()
-    tiles = tiles or _tiles(grad_x, h * w, c_in, grad_input=True)
+    tiles = tiles or _tiles(grad_x, h * w, c_in, weight.shape[2:], grad_input=True)
     grid = (tiles.pixel_programs(h, w), triton.cdiv(c_in, tiles.block_c), n)
     depthwise_grad_input_kernel[grid](
         grad,
