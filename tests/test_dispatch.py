@@ -120,10 +120,19 @@ def test_auto_uses_the_kernel_only_where_it_measured_faster(
     out = -(-size // stride)
     macs = batch * channels * out * out * side * side
     floor = dispatch.AUTO_MIN_MACS_WITH_GRAD if needs_grad else dispatch.AUTO_MIN_MACS
-    expect_kernel = channels_last and side * side >= dispatch.AUTO_MIN_KERNEL_AREA and macs >= floor
+    if channels_last:
+        expect_kernel = side * side >= dispatch.AUTO_MIN_KERNEL_AREA and macs >= floor
+    else:
+        expect_kernel = side * side <= dispatch.AUTO_MAX_KERNEL_AREA_NCHW and macs >= dispatch.AUTO_MIN_MACS_NCHW
     assert (reason is None) == expect_kernel, reason
+    if expect_kernel:
+        return
     if not channels_last:
-        assert "not channels_last" in reason
+        assert "NCHW input" in reason
+        if side * side > dispatch.AUTO_MAX_KERNEL_AREA_NCHW:
+            assert f"kernel {side}x{side}" in reason
+        else:
+            assert f"{macs:,} MACs" in reason
     elif side * side < dispatch.AUTO_MIN_KERNEL_AREA:
         assert f"kernel {side}x{side}" in reason
     elif not expect_kernel:
@@ -135,6 +144,10 @@ def test_auto_thresholds_match_the_measured_crossover():
     than PyTorch and 9x9 faster; the replknet shape (32x256x28x28, 31x31) faster with gradients."""
     assert 7 * 7 < dispatch.AUTO_MIN_KERNEL_AREA <= 9 * 9
     assert 32 * 256 * 28 * 28 * 31 * 31 >= dispatch.AUTO_MIN_MACS_WITH_GRAD >= dispatch.AUTO_MIN_MACS
+    # NCHW: 9x9 faster, 13x13 slower (32x256x28x28); 576x14 3x3 (batch 64) lost its forward+backward, 96x112
+    # 3x3 stride 2 (batch 64) won both
+    assert 9 * 9 <= dispatch.AUTO_MAX_KERNEL_AREA_NCHW < 13 * 13
+    assert 64 * 576 * 14 * 14 * 9 < dispatch.AUTO_MIN_MACS_NCHW <= 64 * 96 * 56 * 56 * 9
 
 
 def test_auto_never_fuses_a_separable_layer(monkeypatch):

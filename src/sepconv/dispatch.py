@@ -8,10 +8,11 @@
   a ReLU/ReLU6. Otherwise — e.g. a BatchNorm in training mode, which needs the intermediate's batch
   statistics — its depthwise part runs :func:`sepconv.kernels.depthwise_conv2d` and the rest PyTorch.
 - ``"auto"`` (default): our depthwise kernel only where it measured faster than PyTorch
-  (``benchmarks/results/kernels.json``, H200): 2-d CUDA inputs in channels_last, fp16/bf16/fp32, zero
-  padding, kernels of at least :data:`AUTO_MIN_KERNEL_AREA` taps (9x9 and up: there PyTorch's channels_last
-  depthwise conv is 7-14x slower than ours), and enough work to pay our per-call host overhead
-  (:data:`AUTO_MIN_MACS`, :data:`AUTO_MIN_MACS_WITH_GRAD`); outside tracing and export (``torch.jit.trace``,
+  (``benchmarks/results/kernels.json``, H200): 2-d CUDA inputs, fp16/bf16/fp32, zero padding; in
+  channels_last kernels of at least :data:`AUTO_MIN_KERNEL_AREA` taps (9x9 and up: there PyTorch's
+  channels_last depthwise conv is 7-15x slower than ours) with enough work to pay our per-call host overhead
+  (:data:`AUTO_MIN_MACS`, :data:`AUTO_MIN_MACS_WITH_GRAD`); in NCHW kernels up to
+  :data:`AUTO_MAX_KERNEL_AREA_NCHW` taps with at least :data:`AUTO_MIN_MACS_NCHW`; outside tracing and export (``torch.jit.trace``,
   ``torch.export``, ONNX keep seeing ``nn.Conv2d``). ``auto`` never fuses: the fused separable kernel measured
   slower than PyTorch's two convs on almost every shape. PyTorch otherwise — CPU behaviour is unchanged.
 
@@ -33,6 +34,8 @@ __all__ = [
     "AUTO_MIN_KERNEL_AREA",
     "AUTO_MIN_MACS",
     "AUTO_MIN_MACS_WITH_GRAD",
+    "AUTO_MAX_KERNEL_AREA_NCHW",
+    "AUTO_MIN_MACS_NCHW",
     "BACKENDS",
     "FUSED_ACTIVATIONS",
     "backend_arg",
@@ -48,14 +51,18 @@ BACKENDS = ("auto", "torch", "triton")
 _AUTO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}  # mid activations the fused kernel applies
 # auto's measured rule (benchmarks/results/kernels.json, H200, bf16 and fp32). channels_last: PyTorch's
-# depthwise conv is fast up to 7x7 (ours 1.0-3.1x slower there) and 7-14x slower than ours from 9x9 to 31x31
-# (it falls off its fast path). NCHW: mixed (0.5-1.7x), so PyTorch. Our calls carry a host overhead of
-# ~0.1 ms (forward) and ~1 ms (forward+backward), measured by benchmarks/profile_overhead.py; the MAC
-# thresholds keep auto on PyTorch where that overhead would eat the gain (break-even from the measured rates:
-# PyTorch >= 0.22 TMAC/s forward+backward and 0.45 forward; ours 0.53 and 3.8 -> ~50M and ~400M MACs).
-AUTO_MIN_KERNEL_AREA = 81  # 9x9
-AUTO_MIN_MACS = 50_000_000  # forward MACs, inference
-AUTO_MIN_MACS_WITH_GRAD = 400_000_000  # forward MACs, when gradients will be computed
+# depthwise conv is fast up to 7x7 (ours 1.3-4x slower there) and 7-15x slower than ours from 9x9 to 31x31
+# (it falls off its fast path). NCHW: ours 1.2-2.7x faster forward and 1.2-2.0x forward+backward up to 9x9
+# with enough work (>= 170M MACs measured; 576x14 3x3 at 65M lost its forward+backward), slower from 13x13.
+# Our calls carry a host overhead of ~0.1 ms (forward) and ~0.5-1 ms (forward+backward), measured by
+# benchmarks/profile_overhead.py; the MAC thresholds keep auto on PyTorch where that overhead would eat the
+# gain (break-even from the measured rates: PyTorch >= 0.22 TMAC/s forward+backward and 0.45 forward; ours
+# 0.53 and 3.8 -> ~50M and ~400M MACs).
+AUTO_MIN_KERNEL_AREA = 81  # 9x9, channels_last
+AUTO_MIN_MACS = 50_000_000  # forward MACs, inference, channels_last
+AUTO_MIN_MACS_WITH_GRAD = 400_000_000  # forward MACs, when gradients will be computed, channels_last
+AUTO_MAX_KERNEL_AREA_NCHW = 81  # 9x9
+AUTO_MIN_MACS_NCHW = 150_000_000  # forward MACs, NCHW, with or without gradients
 
 
 def backend_arg(value: object, ndim: int) -> str:
@@ -114,17 +121,25 @@ def slower_than_pytorch(
     >>> slower_than_pytorch(x[:1], (9, 9), 256, (1, 1), needs_grad=True)
     '16,257,024 MACs < AUTO_MIN_MACS_WITH_GRAD = 400,000,000: our per-call overhead would outweigh the gain'
     """
-    channels_last = input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last)
-    if not channels_last or input.is_contiguous():
-        return "the input is not channels_last: PyTorch measured faster or on par on NCHW"
     taps = kernel_size[0] * kernel_size[1]
+    n, _, h, w = input.shape
+    macs = n * out_channels * -(-h // stride[0]) * -(-w // stride[1]) * taps
+    if input.dim() == 4 and input.is_contiguous():
+        if taps > AUTO_MAX_KERNEL_AREA_NCHW:
+            return (
+                f"NCHW input, kernel {kernel_size[0]}x{kernel_size[1]}: {taps} taps > AUTO_MAX_KERNEL_AREA_NCHW = "
+                f"{AUTO_MAX_KERNEL_AREA_NCHW}; PyTorch measured faster"
+            )
+        if macs < AUTO_MIN_MACS_NCHW:
+            return f"NCHW input, {macs:,} MACs < AUTO_MIN_MACS_NCHW = {AUTO_MIN_MACS_NCHW:,}: PyTorch measured faster"
+        return None
+    if not (input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last)):
+        return "the input is neither NCHW- nor channels_last-contiguous: PyTorch's path"
     if taps < AUTO_MIN_KERNEL_AREA:
         return (
             f"kernel {kernel_size[0]}x{kernel_size[1]}: {taps} taps < AUTO_MIN_KERNEL_AREA = {AUTO_MIN_KERNEL_AREA}; "
             "PyTorch measured faster"
         )
-    n, _, h, w = input.shape
-    macs = n * out_channels * -(-h // stride[0]) * -(-w // stride[1]) * taps
     name, floor = (
         ("AUTO_MIN_MACS_WITH_GRAD", AUTO_MIN_MACS_WITH_GRAD) if needs_grad else ("AUTO_MIN_MACS", AUTO_MIN_MACS)
     )
