@@ -12,9 +12,10 @@
   channels_last kernels of at least :data:`AUTO_MIN_KERNEL_AREA` taps (9x9 and up: there PyTorch's
   channels_last depthwise conv is 7-15x slower than ours) with enough work to pay our per-call host overhead
   (:data:`AUTO_MIN_MACS`, :data:`AUTO_MIN_MACS_WITH_GRAD`); in NCHW kernels up to
-  :data:`AUTO_MAX_KERNEL_AREA_NCHW` taps with at least :data:`AUTO_MIN_MACS_NCHW`; outside tracing and export (``torch.jit.trace``,
-  ``torch.export``, ONNX keep seeing ``nn.Conv2d``). ``auto`` never fuses: the fused separable kernel measured
-  slower than PyTorch's two convs on almost every shape. PyTorch otherwise — CPU behaviour is unchanged.
+  :data:`AUTO_MAX_KERNEL_AREA_NCHW` taps with at least :data:`AUTO_MIN_MACS_NCHW`; outside tracing and export
+  (``torch.jit.trace``, ``torch.export``, ONNX keep seeing ``nn.Conv2d``). ``auto`` never fuses: the fused
+  separable kernel measured slower than PyTorch's two convs on almost every shape. PyTorch otherwise — CPU
+  behaviour is unchanged.
 
 >>> import torch, sepconv
 >>> layer = sepconv.DepthwiseConv2d(8, 3, padding=1)
@@ -31,11 +32,11 @@ from sepconv.folding import fold_batch_norm, foldable_norm
 from sepconv.kernels import available as kernels_available
 
 __all__ = [
+    "AUTO_MAX_KERNEL_AREA_NCHW",
     "AUTO_MIN_KERNEL_AREA",
     "AUTO_MIN_MACS",
-    "AUTO_MIN_MACS_WITH_GRAD",
-    "AUTO_MAX_KERNEL_AREA_NCHW",
     "AUTO_MIN_MACS_NCHW",
+    "AUTO_MIN_MACS_WITH_GRAD",
     "BACKENDS",
     "FUSED_ACTIVATIONS",
     "backend_arg",

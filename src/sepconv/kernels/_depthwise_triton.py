@@ -40,12 +40,16 @@ def _pixel_tile(pid, ROWS, COLS, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr):
 
 
 @triton.jit
-def _depthwise_tap(acc, x_chan, w_ptr, c, c_ok, ih, row_ok, iw0, W, sxh, sxw, tap, kw, KH, KW, DIL_W):
-    iw = iw0 + kw * DIL_W
-    ok = row_ok & (iw >= 0) & (iw < W)
-    offset = ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-    xv = tl.load(x_chan + offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
-    wv = tl.load(w_ptr + c * (KH * KW) + tap, mask=c_ok, other=0.0)
+def _depthwise_tap(acc, x_base, w_ptr, c, c_ok, row_ok, iw, W, offset, tap, KH, KW, EVEN_C: tl.constexpr):
+    """Adds one tap: the input at ``x_base + offset`` (masked where column ``iw`` is outside the input) times
+    the tap's weights. ``EVEN_C``: every channel of the tile exists (no channel mask)."""
+    ok = row_ok & (iw.to(tl.uint32) < tl.cast(W, tl.uint32))  # one unsigned compare: 0 <= iw < W
+    if EVEN_C:
+        xv = tl.load(x_base + offset, mask=ok[:, None], other=0.0)
+        wv = tl.load(w_ptr + c * (KH * KW) + tap)
+    else:
+        xv = tl.load(x_base + offset, mask=ok[:, None] & c_ok[None, :], other=0.0)
+        wv = tl.load(w_ptr + c * (KH * KW) + tap, mask=c_ok, other=0.0)
     return acc + xv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
 
 
@@ -71,35 +75,41 @@ def _depthwise_tile(
     BLOCK_C: tl.constexpr,
     STATIC_KH: tl.constexpr = 0,
     STATIC_KW: tl.constexpr = 0,
+    EVEN_C: tl.constexpr = False,
 ):
     """Depthwise outputs for BLOCK_P pixels (top-left input corners ``ih0``, ``iw0``) x BLOCK_C channels;
     ``x_chan`` points at each channel's input plane. Taps outside the input read as zeros. With
-    ``STATIC_KH``/``STATIC_KW`` (= KH, KW) the tap loops are unrolled at compile time."""
+    ``STATIC_KH``/``STATIC_KW`` (= KH, KW) the tap loops are unrolled at compile time. Each pixel's window
+    corner is addressed once; a tap adds a scalar offset to it."""
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    x_base = x_chan + (ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw)[:, None]
+    row_step = tl.cast(sxh, tl.int64) * DIL_H
+    col_step = tl.cast(sxw, tl.int64) * DIL_W
+    rows = tl.cast(H, tl.uint32)
     if STATIC_KH > 0:
         for kh in tl.static_range(STATIC_KH):
-            ih = ih0 + kh * DIL_H
-            row_ok = p_ok & (ih >= 0) & (ih < H)
+            row_ok = p_ok & ((ih0 + kh * DIL_H).to(tl.uint32) < rows)
             for kw in tl.static_range(STATIC_KW):
                 acc = _depthwise_tap(
-                    acc, x_chan, w_ptr, c, c_ok, ih, row_ok, iw0, W, sxh, sxw, kh * STATIC_KW + kw, kw, KH, KW, DIL_W
-                )
+                    acc, x_base, w_ptr, c, c_ok, row_ok, iw0 + kw * DIL_W, W, kh * row_step + kw * col_step,
+                    kh * STATIC_KW + kw, KH, KW, EVEN_C,
+                )  # fmt: skip
     elif STATIC_KW > 0:  # only each row's taps unrolled: bounded code size and register pressure
         for kh in range(0, KH):
-            ih = ih0 + kh * DIL_H
-            row_ok = p_ok & (ih >= 0) & (ih < H)
+            row_ok = p_ok & ((ih0 + kh * DIL_H).to(tl.uint32) < rows)
             for kw in tl.static_range(STATIC_KW):
                 acc = _depthwise_tap(
-                    acc, x_chan, w_ptr, c, c_ok, ih, row_ok, iw0, W, sxh, sxw, kh * STATIC_KW + kw, kw, KH, KW, DIL_W
-                )
+                    acc, x_base, w_ptr, c, c_ok, row_ok, iw0 + kw * DIL_W, W, kh * row_step + kw * col_step,
+                    kh * STATIC_KW + kw, KH, KW, EVEN_C,
+                )  # fmt: skip
     else:
         for kh in range(0, KH):
-            ih = ih0 + kh * DIL_H
-            row_ok = p_ok & (ih >= 0) & (ih < H)
+            row_ok = p_ok & ((ih0 + kh * DIL_H).to(tl.uint32) < rows)
             for kw in range(0, KW):
                 acc = _depthwise_tap(
-                    acc, x_chan, w_ptr, c, c_ok, ih, row_ok, iw0, W, sxh, sxw, kh * KW + kw, kw, KH, KW, DIL_W
-                )
+                    acc, x_base, w_ptr, c, c_ok, row_ok, iw0 + kw * DIL_W, W, kh * row_step + kw * col_step,
+                    kh * KW + kw, KH, KW, EVEN_C,
+                )  # fmt: skip
     return acc
 
 
@@ -138,6 +148,7 @@ def depthwise_forward_kernel(
     STATIC_KH: tl.constexpr = 0,
     STATIC_KW: tl.constexpr = 0,
     TILE_W: tl.constexpr = 0,
+    EVEN_C: tl.constexpr = False,
 ):
     n = tl.program_id(2).to(tl.int64)
     oh, ow, p_ok = _pixel_tile(tl.program_id(0), OH, OW, BLOCK_P, TILE_W)
@@ -148,7 +159,7 @@ def depthwise_forward_kernel(
     iw0 = ow * STRIDE_W - PAD_W
     acc = _depthwise_tile(
         x_chan, w_ptr, c, c_ok, ih0, iw0, p_ok, H, W, sxh, sxw, KH, KW, DIL_H, DIL_W,
-        ACC, BLOCK_P, BLOCK_C, STATIC_KH, STATIC_KW,
+        ACC, BLOCK_P, BLOCK_C, STATIC_KH, STATIC_KW, EVEN_C,
     )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]

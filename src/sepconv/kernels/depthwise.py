@@ -340,6 +340,7 @@ def _forward(
         BLOCK_C=tiles.block_c,
         num_warps=tiles.num_warps,
         TILE_W=tiles.tile_w,
+        EVEN_C=c_out % tiles.block_c == 0,
         **_static_taps(tiles, weight.shape[2:]),
     )
     return y
