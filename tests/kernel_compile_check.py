@@ -50,8 +50,8 @@ def main() -> int:
         (kernels.depthwise_forward_kernel, {"HAS_BIAS": False, "STATIC_KH": 0, "STATIC_KW": 7, "TILE_W": 0}),  # rows
         (kernels.depthwise_grad_input_kernel, {"TILE_W": 0, "STATIC_KW": 0}),
         (kernels.depthwise_grad_input_kernel, {"TILE_W": 8, "STATIC_KW": 5}),
-        (kernels.depthwise_grad_weight_kernel, {"LOOP_TAPS": False}),
-        (kernels.depthwise_grad_weight_kernel, {"LOOP_TAPS": True}),
+        (kernels.depthwise_grad_weight_kernel, {"LOOP_TAPS": False, "BLOCK_W": 8}),
+        (kernels.depthwise_grad_weight_kernel, {"LOOP_TAPS": True, "BLOCK_W": 32}),
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 0, "STATIC_KW": 0}),
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 3, "STATIC_KW": 3}),
     ]

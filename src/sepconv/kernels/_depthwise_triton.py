@@ -9,7 +9,7 @@ Products accumulate in fp32 (fp64 for fp64). Padding is implicit: taps outside t
 - forward: ``y[n, c, oh, ow] = sum_{kh, kw} x[n, c // m, oh·s - pad + kh·d, ...] · w[c, kh, kw]``;
 - grad-input gathers, for every input pixel, the output pixels that read it (stride handled by a
   divisibility mask, no zero insertion), over the m output channels of each input channel;
-- grad-weight: one program per (channel block, tap, split of the N·OH·OW reduction) writes a partial
+- grad-weight: one program per (channel block, tap, split of the N·OH output rows) writes a partial
   sum; the host adds the partials in a fixed order (deterministic, no atomics). The extra tap index
   ``KH·KW`` sums grad-output alone: the bias gradient.
 """
@@ -244,13 +244,14 @@ def depthwise_grad_weight_kernel(
     x_ptr,
     gy_ptr,
     partial_ptr,
+    N,
     H,
     W,
     C_OUT,
     OH,
     OW,
-    PIXELS,
-    CHUNK,
+    OH_BLOCKS,
+    GROUPS,
     sxn,
     sxc,
     sxh,
@@ -271,10 +272,12 @@ def depthwise_grad_weight_kernel(
     ACC: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    BLOCK_W: tl.constexpr,
     LOOP_TAPS: tl.constexpr = False,
 ):
     """One program per (channel block, tap, split); with ``LOOP_TAPS`` one per (channel block, split) that
-    walks every tap over its pixel chunk, so the chunk's grad-output stays in cache across taps."""
+    walks every tap over its pixels. A split is ``GROUPS`` consecutive (image, block of BLOCK_P / BLOCK_W
+    output rows) groups, walked BLOCK_W columns at a time: pixel indices need no per-pixel division."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(2)
     c_ok = c < C_OUT
@@ -283,44 +286,59 @@ def depthwise_grad_weight_kernel(
     if LOOP_TAPS:
         for tap in range(0, KH * KW + 1):
             _grad_weight_tap(
-                x_chan, gy_chan, partial_ptr, c, c_ok, tap, split, H, W, C_OUT, OH, OW, PIXELS, CHUNK, sxn, sxh,
-                sxw, sgn, sgh, sgw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, ACC, BLOCK_P, BLOCK_C,
+                x_chan, gy_chan, partial_ptr, c, c_ok, tap, split, N, H, W, C_OUT, OH, OW, OH_BLOCKS, GROUPS, sxn,
+                sxh, sxw, sgn, sgh, sgw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, ACC, BLOCK_P,
+                BLOCK_C, BLOCK_W,
             )  # fmt: skip
     else:
         _grad_weight_tap(
-            x_chan, gy_chan, partial_ptr, c, c_ok, tl.program_id(1), split, H, W, C_OUT, OH, OW, PIXELS, CHUNK, sxn,
-            sxh, sxw, sgn, sgh, sgw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, ACC, BLOCK_P, BLOCK_C,
+            x_chan, gy_chan, partial_ptr, c, c_ok, tl.program_id(1), split, N, H, W, C_OUT, OH, OW, OH_BLOCKS,
+            GROUPS, sxn, sxh, sxw, sgn, sgh, sgw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, ACC,
+            BLOCK_P, BLOCK_C, BLOCK_W,
         )  # fmt: skip
 
 
 @triton.jit
 def _grad_weight_tap(
-    x_chan, gy_chan, partial_ptr, c, c_ok, tap, split, H, W, C_OUT, OH, OW, PIXELS, CHUNK, sxn, sxh, sxw, sgn, sgh,
-    sgw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
-    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    x_chan, gy_chan, partial_ptr, c, c_ok, tap, split, N, H, W, C_OUT, OH, OW, OH_BLOCKS, GROUPS, sxn, sxh, sxw,
+    sgn, sgh, sgw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
-    """partial[split, c, tap] = sum over the split's pixel chunk of grad-output x the tap's input (tap KH·KW:
+    """partial[split, c, tap] = sum over the split's pixels of grad-output x the tap's input (tap KH·KW:
     grad-output alone, the bias gradient)."""
-    is_bias = tap == KH * KW
-    is_weight = tap < KH * KW
+    p = tl.arange(0, BLOCK_P)
+    row_in_block = p // BLOCK_W  # powers of two: shifts
+    col_in_block = p % BLOCK_W
     kh = tap // KW
     kw = tap % KW
+    first = split * GROUPS
+    last = tl.minimum(first + GROUPS, N * OH_BLOCKS)
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-    for start in range(0, CHUNK, BLOCK_P):
-        q = split * CHUNK + start + tl.arange(0, BLOCK_P)  # flat (n, oh, ow) index
-        q_ok = q < PIXELS
-        n = (q // (OH * OW)).to(tl.int64)
-        r = q % (OH * OW)
-        oh = r // OW
-        ow = r % OW
-        g_offset = n * sgn + oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
-        gv = tl.load(gy_chan + g_offset[:, None], mask=q_ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
-        ih = oh * STRIDE_H - PAD_H + kh * DIL_H
-        iw = ow * STRIDE_W - PAD_W + kw * DIL_W
-        ok = q_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W) & is_weight
-        x_offset = n * sxn + ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw
-        xv = tl.load(x_chan + x_offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0).to(ACC)
-        acc += gv * tl.where(is_bias, 1.0, xv)
+    if tap == KH * KW:  # the bias: grad-output summed
+        for group in range(first, last):
+            n = (group // OH_BLOCKS).to(tl.int64)
+            oh = (group % OH_BLOCKS) * (BLOCK_P // BLOCK_W) + row_in_block
+            gy_row = gy_chan + n * sgn + (oh.to(tl.int64) * sgh)[:, None]
+            for ow0 in range(0, OW, BLOCK_W):
+                ow = ow0 + col_in_block
+                ok = (oh < OH) & (ow < OW)
+                acc += tl.load(gy_row + (ow.to(tl.int64) * sgw)[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
+    else:
+        for group in range(first, last):
+            n = (group // OH_BLOCKS).to(tl.int64)
+            oh = (group % OH_BLOCKS) * (BLOCK_P // BLOCK_W) + row_in_block
+            ih = oh * STRIDE_H - PAD_H + kh * DIL_H
+            row_ok = (oh < OH) & (ih.to(tl.uint32) < tl.cast(H, tl.uint32))
+            gy_row = gy_chan + n * sgn + (oh.to(tl.int64) * sgh)[:, None]
+            x_row = x_chan + n * sxn + (ih.to(tl.int64) * sxh)[:, None]
+            for ow0 in range(0, OW, BLOCK_W):
+                ow = ow0 + col_in_block
+                iw = ow * STRIDE_W - PAD_W + kw * DIL_W
+                ok = row_ok & (ow < OW) & (iw.to(tl.uint32) < tl.cast(W, tl.uint32))
+                mask = ok[:, None] & c_ok[None, :]
+                gv = tl.load(gy_row + (ow.to(tl.int64) * sgw)[:, None], mask=mask, other=0.0)
+                xv = tl.load(x_row + (iw.to(tl.int64) * sxw)[:, None], mask=mask, other=0.0)
+                acc += gv.to(ACC) * xv.to(ACC)
     total = tl.sum(acc, axis=0)
     taps = KH * KW + 1
     out = partial_ptr + (split * C_OUT + c).to(tl.int64) * taps + tap

@@ -390,12 +390,16 @@ def _grad_weight(
     pixels = n * out_h * out_w
     tiles = tiles or _tiles(x, pixels, c_out)
     block_p, block_c = tiles.block_p, tiles.block_c
+    # a program walks (image, block of output rows) groups, block_w columns at a time
+    block_w = min(triton.next_power_of_2(max(out_w, 1)), block_p)
+    row_blocks = triton.cdiv(out_h, block_p // block_w)
+    groups = n * row_blocks
     if tiles.loop_taps:  # small chunks: each program's grad-output stays in cache while it walks the taps
         splits = max(1, triton.cdiv(pixels, _LOOP_TAPS_CHUNK_BLOCKS * block_p))
     else:
         splits = max(1, min(_MAX_SPLITS, triton.cdiv(pixels, 16 * block_p)))
-    chunk = triton.cdiv(triton.cdiv(pixels, splits), block_p) * block_p
-    splits = triton.cdiv(pixels, chunk) if pixels else 1
+    per_split = triton.cdiv(groups, splits) if groups else 1
+    splits = triton.cdiv(groups, per_split) if groups else 1
     # every (split, channel, tap) partial is written by the kernel: no fill launch unless nothing runs
     partial = (torch.empty if pixels else torch.zeros)((splits, c_out, kh * kw + 1), dtype=acc, device=x.device)
     if pixels:
@@ -404,13 +408,14 @@ def _grad_weight(
             x,
             grad,
             partial,
+            n,
             x.shape[2],
             x.shape[3],
             c_out,
             out_h,
             out_w,
-            pixels,
-            chunk,
+            row_blocks,
+            per_split,
             *x.stride(),
             *grad.stride(),
             kh,
@@ -420,6 +425,7 @@ def _grad_weight(
             ACC=_ACC.get(x.dtype, tl.float32),
             BLOCK_P=block_p,
             BLOCK_C=block_c,
+            BLOCK_W=block_w,
             LOOP_TAPS=tiles.loop_taps,
             num_warps=tiles.num_warps,
         )
