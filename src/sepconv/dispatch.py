@@ -10,7 +10,7 @@
 - ``"auto"`` (default): our depthwise kernel only where it measured faster than PyTorch
   (``benchmarks/results/kernels.json``, H200): 2-d CUDA inputs, fp16/bf16/fp32, zero padding; in
   channels_last kernels of at least :data:`AUTO_MIN_KERNEL_AREA` taps (9x9 and up: there PyTorch's
-  channels_last depthwise conv is 7-15x slower than ours) with enough work to pay our per-call host overhead
+  channels_last depthwise conv is 11-17x slower than ours) with enough work to pay our per-call host overhead
   (:data:`AUTO_MIN_MACS`, :data:`AUTO_MIN_MACS_WITH_GRAD`); in NCHW kernels up to
   :data:`AUTO_MAX_KERNEL_AREA_NCHW` taps with at least :data:`AUTO_MIN_MACS_NCHW`; outside tracing and export
   (``torch.jit.trace``, ``torch.export``, ONNX keep seeing ``nn.Conv2d``). ``auto`` never fuses: the fused
@@ -52,9 +52,10 @@ BACKENDS = ("auto", "torch", "triton")
 _AUTO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}  # mid activations the fused kernel applies
 # auto's measured rule (benchmarks/results/kernels.json, H200, bf16 and fp32). channels_last: PyTorch's
-# depthwise conv is fast up to 7x7 (ours 1.3-4x slower there) and 7-15x slower than ours from 9x9 to 31x31
-# (it falls off its fast path). NCHW: ours 1.2-2.7x faster forward and 1.2-2.0x forward+backward up to 9x9
-# with enough work (>= 170M MACs measured; 576x14 3x3 at 65M lost its forward+backward), slower from 13x13.
+# depthwise conv is fast up to 7x7 (ours 1.1-1.6x slower there, more where the host decides) and 11-17x slower
+# than ours from 9x9 to 31x31 (it falls off its fast path). NCHW: ours 1.6-2.6x faster forward and 1.1-1.9x
+# forward+backward up to 9x9 with enough work (>= 170M MACs measured; 576x14 3x3 at 65M lost its
+# forward+backward), slower from 13x13.
 # Our calls carry a host overhead of ~0.1 ms (forward) and ~0.5-1 ms (forward+backward), measured by
 # benchmarks/profile_overhead.py; the MAC thresholds keep auto on PyTorch where that overhead would eat the
 # gain (break-even from the measured rates: PyTorch >= 0.22 TMAC/s forward+backward and 0.45 forward; ours
