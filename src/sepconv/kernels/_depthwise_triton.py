@@ -54,6 +54,28 @@ def _depthwise_tap(acc, x_base, w_ptr, c, c_ok, row_ok, iw, W, offset, tap, KH, 
 
 
 @triton.jit
+def _depthwise_row(
+    acc, x_base, w_ptr, c, c_ok, p_ok, ih0, iw0, kh, rows, W, row_step, col_step, KH, KW, DIL_H, DIL_W,
+    EVEN_C: tl.constexpr, STATIC_KW: tl.constexpr,
+):  # fmt: skip
+    """Adds kernel row ``kh``'s taps (unrolled at compile time when ``STATIC_KW`` = KW, else a loop)."""
+    row_ok = p_ok & ((ih0 + kh * DIL_H).to(tl.uint32) < rows)
+    if STATIC_KW > 0:
+        for kw in tl.static_range(STATIC_KW):
+            acc = _depthwise_tap(
+                acc, x_base, w_ptr, c, c_ok, row_ok, iw0 + kw * DIL_W, W, kh * row_step + kw * col_step,
+                kh * STATIC_KW + kw, KH, KW, EVEN_C,
+            )  # fmt: skip
+    else:
+        for kw in range(0, KW):
+            acc = _depthwise_tap(
+                acc, x_base, w_ptr, c, c_ok, row_ok, iw0 + kw * DIL_W, W, kh * row_step + kw * col_step,
+                kh * KW + kw, KH, KW, EVEN_C,
+            )  # fmt: skip
+    return acc
+
+
+@triton.jit
 def _depthwise_tile(
     x_chan,
     w_ptr,
@@ -79,7 +101,8 @@ def _depthwise_tile(
 ):
     """Depthwise outputs for BLOCK_P pixels (top-left input corners ``ih0``, ``iw0``) x BLOCK_C channels;
     ``x_chan`` points at each channel's input plane. Taps outside the input read as zeros. With
-    ``STATIC_KH``/``STATIC_KW`` (= KH, KW) the tap loops are unrolled at compile time. Each pixel's window
+    ``STATIC_KH``/``STATIC_KW`` (= KH, KW) the kernel-row / tap loops are unrolled at compile time (STATIC_KW
+    alone: each row's taps). Each pixel's window
     corner is addressed once; a tap adds a scalar offset to it."""
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     x_base = x_chan + (ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw)[:, None]
@@ -88,28 +111,16 @@ def _depthwise_tile(
     rows = tl.cast(H, tl.uint32)
     if STATIC_KH > 0:
         for kh in tl.static_range(STATIC_KH):
-            row_ok = p_ok & ((ih0 + kh * DIL_H).to(tl.uint32) < rows)
-            for kw in tl.static_range(STATIC_KW):
-                acc = _depthwise_tap(
-                    acc, x_base, w_ptr, c, c_ok, row_ok, iw0 + kw * DIL_W, W, kh * row_step + kw * col_step,
-                    kh * STATIC_KW + kw, KH, KW, EVEN_C,
-                )  # fmt: skip
-    elif STATIC_KW > 0:  # only each row's taps unrolled: bounded code size and register pressure
-        for kh in range(0, KH):
-            row_ok = p_ok & ((ih0 + kh * DIL_H).to(tl.uint32) < rows)
-            for kw in tl.static_range(STATIC_KW):
-                acc = _depthwise_tap(
-                    acc, x_base, w_ptr, c, c_ok, row_ok, iw0 + kw * DIL_W, W, kh * row_step + kw * col_step,
-                    kh * STATIC_KW + kw, KH, KW, EVEN_C,
-                )  # fmt: skip
+            acc = _depthwise_row(
+                acc, x_base, w_ptr, c, c_ok, p_ok, ih0, iw0, kh, rows, W, row_step, col_step, KH, KW, DIL_H, DIL_W,
+                EVEN_C, STATIC_KW,
+            )  # fmt: skip
     else:
         for kh in range(0, KH):
-            row_ok = p_ok & ((ih0 + kh * DIL_H).to(tl.uint32) < rows)
-            for kw in range(0, KW):
-                acc = _depthwise_tap(
-                    acc, x_base, w_ptr, c, c_ok, row_ok, iw0 + kw * DIL_W, W, kh * row_step + kw * col_step,
-                    kh * KW + kw, KH, KW, EVEN_C,
-                )  # fmt: skip
+            acc = _depthwise_row(
+                acc, x_base, w_ptr, c, c_ok, p_ok, ih0, iw0, kh, rows, W, row_step, col_step, KH, KW, DIL_H, DIL_W,
+                EVEN_C, STATIC_KW,
+            )  # fmt: skip
     return acc
 
 
