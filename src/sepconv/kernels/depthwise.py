@@ -15,6 +15,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -81,6 +82,8 @@ def resolve_padding_sides(
     >>> resolve_padding_sides(((1, 2), (0, 3)), (8, 8), (3, 3), (1, 1), (1, 1))
     (1, 2, 0, 3)
     """
+    if isinstance(padding, int) and not isinstance(padding, bool) and padding >= 0:  # the common case, first
+        return (padding,) * 4
     message = (
         "padding must be an int >= 0, (pad_h, pad_w), ((top, bottom), (left, right)), 'same' or 'valid'; "
         f"got {padding!r}"
@@ -219,11 +222,11 @@ def _check_tensors(x: Tensor, weight: Tensor, bias: Tensor | None) -> None:
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must have shape ({weight.shape[0]},) or be None, got {tuple(bias.shape)}")
-    allowed = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
     for name, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is None:
             continue
         if t.dtype not in SUPPORTED_DTYPES:
+            allowed = ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
             raise TypeError(f"{name} must have dtype {allowed}; got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share one device")
@@ -268,12 +271,17 @@ class Tiles(NamedTuple):
 
 
 def _tiles(t: Tensor, pixels: int, channels: int, kernel: Sequence[int] = (0, 0), grad_input: bool = False) -> Tiles:
-    """Default tiles: the long side along ``t``'s unit-stride dimension, for coalesced access. channels_last:
+    """Default tiles for a launch over ``t`` (see :func:`_default_tiles`)."""
+    return _default_tiles(t.stride(1) <= t.stride(3), pixels, channels, tuple(kernel), grad_input)
+
+
+@functools.lru_cache(maxsize=4096)  # a pure function of a few ints, on every call's path
+def _default_tiles(channels_last: bool, pixels: int, channels: int, kernel: tuple[int, ...], grad_input: bool) -> Tiles:
+    """Default tiles: the long side along the unit-stride dimension, for coalesced access. channels_last:
     64 x 32 below 256 channels (grad-input: in 8 x 8 rectangles), 16 x 128 in 4 x 4 rectangles from 256. Tap
     unrolling for ``kernel`` as ``_MAX_FULL_UNROLL``/``_MAX_ROW_UNROLL`` say (grad-input: rows at most). The
     fastest or near it in ``benchmarks/results/tune_kernels.json`` (H200, bf16)."""
     np2 = triton.next_power_of_2
-    channels_last = t.stride(1) <= t.stride(3)  # channels vary fastest
     kh, kw = kernel
     if kh * kw <= _MAX_FULL_UNROLL[channels_last] and not grad_input:
         unroll: bool | str = "all"
