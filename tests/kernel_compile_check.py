@@ -48,8 +48,8 @@ def main() -> int:
         (kernels.depthwise_forward_kernel, {"HAS_BIAS": True, "STATIC_KH": 0, "STATIC_KW": 0, "TILE_W": 0}),
         (kernels.depthwise_forward_kernel, {"HAS_BIAS": True, "STATIC_KH": 3, "STATIC_KW": 5, "TILE_W": 8}),  # 4x8
         (kernels.depthwise_forward_kernel, {"HAS_BIAS": False, "STATIC_KH": 0, "STATIC_KW": 7, "TILE_W": 0}),  # rows
-        (kernels.depthwise_grad_input_kernel, {"TILE_W": 0, "STATIC_KW": 0}),
-        (kernels.depthwise_grad_input_kernel, {"TILE_W": 8, "STATIC_KW": 5}),
+        (kernels.depthwise_grad_input_kernel, {"TILE_W": 0, "STATIC_KW": 0, "STRIDE_H": 1, "STRIDE_W": 2}),
+        (kernels.depthwise_grad_input_kernel, {"TILE_W": 8, "STATIC_KW": 5, "STRIDE_H": 2, "STRIDE_W": 3}),
         (kernels.depthwise_grad_weight_kernel, {"LOOP_TAPS": False, "BLOCK_W": 8}),
         (kernels.depthwise_grad_weight_kernel, {"LOOP_TAPS": True, "BLOCK_W": 32}),
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 0, "STATIC_KW": 0}),

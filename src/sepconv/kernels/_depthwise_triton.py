@@ -179,7 +179,7 @@ def depthwise_forward_kernel(
 
 
 @triton.jit
-def _grad_input_tap(acc, gy_chan, w_tap, c_ok, oh, row_ok, iw, kw, OW, sgh, sgw, STRIDE_W, PAD_W, DIL_W):
+def _grad_input_tap(acc, gy_chan, w_tap, c_ok, oh, row_ok, iw, kw, OW, sgh, sgw, STRIDE_W: tl.constexpr, PAD_W, DIL_W):
     """Adds the grad-output pixels that tap ``kw`` of the current kernel row maps onto the input pixels."""
     tw = iw + PAD_W - kw * DIL_W
     ow = tw // STRIDE_W
@@ -210,8 +210,8 @@ def depthwise_grad_input_kernel(
     sxw,
     KH,
     KW,
-    STRIDE_H,
-    STRIDE_W,
+    STRIDE_H: tl.constexpr,  # constants: the divisions by the stride below become shifts
+    STRIDE_W: tl.constexpr,
     PAD_H,
     PAD_W,
     DIL_H,
