@@ -3,7 +3,7 @@
 # the launch-configuration sweep, the kernel benchmark (sections cut by time, most important rows first), a
 # host-overhead profile, then the kernel tests on CUDA. At most 8 files under $OUT (the device tool's
 # folder) or benchmarks/results.
-#   run(command="bash benchmarks/gpu_session.sh", timeout_s=420)
+#   run(command="bash benchmarks/gpu_session.sh", timeout_s=460)
 #   TUNE_PLAN="forward:nchw" SECTIONS="depthwise" bash benchmarks/gpu_session.sh
 set -uo pipefail
 out=${OUT:-benchmarks/results}
@@ -16,7 +16,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 if [ "${TUNE_SECONDS:-60}" != 0 ]; then
     # shellcheck disable=SC2086
     timeout $(( ${TUNE_SECONDS:-60} + 25 )) python3 benchmarks/tune_kernels.py --seconds "${TUNE_SECONDS:-60}" --out "$out" \
-        ${TUNE_PLAN:+--plan $TUNE_PLAN} > "$out/tune.log" 2>&1
+        --plan ${TUNE_PLAN:-grad_input:nchw grad_input:nhwc grad_weight:nhwc forward:nhwc} > "$out/tune.log" 2>&1
     echo "tune exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
 fi
 # shellcheck disable=SC2086
@@ -28,9 +28,10 @@ if [ "${PROFILE_SECONDS:-30}" != 0 ]; then
     timeout "${PROFILE_SECONDS:-30}" python3 benchmarks/profile_overhead.py > "$out/profile.txt" 2>&1
     echo "profile exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
 fi
-CI=true timeout "${TEST_SECONDS:-30}" python3 -m pytest -q -x -p no:cacheprovider \
-    tests/test_kernels_depthwise.py tests/test_kernels_separable.py tests/test_dispatch.py tests/test_accelerate.py \
-    > "$out/tests.txt" 2>&1
+# The whole kernel suite does not fit (Triton compiles per hypothesis example: 1 test in 40 s on the H200):
+# the CUDA run takes the fixed-shape tests (the interpreter runs everything in CI).
+CI=true timeout "${TEST_SECONDS:-60}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_depthwise.py \
+    -k "low_precision or edge_cases or deterministic or partial_sum or unbatched" > "$out/tests.txt" 2>&1
 echo "tests exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
 tail -3 "$out/tests.txt"
 [ -f "$out/profile.txt" ] && head -5 "$out/profile.txt"
