@@ -43,5 +43,6 @@ for row in r["rows"]:
         print(row["model"], row["mode"], row["batch"], {k: round(v, 3) for k, v in row.items() if k.endswith("_ms")})
     else:
         ms = {k: round(v, 3) for k, v in row.items() if k.endswith("_ms") and "floor" not in k}
-        print(row["section"][:3], row["shape"], row["batch"], row["dtype"], row["layout"], ms)
+        errors = {k.removeprefix("max_"): float(f"{v:.2g}") for k, v in row.items() if k.startswith("max_")}
+        print(row["section"][:3], row["shape"], row["batch"], row["dtype"], row["layout"], ms, errors)
 PY

@@ -143,6 +143,22 @@ def time_passes(
     )
 
 
+def _gradient_errors(ours: Callable, eager: Callable, x: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
+    """Ours' input and weight gradients against eager's (same grad-output): max error relative to the largest
+    eager gradient entry, so that a GPU-only miscompile of a backward kernel shows in the row."""
+    grads = {}
+    for name, fn in (("ours", ours), ("eager", eager)):
+        xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+        torch.manual_seed(1)
+        out = fn(xg, wg)
+        grads[name] = torch.autograd.grad(out, (xg, wg), torch.randn_like(out))
+    errors = {}
+    for key, mine, theirs in zip(("grad_input", "grad_weight"), grads["ours"], grads["eager"], strict=True):
+        scale = theirs.float().abs().max().clamp_min(1e-30)
+        errors[f"max_rel_error_{key}_vs_eager"] = ((mine.float() - theirs.float()).abs().max() / scale).item()
+    return errors
+
+
 def depthwise_row(name, channels, size, kernel, stride, batch, dtype_name, layout_name, *, device, compile_):
     dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout_name]
     pad = kernel // 2
@@ -172,6 +188,7 @@ def depthwise_row(name, channels, size, kernel, stride, batch, dtype_name, layou
         "dtype": dtype_name,
         "layout": layout_name,
         "max_abs_error_vs_eager": (ours(x, w).float() - y.float()).abs().max().item(),
+        **_gradient_errors(ours, eager, x, w),
         "macs": y.numel() * kernel * kernel,
         "bytes_forward": (x.numel() + y.numel()) * x.element_size(),
         "bytes_forward_backward": (3 * x.numel() + 2 * y.numel()) * x.element_size(),
