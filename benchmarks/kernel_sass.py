@@ -53,6 +53,8 @@ class _Recorder:
 def record_launch(kernel: str, x: torch.Tensor, weight: torch.Tensor, stride: int, tiles: dw.Tiles | None):
     """The (kernel, grid, args, kwargs) our host code launches for ``kernel`` on these CPU tensors."""
     name = _LAUNCHERS[kernel]
+    if kernel == "forward" and tiles is not None and tiles.toeplitz:
+        name = "depthwise_forward_toeplitz_kernel"  # when it applies (stride 1, dilation 1, ...)
     recorder = _Recorder(getattr(dw, name))
     k = weight.shape[-1]
     geometry = ((stride, stride), (k // 2,) * 4, (1, 1))
@@ -134,6 +136,7 @@ def analyze(source: ASTSource, options: dict, capability: int = 90) -> dict[str,
         "spill_instructions": opcodes["LDL"] + opcodes["STL"],
         "instructions": len(code),
         "ffma": opcodes["FFMA"],
+        "mma": opcodes["HMMA"] + opcodes["HGMMA"],  # tensor-core instructions (the Toeplitz forward)
         "top_opcodes": dict(opcodes.most_common(12)),
         "loops": loops,
         "innermost_loops": innermost,
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", choices=("nchw", "nhwc"), default="nhwc")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     parser.add_argument("--kernels", nargs="+", choices=tuple(_LAUNCHERS), default=list(_LAUNCHERS))
-    parser.add_argument("--tiles", help="block_p,block_c,warps,static(all|rows|false)[,tile_w[,loop_taps]]")
+    parser.add_argument("--tiles", help="block_p,block_c,warps,static(all|rows|false)[,tile_w[,loop_taps[,toeplitz]]]")
     parser.add_argument("--capability", type=int, default=90)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         per_ffma = result["instructions"] / max(result["ffma"], 1)
         print(f"{kernel:12s} sm_{args.capability} regs {result['registers']:3d} stack {result['stack_bytes']:5d} B "
               f"spill instr {result['spill_instructions']:4d} | {result['instructions']} instr, {result['ffma']} FFMA "
-              f"({per_ffma:.2f}/FFMA) | innermost loops: {loops or 'none'}")  # fmt: skip
+              f"({per_ffma:.2f}/FFMA), {result['mma']} MMA | innermost loops: {loops or 'none'}")  # fmt: skip
         print(f"{'':12s} {result['top_opcodes']}")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "kernels": results}, indent=1))

@@ -35,7 +35,9 @@ from sepconv.kernels.separable import SeparableTiles
 # static_taps: "all" (every tap unrolled), "rows" (each kernel row's taps) or False (loops)
 FORWARD = {
     "nhwc": [(16, 64, 4, False), (64, 32, 4, "all"), (64, 32, 8, "all"), (32, 32, 4, "all"), (128, 32, 8, "all"),
-             (16, 128, 4, "rows", 4), (16, 128, 8, "rows", 4), (16, 128, 4, False, 4), (64, 32, 4, "rows")],
+             (16, 128, 4, "rows", 4), (16, 128, 8, "rows", 4), (16, 128, 4, False, 4), (64, 32, 4, "rows"),
+             # experimental tensor-core forward (Tiles.toeplitz): block_p output rows x 16 columns x block_c channels
+             (32, 8, 4, False, 0, False, True), (64, 8, 8, False, 0, False, True), (16, 16, 4, False, 0, False, True)],
     "nchw": [(128, 8, 4, False), (128, 8, 4, "rows"), (128, 8, 4, "all"), (256, 4, 4, "all"), (64, 16, 4, "all"),
              (128, 8, 4, "all", 32)],
 }  # fmt: skip

@@ -11,7 +11,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -172,6 +172,54 @@ def test_every_launch_configuration_computes_the_same_conv(
     grad_x = _grad_input(grad, x, weight, *geometry, tiles=tiles)
     torch.testing.assert_close(grad_x, want_x, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(_grad_weight(grad, x, weight, *geometry, tiles=tiles)[0], want_w, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=12)  # interpreted 3-d products
+@given(
+    st.integers(1, 2),
+    st.integers(1, 10),
+    st.integers(1, 2),
+    st.integers(1, 19),
+    st.integers(1, 21),
+    st.integers(1, 6),
+    st.integers(1, 9),
+    st.tuples(*(st.integers(0, 3) for _ in range(4))),
+    st.sampled_from([16, 32]),
+    st.sampled_from([1, 2, 8]),
+    st.sampled_from(LAYOUTS),
+    st.booleans(),
+)
+def test_toeplitz_forward_computes_the_same_conv(
+    batch, channels, multiplier, height, width, kh, kw, sides, rows, block_c, kind, with_bias
+):
+    """The experimental tensor-core forward (``Tiles.toeplitz``): any shape, kernel up to 6x9, per-side
+    padding, depth multiplier, layout and bias equals the float64 reference (fp32 in, products in full
+    precision); where it does not apply (fp64 here, below) the direct kernel runs and gives the same."""
+    top, bottom, left, right = sides
+    assume(height + top + bottom >= kh and width + left + right >= kw)  # at least one output pixel
+    torch.manual_seed(2)
+    x = layout(torch.randn(batch, channels, height, width, device=DEVICE), kind)
+    weight = torch.randn(channels * multiplier, 1, kh, kw, device=DEVICE)
+    bias = torch.randn(channels * multiplier, device=DEVICE) if with_bias else None
+    tiles = Tiles(rows, block_c, 4, False, 0, False, True)
+    geometry = ((1, 1), sides, (1, 1))
+    expected = reference(x.double(), weight.double(), None if bias is None else bias.double(), 1, sides, 1)
+    got = _forward(x, weight, bias, *geometry, tiles=tiles)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    got64 = _forward(x.double(), weight.double(), None if bias is None else bias.double(), *geometry, tiles=tiles)
+    torch.testing.assert_close(got64, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float16, 1e-2), (torch.bfloat16, 8e-2)], ids=str)
+def test_toeplitz_forward_in_half_precision(dtype, atol):
+    # 20 channels, 13x13, 7x7: the products in the input dtype accumulate in fp32, as the direct kernel's
+    torch.manual_seed(1)
+    x = torch.randn(2, 20, 13, 13, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(20, 1, 7, 7, device=DEVICE) / 7).to(dtype)
+    expected = reference(x.double(), weight.double(), None, 1, (3, 3, 3, 3), 1)
+    got = _forward(x, weight, None, (1, 1), (3, 3, 3, 3), (1, 1), tiles=Tiles(16, 8, 4, False, 0, False, True))
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.double(), expected, atol=atol, rtol=atol)
 
 
 @pytest.mark.parametrize(

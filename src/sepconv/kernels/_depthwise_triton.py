@@ -179,6 +179,90 @@ def depthwise_forward_kernel(
 
 
 @triton.jit
+def depthwise_forward_toeplitz_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    H,
+    W,
+    C_OUT,
+    OH,
+    OW,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    syn,
+    syc,
+    syh,
+    syw,
+    KH,
+    KW,
+    PAD_H,
+    PAD_W,
+    MULT,
+    HAS_BIAS: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """Stride-1, dilation-1 forward on tensor cores (experimental, opt-in: ``Tiles.toeplitz``). For each channel
+    and kernel row, BLOCK_J outputs of an output row are a product of the BLOCK_I = BLOCK_J + KW - 1 (padded)
+    input columns with a Toeplitz matrix of the row's taps, T[i, j] = w[i - j]; BLOCK_R output rows make the
+    product's M dimension and BLOCK_C channels its batch (a 3-d ``tl.dot``). Each input element is loaded once
+    per kernel row instead of once per tap; the products waste BLOCK_I / KW of the tensor-core work."""
+    n = tl.program_id(2).to(tl.int64)
+    tiles_w = tl.cdiv(OW, BLOCK_J)
+    oh0 = (tl.program_id(0) // tiles_w) * BLOCK_R
+    ow0 = (tl.program_id(0) % tiles_w) * BLOCK_J
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c3 = c[:, None, None]
+    c_ok = c3 < C_OUT
+    r = tl.arange(0, BLOCK_R)
+    i = tl.arange(0, BLOCK_I)
+    j = tl.arange(0, BLOCK_J)
+    lag = i[:, None] - j[None, :]  # which tap links input column i to output column j
+    iw = ow0 + i - PAD_W
+    col_ok = (iw >= 0) & (iw < W)
+    x_cols = x_ptr + n * sxn + (c3 // MULT).to(tl.int64) * sxc + (iw.to(tl.int64) * sxw)[None, None, :]
+    acc = tl.zeros((BLOCK_C, BLOCK_R, BLOCK_J), dtype=tl.float32)
+    for kh in range(0, KH):
+        ih = oh0 + r + kh - PAD_H
+        row_ok = (ih >= 0) & (ih < H)
+        a = tl.load(
+            x_cols + (ih.to(tl.int64) * sxh)[None, :, None],
+            mask=c_ok & row_ok[None, :, None] & col_ok[None, None, :],
+            other=0.0,
+        )
+        taps = tl.load(
+            w_ptr + c3 * (KH * KW) + kh * KW + lag[None, :, :],
+            mask=c_ok & ((lag >= 0) & (lag < KW))[None, :, :],
+            other=0.0,
+        )
+        if DOT_IN_FP32:  # the interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584): same products in fp32
+            acc = tl.dot(a.to(tl.float32), taps.to(tl.float32), acc, input_precision="ieee")
+        elif a.dtype == tl.float32:
+            acc = tl.dot(a, taps, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, taps.to(a.dtype), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c3, mask=c_ok, other=0.0).to(tl.float32)
+    oh = oh0 + r
+    ow = ow0 + j
+    y_offset = (
+        n * syn
+        + c3.to(tl.int64) * syc
+        + (oh.to(tl.int64) * syh)[None, :, None]
+        + (ow.to(tl.int64) * syw)[None, None, :]
+    )
+    out_ok = c_ok & (oh < OH)[None, :, None] & (ow < OW)[None, None, :]
+    tl.store(y_ptr + y_offset, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
 def _grad_input_tap(acc, gy_chan, w_tap, c_ok, oh, row_ok, iw, kw, OW, sgh, sgw, STRIDE_W: tl.constexpr, PAD_W, DIL_W):
     """Adds the grad-output pixels that tap ``kw`` of the current kernel row maps onto the input pixels."""
     tw = iw + PAD_W - kw * DIL_W

@@ -28,6 +28,7 @@ from torch import Tensor
 from sepconv._args import int_tuple
 from sepconv.kernels._depthwise_triton import (
     depthwise_forward_kernel,
+    depthwise_forward_toeplitz_kernel,
     depthwise_grad_input_kernel,
     depthwise_grad_weight_kernel,
 )
@@ -253,8 +254,10 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 class Tiles(NamedTuple):
     """Launch configuration: a program's tile (BLOCK_P pixels x BLOCK_C channels), its warps, whether the
     forward unrolls the tap loops at compile time (``static_taps``), and the pixels' shape: a run of the
-    row-major order (``tile_w`` = 0) or a (block_p / tile_w) x tile_w rectangle (forward and grad-input), and
-    whether grad-weight's programs loop over the taps (``loop_taps``) instead of taking one tap each."""
+    row-major order (``tile_w`` = 0) or a (block_p / tile_w) x tile_w rectangle (forward and grad-input),
+    whether grad-weight's programs loop over the taps (``loop_taps``) instead of taking one tap each, and
+    whether the forward runs the experimental tensor-core kernel (``toeplitz``: block_p output rows x 16 columns
+    x block_c channels per program; only where :func:`_toeplitz_applies`, else the direct kernel)."""
 
     block_p: int
     block_c: int
@@ -262,6 +265,7 @@ class Tiles(NamedTuple):
     static_taps: bool | str = False  # "all" (or True), "rows" or False: see _static_taps
     tile_w: int = 0
     loop_taps: bool = False  # grad-weight: a program walks every tap over a chunk of 8 pixel blocks
+    toeplitz: bool = False  # forward, experimental: tensor cores on Toeplitz blocks (see _forward_toeplitz)
 
     def pixel_programs(self, rows: int, cols: int) -> int:
         """Programs along the pixel axis for a rows x cols plane."""
@@ -325,6 +329,8 @@ def _forward(
     n, c_out, out_h, out_w = y.shape
     weight = weight.contiguous()
     tiles = tiles or _tiles(x, out_h * out_w, c_out, weight.shape[2:])
+    if tiles.toeplitz and _toeplitz_applies(x, weight, stride, dilation):
+        return _forward_toeplitz(x, weight, bias, padding, tiles, y)
     grid = (tiles.pixel_programs(out_h, out_w), triton.cdiv(c_out, tiles.block_c), n)
     depthwise_forward_kernel[grid](
         x,
@@ -350,6 +356,53 @@ def _forward(
         TILE_W=tiles.tile_w,
         EVEN_C=c_out % tiles.block_c == 0,
         **_static_taps(tiles, weight.shape[2:]),
+    )
+    return y
+
+
+_TOEPLITZ_COLUMNS = 16  # output columns per product (the products' N)
+_TOEPLITZ_INPUT_COLUMNS = 32  # input columns per product (K): kernels up to 32 - 16 + 1 = 17 wide
+
+
+def _toeplitz_applies(x: Tensor, weight: Tensor, stride: Sequence[int], dilation: Sequence[int]) -> bool:
+    """Whether the experimental Toeplitz forward can run this call: stride 1, dilation 1, kernels up to 17
+    wide, fp16/bf16/fp32 (fp32 multiplies in full precision, without tensor cores)."""
+    return (
+        tuple(stride) == (1, 1)
+        and tuple(dilation) == (1, 1)
+        and weight.shape[3] <= _TOEPLITZ_INPUT_COLUMNS - _TOEPLITZ_COLUMNS + 1
+        and x.dtype != torch.float64
+    )
+
+
+def _forward_toeplitz(x: Tensor, weight: Tensor, bias: Tensor | None, padding, tiles: Tiles, y: Tensor) -> Tensor:
+    n, c_out, out_h, out_w = y.shape
+    rows = max(tiles.block_p, 16)  # the products' M: at least 16
+    grid = (triton.cdiv(out_h, rows) * triton.cdiv(out_w, _TOEPLITZ_COLUMNS), triton.cdiv(c_out, tiles.block_c), n)
+    depthwise_forward_toeplitz_kernel[grid](
+        x,
+        weight,
+        weight if bias is None else bias.contiguous(),
+        y,
+        x.shape[2],
+        x.shape[3],
+        c_out,
+        out_h,
+        out_w,
+        *x.stride(),
+        *y.stride(),
+        weight.shape[2],
+        weight.shape[3],
+        padding[0],
+        padding[2],
+        c_out // x.shape[1],
+        HAS_BIAS=bias is not None,
+        DOT_IN_FP32=x.dtype != torch.float32 and interpreting(),  # interpreter: bf16 tl.dot, triton-lang/triton#11584
+        BLOCK_C=tiles.block_c,
+        BLOCK_R=rows,
+        BLOCK_I=_TOEPLITZ_INPUT_COLUMNS,
+        BLOCK_J=_TOEPLITZ_COLUMNS,
+        num_warps=tiles.num_warps,
     )
     return y
 
