@@ -39,7 +39,7 @@ FORWARD = {
              # experimental tensor-core forward (Tiles.toeplitz): block_p output rows x 16 columns x block_c channels
              (32, 8, 4, False, 0, False, True), (64, 8, 8, False, 0, False, True), (16, 16, 4, False, 0, False, True)],
     "nchw": [(128, 8, 4, False), (128, 8, 4, "rows"), (128, 8, 4, "all"), (256, 4, 4, "all"), (64, 16, 4, "all"),
-             (128, 8, 4, "all", 32)],
+             (128, 8, 4, "all", 32), (32, 8, 4, False, 0, False, True), (64, 8, 8, False, 0, False, True)],
 }  # fmt: skip
 BACKWARD = {  # grad-input unrolls rows at most
     "nhwc": [(16, 64, 4), (64, 32, 4), (64, 32, 4, False, 8), (64, 32, 4, "rows", 8), (16, 128, 4, False, 4),
