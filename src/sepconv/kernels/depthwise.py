@@ -320,6 +320,13 @@ def _empty_output(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Seq
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
 
 
+def _forward_arguments(x: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor) -> tuple:
+    """The forward kernels' common leading arguments: tensors, sizes, strides, kernel size."""
+    bias_or_weight = weight if bias is None else bias.contiguous()  # a valid pointer either way
+    sizes = (x.shape[2], x.shape[3], y.shape[1], y.shape[2], y.shape[3])
+    return (x, weight, bias_or_weight, y, *sizes, *x.stride(), *y.stride(), weight.shape[2], weight.shape[3])
+
+
 def _forward(
     x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, tiles: Tiles | None = None
 ) -> Tensor:
@@ -333,19 +340,7 @@ def _forward(
         return _forward_toeplitz(x, weight, bias, padding, tiles, y)
     grid = (tiles.pixel_programs(out_h, out_w), triton.cdiv(c_out, tiles.block_c), n)
     depthwise_forward_kernel[grid](
-        x,
-        weight,
-        weight if bias is None else bias.contiguous(),
-        y,
-        x.shape[2],
-        x.shape[3],
-        c_out,
-        out_h,
-        out_w,
-        *x.stride(),
-        *y.stride(),
-        weight.shape[2],
-        weight.shape[3],
+        *_forward_arguments(x, weight, bias, y),
         *_geometry(stride, padding, dilation),
         c_out // x.shape[1],
         HAS_BIAS=bias is not None,
@@ -380,19 +375,7 @@ def _forward_toeplitz(x: Tensor, weight: Tensor, bias: Tensor | None, padding, t
     rows = max(tiles.block_p, 16)  # the products' M: at least 16
     grid = (triton.cdiv(out_h, rows) * triton.cdiv(out_w, _TOEPLITZ_COLUMNS), triton.cdiv(c_out, tiles.block_c), n)
     depthwise_forward_toeplitz_kernel[grid](
-        x,
-        weight,
-        weight if bias is None else bias.contiguous(),
-        y,
-        x.shape[2],
-        x.shape[3],
-        c_out,
-        out_h,
-        out_w,
-        *x.stride(),
-        *y.stride(),
-        weight.shape[2],
-        weight.shape[3],
+        *_forward_arguments(x, weight, bias, y),
         padding[0],
         padding[2],
         c_out // x.shape[1],
