@@ -11,7 +11,9 @@ Products accumulate in fp32 (fp64 for fp64). Padding is implicit: taps outside t
   divisibility mask, no zero insertion), over the m output channels of each input channel;
 - grad-weight: one program per (channel block, tap, split of the N·OH output rows) writes a partial
   sum; the host adds the partials in a fixed order (deterministic, no atomics). The extra tap index
-  ``KH·KW`` sums grad-output alone: the bias gradient.
+  ``KH·KW`` sums grad-output alone: the bias gradient;
+- an experimental, opt-in forward on tensor cores (``depthwise_forward_toeplitz_kernel``): a kernel row's
+  taps as a Toeplitz matrix, stride 1 only.
 """
 
 from __future__ import annotations
@@ -102,8 +104,7 @@ def _depthwise_tile(
     """Depthwise outputs for BLOCK_P pixels (top-left input corners ``ih0``, ``iw0``) x BLOCK_C channels;
     ``x_chan`` points at each channel's input plane. Taps outside the input read as zeros. With
     ``STATIC_KH``/``STATIC_KW`` (= KH, KW) the kernel-row / tap loops are unrolled at compile time (STATIC_KW
-    alone: each row's taps). Each pixel's window
-    corner is addressed once; a tap adds a scalar offset to it."""
+    alone: each row's taps). Each pixel's window corner is addressed once; a tap adds a scalar offset to it."""
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
     x_base = x_chan + (ih0.to(tl.int64) * sxh + iw0.to(tl.int64) * sxw)[:, None]
     row_step = tl.cast(sxh, tl.int64) * DIL_H
