@@ -22,6 +22,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import statistics
 import threading
@@ -31,6 +32,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+
+from sepconv import cpu_backward
 
 __all__ = [
     "clear_cpu_strategy_cache",
@@ -52,8 +55,12 @@ _MARGIN = 1.1
 _state = threading.local()  # per-thread override from the cpu_strategy() context manager
 _global_mode = os.environ.get("SEPCONV_CPU_STRATEGY", "auto")
 _decisions: dict[tuple, str] = {}
+_backward_decisions: dict[tuple, tuple[str, str]] = {}
+# Below this kernel area PyTorch's depthwise backward is within a few times its forward, which an FFT
+# cannot beat (5x5 and 7x7 measured slower, 15x15 and 31x31 4-8x faster on a 2-core Xeon): not timed.
+MIN_KERNEL_AREA_FOR_BACKWARD = 25
 _signatures: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, ...], list[Tensor]]] = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entered: a layout measurement runs layers that decide their backward
 
 
 def set_cpu_strategy(mode: str) -> None:
@@ -79,15 +86,111 @@ def use_cpu_strategy(mode: str) -> Iterator[None]:
 
 
 def cpu_strategy_decisions() -> dict[tuple, str]:
-    """A copy of the cached choices: configuration key -> ``"contiguous"`` or ``"channels_last"``."""
+    """A copy of the cached choices: configuration key -> ``"contiguous"`` or ``"channels_last"`` for a
+    layer's layout, ``"grad_input=..., grad_weight=..."`` for a depthwise conv's backward algorithms."""
     with _lock:
-        return dict(_decisions)
+        backward = {key: f"grad_input={gi}, grad_weight={gw}" for key, (gi, gw) in _backward_decisions.items()}
+        return {**_decisions, **backward}
 
 
 def clear_cpu_strategy_cache() -> None:
     """Forget every cached choice (they are measured again on next use)."""
     with _lock:
         _decisions.clear()
+        _backward_decisions.clear()
+
+
+def may_choose_depthwise_backward(input: Tensor, weight: Tensor) -> bool:
+    """Cheap test: might :func:`depthwise_backward` pick something other than PyTorch's backward here?"""
+    return (
+        torch.is_grad_enabled()
+        and (input.requires_grad or weight.requires_grad)
+        and input.device.type == "cpu"
+        and input.dtype in (torch.float32, torch.float64)
+        and weight.dtype == input.dtype
+        and math.prod(weight.shape[2:]) >= MIN_KERNEL_AREA_FOR_BACKWARD
+        and get_cpu_strategy() != "off"
+        and type(input) is Tensor
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.jit.is_tracing()
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
+
+
+def depthwise_backward(
+    input: Tensor, weight: Tensor, stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...]
+) -> tuple[str, str]:
+    """``(grad_input, grad_weight)`` algorithms of :func:`sepconv.cpu_backward.depthwise_conv` for this call.
+
+    The first call of each configuration times PyTorch's input and weight gradients against the flipped
+    forward conv and the FFT on the call's own shapes, and caches the faster of each (an alternative
+    must win by 10%); later calls only look it up.
+    """
+    if not may_choose_depthwise_backward(input, weight):
+        return "torch", "torch"
+    key = (
+        "depthwise_backward",
+        tuple(weight.shape),
+        stride,
+        padding,
+        dilation,
+        tuple(input.shape),
+        input.dtype,
+        _memory_format(input),
+        input.requires_grad,
+        weight.requires_grad,
+        torch.get_num_threads(),
+    )
+    choice = _backward_decisions.get(key)
+    if choice is None:
+        with _lock:
+            choice = _backward_decisions.get(key)
+            if choice is None:
+                choice = _backward_decisions[key] = _measure_backward(input, weight, stride, padding, dilation)
+    return choice
+
+
+def _measure_backward(
+    input: Tensor, weight: Tensor, stride: tuple[int, ...], padding: tuple[int, ...], dilation: tuple[int, ...]
+) -> tuple[str, str]:
+    n, channels = input.dim() - 2, input.shape[1]
+    x, w = input.detach(), weight.detach()
+    with torch.no_grad():
+        grad_output = torch.rand_like(cpu_backward.depthwise_conv(x, w, None, stride, padding, dilation))
+
+    def torch_backward(mask: list[bool]) -> Callable[[], object]:
+        return lambda: torch.ops.aten.convolution_backward(
+            grad_output, x, w, None, stride, padding, dilation, False, [0] * n, channels, mask
+        )
+
+    grad_input = grad_weight = "torch"
+    with torch.no_grad():
+        if input.requires_grad and cpu_backward.flipped_conv_applies(weight.shape[2:], stride, padding, dilation):
+            times = _time_candidates(
+                {
+                    "torch": torch_backward([True, False, False]),
+                    "conv": lambda: cpu_backward.flipped_grad_input(grad_output, w, channels, padding, dilation),
+                }
+            )
+            grad_input = "conv" if times["conv"] * _MARGIN < times["torch"] else "torch"
+        if weight.requires_grad:
+            times = _time_candidates(
+                {
+                    "torch": torch_backward([False, True, False]),
+                    "fft": lambda: cpu_backward.fft_grad_weight(x, grad_output, w.shape[2:], stride, padding, dilation),
+                }
+            )
+            grad_weight = "fft" if times["fft"] * _MARGIN < times["torch"] else "torch"
+    return grad_input, grad_weight
+
+
+def _memory_format(input: Tensor) -> str:
+    if input.is_contiguous():
+        return CONTIGUOUS
+    if input.dim() in _FORMATS and input.is_contiguous(memory_format=_FORMATS[input.dim()]):
+        return CHANNELS_LAST
+    return "strided"
 
 
 def run(
@@ -219,27 +322,37 @@ def _clear_winner(times: dict[str, float]) -> bool:
 
 
 def _time_layouts(input: Tensor, convs: Callable[[Tensor], Tensor], params: list[Tensor] | None) -> dict[str, float]:
-    """Median seconds of one step per layout, after a warm-up round; rounds interleave the layouts."""
+    """Median seconds of one step per layout (a fresh input buffer each step, as in a real network)."""
     memory_format = _FORMATS[input.dim()]
 
-    def step(layout: str) -> None:
-        x = input.detach().clone()  # a fresh buffer, as a layer's input is in a real network
-        with torch.enable_grad() if params is not None else torch.no_grad():
-            if params is not None:
-                x.requires_grad_(True)
-            out = convs(x.contiguous(memory_format=memory_format) if layout == CHANNELS_LAST else x).contiguous()
-            if params is not None:
-                torch.autograd.grad(out, [x, *params], torch.ones_like(out))
+    def step(layout: str) -> Callable[[], None]:
+        def run_step() -> None:
+            x = input.detach().clone()
+            with torch.enable_grad() if params is not None else torch.no_grad():
+                if params is not None:
+                    x.requires_grad_(True)
+                out = convs(x.contiguous(memory_format=memory_format) if layout == CHANNELS_LAST else x).contiguous()
+                if params is not None:
+                    torch.autograd.grad(out, [x, *params], torch.ones_like(out))
 
-    samples: dict[str, list[float]] = {CONTIGUOUS: [], CHANNELS_LAST: []}
+        return run_step
+
+    return _time_candidates({CONTIGUOUS: step(CONTIGUOUS), CHANNELS_LAST: step(CHANNELS_LAST)})
+
+
+def _time_candidates(steps: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median seconds of each step after warm-up rounds; rounds interleave the steps (ABBA), and
+    timing stops early once one step is clearly the fastest."""
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    medians: dict[str, float] = {}
     for round_ in range(_WARMUP_ROUNDS + _TIMED_RUNS):
-        order = list(samples) if round_ % 2 == 0 else list(samples)[::-1]  # ABBA: no layout always goes first
-        for layout in order:
+        order = list(steps) if round_ % 2 == 0 else list(steps)[::-1]  # no step always goes first
+        for name in order:
             start = time.perf_counter()
-            step(layout)
+            steps[name]()
             if round_ >= _WARMUP_ROUNDS:  # warm-up rounds grow the allocator's pool and caches
-                samples[layout].append(time.perf_counter() - start)
-        medians = {layout: statistics.median(values) for layout, values in samples.items() if values}
+                samples[name].append(time.perf_counter() - start)
+        medians = {name: statistics.median(values) for name, values in samples.items() if values}
         if medians and _clear_winner(medians):
             break
     return medians

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sepconv import cpu_strategy
+from sepconv import cpu_backward, cpu_strategy
 from sepconv._args import divisible, int_tuple, padding_arg, padding_mode_arg, positive_int
 from sepconv.dispatch import backend_arg, fusable, triton_depthwise_forward, triton_separable_forward, use_triton
 from sepconv.padding import Padding, resolve_padding
@@ -105,10 +105,13 @@ class _Conv:
         return super().forward(input)  # type: ignore[misc]
 
     def _strided_same_forward(self, input: Tensor) -> Tensor:
-        n = self._ndim
         mode = _PAD_MODE[self.padding_mode]  # type: ignore[attr-defined]
         input = pad_same(input, self.kernel_size, self.stride, self.dilation, mode)  # type: ignore[attr-defined]
-        return _CONV[n](input, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)  # type: ignore[attr-defined]
+        return self._padded_conv(input, self.weight, self.bias)  # type: ignore[attr-defined]
+
+    def _padded_conv(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The conv of an input already padded."""
+        return _CONV[self._ndim](input, weight, bias, self.stride, 0, self.dilation, self.groups)  # type: ignore[attr-defined]
 
 
 def pad_same(input: Tensor, kernel_size: Any, stride: Any, dilation: Any, mode: str = "constant") -> Tensor:
@@ -161,6 +164,31 @@ class _DepthwiseConv(_Conv):
             return triton_depthwise_forward(self, input)  # type: ignore[arg-type]
         plain = super().forward
         return cpu_strategy.run(self, input, plain, plain)  # type: ignore[arg-type]
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """``nn.ConvNd``'s conv step; on CPU in training the backward may be one the CPU strategy measured faster."""
+        if not cpu_strategy.may_choose_depthwise_backward(input, weight):
+            return super()._conv_forward(input, weight, bias)  # type: ignore[misc]
+        if self.padding_mode != "zeros":  # type: ignore[attr-defined]
+            mode = _PAD_MODE[self.padding_mode]  # type: ignore[attr-defined]
+            return self._padded_conv(F.pad(input, self._reversed_padding_repeated_twice, mode=mode), weight, bias)  # type: ignore[attr-defined]
+        n = self._ndim
+        pads = resolve_padding(self.padding, input.shape[-n:], self.kernel_size, self.stride, self.dilation)  # type: ignore[attr-defined]
+        if any(lo != hi for lo, hi in pads):  # 'same' with an even kernel
+            return self._padded_conv(F.pad(input, [p for lo_hi in reversed(pads) for p in lo_hi]), weight, bias)
+        return self._measured_conv(input, weight, bias, tuple(lo for lo, _ in pads))
+
+    def _padded_conv(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if not cpu_strategy.may_choose_depthwise_backward(input, weight):
+            return super()._padded_conv(input, weight, bias)
+        return self._measured_conv(input, weight, bias, (0,) * self._ndim)
+
+    def _measured_conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, ...]) -> Tensor:
+        stride, dilation = self.stride, self.dilation  # type: ignore[attr-defined]
+        grad_input, grad_weight = cpu_strategy.depthwise_backward(input, weight, stride, padding, dilation)
+        return cpu_backward.depthwise_conv(
+            input, weight, bias, stride, padding, dilation, grad_input=grad_input, grad_weight=grad_weight
+        )
 
     def extra_repr(self) -> str:
         text = super().extra_repr()  # type: ignore[misc]
