@@ -120,7 +120,9 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
         start = time.perf_counter()
         make(ours, x)()
         row[f"ours_decision_ms_{name}"] = (time.perf_counter() - start) * 1e3
-    row["ours_layout"] = sorted(set(sepconv.cpu_strategy_decisions().values()))
+    decisions = sepconv.cpu_strategy_decisions()
+    row["ours_layout"] = sorted({v for k, v in decisions.items() if k[0] != "depthwise_backward"})
+    row["ours_depthwise_backward"] = sorted({v for k, v in decisions.items() if k[0] == "depthwise_backward"})
     variants = {
         "torch_nchw": (plain, x),
         "torch_channels_last": (plain_cl, x.contiguous(memory_format=CL)),
