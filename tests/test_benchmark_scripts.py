@@ -80,3 +80,15 @@ def test_default_launches_do_not_spill_registers(tmp_path):
     for shape, layout in (("384,28,7", "nhwc"), ("256,28,31", "nhwc"), ("256,28,31", "nchw")):
         for kernel, result in _sass(tmp_path, "--shape", shape, "--layout", layout).items():
             assert result["spill_instructions"] == 0, (shape, layout, kernel, result["stack_bytes"])
+
+
+def test_cpu_depthwise_backward_benchmark_quick_run(tmp_path):
+    run_script("benchmarks/cpu_depthwise_backward.py", "--quick", "--min-run-time", "0.01", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "cpu_depthwise_backward.json").read_text())
+    assert {(r["K"], r["layout"]) for r in result["rows"]} == {
+        (k, layout) for k in (3, 15) for layout in ("channels_last", "contiguous")
+    }
+    for row in result["rows"]:  # float32 FFT and flipped conv against PyTorch's own gradients
+        assert row["max_rel_error_grad_input"] < 1e-5 and row["max_rel_error_grad_weight"] < 1e-5
+        assert all(row[f"{name}_ms"] > 0 for name in ("forward", "torch_grad_weight", "fft_grad_weight"))
+    assert (tmp_path / "cpu_depthwise_backward.png").stat().st_size > 0

@@ -117,7 +117,12 @@ class _Conv:
 def pad_same(input: Tensor, kernel_size: Any, stride: Any, dilation: Any, mode: str = "constant") -> Tensor:
     """``input`` padded for TensorFlow-style 'same' with any stride (``ceil(size / stride)`` outputs)."""
     pads = resolve_padding("same", input.shape[-len(kernel_size) :], kernel_size, stride, dilation)
-    return F.pad(input, [p for lo_hi in reversed(pads) for p in lo_hi], mode=mode)  # F.pad: last dim first
+    return F.pad(input, _pad_argument(pads), mode=mode)
+
+
+def _pad_argument(pads: list[tuple[int, int]]) -> list[int]:
+    """``F.pad``'s argument for ``(lo, hi)`` pads per spatial dimension: last dimension first."""
+    return [p for lo_hi in reversed(pads) for p in lo_hi]
 
 
 class _DepthwiseConv(_Conv):
@@ -175,7 +180,7 @@ class _DepthwiseConv(_Conv):
         n = self._ndim
         pads = resolve_padding(self.padding, input.shape[-n:], self.kernel_size, self.stride, self.dilation)  # type: ignore[attr-defined]
         if any(lo != hi for lo, hi in pads):  # 'same' with an even kernel
-            return self._padded_conv(F.pad(input, [p for lo_hi in reversed(pads) for p in lo_hi]), weight, bias)
+            return self._padded_conv(F.pad(input, _pad_argument(pads)), weight, bias)
         return self._measured_conv(input, weight, bias, tuple(lo for lo, _ in pads))
 
     def _padded_conv(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
