@@ -1,7 +1,8 @@
 """CPU benchmark of the depthwise conv backward: PyTorch's gradients vs sepconv.cpu_backward's.
 
-For each shape (C=128, 28x28, 'same' padding, kernel sizes 3..31, batch 1 and 32, NCHW and channels_last
-input, fp32), side by side in one run, medians of per-call timings in ms:
+For each shape — 2-d: C=128, 28x28, kernel sizes 3..31, batch 1 and 32; 3-d: C=64, 16x28x28, kernel sizes
+3, 5, 7, batch 4 — with 'same' padding, NCHW and channels_last input, fp32, side by side in one run, medians
+of per-call timings in ms:
 
 - ``forward``: PyTorch's forward (the reference a gradient is compared with);
 - ``torch_grad_input`` / ``torch_grad_weight``: ``aten.convolution_backward`` for one gradient only;
@@ -29,30 +30,35 @@ from sepconv.bench import device_name, median_latency, versions
 from sepconv.io import atomic_write, atomic_write_text
 
 KERNELS = (3, 5, 7, 9, 15, 31)
-CHANNELS, SIZE = 128, 28
+KERNELS_3D = (3, 5, 7)
+# ndim -> (channels, spatial size)
+SHAPES = {2: (128, (28, 28)), 3: (64, (16, 28, 28))}
+CHANNELS_LAST = {2: torch.channels_last, 3: torch.channels_last_3d}
+CONV = {2: F.conv2d, 3: F.conv3d}
 
 
-def row(batch: int, kernel: int, layout: str, min_run_time: float) -> dict:
+def row(ndim: int, batch: int, kernel: int, layout: str, min_run_time: float) -> dict:
     torch.manual_seed(0)
-    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.randn(batch, CHANNELS, SIZE, SIZE).contiguous(memory_format=memory_format)
-    w = torch.randn(CHANNELS, 1, kernel, kernel)
-    pad = (kernel // 2,) * 2
-    grad_output = torch.randn_like(F.conv2d(x, w, padding=pad, groups=CHANNELS))
+    channels, size = SHAPES[ndim]
+    memory_format = CHANNELS_LAST[ndim] if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(batch, channels, *size).contiguous(memory_format=memory_format)
+    w = torch.randn(channels, 1, *(kernel,) * ndim)
+    pad, ones = (kernel // 2,) * ndim, (1,) * ndim
+    grad_output = torch.randn_like(CONV[ndim](x, w, padding=pad, groups=channels))
 
     def torch_backward(mask: list[bool]):
         return lambda: torch.ops.aten.convolution_backward(
-            grad_output, x, w, None, [1, 1], list(pad), [1, 1], False, [0, 0], CHANNELS, mask
+            grad_output, x, w, None, list(ones), list(pad), list(ones), False, [0] * ndim, channels, mask
         )
 
     calls = {
-        "forward": lambda: F.conv2d(x, w, padding=pad, groups=CHANNELS),
+        "forward": lambda: CONV[ndim](x, w, padding=pad, groups=channels),
         "torch_grad_input": torch_backward([True, False, False]),
         "torch_grad_weight": torch_backward([False, True, False]),
-        "conv_grad_input": lambda: cpu_backward.flipped_grad_input(grad_output, w, CHANNELS, pad, (1, 1)),
-        "fft_grad_weight": lambda: cpu_backward.fft_grad_weight(x, grad_output, (kernel, kernel), (1, 1), pad, (1, 1)),
+        "conv_grad_input": lambda: cpu_backward.flipped_grad_input(grad_output, w, channels, pad, ones),
+        "fft_grad_weight": lambda: cpu_backward.fft_grad_weight(x, grad_output, w.shape[2:], ones, pad, ones),
     }
-    result: dict = {"batch": batch, "C": CHANNELS, "H": SIZE, "K": kernel, "layout": layout}
+    result: dict = {"ndim": ndim, "batch": batch, "C": channels, "size": list(size), "K": kernel, "layout": layout}
     with torch.no_grad():
         for name, call in calls.items():
             result[f"{name}_ms"] = median_latency(call, min_run_time=min_run_time, warmup=1, min_runs=3).median_ms
@@ -61,9 +67,7 @@ def row(batch: int, kernel: int, layout: str, min_run_time: float) -> dict:
     result["torch_step_ms"] = result["forward_ms"] + result["torch_grad_input_ms"] + result["torch_grad_weight_ms"]
     result["best_step_ms"] = result["forward_ms"] + best_input + best_weight
     # the errors of our gradients against PyTorch's, relative to the largest entry (float32)
-    reference = torch.ops.aten.convolution_backward(
-        grad_output, x, w, None, [1, 1], list(pad), [1, 1], False, [0, 0], CHANNELS, [True, True, False]
-    )
+    reference = torch_backward([True, True, False])()
     ours = (calls["conv_grad_input"](), calls["fft_grad_weight"]())
     for name, got, expected in zip(("grad_input", "grad_weight"), ours, reference[:2], strict=True):
         result[f"max_rel_error_{name}"] = ((got - expected).abs().max() / expected.abs().max()).item()
@@ -76,19 +80,26 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, batch in zip(axes, sorted({r["batch"] for r in result["rows"]}), strict=False):
+    panels = sorted({(r["ndim"], r["batch"]) for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), sharey=True, squeeze=False)
+    for ax, (ndim, batch) in zip(axes[0], panels, strict=True):
         for layout, style in (("channels_last", "-"), ("contiguous", "--")):
-            rows = [r for r in result["rows"] if r["batch"] == batch and r["layout"] == layout]
+            rows = [r for r in result["rows"] if (r["ndim"], r["batch"], r["layout"]) == (ndim, batch, layout)]
             ks = [r["K"] for r in rows]
             ax.plot(ks, [r["torch_step_ms"] for r in rows], "o" + style, color="tab:red", label=f"PyTorch, {layout}")
             ax.plot(ks, [r["best_step_ms"] for r in rows], "s" + style, color="tab:blue", label=f"best, {layout}")
-        ax.set(xscale="log", yscale="log", xlabel="kernel size K (KxK)", title=f"batch {batch}")
-        ax.set_xticks(KERNELS, [str(k) for k in KERNELS])
+        shape = "x".join(map(str, rows[0]["size"]))
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel=f"kernel size K ({ndim}-d)",
+            title=f"C={rows[0]['C']}, {shape}, batch {batch}",
+        )
+        ax.set_xticks(ks, [str(k) for k in ks])
         ax.set_xticks([], minor=True)
-    axes[0].set_ylabel("forward + both gradients, ms (median)")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Depthwise conv training step, C={CHANNELS}, {SIZE}x{SIZE}, fp32 — {result['device']}", fontsize=9)
+    axes[0][0].set_ylabel("forward + both gradients, ms (median)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Depthwise conv training step, 'same' padding, fp32 — {result['device']}", fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), overwrite=True)
     plt.close(fig)
@@ -96,11 +107,12 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="kernels 3 and 15, batch 1 only")
+    parser.add_argument("--quick", action="store_true", help="2-d kernels 3 and 15 and 3-d 3, batch 1 only")
     parser.add_argument("--min-run-time", type=float, default=0.3, help="seconds of timing per measurement")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
     args = parser.parse_args()
-    kernels, batches = ((3, 15), (1,)) if args.quick else (KERNELS, (1, 32))
+    # (ndim, batch, kernels)
+    plan = [(2, 1, (3, 15)), (3, 1, (3,))] if args.quick else [(2, 1, KERNELS), (2, 32, KERNELS), (3, 4, KERNELS_3D)]
     result: dict = {
         "benchmark": "cpu_depthwise_backward",
         "device": device_name("cpu"),
@@ -110,10 +122,10 @@ def main() -> None:
         "rows": [],
     }
     start = time.perf_counter()
-    for batch in batches:
+    for ndim, batch, kernels in plan:
         for layout in ("channels_last", "contiguous"):
             for kernel in kernels:
-                r = row(batch, kernel, layout, args.min_run_time)
+                r = row(ndim, batch, kernel, layout, args.min_run_time)
                 print(json.dumps(r), flush=True)
                 result["rows"].append(r)
     result["total_seconds"] = time.perf_counter() - start

@@ -85,8 +85,8 @@ def test_default_launches_do_not_spill_registers(tmp_path):
 def test_cpu_depthwise_backward_benchmark_quick_run(tmp_path):
     run_script("benchmarks/cpu_depthwise_backward.py", "--quick", "--min-run-time", "0.01", "--out", str(tmp_path))
     result = json.loads((tmp_path / "cpu_depthwise_backward.json").read_text())
-    assert {(r["K"], r["layout"]) for r in result["rows"]} == {
-        (k, layout) for k in (3, 15) for layout in ("channels_last", "contiguous")
+    assert {(r["ndim"], r["K"], r["layout"]) for r in result["rows"]} == {
+        (ndim, k, layout) for ndim, k in ((2, 3), (2, 15), (3, 3)) for layout in ("channels_last", "contiguous")
     }
     for row in result["rows"]:  # float32 FFT and flipped conv against PyTorch's own gradients
         assert row["max_rel_error_grad_input"] < 1e-5 and row["max_rel_error_grad_weight"] < 1e-5
