@@ -207,3 +207,18 @@ def test_run_channels_last_handles_3d_models_and_returns_contiguous_maps() -> No
     out = twin(x)
     assert out.is_contiguous()
     torch.testing.assert_close(out, model(x), rtol=1e-10, atol=1e-12)
+
+
+def test_a_slow_step_far_behind_ends_the_timing_in_the_first_warm_up_round() -> None:
+    calls = {"slow": 0, "fast": 0}
+
+    def slow() -> None:
+        calls["slow"] += 1
+        time.sleep(4 * cpu_strategy._SLOW_STEP_S)
+
+    def fast() -> None:
+        calls["fast"] += 1
+
+    times = cpu_strategy._time_candidates({"slow": slow, "fast": fast})
+    assert calls == {"slow": 1, "fast": 1}
+    assert times["slow"] > cpu_strategy._CLEAR_WIN * times["fast"]

@@ -56,6 +56,7 @@ _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _WARMUP_ROUNDS = 2
 _TIMED_RUNS = 5
 _CLEAR_WIN = 3.0
+_SLOW_STEP_S = 0.2
 _MARGIN = 1.1
 
 _state = threading.local()  # per-thread override from the cpu_strategy() context manager
@@ -348,16 +349,22 @@ def _time_layouts(input: Tensor, convs: Callable[[Tensor], Tensor], params: list
 
 def _time_candidates(steps: dict[str, Callable[[], object]]) -> dict[str, float]:
     """Median seconds of each step after warm-up rounds; rounds interleave the steps (ABBA), and
-    timing stops early once one step is clearly the fastest."""
+    timing stops early once one step is clearly the fastest — already in a warm-up round when the
+    slowest step takes over ``_SLOW_STEP_S`` (a second per call for PyTorch's 31x31 weight gradient:
+    first-call costs cannot explain a 3x gap there)."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
     medians: dict[str, float] = {}
     for round_ in range(_WARMUP_ROUNDS + _TIMED_RUNS):
         order = list(steps) if round_ % 2 == 0 else list(steps)[::-1]  # no step always goes first
+        this_round: dict[str, float] = {}
         for name in order:
             start = time.perf_counter()
             steps[name]()
+            this_round[name] = time.perf_counter() - start
             if round_ >= _WARMUP_ROUNDS:  # warm-up rounds grow the allocator's pool and caches
-                samples[name].append(time.perf_counter() - start)
+                samples[name].append(this_round[name])
+        if round_ < _WARMUP_ROUNDS and max(this_round.values()) > _SLOW_STEP_S and _clear_winner(this_round):
+            return this_round
         medians = {name: statistics.median(values) for name, values in samples.items() if values}
         if medians and _clear_winner(medians):
             break
