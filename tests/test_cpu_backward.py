@@ -196,3 +196,12 @@ def test_small_kernels_and_non_float_types_keep_pytorchs_backward() -> None:
         assert not cpu_strategy.may_choose_depthwise_backward(x, torch.randn(4, 1, 5, 5, requires_grad=True))
     xb = torch.randn(1, 4, 10, 10, dtype=torch.bfloat16, requires_grad=True)
     assert not cpu_strategy.may_choose_depthwise_backward(xb, torch.randn(4, 1, 5, 5, dtype=torch.bfloat16))
+
+
+def test_export_sees_ordinary_convolutions_with_large_kernels() -> None:
+    layer = sepconv.SeparableConv2d(4, 8, 7, padding=3)  # trainable, grad enabled: eager would measure
+    x = torch.randn(2, 4, 12, 12)
+    exported = torch.export.export(layer, (x,))
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets == [torch.ops.aten.conv2d.default] * 2
+    assert sepconv.cpu_strategy_decisions() == {}

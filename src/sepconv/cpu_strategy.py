@@ -115,13 +115,13 @@ def may_choose_depthwise_backward(input: Tensor, weight: Tensor) -> bool:
         and input.device.type == "cpu"
         and input.dtype in (torch.float32, torch.float64)
         and weight.dtype == input.dtype
-        and math.prod(weight.shape[2:]) >= MIN_KERNEL_AREA_FOR_BACKWARD
         and get_cpu_strategy() != "off"
         and type(input) is Tensor
         and not torch.is_autocast_enabled("cpu")
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
+        and math.prod(weight.shape[2:]) >= MIN_KERNEL_AREA_FOR_BACKWARD  # after the tracing test: shapes are traced
     )
 
 
