@@ -4,6 +4,8 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
 
 - ``depthwise``: ``ours`` = ``sepconv.kernels.depthwise_conv2d``; ``eager`` = ``F.conv2d(groups=C)`` (cuDNN),
   no bias; ``compile`` = ``torch.compile`` of the same call — forward, and forward+backward (grads of x, w);
+  depthwise rows with kernels of 5x5 and up also time ``ours_fft_grad_weight`` (the experimental FFT weight
+  gradient, ``sepconv.kernels.depthwise.FFT_GRAD_WEIGHT_MIN_TAPS``) and record its gradient errors;
 - ``kernel_sizes``: the depthwise comparison at 256x28, batch 32, for kernel sizes 9 to 27 (where ``auto``'s
   threshold lies), bf16 and fp32, without compile;
 - ``separable``: DESIGN.md §2's blocks; ``ours`` = ``sepconv.kernels.separable_conv2d`` (fused), ``eager`` =
@@ -48,6 +50,7 @@ import triton.language as tl
 import sepconv
 from sepconv.bench import device_name, median_latency, peak_memory_bytes, versions
 from sepconv.io import atomic_write, atomic_write_text
+from sepconv.kernels import depthwise as depthwise_module
 from sepconv.kernels.depthwise import depthwise_conv2d
 from sepconv.kernels.separable import separable_conv2d
 
@@ -81,6 +84,7 @@ MODELS = [
 ]
 QUICK_MODELS = [("mobilenet_v2 x0.35", functools.partial(torchvision.models.mobilenet_v2, width_mult=0.35), 32)]
 SECTIONS = ("depthwise", "kernel_sizes", "separable", "models")
+FFT_GRAD_WEIGHT_MIN_KERNEL = 5  # depthwise rows with kernels this size and up also time the FFT weight gradient
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
@@ -171,10 +175,22 @@ def depthwise_row(name, channels, size, kernel, stride, batch, dtype_name, layou
     def eager(x, w):
         return F.conv2d(x, w, None, stride, pad, 1, channels)
 
+    def ours_fft_grad_weight(x, w):  # the experimental FFT weight gradient, chosen when the forward runs
+        previous, depthwise_module.FFT_GRAD_WEIGHT_MIN_TAPS = depthwise_module.FFT_GRAD_WEIGHT_MIN_TAPS, 1
+        try:
+            return depthwise_conv2d(x, w, None, stride, pad)
+        finally:
+            depthwise_module.FFT_GRAD_WEIGHT_MIN_TAPS = previous
+
     impls: dict[str, Callable] = {"ours": ours, "eager": eager}
     if compile_:
         torch._dynamo.reset()  # one code object per row: past its recompile limit dynamo would run eager
         impls["compile"] = torch.compile(eager, dynamic=False)
+    fft_errors = {}
+    if kernel >= FFT_GRAD_WEIGHT_MIN_KERNEL:
+        impls["ours_fft_grad_weight"] = ours_fft_grad_weight
+        errors = _gradient_errors(ours_fft_grad_weight, eager, x, w)
+        fft_errors = {f"{key[: -len('_vs_eager')]}_fft_vs_eager": value for key, value in errors.items()}
     y = eager(x, w)
     xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
     row: dict[str, Any] = {
@@ -189,6 +205,7 @@ def depthwise_row(name, channels, size, kernel, stride, batch, dtype_name, layou
         "layout": layout_name,
         "max_abs_error_vs_eager": (ours(x, w).float() - y.float()).abs().max().item(),
         **_gradient_errors(ours, eager, x, w),
+        **fft_errors,
         "macs": y.numel() * kernel * kernel,
         "bytes_forward": (x.numel() + y.numel()) * x.element_size(),
         "bytes_forward_backward": (3 * x.numel() + 2 * y.numel()) * x.element_size(),
@@ -298,6 +315,8 @@ def add_floors(row: dict[str, Any], bandwidth: float, fmas: float | None) -> Non
         row[f"speedup_vs_best_torch_{pass_}"] = best / row[f"ours_{pass_}_ms"]
         if "standard_forward_ms" in row:
             row[f"speedup_vs_standard_{pass_}"] = row[f"standard_{pass_}_ms"] / row[f"ours_{pass_}_ms"]
+        if f"ours_fft_grad_weight_{pass_}_ms" in row:
+            row[f"speedup_fft_grad_weight_vs_best_torch_{pass_}"] = best / row[f"ours_fft_grad_weight_{pass_}_ms"]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -388,7 +407,7 @@ def main() -> None:
             if section == "depthwise":
                 shapes, chosen = (QUICK_SHAPES if args.quick else SHAPES), combos
             else:
-                shapes = QUICK_SHAPES[:1] if args.quick else KERNEL_SIZE_SHAPES
+                shapes = QUICK_SHAPES[1:] if args.quick else KERNEL_SIZE_SHAPES  # quick: k5, with the FFT variant
                 chosen = [c for c in KERNEL_SIZE_COMBOS if c[1] in dtypes]
             for (batch, dtype, layout), (name, c, h, k, s, big) in itertools.product(chosen, shapes):
                 if time.perf_counter() > deadline:

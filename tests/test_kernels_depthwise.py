@@ -7,6 +7,7 @@ shapes stay small; with one, the same tests run the compiled kernels on CUDA.
 from __future__ import annotations
 
 import contextlib
+from unittest import mock
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from sepconv.kernels import depthwise as depthwise_module
 from sepconv.kernels.depthwise import (
     Tiles,
     _forward,
@@ -413,3 +415,29 @@ def test_cpu_tensors_without_the_interpreter_name_the_fix(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         depthwise_conv2d(torch.randn(1, 2, 4, 4), torch.randn(2, 1, 3, 3))
+
+
+@settings(max_examples=25)
+@given(depthwise_configs())
+def test_fft_weight_gradient_matches_conv2d_in_float64(cfg):
+    """The experimental FFT weight gradient (FFT_GRAD_WEIGHT_MIN_TAPS), every padding form and stride."""
+    assume(not _output_is_empty(cfg))
+    torch.manual_seed(0)
+    x, weight, bias = make_inputs(cfg)
+    calls = []
+    real = depthwise_module._fft_grad_weight
+    with (
+        mock.patch.object(depthwise_module, "FFT_GRAD_WEIGHT_MIN_TAPS", 1),
+        mock.patch.object(depthwise_module, "_fft_grad_weight", lambda *a: calls.append(1) or real(*a)),
+    ):
+        check_against_reference(x, weight, bias, cfg["stride"], cfg["padding"], cfg["dilation"], atol=1e-10, rtol=1e-10)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float16, 1e-2), (torch.bfloat16, 8e-2)], ids=str)
+def test_fft_weight_gradient_in_half_precision(dtype, atol):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 13, 13, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(6, 1, 9, 9, device=DEVICE) / 9).to(dtype)
+    with mock.patch.object(depthwise_module, "FFT_GRAD_WEIGHT_MIN_TAPS", 81):
+        check_against_reference(x, weight, None, 1, 4, 1, atol=atol, rtol=atol)

@@ -111,13 +111,18 @@ def fft_grad_weight(
     stride: Sequence[int],
     padding: Sequence[int],
     dilation: Sequence[int],
+    *,
+    padding_end: Sequence[int] | None = None,
 ) -> Tensor:
     """Weight gradient ``(C·m, 1, *kernel)`` of a depthwise conv, as cross-correlations in the frequency domain.
 
+    ``padding`` pads each spatial dimension's start and, unless ``padding_end`` is given, its end. Any
+    device (cuFFT on CUDA); compute in float32 or float64.
+
     ``gw[c·m+j, a] = Σ_{n,i} grad_output[n, c·m+j, i] · input[n, c, i·stride + a·dilation - padding]``:
     with the output gradient spread onto the stride-1 grid and both signals zero-extended to an FFT size
-    ``F >= size + padding`` per dimension, the circular correlation equals the linear one at every lag
-    the kernel needs, so nothing wraps around.
+    ``F >= size + max(padding, padding_end)`` per dimension, the circular correlation equals the linear one at
+    every lag the kernel needs, so nothing wraps around.
 
     >>> import torch
     >>> x, gy = torch.rand(2, 3, 10, dtype=torch.float64), torch.rand(2, 3, 10, dtype=torch.float64)
@@ -132,9 +137,10 @@ def fft_grad_weight(
     out_channels = grad_output.shape[1]
     spatial = tuple(range(2, 2 + n))
     spread = [(o - 1) * s + 1 for o, s in zip(grad_output.shape[2:], stride, strict=True)]  # on the stride-1 grid
+    ends = padding if padding_end is None else padding_end
     sizes = [
-        fast_fft_size(max(size + p, (k - 1) * d + 1, g))
-        for size, k, p, d, g in zip(input.shape[2:], kernel_size, padding, dilation, spread, strict=True)
+        fast_fft_size(max(size + max(p, e), (k - 1) * d + 1, g))
+        for size, k, p, e, d, g in zip(input.shape[2:], kernel_size, padding, ends, dilation, spread, strict=True)
     ]
     x_hat = torch.fft.rfftn(_zero_extended(input, sizes, (1,) * n), dim=spatial)
     g_hat = torch.fft.rfftn(_zero_extended(grad_output, sizes, stride), dim=spatial)

@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sepconv._args import int_tuple
+from sepconv.cpu_backward import fft_grad_weight
 from sepconv.kernels._depthwise_triton import (
     depthwise_forward_kernel,
     depthwise_forward_toeplitz_kernel,
@@ -63,6 +64,13 @@ _LOOP_TAPS_CHUNK_BLOCKS = 8  # grad-weight with loop_taps: pixel blocks per prog
 
 PaddingSpec = int | str | Sequence[int] | Sequence[Sequence[int]]
 _PLAIN = (Tensor, torch.nn.Parameter)
+
+# Experimental, not yet timed on a GPU (None: off): kernels of at least this many taps compute the weight
+# gradient by FFT (`sepconv.cpu_backward.fft_grad_weight`; cuFFT on CUDA, in fp32 for fp16/bf16) instead of
+# the Triton kernel. On a 2-core CPU that FFT beat PyTorch's 31x31 weight gradient 16x; on the GPU our Triton
+# grad-weight is most of the 31x31 forward+backward (5.3 ms vs a 1.25 ms forward, H200). Read when a forward
+# runs (the choice travels with the autograd graph); `benchmarks/kernels.py` times both.
+FFT_GRAD_WEIGHT_MIN_TAPS: int | None = None
 
 
 def interpreting() -> bool:
@@ -478,6 +486,16 @@ def _grad_weight(
     return grad_weight, total[:, kh * kw].to(weight.dtype, copy=True)  # copies: outputs must not alias
 
 
+def _fft_grad_weight(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[Tensor, Tensor]:
+    """Weight and bias gradients with the weight's by FFT (:data:`FFT_GRAD_WEIGHT_MIN_TAPS`), in fp32 (fp64)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    top, bottom, left, right = padding
+    grad_weight = fft_grad_weight(
+        x.to(acc), grad.to(acc), weight.shape[2:], stride, (top, left), dilation, padding_end=(bottom, right)
+    )
+    return grad_weight.to(weight.dtype), grad.sum((0, 2, 3), dtype=acc).to(weight.dtype)
+
+
 # ---- custom ops -------------------------------------------------------------------------------------------
 
 _GEOMETRY = "int[] stride, int[] padding, int[] dilation"
@@ -530,6 +548,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
     ctx.geometry = (stride, padding, dilation)
+    ctx.fft_grad_weight = (
+        FFT_GRAD_WEIGHT_MIN_TAPS is not None and weight.shape[2] * weight.shape[3] >= FFT_GRAD_WEIGHT_MIN_TAPS
+    )
 
 
 def _backward(ctx, grad):
@@ -540,7 +561,12 @@ def _backward(ctx, grad):
     if needs_x:
         grad_x = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
     if needs_weight or (ctx.has_bias and needs_bias):
-        grad_weight, grad_bias = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_weight, _grad_weight, args, tensors)
+        if ctx.fft_grad_weight:
+            grad_weight, grad_bias = _fft_grad_weight(*args)
+        else:
+            grad_weight, grad_bias = run_kernel(
+                torch.ops.sepconv.depthwise_conv2d_grad_weight, _grad_weight, args, tensors
+            )
         grad_weight = grad_weight if needs_weight else None
         grad_bias = grad_bias if ctx.has_bias and needs_bias else None
     return grad_x, grad_weight, grad_bias, None, None, None
