@@ -5,7 +5,9 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
 - ``depthwise``: ``ours`` = ``sepconv.kernels.depthwise_conv2d``; ``eager`` = ``F.conv2d(groups=C)`` (cuDNN),
   no bias; ``compile`` = ``torch.compile`` of the same call — forward, and forward+backward (grads of x, w);
   depthwise rows with kernels of 5x5 and up also time ``ours_fft_grad_weight`` (the experimental FFT weight
-  gradient, ``sepconv.kernels.depthwise.FFT_GRAD_WEIGHT_MIN_TAPS``) and record its gradient errors;
+  gradient, ``sepconv.kernels.depthwise.FFT_GRAD_WEIGHT_MIN_TAPS``), stride-1 rows from 9x9 also
+  ``ours_fft_flipped`` (plus the input gradient by our forward kernel, ``FLIPPED_GRAD_INPUT_MIN_TAPS``), and
+  record their gradient errors;
 - ``kernel_sizes``: the depthwise comparison at 256x28, batch 32, for kernel sizes 9 to 27 (where ``auto``'s
   threshold lies), bf16 and fp32, without compile;
 - ``separable``: DESIGN.md §2's blocks; ``ours`` = ``sepconv.kernels.separable_conv2d`` (fused), ``eager`` =
@@ -66,6 +68,7 @@ SHAPES = [
 KERNEL_SIZE_SHAPES = [(f"256x28 k{k}", 256, 28, k, 1, 32) for k in (9, 13, 17, 21, 27)]
 KERNEL_SIZE_COMBOS = [(None, "bf16", "nhwc"), (None, "bf16", "nchw"), (None, "fp32", "nhwc")]
 QUICK_SHAPES = [("tiny 8x6 k3", 8, 6, 3, 1, 2), ("tiny 4x5 k5 s2", 4, 5, 5, 2, 2)]
+QUICK_KERNEL_SIZE_SHAPES = [("tiny 4x6 k9", 4, 6, 9, 1, 2)]  # with both experimental backward variants
 # (name, C, H, O, K, stride, batch-64 batch): DESIGN.md §2's separable blocks.
 SEPARABLE_SHAPES = [
     ("mbv2 32x112->16", 32, 112, 16, 3, 1, 64),
@@ -84,7 +87,9 @@ MODELS = [
 ]
 QUICK_MODELS = [("mobilenet_v2 x0.35", functools.partial(torchvision.models.mobilenet_v2, width_mult=0.35), 32)]
 SECTIONS = ("depthwise", "kernel_sizes", "separable", "models")
-FFT_GRAD_WEIGHT_MIN_KERNEL = 5  # depthwise rows with kernels this size and up also time the FFT weight gradient
+# depthwise rows with kernels this size and up also time the experimental backward variants
+EXPERIMENTAL_BACKWARD_MIN_KERNEL = 5  # FFT weight gradient
+FLIPPED_GRAD_INPUT_MIN_KERNEL = 9  # + input gradient by our forward kernel (stride 1)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
@@ -175,22 +180,36 @@ def depthwise_row(name, channels, size, kernel, stride, batch, dtype_name, layou
     def eager(x, w):
         return F.conv2d(x, w, None, stride, pad, 1, channels)
 
-    def ours_fft_grad_weight(x, w):  # the experimental FFT weight gradient, chosen when the forward runs
-        previous, depthwise_module.FFT_GRAD_WEIGHT_MIN_TAPS = depthwise_module.FFT_GRAD_WEIGHT_MIN_TAPS, 1
-        try:
-            return depthwise_conv2d(x, w, None, stride, pad)
-        finally:
-            depthwise_module.FFT_GRAD_WEIGHT_MIN_TAPS = previous
+    def experimental(*settings: str) -> Callable:
+        """``ours`` with the experimental backward settings on (read when the forward runs)."""
+
+        def run(x, w):
+            previous = {name: getattr(depthwise_module, name) for name in settings}
+            for name in settings:
+                setattr(depthwise_module, name, 1)
+            try:
+                return depthwise_conv2d(x, w, None, stride, pad)
+            finally:
+                for name, value in previous.items():
+                    setattr(depthwise_module, name, value)
+
+        return run
 
     impls: dict[str, Callable] = {"ours": ours, "eager": eager}
     if compile_:
         torch._dynamo.reset()  # one code object per row: past its recompile limit dynamo would run eager
         impls["compile"] = torch.compile(eager, dynamic=False)
+    variants = {}
+    if kernel >= EXPERIMENTAL_BACKWARD_MIN_KERNEL:
+        variants["fft"] = ("ours_fft_grad_weight", experimental("FFT_GRAD_WEIGHT_MIN_TAPS"))
+        if stride == 1 and kernel >= FLIPPED_GRAD_INPUT_MIN_KERNEL:
+            both = experimental("FFT_GRAD_WEIGHT_MIN_TAPS", "FLIPPED_GRAD_INPUT_MIN_TAPS")
+            variants["fft_flipped"] = ("ours_fft_flipped", both)
     fft_errors = {}
-    if kernel >= FFT_GRAD_WEIGHT_MIN_KERNEL:
-        impls["ours_fft_grad_weight"] = ours_fft_grad_weight
-        errors = _gradient_errors(ours_fft_grad_weight, eager, x, w)
-        fft_errors = {f"{key[: -len('_vs_eager')]}_fft_vs_eager": value for key, value in errors.items()}
+    for suffix, (impl, fn) in variants.items():
+        impls[impl] = fn
+        errors = _gradient_errors(fn, eager, x, w)
+        fft_errors |= {f"{key[: -len('_vs_eager')]}_{suffix}_vs_eager": value for key, value in errors.items()}
     y = eager(x, w)
     xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
     row: dict[str, Any] = {
@@ -315,8 +334,9 @@ def add_floors(row: dict[str, Any], bandwidth: float, fmas: float | None) -> Non
         row[f"speedup_vs_best_torch_{pass_}"] = best / row[f"ours_{pass_}_ms"]
         if "standard_forward_ms" in row:
             row[f"speedup_vs_standard_{pass_}"] = row[f"standard_{pass_}_ms"] / row[f"ours_{pass_}_ms"]
-        if f"ours_fft_grad_weight_{pass_}_ms" in row:
-            row[f"speedup_fft_grad_weight_vs_best_torch_{pass_}"] = best / row[f"ours_fft_grad_weight_{pass_}_ms"]
+        for variant in ("fft_grad_weight", "fft_flipped"):
+            if f"ours_{variant}_{pass_}_ms" in row:
+                row[f"speedup_{variant}_vs_best_torch_{pass_}"] = best / row[f"ours_{variant}_{pass_}_ms"]
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -407,7 +427,7 @@ def main() -> None:
             if section == "depthwise":
                 shapes, chosen = (QUICK_SHAPES if args.quick else SHAPES), combos
             else:
-                shapes = QUICK_SHAPES[1:] if args.quick else KERNEL_SIZE_SHAPES  # quick: k5, with the FFT variant
+                shapes = QUICK_KERNEL_SIZE_SHAPES if args.quick else KERNEL_SIZE_SHAPES
                 chosen = [c for c in KERNEL_SIZE_COMBOS if c[1] in dtypes]
             for (batch, dtype, layout), (name, c, h, k, s, big) in itertools.product(chosen, shapes):
                 if time.perf_counter() > deadline:

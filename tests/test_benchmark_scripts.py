@@ -35,13 +35,14 @@ def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
         assert row["max_abs_error_vs_eager"] < 1e-4
         if row["section"] == "kernel_sizes":  # depthwise rows: the backward kernels checked too
             assert row["max_rel_error_grad_input_vs_eager"] < 1e-5 and row["max_rel_error_grad_weight_vs_eager"] < 1e-5
-        if row["K"] >= 5 and row["section"] != "separable":  # the FFT weight-gradient variant, checked too
-            assert row["max_rel_error_grad_weight_fft_vs_eager"] < 1e-5
-            assert row["ours_fft_grad_weight_forward_backward_ms"] > 0
+        if row["section"] == "kernel_sizes":  # the experimental backward variants (k9, stride 1), checked too
+            for variant, impl in (("fft", "ours_fft_grad_weight"), ("fft_flipped", "ours_fft_flipped")):
+                assert row[f"max_rel_error_grad_input_{variant}_vs_eager"] < 1e-5
+                assert row[f"max_rel_error_grad_weight_{variant}_vs_eager"] < 1e-5
+                assert row[f"{impl}_forward_backward_ms"] > 0
         for key in ("ours_forward_ms", "eager_forward_ms", "ours_forward_backward_ms", "ours_forward_repeat_ms"):
             assert row[key] > 0
         assert row["floor_forward_ms"] == max(row["memory_floor_forward_ms"], row["flop_floor_forward_ms"] or 0.0)
-    assert any("ours_fft_grad_weight_forward_backward_ms" in row for row in result["rows"])
     assert (tmp_path / "kernels_quick.png").stat().st_size > 0
 
 

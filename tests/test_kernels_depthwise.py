@@ -441,3 +441,44 @@ def test_fft_weight_gradient_in_half_precision(dtype, atol):
     weight = (torch.randn(6, 1, 9, 9, device=DEVICE) / 9).to(dtype)
     with mock.patch.object(depthwise_module, "FFT_GRAD_WEIGHT_MIN_TAPS", 81):
         check_against_reference(x, weight, None, 1, 4, 1, atol=atol, rtol=atol)
+
+
+@settings(max_examples=25)
+@given(depthwise_configs())
+def test_flipped_forward_input_gradient_matches_conv2d_in_float64(cfg):
+    """The experimental input gradient by our forward kernel (FLIPPED_GRAD_INPUT_MIN_TAPS), where it applies."""
+    assume(not _output_is_empty(cfg))
+    torch.manual_seed(0)
+    x, weight, bias = make_inputs(cfg)
+    stride, dilation = _pair(cfg["stride"]), _pair(cfg["dilation"])
+    sides = resolve_padding_sides(cfg["padding"], x.shape[-2:], weight.shape[-2:], stride, dilation)
+    calls = []
+    real = depthwise_module._flipped_grad_input
+    with (
+        mock.patch.object(depthwise_module, "FLIPPED_GRAD_INPUT_MIN_TAPS", 1),
+        mock.patch.object(depthwise_module, "_flipped_grad_input", lambda *a: calls.append(1) or real(*a)),
+    ):
+        check_against_reference(x, weight, bias, cfg["stride"], cfg["padding"], cfg["dilation"], atol=1e-10, rtol=1e-10)
+    kh, kw = cfg["kernel"]
+    applies = (
+        stride == (1, 1)
+        and cfg["multiplier"] == 1
+        and max(sides[:2]) <= dilation[0] * (kh - 1)
+        and max(sides[2:]) <= dilation[1] * (kw - 1)
+    )
+    assert calls == ([1] if applies else [])
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+def test_flipped_forward_input_gradient_with_uneven_padding_and_dilation(kind):
+    torch.manual_seed(0)
+    x = layout(torch.randn(2, 5, 11, 9, dtype=torch.float64, device=DEVICE), kind)
+    weight = torch.randn(5, 1, 5, 3, dtype=torch.float64, device=DEVICE)
+    calls = []
+    real = depthwise_module._flipped_grad_input
+    with (
+        mock.patch.object(depthwise_module, "FLIPPED_GRAD_INPUT_MIN_TAPS", 15),
+        mock.patch.object(depthwise_module, "_flipped_grad_input", lambda *a: calls.append(1) or real(*a)),
+    ):
+        check_against_reference(x, weight, None, 1, ((2, 1), (0, 4)), (1, 2), atol=1e-10, rtol=1e-10)
+    assert calls == [1]

@@ -71,6 +71,10 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 # grad-weight is most of the 31x31 forward+backward (5.3 ms vs a 1.25 ms forward, H200). Read when a forward
 # runs (the choice travels with the autograd graph); `benchmarks/kernels.py` times both.
 FFT_GRAD_WEIGHT_MIN_TAPS: int | None = None
+# Experimental likewise (None: off): stride-1, multiplier-1 kernels of at least this many taps compute the input
+# gradient with our forward kernel (the output gradient convolved with the flipped kernel) instead of the
+# grad-input kernel; the forward is our fastest kernel (31x31 channels_last bf16: 1.25 ms, H200).
+FLIPPED_GRAD_INPUT_MIN_TAPS: int | None = None
 
 
 def interpreting() -> bool:
@@ -496,6 +500,27 @@ def _fft_grad_weight(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, d
     return grad_weight.to(weight.dtype), grad.sum((0, 2, 3), dtype=acc).to(weight.dtype)
 
 
+def _flipped_grad_input_applies(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool:
+    """Stride 1, depth multiplier 1, and no side padded by more than the dilated kernel's extent minus one."""
+    (kh, kw), (dh, dw) = weight.shape[2:], dilation
+    top, bottom, left, right = padding
+    return (
+        list(stride) == [1, 1]
+        and weight.shape[0] == x.shape[1]
+        and max(top, bottom) <= dh * (kh - 1)
+        and max(left, right) <= dw * (kw - 1)
+    )
+
+
+def _flipped_grad_input(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
+    """Input gradient as our forward of the output gradient with the flipped kernel (FLIPPED_GRAD_INPUT_MIN_TAPS)."""
+    (kh, kw), (dh, dw) = weight.shape[2:], dilation
+    top, bottom, left, right = padding
+    sides = [dh * (kh - 1) - top, dh * (kh - 1) - bottom, dw * (kw - 1) - left, dw * (kw - 1) - right]
+    args = (grad, weight.flip((2, 3)), None, [1, 1], sides, list(dilation))
+    return run_kernel(torch.ops.sepconv.depthwise_conv2d, _forward, args, (grad, weight))
+
+
 # ---- custom ops -------------------------------------------------------------------------------------------
 
 _GEOMETRY = "int[] stride, int[] padding, int[] dilation"
@@ -548,8 +573,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight)
     ctx.has_bias = bias is not None
     ctx.geometry = (stride, padding, dilation)
-    ctx.fft_grad_weight = (
-        FFT_GRAD_WEIGHT_MIN_TAPS is not None and weight.shape[2] * weight.shape[3] >= FFT_GRAD_WEIGHT_MIN_TAPS
+    taps = weight.shape[2] * weight.shape[3]
+    ctx.fft_grad_weight = FFT_GRAD_WEIGHT_MIN_TAPS is not None and taps >= FFT_GRAD_WEIGHT_MIN_TAPS
+    ctx.flipped_grad_input = (
+        FLIPPED_GRAD_INPUT_MIN_TAPS is not None
+        and taps >= FLIPPED_GRAD_INPUT_MIN_TAPS
+        and _flipped_grad_input_applies(x, weight, stride, padding, dilation)
     )
 
 
@@ -558,7 +587,9 @@ def _backward(ctx, grad):
     needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
     grad_x = grad_weight = grad_bias = None
     args, tensors = (grad, x, weight, *ctx.geometry), (grad, x, weight)
-    if needs_x:
+    if needs_x and ctx.flipped_grad_input:
+        grad_x = _flipped_grad_input(*args)
+    elif needs_x:
         grad_x = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
     if needs_weight or (ctx.has_bias and needs_bias):
         if ctx.fft_grad_weight:
