@@ -417,6 +417,18 @@ def test_cpu_tensors_without_the_interpreter_name_the_fix(monkeypatch):
         depthwise_conv2d(torch.randn(1, 2, 4, 4), torch.randn(2, 1, 3, 3))
 
 
+@contextlib.contextmanager
+def experimental_backward(setting: str, taps: int, helper: str):
+    """``setting`` (an opt-in backward threshold) set to ``taps``; yields the list of calls to ``helper``."""
+    calls: list[int] = []
+    real = getattr(depthwise_module, helper)
+    with (
+        mock.patch.object(depthwise_module, setting, taps),
+        mock.patch.object(depthwise_module, helper, lambda *a: calls.append(1) or real(*a)),
+    ):
+        yield calls
+
+
 @settings(max_examples=25)
 @given(depthwise_configs())
 def test_fft_weight_gradient_matches_conv2d_in_float64(cfg):
@@ -424,12 +436,7 @@ def test_fft_weight_gradient_matches_conv2d_in_float64(cfg):
     assume(not _output_is_empty(cfg))
     torch.manual_seed(0)
     x, weight, bias = make_inputs(cfg)
-    calls = []
-    real = depthwise_module._fft_grad_weight
-    with (
-        mock.patch.object(depthwise_module, "FFT_GRAD_WEIGHT_MIN_TAPS", 1),
-        mock.patch.object(depthwise_module, "_fft_grad_weight", lambda *a: calls.append(1) or real(*a)),
-    ):
+    with experimental_backward("FFT_GRAD_WEIGHT_MIN_TAPS", 1, "_fft_grad_weight") as calls:
         check_against_reference(x, weight, bias, cfg["stride"], cfg["padding"], cfg["dilation"], atol=1e-10, rtol=1e-10)
     assert calls == [1]
 
@@ -452,12 +459,7 @@ def test_flipped_forward_input_gradient_matches_conv2d_in_float64(cfg):
     x, weight, bias = make_inputs(cfg)
     stride, dilation = _pair(cfg["stride"]), _pair(cfg["dilation"])
     sides = resolve_padding_sides(cfg["padding"], x.shape[-2:], weight.shape[-2:], stride, dilation)
-    calls = []
-    real = depthwise_module._flipped_grad_input
-    with (
-        mock.patch.object(depthwise_module, "FLIPPED_GRAD_INPUT_MIN_TAPS", 1),
-        mock.patch.object(depthwise_module, "_flipped_grad_input", lambda *a: calls.append(1) or real(*a)),
-    ):
+    with experimental_backward("FLIPPED_GRAD_INPUT_MIN_TAPS", 1, "_flipped_grad_input") as calls:
         check_against_reference(x, weight, bias, cfg["stride"], cfg["padding"], cfg["dilation"], atol=1e-10, rtol=1e-10)
     kh, kw = cfg["kernel"]
     applies = (
@@ -474,11 +476,6 @@ def test_flipped_forward_input_gradient_with_uneven_padding_and_dilation(kind):
     torch.manual_seed(0)
     x = layout(torch.randn(2, 5, 11, 9, dtype=torch.float64, device=DEVICE), kind)
     weight = torch.randn(5, 1, 5, 3, dtype=torch.float64, device=DEVICE)
-    calls = []
-    real = depthwise_module._flipped_grad_input
-    with (
-        mock.patch.object(depthwise_module, "FLIPPED_GRAD_INPUT_MIN_TAPS", 15),
-        mock.patch.object(depthwise_module, "_flipped_grad_input", lambda *a: calls.append(1) or real(*a)),
-    ):
+    with experimental_backward("FLIPPED_GRAD_INPUT_MIN_TAPS", 15, "_flipped_grad_input") as calls:
         check_against_reference(x, weight, None, 1, ((2, 1), (0, 4)), (1, 2), atol=1e-10, rtol=1e-10)
     assert calls == [1]
