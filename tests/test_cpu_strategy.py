@@ -222,3 +222,18 @@ def test_a_slow_step_far_behind_ends_the_timing_in_the_first_warm_up_round() -> 
     times = cpu_strategy._time_candidates({"slow": slow, "fast": fast})
     assert calls == {"slow": 1, "fast": 1}
     assert times["slow"] > cpu_strategy._CLEAR_WIN * times["fast"]
+
+
+def test_each_step_gets_a_fresh_input_made_off_the_clock(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_strategy, "_clear_winner", lambda times: False)  # every round runs
+    made: list[object] = []
+    received: list[object] = []
+
+    def prepare() -> object:
+        time.sleep(0.02)  # a copy this slow would dominate both medians if it were timed
+        made.append(object())
+        return made[-1]
+
+    times = cpu_strategy._time_candidates({"a": received.append, "b": received.append}, prepare=prepare)
+    assert received == made and len({id(r) for r in received}) == len(received)
+    assert max(times.values()) < 0.01
