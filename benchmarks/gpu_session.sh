@@ -22,7 +22,7 @@ fi
 # shellcheck disable=SC2086
 timeout "${BENCH_SECONDS:-240}" python3 benchmarks/kernels.py --out "$out" --compile-where big-bf16 \
     --sections ${SECTIONS:-depthwise kernel_sizes separable models} \
-    --section-seconds ${SECTION_SECONDS:-depthwise=70 kernel_sizes=40 separable=60 models=55} > "$out/kernels.log" 2>&1
+    --section-seconds ${SECTION_SECONDS:-depthwise=70 kernel_sizes=55 separable=50 models=50} > "$out/kernels.log" 2>&1
 echo "benchmark exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
 if [ "${PROFILE_SECONDS:-30}" != 0 ]; then
     timeout "${PROFILE_SECONDS:-30}" python3 benchmarks/profile_overhead.py > "$out/profile.txt" 2>&1
