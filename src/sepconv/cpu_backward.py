@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["GRAD_INPUT_ALGORITHMS", "GRAD_WEIGHT_ALGORITHMS", "depthwise_conv", "fft_grad_weight", "flipped_grad_input"]
+__all__ = [
+    "GRAD_INPUT_ALGORITHMS",
+    "GRAD_WEIGHT_ALGORITHMS",
+    "depthwise_conv",
+    "fast_fft_size",
+    "fft_grad_weight",
+    "flipped_conv_applies",
+    "flipped_grad_input",
+]
 
 GRAD_INPUT_ALGORITHMS = ("torch", "conv")
 GRAD_WEIGHT_ALGORITHMS = ("torch", "fft")
