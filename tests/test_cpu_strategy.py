@@ -237,3 +237,24 @@ def test_each_step_gets_a_fresh_input_made_off_the_clock(monkeypatch) -> None:
     times = cpu_strategy._time_candidates({"a": received.append, "b": received.append}, prepare=prepare)
     assert received == made and len({id(r) for r in received}) == len(received)
     assert max(times.values()) < 0.01
+
+
+def test_gradients_reach_the_caller_in_its_own_layout() -> None:
+    """NCHW in, NCHW out — for the gradients too: x.grad and the gradient handed to the previous op."""
+    layer = sepconv.SeparableConv2d(8, 16, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(2, 8, 10, 10, dtype=torch.float64)
+    upstream = torch.randn(2, 16, 10, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    grads = {}
+    for mode in ("channels_last", "off"):
+        leaf = x.clone().requires_grad_(True)
+        previous = leaf * 1.0  # an op before the layer: the gradient it receives is checked too
+        seen: list[torch.Tensor] = []
+        previous.register_hook(seen.append)
+        with sepconv.use_cpu_strategy(mode):
+            out = layer(previous)
+        assert out.is_contiguous()
+        out.backward(upstream)
+        grads[mode] = leaf.grad
+        if mode == "channels_last":
+            assert seen[0].is_contiguous() and leaf.grad.is_contiguous()
+    torch.testing.assert_close(grads["channels_last"], grads["off"], rtol=1e-12, atol=1e-12)
