@@ -97,3 +97,12 @@ def test_cpu_depthwise_backward_benchmark_quick_run(tmp_path):
         assert row["max_rel_error_grad_input"] < 1e-5 and row["max_rel_error_grad_weight"] < 1e-5
         assert all(row[f"{name}_ms"] > 0 for name in ("forward", "torch_grad_weight", "fft_grad_weight"))
     assert (tmp_path / "cpu_depthwise_backward.png").stat().st_size > 0
+
+
+def test_cpu_gradient_layout_benchmark_quick_run(tmp_path):
+    run_script("benchmarks/cpu_gradient_layout.py", "--rounds", "1", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "cpu_gradient_layout.json").read_text())
+    assert [r["model"] for r in result["rows"]] == ["small_resnet", "small_vgg"]
+    for row in result["rows"]:
+        assert all(row[f"{v}_train_step_ms"] > 0 for v in ("nchw", "channels_last_gradients_converted"))
+    assert (tmp_path / "cpu_gradient_layout.png").stat().st_size > 0
