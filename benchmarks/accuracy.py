@@ -35,7 +35,7 @@ import sepconv
 from sepconv.bench import device_name, median_latency, versions
 from sepconv.commands.train import ARCHS, EVAL_BATCH, INPUT_SHAPE, LR_FINETUNE, LR_SCRATCH, STEM
 from sepconv.data import fashion_mnist
-from sepconv.io import atomic_write, atomic_write_text
+from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.train import Batches, evaluate, finetune, fit
 
 STAGES = ("converted", "+finetune", "+distill")
@@ -148,9 +148,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         f"{settings['finetune_epochs']} epoch(s); batch {settings['batch_size']}",
         fontsize=8,
     )
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), overwrite=True)
-    plt.close(fig)
+    atomic_write_png(fig, path, overwrite=True)
 
 
 def markdown(result: dict[str, Any]) -> str:

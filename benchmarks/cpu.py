@@ -30,7 +30,7 @@ from torch import nn
 
 import sepconv
 from sepconv.bench import Timing, device_name, median_latency, versions
-from sepconv.io import atomic_write, atomic_write_text
+from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.nets import small_resnet, small_vgg
 
 # (C, H, O, K, stride): DESIGN.md §2, then a kernel sweep at C=O=128, 28x28.
@@ -235,8 +235,7 @@ def plot(result: dict, path: Path) -> None:
         f"Separable conv on CPU: {result['device']}, {result['threads']} threads, fp32, "
         f"allocator: {result['allocator']}"
     )
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), overwrite=True)
+    atomic_write_png(fig, path, overwrite=True)
 
 
 def markdown(result: dict) -> str:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from sepconv import cpu_backward
 from sepconv.bench import device_name, median_latency, versions
-from sepconv.io import atomic_write, atomic_write_text
+from sepconv.io import atomic_write_png, atomic_write_text
 
 KERNELS = (3, 5, 7, 9, 15, 31)
 KERNELS_3D = (3, 5, 7)
@@ -100,9 +100,7 @@ def plot(result: dict, path: Path) -> None:
     axes[0][0].set_ylabel("forward + both gradients, ms (median)")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Depthwise conv training step, 'same' padding, fp32 — {result['device']}", fontsize=9)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), overwrite=True)
-    plt.close(fig)
+    atomic_write_png(fig, path, overwrite=True)
 
 
 def main() -> None:

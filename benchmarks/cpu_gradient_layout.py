@@ -27,7 +27,7 @@ import torch
 import sepconv
 from sepconv import cpu_strategy
 from sepconv.bench import device_name, versions
-from sepconv.io import atomic_write, atomic_write_text
+from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.nets import small_resnet, small_vgg
 
 
@@ -92,9 +92,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("training step, ms (median)")
     ax.legend(fontsize=8)
     ax.set_title(f"separable nets, batch 64, fp32 — {result['device']}", fontsize=9)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"), overwrite=True)
-    plt.close(fig)
+    atomic_write_png(fig, path, overwrite=True)
 
 
 def main() -> None:

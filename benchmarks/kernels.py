@@ -51,7 +51,7 @@ import triton.language as tl
 
 import sepconv
 from sepconv.bench import device_name, median_latency, peak_memory_bytes, versions
-from sepconv.io import atomic_write, atomic_write_text
+from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.kernels import depthwise as depthwise_module
 from sepconv.kernels.depthwise import depthwise_conv2d
 from sepconv.kernels.separable import separable_conv2d
@@ -357,9 +357,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.grid(alpha=0.3, axis="x")
         ax.tick_params(axis="y", labelsize=6)
     fig.suptitle(f"{result['device']}; {result['versions']}", fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), overwrite=True)
-    plt.close(fig)
+    atomic_write_png(fig, path, dpi=100, overwrite=True)
 
 
 def _section_seconds(text: str) -> tuple[str, float]:

@@ -71,3 +71,24 @@ def test_written_files_get_the_usual_permissions(tmp_path) -> None:
         os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_atomic_write_png_writes_a_png_refuses_to_overwrite_and_closes_the_figure(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sepconv.io import atomic_write_png
+
+    path = tmp_path / "plot.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    atomic_write_png(fig, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)
+    fig2, _ = plt.subplots()
+    with pytest.raises(FileExistsError):
+        atomic_write_png(fig2, path)
+    assert not plt.fignum_exists(fig2.number) and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]  # no temp file left behind

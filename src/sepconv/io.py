@@ -14,11 +14,12 @@ import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["atomic_write", "atomic_write_text", "load_state_dict", "save_state_dict"]
+__all__ = ["atomic_write", "atomic_write_png", "atomic_write_text", "load_state_dict", "save_state_dict"]
 
 PathLike = str | os.PathLike[str]
 
@@ -53,6 +54,17 @@ def _new_file_mode() -> int:
 def atomic_write_text(path: PathLike, text: str, *, overwrite: bool = False) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically; see :func:`atomic_write`."""
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=overwrite)
+
+
+def atomic_write_png(figure: Any, path: PathLike, *, dpi: int = 110, overwrite: bool = False) -> None:
+    """Lay out a matplotlib ``figure``, write it to ``path`` as PNG atomically (see :func:`atomic_write`), close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    try:
+        atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"), overwrite=overwrite)
+    finally:
+        plt.close(figure)
 
 
 def save_state_dict(state: Mapping[str, Tensor], path: PathLike, *, overwrite: bool = False) -> None:
