@@ -11,6 +11,7 @@ separable Fashion-MNIST nets in one process, interleaving for 30 rounds:
 - ``channels_last_gradients_as_is``: per-layer channels_last with plain conversions.
 
     python benchmarks/cpu_gradient_layout.py     # writes benchmarks/results/cpu_gradient_layout.{json,png}
+    python benchmarks/cpu_gradient_layout.py --keep-freed-memory   # ..._keep_freed_memory.{json,png}
     python benchmarks/cpu_gradient_layout.py --rounds 3 --out /tmp
 """
 
@@ -91,7 +92,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_xticks([j + width for j in range(len(result["rows"]))], [r["model"] for r in result["rows"]])
     ax.set_ylabel("training step, ms (median)")
     ax.legend(fontsize=8)
-    ax.set_title(f"separable nets, batch 64, fp32 — {result['device']}", fontsize=9)
+    ax.set_title(f"separable nets, batch 64, fp32, {result['allocator']} — {result['device']}", fontsize=9)
     atomic_write_png(fig, path, overwrite=True)
 
 
@@ -99,21 +100,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30, help="interleaved timed rounds per variant")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
+    parser.add_argument("--keep-freed-memory", action="store_true", help="sepconv.keep_freed_memory() first")
     args = parser.parse_args()
+    allocator, stem = "glibc default", "cpu_gradient_layout"
+    if args.keep_freed_memory:
+        if not sepconv.keep_freed_memory():
+            parser.error("--keep-freed-memory needs Linux with glibc")
+        allocator, stem = "sepconv.keep_freed_memory()", "cpu_gradient_layout_keep_freed_memory"
     result: dict = {
         "benchmark": "cpu_gradient_layout",
         "device": device_name("cpu"),
         "threads": torch.get_num_threads(),
         "dtype": "float32",
         "versions": versions(),
+        "allocator": allocator,
         "rows": [],
     }
     for name, build in (("small_resnet", small_resnet), ("small_vgg", small_vgg)):
         row = model_row(name, build, args.rounds)
         print(json.dumps(row), flush=True)
         result["rows"].append(row)
-    atomic_write_text(args.out / "cpu_gradient_layout.json", json.dumps(result, indent=1) + "\n", overwrite=True)
-    plot(result, args.out / "cpu_gradient_layout.png")
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=1) + "\n", overwrite=True)
+    plot(result, args.out / f"{stem}.png")
 
 
 if __name__ == "__main__":
