@@ -133,10 +133,9 @@ def depthwise_backward(
 
     The first call of each configuration times PyTorch's input and weight gradients against the flipped
     forward conv and the FFT on the call's own shapes, and caches the faster of each (an alternative
-    must win by 10%); later calls only look it up.
+    must win by 10%); later calls only look it up. Call it only where :func:`may_choose_depthwise_backward`
+    holds (the layers test that first, once per call).
     """
-    if not may_choose_depthwise_backward(input, weight):
-        return "torch", "torch"
     key = (
         "depthwise_backward",
         tuple(weight.shape),

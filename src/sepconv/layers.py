@@ -174,13 +174,14 @@ class _DepthwiseConv(_Conv):
         """``nn.ConvNd``'s conv step; on CPU in training the backward may be one the CPU strategy measured faster."""
         if not cpu_strategy.may_choose_depthwise_backward(input, weight):
             return super()._conv_forward(input, weight, bias)  # type: ignore[misc]
+        n = self._ndim
         if self.padding_mode != "zeros":  # type: ignore[attr-defined]
             mode = _PAD_MODE[self.padding_mode]  # type: ignore[attr-defined]
-            return self._padded_conv(F.pad(input, self._reversed_padding_repeated_twice, mode=mode), weight, bias)  # type: ignore[attr-defined]
-        n = self._ndim
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)  # type: ignore[attr-defined]
+            return self._measured_conv(input, weight, bias, (0,) * n)
         pads = resolve_padding(self.padding, input.shape[-n:], self.kernel_size, self.stride, self.dilation)  # type: ignore[attr-defined]
         if any(lo != hi for lo, hi in pads):  # 'same' with an even kernel
-            return self._padded_conv(F.pad(input, _pad_argument(pads)), weight, bias)
+            return self._measured_conv(F.pad(input, _pad_argument(pads)), weight, bias, (0,) * n)
         return self._measured_conv(input, weight, bias, tuple(lo for lo, _ in pads))
 
     def _padded_conv(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -189,6 +190,7 @@ class _DepthwiseConv(_Conv):
         return self._measured_conv(input, weight, bias, (0,) * self._ndim)
 
     def _measured_conv(self, input: Tensor, weight: Tensor, bias: Tensor | None, padding: tuple[int, ...]) -> Tensor:
+        """The conv with the backward the CPU strategy picks (callers checked ``may_choose_depthwise_backward``)."""
         stride, dilation = self.stride, self.dilation  # type: ignore[attr-defined]
         grad_input, grad_weight = cpu_strategy.depthwise_backward(input, weight, stride, padding, dilation)
         return cpu_backward.depthwise_conv(

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 from sepconv._args import int_tuple
-from sepconv.cpu_backward import fft_grad_weight
+from sepconv.cpu_backward import fft_grad_weight, flipped_conv_applies
 from sepconv.kernels._depthwise_triton import (
     depthwise_forward_kernel,
     depthwise_forward_toeplitz_kernel,
@@ -501,15 +501,10 @@ def _fft_grad_weight(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, d
 
 
 def _flipped_grad_input_applies(x: Tensor, weight: Tensor, stride, padding, dilation) -> bool:
-    """Stride 1, depth multiplier 1, and no side padded by more than the dilated kernel's extent minus one."""
-    (kh, kw), (dh, dw) = weight.shape[2:], dilation
+    """Depth multiplier 1, and what :func:`sepconv.cpu_backward.flipped_conv_applies` needs on every side."""
     top, bottom, left, right = padding
-    return (
-        list(stride) == [1, 1]
-        and weight.shape[0] == x.shape[1]
-        and max(top, bottom) <= dh * (kh - 1)
-        and max(left, right) <= dw * (kw - 1)
-    )
+    sides = (max(top, bottom), max(left, right))
+    return weight.shape[0] == x.shape[1] and flipped_conv_applies(weight.shape[2:], stride, sides, dilation)
 
 
 def _flipped_grad_input(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
