@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 import sepconv
-from sepconv.bench import Timing, device_name, median_latency, versions
+from sepconv.bench import Timing, device_name, interleaved_latencies, versions
 from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.nets import small_resnet, small_vgg
 
@@ -50,15 +50,9 @@ SLOW_CALL_S = 3.0  # a call slower than this is timed once (runs=1 in the result
 CL = torch.channels_last
 
 
-def timed(fn: Callable[[], object], min_run_time: float) -> Timing:
-    start = time.perf_counter()
-    fn()  # warm-up, and a probe of how slow one call is
-    first = time.perf_counter() - start
-    if first > SLOW_CALL_S:
-        start = time.perf_counter()
-        fn()
-        return Timing(median_ms=(time.perf_counter() - start) * 1e3, iqr_ms=0.0, runs=1)
-    return median_latency(fn, min_run_time=min_run_time, warmup=1, min_runs=3)
+def timed_side_by_side(fns: dict[str, Callable[[], object]], min_run_time: float) -> dict[str, Timing]:
+    """Medians of ``fns`` timed in interleaved rounds (a call slower than ``SLOW_CALL_S`` is timed once)."""
+    return interleaved_latencies(fns, min_run_time=min_run_time, warmup=1, min_runs=3, slow_call_s=SLOW_CALL_S)
 
 
 def forward(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -132,12 +126,14 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
         "standard_nchw": (standard, x),
         "standard_channels_last": (standard_cl, x.contiguous(memory_format=CL)),
     }
-    for name, (module, inp) in variants.items():
-        for pass_name, make in (("forward", forward), ("forward_backward", forward_backward)):
+    for pass_name, make in (("forward", forward), ("forward_backward", forward_backward)):
+        fns = {}
+        for name, (module, inp) in variants.items():
             if name.startswith("standard") and standard_macs > STANDARD_MAX_MACS:
                 row[f"{name}_{pass_name}_ms"] = None
-                continue
-            timing = timed(make(module, inp), min_run_time)
+            else:
+                fns[name] = make(module, inp)
+        for name, timing in timed_side_by_side(fns, min_run_time).items():
             row[f"{name}_{pass_name}_ms"] = timing.median_ms
             row[f"{name}_{pass_name}_runs"] = timing.runs
     return row
@@ -152,43 +148,62 @@ MODEL_VARIANTS = {
 }
 
 
-def model_rows(min_run_time: float) -> list[dict]:
+def model_rows(min_run_time: float, archs: tuple[str, ...] = ("small_vgg", "small_resnet")) -> list[dict]:
     rows = []
-    for arch_name, build in (("small_vgg", small_vgg), ("small_resnet", small_resnet)):
+    for arch_name, build in ((name, {"small_vgg": small_vgg, "small_resnet": small_resnet}[name]) for name in archs):
         for conv in ("standard", "separable"):
-            for variant in MODEL_VARIANTS:
-                if conv == "standard" and variant == "ours_per_layer":
-                    continue  # no sepconv layer inside: identical to pytorch_nchw
-                rows.append(model_row(arch_name, build, conv, variant, min_run_time))
+            # no sepconv layer inside a standard net: ours_per_layer would be pytorch_nchw again
+            variants = [v for v in MODEL_VARIANTS if not (conv == "standard" and v == "ours_per_layer")]
+            rows += model_variant_rows(arch_name, build, conv, variants, min_run_time)
     return rows
 
 
-def model_row(arch: str, build: Callable, conv: str, variant: str, min_run_time: float) -> dict:
-    strategy, layout, wrap = MODEL_VARIANTS[variant]
+def model_variant_rows(arch: str, build: Callable, conv: str, variants: list[str], min_run_time: float) -> list[dict]:
+    """One row per variant of ``build(conv)``: training step, inference at batch 64 and 1, each timed with the
+    variants side by side."""
     torch.manual_seed(0)
+    x64 = torch.randn(64, 1, 28, 28)
+    y64 = torch.randint(0, 10, (64,))
+    setups = {variant: model_setup(build(conv), variant, x64, y64) for variant in variants}
+    rows = {v: {"arch": arch, "conv": conv, "variant": v, "params": setups[v]["params"]} for v in variants}
+    sepconv.clear_cpu_strategy_cache()
+    for column in ("train_step_b64_ms", "inference_b64_ms", "inference_b1_ms"):
+        fns = {v: setups[v][column] for v in variants}
+        for variant, timing in timed_side_by_side(fns, min_run_time).items():
+            rows[variant][column] = timing.median_ms
+    return list(rows.values())
+
+
+def model_setup(model: nn.Module, variant: str, x64: torch.Tensor, y64: torch.Tensor) -> dict:
+    """The variant's model (same initial weights for all) and its three timed calls, each under its CPU strategy."""
+    strategy, layout, wrap = MODEL_VARIANTS[variant]
     fmt = CL if layout == "channels_last" else torch.contiguous_format
-    model = build(conv).to(memory_format=fmt)
+    model = copy.deepcopy(model).to(memory_format=fmt)
     if wrap:
         sepconv.run_channels_last(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(64, 1, 28, 28).contiguous(memory_format=fmt)
-    y = torch.randint(0, 10, (64,))
-    x1 = x[:1].contiguous(memory_format=fmt)
+    x64, x1 = x64.contiguous(memory_format=fmt), x64[:1].contiguous(memory_format=fmt)
 
     def train_step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
+        with sepconv.use_cpu_strategy(strategy):
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x64), y64).backward()
+            optimizer.step()
 
-    row = {"arch": arch, "conv": conv, "variant": variant, "params": sum(p.numel() for p in model.parameters())}
-    with sepconv.use_cpu_strategy(strategy):
-        sepconv.clear_cpu_strategy_cache()
-        model.train()
-        row["train_step_b64_ms"] = timed(train_step, min_run_time).median_ms
-        model.eval()
-        row["inference_b64_ms"] = timed(forward(model, x), min_run_time).median_ms
-        row["inference_b1_ms"] = timed(forward(model, x1), min_run_time).median_ms
-    return row
+    def inference(x: torch.Tensor) -> Callable[[], object]:
+        def run() -> object:
+            with sepconv.use_cpu_strategy(strategy), torch.no_grad():
+                return model.eval()(x)
+
+        return run
+
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_step_b64_ms": train_step,
+        "inference_b64_ms": inference(x64),
+        "inference_b1_ms": inference(x1),
+    }
 
 
 def plot(result: dict, path: Path) -> None:
@@ -281,7 +296,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two small shapes, batch 1 and 4, no models")
+    parser.add_argument("--quick", action="store_true", help="two small shapes, batch 1 and 4, small_vgg only")
     parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
     parser.add_argument("--keep-freed-memory", action="store_true", help="sepconv.keep_freed_memory() first")
@@ -310,10 +325,9 @@ def main() -> None:
             row = layer_row(*shape, batch, args.min_run_time)
             print(json.dumps(row), flush=True)
             result["layers"].append(row)
-    if not args.quick:
-        for row in model_rows(args.min_run_time):
-            print(json.dumps(row), flush=True)
-            result["models"].append(row)
+    for row in model_rows(args.min_run_time, ("small_vgg",) if args.quick else ("small_vgg", "small_resnet")):
+        print(json.dumps(row), flush=True)
+        result["models"].append(row)
     result["total_seconds"] = time.perf_counter() - start
     atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=1) + "\n", overwrite=True)
     plot(result, args.out / f"{stem}.png")

@@ -106,3 +106,23 @@ def test_cpu_gradient_layout_benchmark_quick_run(tmp_path):
     for row in result["rows"]:
         assert all(row[f"{v}_train_step_ms"] > 0 for v in ("nchw", "channels_last_gradients_converted"))
     assert (tmp_path / "cpu_gradient_layout.png").stat().st_size > 0
+
+
+def test_cpu_benchmark_quick_run(tmp_path):
+    run_script("benchmarks/cpu.py", "--quick", "--min-run-time", "0.005", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "cpu.json").read_text())
+    variants = ["torch_nchw", "torch_channels_last", "torch_channels_last_converted", "ours", "ours_channels_last_in"]
+    for row in result["layers"]:  # every variant timed in the same interleaved rounds, at least 3 calls each
+        for name in (*variants, "standard_nchw", "standard_channels_last"):
+            for pass_name in ("forward", "forward_backward"):
+                assert row[f"{name}_{pass_name}_ms"] > 0 and row[f"{name}_{pass_name}_runs"] >= 3
+        assert row["ours_layout"] and set(row["ours_layout"]) <= {"contiguous", "channels_last"}
+        assert row["separable_macs"] < row["standard_macs"]
+    plain = ["pytorch_nchw", "pytorch_channels_last"]
+    assert [(r["conv"], r["variant"]) for r in result["models"]] == [
+        *(("standard", v) for v in (*plain, "ours_run_channels_last")),
+        *(("separable", v) for v in (*plain, "ours_per_layer", "ours_run_channels_last")),
+    ]
+    # the same network in every variant: the layouts and strategies change speed, not the parameters
+    assert len({(r["conv"], r["params"]) for r in result["models"]}) == 2
+    assert (tmp_path / "cpu.png").stat().st_size > 0

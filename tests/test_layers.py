@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from tests.strategies import ConvConfig, conv_configs
 from torch import nn
 
+import sepconv
 from sepconv import (
     DepthwiseConv1d,
     DepthwiseConv2d,
@@ -174,6 +175,38 @@ def test_mid_norm_and_activation_follow_the_depthwise_conv() -> None:
     expected = layer.pointwise(torch.relu(layer.mid_norm(layer.depthwise(x))))
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
     assert list(layer.state_dict())[:3] == ["depthwise.weight", "mid_norm.weight", "mid_norm.bias"]
+
+
+@pytest.mark.parametrize("strategy", ["auto", "off"])
+def test_hooks_on_the_parts_see_every_call(strategy: str) -> None:
+    """A separable layer calls its parts without ``nn.Module.__call__`` when nothing is hooked (it saves
+    microseconds per call); any hook on a part, or a global module hook, must still see the part's input and
+    output, and forward hooks may replace them."""
+    layer = SeparableConv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    layer.depthwise.register_forward_pre_hook(lambda m, args: seen.append(("dw in", tuple(args[0].shape))))
+    handle = layer.pointwise.register_forward_hook(lambda m, args, out: out * 2)
+    with sepconv.use_cpu_strategy(strategy):
+        doubled = layer(x)
+        assert seen and set(seen) == {("dw in", (2, 4, 7, 7))}
+        reference = F.conv2d(F.conv2d(x, layer.depthwise.weight, None, 1, 1, 1, 4), layer.pointwise.weight)
+        torch.testing.assert_close(doubled, 2 * (reference + layer.pointwise.bias[:, None, None]))
+        handle.remove()
+        torch.testing.assert_close(layer(x), reference + layer.pointwise.bias[:, None, None])
+        outputs: list[str] = []
+        with nn.modules.module.register_module_forward_hook(lambda m, args, out: outputs.append(type(m).__name__)):
+            layer(x)
+        assert {"DepthwiseConv2d", "PointwiseConv2d", "SeparableConv2d"} <= set(outputs)
+
+
+def test_jit_trace_records_both_parts() -> None:
+    layer = SeparableConv2d(4, 6, 3, padding=1).eval()
+    x = torch.randn(1, 4, 8, 8)
+    traced = torch.jit.trace(layer, x)
+    torch.testing.assert_close(traced(x), layer(x))
+    # the parts were called as modules: the trace keeps them as submodule calls, as it does for nn.Sequential
+    assert [node.kind() for node in traced.graph.nodes()].count("prim::CallMethod") == 2
 
 
 def test_mid_activation_accepts_an_instance_but_mid_norm_does_not() -> None:

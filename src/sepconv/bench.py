@@ -4,6 +4,10 @@
 >>> t = median_latency(lambda: torch.ones(8) + 1, min_run_time=0.01)
 >>> t.median_ms > 0 and t.runs >= 5
 True
+>>> calls = {"add": lambda: torch.ones(8) + 1, "mul": lambda: torch.ones(8) * 2}
+>>> both = interleaved_latencies(calls, min_run_time=0.01)
+>>> sorted(both), all(t.runs >= 3 for t in both.values())
+(['add', 'mul'], True)
 """
 
 from __future__ import annotations
@@ -11,13 +15,13 @@ from __future__ import annotations
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-__all__ = ["Timing", "device_name", "median_latency", "peak_memory_bytes", "versions"]
+__all__ = ["Timing", "device_name", "interleaved_latencies", "median_latency", "peak_memory_bytes", "versions"]
 
 
 @dataclass(frozen=True)
@@ -42,19 +46,67 @@ def median_latency(
     Each call is timed on its own (CUDA synchronized before and after), so the median is robust
     to the odd slow call; the warm-up absorbs allocator, oneDNN/cuDNN algorithm choice and lazy init.
     """
-    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     for _ in range(warmup):
         fn()
     times: list[float] = []
     deadline = time.perf_counter() + min_run_time
     while len(times) < min_runs or (time.perf_counter() < deadline and len(times) < max_runs):
-        if sync:
-            sync()
-        start = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        times.append(time.perf_counter() - start)
+        times.append(_seconds(fn))
+    return _timing(times)
+
+
+def interleaved_latencies(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    min_run_time: float = 0.2,
+    warmup: int = 1,
+    min_runs: int = 3,
+    max_runs: int = 10_000,
+    slow_call_s: float | None = None,
+) -> dict[str, Timing]:
+    """Time several functions side by side: :func:`median_latency` for each, in interleaved rounds.
+
+    Each round calls every function that still needs samples once (at least ``min_runs`` calls and
+    ``min_run_time`` seconds of its own calls), in alternating order (ABBA), so that drift of the machine and
+    the state one call leaves behind (the allocator's pool: which freed blocks the next call reuses) hit all
+    alike instead of favouring whichever was timed first. A function whose last warm-up call took over
+    ``slow_call_s`` seconds is timed once more on its own (``runs=1``) and left out of the rounds.
+    """
+    once: dict[str, Timing] = {}
+    samples: dict[str, list[float]] = {}
+    for name, fn in fns.items():
+        last = _seconds(fn) if warmup > 0 else 0.0
+        for _ in range(warmup - 1):
+            last = _seconds(fn)
+        if slow_call_s is not None and last > slow_call_s:
+            once[name] = _timing([_seconds(fn)])
+        else:
+            samples[name] = []
+    round_ = 0
+    while pending := [
+        name
+        for name, times in samples.items()
+        if len(times) < max_runs and (len(times) < min_runs or sum(times) < min_run_time)
+    ]:
+        for name in pending if round_ % 2 == 0 else reversed(pending):
+            samples[name].append(_seconds(fns[name]))
+        round_ += 1
+    return {name: once[name] if name in once else _timing(samples[name]) for name in fns}
+
+
+def _seconds(fn: Callable[[], object]) -> float:
+    """Seconds one call of ``fn()`` takes (CUDA synchronized before and after when in use)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    if sync:
+        sync()
+    start = time.perf_counter()
+    fn()
+    if sync:
+        sync()
+    return time.perf_counter() - start
+
+
+def _timing(times: list[float]) -> Timing:
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return Timing(statistics.median(times) * 1e3, (quartiles[2] - quartiles[0]) * 1e3, len(times))
 

@@ -113,7 +113,7 @@ def may_choose_depthwise_backward(input: Tensor, weight: Tensor) -> bool:
     return (
         torch.is_grad_enabled()
         and (input.requires_grad or weight.requires_grad)
-        and input.device.type == "cpu"
+        and input.is_cpu
         and input.dtype in (torch.float32, torch.float64)
         and weight.dtype == input.dtype
         and get_cpu_strategy() != "off"
@@ -207,8 +207,10 @@ def run(
 
     Layers nested inside a managed call (a separable layer's depthwise part) run as they are given.
     """
+    if getattr(_state, "busy", False) or not _eligible(input):
+        return forward(input)
     mode = get_cpu_strategy()
-    if mode == "off" or getattr(_state, "busy", False) or not _eligible(input):
+    if mode == "off":
         return forward(input)
     _state.busy = True
     try:
@@ -303,7 +305,7 @@ def _check_mode(mode: str) -> str:
 
 def _eligible(input: Tensor) -> bool:
     return (
-        input.device.type == "cpu"
+        input.is_cpu
         and input.dim() in _FORMATS
         and type(input) is Tensor
         and input.is_contiguous()

@@ -156,8 +156,8 @@ def use_triton(layer: nn.Module, input: Tensor) -> bool:
     Meta tensors (shape analysis, e.g. :func:`sepconv.analyze`) always take PyTorch's path, which computes
     the same thing with ops the analysis can count.
     """
-    backend, device = layer.backend, input.device.type
-    if backend == "torch" or device == "meta" or (backend == "auto" and device != "cuda"):  # the per-call fast path
+    backend = layer.backend
+    if backend == "torch" or (backend == "auto" and not input.is_cuda) or input.is_meta:  # the per-call fast path
         return False
     blocker = triton_blocker(layer, input, auto=backend == "auto")
     if blocker is not None and backend == "triton":

@@ -1,0 +1,56 @@
+"""sepconv.bench's timers: what they call, in which order, and that medians bound the work timed."""
+
+from __future__ import annotations
+
+import time
+
+from sepconv.bench import interleaved_latencies, median_latency
+
+
+def test_interleaved_rounds_alternate_their_order():
+    calls: list[str] = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    timings = interleaved_latencies(fns, min_run_time=0.0, warmup=1, min_runs=3)
+    # one warm-up call each, then rounds abc, cba, abc: no function always goes first
+    assert calls == list("abc") + list("abc") + list("cba") + list("abc")
+    assert [t.runs for t in timings.values()] == [3, 3, 3]
+
+
+def test_interleaved_rounds_go_on_for_the_functions_that_need_more_time():
+    calls: list[str] = []
+
+    def slow() -> None:
+        calls.append("slow")
+        time.sleep(0.004)
+
+    def fast() -> None:
+        calls.append("fast")
+
+    timings = interleaved_latencies({"slow": slow, "fast": fast}, min_run_time=0.01, warmup=0, min_runs=2, max_runs=50)
+    # slow has its 0.01 s after 3 sleeps of >= 4 ms (2 if they overshoot); fast's calls add up to far less,
+    # so it goes on alone, up to max_runs
+    slow_runs = timings["slow"].runs
+    assert 2 <= slow_runs <= 3 and calls.count("slow") == slow_runs
+    assert timings["fast"].runs == calls.count("fast") == 50
+    assert calls[: 2 * slow_runs] == ["slow", "fast", "fast", "slow", "slow", "fast"][: 2 * slow_runs]
+    assert timings["slow"].median_ms >= 4.0  # a sleep lasts at least as long as asked
+
+
+def test_a_slow_call_is_timed_once_outside_the_rounds():
+    calls: list[str] = []
+
+    def slow() -> None:
+        calls.append("slow")
+        time.sleep(0.003)
+
+    timings = interleaved_latencies(
+        {"slow": slow, "fast": lambda: calls.append("fast")}, min_run_time=0.0, warmup=1, min_runs=4, slow_call_s=0.002
+    )
+    assert timings["slow"].runs == 1 and timings["slow"].median_ms >= 3.0
+    assert calls.count("slow") == 2  # the warm-up call, then the one timed
+    assert timings["fast"].runs == 4
+
+
+def test_median_latency_medians_bound_the_sleep():
+    timing = median_latency(lambda: time.sleep(0.002), min_run_time=0.0, warmup=1, min_runs=5)
+    assert timing.runs == 5 and timing.median_ms >= 2.0 and timing.iqr_ms >= 0.0
