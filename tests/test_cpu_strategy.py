@@ -224,6 +224,26 @@ def test_a_slow_step_far_behind_ends_the_timing_in_the_first_warm_up_round() -> 
     assert times["slow"] > cpu_strategy._CLEAR_WIN * times["fast"]
 
 
+def test_a_round_that_measured_a_nested_decision_cannot_end_the_timing() -> None:
+    """A layout's first training step may time its depthwise conv's backward algorithms (seconds, once): that
+    round must not decide the layout. Here "a" is slow only in its first call, which makes such a measurement."""
+    calls = {"a": 0, "b": 0}
+
+    def a() -> None:
+        calls["a"] += 1
+        if calls["a"] == 1:
+            cpu_strategy._note_measurement()
+            time.sleep(4 * cpu_strategy._SLOW_STEP_S)
+
+    def b() -> None:
+        calls["b"] += 1
+        time.sleep(0.01)
+
+    times = cpu_strategy._time_candidates({"a": a, "b": b})
+    assert calls["a"] > 1 and calls["b"] > 1
+    assert times["a"] < times["b"]  # steady state: a is the fast one
+
+
 def test_each_step_gets_a_fresh_input_made_off_the_clock(monkeypatch) -> None:
     monkeypatch.setattr(cpu_strategy, "_clear_winner", lambda times: False)  # every round runs
     made: list[object] = []

@@ -69,6 +69,7 @@ _backward_decisions: dict[tuple, tuple[str, str]] = {}
 MIN_KERNEL_AREA_FOR_BACKWARD = 25
 _signatures: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, ...], list[Tensor]]] = weakref.WeakKeyDictionary()
 _lock = threading.RLock()  # re-entered: a layout measurement runs layers that decide their backward
+_nested_measurements = 0  # measurements made so far; a timed step that made one paid a one-time cost
 
 
 def set_cpu_strategy(mode: str) -> None:
@@ -154,8 +155,14 @@ def depthwise_backward(
         with _lock:
             choice = _backward_decisions.get(key)
             if choice is None:
+                _note_measurement()
                 choice = _backward_decisions[key] = _measure_backward(input, weight, stride, padding, dilation)
     return choice
+
+
+def _note_measurement() -> None:
+    global _nested_measurements
+    _nested_measurements += 1
 
 
 def _measure_backward(
@@ -209,7 +216,7 @@ def run(
     """
     if getattr(_state, "busy", False) or not _eligible(input):
         return forward(input)
-    mode = get_cpu_strategy()
+    mode = getattr(_state, "mode", None) or _global_mode  # get_cpu_strategy(), inlined: this runs on every call
     if mode == "off":
         return forward(input)
     _state.busy = True
@@ -380,13 +387,15 @@ def _time_candidates(
     """Median seconds of each step after warm-up rounds; rounds interleave the steps (ABBA), and
     timing stops early once one step is clearly the fastest — already in a warm-up round when the
     slowest step takes over ``_SLOW_STEP_S`` (a second per call for PyTorch's 31x31 weight gradient:
-    first-call costs cannot explain a 3x gap there). With ``prepare``, each step is called with a fresh
-    ``prepare()`` made before its clock starts."""
+    first-call costs cannot explain a 3x gap there — unless the step measured a decision of its own, such as
+    a depthwise conv's backward: such a round does not count). With ``prepare``, each step is called with a
+    fresh ``prepare()`` made before its clock starts."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
     medians: dict[str, float] = {}
     for round_ in range(_WARMUP_ROUNDS + _TIMED_RUNS):
         order = list(steps) if round_ % 2 == 0 else list(steps)[::-1]  # no step always goes first
         this_round: dict[str, float] = {}
+        measurements_before = _nested_measurements
         for name in order:
             args = () if prepare is None else (prepare(),)
             start = time.perf_counter()
@@ -394,7 +403,8 @@ def _time_candidates(
             this_round[name] = time.perf_counter() - start
             if round_ >= _WARMUP_ROUNDS:  # warm-up rounds grow the allocator's pool and caches
                 samples[name].append(this_round[name])
-        if round_ < _WARMUP_ROUNDS and max(this_round.values()) > _SLOW_STEP_S and _clear_winner(this_round):
+        clean = _nested_measurements == measurements_before
+        if round_ < _WARMUP_ROUNDS and clean and max(this_round.values()) > _SLOW_STEP_S and _clear_winner(this_round):
             return this_round
         medians = {name: statistics.median(values) for name, values in samples.items() if values}
         if medians and _clear_winner(medians):
