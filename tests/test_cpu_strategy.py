@@ -82,7 +82,59 @@ def test_decisions_are_cached_per_configuration(monkeypatch) -> None:
     assert len(calls) == 3
     decisions = {k: v for k, v in sepconv.cpu_strategy_decisions().items() if k[0] != "depthwise_backward"}
     assert len(decisions) == 3 and set(decisions.values()) <= {"contiguous", "channels_last"}
-    assert {key[-4] for key in decisions} == {(2, 4, 16, 16), (2, 4, 17, 16)}
+    assert {key[-5] for key in decisions} == {(2, 4, 16, 16), (2, 4, 17, 16)}
+
+
+def test_the_chunked_plan_equals_the_plain_path_in_float64(monkeypatch) -> None:
+    """Channels_last a few samples at a time (batch 5 in chunks of 2: 2, 2, 1): the same outputs and gradients,
+    contiguous, in inference and in training; the convs really see the chunks."""
+    monkeypatch.setattr(cpu_strategy, "_measure", lambda *args: (cpu_strategy.CHANNELS_LAST, 2))
+    layer = sepconv.SeparableConv2d(3, 5, 3, padding=1, mid_activation=nn.ReLU, dtype=torch.float64)
+    x = torch.randn(5, 3, 9, 9, dtype=torch.float64)
+    plain, plain_grads = forward_and_grads(layer, x, "off")
+    batches: list[int] = []
+    layer.depthwise.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    out, grads = forward_and_grads(layer, x, "auto")
+    assert batches == [2, 2, 1] and out.is_contiguous()
+    torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads, plain_grads, strict=True):
+        assert got.is_contiguous()
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        inference = layer(x)
+    assert inference.is_contiguous() and batches[3:] == [2, 2, 1]
+    torch.testing.assert_close(inference, plain, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("train_mode", [True, False])
+def test_a_training_mode_batchnorm_is_never_run_in_chunks(monkeypatch, train_mode: bool) -> None:
+    """BatchNorm statistics of a chunk differ from the batch's: a training-mode BatchNorm between the convs rules
+    the chunked candidate out; an eval-mode one (per-sample affine) does not."""
+    monkeypatch.setattr(cpu_strategy, "_CHUNK_BYTES", 1)  # one sample per chunk, if chunks are allowed at all
+    offered: list[object] = []
+    monkeypatch.setattr(
+        cpu_strategy, "_measure", lambda input, convs, params, chunk=None: offered.append(chunk) or ("contiguous", None)
+    )
+    layer = sepconv.SeparableConv2d(3, 4, 3, mid_norm=nn.BatchNorm2d).train(train_mode)
+    with torch.no_grad():
+        layer(torch.randn(4, 3, 8, 8))
+    assert offered == ([None] if train_mode else [1])
+
+
+def test_a_step_far_behind_drops_out_while_the_others_are_timed_on() -> None:
+    calls = {"a": 0, "b": 0, "slow": 0}
+
+    def step(name: str, seconds: float):
+        def run() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return run
+
+    times = cpu_strategy._time_candidates({"a": step("a", 0.005), "b": step("b", 0.005), "slow": step("slow", 0.1)})
+    rounds = cpu_strategy._WARMUP_ROUNDS + cpu_strategy._TIMED_RUNS
+    assert calls == {"a": rounds, "b": rounds, "slow": cpu_strategy._WARMUP_ROUNDS + 1}
+    assert times["slow"] > cpu_strategy._CLEAR_WIN * max(times["a"], times["b"])
 
 
 def test_timing_warms_up_and_alternates_which_layout_goes_first(monkeypatch) -> None:
@@ -110,7 +162,7 @@ def test_one_measurement_when_threads_race_for_the_same_configuration(monkeypatc
     def slow_measure(*args):
         calls.append(1)
         time.sleep(0.2)
-        return "channels_last"
+        return ("channels_last", None)
 
     monkeypatch.setattr(cpu_strategy, "_measure", slow_measure)
     layer = sepconv.SeparableConv2d(4, 8, 3, padding=1, dtype=torch.float64)

@@ -174,7 +174,7 @@ class _DepthwiseConv(_Conv):
             check_input(type(self).__name__, input, self.in_channels, self._ndim)  # type: ignore[attr-defined]
             return triton_depthwise_forward(self, input)  # type: ignore[arg-type]
         plain = super().forward
-        return cpu_strategy.run(self, input, plain, plain)  # type: ignore[arg-type]
+        return cpu_strategy.run(self, input, plain, plain, batch_independent=True)  # type: ignore[arg-type]
 
     def _checked_forward(self, input: Tensor) -> Tensor:
         if use_triton(self, input):  # type: ignore[arg-type]
@@ -317,6 +317,13 @@ def _mid_module(name: str, factory: Any, *args: int, device: Any, dtype: Any) ->
     return module.to(**to_kwargs) if to_kwargs else module
 
 
+_PER_SAMPLE_NORMS = (nn.GroupNorm, nn.LayerNorm, nn.Identity)
+_ELEMENTWISE_ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Identity,
+)  # fmt: skip
+
+
 def _unhooked(*parts: nn.Module) -> bool:
     """Whether nothing could notice ``parts`` being run without ``nn.Module.__call__``: no hooks on them or global,
     no JIT tracing (it records module scopes), none compiled on its own (saves ~5 us a part per call on CPU)."""
@@ -391,7 +398,7 @@ class _SeparableConv(nn.Module):
         depthwise = self._modules["depthwise"]  # the dict, not nn.Module.__getattr__: this is the per-call path
         if depthwise.backend == "triton" and use_triton(depthwise, input) and fusable(self):  # type: ignore[union-attr]
             return triton_separable_forward(self, input)
-        return cpu_strategy.run(self, input, self._forward, self._convs)
+        return cpu_strategy.run(self, input, self._forward, self._convs, batch_independent=self._batch_independent())
 
     def _forward(self, input: Tensor) -> Tensor:
         depthwise, pointwise = self._parts()
@@ -406,6 +413,15 @@ class _SeparableConv(nn.Module):
         """The stateless part the CPU strategy may time (a training-mode norm must not see extra batches)."""
         depthwise, pointwise = self._parts()
         return pointwise(depthwise(input))
+
+    def _batch_independent(self) -> bool:
+        """Whether each sample's output depends on that sample alone: no norm between the convs that mixes the
+        batch (a BatchNorm in training mode, or a module this does not know) and a known elementwise activation."""
+        norm, activation = self.mid_norm, self.mid_activation
+        eval_batch_norm = isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.training
+        if norm is not None and not (isinstance(norm, _PER_SAMPLE_NORMS) or eval_batch_norm):
+            return False
+        return activation is None or isinstance(activation, _ELEMENTWISE_ACTIVATIONS)
 
     def _parts(self) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
         """The two convs as callables: their forward on an input this layer checked, skipping ``nn.Module.__call__``
