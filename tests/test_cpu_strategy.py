@@ -82,7 +82,10 @@ def test_decisions_are_cached_per_configuration(monkeypatch) -> None:
     assert len(calls) == 3
     decisions = {k: v for k, v in sepconv.cpu_strategy_decisions().items() if k[0] != "depthwise_backward"}
     assert len(decisions) == 3 and set(decisions.values()) <= {"contiguous", "channels_last"}
-    assert {key[-5] for key in decisions} == {(2, 4, 16, 16), (2, 4, 17, 16)}
+    assert {next(part for part in key if isinstance(part, tuple)) for key in decisions} == {
+        (2, 4, 16, 16),
+        (2, 4, 17, 16),
+    }
 
 
 def test_the_chunked_plan_equals_the_plain_path_in_float64(monkeypatch) -> None:
@@ -104,6 +107,35 @@ def test_the_chunked_plan_equals_the_plain_path_in_float64(monkeypatch) -> None:
         inference = layer(x)
     assert inference.is_contiguous() and batches[3:] == [2, 2, 1]
     torch.testing.assert_close(inference, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_a_channels_last_caller_in_chunks_keeps_its_layout_and_results(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_strategy, "_chunk_size", lambda input, training: 2)
+    monkeypatch.setattr(
+        cpu_strategy, "_measure", lambda input, convs, params, chunk: (cpu_strategy.CHANNELS_LAST, chunk)
+    )
+    layer = sepconv.SeparableConv2d(3, 5, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(5, 3, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    plain, plain_grads = forward_and_grads(layer, x, "off")
+    batches: list[int] = []
+    layer.depthwise.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    out, grads = forward_and_grads(layer, x, "auto")
+    with torch.no_grad():
+        inference = layer(x)
+    assert batches == [2, 2, 1, 2, 2, 1]
+    for result in (out, inference):
+        assert result.is_contiguous(memory_format=torch.channels_last) and not result.is_contiguous()
+        torch.testing.assert_close(result, plain, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_a_channels_last_caller_with_nothing_to_chunk_is_not_timed(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_strategy, "_measure", None)  # any timing would fail
+    x = torch.randn(1, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+    sepconv.SeparableConv2d(3, 5, 3)(x)  # batch 1
+    sepconv.SeparableConv2d(3, 5, 3, mid_norm=nn.BatchNorm2d)(torch.cat([x, x]))  # samples not independent
+    assert sepconv.cpu_strategy_decisions() == {}
 
 
 @pytest.mark.parametrize("train_mode", [True, False])
@@ -228,7 +260,8 @@ def test_context_manager_is_per_thread_and_modes_are_checked() -> None:
 
 
 @pytest.mark.parametrize("build", [small_resnet, small_vgg])
-def test_run_channels_last_keeps_nchw_outside_and_results_in_float64(build) -> None:
+def test_run_channels_last_keeps_nchw_outside_and_results_in_float64(build, monkeypatch) -> None:
+    monkeypatch.setattr(cpu_strategy, "_measure", None)  # batches this small: nothing to time, nothing converted
     torch.manual_seed(0)
     model = build("separable").double()
     twin = copy.deepcopy(model)
@@ -248,7 +281,7 @@ def test_run_channels_last_keeps_nchw_outside_and_results_in_float64(build) -> N
     expected.sum().backward()
     for (name, p), q in zip(twin.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
-    assert sepconv.cpu_strategy_decisions() == {}  # inside, layers see channels_last: nothing to decide
+    assert sepconv.cpu_strategy_decisions() == {}  # inside, layers see channels_last and keep it: nothing to decide
 
 
 def test_run_channels_last_handles_3d_models_and_returns_contiguous_maps() -> None:

@@ -227,7 +227,11 @@ def run(
     inside), so that inference may run the batch a few samples at a time. Layers nested inside a managed
     call (a separable layer's depthwise part) run as they are given.
     """
-    if getattr(_state, "busy", False) or not _eligible(input):
+    if getattr(_state, "busy", False):
+        return forward(input)
+    source = _input_layout(input)
+    # a channels_last input has one alternative only: chunks, for a batch whose samples are independent
+    if source is None or (source == CHANNELS_LAST and not (batch_independent and input.shape[0] > 1)):
         return forward(input)
     mode = getattr(_state, "mode", None) or _global_mode  # get_cpu_strategy(), inlined: this runs on every call
     if mode == "off":
@@ -237,33 +241,36 @@ def run(
         if mode == "channels_last":
             layout, chunk = CHANNELS_LAST, None
         else:
-            layout, chunk = _decide(layer, input, convs, batch_independent)
-        if layout == CONTIGUOUS:
+            layout, chunk = _decide(layer, input, convs, batch_independent, source)
+        if chunk is not None:
+            return _in_chunks(forward, input, chunk)
+        if layout == source:
             return forward(input)
-        if chunk is None:
-            return _in_channels_last(forward, input)
-        return _in_chunks(forward, input, chunk)
+        return _in_channels_last(forward, input)
     finally:
         _state.busy = False
 
 
 def _in_chunks(forward: Callable[[Tensor], Tensor], input: Tensor, chunk: int) -> Tensor:
-    """``forward`` run in channels_last on ``chunk`` samples at a time of a contiguous ``input``; contiguous out.
+    """``forward`` run in channels_last on ``chunk`` samples at a time of ``input``; out in ``input``'s layout.
 
     Each chunk's conversions and intermediate stay in the CPU caches instead of making round trips to
     memory: an NCHW caller's (32, 144, 56, 56) separable 3x3 forward measured 49.5 ms converted whole,
     19.8 ms four samples at a time; its training step 122 -> 75 ms. ``forward`` must treat samples
     independently (no training-mode BatchNorm).
     """
-    if torch.is_grad_enabled():  # autograd joins the chunks' gradients
-        return torch.cat([_in_channels_last(forward, part) for part in input.split(chunk)])
     memory_format = _FORMATS[input.dim()]
+    converts = input.is_contiguous()  # an NCHW caller; a channels_last one needs no conversions
+    if torch.is_grad_enabled():  # autograd joins the chunks' gradients; cat keeps the chunks' layout
+        run = (lambda part: _in_channels_last(forward, part)) if converts else forward
+        return torch.cat([run(part) for part in input.split(chunk)])
     output = None
     for start in range(0, input.shape[0], chunk):
         part = forward(input[start : start + chunk].contiguous(memory_format=memory_format))
         if output is None:
-            output = part.new_empty((input.shape[0], *part.shape[1:]))
-        output[start : start + chunk].copy_(part)  # back to contiguous while the chunk is in cache
+            layout = torch.contiguous_format if converts else memory_format
+            output = torch.empty((input.shape[0], *part.shape[1:]), dtype=part.dtype, memory_format=layout)
+        output[start : start + chunk].copy_(part)  # converted back while the chunk is in cache
     assert output is not None
     return output
 
@@ -349,31 +356,32 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def _eligible(input: Tensor) -> bool:
-    return (
-        input.is_cpu
-        and input.dim() in _FORMATS
-        and type(input) is Tensor
-        and input.is_contiguous()
-        and not input.is_contiguous(memory_format=_FORMATS[input.dim()])  # C=1 or 1x1 spatial: nothing to gain
-        and not torch.jit.is_tracing()
-        and not torch.compiler.is_compiling()
-    )
+def _input_layout(input: Tensor) -> str | None:
+    """``CONTIGUOUS`` or ``CHANNELS_LAST`` for a batched 2-d/3-d CPU input the strategy may handle, else None
+    (other layouts, C=1 or 1x1 spatial where both layouts coincide, tracing, ``torch.compile``)."""
+    if not (input.is_cpu and input.dim() in _FORMATS and type(input) is Tensor):
+        return None
+    contiguous, channels_last = input.is_contiguous(), input.is_contiguous(memory_format=_FORMATS[input.dim()])
+    if contiguous == channels_last or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    return CONTIGUOUS if contiguous else CHANNELS_LAST
 
 
 def _decide(
-    layer: nn.Module, input: Tensor, run_convs: Callable[[Tensor], Tensor], batch_independent: bool
+    layer: nn.Module, input: Tensor, run_convs: Callable[[Tensor], Tensor], batch_independent: bool, source: str
 ) -> tuple[str, int | None]:
     signature, params = _layer_signature(layer)
     training = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in params))
-    key = (*signature, tuple(input.shape), input.dtype, training, batch_independent, torch.get_num_threads())
+    chunk = _chunk_size(input, training) if batch_independent else None
+    if source == CHANNELS_LAST and chunk is None:
+        return CHANNELS_LAST, None  # nothing to choose: as given
+    key = (*signature, tuple(input.shape), input.dtype, source, training, batch_independent, torch.get_num_threads())
     plan = _decisions.get(key)
     if plan is None:
         with _lock:  # one measurement per key, even when threads race to it
             plan = _decisions.get(key)
             if plan is None:
                 trainable = [p for p in params if p.requires_grad] if training else None
-                chunk = _chunk_size(input, training) if batch_independent else None
                 plan = _decisions[key] = _measure(input, run_convs, trainable, chunk)
     return plan
 
@@ -382,7 +390,7 @@ def _chunk_size(input: Tensor, training: bool) -> int | None:
     """Samples per call for the chunked candidate: about 4 MB of input for inference, 8 MB for training (with
     the intermediate, the output and, in training, their gradients: working sets that stay in the caches;
     measured best on this project's Xeon), or None when that would not split the batch in two or more."""
-    sample_bytes = input[0].numel() * input.element_size()
+    sample_bytes = input.numel() // max(input.shape[0], 1) * input.element_size()
     chunk = max(1, round(_CHUNK_BYTES * (2 if training else 1) / max(sample_bytes, 1)))
     return chunk if 2 * chunk <= input.shape[0] else None
 
@@ -405,18 +413,19 @@ def _measure(
     input: Tensor, convs: Callable[[Tensor], Tensor], params: list[Tensor] | None, chunk: int | None = None
 ) -> tuple[str, int | None]:
     """The fastest plan for ``convs``, conversions included: contiguous, channels_last, and with ``chunk``
-    channels_last ``chunk`` samples at a time. Forward first, then forward+backward when
-    training, unless the forward alone already shows a clear winner (it spares the slow layout's backward,
-    which can take seconds: 31x31 depthwise in NCHW)."""
-    plans = {_plan_name(CONTIGUOUS, None): (CONTIGUOUS, None), _plan_name(CHANNELS_LAST, None): (CHANNELS_LAST, None)}
+    channels_last ``chunk`` samples at a time (a channels_last input: as given or in chunks). Forward first,
+    then forward+backward when training, unless the forward alone already shows a clear winner (it spares
+    the slow layout's backward, which can take seconds: 31x31 depthwise in NCHW)."""
+    source = CONTIGUOUS if input.is_contiguous() else CHANNELS_LAST  # the plain path: the input as given
+    plans = {_plan_name(layout, None): (layout, None) for layout in (CONTIGUOUS, CHANNELS_LAST)}
     if chunk is not None:
         plans[_plan_name(CHANNELS_LAST, chunk)] = (CHANNELS_LAST, chunk)
     times = _time_layouts(input, convs, None, chunk)
     if params is not None and not _clear_winner(times):
         times = _time_layouts(input, convs, params, chunk)
-    # a conversion must win clearly: conversions cost more inside a network than in this isolated test
+    # an alternative must win clearly: its conversions cost more inside a network than in this isolated test
     best = min(times, key=times.__getitem__)
-    return plans[best] if times[best] * _MARGIN < times[CONTIGUOUS] else (CONTIGUOUS, None)
+    return plans[best] if times[best] * _MARGIN < times[source] else (source, None)
 
 
 def _clear_winner(times: dict[str, float]) -> bool:
@@ -444,7 +453,10 @@ def _time_layouts(
 
         return run_step
 
-    steps = {CONTIGUOUS: step(convs), CHANNELS_LAST: step(lambda x: _in_channels_last(convs, x))}
+    if input.is_contiguous():
+        steps = {CONTIGUOUS: step(convs), CHANNELS_LAST: step(lambda x: _in_channels_last(convs, x))}
+    else:  # a channels_last input: as given, or in chunks
+        steps = {CHANNELS_LAST: step(convs)}
     if chunk is not None:
         steps[_plan_name(CHANNELS_LAST, chunk)] = step(lambda x: _in_chunks(convs, x, chunk))
     return _time_candidates(steps, prepare=lambda: input.detach().clone())
