@@ -80,6 +80,15 @@ def test_decisions_are_cached_per_configuration(monkeypatch) -> None:
     with torch.no_grad():
         layer(x)  # inference is decided apart from training
     assert len(calls) == 3
+    layer(x)  # the layer's memo of its last plan, then the cache: nothing new to measure
+    assert len(calls) == 3
+    sepconv.clear_cpu_strategy_cache()
+    layer(x)  # a cleared cache is measured again, whatever the layer remembers
+    assert len(calls) == 4
+    sepconv.clear_cpu_strategy_cache()
+    layer(x), layer(torch.randn(2, 4, 17, 16))
+    with torch.no_grad():
+        layer(x)
     decisions = {k: v for k, v in sepconv.cpu_strategy_decisions().items() if k[0] != "depthwise_backward"}
     assert len(decisions) == 3 and set(decisions.values()) <= {"contiguous", "channels_last"}
     assert {next(part for part in key if isinstance(part, tuple)) for key in decisions} == {
