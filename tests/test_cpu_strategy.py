@@ -97,15 +97,26 @@ def test_decisions_are_cached_per_configuration(monkeypatch) -> None:
     }
 
 
-def test_the_chunked_plan_equals_the_plain_path_in_float64(monkeypatch) -> None:
+CHUNKED_LAYERS = {
+    "separable 2-d": (lambda: sepconv.SeparableConv2d(3, 5, 3, padding=1, mid_activation=nn.ReLU), (5, 3, 9, 9)),
+    "separable 3-d": (lambda: sepconv.SeparableConv3d(3, 5, 3, padding=1, stride=2), (5, 3, 6, 7, 8)),
+    "depthwise alone": (lambda: sepconv.DepthwiseConv2d(3, 5, padding="same", depth_multiplier=2), (5, 3, 9, 9)),
+}
+
+
+@pytest.mark.parametrize("kind", list(CHUNKED_LAYERS))
+def test_the_chunked_plan_equals_the_plain_path_in_float64(monkeypatch, kind: str) -> None:
     """Channels_last a few samples at a time (batch 5 in chunks of 2: 2, 2, 1): the same outputs and gradients,
     contiguous, in inference and in training; the convs really see the chunks."""
     monkeypatch.setattr(cpu_strategy, "_measure", lambda *args: (cpu_strategy.CHANNELS_LAST, 2))
-    layer = sepconv.SeparableConv2d(3, 5, 3, padding=1, mid_activation=nn.ReLU, dtype=torch.float64)
-    x = torch.randn(5, 3, 9, 9, dtype=torch.float64)
+    build, shape = CHUNKED_LAYERS[kind]
+    layer = build().double()
+    x = torch.randn(shape, dtype=torch.float64)
     plain, plain_grads = forward_and_grads(layer, x, "off")
     batches: list[int] = []
-    layer.depthwise.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    depthwise = getattr(layer, "depthwise", layer)
+    conv_forward = depthwise._conv_forward  # spied on the instance: the batch each conv call sees
+    depthwise._conv_forward = lambda input, *args: batches.append(input.shape[0]) or conv_forward(input, *args)
     out, grads = forward_and_grads(layer, x, "auto")
     assert batches == [2, 2, 1] and out.is_contiguous()
     torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
