@@ -173,6 +173,34 @@ def test_a_training_mode_batchnorm_is_never_run_in_chunks(monkeypatch, train_mod
     assert offered == ([None] if train_mode else [1])
 
 
+def test_chunks_divide_the_batch_when_a_divisor_is_near_the_target(monkeypatch) -> None:
+    sample = torch.empty(1, 4, 8, 8)  # 1 KiB per sample in float32
+    monkeypatch.setattr(cpu_strategy, "_CHUNK_BYTES", 10 * 1024)  # 10 samples for inference, 20 in training
+    size = lambda batch, training=False: cpu_strategy._chunk_size(sample.expand(batch, -1, -1, -1), training)  # noqa: E731
+    assert size(32) == 8  # divisors 8 and 16: 8 is nearer to 10 (ratio 1.25 vs 1.6)
+    assert size(32, training=True) == 16
+    assert size(31) == 10  # prime: no divisor within 2x, 10 + 10 + 10 + 1
+    assert size(30) == 10
+    assert size(19) is None  # no divisor near 10, and a chunk of 10 would not leave a second one as large
+    assert size(1) is None
+
+
+def test_training_times_only_the_plans_whose_forward_is_not_clearly_behind(monkeypatch) -> None:
+    chunked = cpu_strategy._plan_name(cpu_strategy.CHANNELS_LAST, 4)
+    calls: list[object] = []
+
+    def fake_time_layouts(input, convs, params, chunk=None, only=None):
+        calls.append(only)
+        if params is None:  # forward: NCHW 10x behind, the other two close
+            return {cpu_strategy.CONTIGUOUS: 10.0, cpu_strategy.CHANNELS_LAST: 1.0, chunked: 1.2}
+        return {name: {cpu_strategy.CHANNELS_LAST: 2.0, chunked: 1.0}[name] for name in only}
+
+    monkeypatch.setattr(cpu_strategy, "_time_layouts", fake_time_layouts)
+    plan = cpu_strategy._measure(torch.randn(8, 3, 4, 4), lambda x: x, [torch.zeros(1, requires_grad=True)], 4)
+    assert calls == [None, {cpu_strategy.CHANNELS_LAST, chunked}]
+    assert plan == (cpu_strategy.CHANNELS_LAST, 4)
+
+
 def test_a_step_far_behind_drops_out_while_the_others_are_timed_on() -> None:
     calls = {"a": 0, "b": 0, "slow": 0}
 
