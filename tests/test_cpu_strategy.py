@@ -236,6 +236,18 @@ def test_timing_warms_up_and_alternates_which_layout_goes_first(monkeypatch) -> 
     assert set(times) == {cpu_strategy.CONTIGUOUS, cpu_strategy.CHANNELS_LAST}
 
 
+def test_three_candidates_are_timed_in_shuffled_rounds(monkeypatch) -> None:
+    """With three plans, ABBA would run the ends twice in a row and the middle one always between the same two
+    (the benchmark showed such a position cost a layer 1.3x); shuffled rounds give every plan every place."""
+    monkeypatch.setattr(cpu_strategy, "_CLEAR_WIN", float("inf"))  # no step drops out: every round runs
+    seen: list[str] = []
+    cpu_strategy._time_candidates({name: (lambda name=name: seen.append(name)) for name in "abc"})
+    rounds = [seen[i : i + 3] for i in range(0, len(seen), 3)]
+    assert len(rounds) == cpu_strategy._WARMUP_ROUNDS + cpu_strategy._TIMED_RUNS
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
+    assert {r[1] for r in rounds} == {"a", "b", "c"}  # no plan always in the middle
+
+
 def test_one_measurement_when_threads_race_for_the_same_configuration(monkeypatch) -> None:
     calls = []
 

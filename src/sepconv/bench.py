@@ -13,6 +13,7 @@ True
 from __future__ import annotations
 
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -67,10 +68,12 @@ def interleaved_latencies(
     """Time several functions side by side: :func:`median_latency` for each, in interleaved rounds.
 
     Each round calls every function that still needs samples once (at least ``min_runs`` calls and
-    ``min_run_time`` seconds of its own calls), in alternating order (ABBA), so that drift of the machine and
-    the state one call leaves behind (the allocator's pool: which freed blocks the next call reuses) hit all
-    alike instead of favouring whichever was timed first. A function whose last warm-up call took over
-    ``slow_call_s`` seconds is timed once more on its own (``runs=1``) and left out of the rounds.
+    ``min_run_time`` seconds of its own calls), in an order shuffled anew each round (seeded: reproducible),
+    so that drift of the machine and the state one call leaves behind (the allocator's pool: which freed
+    blocks the next call reuses) hit all alike: with a fixed or alternating (ABBA) order the functions at the
+    ends run twice in a row at every turn and each function always follows the same neighbours. A function
+    whose last warm-up call took over ``slow_call_s`` seconds is timed once more on its own (``runs=1``) and
+    left out of the rounds.
     """
     once: dict[str, Timing] = {}
     samples: dict[str, list[float]] = {}
@@ -82,15 +85,15 @@ def interleaved_latencies(
             once[name] = _timing([_seconds(fn)])
         else:
             samples[name] = []
-    round_ = 0
+    order = random.Random(0)
     while pending := [
         name
         for name, times in samples.items()
         if len(times) < max_runs and (len(times) < min_runs or sum(times) < min_run_time)
     ]:
-        for name in pending if round_ % 2 == 0 else reversed(pending):
+        order.shuffle(pending)
+        for name in pending:
             samples[name].append(_seconds(fns[name]))
-        round_ += 1
     return {name: once[name] if name in once else _timing(samples[name]) for name in fns}
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import statistics
 import threading
 import time
@@ -531,8 +532,12 @@ def _time_candidates(
     samples: dict[str, list[float]] = {name: [] for name in steps}
     results: dict[str, float] = {}  # the times of steps out of the running: more than _CLEAR_WIN x the fastest
     running = list(steps)
+    shuffles = random.Random(0)
     for round_ in range(_WARMUP_ROUNDS + _TIMED_RUNS):
-        order = running if round_ % 2 == 0 else running[::-1]  # no step always goes first
+        if len(running) == 2:  # ABBA: no step always goes first
+            order = running if round_ % 2 == 0 else running[::-1]
+        else:  # ABBA would run the ends twice in a row and the middle always between the same two
+            order = shuffles.sample(running, len(running))
         this_round: dict[str, float] = {}
         measurements_before = _nested_measurements
         for name in order:
