@@ -248,6 +248,24 @@ def test_three_candidates_are_timed_in_shuffled_rounds(monkeypatch) -> None:
     assert {r[1] for r in rounds} == {"a", "b", "c"}  # no plan always in the middle
 
 
+def test_slow_steps_get_one_warm_up_round_and_stop_at_the_time_budget(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_strategy, "_SLOW_STEP_S", 0.001)  # every step below is "slow"
+    monkeypatch.setattr(cpu_strategy, "_TIME_BUDGET_S", 0.0)  # and over budget from the first timed round
+    calls = {"a": 0, "b": 0}
+
+    def step(name: str):
+        def run() -> None:
+            calls[name] += 1
+            time.sleep(0.003)
+
+        return run
+
+    times = cpu_strategy._time_candidates({"a": step("a"), "b": step("b")})
+    # one warm-up round (clean, every step slow), then the minimum of timed rounds
+    assert calls == {"a": 1 + cpu_strategy._MIN_TIMED_RUNS, "b": 1 + cpu_strategy._MIN_TIMED_RUNS}
+    assert set(times) == {"a", "b"} and min(times.values()) >= 0.003
+
+
 def test_one_measurement_when_threads_race_for_the_same_configuration(monkeypatch) -> None:
     calls = []
 

@@ -32,6 +32,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -63,6 +64,8 @@ _WARMUP_ROUNDS = 2
 _TIMED_RUNS = 5
 _CLEAR_WIN = 3.0
 _SLOW_STEP_S = 0.2
+_TIME_BUDGET_S = 3.0
+_MIN_TIMED_RUNS = 3
 _MARGIN = 1.1
 _CHUNK_BYTES = 4 * 2**20  # input per chunk of the chunked plan (twice that in training)
 
@@ -523,21 +526,27 @@ def _time_layouts(
 def _time_candidates(
     steps: dict[str, Callable[..., object]], prepare: Callable[[], Any] | None = None
 ) -> dict[str, float]:
-    """Median seconds of each step after warm-up rounds; rounds interleave the steps (ABBA). A step more than
-    ``_CLEAR_WIN`` times slower than the fastest drops out with its time so far, and timing stops when one step
-    is left — already in a warm-up round when a step takes over ``_SLOW_STEP_S`` (a second per call for
-    PyTorch's 31x31 weight gradient: first-call costs cannot explain a 3x gap there — unless the step measured
-    a decision of its own, such as a depthwise conv's backward: such a round does not count). With
-    ``prepare``, each step is called with a fresh ``prepare()`` made before its clock starts."""
+    """Median seconds of each step after warm-up rounds; rounds interleave the steps (ABBA for two, shuffled
+    for more). A step more than ``_CLEAR_WIN`` times slower than the fastest drops out with its time so far,
+    and timing stops when one step is left — already in a warm-up round when a step takes over
+    ``_SLOW_STEP_S`` (a second per call for PyTorch's 31x31 weight gradient: first-call costs cannot explain a
+    3x gap there — unless the step measured a decision of its own, such as a depthwise conv's backward: such a
+    round does not count). Slow steps are timed less: one clean warm-up round is enough when every step
+    takes over ``_SLOW_STEP_S``, and after ``_TIME_BUDGET_S`` seconds timing stops at ``_MIN_TIMED_RUNS``
+    timed rounds (a batch-32 training step of (384, 28, 1536) 7x7, three plans at ~0.6 s each: the first
+    call 21 -> 17 s). With ``prepare``, each step is called with a fresh ``prepare()`` made before its
+    clock starts."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
     results: dict[str, float] = {}  # the times of steps out of the running: more than _CLEAR_WIN x the fastest
     running = list(steps)
     shuffles = random.Random(0)
-    for round_ in range(_WARMUP_ROUNDS + _TIMED_RUNS):
+    warm_up_left, timed_rounds, started = _WARMUP_ROUNDS, 0, time.perf_counter()
+    for round_ in itertools.count():
         if len(running) == 2:  # ABBA: no step always goes first
             order = running if round_ % 2 == 0 else running[::-1]
         else:  # ABBA would run the ends twice in a row and the middle always between the same two
             order = shuffles.sample(running, len(running))
+        warming_up = warm_up_left > 0
         this_round: dict[str, float] = {}
         measurements_before = _nested_measurements
         for name in order:
@@ -545,19 +554,26 @@ def _time_candidates(
             start = time.perf_counter()
             steps[name](*args)
             this_round[name] = time.perf_counter() - start
-            if round_ >= _WARMUP_ROUNDS:  # warm-up rounds grow the allocator's pool and caches
+            if not warming_up:  # warm-up rounds grow the allocator's pool and caches
                 samples[name].append(this_round[name])
-        if round_ >= _WARMUP_ROUNDS:
-            current = {name: statistics.median(samples[name]) for name in running}
-        elif _nested_measurements == measurements_before and max(this_round.values()) > _SLOW_STEP_S:
+        out_of_time = False
+        if warming_up:
+            warm_up_left -= 1
+            if _nested_measurements != measurements_before or max(this_round.values()) <= _SLOW_STEP_S:
+                continue
+            if min(this_round.values()) > _SLOW_STEP_S:
+                warm_up_left = 0
             current = this_round
         else:
-            continue
+            timed_rounds += 1
+            current = {name: statistics.median(samples[name]) for name in running}
+            out_of_time = timed_rounds >= _TIMED_RUNS or (
+                timed_rounds >= _MIN_TIMED_RUNS and time.perf_counter() - started > _TIME_BUDGET_S
+            )
         fastest = min(current.values())
         for name in [name for name in running if current[name] > _CLEAR_WIN * fastest]:
             results[name] = current[name]
             running.remove(name)
-        if len(running) == 1:
-            results[running[0]] = current[running[0]]
-            return results
-    return {**results, **{name: statistics.median(samples[name]) for name in running}}
+        if len(running) == 1 or out_of_time:
+            return {**results, **{name: current[name] for name in running}}
+    raise AssertionError("unreachable")  # pragma: no cover
