@@ -148,9 +148,13 @@ MODEL_VARIANTS = {
 }
 
 
-def model_rows(min_run_time: float, archs: tuple[str, ...] = ("small_vgg", "small_resnet")) -> list[dict]:
+ARCHS = {"small_vgg": small_vgg, "small_resnet": small_resnet}
+
+
+def model_rows(min_run_time: float, archs: tuple[str, ...] = tuple(ARCHS)) -> list[dict]:
     rows = []
-    for arch_name, build in ((name, {"small_vgg": small_vgg, "small_resnet": small_resnet}[name]) for name in archs):
+    for arch_name in archs:
+        build = ARCHS[arch_name]
         for conv in ("standard", "separable"):
             # no sepconv layer inside a standard net: ours_per_layer would be pytorch_nchw again
             variants = [v for v in MODEL_VARIANTS if not (conv == "standard" and v == "ours_per_layer")]
@@ -325,7 +329,7 @@ def main() -> None:
             row = layer_row(*shape, batch, args.min_run_time)
             print(json.dumps(row), flush=True)
             result["layers"].append(row)
-    for row in model_rows(args.min_run_time, ("small_vgg",) if args.quick else ("small_vgg", "small_resnet")):
+    for row in model_rows(args.min_run_time, ("small_vgg",) if args.quick else tuple(ARCHS)):
         print(json.dumps(row), flush=True)
         result["models"].append(row)
     result["total_seconds"] = time.perf_counter() - start

@@ -6,8 +6,8 @@ default contiguous (NCHW) layout — a padded 31x31 depthwise conv by 20-40x —
 training or inference, thread count) times both layouts on the layer's own convolutions and caches the
 faster; later calls only look it up. A third candidate runs channels_last a few samples at a time, so
 that each chunk's conversions and intermediate stay in the CPU caches (for layers whose samples are
-independent: no training-mode BatchNorm inside); it made a (32, 144, 56, 56) separable 3x3 layer 2.2x
-faster than PyTorch's channels_last with conversions, forward, and 1.6x in training. The caller sees no
+independent: no training-mode BatchNorm inside); it made a (32, 144, 56, 56) separable 3x3 layer's forward
+1.9x faster than PyTorch's channels_last with conversions (``benchmarks/cpu.py``). The caller sees no
 difference: an NCHW input gives an NCHW output, equal up to float rounding, with autograd intact. Only
 contiguous, batched 2-d/3-d CPU inputs are considered; tracing, ``torch.compile`` and ``torch.export``
 always see the plain PyTorch path.
@@ -105,8 +105,9 @@ def use_cpu_strategy(mode: str) -> Iterator[None]:
 
 
 def cpu_strategy_decisions() -> dict[tuple, str]:
-    """A copy of the cached choices: configuration key -> ``"contiguous"`` or ``"channels_last"`` for a
-    layer's layout, ``"grad_input=..., grad_weight=..."`` for a depthwise conv's backward algorithms."""
+    """A copy of the cached choices: configuration key -> ``"contiguous"``, ``"channels_last"`` or
+    ``"channels_last in batch chunks of N"`` for a layer's plan, ``"grad_input=..., grad_weight=..."`` for a
+    depthwise conv's backward algorithms."""
     with _lock:
         layouts = {key: _plan_name(*plan) for key, plan in _decisions.items()}
         backward = {key: f"grad_input={gi}, grad_weight={gw}" for key, (gi, gw) in _backward_decisions.items()}
