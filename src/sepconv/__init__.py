@@ -6,6 +6,8 @@
 4723200
 """
 
+__version__ = "0.1.0"  # before the imports: cpu_strategy_file reads it when it loads SEPCONV_CPU_STRATEGY_FILE
+
 from sepconv.accelerate import Acceleration, FusedSeparableConv2d, accelerate
 from sepconv.analyze import Report, analyze
 from sepconv.convert import ConversionReport, convert
@@ -19,6 +21,7 @@ from sepconv.cpu_strategy import (
     set_cpu_strategy,
     use_cpu_strategy,
 )
+from sepconv.cpu_strategy_file import load_cpu_strategy_decisions, save_cpu_strategy_decisions
 from sepconv.decompose import decompose_conv
 from sepconv.layers import (
     DepthwiseConv1d,
@@ -32,8 +35,6 @@ from sepconv.layers import (
     SeparableConv3d,
 )
 from sepconv.train import Batches, distillation_loss, evaluate, finetune, fit
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Acceleration",
@@ -66,7 +67,9 @@ __all__ = [
     "fit",
     "get_cpu_strategy",
     "keep_freed_memory",
+    "load_cpu_strategy_decisions",
     "run_channels_last",
+    "save_cpu_strategy_decisions",
     "set_cpu_strategy",
     "use_cpu_strategy",
 ]

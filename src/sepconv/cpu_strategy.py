@@ -116,11 +116,16 @@ def cpu_strategy_decisions() -> dict[tuple, str]:
 
 def clear_cpu_strategy_cache() -> None:
     """Forget every cached choice (they are measured again on next use)."""
-    global _generation
     with _lock:
         _decisions.clear()
         _backward_decisions.clear()
-        _generation += 1  # the layers' memos of their last plan are stale
+        _forget_layer_memos()
+
+
+def _forget_layer_memos() -> None:
+    """Make every layer's memo of its last plan stale (call it with ``_lock`` held, after changing decisions)."""
+    global _generation
+    _generation += 1
 
 
 def may_choose_depthwise_backward(input: Tensor, weight: Tensor) -> bool:

@@ -1,0 +1,210 @@
+"""Save the CPU strategy's measured decisions to a file and load them in another process.
+
+The first call of each configuration measures (:mod:`sepconv.cpu_strategy`): milliseconds for small
+layers, seconds for a large one's training step. A file of decisions lets a new process skip that, as
+PyTorch's TunableOp does for GEMMs. It is JSON (never pickle), written atomically, and records where
+the decisions were measured — the CPU model and the torch and sepconv versions; the thread count is
+part of each decision's key. Loading a file measured elsewhere loads nothing, with a warning, unless
+``check_machine=False``: its choices would be as correct there but maybe slower.
+
+With the environment variable ``SEPCONV_CPU_STRATEGY_FILE`` set to a path, this happens by itself:
+the decisions are loaded from it when sepconv is imported (if it exists) and, when new ones were
+measured, merged into it at exit.
+
+>>> import tempfile, torch, sepconv
+>>> sepconv.clear_cpu_strategy_cache()
+>>> layer = sepconv.SeparableConv2d(8, 16, 3, padding=1)
+>>> with torch.no_grad():
+...     y = layer(torch.rand(2, 8, 12, 12))  # measures this configuration once
+>>> folder = tempfile.TemporaryDirectory()
+>>> path = folder.name + "/cpu_strategy.json"
+>>> save_cpu_strategy_decisions(path)
+1
+>>> sepconv.clear_cpu_strategy_cache()
+>>> load_cpu_strategy_decisions(path)  # a new process would do this: its first call measures nothing
+1
+>>> folder.cleanup()
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sepconv import cpu_backward, cpu_strategy
+from sepconv.bench import device_name
+from sepconv.io import PathLike, atomic_write_text
+
+__all__ = ["load_cpu_strategy_decisions", "save_cpu_strategy_decisions"]
+
+FILE_ENV = "SEPCONV_CPU_STRATEGY_FILE"
+_FORMAT = "sepconv-cpu-strategy"
+_VERSION = 1
+_LAYOUTS = (cpu_strategy.CONTIGUOUS, cpu_strategy.CHANNELS_LAST)
+
+
+def save_cpu_strategy_decisions(path: PathLike, *, overwrite: bool = False) -> int:
+    """Write this process's decisions to ``path`` (JSON, atomically); returns how many.
+
+    Refuses (``FileExistsError``) to replace an existing file unless ``overwrite=True``.
+    """
+    layouts, backward = _snapshot()
+    atomic_write_text(path, _dumps(layouts, backward), overwrite=overwrite)
+    return len(layouts) + len(backward)
+
+
+def load_cpu_strategy_decisions(path: PathLike, *, check_machine: bool = True) -> int:
+    """Add the decisions in ``path`` to this process's (replacing any for the same configuration); returns how
+    many were loaded: 0, with a warning, when the file was measured on another CPU or with other torch or
+    sepconv versions, unless ``check_machine=False``. Raises ``ValueError`` for a file that is not one."""
+    machine, layouts, backward = _read(Path(path))
+    if check_machine and machine != _machine():
+        warnings.warn(
+            f"{path} holds CPU strategy decisions measured on {machine}, not this {_machine()}: loading none "
+            "(check_machine=False loads them anyway)",
+            stacklevel=2,
+        )
+        return 0
+    with cpu_strategy._lock:
+        cpu_strategy._decisions.update(layouts)
+        cpu_strategy._backward_decisions.update(backward)
+        cpu_strategy._forget_layer_memos()
+    return len(layouts) + len(backward)
+
+
+def _machine() -> dict[str, str]:
+    import sepconv
+
+    return {"cpu": device_name("cpu"), "torch": torch.__version__, "sepconv": sepconv.__version__}
+
+
+def _snapshot() -> tuple[dict[tuple, tuple], dict[tuple, tuple]]:
+    with cpu_strategy._lock:
+        return dict(cpu_strategy._decisions), dict(cpu_strategy._backward_decisions)
+
+
+def _dumps(layouts: dict[tuple, tuple], backward: dict[tuple, tuple]) -> str:
+    document = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "machine": _machine(),
+        "layouts": [[_encode(key), list(plan)] for key, plan in layouts.items()],
+        "depthwise_backward": [[_encode(key), list(choice)] for key, choice in backward.items()],
+    }
+    return json.dumps(document, indent=1) + "\n"
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[tuple, tuple], dict[tuple, tuple]]:
+    """(machine, layout decisions, backward decisions) of a decisions file; ``ValueError`` naming what is wrong."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not a CPU strategy decisions file: not JSON ({error})") from None
+    if not isinstance(document, dict) or document.get("format") != _FORMAT:
+        raise ValueError(f'{path} is not a CPU strategy decisions file: no "format": {_FORMAT!r}')
+    if document.get("version") != _VERSION:
+        raise ValueError(f"{path}: decisions file version {document.get('version')!r}; this sepconv reads {_VERSION}")
+    machine = document.get("machine")
+    if not isinstance(machine, dict):
+        raise ValueError(f'{path}: "machine" must be an object naming the CPU and versions')
+    layouts = _entries(path, document, "layouts", _layout_plan)
+    backward = _entries(path, document, "depthwise_backward", _backward_choice)
+    return machine, layouts, backward
+
+
+def _entries(path: Path, document: dict, section: str, check_value: Any) -> dict[tuple, tuple]:
+    entries = document.get(section)
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: {section!r} must be a list of [key, decision] pairs")
+    decisions = {}
+    for index, entry in enumerate(entries):
+        try:
+            key, value = entry
+            decoded = _decode(key)
+            if not isinstance(decoded, tuple) or not decoded:
+                raise ValueError("the key is not a list")
+            decisions[decoded] = check_value(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {section}[{index}] is not a [key, decision] pair: {error}") from None
+    return decisions
+
+
+def _layout_plan(value: Any) -> tuple[str, int | None]:
+    layout, chunk = value
+    if layout not in _LAYOUTS or not (chunk is None or (type(chunk) is int and chunk >= 1)):
+        raise ValueError(f"{value!r}: a plan is [one of {_LAYOUTS}, samples per chunk (int >= 1) or null]")
+    return layout, chunk
+
+
+def _backward_choice(value: Any) -> tuple[str, str]:
+    grad_input, grad_weight = value
+    if grad_input not in cpu_backward.GRAD_INPUT_ALGORITHMS or grad_weight not in cpu_backward.GRAD_WEIGHT_ALGORITHMS:
+        raise ValueError(
+            f"{value!r}: a choice is [one of {cpu_backward.GRAD_INPUT_ALGORITHMS}, "
+            f"one of {cpu_backward.GRAD_WEIGHT_ALGORITHMS}]"
+        )
+    return grad_input, grad_weight
+
+
+def _encode(value: Any) -> Any:
+    """A decision key as JSON: tuples as lists, dtypes as ``{"dtype": name}``."""
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, tuple):
+        return [_encode(item) for item in value]
+    if value is None or isinstance(value, (str, int)):
+        return value
+    raise TypeError(f"cannot store {value!r} in a decision key")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_decode(item) for item in value)
+    if isinstance(value, dict):
+        dtype = getattr(torch, str(value.get("dtype")), None)
+        if set(value) != {"dtype"} or not isinstance(dtype, torch.dtype):
+            raise ValueError(f"{value!r} is not a dtype")
+        return dtype
+    if value is None or isinstance(value, (str, int)):
+        return value
+    raise ValueError(f"{value!r} cannot be part of a decision key")
+
+
+def _merge_into_file(path: Path, loaded: dict[str, dict]) -> None:
+    """At exit: the decisions measured since ``loaded``, merged with the file's current ones (another process
+    may have added some meanwhile), written back atomically."""
+    layouts, backward = _snapshot()
+    if layouts == loaded["layouts"] and backward == loaded["backward"]:
+        return
+    try:
+        if path.exists():
+            machine, on_file, on_file_backward = _read(path)
+            if machine == _machine():
+                layouts, backward = {**on_file, **layouts}, {**on_file_backward, **backward}
+        atomic_write_text(path, _dumps(layouts, backward), overwrite=True)
+    except (OSError, ValueError) as error:
+        warnings.warn(f"{FILE_ENV}: could not save the CPU strategy decisions to {path}: {error}", stacklevel=1)
+
+
+def _load_from_environment() -> None:
+    """``SEPCONV_CPU_STRATEGY_FILE``: load it now (if it exists) and merge new decisions into it at exit."""
+    name = os.environ.get(FILE_ENV)
+    if not name:
+        return
+    path = Path(name)
+    if path.exists():
+        try:
+            load_cpu_strategy_decisions(path)
+        except (OSError, ValueError) as error:
+            warnings.warn(f"{FILE_ENV}: not loading {path}: {error}", stacklevel=1)
+    layouts, backward = _snapshot()
+    atexit.register(_merge_into_file, path, {"layouts": layouts, "backward": backward})
+
+
+_load_from_environment()

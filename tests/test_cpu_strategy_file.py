@@ -1,0 +1,246 @@
+"""CPU strategy decisions saved to a file and loaded back: the same decisions, followed without measuring."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sepconv
+from sepconv import cpu_strategy, cpu_strategy_file
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    sepconv.clear_cpu_strategy_cache()
+    yield
+    sepconv.clear_cpu_strategy_cache()
+
+
+def layers_and_inputs() -> list[tuple[torch.nn.Module, torch.Tensor, bool]]:
+    """(layer, input, training): a 2-d training step whose 5x5 depthwise conv decides its backward too, a 3-d
+    inference call, and a depthwise layer alone in float32."""
+    torch.manual_seed(0)
+    return [
+        (
+            sepconv.SeparableConv2d(3, 4, 5, padding=2, dtype=torch.float64),
+            torch.randn(2, 3, 12, 12, dtype=torch.float64),
+            True,
+        ),
+        (
+            sepconv.SeparableConv3d(2, 3, 3, padding=1, dtype=torch.float64),
+            torch.randn(2, 2, 6, 6, 6, dtype=torch.float64),
+            False,
+        ),
+        (sepconv.DepthwiseConv2d(4, 3, padding=1), torch.randn(3, 4, 10, 10), False),
+    ]
+
+
+def run_all(mode: str = "auto") -> list[torch.Tensor]:
+    """Every layer's output and, in training, its input and weight gradients."""
+    results = []
+    with sepconv.use_cpu_strategy(mode):
+        for layer, x, training in layers_and_inputs():
+            if training:
+                x = x.requires_grad_(True)
+                out = layer(x)
+                results += [out, *torch.autograd.grad(out, [x, *layer.parameters()], torch.ones_like(out))]
+            else:
+                with torch.no_grad():
+                    results.append(layer(x))
+    return results
+
+
+def test_saved_decisions_load_back_equal(tmp_path) -> None:
+    run_all()
+    decisions = sepconv.cpu_strategy_decisions()
+    kinds = {key[0] for key in decisions}
+    assert kinds == {"SeparableConv2d", "SeparableConv3d", "DepthwiseConv2d", "depthwise_backward"}
+    path = tmp_path / "decisions.json"
+    assert sepconv.save_cpu_strategy_decisions(path) == len(decisions)
+    sepconv.clear_cpu_strategy_cache()
+    assert sepconv.cpu_strategy_decisions() == {}
+    assert sepconv.load_cpu_strategy_decisions(path) == len(decisions)
+    assert sepconv.cpu_strategy_decisions() == decisions
+
+
+def test_loaded_decisions_spare_every_measurement_and_keep_results(tmp_path, monkeypatch) -> None:
+    with sepconv.use_cpu_strategy("off"):
+        plain = run_all("off")
+    run_all()
+    path = tmp_path / "decisions.json"
+    sepconv.save_cpu_strategy_decisions(path)
+    sepconv.clear_cpu_strategy_cache()
+    sepconv.load_cpu_strategy_decisions(path)
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured although the decision was loaded")
+
+    monkeypatch.setattr(cpu_strategy, "_measure", no_measuring)
+    monkeypatch.setattr(cpu_strategy, "_measure_backward", no_measuring)
+    for got, expected in zip(run_all(), plain, strict=True):
+        tolerance = 1e-5 if got.dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_a_loaded_plan_is_followed_also_by_a_layer_that_ran_before(tmp_path, monkeypatch) -> None:
+    layer = sepconv.SeparableConv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(8, 4, 10, 10, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)  # measured and memoized by the layer
+        expected = layer._forward(x)
+    path = tmp_path / "decisions.json"
+    sepconv.save_cpu_strategy_decisions(path)
+    document = json.loads(path.read_text())
+    [[key, _]] = document["layouts"]
+    document["layouts"] = [[key, ["channels_last", 2]]]  # two samples at a time: no measurement picks this here
+    path.write_text(json.dumps(document))
+    assert sepconv.load_cpu_strategy_decisions(path) == 1
+    chunks = []
+    real_in_chunks = cpu_strategy._in_chunks
+    monkeypatch.setattr(
+        cpu_strategy, "_in_chunks", lambda f, t, chunk: chunks.append(chunk) or real_in_chunks(f, t, chunk)
+    )
+    with torch.no_grad():
+        out = layer(x)
+    assert chunks == [2]
+    assert out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_decisions_from_another_machine_load_only_when_asked(tmp_path) -> None:
+    run_all()
+    decisions = sepconv.cpu_strategy_decisions()
+    path = tmp_path / "decisions.json"
+    sepconv.save_cpu_strategy_decisions(path)
+    document = json.loads(path.read_text())
+    assert document["machine"] == {
+        "cpu": sepconv.bench.device_name("cpu"),
+        "torch": torch.__version__,
+        "sepconv": sepconv.__version__,
+    }
+    document["machine"]["cpu"] = "a different CPU"
+    path.write_text(json.dumps(document))
+    sepconv.clear_cpu_strategy_cache()
+    with pytest.warns(UserWarning, match="measured on .*a different CPU.*check_machine=False"):
+        assert sepconv.load_cpu_strategy_decisions(path) == 0
+    assert sepconv.cpu_strategy_decisions() == {}
+    assert sepconv.load_cpu_strategy_decisions(path, check_machine=False) == len(decisions)
+    assert sepconv.cpu_strategy_decisions() == decisions
+
+
+def valid_document() -> dict:
+    return {
+        "format": "sepconv-cpu-strategy",
+        "version": 1,
+        "machine": cpu_strategy_file._machine(),
+        "layouts": [
+            [
+                ["SeparableConv2d", "geometry", [2, 3, 8, 8], {"dtype": "float32"}, "contiguous", False, True, 2],
+                ["channels_last", None],
+            ]
+        ],
+        "depthwise_backward": [[["depthwise_backward", [3, 1, 5, 5], [1, 1]], ["conv", "fft"]]],
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: "not json {", "not JSON"),
+        (lambda d: [], 'no "format"'),
+        (lambda d: {**d, "version": 2}, "version 2"),
+        (lambda d: {**d, "machine": "cpu"}, '"machine" must be an object'),
+        (lambda d: {**d, "layouts": {}}, "'layouts' must be a list"),
+        (lambda d: {**d, "layouts": [["SeparableConv2d", ["channels_last", None]]]}, r"layouts\[0\].*not a list"),
+        (lambda d: {**d, "layouts": [[["k"], ["diagonal", None]]]}, r"layouts\[0\].*a plan is"),
+        (lambda d: {**d, "layouts": [[["k"], ["channels_last", 0]]]}, r"layouts\[0\].*int >= 1"),
+        (lambda d: {**d, "layouts": [[["k"], ["channels_last", 1.5]]]}, r"layouts\[0\].*int >= 1"),
+        (lambda d: {**d, "layouts": [[["k"], ["channels_last"]]]}, r"layouts\[0\]"),
+        (lambda d: {**d, "layouts": [[["k", {"dtype": "float99"}], ["contiguous", None]]]}, "not a dtype"),
+        (lambda d: {**d, "layouts": [[["k", 0.5], ["contiguous", None]]]}, "cannot be part of a decision key"),
+        (lambda d: {**d, "depthwise_backward": [[["k"], ["torch", "magic"]]]}, r"depthwise_backward\[0\].*'fft'"),
+    ],
+)
+def test_a_bad_file_is_refused_naming_the_file_and_the_problem(tmp_path, change, message) -> None:
+    path = tmp_path / "decisions.json"
+    changed = change(valid_document())
+    path.write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    with pytest.raises(ValueError, match=message) as error:
+        sepconv.load_cpu_strategy_decisions(path)
+    assert str(path) in str(error.value)
+    assert sepconv.cpu_strategy_decisions() == {}
+
+
+def test_the_valid_document_of_the_bad_file_test_loads(tmp_path) -> None:
+    path = tmp_path / "decisions.json"
+    path.write_text(json.dumps(valid_document()))
+    assert sepconv.load_cpu_strategy_decisions(path) == 2
+    key = ("SeparableConv2d", "geometry", (2, 3, 8, 8), torch.float32, "contiguous", False, True, 2)
+    assert sepconv.cpu_strategy_decisions() == {
+        key: "channels_last",
+        ("depthwise_backward", (3, 1, 5, 5), (1, 1)): "grad_input=conv, grad_weight=fft",
+    }
+
+
+def test_save_refuses_to_replace_a_file_unless_asked(tmp_path) -> None:
+    run_all()
+    path = tmp_path / "decisions.json"
+    path.write_text("mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        sepconv.save_cpu_strategy_decisions(path)
+    assert path.read_text() == "mine"
+    assert sepconv.save_cpu_strategy_decisions(path, overwrite=True) == len(sepconv.cpu_strategy_decisions())
+    assert [p.name for p in tmp_path.iterdir()] == ["decisions.json"]  # no temp file left
+
+
+def test_merging_at_exit_keeps_what_another_process_saved_meanwhile(tmp_path) -> None:
+    run_all()
+    ours = sepconv.cpu_strategy_decisions()
+    path = tmp_path / "decisions.json"
+    path.write_text(json.dumps(valid_document()))  # another process's decisions, saved after this one loaded
+    cpu_strategy_file._merge_into_file(path, {"layouts": {}, "backward": {}})
+    sepconv.clear_cpu_strategy_cache()
+    assert sepconv.load_cpu_strategy_decisions(path) == len(ours) + 2
+    assert set(sepconv.cpu_strategy_decisions()) == set(ours) | {
+        ("SeparableConv2d", "geometry", (2, 3, 8, 8), torch.float32, "contiguous", False, True, 2),
+        ("depthwise_backward", (3, 1, 5, 5), (1, 1)),
+    }
+
+
+def test_merging_at_exit_writes_nothing_when_nothing_was_measured(tmp_path) -> None:
+    run_all()
+    path = tmp_path / "decisions.json"
+    layouts, backward = cpu_strategy_file._snapshot()
+    cpu_strategy_file._merge_into_file(path, {"layouts": layouts, "backward": backward})
+    assert not path.exists()
+
+
+SCRIPT = """
+import sys, torch, sepconv
+print(len(sepconv.cpu_strategy_decisions()))  # loaded at import
+with torch.no_grad():
+    sepconv.SeparableConv2d(3, 4, 3, padding=1)(torch.randn(2, 3, int(sys.argv[1]), 9))
+"""
+
+
+def run_script(path: Path, height: int) -> int:
+    env = {**os.environ, "SEPCONV_CPU_STRATEGY_FILE": str(path)}
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(height)], env=env, capture_output=True, text=True, check=True
+    )
+    return int(done.stdout)
+
+
+def test_the_environment_variable_loads_at_import_and_merges_at_exit(tmp_path) -> None:
+    path = tmp_path / "decisions.json"
+    assert run_script(path, 9) == 0  # nothing to load yet; saves its one decision at exit
+    assert run_script(path, 9) == 1  # loads it, measures nothing new: the file is left as it was
+    assert run_script(path, 10) == 1  # a new input shape: a second decision merged in
+    assert sepconv.load_cpu_strategy_decisions(path) == 2
+    assert sorted(key[3] for key in sepconv.cpu_strategy_decisions()) == [(2, 3, 9, 9), (2, 3, 10, 9)]
