@@ -97,6 +97,31 @@ def test_decisions_are_cached_per_configuration(monkeypatch) -> None:
     }
 
 
+def test_a_layer_called_on_several_shapes_in_turn_looks_each_plan_up_once(monkeypatch) -> None:
+    """A layer shared across inputs of several shapes (a detector's head over pyramid levels) remembers a plan
+    per shape: alternating calls do not repeat the full lookup; a cleared cache does, and a bad input is still
+    refused by name after the layer has run."""
+    lookups = []
+    real_plan = cpu_strategy._plan
+    monkeypatch.setattr(cpu_strategy, "_plan", lambda *args: lookups.append(args[1].shape) or real_plan(*args))
+    layer = sepconv.SeparableConv2d(4, 8, 3, padding=1, dtype=torch.float64)
+    levels = [torch.randn(2, 4, size, size, dtype=torch.float64) for size in (16, 8, 4)]
+    with torch.no_grad():
+        for _ in range(3):
+            for x in levels:
+                torch.testing.assert_close(layer(x), layer._forward(x), rtol=1e-12, atol=1e-12)
+        assert lookups == [x.shape for x in levels]
+        sepconv.clear_cpu_strategy_cache()
+        layer(levels[0])
+        assert len(lookups) == 4
+        with pytest.raises(ValueError, match=r"SeparableConv2d expected input of shape \(N, 4, H, W\)"):
+            layer(torch.randn(2, 5, 16, 16, dtype=torch.float64))
+        many = [torch.randn(1, 4, 5, size, dtype=torch.float64) for size in range(3, 3 + 2 * cpu_strategy._LAYER_MEMO_SIZE)]
+        for x in many:
+            layer(x)
+        assert len(layer.__dict__["_sepconv_cpu_plans"][1]) <= cpu_strategy._LAYER_MEMO_SIZE  # bounded
+
+
 CHUNKED_LAYERS = {
     "separable 2-d": (lambda: sepconv.SeparableConv2d(3, 5, 3, padding=1, mid_activation=nn.ReLU), (5, 3, 9, 9)),
     "separable 3-d": (lambda: sepconv.SeparableConv3d(3, 5, 3, padding=1, stride=2), (5, 3, 6, 7, 8)),

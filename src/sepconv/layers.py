@@ -101,8 +101,11 @@ class _Conv:
             self.padding = "same"
 
     def forward(self, input: Tensor) -> Tensor:
-        check_input(type(self).__name__, input, self.in_channels, self._ndim)  # type: ignore[attr-defined]
+        self._check_input(input)
         return self._checked_forward(input)
+
+    def _check_input(self, input: Tensor) -> None:
+        check_input(type(self).__name__, input, self.in_channels, self._ndim)  # type: ignore[attr-defined]
 
     def _checked_forward(self, input: Tensor) -> Tensor:
         """``forward`` of an input already checked (a separable layer calls its parts this way)."""
@@ -171,10 +174,10 @@ class _DepthwiseConv(_Conv):
 
     def forward(self, input: Tensor) -> Tensor:
         if use_triton(self, input):  # type: ignore[arg-type]
-            check_input(type(self).__name__, input, self.in_channels, self._ndim)  # type: ignore[attr-defined]
+            self._check_input(input)
             return triton_depthwise_forward(self, input)  # type: ignore[arg-type]
-        plain = super().forward
-        return cpu_strategy.run(self, input, plain, plain, batch_independent=True)  # type: ignore[arg-type]
+        checked = self._checked_forward
+        return cpu_strategy.run(self, input, checked, checked, batch_independent=True, check=self._check_input)  # type: ignore[arg-type]
 
     def _checked_forward(self, input: Tensor) -> Tensor:
         if use_triton(self, input):  # type: ignore[arg-type]
@@ -393,12 +396,17 @@ class _SeparableConv(nn.Module):
         self.pointwise = self._pointwise(mid, out_channels, bias, groups, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
-        check_input(type(self).__name__, input, self.in_channels, self._ndim)
         # auto never fuses (the fused kernel measured slower, see sepconv.dispatch); the cheap tests first
         depthwise = self._modules["depthwise"]  # the dict, not nn.Module.__getattr__: this is the per-call path
-        if depthwise.backend == "triton" and use_triton(depthwise, input) and fusable(self):  # type: ignore[union-attr]
-            return triton_separable_forward(self, input)
-        return cpu_strategy.run(self, input, self._forward, self._convs, batch_independent=self._batch_independent())
+        if depthwise.backend == "triton":  # type: ignore[union-attr]
+            self._check_input(input)
+            if use_triton(depthwise, input) and fusable(self):  # type: ignore[arg-type]
+                return triton_separable_forward(self, input)
+        independent, check = self._batch_independent(), self._check_input
+        return cpu_strategy.run(self, input, self._forward, self._convs, batch_independent=independent, check=check)
+
+    def _check_input(self, input: Tensor) -> None:
+        check_input(type(self).__name__, input, self.in_channels, self._ndim)
 
     def _forward(self, input: Tensor) -> Tensor:
         depthwise, pointwise = self._parts()
