@@ -116,9 +116,8 @@ def test_a_layer_called_on_several_shapes_in_turn_looks_each_plan_up_once(monkey
         assert len(lookups) == 4
         with pytest.raises(ValueError, match=r"SeparableConv2d expected input of shape \(N, 4, H, W\)"):
             layer(torch.randn(2, 5, 16, 16, dtype=torch.float64))
-        many = [torch.randn(1, 4, 5, size, dtype=torch.float64) for size in range(3, 3 + 2 * cpu_strategy._LAYER_MEMO_SIZE)]
-        for x in many:
-            layer(x)
+        for size in range(3, 3 + 2 * cpu_strategy._LAYER_MEMO_SIZE):
+            layer(torch.randn(1, 4, 5, size, dtype=torch.float64))
         assert len(layer.__dict__["_sepconv_cpu_plans"][1]) <= cpu_strategy._LAYER_MEMO_SIZE  # bounded
 
 
@@ -214,16 +213,30 @@ def test_training_times_only_the_plans_whose_forward_is_not_clearly_behind(monke
     chunked = cpu_strategy._plan_name(cpu_strategy.CHANNELS_LAST, 4)
     calls: list[object] = []
 
-    def fake_time_layouts(input, convs, params, chunk=None, only=None):
-        calls.append(only)
+    def fake_time_layouts(input, convs, params, chunk=None, only=None, timed_rounds=None):
+        calls.append((only, timed_rounds))
         if params is None:  # forward: NCHW 10x behind, the other two close
             return {cpu_strategy.CONTIGUOUS: 10.0, cpu_strategy.CHANNELS_LAST: 1.0, chunked: 1.2}
         return {name: {cpu_strategy.CHANNELS_LAST: 2.0, chunked: 1.0}[name] for name in only}
 
     monkeypatch.setattr(cpu_strategy, "_time_layouts", fake_time_layouts)
     plan = cpu_strategy._measure(torch.randn(8, 3, 4, 4), lambda x: x, [torch.zeros(1, requires_grad=True)], 4)
-    assert calls == [None, {cpu_strategy.CHANNELS_LAST, chunked}]
+    # the forward only prunes: one timed round; then the training steps of the two close plans, fully timed
+    assert calls == [(None, 1), ({cpu_strategy.CHANNELS_LAST, chunked}, None)]
     assert plan == (cpu_strategy.CHANNELS_LAST, 4)
+    calls.clear()
+    assert cpu_strategy._measure(torch.randn(8, 3, 4, 4), lambda x: x, None, 4) == (cpu_strategy.CHANNELS_LAST, None)
+    assert calls == [(None, None)]  # inference decides on the forward: fully timed
+
+
+def test_timed_rounds_can_be_capped() -> None:
+    calls = {"a": 0, "b": 0}
+
+    def step(name: str):
+        return lambda: calls.__setitem__(name, calls[name] + 1)
+
+    cpu_strategy._time_candidates({"a": step("a"), "b": step("b")}, timed_rounds=1)
+    assert calls == {"a": cpu_strategy._WARMUP_ROUNDS + 1, "b": cpu_strategy._WARMUP_ROUNDS + 1}
 
 
 def test_a_step_far_behind_drops_out_while_the_others_are_timed_on() -> None:

@@ -490,7 +490,8 @@ def _measure(
     plans = {_plan_name(layout, None): (layout, None) for layout in (CONTIGUOUS, CHANNELS_LAST)}
     if chunk is not None:
         plans[_plan_name(CHANNELS_LAST, chunk)] = (CHANNELS_LAST, chunk)
-    times = _time_layouts(input, convs, None, chunk)
+    # in training the forward alone only prunes (a 3x gap): one timed round is enough for that
+    times = _time_layouts(input, convs, None, chunk, timed_rounds=None if params is None else 1)
     if params is not None and not _clear_winner(times):
         # a plan whose forward alone is clearly behind is not timed in training (nor are its backward choices:
         # 31x31 batch 32, the first training call 18 -> 10 s)
@@ -513,11 +514,12 @@ def _time_layouts(
     params: list[Tensor] | None,
     chunk: int | None = None,
     only: set[str] | None = None,
+    timed_rounds: int | None = None,
 ) -> dict[str, float]:
-    """Median seconds of one step per plan (see :func:`_measure`), on a fresh input buffer each step (as a
-    layer's input is in a real network) made before the clock starts: its copy would add the same time to
-    every plan and pull their ratios towards 1 (measured: 0.36 vs 0.34 ms with it, 0.25 vs 0.22 ms without,
-    576x14x14 batch 1)."""
+    """Median seconds of one step per plan (see :func:`_measure`; ``timed_rounds`` caps the timed rounds), on a
+    fresh input buffer each step (as a layer's input is in a real network) made before the clock starts: its
+    copy would add the same time to every plan and pull their ratios towards 1 (measured: 0.36 vs 0.34 ms with
+    it, 0.25 vs 0.22 ms without, 576x14x14 batch 1)."""
 
     def step(run_plan: Callable[[Tensor], Tensor]) -> Callable[[Tensor], None]:
         def run_step(x: Tensor) -> None:
@@ -538,11 +540,13 @@ def _time_layouts(
         steps[_plan_name(CHANNELS_LAST, chunk)] = step(lambda x: _in_chunks(convs, x, chunk))
     if only is not None:  # the plans still in the running
         steps = {name: run_step for name, run_step in steps.items() if name in only}
-    return _time_candidates(steps, prepare=lambda: input.detach().clone())
+    return _time_candidates(steps, prepare=lambda: input.detach().clone(), timed_rounds=timed_rounds)
 
 
 def _time_candidates(
-    steps: dict[str, Callable[..., object]], prepare: Callable[[], Any] | None = None
+    steps: dict[str, Callable[..., object]],
+    prepare: Callable[[], Any] | None = None,
+    timed_rounds: int | None = None,
 ) -> dict[str, float]:
     """Median seconds of each step after warm-up rounds; rounds interleave the steps (ABBA for two, shuffled
     for more). A step more than ``_CLEAR_WIN`` times slower than the fastest drops out with its time so far,
@@ -552,12 +556,13 @@ def _time_candidates(
     round does not count). Slow steps are timed less: one clean warm-up round is enough when every step
     takes over ``_SLOW_STEP_S``, and after ``_TIME_BUDGET_S`` seconds timing stops at ``_MIN_TIMED_RUNS``
     timed rounds (a batch-32 training step of (384, 28, 1536) 7x7, three plans at ~0.6 s each: the first
-    call 21 -> 17 s). With ``prepare``, each step is called with a fresh ``prepare()`` made before its
-    clock starts."""
+    call 21 -> 17 s). ``timed_rounds`` caps the timed rounds below ``_TIMED_RUNS``. With ``prepare``, each
+    step is called with a fresh ``prepare()`` made before its clock starts."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
     results: dict[str, float] = {}  # the times of steps out of the running: more than _CLEAR_WIN x the fastest
     running = list(steps)
     shuffles = random.Random(0)
+    most_rounds = _TIMED_RUNS if timed_rounds is None else min(timed_rounds, _TIMED_RUNS)
     warm_up_left, timed_rounds, started = _WARMUP_ROUNDS, 0, time.perf_counter()
     for round_ in itertools.count():
         if len(running) == 2:  # ABBA: no step always goes first
@@ -585,7 +590,7 @@ def _time_candidates(
         else:
             timed_rounds += 1
             current = {name: statistics.median(samples[name]) for name in running}
-            out_of_time = timed_rounds >= _TIMED_RUNS or (
+            out_of_time = timed_rounds >= most_rounds or (
                 timed_rounds >= _MIN_TIMED_RUNS and time.perf_counter() - started > _TIME_BUDGET_S
             )
         fastest = min(current.values())
