@@ -387,6 +387,9 @@ def test_run_channels_last_keeps_nchw_outside_and_results_in_float64(build, monk
     separable = [m for m in twin.modules() if isinstance(m, sepconv.SeparableConv2d)]
     for layer in (separable[0].depthwise, separable[-1].pointwise):  # the last: past norms, pools, adds
         layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    # the stem's input has one channel (NCHW and channels_last strides coincide): its weight decides, so the
+    # stem's output, its norm and activation are channels_last too, not converted at the next conv only
+    twin[0][0].register_forward_hook(lambda module, args, output: seen.append(output))
     x = torch.randn(4, 1, 28, 28, dtype=torch.float64)
     with sepconv.use_cpu_strategy("off"):
         expected = model(x)

@@ -375,10 +375,13 @@ def run_channels_last(model: nn.Module) -> nn.Module:
         return model
     with torch.no_grad():
         for tensor in (*model.parameters(), *model.buffers()):
-            if tensor.dim() in _FORMATS:
-                tensor.data = tensor.data.contiguous(memory_format=_FORMATS[tensor.dim()])
-    # At the model's input and at every conv (ours included): layouts propagate through norms, activations and pools,
-    # but not out of a conv whose input has one channel (ambiguous strides) — the next conv restores it.
+            if tensor.dim() in _FORMATS:  # channels_last strides also where a dimension of 1 makes them ambiguous:
+                # a conv whose input has one channel (a stem) picks its output's layout by its weight's strides;
+                # with `contiguous(memory_format=...)`'s, which keep them, the stem's output, norm and activation
+                # stayed NCHW (small_vgg training step vs PyTorch channels_last in the same run: 59.0 vs 54.1 ms
+                # before, 59.5 vs 59.5 after; separable 42.9 vs 37.9 before, 38.1 vs 38.3 after)
+                tensor.data = torch.empty_like(tensor, memory_format=_FORMATS[tensor.dim()]).copy_(tensor)
+    # At the model's input and at every conv (ours included): layouts propagate through norms, activations and pools.
     from sepconv.layers import _SeparableConv  # layers import this module
 
     convs = (nn.modules.conv._ConvNd, _SeparableConv)
