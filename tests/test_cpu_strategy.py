@@ -413,7 +413,8 @@ def test_run_channels_last_handles_3d_models_and_returns_contiguous_maps() -> No
     torch.testing.assert_close(out, model(x), rtol=1e-10, atol=1e-12)
 
 
-def test_a_slow_step_far_behind_ends_the_timing_in_the_first_warm_up_round() -> None:
+def test_a_slow_step_far_behind_ends_the_timing_in_the_first_warm_up_round(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_strategy, "_FIRST_CALL_S", 2 * cpu_strategy._SLOW_STEP_S)  # below the gap here
     calls = {"slow": 0, "fast": 0}
 
     def slow() -> None:
@@ -426,6 +427,24 @@ def test_a_slow_step_far_behind_ends_the_timing_in_the_first_warm_up_round() -> 
     times = cpu_strategy._time_candidates({"slow": slow, "fast": fast})
     assert calls == {"slow": 1, "fast": 1}
     assert times["slow"] > cpu_strategy._CLEAR_WIN * times["fast"]
+
+
+def test_a_first_call_slow_by_a_one_time_cost_does_not_end_the_timing() -> None:
+    """A 20 ms training step measured 0.3 s in its first call (oneDNN building its kernels) and dropped out at
+    once, though it was the faster. Here "a" is slow only in its first call, by less than ``_FIRST_CALL_S``."""
+    calls = {"a": 0, "b": 0}
+
+    def a() -> None:
+        calls["a"] += 1
+        time.sleep(2 * cpu_strategy._SLOW_STEP_S if calls["a"] == 1 else 0.002)
+
+    def b() -> None:
+        calls["b"] += 1
+        time.sleep(0.01)
+
+    times = cpu_strategy._time_candidates({"a": a, "b": b})
+    assert calls["a"] > 1 and calls["b"] > 1
+    assert times["a"] < times["b"]
 
 
 def test_a_round_that_measured_a_nested_decision_cannot_end_the_timing() -> None:

@@ -64,6 +64,9 @@ _WARMUP_ROUNDS = 2
 _TIMED_RUNS = 5
 _CLEAR_WIN = 3.0
 _SLOW_STEP_S = 0.2
+# What a step's first call may cost once on top of its steady time (oneDNN building its kernels, fresh pages):
+# a training step of 20 ms measured 0.3 s in its first warm-up round, which dropped channels_last at once.
+_FIRST_CALL_S = 1.0
 _TIME_BUDGET_S = 3.0
 _MIN_TIMED_RUNS = 3
 _MARGIN = 1.1
@@ -554,13 +557,13 @@ def _time_candidates(
     """Median seconds of each step after warm-up rounds; rounds interleave the steps (ABBA for two, shuffled
     for more). A step more than ``_CLEAR_WIN`` times slower than the fastest drops out with its time so far,
     and timing stops when one step is left — already in a warm-up round when a step takes over
-    ``_SLOW_STEP_S`` (a second per call for PyTorch's 31x31 weight gradient: first-call costs cannot explain a
-    3x gap there — unless the step measured a decision of its own, such as a depthwise conv's backward: such a
-    round does not count). Slow steps are timed less: one clean warm-up round is enough when every step
-    takes over ``_SLOW_STEP_S``, and after ``_TIME_BUDGET_S`` seconds timing stops at ``_MIN_TIMED_RUNS``
-    timed rounds (a batch-32 training step of (384, 28, 1536) 7x7, three plans at ~0.6 s each: the first
-    call 21 -> 17 s). ``timed_rounds`` caps the timed rounds below ``_TIMED_RUNS``. With ``prepare``, each
-    step is called with a fresh ``prepare()`` made before its clock starts."""
+    ``_SLOW_STEP_S`` and the gap exceeds what first-call costs can explain, ``_FIRST_CALL_S`` (a second per
+    call for PyTorch's 31x31 weight gradient), unless the step measured a decision of its own, such as a
+    depthwise conv's backward: such a round does not count. Slow steps are timed less: one clean warm-up
+    round is enough when every step takes over ``_SLOW_STEP_S``, and after ``_TIME_BUDGET_S`` seconds timing
+    stops at ``_MIN_TIMED_RUNS`` timed rounds (a batch-32 training step of (384, 28, 1536) 7x7, three plans at
+    ~0.6 s each: the first call 21 -> 17 s). ``timed_rounds`` caps the timed rounds below ``_TIMED_RUNS``.
+    With ``prepare``, each step is called with a fresh ``prepare()`` made before its clock starts."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
     results: dict[str, float] = {}  # the times of steps out of the running: more than _CLEAR_WIN x the fastest
     running = list(steps)
@@ -597,7 +600,9 @@ def _time_candidates(
                 timed_rounds >= _MIN_TIMED_RUNS and time.perf_counter() - started > _TIME_BUDGET_S
             )
         fastest = min(current.values())
-        for name in [name for name in running if current[name] > _CLEAR_WIN * fastest]:
+        # a warm-up round's times hold one-time costs: only a gap they cannot explain counts there
+        behind = max(_CLEAR_WIN * fastest, fastest + _FIRST_CALL_S) if warming_up else _CLEAR_WIN * fastest
+        for name in [name for name in running if current[name] > behind]:
             results[name] = current[name]
             running.remove(name)
         if len(running) == 1 or out_of_time:
