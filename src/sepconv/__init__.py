@@ -22,6 +22,7 @@ from sepconv.cpu_strategy import (
     use_cpu_strategy,
 )
 from sepconv.cpu_strategy_file import load_cpu_strategy_decisions, save_cpu_strategy_decisions
+from sepconv.cpu_tune import tune_cpu_strategy
 from sepconv.decompose import decompose_conv
 from sepconv.layers import (
     DepthwiseConv1d,
@@ -71,5 +72,6 @@ __all__ = [
     "run_channels_last",
     "save_cpu_strategy_decisions",
     "set_cpu_strategy",
+    "tune_cpu_strategy",
     "use_cpu_strategy",
 ]

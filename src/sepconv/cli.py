@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import sepconv
 
-COMMANDS = ("demo", "analyze", "convert", "train")
+COMMANDS = ("demo", "analyze", "convert", "train", "tune")
 
 
 class UsageError(Exception):

@@ -1,0 +1,64 @@
+"""Measure the CPU strategy's decisions for a model now and save them, so that later runs skip the measuring.
+
+Runs a copy of the model once on a random input of --input's shape (an inference call and a training step)
+and writes the decisions of its sepconv layers to --out; load them with SEPCONV_CPU_STRATEGY_FILE=FILE or
+sepconv.load_cpu_strategy_decisions(FILE). Example:
+sepconv tune mypackage.models:build --input 64,3,224,224 --out cpu_strategy.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from sepconv.commands.analyze import parse_shape
+from sepconv.cpu_strategy import run_channels_last
+from sepconv.cpu_strategy_file import save_cpu_strategy_decisions
+from sepconv.cpu_tune import tune_cpu_strategy
+from sepconv.models import load_model
+
+HELP = "measure a model's CPU strategy decisions (layouts, backward algorithms) now and save them"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("spec", help="torchvision:NAME, timm:NAME or package.module:callable")
+    parser.add_argument("--input", required=True, metavar="SHAPE", help="input shape, e.g. 64,3,224,224")
+    parser.add_argument("--out", required=True, metavar="FILE", help="JSON file of the decisions")
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    parser.add_argument("--weights", metavar="FILE", help="safetensors or weights-only torch state_dict")
+    parser.add_argument("--only", choices=("training", "inference"), help="decide for one mode only (default: both)")
+    parser.add_argument(
+        "--channels-last", action="store_true", help="tune the model as sepconv.run_channels_last(model) runs it"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    shape = parse_shape(args.input)
+    model = load_model(args.spec, weights=args.weights)
+    if args.channels_last:
+        run_channels_last(model)
+    if Path(args.out).exists() and not args.force:  # before minutes of measuring, not after
+        raise FileExistsError(f"{args.out} exists; pass --force to replace it")
+    start = time.perf_counter()
+    made = tune_cpu_strategy(model, shape, training=args.only != "inference", inference=args.only != "training")
+    seconds = time.perf_counter() - start
+    saved = save_cpu_strategy_decisions(args.out, overwrite=args.force)
+    table = Table(title=f"{len(made)} decisions made in {seconds:.1f} s; {saved} saved to {args.out}")
+    for column in ("layer", "input", "mode", "decision"):
+        table.add_column(column)
+    for key, decision in made.items():
+        table.add_row(*_describe(key), decision)
+    Console(width=120).print(table)
+    return 0
+
+
+def _describe(key: tuple) -> tuple[str, str, str]:
+    """(layer, input shape, mode) of a decision key (cpu_strategy's layout and backward keys)."""
+    if key[0] == "depthwise_backward":
+        return f"depthwise backward, weight {tuple(key[1])}", str(tuple(key[5])), "training"
+    shape, training = next(part for part in key if isinstance(part, tuple)), key[-3]
+    return str(key[0]), str(shape), "training" if training else "inference"

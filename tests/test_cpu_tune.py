@@ -1,0 +1,110 @@
+"""tune_cpu_strategy / `sepconv tune`: every layer's configuration decided up front, the model left untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sepconv
+from sepconv import cpu_strategy
+from sepconv.cli import main
+from sepconv.nets import small_resnet, small_vgg
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    sepconv.clear_cpu_strategy_cache()
+    yield
+    sepconv.clear_cpu_strategy_cache()
+
+
+def separable_vgg() -> nn.Module:
+    """A model spec for the command line test: ``tests.test_cpu_tune:separable_vgg``."""
+    torch.manual_seed(0)
+    return small_vgg("separable")
+
+
+def seen_configurations(model: nn.Module, x: torch.Tensor) -> set[tuple[tuple[int, ...], bool]]:
+    """(input shape, training) of every separable layer call in an inference call and a training step of a copy."""
+    twin = copy.deepcopy(model)
+    seen = set()
+    for layer in twin.modules():
+        if isinstance(layer, sepconv.SeparableConv2d):
+            layer.register_forward_pre_hook(lambda m, args: seen.add((tuple(args[0].shape), torch.is_grad_enabled())))
+    with sepconv.use_cpu_strategy("off"), torch.no_grad():
+        twin.eval()(x)
+    with sepconv.use_cpu_strategy("off"):
+        twin.train()(x).sum().backward()
+    return seen
+
+
+@pytest.mark.parametrize("build", [small_vgg, small_resnet])
+def test_every_layer_call_of_both_modes_is_decided_and_the_model_is_untouched(build) -> None:
+    torch.manual_seed(0)
+    model = build("separable").eval()
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    x = torch.randn(4, 1, 28, 28)
+    made = sepconv.tune_cpu_strategy(model, x)
+    layouts = {key for key in made if key[0] == "SeparableConv2d"}
+    assert {(key[-6], key[-3]) for key in layouts} == seen_configurations(model, x)
+    assert made == sepconv.cpu_strategy_decisions()  # the cache was empty: everything in it was made here
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    for name, tensor in model.state_dict().items():  # BatchNorm statistics included
+        assert torch.equal(tensor, state[name]), name
+
+
+def test_the_tuned_model_measures_nothing_in_its_first_calls(monkeypatch) -> None:
+    model = separable_vgg()
+    sepconv.tune_cpu_strategy(model, (4, 1, 28, 28))
+    assert sepconv.tune_cpu_strategy(model, (4, 1, 28, 28)) == {}  # nothing new to decide
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured although tuned")
+
+    monkeypatch.setattr(cpu_strategy, "_measure", no_measuring)
+    monkeypatch.setattr(cpu_strategy, "_measure_backward", no_measuring)
+    x = torch.randn(4, 1, 28, 28)
+    model.train()(x).sum().backward()
+    with torch.no_grad():
+        model.eval()(x)
+
+
+def test_one_mode_only() -> None:
+    made = sepconv.tune_cpu_strategy(separable_vgg(), (4, 1, 28, 28), training=False)
+    assert made and {key[-3] for key in made} == {False}
+    made = sepconv.tune_cpu_strategy(separable_vgg(), (4, 1, 28, 28), inference=False)
+    assert made and {key[-3] for key in made if key[0] != "depthwise_backward"} == {True}
+
+
+@pytest.mark.parametrize(
+    ("model", "input", "kwargs", "message"),
+    [
+        (nn.Conv2d(1, 4, 3), (2, 1, 8, 8), {}, "Conv2d has no sepconv depthwise or separable layer"),
+        (small_vgg("separable"), (2, 1, 28, 28), {"training": False, "inference": False}, "training=True or"),
+        (small_vgg("separable"), (2, 0, 28, 28), {}, r"shape of positive ints such as \(8, 3, 224, 224\)"),
+        (small_vgg("separable"), torch.empty(2, 1, 28, 28, device="meta"), {}, "must be a CPU tensor"),
+    ],
+)
+def test_bad_arguments_are_named(model, input, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        sepconv.tune_cpu_strategy(model, input, **kwargs)
+
+
+def test_the_command_writes_a_file_the_next_process_loads(tmp_path, capsys) -> None:
+    out = tmp_path / "cpu_strategy.json"
+    argv = ["tune", "tests.test_cpu_tune:separable_vgg", "--input", "4,1,28,28", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "SeparableConv2d" in printed and "training" in printed and "inference" in printed
+    decided = sepconv.cpu_strategy_decisions()
+    sepconv.clear_cpu_strategy_cache()
+    assert sepconv.load_cpu_strategy_decisions(out) == len(decided) > 0
+    assert sepconv.cpu_strategy_decisions() == decided
+    assert main(argv) == 2 and "exists; pass --force" in capsys.readouterr().err
+    assert main([*argv, "--force", "--only", "inference"]) == 0
+    assert main(["tune", "torch.nn:Identity", "--input", "1,3,8,8", "--out", str(tmp_path / "x.json")]) == 2
+    assert "nothing to decide" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
