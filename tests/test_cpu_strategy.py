@@ -385,6 +385,9 @@ def test_run_channels_last_keeps_nchw_outside_and_results_in_float64(build, monk
     assert sepconv.run_channels_last(twin) is twin and len(twin._forward_pre_hooks) == 1  # idempotent
     seen = []
     separable = [m for m in twin.modules() if isinstance(m, sepconv.SeparableConv2d)]
+    # a hook at each separable layer, none at its parts: they see the input the layer's hook made channels_last
+    assert all(len(layer._forward_pre_hooks) == 1 for layer in separable)
+    assert not any(part._forward_pre_hooks for layer in separable for part in layer.children())
     for layer in (separable[0].depthwise, separable[-1].pointwise):  # the last: past norms, pools, adds
         layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     # the stem's input has one channel (NCHW and channels_last strides coincide): its weight decides, so the
@@ -407,6 +410,11 @@ def test_run_channels_last_handles_3d_models_and_returns_contiguous_maps() -> No
     model = nn.Sequential(sepconv.SeparableConv3d(2, 4, 3, padding=1), nn.ReLU()).double()
     twin = sepconv.run_channels_last(copy.deepcopy(model))
     assert twin[0].pointwise.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert [len(m._forward_pre_hooks) for m in twin.modules()] == [1, 1, 0, 0, 0]  # model, layer; not its parts
+    alone = sepconv.run_channels_last(copy.deepcopy(model[0]))  # a separable layer as the whole model: one hook
+    assert [len(m._forward_pre_hooks) for m in alone.modules()] == [1, 0, 0]
+    x_alone = torch.randn(2, 2, 4, 5, 6, dtype=torch.float64)
+    torch.testing.assert_close(alone(x_alone), model[0](x_alone), rtol=1e-10, atol=1e-12)
     x = torch.randn(1, 2, 4, 5, 6, dtype=torch.float64)
     out = twin(x)
     assert out.is_contiguous()
