@@ -254,8 +254,8 @@ def run(
         or state.get("busy")
         or not input.is_cpu
         or type(input) is not Tensor
-        or torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
+        or torch.compiler.is_compiling()  # first: Dynamo cannot trace the next test, which it never reaches
+        or torch._C._is_tracing()  # torch.jit.is_tracing() without its two Python frames: this is the per-call path
     ):
         if check is not None:
             check(input)

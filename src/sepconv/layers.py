@@ -402,7 +402,8 @@ class _SeparableConv(nn.Module):
             self._check_input(input)
             if use_triton(depthwise, input) and fusable(self):  # type: ignore[arg-type]
                 return triton_separable_forward(self, input)
-        independent, check = self._batch_independent(), self._check_input
+        independent = (self.mid_norm is None and self.mid_activation is None) or self._batch_independent()
+        check = self._check_input
         return cpu_strategy.run(self, input, self._forward, self._convs, batch_independent=independent, check=check)
 
     def _check_input(self, input: Tensor) -> None:
