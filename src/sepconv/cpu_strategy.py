@@ -7,7 +7,7 @@ training or inference, thread count) times both layouts on the layer's own convo
 faster; later calls only look it up. A third candidate runs channels_last a few samples at a time, so
 that each chunk's conversions and intermediate stay in the CPU caches (for layers whose samples are
 independent: no training-mode BatchNorm inside); it made a (32, 144, 56, 56) separable 3x3 layer's forward
-2.0x faster than PyTorch's channels_last with conversions (``benchmarks/cpu.py``). The caller sees no
+1.6-2.0x faster than PyTorch's channels_last with conversions (``benchmarks/cpu.py``). The caller sees no
 difference: an NCHW input gives an NCHW output, equal up to float rounding, with autograd intact. Only
 contiguous, batched 2-d/3-d CPU inputs are considered; tracing, ``torch.compile`` and ``torch.export``
 always see the plain PyTorch path.
