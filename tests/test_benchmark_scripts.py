@@ -116,7 +116,7 @@ def test_cpu_benchmark_quick_run(tmp_path):
         for name in (*variants, "standard_nchw", "standard_channels_last"):
             for pass_name in ("forward", "forward_backward"):
                 assert row[f"{name}_{pass_name}_ms"] > 0 and row[f"{name}_{pass_name}_runs"] >= 3
-        assert row["ours_layout"] and set(row["ours_layout"]) <= {"contiguous", "channels_last"}
+        assert row["ours_layout"] and set(row["ours_layout"]) <= {"contiguous", "channels_last", "dense"}
         assert row["separable_macs"] < row["standard_macs"]
     plain = ["pytorch_nchw", "pytorch_channels_last"]
     assert [(r["conv"], r["variant"]) for r in result["models"]] == [

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from tests.strategies import ConvConfig, conv_configs
 from torch import nn
 
@@ -35,10 +36,9 @@ def forward_and_grads(layer: nn.Module, x: torch.Tensor, mode: str):
     return out, grads
 
 
-@settings(max_examples=60)
-@given(conv_configs(ndims=(2, 3)))
-def test_channels_last_and_auto_equal_the_plain_path_in_float64(cfg: ConvConfig) -> None:
-    layer = SEPARABLE[cfg.ndim](
+def separable_layer(cfg: ConvConfig) -> nn.Module:
+    """The float64 separable layer of a random configuration, with biases on both parts."""
+    return SEPARABLE[cfg.ndim](
         cfg.in_channels,
         cfg.out_channels,
         cfg.kernel_size,
@@ -47,6 +47,12 @@ def test_channels_last_and_auto_equal_the_plain_path_in_float64(cfg: ConvConfig)
         depthwise_bias=True,
         dtype=torch.float64,
     )
+
+
+@settings(max_examples=60)
+@given(conv_configs(ndims=(2, 3)))
+def test_channels_last_and_auto_equal_the_plain_path_in_float64(cfg: ConvConfig) -> None:
+    layer = separable_layer(cfg)
     x = torch.randn(cfg.input_shape, dtype=torch.float64)
     plain, plain_grads = forward_and_grads(layer, x, "off")
     for mode in ("channels_last", "auto"):
@@ -90,7 +96,7 @@ def test_decisions_are_cached_per_configuration(monkeypatch) -> None:
     with torch.no_grad():
         layer(x)
     decisions = {k: v for k, v in sepconv.cpu_strategy_decisions().items() if k[0] != "depthwise_backward"}
-    assert len(decisions) == 3 and set(decisions.values()) <= {"contiguous", "channels_last"}
+    assert len(decisions) == 3 and set(decisions.values()) <= {"contiguous", "channels_last", "dense"}
     assert {next(part for part in key if isinstance(part, tuple)) for key in decisions} == {
         (2, 4, 16, 16),
         (2, 4, 17, 16),
@@ -119,6 +125,73 @@ def test_a_layer_called_on_several_shapes_in_turn_looks_each_plan_up_once(monkey
         for size in range(3, 3 + 2 * cpu_strategy._LAYER_MEMO_SIZE):
             layer(torch.randn(1, 4, 5, size, dtype=torch.float64))
         assert len(layer.__dict__["_sepconv_cpu_plans"][1]) <= cpu_strategy._LAYER_MEMO_SIZE  # bounded
+
+
+def dense_whenever_offered(input, convs, params, chunk=None, dense=None):
+    """A stand-in for the timing: the dense plan wherever it is a candidate, else the input as given."""
+    if dense is not None:
+        return (cpu_strategy.DENSE, None)
+    return (cpu_strategy.CONTIGUOUS if input.is_contiguous() else cpu_strategy.CHANNELS_LAST, None)
+
+
+@settings(max_examples=60)
+@given(conv_configs(ndims=(2, 3)), st.booleans())
+def test_the_dense_plan_equals_the_plain_path_in_float64(cfg: ConvConfig, channels_last: bool) -> None:
+    """One dense conv of composed weights: the same outputs and gradients (input, both weights, both biases), in
+    the caller's layout; used wherever the composition applies (no padding modes, 'same' with stride, or
+    pointwise groups: those keep the parts)."""
+    layer = separable_layer(cfg)
+    x = torch.randn(cfg.input_shape, dtype=torch.float64)
+    if channels_last and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    plain, plain_grads = forward_and_grads(layer, x, "off")
+    ran_dense = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_strategy, "_measure", dense_whenever_offered)
+        patch.setattr(sepconv.layers, "DENSE_MAX_MAC_RATIO", float("inf"))  # every layer a candidate
+        patch.setattr(cpu_strategy, "_in_channels_last", None)  # no other plan may run
+        real_dense = sepconv.layers._SeparableConv._dense_forward
+        patch.setattr(
+            sepconv.layers._SeparableConv, "_dense_forward", lambda self, t: ran_dense.append(1) or real_dense(self, t)
+        )
+        sepconv.clear_cpu_strategy_cache()
+        out, grads = forward_and_grads(layer, x, "auto")
+    composable = cfg.padding_mode == "zeros" and not cfg.strided_same and cfg.groups == 1
+    applies = composable and cpu_strategy._input_layout(x) is not None  # batched, not C=1 or 1x1 (ambiguous)
+    assert bool(ran_dense) == applies
+    assert out.shape == plain.shape and out.stride() == plain.stride()
+    torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_dense_plan_is_timed_for_narrow_layers_only(monkeypatch) -> None:
+    offered = []
+    monkeypatch.setattr(
+        cpu_strategy, "_measure", lambda *args: offered.append(args[4] is not None) or dense_whenever_offered(*args)
+    )
+    x = torch.randn(2, 32, 12, 12)
+    with torch.no_grad():
+        sepconv.SeparableConv2d(32, 16, 3, padding=1)(x)  # dense: 16*9 / (9 + 16) = 5.8x the MACs
+        sepconv.SeparableConv2d(32, 128, 3, padding=1)(x)  # 128*9 / (9 + 128) = 8.4x: not timed
+        sepconv.SeparableConv2d(32, 16, 3, padding=1, mid_activation=nn.ReLU)(x)  # not one conv
+        sepconv.SeparableConv2d(32, 16, 3, padding=1, padding_mode="reflect")(x)  # not zero padding
+        sepconv.DepthwiseConv2d(32, 3, padding=1)(x)  # a depthwise layer alone
+    assert offered == [True, False, False, False, False]
+    assert next(iter(sepconv.cpu_strategy_decisions().values())) == "dense"
+
+
+def test_a_dense_plan_still_calls_hooked_parts(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_strategy, "_measure", dense_whenever_offered)
+    layer = sepconv.SeparableConv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)  # decided dense, run dense
+        assert set(sepconv.cpu_strategy_decisions().values()) == {"dense"}
+        handle = layer.pointwise.register_forward_hook(lambda module, args, output: 2 * output)
+        torch.testing.assert_close(layer(x), 2 * expected, rtol=1e-12, atol=1e-12)  # the hook ran
+        handle.remove()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
 
 
 CHUNKED_LAYERS = {
@@ -156,7 +229,7 @@ def test_the_chunked_plan_equals_the_plain_path_in_float64(monkeypatch, kind: st
 def test_a_channels_last_caller_in_chunks_keeps_its_layout_and_results(monkeypatch) -> None:
     monkeypatch.setattr(cpu_strategy, "_chunk_size", lambda input, training: 2)
     monkeypatch.setattr(
-        cpu_strategy, "_measure", lambda input, convs, params, chunk: (cpu_strategy.CHANNELS_LAST, chunk)
+        cpu_strategy, "_measure", lambda input, convs, params, chunk, dense=None: (cpu_strategy.CHANNELS_LAST, chunk)
     )
     layer = sepconv.SeparableConv2d(3, 5, 3, padding=1, dtype=torch.float64)
     x = torch.randn(5, 3, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
@@ -177,7 +250,7 @@ def test_a_channels_last_caller_in_chunks_keeps_its_layout_and_results(monkeypat
 def test_a_channels_last_caller_with_nothing_to_chunk_is_not_timed(monkeypatch) -> None:
     monkeypatch.setattr(cpu_strategy, "_measure", None)  # any timing would fail
     x = torch.randn(1, 3, 9, 9).contiguous(memory_format=torch.channels_last)
-    sepconv.SeparableConv2d(3, 5, 3)(x)  # batch 1
+    sepconv.SeparableConv2d(3, 5, 3, mid_activation=nn.ReLU)(x)  # batch 1 (a mid module: no dense plan either)
     sepconv.SeparableConv2d(3, 5, 3, mid_norm=nn.BatchNorm2d)(torch.cat([x, x]))  # samples not independent
     assert sepconv.cpu_strategy_decisions() == {}
 
@@ -189,7 +262,9 @@ def test_a_training_mode_batchnorm_is_never_run_in_chunks(monkeypatch, train_mod
     monkeypatch.setattr(cpu_strategy, "_CHUNK_BYTES", 1)  # one sample per chunk, if chunks are allowed at all
     offered: list[object] = []
     monkeypatch.setattr(
-        cpu_strategy, "_measure", lambda input, convs, params, chunk=None: offered.append(chunk) or ("contiguous", None)
+        cpu_strategy,
+        "_measure",
+        lambda input, convs, params, chunk=None, dense=None: offered.append(chunk) or ("contiguous", None),
     )
     layer = sepconv.SeparableConv2d(3, 4, 3, mid_norm=nn.BatchNorm2d).train(train_mode)
     with torch.no_grad():
@@ -213,7 +288,7 @@ def test_training_times_only_the_plans_whose_forward_is_not_clearly_behind(monke
     chunked = cpu_strategy._plan_name(cpu_strategy.CHANNELS_LAST, 4)
     calls: list[object] = []
 
-    def fake_time_layouts(input, convs, params, chunk=None, only=None, timed_rounds=None):
+    def fake_time_layouts(input, convs, params, chunk=None, only=None, timed_rounds=None, dense=None):
         calls.append((only, timed_rounds))
         if params is None:  # forward: NCHW 10x behind, the other two close
             return {cpu_strategy.CONTIGUOUS: 10.0, cpu_strategy.CHANNELS_LAST: 1.0, chunked: 1.2}
@@ -227,6 +302,31 @@ def test_training_times_only_the_plans_whose_forward_is_not_clearly_behind(monke
     calls.clear()
     assert cpu_strategy._measure(torch.randn(8, 3, 4, 4), lambda x: x, None, 4) == (cpu_strategy.CHANNELS_LAST, None)
     assert calls == [(None, None)]  # inference decides on the forward: fully timed
+
+
+def sleeping_steps(seconds: float, *names: str) -> tuple[dict[str, int], dict[str, object]]:
+    """Steps that sleep ``seconds`` per call, and the count of their calls."""
+    calls = dict.fromkeys(names, 0)
+
+    def step(name: str):
+        def run() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return run
+
+    return calls, {name: step(name) for name in names}
+
+
+def test_fast_steps_get_more_rounds_until_their_calls_add_up() -> None:
+    calls, steps = sleeping_steps(0.001, "a", "b")
+    times = cpu_strategy._time_candidates(steps)
+    timed = calls["a"] - cpu_strategy._WARMUP_ROUNDS
+    assert calls["a"] == calls["b"]
+    assert cpu_strategy._TIMED_RUNS < timed <= cpu_strategy._MAX_TIMED_RUNS
+    assert min(times.values()) >= 0.001
+    # rounds stop once the calls add up (the median x rounds approximates that sum), not before
+    assert timed * max(times.values()) >= 0.8 * cpu_strategy._MIN_TIMED_S or timed == cpu_strategy._MAX_TIMED_RUNS
 
 
 def test_timed_rounds_can_be_capped() -> None:
@@ -258,6 +358,7 @@ def test_a_step_far_behind_drops_out_while_the_others_are_timed_on() -> None:
 def test_timing_warms_up_and_alternates_which_layout_goes_first(monkeypatch) -> None:
     """ABBA rounds after the warm-up rounds: neither layout always runs first (first-call and cache-order bias)."""
     monkeypatch.setattr(cpu_strategy, "_clear_winner", lambda times: False)  # no early stop: every round runs
+    monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)  # instant steps: no extra rounds
     seen: list[str] = []
 
     def convs(x: torch.Tensor) -> torch.Tensor:
@@ -278,6 +379,7 @@ def test_three_candidates_are_timed_in_shuffled_rounds(monkeypatch) -> None:
     """With three plans, ABBA would run the ends twice in a row and the middle one always between the same two
     (the benchmark showed such a position cost a layer 1.3x); shuffled rounds give every plan every place."""
     monkeypatch.setattr(cpu_strategy, "_CLEAR_WIN", float("inf"))  # no step drops out: every round runs
+    monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)  # instant steps: no extra rounds
     seen: list[str] = []
     cpu_strategy._time_candidates({name: (lambda name=name: seen.append(name)) for name in "abc"})
     rounds = [seen[i : i + 3] for i in range(0, len(seen), 3)]
@@ -289,16 +391,8 @@ def test_three_candidates_are_timed_in_shuffled_rounds(monkeypatch) -> None:
 def test_slow_steps_get_one_warm_up_round_and_stop_at_the_time_budget(monkeypatch) -> None:
     monkeypatch.setattr(cpu_strategy, "_SLOW_STEP_S", 0.001)  # every step below is "slow"
     monkeypatch.setattr(cpu_strategy, "_TIME_BUDGET_S", 0.0)  # and over budget from the first timed round
-    calls = {"a": 0, "b": 0}
-
-    def step(name: str):
-        def run() -> None:
-            calls[name] += 1
-            time.sleep(0.003)
-
-        return run
-
-    times = cpu_strategy._time_candidates({"a": step("a"), "b": step("b")})
+    calls, steps = sleeping_steps(0.003, "a", "b")
+    times = cpu_strategy._time_candidates(steps)
     # one warm-up round (clean, every step slow), then the minimum of timed rounds
     assert calls == {"a": 1 + cpu_strategy._MIN_TIMED_RUNS, "b": 1 + cpu_strategy._MIN_TIMED_RUNS}
     assert set(times) == {"a", "b"} and min(times.values()) >= 0.003
@@ -348,7 +442,7 @@ def test_batchnorm_statistics_see_each_batch_once() -> None:
 
 
 def test_ineligible_inputs_run_as_given_and_record_nothing() -> None:
-    layer = sepconv.SeparableConv2d(4, 8, 3, padding=1)
+    layer = sepconv.SeparableConv2d(4, 8, 3, padding=1, mid_activation=nn.ReLU)  # no dense plan to time
     x_cl = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
     assert layer(x_cl).is_contiguous(memory_format=torch.channels_last)  # the caller's layout, as nn.Conv2d
     layer(torch.randn(4, 9, 9))  # unbatched
@@ -377,7 +471,8 @@ def test_context_manager_is_per_thread_and_modes_are_checked() -> None:
 
 @pytest.mark.parametrize("build", [small_resnet, small_vgg])
 def test_run_channels_last_keeps_nchw_outside_and_results_in_float64(build, monkeypatch) -> None:
-    monkeypatch.setattr(cpu_strategy, "_measure", None)  # batches this small: nothing to time, nothing converted
+    # batches this small: nothing to chunk; the narrow layers' dense plan is timed, here decided "as given"
+    monkeypatch.setattr(cpu_strategy, "_measure", lambda input, *args: (cpu_strategy.CHANNELS_LAST, None))
     torch.manual_seed(0)
     model = build("separable").double()
     twin = copy.deepcopy(model)
@@ -403,7 +498,7 @@ def test_run_channels_last_keeps_nchw_outside_and_results_in_float64(build, monk
     expected.sum().backward()
     for (name, p), q in zip(twin.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
-    assert sepconv.cpu_strategy_decisions() == {}  # inside, layers see channels_last and keep it: nothing to decide
+    assert set(sepconv.cpu_strategy_decisions().values()) <= {"channels_last"}  # inside, layers keep channels_last
 
 
 def test_run_channels_last_handles_3d_models_and_returns_contiguous_maps() -> None:

@@ -7,7 +7,9 @@ training or inference, thread count) times both layouts on the layer's own convo
 faster; later calls only look it up. A third candidate runs channels_last a few samples at a time, so
 that each chunk's conversions and intermediate stay in the CPU caches (for layers whose samples are
 independent: no training-mode BatchNorm inside); it made a (32, 144, 56, 56) separable 3x3 layer's forward
-1.6-2.0x faster than PyTorch's channels_last with conversions (``benchmarks/cpu.py``). The caller sees no
+1.6-2.0x faster than PyTorch's channels_last with conversions (``benchmarks/cpu.py``). A fourth runs a narrow
+separable layer as one dense conv of composed weights, where PyTorch's dense conv beats its depthwise conv
+(MobileNet's first block, (1, 32, 112, 112) -> 16 channels: 1.23 -> 0.63 ms). The caller sees no
 difference: an NCHW input gives an NCHW output, equal up to float rounding, with autograd intact. Only
 contiguous, batched 2-d/3-d CPU inputs are considered; tracing, ``torch.compile`` and ``torch.export``
 always see the plain PyTorch path.
@@ -59,9 +61,14 @@ __all__ = [
 
 MODES = ("auto", "channels_last", "off")
 CONTIGUOUS, CHANNELS_LAST = "contiguous", "channels_last"
+DENSE = "dense"  # a separable layer run as one dense conv with composed weights, in the input's layout
 _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _WARMUP_ROUNDS = 2
 _TIMED_RUNS = 5
+# Fast steps get more timed rounds, until each one's timed calls add up to _MIN_TIMED_S (at most _MAX_TIMED_RUNS):
+# five calls of a 0.3 ms batch-1 layer were too few to tell plans 1.6x apart reliably on this VM.
+_MIN_TIMED_S = 0.02
+_MAX_TIMED_RUNS = 50
 _CLEAR_WIN = 3.0
 _SLOW_STEP_S = 0.2
 # What a step's first call may cost once on top of its steady time (oneDNN building its kernels, fresh pages):
@@ -110,9 +117,9 @@ def use_cpu_strategy(mode: str) -> Iterator[None]:
 
 
 def cpu_strategy_decisions() -> dict[tuple, str]:
-    """A copy of the cached choices: configuration key -> ``"contiguous"``, ``"channels_last"`` or
-    ``"channels_last in batch chunks of N"`` for a layer's plan, ``"grad_input=..., grad_weight=..."`` for a
-    depthwise conv's backward algorithms."""
+    """A copy of the cached choices: configuration key -> ``"contiguous"``, ``"channels_last"``,
+    ``"channels_last in batch chunks of N"`` or ``"dense"`` for a layer's plan, ``"grad_input=..., grad_weight=..."``
+    for a depthwise conv's backward algorithms."""
     with _lock:
         layouts = {key: _plan_name(*plan) for key, plan in _decisions.items()}
         backward = {key: f"grad_input={gi}, grad_weight={gw}" for key, (gi, gw) in _backward_decisions.items()}
@@ -239,6 +246,7 @@ def run(
     *,
     batch_independent: bool = False,
     check: Callable[[Tensor], None] | None = None,
+    dense: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``forward(input)`` in the layout the strategy picks; ``convs`` is the stateless part that is timed.
 
@@ -246,6 +254,8 @@ def run(
     inside), so that inference may run the batch a few samples at a time. Layers nested inside a managed
     call (a separable layer's depthwise part) run as they are given. ``check(input)`` validates the input;
     it is skipped when the input matches the layer's previous call (shape included), which it passed.
+    ``dense``: the layer as one dense conv, a further plan to time (narrow separable layers, see
+    :meth:`sepconv.layers._SeparableConv._dense_worth_timing`).
     """
     state = _state.__dict__  # this thread's: one lookup instead of one per attribute
     mode = state.get("mode") or _global_mode
@@ -264,7 +274,8 @@ def run(
     # (a few: a layer shared across inputs of several shapes, as in a detector's head over pyramid levels, has
     # one each). The full lookup in _plan measured ~20 us per call on this VM.
     training = torch.is_grad_enabled() and (input.requires_grad or _any_trainable(layer))
-    key = (mode, input.shape, input.stride(), input.dtype, training, batch_independent, torch.get_num_threads())
+    key = (mode, input.shape, input.stride(), input.dtype, training, batch_independent, dense is not None)
+    key += (torch.get_num_threads(),)
     memo = layer.__dict__.get("_sepconv_cpu_plans")
     if memo is None or memo[0] != _generation:
         memo = layer.__dict__["_sepconv_cpu_plans"] = (_generation, {})
@@ -273,7 +284,7 @@ def run(
     if plan is _UNKNOWN:
         if check is not None:
             check(input)
-        plan = _plan(layer, input, convs, batch_independent, training, mode)
+        plan = _plan(layer, input, convs, batch_independent, training, mode, dense)
         if len(plans) >= _LAYER_MEMO_SIZE:
             plans.clear()
         plans[key] = plan
@@ -281,8 +292,10 @@ def run(
     try:
         if plan is None:
             return forward(input)
-        chunk = plan[1]  # the layout to convert to is channels_last: the only alternative
-        if chunk is not None:
+        layout, chunk = plan
+        if layout == DENSE:
+            return dense(input)  # type: ignore[misc]  # a dense plan is only decided where dense was given
+        if chunk is not None:  # the layout to convert to is channels_last: the only other alternative
             return _in_chunks(forward, input, chunk)
         return _in_channels_last(forward, input)
     finally:
@@ -296,15 +309,18 @@ def _plan(
     batch_independent: bool,
     training: bool,
     mode: str,
+    dense: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[str, int | None] | None:
-    """The plan for this call: a layout to convert to and a chunk size, or None to run the input as given."""
+    """The plan for this call: a layout to convert to and a chunk size, ``(DENSE, None)``, or None to run the
+    input as given."""
     source = _input_layout(input)
-    # a channels_last input has one alternative only: chunks, for a batch whose samples are independent
-    if source is None or (source == CHANNELS_LAST and not (batch_independent and input.shape[0] > 1)):
+    # a channels_last input's alternatives: chunks, for a batch whose samples are independent, and dense
+    chunkable = batch_independent and input.shape[0] > 1
+    if source is None or (source == CHANNELS_LAST and not chunkable and dense is None):
         return None
     if mode == "channels_last":
         return None if source == CHANNELS_LAST else (CHANNELS_LAST, None)
-    layout, chunk = _decide(layer, input, convs, batch_independent, source, training)
+    layout, chunk = _decide(layer, input, convs, batch_independent, source, training, dense)
     return None if chunk is None and layout == source else (layout, chunk)
 
 
@@ -463,19 +479,22 @@ def _decide(
     batch_independent: bool,
     source: str,
     training: bool,
+    dense: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[str, int | None]:
     signature, params = _layer_signature(layer)
     chunk = _chunk_size(input, training) if batch_independent else None
-    if source == CHANNELS_LAST and chunk is None:
+    if source == CHANNELS_LAST and chunk is None and dense is None:
         return CHANNELS_LAST, None  # nothing to choose: as given
-    key = (*signature, tuple(input.shape), input.dtype, source, training, batch_independent, torch.get_num_threads())
+    candidates = (DENSE,) if dense is not None else ()  # a layer with mid modules has the same convs, no dense plan
+    key = (*signature, *candidates, tuple(input.shape), input.dtype, source, training, batch_independent)
+    key += (torch.get_num_threads(),)
     plan = _decisions.get(key)
     if plan is None:
         with _lock:  # one measurement per key, even when threads race to it
             plan = _decisions.get(key)
             if plan is None:
                 trainable = [p for p in params if p.requires_grad] if training else None
-                plan = _decisions[key] = _measure(input, run_convs, trainable, chunk)
+                plan = _decisions[key] = _measure(input, run_convs, trainable, chunk, dense)
     return plan
 
 
@@ -511,23 +530,30 @@ def _layer_signature(layer: nn.Module) -> tuple[tuple[str, ...], list[Tensor]]:
 
 
 def _measure(
-    input: Tensor, convs: Callable[[Tensor], Tensor], params: list[Tensor] | None, chunk: int | None = None
+    input: Tensor,
+    convs: Callable[[Tensor], Tensor],
+    params: list[Tensor] | None,
+    chunk: int | None = None,
+    dense: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[str, int | None]:
     """The fastest plan for ``convs``, conversions included: contiguous, channels_last, and with ``chunk``
-    channels_last ``chunk`` samples at a time (a channels_last input: as given or in chunks). Forward first,
+    channels_last ``chunk`` samples at a time (a channels_last input: as given or in chunks), and with
+    ``dense`` that dense conv in the input's layout. Forward first,
     then forward+backward when training, unless the forward alone already shows a clear winner (it spares
     the slow layout's backward, which can take seconds: 31x31 depthwise in NCHW)."""
     source = CONTIGUOUS if input.is_contiguous() else CHANNELS_LAST  # the plain path: the input as given
     plans = {_plan_name(layout, None): (layout, None) for layout in (CONTIGUOUS, CHANNELS_LAST)}
     if chunk is not None:
         plans[_plan_name(CHANNELS_LAST, chunk)] = (CHANNELS_LAST, chunk)
+    if dense is not None:
+        plans[DENSE] = (DENSE, None)
     # in training the forward alone only prunes (a 3x gap): one timed round is enough for that
-    times = _time_layouts(input, convs, None, chunk, timed_rounds=None if params is None else 1)
+    times = _time_layouts(input, convs, None, chunk, timed_rounds=None if params is None else 1, dense=dense)
     if params is not None and not _clear_winner(times):
         # a plan whose forward alone is clearly behind is not timed in training (nor are its backward choices:
         # 31x31 batch 32, the first training call 18 -> 10 s)
         contenders = {name for name, seconds in times.items() if seconds <= _CLEAR_WIN * min(times.values())}
-        times = _time_layouts(input, convs, params, chunk, contenders)
+        times = _time_layouts(input, convs, params, chunk, contenders, dense=dense)
     # an alternative must win clearly: its conversions cost more inside a network than in this isolated test
     best = min(times, key=times.__getitem__)
     return plans[best] if times[best] * _MARGIN < times.get(source, math.inf) else (source, None)
@@ -546,6 +572,7 @@ def _time_layouts(
     chunk: int | None = None,
     only: set[str] | None = None,
     timed_rounds: int | None = None,
+    dense: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """Median seconds of one step per plan (see :func:`_measure`; ``timed_rounds`` caps the timed rounds), on a
     fresh input buffer each step (as a layer's input is in a real network) made before the clock starts: its
@@ -569,6 +596,8 @@ def _time_layouts(
         steps = {CHANNELS_LAST: step(convs)}
     if chunk is not None:
         steps[_plan_name(CHANNELS_LAST, chunk)] = step(lambda x: _in_chunks(convs, x, chunk))
+    if dense is not None:
+        steps[DENSE] = step(dense)
     if only is not None:  # the plans still in the running
         steps = {name: run_step for name, run_step in steps.items() if name in only}
     return _time_candidates(steps, prepare=lambda: input.detach().clone(), timed_rounds=timed_rounds)
@@ -587,13 +616,14 @@ def _time_candidates(
     depthwise conv's backward: such a round does not count. Slow steps are timed less: one clean warm-up
     round is enough when every step takes over ``_SLOW_STEP_S``, and after ``_TIME_BUDGET_S`` seconds timing
     stops at ``_MIN_TIMED_RUNS`` timed rounds (a batch-32 training step of (384, 28, 1536) 7x7, three plans at
-    ~0.6 s each: the first call 21 -> 17 s). ``timed_rounds`` caps the timed rounds below ``_TIMED_RUNS``.
+    ~0.6 s each: the first call 21 -> 17 s); fast steps get more than ``_TIMED_RUNS`` rounds, until each
+    one's timed calls add up to ``_MIN_TIMED_S``. ``timed_rounds`` caps the timed rounds below ``_TIMED_RUNS``.
     With ``prepare``, each step is called with a fresh ``prepare()`` made before its clock starts."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
     results: dict[str, float] = {}  # the times of steps out of the running: more than _CLEAR_WIN x the fastest
     running = list(steps)
     shuffles = random.Random(0)
-    most_rounds = _TIMED_RUNS if timed_rounds is None else min(timed_rounds, _TIMED_RUNS)
+    cap = _MAX_TIMED_RUNS if timed_rounds is None else min(timed_rounds, _TIMED_RUNS)
     warm_up_left, timed_rounds, started = _WARMUP_ROUNDS, 0, time.perf_counter()
     for round_ in itertools.count():
         if len(running) == 2:  # ABBA: no step always goes first
@@ -621,8 +651,11 @@ def _time_candidates(
         else:
             timed_rounds += 1
             current = {name: statistics.median(samples[name]) for name in running}
-            out_of_time = timed_rounds >= most_rounds or (
-                timed_rounds >= _MIN_TIMED_RUNS and time.perf_counter() - started > _TIME_BUDGET_S
+            enough = timed_rounds >= _TIMED_RUNS and all(sum(samples[name]) >= _MIN_TIMED_S for name in running)
+            out_of_time = (
+                enough
+                or timed_rounds >= cap
+                or (timed_rounds >= _MIN_TIMED_RUNS and time.perf_counter() - started > _TIME_BUDGET_S)
             )
         fastest = min(current.values())
         # a warm-up round's times hold one-time costs: only a gap they cannot explain counts there

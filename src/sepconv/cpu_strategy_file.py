@@ -46,7 +46,7 @@ __all__ = ["load_cpu_strategy_decisions", "save_cpu_strategy_decisions"]
 FILE_ENV = "SEPCONV_CPU_STRATEGY_FILE"
 _FORMAT = "sepconv-cpu-strategy"
 _VERSION = 1
-_LAYOUTS = (cpu_strategy.CONTIGUOUS, cpu_strategy.CHANNELS_LAST)
+_LAYOUTS = (cpu_strategy.CONTIGUOUS, cpu_strategy.CHANNELS_LAST, cpu_strategy.DENSE)
 
 
 def save_cpu_strategy_decisions(path: PathLike, *, overwrite: bool = False) -> int:
@@ -137,8 +137,11 @@ def _entries(path: Path, document: dict, section: str, check_value: Any) -> dict
 
 def _layout_plan(value: Any) -> tuple[str, int | None]:
     layout, chunk = value
-    if layout not in _LAYOUTS or not (chunk is None or (type(chunk) is int and chunk >= 1)):
-        raise ValueError(f"{value!r}: a plan is [one of {_LAYOUTS}, samples per chunk (int >= 1) or null]")
+    chunk_ok = chunk is None or (layout == cpu_strategy.CHANNELS_LAST and type(chunk) is int and chunk >= 1)
+    if layout not in _LAYOUTS or not chunk_ok:
+        raise ValueError(
+            f"{value!r}: a plan is [one of {_LAYOUTS}, samples per chunk (int >= 1, channels_last only) or null]"
+        )
     return layout, chunk
 
 
