@@ -108,3 +108,13 @@ def test_the_command_writes_a_file_the_next_process_loads(tmp_path, capsys) -> N
     assert main(["tune", "torch.nn:Identity", "--input", "1,3,8,8", "--out", str(tmp_path / "x.json")]) == 2
     assert "nothing to decide" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_command_tunes_the_channels_last_run_when_asked(tmp_path) -> None:
+    out = tmp_path / "cpu_strategy.json"
+    argv = ["tune", "tests.test_cpu_tune:separable_vgg", "--input", "4,1,28,28", "--out", str(out)]
+    assert main([*argv, "--channels-last", "--only", "inference"]) == 0
+    # inside a run_channels_last model every separable layer sees channels_last input (source, key[-4])
+    layouts = [key for key in sepconv.cpu_strategy_decisions() if key[0] == "SeparableConv2d"]
+    assert layouts and {key[-4] for key in layouts} == {"channels_last"}
+    assert {key[-3] for key in layouts} == {False}  # inference only
