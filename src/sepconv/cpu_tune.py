@@ -55,8 +55,9 @@ def tune_cpu_strategy(
         with torch.no_grad():
             twin.eval()(example)
     if training:
-        outputs = twin.train()(example)
-        total = sum(t.float().sum() for t in _tensors(outputs) if t.requires_grad)
+        outputs: list[Tensor] = []
+        cpu_strategy._map_tensors(twin.train()(example), lambda t: outputs.append(t) or t)  # tuples, lists, dicts
+        total = sum(t.float().sum() for t in outputs if t.requires_grad)
         if not isinstance(total, Tensor):
             raise ValueError(f"{type(model).__name__}'s outputs need no gradient: no training step to tune")
         total.backward()
@@ -74,14 +75,3 @@ def _example_input(model: nn.Module, input: Tensor | Sequence[int]) -> Tensor:
         raise ValueError(f"input must be a tensor or a shape of positive ints such as (8, 3, 224, 224), got {input!r}")
     parameter = next((p for p in model.parameters() if p.is_floating_point()), None)
     return torch.randn(shape, dtype=torch.float32 if parameter is None else parameter.dtype)
-
-
-def _tensors(value: object) -> list[Tensor]:
-    """The tensors in a model's output: a tensor, or tuples, lists and dicts of them."""
-    if isinstance(value, Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
-    if isinstance(value, dict):
-        return [t for item in value.values() for t in _tensors(item)]
-    return []
