@@ -3,7 +3,11 @@
 Everything is measured side by side in one run, fp32, medians of per-call timings:
 
 - layers: the shapes of DESIGN.md §2 plus a kernel-size sweep, batch 1 and 32, forward (no_grad) and
-  forward+backward (grads of input and weights);
+  forward+backward: a training step of the layer inside a network, whose input is the output of an op (a
+  ReLU of a leaf) and whose input gradient that op's backward consumes in whatever layout it gets (grads of
+  the leaf and the weights). With a leaf as the layer's input, a gradient handed back in channels_last costs
+  nobody anything, which no layer inside a network sees (``cpu_gradient_layout.py``); the ReLU's own step
+  is timed alongside (``upstream_relu_*``) so that its share of every training time can be read off;
   ``torch_nchw``/``torch_channels_last`` = ``Sequential(depthwise, pointwise)`` with NCHW / channels_last
   input (the caller owns the layout), ``torch_channels_last_converted`` = the channels_last block called
   with NCHW input, converted in and back out (what an NCHW caller pays for channels_last in plain
@@ -64,12 +68,25 @@ def forward(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 
 
 def forward_backward(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    """A training step of ``module`` fed by an upstream op, ``relu(x)``: the gradient ``module`` hands back for
+    its input is consumed by the ReLU's backward (in its layout), as inside a network."""
     x = x.detach().requires_grad_(True)
     params = list(module.parameters())
 
     def run() -> object:
-        out = module(x)
+        out = module(torch.relu(x))
         return torch.autograd.grad(out, [x, *params], torch.ones_like(out))
+
+    return run
+
+
+def upstream_alone(x: torch.Tensor) -> Callable[[], object]:
+    """The upstream ReLU's own forward+backward: the share of every ``forward_backward`` time that is not the layer."""
+    x = x.detach().requires_grad_(True)
+
+    def run() -> object:
+        out = torch.relu(x)
+        return torch.autograd.grad(out, [x], torch.ones_like(out))
 
     return run
 
@@ -133,6 +150,9 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
                 row[f"{name}_{pass_name}_ms"] = None
             else:
                 fns[name] = make(module, inp)
+        if make is forward_backward:
+            fns["upstream_relu_nchw"] = upstream_alone(x)
+            fns["upstream_relu_channels_last"] = upstream_alone(x.contiguous(memory_format=CL))
         for name, timing in timed_side_by_side(fns, min_run_time).items():
             row[f"{name}_{pass_name}_ms"] = timing.median_ms
             row[f"{name}_{pass_name}_runs"] = timing.runs

@@ -116,6 +116,8 @@ def test_cpu_benchmark_quick_run(tmp_path):
         for name in (*variants, "standard_nchw", "standard_channels_last"):
             for pass_name in ("forward", "forward_backward"):
                 assert row[f"{name}_{pass_name}_ms"] > 0 and row[f"{name}_{pass_name}_runs"] >= 3
+        for layout in ("nchw", "channels_last"):  # the upstream op of the training steps, timed in the same rounds
+            assert row[f"upstream_relu_{layout}_forward_backward_ms"] > 0
         assert row["ours_layout"] and set(row["ours_layout"]) <= {"contiguous", "channels_last", "dense"}
         assert row["separable_macs"] < row["standard_macs"]
     plain = ["pytorch_nchw", "pytorch_channels_last"]

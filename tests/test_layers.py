@@ -200,6 +200,48 @@ def test_hooks_on_the_parts_see_every_call(strategy: str) -> None:
         assert {"DepthwiseConv2d", "PointwiseConv2d", "SeparableConv2d"} <= set(outputs)
 
 
+@pytest.mark.parametrize("strategy", ["auto", "off"])
+@pytest.mark.parametrize("kernel", [3, 5], ids=["3x3", "5x5 (measured depthwise backward)"])
+def test_parametrized_and_pruned_parts_use_their_effective_weights(strategy: str, kernel: int) -> None:
+    """Parts whose weight is no plain parameter (torch.nn.utils.parametrize; pruning's pre-hook, which sets
+    ``weight`` from ``weight_orig * weight_mask``) run on the weight they present: float64 output and gradients
+    equal F.conv2d with that weight, in inference and training."""
+    import torch.nn.utils.parametrize as parametrize
+    from torch.nn.utils import prune
+
+    class Doubled(nn.Module):
+        def forward(self, weight: torch.Tensor) -> torch.Tensor:
+            return 2 * weight
+
+    torch.manual_seed(0)
+    layer = SeparableConv2d(4, 6, kernel, padding=kernel // 2, depthwise_bias=True, dtype=torch.float64)
+    raw_depthwise = layer.depthwise.weight.detach().clone()
+    parametrize.register_parametrization(layer.depthwise, "weight", Doubled())
+    prune.random_unstructured(layer.pointwise, "weight", amount=0.5)
+    mask = layer.pointwise.weight_mask
+    assert 0 < mask.sum() < mask.numel()
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64, requires_grad=True)
+
+    def reference() -> torch.Tensor:
+        weight = layer.pointwise.weight_orig * mask
+        mid = F.conv2d(
+            x, 2 * layer.depthwise.parametrizations.weight.original, layer.depthwise.bias, padding=kernel // 2, groups=4
+        )
+        return F.conv2d(mid, weight, layer.pointwise.bias)
+
+    with sepconv.use_cpu_strategy(strategy):
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), reference(), rtol=1e-12, atol=1e-12)
+        out = layer(x)
+        params = [x, layer.depthwise.parametrizations.weight.original, layer.pointwise.weight_orig]
+        grads = torch.autograd.grad(out.square().sum(), params)
+    expected = reference()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), params), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.depthwise.parametrizations.weight.original, raw_depthwise)
+
+
 def test_jit_trace_records_both_parts() -> None:
     layer = SeparableConv2d(4, 6, 3, padding=1).eval()
     x = torch.randn(1, 4, 8, 8)

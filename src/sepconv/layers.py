@@ -107,10 +107,26 @@ class _Conv:
     def _check_input(self, input: Tensor) -> None:
         check_input(type(self).__name__, input, self.in_channels, self._ndim)  # type: ignore[attr-defined]
 
+    _measured_backward = False  # whether `_conv_forward` may run a backward the CPU strategy measured
+
     def _checked_forward(self, input: Tensor) -> Tensor:
         """``forward`` of an input already checked (a separable layer calls its parts this way)."""
-        if self.padding == "same" and max(self.stride) > 1:  # type: ignore[attr-defined]
+        stride, padding = self.stride, self.padding  # type: ignore[attr-defined]
+        if padding == "same" and max(stride) > 1:
             return self._strided_same_forward(input)
+        parameters = self._parameters  # type: ignore[attr-defined]
+        if (
+            self.padding_mode == "zeros"  # type: ignore[attr-defined]
+            and "weight" in parameters  # not parametrized (torch.nn.utils.parametrize)
+            and "bias" in parameters
+            and not (
+                self._measured_backward
+                and torch.is_grad_enabled()  # cpu_strategy.may_choose_depthwise_backward's first test
+                and math.prod(self.kernel_size) >= cpu_strategy.MIN_KERNEL_AREA_FOR_BACKWARD  # type: ignore[attr-defined]
+            )
+        ):  # nn.ConvNd's own forward in this frame: calls on small inputs are mostly Python (cf. cpu_strategy.run)
+            conv = _CONV[self._ndim]  # type: ignore[attr-defined]
+            return conv(input, parameters["weight"], parameters["bias"], stride, padding, self.dilation, self.groups)  # type: ignore[attr-defined]
         return self._conv_forward(input, self.weight, self.bias)  # type: ignore[attr-defined]
 
     def _strided_same_forward(self, input: Tensor) -> Tensor:
@@ -178,6 +194,8 @@ class _DepthwiseConv(_Conv):
             return triton_depthwise_forward(self, input)  # type: ignore[arg-type]
         checked = self._checked_forward
         return cpu_strategy.run(self, input, checked, checked, batch_independent=True, check=self._check_input)  # type: ignore[arg-type]
+
+    _measured_backward = True
 
     def _checked_forward(self, input: Tensor) -> Tensor:
         if use_triton(self, input):  # type: ignore[arg-type]
@@ -336,17 +354,18 @@ def _unhooked(*parts: nn.Module) -> bool:
         or _nn_module._global_forward_hooks
         or _nn_module._global_backward_pre_hooks
         or _nn_module._global_backward_hooks
-        or torch.jit.is_tracing()
     ):
         return False
-    return not any(
-        part._forward_hooks
-        or part._forward_pre_hooks
-        or part._backward_hooks
-        or part._backward_pre_hooks
-        or part._compiled_call_impl is not None
-        for part in parts
-    )
+    for part in parts:  # a loop, not any(<generator>): a frame less on the per-call path
+        if (
+            part._forward_hooks
+            or part._forward_pre_hooks
+            or part._backward_hooks
+            or part._backward_pre_hooks
+            or part._compiled_call_impl is not None
+        ):
+            return False
+    return not torch.jit.is_tracing()
 
 
 class _SeparableConv(nn.Module):
@@ -403,11 +422,17 @@ class _SeparableConv(nn.Module):
             self._check_input(input)
             if use_triton(depthwise, input) and fusable(self):  # type: ignore[arg-type]
                 return triton_separable_forward(self, input)
-        plain = self.mid_norm is None and self.mid_activation is None
-        independent, check = plain or self._batch_independent(), self._check_input
-        dense = self._dense_forward if plain and self._dense_worth_timing() else None
+        if self.mid_norm is None and self.mid_activation is None:  # instance attributes when None: no __getattr__
+            dense_worth = self.__dict__.get("_sepconv_dense")  # _dense_worth_timing's cache, read here: per-call path
+            if dense_worth is None:
+                dense_worth = self._dense_worth_timing()
+            dense = self._dense_forward if dense_worth else None
+            return cpu_strategy.run(
+                self, input, self._forward, self._convs, batch_independent=True, check=self._check_input, dense=dense
+            )
+        independent = self._batch_independent()
         return cpu_strategy.run(
-            self, input, self._forward, self._convs, batch_independent=independent, check=check, dense=dense
+            self, input, self._forward, self._convs, batch_independent=independent, check=self._check_input
         )
 
     def _check_input(self, input: Tensor) -> None:
@@ -416,10 +441,11 @@ class _SeparableConv(nn.Module):
     def _forward(self, input: Tensor) -> Tensor:
         depthwise, pointwise = self._parts()
         x = depthwise(input)
-        if self.mid_norm is not None:
-            x = self.mid_norm(x)
-        if self.mid_activation is not None:
-            x = self.mid_activation(x)
+        norm, activation = self.mid_norm, self.mid_activation
+        if norm is not None:
+            x = norm(x)
+        if activation is not None:
+            x = activation(x)
         return pointwise(x)
 
     def _dense_worth_timing(self) -> bool:
