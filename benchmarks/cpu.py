@@ -277,12 +277,21 @@ def plot(result: dict, path: Path) -> None:
     atomic_write_png(fig, path, overwrite=True)
 
 
+def layer_ratio(baseline_ms: float, ours_ms: float, upstream_ms: float | None) -> str:
+    """``baseline / ours``, and for a training step the same with the upstream ReLU's own time taken out of both
+    (the layer's share; a gradient layout that slows the ReLU's backward stays with the layer that caused it)."""
+    text = f"{baseline_ms / ours_ms:.2f}x"
+    if upstream_ms is None:
+        return text
+    return f"{text} ({(baseline_ms - upstream_ms) / (ours_ms - upstream_ms):.2f}x)"
+
+
 def markdown(result: dict) -> str:
     lines = [
-        "| C,H,O,K,s | batch | pass | PyTorch NCHW ms | PyTorch CL ms | PyTorch CL+conversions ms | ours ms "
-        "| ours / best PyTorch | ours / best for an NCHW caller | ours CL-in / PyTorch CL "
+        "| C,H,O,K,s | batch | pass | PyTorch NCHW ms | PyTorch CL ms | PyTorch CL+conversions ms | upstream ReLU ms "
+        "| ours ms | ours / best PyTorch | ours / best for an NCHW caller | ours CL-in / PyTorch CL "
         "| standard best ms | ours vs standard |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["layers"]:
         for p in ("forward", "forward_backward"):
@@ -296,12 +305,15 @@ def markdown(result: dict) -> str:
                     "ours_channels_last_in",
                 )
             )
+            relu_nchw, relu_cl = (r.get(f"upstream_relu_{lay}_{p}_ms") for lay in ("nchw", "channels_last"))
             std = [r[f"standard_{lay}_{p}_ms"] for lay in ("nchw", "channels_last")]
             std_best = None if None in std else min(std)
             lines.append(
                 f"| {r['C']},{r['H']},{r['O']},{r['K']},{r['stride']} | {r['batch']} | {p.replace('_', '+')} "
-                f"| {nchw:.3f} | {cl:.3f} | {cl_conv:.3f} | {ours:.3f} | {min(nchw, cl) / ours:.2f}x "
-                f"| {min(nchw, cl_conv) / ours:.2f}x | {cl / ours_cl:.2f}x "
+                f"| {nchw:.3f} | {cl:.3f} | {cl_conv:.3f} "
+                f"| {'-' if relu_nchw is None else f'{relu_nchw:.3f} / {relu_cl:.3f}'} | {ours:.3f} "
+                f"| {min(nchw, cl) / ours:.2f}x | {layer_ratio(min(nchw, cl_conv), ours, relu_nchw)} "
+                f"| {layer_ratio(cl, ours_cl, relu_cl)} "
                 f"| {'skipped' if std_best is None else f'{std_best:.3f}'} "
                 f"| {'-' if std_best is None else f'{std_best / ours:.2f}x'} |"
             )
@@ -344,6 +356,10 @@ def main() -> None:
         "models": [],
     }
     start = time.perf_counter()
+    # Process warm-up, discarded: in a fresh process the first row ran PyTorch's own NCHW separable block at
+    # 1.6-1.9 ms, the same row measured again at 0.6-0.8 ms (growing the heap, first kernel calls); a decision
+    # made in that state can be the wrong one for the rest of the run.
+    layer_row(*shapes[0], batches[0], min(args.min_run_time, 0.1))
     for batch in batches:
         for shape in shapes:
             row = layer_row(*shape, batch, args.min_run_time)

@@ -181,6 +181,36 @@ def test_the_dense_plan_is_timed_for_narrow_layers_only(monkeypatch) -> None:
     assert next(iter(sepconv.cpu_strategy_decisions().values())) == "dense"
 
 
+def test_a_dense_plan_follows_parts_changed_after_the_decision(monkeypatch) -> None:
+    """A part changed after the layer decided dense (here the depthwise padding mode, which the composition
+    cannot express): the output is the changed layer's, computed by the parts, and the layer decides again."""
+    monkeypatch.setattr(cpu_strategy, "_measure", dense_whenever_offered)
+    torch.manual_seed(0)
+    layer = sepconv.SeparableConv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+        assert set(sepconv.cpu_strategy_decisions().values()) == {"dense"}
+        layer.depthwise.padding_mode = "reflect"
+        padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        mid = nn.functional.conv2d(padded, layer.depthwise.weight, groups=4)
+        expected = nn.functional.conv2d(mid, layer.pointwise.weight, layer.pointwise.bias)
+        for _ in range(2):  # the call that finds the change, and the next, decided anew
+            torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+        assert not layer._dense_worth_timing()
+
+
+def test_a_parameter_replaced_after_a_decision_is_the_one_timed_next() -> None:
+    """A layer decides in training, then gets a new weight (``conv.weight = nn.Parameter(...)``): the next
+    decision (a new input shape) times the new weight's gradient, not the old one's (outside the graph)."""
+    layer = sepconv.SeparableConv2d(4, 8, 3, padding=1)
+    layer(torch.randn(2, 4, 9, 9)).sum().backward()
+    layer.depthwise.weight = nn.Parameter(torch.randn_like(layer.depthwise.weight))
+    out = layer(torch.randn(2, 4, 11, 11))
+    out.sum().backward()
+    assert layer.depthwise.weight.grad is not None and len(sepconv.cpu_strategy_decisions()) == 2
+
+
 def test_a_dense_plan_still_calls_hooked_parts(monkeypatch) -> None:
     monkeypatch.setattr(cpu_strategy, "_measure", dense_whenever_offered)
     layer = sepconv.SeparableConv2d(4, 6, 3, padding=1, dtype=torch.float64)
@@ -339,7 +369,8 @@ def test_timed_rounds_can_be_capped() -> None:
     assert calls == {"a": cpu_strategy._WARMUP_ROUNDS + 1, "b": cpu_strategy._WARMUP_ROUNDS + 1}
 
 
-def test_a_step_far_behind_drops_out_while_the_others_are_timed_on() -> None:
+def test_a_step_far_behind_drops_out_while_the_others_are_timed_on(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)  # the minimum count of timed rounds, no extra ones
     calls = {"a": 0, "b": 0, "slow": 0}
 
     def step(name: str, seconds: float):
@@ -570,19 +601,20 @@ def test_a_round_that_measured_a_nested_decision_cannot_end_the_timing() -> None
     assert times["a"] < times["b"]  # steady state: a is the fast one
 
 
-def test_each_step_gets_a_fresh_input_made_off_the_clock(monkeypatch) -> None:
-    monkeypatch.setattr(cpu_strategy, "_CLEAR_WIN", float("inf"))  # no step drops out: every round runs
-    made: list[object] = []
-    received: list[object] = []
+def test_timing_runs_every_step_on_the_callers_input_and_leaves_it_as_it_was() -> None:
+    """No copy per step (a copy's fresh memory made steps pay page faults that steady calls do not): every step
+    of every plan sees the caller's data; in training the input gets no gradient and no requires_grad."""
+    x = torch.randn(2, 3, 5, 5)
+    weight = torch.randn(3, 1, 3, 3, requires_grad=True)
+    seen: list[int] = []
 
-    def prepare() -> object:
-        time.sleep(0.02)  # a copy this slow would dominate both medians if it were timed
-        made.append(object())
-        return made[-1]
+    def convs(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.data_ptr() if t.is_contiguous() else -1)  # -1: the channels_last plan's converted copy
+        return nn.functional.conv2d(t, weight, padding=1, groups=3)
 
-    times = cpu_strategy._time_candidates({"a": received.append, "b": received.append}, prepare=prepare)
-    assert received == made and len({id(r) for r in received}) == len(received)
-    assert max(times.values()) < 0.01
+    cpu_strategy._time_layouts(x, convs, [weight])
+    assert set(seen) == {x.data_ptr(), -1}
+    assert not x.requires_grad and x.grad is None
 
 
 def test_gradients_reach_the_caller_in_its_own_layout() -> None:

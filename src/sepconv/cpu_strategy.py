@@ -41,7 +41,6 @@ import random
 import statistics
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -66,8 +65,9 @@ _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _WARMUP_ROUNDS = 2
 _TIMED_RUNS = 5
 # Fast steps get more timed rounds, until each one's timed calls add up to _MIN_TIMED_S (at most _MAX_TIMED_RUNS):
-# five calls of a 0.3 ms batch-1 layer were too few to tell plans 1.6x apart reliably on this VM.
-_MIN_TIMED_S = 0.02
+# five calls of a 0.3 ms batch-1 layer were too few to tell plans 1.6x apart reliably on this VM; 20 ms of
+# calls let batch-1 training steps of ~2 ms flip between plans 1.4x apart from one decision to the next.
+_MIN_TIMED_S = 0.05
 _MAX_TIMED_RUNS = 50
 _CLEAR_WIN = 3.0
 _SLOW_STEP_S = 0.2
@@ -88,7 +88,6 @@ _backward_decisions: dict[tuple, tuple[str, str]] = {}
 # Below this kernel area PyTorch's depthwise backward is within a few times its forward, which an FFT
 # cannot beat (5x5 and 7x7 measured slower, 15x15 and 31x31 4-8x faster on a 2-core Xeon): not timed.
 MIN_KERNEL_AREA_FOR_BACKWARD = 25
-_signatures: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, ...], list[Tensor]]] = weakref.WeakKeyDictionary()
 _lock = threading.RLock()  # re-entered: a layout measurement runs layers that decide their backward
 _generation = 0  # of the cached decisions: clear_cpu_strategy_cache() starts a new one
 _nested_measurements = 0  # measurements made so far; a timed step that made one paid a one-time cost
@@ -325,7 +324,7 @@ def _plan(
 
 
 def _any_trainable(layer: nn.Module) -> bool:
-    return any(p.requires_grad for p in _layer_signature(layer)[1])
+    return any(p.requires_grad for p in layer.parameters())
 
 
 def _in_chunks(forward: Callable[[Tensor], Tensor], input: Tensor, chunk: int) -> Tensor:
@@ -520,13 +519,11 @@ def _plan_name(layout: str, chunk: int | None) -> str:
 
 
 def _layer_signature(layer: nn.Module) -> tuple[tuple[str, ...], list[Tensor]]:
-    """(class and conv geometry, conv parameters) of ``layer``, computed once per layer object."""
-    cached = _signatures.get(layer)
-    if cached is None:
-        convs = [m for m in layer.modules() if isinstance(m, nn.modules.conv._ConvNd)]
-        signature = (type(layer).__name__, *(conv.extra_repr() for conv in convs))
-        cached = _signatures[layer] = (signature, [p for conv in convs for p in conv.parameters(recurse=False)])
-    return cached
+    """(class and conv geometry, conv parameters) of ``layer`` as it is now: a conv or parameter replaced since
+    the layer's last decision is not timed in its predecessor's place (autograd would find the old parameter
+    outside the graph). Parametrized weights contribute their originals. Runs on a plan memo miss only."""
+    convs = [m for m in layer.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    return (type(layer).__name__, *(conv.extra_repr() for conv in convs)), [p for c in convs for p in c.parameters()]
 
 
 def _measure(
@@ -574,16 +571,19 @@ def _time_layouts(
     timed_rounds: int | None = None,
     dense: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
-    """Median seconds of one step per plan (see :func:`_measure`; ``timed_rounds`` caps the timed rounds), on a
-    fresh input buffer each step (as a layer's input is in a real network) made before the clock starts: its
-    copy would add the same time to every plan and pull their ratios towards 1 (measured: 0.36 vs 0.34 ms with
-    it, 0.25 vs 0.22 ms without, 576x14x14 batch 1)."""
+    """Median seconds of one step per plan (see :func:`_measure`; ``timed_rounds`` caps the timed rounds), every
+    step on the caller's input (detached: nothing writes to it). Not on a fresh copy per step: each copy took
+    the block the step's own buffers would reuse, so steps paid page faults for fresh memory that steady
+    calls do not — (96, 112, 24) stride 2 batch 1 training: 4.6-5.3 ms a step with copies, 3.5 ms without
+    and 3.3 ms in an interleaved benchmark; the inflated times ranked plans differently from call to call."""
 
-    def step(run_plan: Callable[[Tensor], Tensor]) -> Callable[[Tensor], None]:
-        def run_step(x: Tensor) -> None:
+    x = input.detach()
+    if params is not None:
+        x.requires_grad_(True)
+
+    def step(run_plan: Callable[[Tensor], Tensor]) -> Callable[[], None]:
+        def run_step() -> None:
             with torch.enable_grad() if params is not None else torch.no_grad():
-                if params is not None:
-                    x.requires_grad_(True)
                 out = run_plan(x)
                 if params is not None:
                     torch.autograd.grad(out, [x, *params], torch.ones_like(out))
@@ -600,12 +600,11 @@ def _time_layouts(
         steps[DENSE] = step(dense)
     if only is not None:  # the plans still in the running
         steps = {name: run_step for name, run_step in steps.items() if name in only}
-    return _time_candidates(steps, prepare=lambda: input.detach().clone(), timed_rounds=timed_rounds)
+    return _time_candidates(steps, timed_rounds=timed_rounds)
 
 
 def _time_candidates(
-    steps: dict[str, Callable[..., object]],
-    prepare: Callable[[], Any] | None = None,
+    steps: dict[str, Callable[[], object]],
     timed_rounds: int | None = None,
 ) -> dict[str, float]:
     """Median seconds of each step after warm-up rounds; rounds interleave the steps (ABBA for two, shuffled
@@ -617,8 +616,7 @@ def _time_candidates(
     round is enough when every step takes over ``_SLOW_STEP_S``, and after ``_TIME_BUDGET_S`` seconds timing
     stops at ``_MIN_TIMED_RUNS`` timed rounds (a batch-32 training step of (384, 28, 1536) 7x7, three plans at
     ~0.6 s each: the first call 21 -> 17 s); fast steps get more than ``_TIMED_RUNS`` rounds, until each
-    one's timed calls add up to ``_MIN_TIMED_S``. ``timed_rounds`` caps the timed rounds below ``_TIMED_RUNS``.
-    With ``prepare``, each step is called with a fresh ``prepare()`` made before its clock starts."""
+    one's timed calls add up to ``_MIN_TIMED_S``. ``timed_rounds`` caps the timed rounds below ``_TIMED_RUNS``."""
     samples: dict[str, list[float]] = {name: [] for name in steps}
     results: dict[str, float] = {}  # the times of steps out of the running: more than _CLEAR_WIN x the fastest
     running = list(steps)
@@ -634,9 +632,8 @@ def _time_candidates(
         this_round: dict[str, float] = {}
         measurements_before = _nested_measurements
         for name in order:
-            args = () if prepare is None else (prepare(),)
             start = time.perf_counter()
-            steps[name](*args)
+            steps[name]()
             this_round[name] = time.perf_counter() - start
             if not warming_up:  # warm-up rounds grow the allocator's pool and caches
                 samples[name].append(this_round[name])

@@ -477,10 +477,15 @@ class _SeparableConv(nn.Module):
     def _dense_forward(self, input: Tensor) -> Tensor:
         """The block as one conv of weight ``W[o, c] = sum_j pw[o, c*m + j] * dw[c*m + j]`` (depth multiplier m)
         and bias ``pw @ dw_bias + pw_bias``: the same map, its gradients reaching the parts' parameters through
-        the composition. Called only where :meth:`_dense_worth_timing` holds; falls back to :meth:`_forward` where
-        something would notice the parts not being called (hooks on them, JIT tracing: :func:`_unhooked`)."""
+        the composition. Called only where :meth:`_dense_worth_timing` held; falls back to :meth:`_forward` where
+        something would notice the parts not being called (hooks on them, JIT tracing: :func:`_unhooked`) and
+        where a part was changed since so that the composition no longer applies (its padding mode, say)."""
         depthwise, pointwise = self._modules["depthwise"], self._modules["pointwise"]
         if not _unhooked(depthwise, pointwise):  # type: ignore[arg-type]
+            return self._forward(input)
+        if not self._dense_applies():  # a few attribute tests: the dense plan runs on calls of 0.3 ms and more
+            for cache in ("_sepconv_dense", "_sepconv_cpu_plans"):  # the next call plans again without dense
+                self.__dict__.pop(cache, None)
             return self._forward(input)
         dw_weight, pw_weight = depthwise.weight, pointwise.weight  # type: ignore[union-attr]
         channels, out_channels = depthwise.in_channels, pointwise.out_channels  # type: ignore[union-attr]
