@@ -371,6 +371,7 @@ def test_timed_rounds_can_be_capped() -> None:
 
 def test_a_step_far_behind_drops_out_while_the_others_are_timed_on(monkeypatch) -> None:
     monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)  # the minimum count of timed rounds, no extra ones
+    monkeypatch.setattr(cpu_strategy, "_CLOSE_RUNS", cpu_strategy._TIMED_RUNS)
     calls = {"a": 0, "b": 0, "slow": 0}
 
     def step(name: str, seconds: float):
@@ -384,6 +385,25 @@ def test_a_step_far_behind_drops_out_while_the_others_are_timed_on(monkeypatch) 
     rounds = cpu_strategy._WARMUP_ROUNDS + cpu_strategy._TIMED_RUNS
     assert calls == {"a": rounds, "b": rounds, "slow": cpu_strategy._WARMUP_ROUNDS + 1}
     assert times["slow"] > cpu_strategy._CLEAR_WIN * max(times["a"], times["b"])
+
+
+@pytest.mark.parametrize(("b_seconds", "timed"), [(0.004, "close"), (0.010, "apart")])
+def test_close_steps_get_more_timed_rounds(monkeypatch, b_seconds: float, timed: str) -> None:
+    """Steps within _CLOSE of each other are timed for _CLOSE_RUNS rounds (noise decides close calls), steps
+    further apart for the usual _TIMED_RUNS."""
+    monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)
+    calls = {"a": 0, "b": 0}
+
+    def step(name: str, seconds: float):
+        def run() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return run
+
+    cpu_strategy._time_candidates({"a": step("a", 0.004), "b": step("b", b_seconds)})
+    runs = cpu_strategy._CLOSE_RUNS if timed == "close" else cpu_strategy._TIMED_RUNS
+    assert calls == {name: cpu_strategy._WARMUP_ROUNDS + runs for name in calls}
 
 
 def test_timing_warms_up_and_alternates_which_layout_goes_first(monkeypatch) -> None:
@@ -411,6 +431,7 @@ def test_three_candidates_are_timed_in_shuffled_rounds(monkeypatch) -> None:
     (the benchmark showed such a position cost a layer 1.3x); shuffled rounds give every plan every place."""
     monkeypatch.setattr(cpu_strategy, "_CLEAR_WIN", float("inf"))  # no step drops out: every round runs
     monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)  # instant steps: no extra rounds
+    monkeypatch.setattr(cpu_strategy, "_CLOSE_RUNS", cpu_strategy._TIMED_RUNS)
     seen: list[str] = []
     cpu_strategy._time_candidates({name: (lambda name=name: seen.append(name)) for name in "abc"})
     rounds = [seen[i : i + 3] for i in range(0, len(seen), 3)]
