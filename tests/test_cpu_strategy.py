@@ -623,18 +623,25 @@ def test_a_round_that_measured_a_nested_decision_cannot_end_the_timing() -> None
 
 
 def test_timing_runs_every_step_on_the_callers_input_and_leaves_it_as_it_was() -> None:
-    """No copy per step (a copy's fresh memory made steps pay page faults that steady calls do not): every step
-    of every plan sees the caller's data; in training the input gets no gradient and no requires_grad."""
+    """No copy per step (a copy's fresh memory made steps pay page faults that steady calls do not): in
+    inference every step of every plan sees the caller's data; a training step sees it through an upstream
+    ReLU (whose backward consumes the input gradient, as in a network); the input gets no gradient."""
     x = torch.randn(2, 3, 5, 5)
     weight = torch.randn(3, 1, 3, 3, requires_grad=True)
-    seen: list[int] = []
+    seen: list[torch.Tensor] = []
 
     def convs(t: torch.Tensor) -> torch.Tensor:
-        seen.append(t.data_ptr() if t.is_contiguous() else -1)  # -1: the channels_last plan's converted copy
+        seen.append(t)
         return nn.functional.conv2d(t, weight, padding=1, groups=3)
 
-    cpu_strategy._time_layouts(x, convs, [weight])
-    assert set(seen) == {x.data_ptr(), -1}
+    for params, expected in ((None, x), ([weight], torch.relu(x))):
+        seen.clear()
+        cpu_strategy._time_layouts(x, convs, params)
+        as_given = [t for t in seen if t.is_contiguous()]  # the channels_last plan's are converted copies
+        assert as_given and len(as_given) < len(seen)
+        assert all(torch.equal(t, expected) for t in seen)
+        if params is None:
+            assert {t.data_ptr() for t in as_given} == {x.data_ptr()}
     assert not x.requires_grad and x.grad is None
 
 
