@@ -211,6 +211,21 @@ def test_a_parameter_replaced_after_a_decision_is_the_one_timed_next() -> None:
     assert layer.depthwise.weight.grad is not None and len(sepconv.cpu_strategy_decisions()) == 2
 
 
+def test_decisions_describe_their_layer_input_and_mode() -> None:
+    """describe_decision reads the keys a real inference call and training step make (layout and depthwise
+    backward keys): the layer, the input shape each was made for, and the mode."""
+    layer = sepconv.SeparableConv2d(4, 8, 5, padding=2)
+    with torch.no_grad():
+        layer(torch.randn(3, 4, 9, 9))
+    layer(torch.randn(2, 4, 9, 9)).sum().backward()  # 5x5: its depthwise backward is decided too
+    described = {cpu_strategy.describe_decision(key) for key in sepconv.cpu_strategy_decisions()}
+    assert described == {
+        ("SeparableConv2d", "(3, 4, 9, 9)", "inference"),
+        ("SeparableConv2d", "(2, 4, 9, 9)", "training"),
+        ("depthwise backward, weight (4, 1, 5, 5)", "(2, 4, 9, 9)", "training"),
+    }
+
+
 def test_a_dense_plan_still_calls_hooked_parts(monkeypatch) -> None:
     monkeypatch.setattr(cpu_strategy, "_measure", dense_whenever_offered)
     layer = sepconv.SeparableConv2d(4, 6, 3, padding=1, dtype=torch.float64)

@@ -195,6 +195,23 @@ def depthwise_backward(
     return choice
 
 
+def describe_decision(key: tuple) -> tuple[str, str, str]:
+    """(layer, input shape, mode) of a key of :func:`cpu_strategy_decisions`, for people: a depthwise backward
+    key (built in :func:`depthwise_backward`) or a layout key (built in :func:`_decide`), read here, next to
+    where both are built.
+
+    >>> describe_decision(("SeparableConv2d", "4, 4, ...", "4, 8, ...", (2, 4, 9, 9), torch.float32,
+    ...                    "contiguous", True, True, 2))
+    ('SeparableConv2d', '(2, 4, 9, 9)', 'training')
+    """
+    if key[0] == "depthwise_backward":
+        return f"depthwise backward, weight {tuple(key[1])}", str(tuple(key[5])), "training"
+    # the layout key: (*signature strings, *candidate names, input shape, dtype, source, training, batch
+    # independent, threads); the signature and candidates are strings, so the first tuple is the shape
+    shape = next(part for part in key if isinstance(part, tuple))
+    return str(key[0]), str(shape), "training" if key[-3] else "inference"
+
+
 def _note_measurement() -> None:
     global _nested_measurements
     _nested_measurements += 1

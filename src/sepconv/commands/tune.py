@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sepconv.commands.analyze import parse_shape
-from sepconv.cpu_strategy import run_channels_last
+from sepconv.cpu_strategy import describe_decision, run_channels_last
 from sepconv.cpu_strategy_file import save_cpu_strategy_decisions
 from sepconv.cpu_tune import tune_cpu_strategy
 from sepconv.models import load_model
@@ -51,14 +51,6 @@ def run(args: argparse.Namespace) -> int:
     for column in ("layer", "input", "mode", "decision"):
         table.add_column(column)
     for key, decision in made.items():
-        table.add_row(*_describe(key), decision)
+        table.add_row(*describe_decision(key), decision)
     Console(width=120).print(table)
     return 0
-
-
-def _describe(key: tuple) -> tuple[str, str, str]:
-    """(layer, input shape, mode) of a decision key (cpu_strategy's layout and backward keys)."""
-    if key[0] == "depthwise_backward":
-        return f"depthwise backward, weight {tuple(key[1])}", str(tuple(key[5])), "training"
-    shape, training = next(part for part in key if isinstance(part, tuple)), key[-3]
-    return str(key[0]), str(shape), "training" if training else "inference"
