@@ -295,8 +295,8 @@ def run(
     # (a few: a layer shared across inputs of several shapes, as in a detector's head over pyramid levels, has
     # one each). The full lookup in _plan measured ~20 us per call on this VM.
     training = torch.is_grad_enabled() and (input.requires_grad or _any_trainable(layer))
-    key = (mode, input.shape, input.stride(), input.dtype, training, batch_independent, dense is not None)
-    key += (torch.get_num_threads(),)
+    threads = torch.get_num_threads()
+    key = (mode, input.shape, input.stride(), input.dtype, training, batch_independent, dense is not None, threads)
     memo = layer.__dict__.get("_sepconv_cpu_plans")
     if memo is None or memo[0] != _generation:
         memo = layer.__dict__["_sepconv_cpu_plans"] = (_generation, {})

@@ -426,13 +426,11 @@ class _SeparableConv(nn.Module):
             dense_worth = self.__dict__.get("_sepconv_dense")  # _dense_worth_timing's cache, read here: per-call path
             if dense_worth is None:
                 dense_worth = self._dense_worth_timing()
-            dense = self._dense_forward if dense_worth else None
-            return cpu_strategy.run(
-                self, input, self._forward, self._convs, batch_independent=True, check=self._check_input, dense=dense
-            )
-        independent = self._batch_independent()
+            dense, independent = (self._dense_forward if dense_worth else None), True
+        else:
+            dense, independent = None, self._batch_independent()
         return cpu_strategy.run(
-            self, input, self._forward, self._convs, batch_independent=independent, check=self._check_input
+            self, input, self._forward, self._convs, batch_independent=independent, check=self._check_input, dense=dense
         )
 
     def _check_input(self, input: Tensor) -> None:
