@@ -200,6 +200,43 @@ def test_a_dense_plan_follows_parts_changed_after_the_decision(monkeypatch) -> N
         assert not layer._dense_worth_timing()
 
 
+def test_a_dense_plan_outside_autograd_follows_every_change_of_the_weights(monkeypatch) -> None:
+    """Inference reuses the composed weights while the parts keep their values; each way of changing them — in
+    place without a new version (``.data``), in place with one, a new parameter, a dtype conversion, a bias
+    removed — shows in the next output (against the two convs in float64). Frozen parts with an input that
+    needs a gradient take the same path and still hand back the input's gradient."""
+    monkeypatch.setattr(cpu_strategy, "_measure", dense_whenever_offered)
+    torch.manual_seed(0)
+    layer = sepconv.SeparableConv2d(4, 6, 3, padding=1, depth_multiplier=2, depthwise_bias=True, dtype=torch.float64)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+
+    def expected(inp: torch.Tensor) -> torch.Tensor:
+        dw, pw = layer.depthwise, layer.pointwise
+        mid = nn.functional.conv2d(inp, dw.weight, dw.bias, padding=1, groups=4)
+        return nn.functional.conv2d(mid, pw.weight, pw.bias)
+
+    changes = [
+        lambda: layer.pointwise.weight.data.normal_(),  # no new version
+        lambda: layer.depthwise.bias.data.add_(1.0),
+        lambda: layer.depthwise.weight.mul_(-2.0),  # under no_grad below: a new version
+        lambda: setattr(layer.pointwise, "weight", nn.Parameter(torch.randn_like(layer.pointwise.weight))),
+        lambda: setattr(layer.pointwise, "bias", None),
+    ]
+    with torch.no_grad():
+        for change in [lambda: None, *changes]:
+            change()
+            torch.testing.assert_close(layer(x), expected(x), rtol=1e-12, atol=1e-12)
+        assert set(sepconv.cpu_strategy_decisions().values()) == {"dense"}
+        layer.float()  # the same parameters, converted through .data
+        torch.testing.assert_close(layer(x.float()), expected(x.float()), rtol=1e-5, atol=1e-5)
+        layer.double()
+    layer.requires_grad_(False)
+    leaf = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(layer(leaf).square().sum(), leaf)
+    (reference,) = torch.autograd.grad(expected(leaf).square().sum(), leaf)
+    torch.testing.assert_close(grad, reference, rtol=1e-12, atol=1e-12)
+
+
 def test_a_parameter_replaced_after_a_decision_is_the_one_timed_next() -> None:
     """A layer decides in training, then gets a new weight (``conv.weight = nn.Parameter(...)``): the next
     decision (a new input shape) times the new weight's gradient, not the old one's (outside the graph)."""

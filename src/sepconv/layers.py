@@ -346,6 +346,17 @@ _ELEMENTWISE_ACTIVATIONS = (
 )  # fmt: skip
 
 
+def _same_values(kept: tuple[Tensor | None, ...], parts: tuple[Tensor | None, ...]) -> bool:
+    """Whether ``parts`` hold the values of ``kept`` (the same absent ones; dtype, device and shape included)."""
+    for old, new in zip(kept, parts, strict=True):
+        if old is None or new is None:
+            if old is not new:
+                return False
+        elif old.dtype != new.dtype or old.device != new.device or old.shape != new.shape or not torch.equal(old, new):
+            return False
+    return True
+
+
 def _unhooked(*parts: nn.Module) -> bool:
     """Whether nothing could notice ``parts`` being run without ``nn.Module.__call__``: no hooks on them or global,
     no JIT tracing (it records module scopes), none compiled on its own (saves ~5 us a part per call on CPU)."""
@@ -482,23 +493,46 @@ class _SeparableConv(nn.Module):
         if not _unhooked(depthwise, pointwise):  # type: ignore[arg-type]
             return self._forward(input)
         if not self._dense_applies():  # a few attribute tests: the dense plan runs on calls of 0.3 ms and more
-            for cache in ("_sepconv_dense", "_sepconv_cpu_plans"):  # the next call plans again without dense
+            for cache in ("_sepconv_dense", "_sepconv_cpu_plans", "_sepconv_dense_weights"):  # plan again, no dense
                 self.__dict__.pop(cache, None)
             return self._forward(input)
-        dw_weight, pw_weight = depthwise.weight, pointwise.weight  # type: ignore[union-attr]
+        parts = (depthwise.weight, pointwise.weight, depthwise.bias, pointwise.bias)  # type: ignore[union-attr]
+        if torch.is_grad_enabled() and any(part is not None and part.requires_grad for part in parts):
+            weight, bias = self._composed(*parts)  # in the graph: the gradients reach the parts
+        else:
+            weight, bias = self._composed_unchanged(parts)
+        conv = _CONV[self._ndim]
+        return conv(input, weight, bias, depthwise.stride, depthwise.padding, depthwise.dilation)  # type: ignore[union-attr]
+
+    def _composed(
+        self, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Tensor | None, pw_bias: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The dense conv's weight and bias (see :meth:`_dense_forward`)."""
+        depthwise, pointwise = self._modules["depthwise"], self._modules["pointwise"]
         channels, out_channels = depthwise.in_channels, pointwise.out_channels  # type: ignore[union-attr]
         kernel = dw_weight.shape[2:]
         multiplier = dw_weight.shape[0] // channels
         composed = pw_weight.reshape(out_channels, channels, multiplier, *(1,) * len(kernel)) * dw_weight.reshape(
             1, channels, multiplier, *kernel
         )
-        weight = composed.sum(2)
-        bias = pointwise.bias  # type: ignore[union-attr]
-        if depthwise.bias is not None:  # type: ignore[union-attr]
-            through = pw_weight.reshape(out_channels, -1) @ depthwise.bias  # type: ignore[union-attr]
+        bias = pw_bias
+        if dw_bias is not None:
+            through = pw_weight.reshape(out_channels, -1) @ dw_bias
             bias = through if bias is None else bias + through
-        conv = _CONV[self._ndim]
-        return conv(input, weight, bias, depthwise.stride, depthwise.padding, depthwise.dilation)  # type: ignore[union-attr]
+        return composed.sum(2), bias
+
+    def _composed_unchanged(self, parts: tuple[Tensor | None, ...]) -> tuple[Tensor, Tensor | None]:
+        """:meth:`_composed` outside autograd, reused while the parts hold the values it was made of: composing
+        afresh on each call made a (1, 32, 112, 112) -> 16 channels inference call 0.53 instead of 0.49 ms.
+        Values are compared (``torch.equal``, ~2 us for the four), not versions: ``p.data.normal_()``, common in
+        weight initialisations, changes a parameter without a new version."""
+        cached = self.__dict__.get("_sepconv_dense_weights")
+        if cached is None or not _same_values(cached[0], parts):
+            with torch.no_grad():
+                composed = self._composed(*parts)
+            copies = tuple(None if part is None else part.detach().clone() for part in parts)
+            cached = self.__dict__["_sepconv_dense_weights"] = (copies, composed)
+        return cached[1]
 
     def _convs(self, input: Tensor) -> Tensor:
         """The stateless part the CPU strategy may time (a training-mode norm must not see extra batches)."""
