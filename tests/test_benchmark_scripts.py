@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +109,9 @@ def test_cpu_gradient_layout_benchmark_quick_run(tmp_path):
     assert (tmp_path / "cpu_gradient_layout.png").stat().st_size > 0
 
 
+PLAN = r"contiguous|channels_last( in batch chunks of \d+)?|dense"  # cpu_strategy_decisions' names
+
+
 def test_cpu_benchmark_quick_run(tmp_path):
     run_script("benchmarks/cpu.py", "--quick", "--min-run-time", "0.005", "--out", str(tmp_path))
     result = json.loads((tmp_path / "cpu.json").read_text())
@@ -118,7 +122,11 @@ def test_cpu_benchmark_quick_run(tmp_path):
                 assert row[f"{name}_{pass_name}_ms"] > 0 and row[f"{name}_{pass_name}_runs"] >= 3
         for layout in ("nchw", "channels_last"):  # the upstream op of the training steps, timed in the same rounds
             assert row[f"upstream_relu_{layout}_forward_backward_ms"] > 0
-        assert row["ours_layout"] and set(row["ours_layout"]) <= {"contiguous", "channels_last", "dense"}
+        # decided, then settled; a channels_last input with nothing to choose (no chunks, no dense plan) has none
+        for plans in ("ours_first_layout", "ours_layout", "ours_channels_last_in_layout"):
+            assert all(re.fullmatch(PLAN, plan) for plan in row[plans]), plans
+        assert row["ours_first_layout"] and row["ours_layout"]
+        assert all(ms > 0 for ms in row["ours_recheck_ms"])  # close decisions' second measurements, if any
         assert row["separable_macs"] < row["standard_macs"]
     plain = ["pytorch_nchw", "pytorch_channels_last"]
     assert [(r["conv"], r["variant"]) for r in result["models"]] == [

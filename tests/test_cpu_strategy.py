@@ -130,8 +130,8 @@ def test_a_layer_called_on_several_shapes_in_turn_looks_each_plan_up_once(monkey
 def dense_whenever_offered(input, convs, params, chunk=None, dense=None):
     """A stand-in for the timing: the dense plan wherever it is a candidate, else the input as given."""
     if dense is not None:
-        return (cpu_strategy.DENSE, None)
-    return (cpu_strategy.CONTIGUOUS if input.is_contiguous() else cpu_strategy.CHANNELS_LAST, None)
+        return (cpu_strategy.DENSE, None), {}
+    return (cpu_strategy.CONTIGUOUS if input.is_contiguous() else cpu_strategy.CHANNELS_LAST, None), {}
 
 
 @settings(max_examples=60)
@@ -287,7 +287,7 @@ CHUNKED_LAYERS = {
 def test_the_chunked_plan_equals_the_plain_path_in_float64(monkeypatch, kind: str) -> None:
     """Channels_last a few samples at a time (batch 5 in chunks of 2: 2, 2, 1): the same outputs and gradients,
     contiguous, in inference and in training; the convs really see the chunks."""
-    monkeypatch.setattr(cpu_strategy, "_measure", lambda *args: (cpu_strategy.CHANNELS_LAST, 2))
+    monkeypatch.setattr(cpu_strategy, "_measure", lambda *args: ((cpu_strategy.CHANNELS_LAST, 2), {}))
     build, shape = CHUNKED_LAYERS[kind]
     layer = build().double()
     x = torch.randn(shape, dtype=torch.float64)
@@ -311,7 +311,9 @@ def test_the_chunked_plan_equals_the_plain_path_in_float64(monkeypatch, kind: st
 def test_a_channels_last_caller_in_chunks_keeps_its_layout_and_results(monkeypatch) -> None:
     monkeypatch.setattr(cpu_strategy, "_chunk_size", lambda input, training: 2)
     monkeypatch.setattr(
-        cpu_strategy, "_measure", lambda input, convs, params, chunk, dense=None: (cpu_strategy.CHANNELS_LAST, chunk)
+        cpu_strategy,
+        "_measure",
+        lambda input, convs, params, chunk, dense=None: ((cpu_strategy.CHANNELS_LAST, chunk), {}),
     )
     layer = sepconv.SeparableConv2d(3, 5, 3, padding=1, dtype=torch.float64)
     x = torch.randn(5, 3, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
@@ -346,7 +348,7 @@ def test_a_training_mode_batchnorm_is_never_run_in_chunks(monkeypatch, train_mod
     monkeypatch.setattr(
         cpu_strategy,
         "_measure",
-        lambda input, convs, params, chunk=None, dense=None: offered.append(chunk) or ("contiguous", None),
+        lambda input, convs, params, chunk=None, dense=None: offered.append(chunk) or (("contiguous", None), {}),
     )
     layer = sepconv.SeparableConv2d(3, 4, 3, mid_norm=nn.BatchNorm2d).train(train_mode)
     with torch.no_grad():
@@ -377,12 +379,12 @@ def test_training_times_only_the_plans_whose_forward_is_not_clearly_behind(monke
         return {name: {cpu_strategy.CHANNELS_LAST: 2.0, chunked: 1.0}[name] for name in only}
 
     monkeypatch.setattr(cpu_strategy, "_time_layouts", fake_time_layouts)
-    plan = cpu_strategy._measure(torch.randn(8, 3, 4, 4), lambda x: x, [torch.zeros(1, requires_grad=True)], 4)
+    plan, _ = cpu_strategy._measure(torch.randn(8, 3, 4, 4), lambda x: x, [torch.zeros(1, requires_grad=True)], 4)
     # the forward only prunes: one timed round; then the training steps of the two close plans, fully timed
     assert calls == [(None, 1), ({cpu_strategy.CHANNELS_LAST, chunked}, None)]
     assert plan == (cpu_strategy.CHANNELS_LAST, 4)
     calls.clear()
-    assert cpu_strategy._measure(torch.randn(8, 3, 4, 4), lambda x: x, None, 4) == (cpu_strategy.CHANNELS_LAST, None)
+    assert cpu_strategy._measure(torch.randn(8, 3, 4, 4), lambda x: x, None, 4)[0] == (cpu_strategy.CHANNELS_LAST, None)
     assert calls == [(None, None)]  # inference decides on the forward: fully timed
 
 
@@ -428,8 +430,101 @@ def test_an_alternative_layout_must_win_by_the_margin(monkeypatch, speedup: floa
     assert cpu_strategy._MARGIN == 1.1
     times = {cpu_strategy.CONTIGUOUS: 1.0, cpu_strategy.CHANNELS_LAST: 1.0 / speedup}
     monkeypatch.setattr(cpu_strategy, "_time_layouts", lambda *args, **kwargs: dict(times))
-    plan = cpu_strategy._measure(torch.randn(1, 3, 4, 4), lambda x: x, None)
+    plan, _ = cpu_strategy._measure(torch.randn(1, 3, 4, 4), lambda x: x, None)
     assert plan == (chosen, None)
+
+
+@pytest.mark.parametrize(
+    ("first", "again", "decided", "settled"),
+    [
+        (1.08, 1.08, "contiguous", "channels_last"),  # two measurements 8% apart: switch (5% margin on both)
+        (1.08, 0.98, "contiguous", "contiguous"),  # 1.08 then 0.98: 1.03 on both, too little
+        (1.20, 0.90, "channels_last", "contiguous"),  # the first measurement's switch undone
+        (1.20, 1.00, "channels_last", "channels_last"),  # 1.095 on both
+        (1.30, None, "channels_last", "channels_last"),  # not close (over _CLOSE = 1.25): never measured again
+    ],
+)
+def test_a_close_decision_is_measured_again_after_a_few_calls(
+    monkeypatch, first: float, again: float | None, decided: str, settled: str
+) -> None:
+    """channels_last measured ``first`` then ``again`` times faster than an NCHW input as given: the layer runs
+    the first measurement's plan until its ``_RECHECK_AFTER_CALLS``-th call, which times the close plans again;
+    the geometric mean of both then decides, channels_last needing a 5% margin. Outputs stay the plain path's."""
+    timings: list[set[str] | None] = []
+
+    def fake_time_layouts(input, convs, params, chunk=None, only=None, timed_rounds=None, dense=None):
+        timings.append(only)
+        speedup = first if len(timings) == 1 else again
+        times = {cpu_strategy.CONTIGUOUS: 1.0, cpu_strategy.CHANNELS_LAST: 1.0 / speedup}
+        return {name: seconds for name, seconds in times.items() if only is None or name in only}
+
+    monkeypatch.setattr(cpu_strategy, "_time_layouts", fake_time_layouts)
+    converted = []
+    real_in_channels_last = cpu_strategy._in_channels_last
+    monkeypatch.setattr(
+        cpu_strategy, "_in_channels_last", lambda *args: converted.append(1) or real_in_channels_last(*args)
+    )
+    layer = sepconv.SeparableConv2d(4, 8, 3, padding=1, dtype=torch.float64)  # 8*9 / (9 + 8): no dense plan
+    x = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    with sepconv.use_cpu_strategy("off"), torch.no_grad():
+        expected = layer(x)
+    with torch.no_grad():
+        for call in range(1, cpu_strategy._RECHECK_AFTER_CALLS + 3):
+            converted.clear()
+            torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+            plan = settled if call >= cpu_strategy._RECHECK_AFTER_CALLS else decided
+            assert list(sepconv.cpu_strategy_decisions().values()) == [plan], call
+            assert bool(converted) == (plan == "channels_last"), call  # the plan in force ran
+    close = {cpu_strategy.CONTIGUOUS, cpu_strategy.CHANNELS_LAST}
+    assert timings == ([None] if again is None else [None, close])
+    assert cpu_strategy._rechecks == {}
+
+
+def test_a_deep_copy_of_a_layer_owed_a_recheck_takes_it(monkeypatch) -> None:
+    """A layer copied while its decision is owed a recheck (an EMA twin, say) and then called instead of the
+    original: the copy's calls count towards that recheck, which it takes once."""
+    timings = []
+
+    def close_times(input, convs, params, chunk=None, only=None, timed_rounds=None, dense=None):
+        timings.append(only)
+        return {cpu_strategy.CONTIGUOUS: 1.0, cpu_strategy.CHANNELS_LAST: 1.0 / 1.08}
+
+    monkeypatch.setattr(cpu_strategy, "_time_layouts", close_times)
+    layer = sepconv.SeparableConv2d(4, 8, 3, padding=1)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        layer(x)
+        twin = copy.deepcopy(layer)
+        for _ in range(2 * cpu_strategy._RECHECK_AFTER_CALLS):
+            twin(x)
+    assert len(timings) == 2 and cpu_strategy._rechecks == {}
+    assert list(sepconv.cpu_strategy_decisions().values()) == ["channels_last"]
+
+
+def test_a_recheck_owed_is_forgotten_with_the_cache_and_by_loaded_decisions(monkeypatch, tmp_path) -> None:
+    """Clearing the cache drops owed rechecks (the next call decides afresh); a decision loaded from a file
+    replaces this process's close one, owed no recheck."""
+    monkeypatch.setattr(
+        cpu_strategy,
+        "_time_layouts",
+        lambda *args, **kwargs: {cpu_strategy.CONTIGUOUS: 1.0, cpu_strategy.CHANNELS_LAST: 1.0},
+    )
+    layer = sepconv.SeparableConv2d(4, 8, 3, padding=1)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        layer(x)
+        assert len(cpu_strategy._rechecks) == 1
+        sepconv.clear_cpu_strategy_cache()
+        assert cpu_strategy._rechecks == {}
+        layer(x)
+        path = tmp_path / "decisions.json"
+        sepconv.save_cpu_strategy_decisions(path)
+        assert len(cpu_strategy._rechecks) == 1
+        sepconv.load_cpu_strategy_decisions(path)
+        assert cpu_strategy._rechecks == {}
+        monkeypatch.setattr(cpu_strategy, "_time_layouts", None)  # any timing would fail
+        for _ in range(cpu_strategy._RECHECK_AFTER_CALLS + 1):
+            layer(x)
 
 
 def test_a_step_far_behind_drops_out_while_the_others_are_timed_on(monkeypatch) -> None:
@@ -519,7 +614,7 @@ def test_one_measurement_when_threads_race_for_the_same_configuration(monkeypatc
     def slow_measure(*args):
         calls.append(1)
         time.sleep(0.2)
-        return ("channels_last", None)
+        return ("channels_last", None), {}
 
     monkeypatch.setattr(cpu_strategy, "_measure", slow_measure)
     layer = sepconv.SeparableConv2d(4, 8, 3, padding=1, dtype=torch.float64)
@@ -587,7 +682,7 @@ def test_context_manager_is_per_thread_and_modes_are_checked() -> None:
 @pytest.mark.parametrize("build", [small_resnet, small_vgg])
 def test_run_channels_last_keeps_nchw_outside_and_results_in_float64(build, monkeypatch) -> None:
     # batches this small: nothing to chunk; the narrow layers' dense plan is timed, here decided "as given"
-    monkeypatch.setattr(cpu_strategy, "_measure", lambda input, *args: (cpu_strategy.CHANNELS_LAST, None))
+    monkeypatch.setattr(cpu_strategy, "_measure", lambda input, *args: ((cpu_strategy.CHANNELS_LAST, None), {}))
     torch.manual_seed(0)
     model = build("separable").double()
     twin = copy.deepcopy(model)

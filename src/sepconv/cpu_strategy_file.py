@@ -73,6 +73,8 @@ def load_cpu_strategy_decisions(path: PathLike, *, check_machine: bool = True) -
         return 0
     with cpu_strategy._lock:
         cpu_strategy._decisions.update(layouts)
+        for key in layouts:  # measured in full before: owed no second measurement here
+            cpu_strategy._rechecks.pop(key, None)
         cpu_strategy._backward_decisions.update(backward)
         cpu_strategy._forget_layer_memos()
     return len(layouts) + len(backward)

@@ -2,7 +2,8 @@
 
 Each sepconv layer measures its plan on the first call of every configuration (:mod:`sepconv.cpu_strategy`),
 which puts up to seconds into a model's first training step. :func:`tune_cpu_strategy` runs a copy of the
-model once — an inference call and a training step — so that every layer decides then; the model itself,
+model once — an inference call and a training step — so that every layer decides then (twice where a close
+decision is owed its second measurement, see :mod:`sepconv.cpu_strategy`); the model itself,
 its weights, gradients and BatchNorm statistics are left as they are. Save the result with
 :func:`sepconv.save_cpu_strategy_decisions` to skip the measurements in later processes too
 (``sepconv tune`` does both from the command line).
@@ -51,6 +52,15 @@ def tune_cpu_strategy(
     example = _example_input(model, input)
     twin = copy.deepcopy(model)
     before = cpu_strategy.cpu_strategy_decisions()
+    _run(twin, example, training=training, inference=inference)
+    if cpu_strategy._recheck_on_next_call():  # close decisions owe a second measurement: take it now, too
+        _run(twin, example, training=training, inference=inference)
+    after = cpu_strategy.cpu_strategy_decisions()
+    return {key: plan for key, plan in after.items() if before.get(key) != plan}
+
+
+def _run(twin: nn.Module, example: Tensor, *, training: bool, inference: bool) -> None:
+    """An inference call and/or a training step of ``twin`` (a copy: its weights and statistics may change)."""
     if inference:
         with torch.no_grad():
             twin.eval()(example)
@@ -59,10 +69,8 @@ def tune_cpu_strategy(
         cpu_strategy._map_tensors(twin.train()(example), lambda t: outputs.append(t) or t)  # tuples, lists, dicts
         total = sum(t.float().sum() for t in outputs if t.requires_grad)
         if not isinstance(total, Tensor):
-            raise ValueError(f"{type(model).__name__}'s outputs need no gradient: no training step to tune")
+            raise ValueError(f"{type(twin).__name__}'s outputs need no gradient: no training step to tune")
         total.backward()
-    after = cpu_strategy.cpu_strategy_decisions()
-    return {key: plan for key, plan in after.items() if before.get(key) != plan}
 
 
 def _example_input(model: nn.Module, input: Tensor | Sequence[int]) -> Tensor:
