@@ -168,9 +168,15 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
     return row
 
 
-def plans_for(decisions: dict[tuple, str], source: str) -> list[str]:
-    """The layout plans decided for inputs in ``source``'s layout (a layout key's fourth entry from the end)."""
-    return sorted({v for k, v in decisions.items() if k[0] != "depthwise_backward" and k[-4] == source})
+def plans_for(decisions: dict[tuple, str], source: str) -> dict[str, str]:
+    """Pass -> the layout plan decided for inputs in ``source``'s layout (a layout key ends with source,
+    training, batch independence, threads); a pass with nothing to choose (a channels_last input without
+    chunks or a dense plan to time) has none."""
+    return {
+        "forward_backward" if key[-3] else "forward": plan
+        for key, plan in decisions.items()
+        if key[0] != "depthwise_backward" and key[-4] == source
+    }
 
 
 @contextlib.contextmanager

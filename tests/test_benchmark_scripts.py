@@ -124,8 +124,9 @@ def test_cpu_benchmark_quick_run(tmp_path):
             assert row[f"upstream_relu_{layout}_forward_backward_ms"] > 0
         # decided, then settled; a channels_last input with nothing to choose (no chunks, no dense plan) has none
         for plans in ("ours_first_layout", "ours_layout", "ours_channels_last_in_layout"):
-            assert all(re.fullmatch(PLAN, plan) for plan in row[plans]), plans
-        assert row["ours_first_layout"] and row["ours_layout"]
+            assert set(row[plans]) <= {"forward", "forward_backward"}, plans
+            assert all(re.fullmatch(PLAN, plan) for plan in row[plans].values()), plans
+        assert set(row["ours_first_layout"]) == set(row["ours_layout"]) == {"forward", "forward_backward"}
         assert all(ms > 0 for ms in row["ours_recheck_ms"])  # close decisions' second measurements, if any
         assert row["separable_macs"] < row["standard_macs"]
     plain = ["pytorch_nchw", "pytorch_channels_last"]

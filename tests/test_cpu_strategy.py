@@ -822,3 +822,18 @@ def test_gradients_reach_the_caller_in_its_own_layout() -> None:
         if mode == "channels_last":
             assert seen[0].is_contiguous() and leaf.grad.is_contiguous()
     torch.testing.assert_close(grads["channels_last"], grads["off"], rtol=1e-12, atol=1e-12)
+
+
+def test_a_layer_counts_as_trainable_exactly_when_one_of_its_parameters_needs_a_gradient() -> None:
+    """The per-call test against ``Module.parameters()``: a parametrized weight's original, a mid norm's
+    affine parameters, and each parameter frozen in turn."""
+    layer = sepconv.SeparableConv2d(4, 6, 3, mid_norm=nn.BatchNorm2d)
+    nn.utils.parametrizations.weight_norm(layer.pointwise)
+    params = list(layer.parameters())
+    assert len(params) == 6  # depthwise weight, norm weight and bias, pointwise bias, weight_norm's g and v
+    for trainable in [None, *params]:
+        layer.requires_grad_(False)
+        if trainable is not None:
+            trainable.requires_grad_(True)
+        assert cpu_strategy._any_trainable(layer) == any(p.requires_grad for p in layer.parameters())
+        assert cpu_strategy._any_trainable(layer) == (trainable is not None)
