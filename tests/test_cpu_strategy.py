@@ -441,7 +441,8 @@ def test_an_alternative_layout_must_win_by_the_margin(monkeypatch, speedup: floa
         (1.08, 0.98, "contiguous", "contiguous"),  # 1.08 then 0.98: 1.03 on both, too little
         (1.20, 0.90, "channels_last", "contiguous"),  # the first measurement's switch undone
         (1.20, 1.00, "channels_last", "channels_last"),  # 1.095 on both
-        (1.30, None, "channels_last", "channels_last"),  # not close (over _CLOSE = 1.25): never measured again
+        (1.50, 0.50, "channels_last", "contiguous"),  # a 1.5x switch, then 2x the other way: undone (0.87)
+        (2.20, None, "channels_last", "channels_last"),  # clear (over _RECHECK_WITHIN = 2): never measured again
     ],
 )
 def test_a_close_decision_is_measured_again_after_a_few_calls(

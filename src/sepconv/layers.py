@@ -82,8 +82,7 @@ class _Conv:
         dilation = int_tuple("dilation", dilation, n)
         padding = padding_arg(padding, n)
         padding_mode = padding_mode_arg(padding_mode)
-        # PyTorch's 'same' is stride-1 only; for stride > 1 we pad in forward, as TensorFlow does.
-        strided_same = padding == "same" and any(s > 1 for s in stride)
+        strided_same = _strided_same(padding, stride)
         super().__init__(  # type: ignore[call-arg]
             in_channels,
             out_channels,
@@ -112,7 +111,7 @@ class _Conv:
     def _checked_forward(self, input: Tensor) -> Tensor:
         """``forward`` of an input already checked (a separable layer calls its parts this way)."""
         stride, padding = self.stride, self.padding  # type: ignore[attr-defined]
-        if padding == "same" and max(stride) > 1:
+        if padding == "same" and max(stride) > 1:  # _strided_same, inline: the per-call path
             return self._strided_same_forward(input)
         parameters = self._parameters  # type: ignore[attr-defined]
         if (
@@ -346,6 +345,12 @@ _ELEMENTWISE_ACTIVATIONS = (
 )  # fmt: skip
 
 
+def _strided_same(padding: str | tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether a conv pads in its forward: PyTorch's 'same' is stride-1 only; with a stride > 1 our layers pad the
+    input themselves, as TensorFlow does (:func:`pad_same`)."""
+    return padding == "same" and max(stride) > 1
+
+
 def _same_values(kept: tuple[Tensor | None, ...], parts: tuple[Tensor | None, ...]) -> bool:
     """Whether ``parts`` hold the values of ``kept`` (the same absent ones; dtype, device and shape included)."""
     for old, new in zip(kept, parts, strict=True):
@@ -474,7 +479,7 @@ class _SeparableConv(nn.Module):
     def _dense_applies(self) -> bool:
         """Whether the block equals one conv: no mid modules, pointwise groups 1, zero padding given to the conv."""
         depthwise, pointwise = self._modules["depthwise"], self._modules["pointwise"]
-        strided_same = depthwise.padding == "same" and max(depthwise.stride) > 1  # type: ignore[union-attr]
+        strided_same = _strided_same(depthwise.padding, depthwise.stride)  # type: ignore[union-attr,arg-type]
         return (
             self.mid_norm is None
             and self.mid_activation is None
