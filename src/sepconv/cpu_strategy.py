@@ -333,8 +333,18 @@ def run(
         if len(plans) >= _LAYER_MEMO_SIZE:
             plans.clear()
         plans[key] = plan
-    if type(plan) is _Pending:  # a close decision, to be measured again after a few calls
-        plan = _pending_plan(plan, layer, input, convs, batch_independent, training, mode, dense, plans, key)
+    if type(plan) is _Pending:  # a decision owed its recheck: the plan until then, or the recheck now
+        recheck = plan.recheck
+        recheck.calls_left -= 1  # unlocked: threads racing here at worst make the recheck a call early or late
+        if recheck.calls_left > 0:
+            plan = plan.plan
+        else:
+            _recheck(recheck, layer, input, convs, batch_independent, training, dense)
+            # settled, or not this memo's to settle: a deep copy's memo holds a copy of the recheck; the registered
+            # one (still owed) replaces it, so that the copy's calls count towards it instead of coming back here
+            plan = plans[key] = _plan(layer, input, convs, batch_independent, training, mode, dense)
+            if type(plan) is _Pending:
+                plan = plan.plan
     state["busy"] = True
     try:
         if plan is None:
@@ -357,9 +367,9 @@ def _plan(
     training: bool,
     mode: str,
     dense: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[str, int | None] | None:
+) -> tuple[str, int | None] | _Pending | None:
     """The plan for this call: a layout to convert to and a chunk size, ``(DENSE, None)``, or None to run the
-    input as given."""
+    input as given; wrapped in a :class:`_Pending` while its decision is owed a recheck."""
     source = _input_layout(input)
     # a channels_last input's alternatives: chunks, for a batch whose samples are independent, and dense
     chunkable = batch_independent and input.shape[0] > 1
@@ -389,31 +399,6 @@ class _Pending(NamedTuple):
 
     plan: tuple[str, int | None] | None
     recheck: _Recheck
-
-
-def _pending_plan(
-    pending: _Pending,
-    layer: nn.Module,
-    input: Tensor,
-    convs: Callable[[Tensor], Tensor],
-    batch_independent: bool,
-    training: bool,
-    mode: str,
-    dense: Callable[[Tensor], Tensor] | None,
-    plans: dict[tuple, Any],
-    key: tuple,
-) -> tuple[str, int | None] | None:
-    """The plan for this call of a layer whose decision awaits its recheck; the call that makes it due measures
-    the close plans again (:func:`_recheck`) and runs what that settles. ``plans[key]``: the layer's memo entry."""
-    recheck = pending.recheck
-    recheck.calls_left -= 1  # unlocked: threads racing here at worst make the recheck a call early or late
-    if recheck.calls_left > 0:
-        return pending.plan
-    _recheck(recheck, layer, input, convs, batch_independent, training, dense)
-    # settled, or not this layer's to settle: a deep copy's memo holds a copy of the recheck; the registered one
-    # (still owed) replaces it, so that the copy's calls count towards it instead of coming back here each time
-    plan = plans[key] = _plan(layer, input, convs, batch_independent, training, mode, dense)
-    return plan.plan if type(plan) is _Pending else plan
 
 
 def _recheck(
