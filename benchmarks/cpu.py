@@ -23,18 +23,16 @@ Everything is measured side by side in one run, fp32, medians of per-call timing
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import sepconv
-from sepconv import cpu_strategy
 from sepconv.bench import Timing, device_name, interleaved_latencies, versions
 from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.nets import small_resnet, small_vgg
@@ -143,7 +141,6 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
         "standard_nchw": (standard, x),
         "standard_channels_last": (standard_cl, x.contiguous(memory_format=CL)),
     }
-    rechecks: list[float] = []
     for pass_name, make in (("forward", forward), ("forward_backward", forward_backward)):
         fns = {}
         for name, (module, inp) in variants.items():
@@ -154,8 +151,7 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
         if make is forward_backward:
             fns["upstream_relu_nchw"] = upstream_alone(x)
             fns["upstream_relu_channels_last"] = upstream_alone(x.contiguous(memory_format=CL))
-        with timed_rechecks(rechecks):
-            timings = timed_side_by_side(fns, min_run_time)
+        timings = timed_side_by_side(fns, min_run_time)
         for name, timing in timings.items():
             row[f"{name}_{pass_name}_ms"] = timing.median_ms
             row[f"{name}_{pass_name}_runs"] = timing.runs
@@ -164,7 +160,8 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
     row["ours_layout"] = plans_for(decisions, "contiguous")
     row["ours_channels_last_in_layout"] = plans_for(decisions, "channels_last")
     row["ours_depthwise_backward"] = sorted({v for k, v in decisions.items() if k[0] == "depthwise_backward"})
-    row["ours_recheck_ms"] = [seconds * 1e3 for seconds in rechecks]
+    # a cost on top of the first call's: close decisions measured again by a timed call
+    row["ours_recheck_ms"] = [m.seconds * 1e3 for m in sepconv.cpu_strategy_measurements() if m.kind == "recheck"]
     return row
 
 
@@ -177,24 +174,6 @@ def plans_for(decisions: dict[tuple, str], source: str) -> dict[str, str]:
         for key, plan in decisions.items()
         if key[0] != "depthwise_backward" and key[-4] == source
     }
-
-
-@contextlib.contextmanager
-def timed_rechecks(seconds: list[float]) -> Iterator[None]:
-    """Append to ``seconds`` the duration of each recheck (a close decision's second measurement, made by a
-    timed call) while the block runs: instrumented from outside, a cost the first call's time does not hold."""
-    real = cpu_strategy._recheck
-
-    def timed(*args: object, **kwargs: object) -> None:
-        start = time.perf_counter()
-        real(*args, **kwargs)  # type: ignore[arg-type]
-        seconds.append(time.perf_counter() - start)
-
-    cpu_strategy._recheck = timed  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        cpu_strategy._recheck = real
 
 
 MODEL_VARIANTS = {

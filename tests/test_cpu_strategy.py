@@ -839,3 +839,36 @@ def test_a_layer_counts_as_trainable_exactly_when_one_of_its_parameters_needs_a_
             trainable.requires_grad_(True)
         assert cpu_strategy._any_trainable(layer) == any(p.requires_grad for p in layer.parameters())
         assert cpu_strategy._any_trainable(layer) == (trainable is not None)
+
+
+def test_measurements_list_each_decision_with_its_plan_and_time(monkeypatch) -> None:
+    """cpu_strategy_measurements(): one entry per measurement made, keyed and named as cpu_strategy_decisions()
+    lists the decision, timed by the wall clock: a training step's layout measurement holds the depthwise
+    backward measurements made inside it; later calls add nothing until a recheck, which is listed with the plan it
+    settled on; clearing the cache empties the list."""
+    monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)  # few rounds: this test is about the record, not timing
+    layer = sepconv.SeparableConv2d(3, 4, 5, padding=2)  # 25 taps: its backward algorithms are measured too
+    x = torch.randn(2, 3, 9, 9, requires_grad=True)  # as inside a network (the measurement's steps are)
+    start = time.perf_counter()
+    layer(x).sum().backward()
+    elapsed = time.perf_counter() - start
+    measured = sepconv.cpu_strategy_measurements()
+    decisions = sepconv.cpu_strategy_decisions()
+    assert [m.kind for m in measured] == ["depthwise_backward"] * (len(measured) - 1) + ["layout"]
+    assert len(measured) >= 2  # the NCHW plan's backward at least (contiguous input of the depthwise conv)
+    assert {m.key: m.plan for m in measured} == decisions
+    layout = measured[-1]
+    assert sum(m.seconds for m in measured[:-1]) <= layout.seconds <= elapsed
+    layer(x).sum().backward()
+    assert sepconv.cpu_strategy_measurements() == measured
+
+    monkeypatch.setattr(cpu_strategy, "_RECHECK_WITHIN", float("inf"))  # every decision is close: owed a recheck
+    sepconv.clear_cpu_strategy_cache()
+    assert sepconv.cpu_strategy_measurements() == []
+    with torch.no_grad():
+        for _ in range(cpu_strategy._RECHECK_AFTER_CALLS):  # the 20th call rechecks
+            layer(x)
+    first, again = sepconv.cpu_strategy_measurements()
+    assert (first.kind, again.kind) == ("layout", "recheck") and first.key == again.key
+    assert sepconv.cpu_strategy_decisions() == {again.key: again.plan}
+    assert again.seconds > 0

@@ -16,6 +16,7 @@ from sepconv.cpu_allocator import keep_freed_memory
 from sepconv.cpu_strategy import (
     clear_cpu_strategy_cache,
     cpu_strategy_decisions,
+    cpu_strategy_measurements,
     get_cpu_strategy,
     run_channels_last,
     set_cpu_strategy,
@@ -61,6 +62,7 @@ __all__ = [
     "convert",
     "cost",
     "cpu_strategy_decisions",
+    "cpu_strategy_measurements",
     "decompose_conv",
     "distillation_loss",
     "evaluate",

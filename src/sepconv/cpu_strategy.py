@@ -53,8 +53,10 @@ from torch import Tensor, nn
 from sepconv import cpu_backward
 
 __all__ = [
+    "Measurement",
     "clear_cpu_strategy_cache",
     "cpu_strategy_decisions",
+    "cpu_strategy_measurements",
     "get_cpu_strategy",
     "run_channels_last",
     "set_cpu_strategy",
@@ -104,6 +106,7 @@ _global_mode = os.environ.get("SEPCONV_CPU_STRATEGY", "auto")
 _decisions: dict[tuple, tuple[str, int | None]] = {}  # key -> (layout, samples per call or None for the batch)
 _backward_decisions: dict[tuple, tuple[str, str]] = {}
 _rechecks: dict[tuple, _Recheck] = {}  # key -> the second measurement still owed to a close decision
+_measurements: list[Measurement] = []  # what the decisions above cost, in the order they were made
 # Below this kernel area PyTorch's depthwise backward is within a few times its forward, which an FFT
 # cannot beat (5x5 and 7x7 measured slower, 15x15 and 31x31 4-8x faster on a 2-core Xeon): not timed.
 MIN_KERNEL_AREA_FOR_BACKWARD = 25
@@ -140,8 +143,33 @@ def cpu_strategy_decisions() -> dict[tuple, str]:
     for a depthwise conv's backward algorithms."""
     with _lock:
         layouts = {key: _plan_name(*plan) for key, plan in _decisions.items()}
-        backward = {key: f"grad_input={gi}, grad_weight={gw}" for key, (gi, gw) in _backward_decisions.items()}
+        backward = {key: _backward_name(*choice) for key, choice in _backward_decisions.items()}
         return {**layouts, **backward}
+
+
+class Measurement(NamedTuple):
+    """One measurement of the CPU strategy (see :func:`cpu_strategy_measurements`)."""
+
+    kind: str  # "layout": a configuration's first call; "recheck": a close one's 20th; "depthwise_backward"
+    key: tuple  # the decision's key in cpu_strategy_decisions()
+    plan: str  # what it decided, named as cpu_strategy_decisions() names it
+    seconds: float  # wall-clock, including the measurements made inside it (a training step's depthwise backward)
+
+
+def cpu_strategy_measurements() -> list[Measurement]:
+    """The measurements made since import or :func:`clear_cpu_strategy_cache`, oldest first: what the strategy
+    cost this process's calls (decisions loaded from a file cost none). A layout measurement of a training step
+    includes the depthwise backward measurements made inside it, which are listed too (after it: they end first).
+
+    >>> import torch, sepconv
+    >>> sepconv.clear_cpu_strategy_cache()
+    >>> with torch.no_grad():
+    ...     _ = sepconv.SeparableConv2d(4, 8, 3)(torch.rand(2, 4, 16, 16))
+    >>> [(m.kind, m.seconds > 0) for m in sepconv.cpu_strategy_measurements()]
+    [('layout', True)]
+    """
+    with _lock:
+        return list(_measurements)
 
 
 def clear_cpu_strategy_cache() -> None:
@@ -150,6 +178,7 @@ def clear_cpu_strategy_cache() -> None:
         _decisions.clear()
         _backward_decisions.clear()
         _rechecks.clear()
+        _measurements.clear()
         _forget_layer_memos()
 
 
@@ -206,7 +235,9 @@ def depthwise_backward(
             choice = _backward_decisions.get(key)
             if choice is None:
                 _note_measurement()
+                start = time.perf_counter()
                 choice = _backward_decisions[key] = _measure_backward(input, weight, stride, padding, dilation)
+                _log_measurement("depthwise_backward", key, _backward_name(*choice), start)
     return choice
 
 
@@ -239,6 +270,15 @@ def _recheck_on_next_call() -> bool:
 def _note_measurement() -> None:
     global _nested_measurements
     _nested_measurements += 1
+
+
+def _log_measurement(kind: str, key: tuple, plan: str, start: float) -> None:
+    """Add a measurement begun at ``start`` (``time.perf_counter()``) to :func:`cpu_strategy_measurements`."""
+    _measurements.append(Measurement(kind, key, plan, time.perf_counter() - start))
+
+
+def _backward_name(grad_input: str, grad_weight: str) -> str:
+    return f"grad_input={grad_input}, grad_weight={grad_weight}"
 
 
 def _measure_backward(
@@ -416,6 +456,7 @@ def _recheck(
         if _rechecks.get(recheck.key) is not recheck:  # done by another thread, or the cache was cleared
             return
         _note_measurement()
+        start = time.perf_counter()
         _, params = _layer_signature(layer)
         trainable = [p for p in params if p.requires_grad] if training else None
         chunk = _chunk_size(input, training) if batch_independent else None
@@ -425,6 +466,7 @@ def _recheck(
         keep = recheck.source in both and not both[best] * _RECHECK_MARGIN < both[recheck.source]
         _decisions[recheck.key] = (recheck.source, None) if keep else recheck.first[best][0]
         del _rechecks[recheck.key]
+        _log_measurement("recheck", recheck.key, _plan_name(*_decisions[recheck.key]), start)
         _forget_layer_memos()
 
 
@@ -608,8 +650,10 @@ def _decide(
             plan = _decisions.get(key)
             if plan is None:
                 trainable = [p for p in params if p.requires_grad] if training else None
+                start = time.perf_counter()
                 plan, close = _measure(input, run_convs, trainable, chunk, dense)
                 _decisions[key] = plan
+                _log_measurement("layout", key, _plan_name(*plan), start)
                 if close:
                     _rechecks[key] = _Recheck(key, source, close, _RECHECK_AFTER_CALLS)
     return plan, _rechecks.get(key)

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sepconv.commands.analyze import parse_shape
-from sepconv.cpu_strategy import describe_decision, run_channels_last
+from sepconv.cpu_strategy import cpu_strategy_measurements, describe_decision, run_channels_last
 from sepconv.cpu_strategy_file import save_cpu_strategy_decisions
 from sepconv.cpu_tune import tune_cpu_strategy
 from sepconv.models import load_model
@@ -43,14 +43,18 @@ def run(args: argparse.Namespace) -> int:
         run_channels_last(model)
     if Path(args.out).exists() and not args.force:  # before minutes of measuring, not after
         raise FileExistsError(f"{args.out} exists; pass --force to replace it")
-    start = time.perf_counter()
+    start, measured_before = time.perf_counter(), len(cpu_strategy_measurements())
     made = tune_cpu_strategy(model, shape, training=args.only != "inference", inference=args.only != "training")
     seconds = time.perf_counter() - start
+    spent: dict[tuple, float] = {}  # per decision: its measurement and recheck (a layout's includes its backward's)
+    for measurement in cpu_strategy_measurements()[measured_before:]:
+        spent[measurement.key] = spent.get(measurement.key, 0.0) + measurement.seconds
     saved = save_cpu_strategy_decisions(args.out, overwrite=args.force)
     table = Table(title=f"{len(made)} decisions made in {seconds:.1f} s; {saved} saved to {args.out}")
     for column in ("layer", "input", "mode", "decision"):
         table.add_column(column)
+    table.add_column("measured s", justify="right")
     for key, decision in made.items():
-        table.add_row(*describe_decision(key), decision)
+        table.add_row(*describe_decision(key), decision, f"{spent.get(key, 0.0):.2f}")
     Console(width=120).print(table)
     return 0
