@@ -13,7 +13,9 @@ Everything is measured side by side in one run, fp32, medians of per-call timing
   with NCHW input, converted in and back out (what an NCHW caller pays for channels_last in plain
   PyTorch), ``ours`` = ``sepconv.SeparableConv2d`` with the CPU strategy on and an NCHW input (NCHW out),
   ``ours_channels_last_in`` = ours given channels_last input (it stays channels_last), ``standard_*`` = the
-  ``nn.Conv2d`` it replaces in either layout;
+  ``nn.Conv2d`` it replaces in either layout, ``torch_nchw_again``/``torch_channels_last_again`` = controls:
+  copies of the PyTorch blocks doing the same work as them in the same rounds (how far apart the benchmark puts
+  equal work: its resolution on this machine);
 - models: the small Fashion-MNIST CNNs (``sepconv.nets``), standard vs separable, training step and inference.
 
     python benchmarks/cpu.py                    # full run, writes benchmarks/results/cpu.{json,png}
@@ -140,6 +142,10 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
         "ours_channels_last_in": (ours, x.contiguous(memory_format=CL)),
         "standard_nchw": (standard, x),
         "standard_channels_last": (standard_cl, x.contiguous(memory_format=CL)),
+        # controls: the same work as torch_nchw / torch_channels_last on copies (their own weights, inputs and
+        # buffers), timed in the same rounds; their ratio is how far apart this benchmark puts equal work
+        "torch_nchw_again": (copy.deepcopy(plain), x.clone()),
+        "torch_channels_last_again": (copy.deepcopy(plain_cl), x.contiguous(memory_format=CL)),
     }
     for pass_name, make in (("forward", forward), ("forward_backward", forward_backward)):
         fns = {}
@@ -303,12 +309,46 @@ def layer_ratio(baseline_ms: float, ours_ms: float, upstream_ms: float | None) -
     return f"{text} ({(baseline_ms - upstream_ms) / (ours_ms - upstream_ms):.2f}x)"
 
 
+def control_ratios(row: dict, pass_name: str) -> list[float]:
+    """PyTorch NCHW and channels_last over their copies: equal work, 1.0 but for the benchmark's noise."""
+    return [
+        row[f"torch_{layout}_{pass_name}_ms"] / row[f"torch_{layout}_again_{pass_name}_ms"]
+        for layout in ("nchw", "channels_last")
+    ]
+
+
+def target_counts(result: dict) -> list[str]:
+    """How many rows meet ``ours >= 0.95x`` the best PyTorch option of each caller (#7's first target), and the
+    controls' spread: a miss inside it is as far from 1.0 as equal work came out in this run."""
+    met = {"NCHW": 0, "channels_last": 0}
+    misses: list[float] = []
+    floor, rows = 1.0, 0
+    for r in result["layers"]:
+        for p in ("forward", "forward_backward"):
+            rows += 1
+            best_nchw = min(r[f"torch_nchw_{p}_ms"], r[f"torch_channels_last_converted_{p}_ms"])
+            ratios = {
+                "NCHW": best_nchw / r[f"ours_{p}_ms"],
+                "channels_last": r[f"torch_channels_last_{p}_ms"] / r[f"ours_channels_last_in_{p}_ms"],
+            }
+            for caller, ratio in ratios.items():
+                met[caller] += ratio >= 0.95
+                misses += [ratio] if ratio < 0.95 else []
+            floor = min(floor, *(min(c, 1 / c) for c in control_ratios(r, p)))
+    below = sum(ratio < floor for ratio in misses)
+    return [
+        f"Ours >= 0.95x the best PyTorch option: NCHW caller {met['NCHW']}/{rows} rows, channels_last caller "
+        f"{met['channels_last']}/{rows}. Equal work timed twice (controls) came out up to {floor:.2f}x apart; "
+        f"{below} of the {len(misses)} misses lie further below 1.0 than that."
+    ]
+
+
 def markdown(result: dict) -> str:
     lines = [
         "| C,H,O,K,s | batch | pass | PyTorch NCHW ms | PyTorch CL ms | PyTorch CL+conversions ms | upstream ReLU ms "
         "| ours ms | ours / best PyTorch | ours / best for an NCHW caller | ours CL-in / PyTorch CL "
-        "| standard best ms | ours vs standard |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| standard best ms | ours vs standard | same work twice NCHW / CL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["layers"]:
         for p in ("forward", "forward_backward"):
@@ -332,8 +372,10 @@ def markdown(result: dict) -> str:
                 f"| {min(nchw, cl) / ours:.2f}x | {layer_ratio(min(nchw, cl_conv), ours, relu_nchw)} "
                 f"| {layer_ratio(cl, ours_cl, relu_cl)} "
                 f"| {'skipped' if std_best is None else f'{std_best:.3f}'} "
-                f"| {'-' if std_best is None else f'{std_best / ours:.2f}x'} |"
+                f"| {'-' if std_best is None else f'{std_best / ours:.2f}x'} "
+                f"| {' / '.join(f'{ratio:.2f}x' for ratio in control_ratios(r, p))} |"
             )
+    lines += ["", *target_counts(result)]
     lines += [
         "",
         "| model | conv | variant | params | train step b64 ms | inference b64 ms | b1 ms |",

@@ -14,8 +14,9 @@ from pathlib import Path
 ROOT = Path(__file__).parent.parent
 
 
-def run_script(*args: str, interpret: bool = True) -> None:
-    """Run a script from the repository root; under Triton's interpreter unless ``interpret`` is False."""
+def run_script(*args: str, interpret: bool = True) -> str:
+    """Run a script from the repository root (under Triton's interpreter unless ``interpret`` is False); its
+    standard output."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT / "src")}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
@@ -23,6 +24,7 @@ def run_script(*args: str, interpret: bool = True) -> None:
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
@@ -113,9 +115,10 @@ PLAN = r"contiguous|channels_last( in batch chunks of \d+)?|dense"  # cpu_strate
 
 
 def test_cpu_benchmark_quick_run(tmp_path):
-    run_script("benchmarks/cpu.py", "--quick", "--min-run-time", "0.005", "--out", str(tmp_path))
+    printed = run_script("benchmarks/cpu.py", "--quick", "--min-run-time", "0.005", "--out", str(tmp_path))
     result = json.loads((tmp_path / "cpu.json").read_text())
     variants = ["torch_nchw", "torch_channels_last", "torch_channels_last_converted", "ours", "ours_channels_last_in"]
+    variants += ["torch_nchw_again", "torch_channels_last_again"]  # controls: equal work, timed alongside
     for row in result["layers"]:  # every variant timed in the same interleaved rounds, at least 3 calls each
         for name in (*variants, "standard_nchw", "standard_channels_last"):
             for pass_name in ("forward", "forward_backward"):
@@ -137,3 +140,19 @@ def test_cpu_benchmark_quick_run(tmp_path):
     # the same network in every variant: the layouts and strategies change speed, not the parameters
     assert len({(r["conv"], r["params"]) for r in result["models"]}) == 2
     assert (tmp_path / "cpu.png").stat().st_size > 0
+    # the printed verdict on the first target agrees with the rows: ours >= 0.95x the best option of each caller,
+    # and how far apart the controls (equal work) came out
+    passes = [(r, p) for r in result["layers"] for p in ("forward", "forward_backward")]
+    best_nchw = [min(r[f"torch_nchw_{p}_ms"], r[f"torch_channels_last_converted_{p}_ms"]) for r, p in passes]
+    nchw = [best / r[f"ours_{p}_ms"] for best, (r, p) in zip(best_nchw, passes, strict=True)]
+    cl = [r[f"torch_channels_last_{p}_ms"] / r[f"ours_channels_last_in_{p}_ms"] for r, p in passes]
+    layouts = ("nchw", "channels_last")
+    controls = [r[f"torch_{k}_{p}_ms"] / r[f"torch_{k}_again_{p}_ms"] for r, p in passes for k in layouts]
+    floor = min(1.0, *(min(c, 1 / c) for c in controls))
+    misses = [ratio for ratio in nchw + cl if ratio < 0.95]
+    verdict = (
+        f"NCHW caller {sum(x >= 0.95 for x in nchw)}/{len(passes)} rows, channels_last caller "
+        f"{sum(x >= 0.95 for x in cl)}/{len(passes)}. Equal work timed twice (controls) came out up to {floor:.2f}x "
+        f"apart; {sum(x < floor for x in misses)} of the {len(misses)} misses"
+    )
+    assert verdict in " ".join(printed.split()), printed[-2000:]
