@@ -148,11 +148,14 @@ def test_cpu_benchmark_quick_run(tmp_path):
     cl = [r[f"torch_channels_last_{p}_ms"] / r[f"ours_channels_last_in_{p}_ms"] for r, p in passes]
     layouts = ("nchw", "channels_last")
     controls = [r[f"torch_{k}_{p}_ms"] / r[f"torch_{k}_again_{p}_ms"] for r, p in passes for k in layouts]
-    floor = min(1.0, *(min(c, 1 / c) for c in controls))
-    misses = [ratio for ratio in nchw + cl if ratio < 0.95]
+    apart = [min(c, 1 / c) for c in controls]
     verdict = (
         f"NCHW caller {sum(x >= 0.95 for x in nchw)}/{len(passes)} rows, channels_last caller "
-        f"{sum(x >= 0.95 for x in cl)}/{len(passes)}. Equal work timed twice (controls) came out up to {floor:.2f}x "
-        f"apart; {sum(x < floor for x in misses)} of the {len(misses)} misses lie further below 1.0 than that"
+        f"{sum(x >= 0.95 for x in cl)}/{len(passes)}; "
+    )
+    control_verdict = (
+        f"Equal work timed twice (controls): {sum(a >= 0.95 for a in apart)} of {len(apart)} within 0.95-1.05x of "
+        f"each other, the farthest {min(apart):.2f}x."
     )
     assert verdict in " ".join(printed.split()), printed[-2000:]
+    assert control_verdict in " ".join(printed.split()), printed[-2000:]
