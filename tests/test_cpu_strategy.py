@@ -872,3 +872,28 @@ def test_measurements_list_each_decision_with_its_plan_and_time(monkeypatch) -> 
     assert (first.kind, again.kind) == ("layout", "recheck") and first.key == again.key
     assert sepconv.cpu_strategy_decisions() == {again.key: again.plan}
     assert again.seconds > 0
+
+
+@pytest.mark.parametrize(
+    ("fft_speedup", "flipped_speedup", "expected"),
+    [
+        (1.3, 1.2, ("conv", "torch")),  # the FFT within _FFT_MARGIN (1.5): PyTorch's weight gradient
+        (1.6, 1.05, ("torch", "fft")),  # the flipped conv within _MARGIN (1.1): PyTorch's input gradient
+        (3.0, 1.5, ("conv", "fft")),
+    ],
+)
+def test_the_fft_weight_gradient_must_win_by_half_the_flipped_conv_by_a_tenth(
+    monkeypatch, fft_speedup: float, flipped_speedup: float, expected: tuple[str, str]
+) -> None:
+    """The backward algorithms' margins: the FFT's fresh buffers cost more in a training step than in its isolated
+    timing (channels_last 7x7 batch 1: chosen at 1.2-1.3x, then 0.85x of PyTorch's step)."""
+    speedups = {"conv": flipped_speedup, "fft": fft_speedup}
+
+    def timed(steps, timed_rounds=None):
+        ours = next(name for name in steps if name != "torch")
+        return {"torch": 1.0, ours: 1.0 / speedups[ours]}
+
+    monkeypatch.setattr(cpu_strategy, "_time_candidates", timed)
+    x = torch.randn(1, 3, 8, 8, requires_grad=True)
+    weight = torch.randn(3, 1, 5, 5, requires_grad=True)
+    assert cpu_strategy._measure_backward(x, weight, (1, 1), (2, 2), (1, 1)) == expected
