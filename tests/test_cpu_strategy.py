@@ -847,7 +847,8 @@ def test_measurements_list_each_decision_with_its_plan_and_time(monkeypatch) -> 
     backward measurements made inside it; later calls add nothing until a recheck, which is listed with the plan it
     settled on; clearing the cache empties the list."""
     monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)  # few rounds: this test is about the record, not timing
-    layer = sepconv.SeparableConv2d(3, 4, 5, padding=2)  # 25 taps: its backward algorithms are measured too
+    # 25 taps: the depthwise backward is measured too; the mid ReLU rules out the dense plan (no depthwise conv)
+    layer = sepconv.SeparableConv2d(3, 4, 5, padding=2, mid_activation=nn.ReLU())
     x = torch.randn(2, 3, 9, 9, requires_grad=True)  # as inside a network (the measurement's steps are)
     start = time.perf_counter()
     layer(x).sum().backward()
@@ -855,7 +856,7 @@ def test_measurements_list_each_decision_with_its_plan_and_time(monkeypatch) -> 
     measured = sepconv.cpu_strategy_measurements()
     decisions = sepconv.cpu_strategy_decisions()
     assert [m.kind for m in measured] == ["depthwise_backward"] * (len(measured) - 1) + ["layout"]
-    assert len(measured) >= 2  # the NCHW plan's backward at least (contiguous input of the depthwise conv)
+    assert len(measured) >= 2  # the backward of each layout timed in training (one at least), then the layout
     assert {m.key: m.plan for m in measured} == decisions
     layout = measured[-1]
     assert sum(m.seconds for m in measured[:-1]) <= layout.seconds <= elapsed

@@ -108,10 +108,10 @@ def test_the_command_writes_a_file_the_next_process_loads(tmp_path, capsys) -> N
     printed = capsys.readouterr().out
     assert "SeparableConv2d" in printed and "training" in printed and "inference" in printed
     decided = sepconv.cpu_strategy_decisions()
-    # each decision's measuring time (its share of the whole, which the title gives): all of them took some
+    # each decision's measuring time (2 decimals), together some of the whole, which the title gives
     total = float(re.search(r"decisions made in ([0-9.]+) s", printed).group(1))
     spent = [float(line.split("│")[-2]) for line in printed.splitlines() if line.startswith("│")]
-    assert len(spent) == len(decided) and all(s > 0 for s in spent) and sum(spent) <= total + 0.005 * len(spent)
+    assert len(spent) == len(decided) and 0 < sum(spent) <= total + 0.05 + 0.005 * len(spent)
     sepconv.clear_cpu_strategy_cache()
     assert sepconv.load_cpu_strategy_decisions(out) == len(decided) > 0
     assert sepconv.cpu_strategy_decisions() == decided
