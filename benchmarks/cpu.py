@@ -322,7 +322,8 @@ def target_counts(result: dict) -> list[str]:
     """How many rows meet ``ours >= 0.95x`` the best PyTorch option of each caller (#7's first target); how often
     the controls (equal work timed twice) came out as far apart; and how many misses ran the very convs of the
     option they are compared with (ours' plan: contiguous = PyTorch NCHW, channels_last = PyTorch CL, with
-    conversions for an NCHW caller), where only the process state and our per-call Python separate the two."""
+    conversions for an NCHW caller; in training a depthwise backward of 25+ taps may still differ: FFT, flipped
+    conv), where only the process state and our per-call Python separate the two."""
     met = {"NCHW": 0, "channels_last": 0}
     misses: list[bool] = []  # per miss: whether ours ran the same convs
     controls: list[float] = []
