@@ -320,8 +320,8 @@ def control_ratios(row: dict, pass_name: str) -> list[float]:
 
 def target_counts(result: dict) -> list[str]:
     """How many rows meet ``ours >= 0.95x`` the best PyTorch option of each caller (#7's first target); how often
-    the controls (equal work timed twice) came out as far apart; and how many misses ran the very convs of the
-    option they are compared with (ours' plan: contiguous = PyTorch NCHW, channels_last = PyTorch CL, with
+    the controls (equal work timed twice) came out as far apart; and how many misses ran the plan of the option
+    they are compared with (ours' plan: contiguous = PyTorch NCHW, channels_last = PyTorch CL, with
     conversions for an NCHW caller; in training a depthwise backward of 25+ taps may still differ: FFT, flipped
     conv), where only the process state and our per-call Python separate the two."""
     met = {"NCHW": 0, "channels_last": 0}
@@ -345,7 +345,7 @@ def target_counts(result: dict) -> list[str]:
     rows = len(controls) // 2
     return [
         f"Ours >= 0.95x the best PyTorch option: NCHW caller {met['NCHW']}/{rows} rows, channels_last caller "
-        f"{met['channels_last']}/{rows}; {sum(misses)} of the {len(misses)} misses ran the same convs as the "
+        f"{met['channels_last']}/{rows}; {sum(misses)} of the {len(misses)} misses ran the same plan as the "
         f"PyTorch option they are compared with. Equal work timed twice (controls): {sum(c >= 0.95 for c in controls)}"
         f" of {len(controls)} within 0.95-1.05x of each other, the farthest {min(controls, default=1.0):.2f}x."
     ]

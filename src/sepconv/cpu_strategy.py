@@ -94,15 +94,15 @@ _MARGIN = 1.1
 # 0.62x; at 10% batch-1 forwards kept the input's layout where converting was 5-9% faster (0.92-0.95x). 2x:
 # this VM's process states move single timings that much; a benchmark run's (32, 144, 56, 56) -> 24 forward
 # measured its dense plan 1.25x+ ahead of batch chunks, which ran 28 vs 42 ms when measured in a fresh process.
+_RECHECK_AFTER_CALLS = 20
+_RECHECK_WITHIN = 2.0
+_RECHECK_MARGIN = 1.05
 # The FFT weight gradient must win its isolated timing by _FFT_MARGIN: inside a training step its fresh buffers
 # (padded planes, spectra) cost more than in a loop that reuses them. A channels_last (1, 128, 28, 28) 7x7 step
 # picked it at 1.18-1.32x in isolation and then ran 0.85-0.87x PyTorch channels_last in three repeats of its
 # benchmark row, 0.98x with PyTorch's weight gradient; where the FFT matters it wins 2.8-13x (NCHW from 5x5,
 # channels_last from 15x15: benchmarks/cpu_depthwise_backward.py).
 _FFT_MARGIN = 1.5
-_RECHECK_AFTER_CALLS = 20
-_RECHECK_WITHIN = 2.0
-_RECHECK_MARGIN = 1.05
 _LAYER_MEMO_SIZE = 16  # plans a layer remembers (one per input shape, dtype, mode...) before it starts over
 _UNKNOWN = object()
 _CHUNK_BYTES = 4 * 2**20  # input per chunk of the chunked plan (twice that in training)
