@@ -49,6 +49,12 @@ def separable_layer(cfg: ConvConfig) -> nn.Module:
     )
 
 
+def layout_decisions() -> dict[tuple, str]:
+    """The layers' plans among the strategy's decisions (not a depthwise conv's backward or a pointwise conv's)."""
+    decisions = sepconv.cpu_strategy_decisions().items()
+    return {key: plan for key, plan in decisions if key[0] not in ("depthwise_backward", "pointwise")}
+
+
 @settings(max_examples=60)
 @given(conv_configs(ndims=(2, 3)))
 def test_channels_last_and_auto_equal_the_plain_path_in_float64(cfg: ConvConfig) -> None:
@@ -69,7 +75,7 @@ def test_depthwise_layer_alone_uses_the_strategy_and_keeps_results() -> None:
     with sepconv.use_cpu_strategy("off"):
         plain = layer(x)
     torch.testing.assert_close(layer(x), plain, rtol=1e-12, atol=1e-12)
-    layouts = [key[0] for key in sepconv.cpu_strategy_decisions() if key[0] != "depthwise_backward"]
+    layouts = [key[0] for key in layout_decisions()]
     assert layouts == ["DepthwiseConv2d"]
 
 
@@ -95,7 +101,7 @@ def test_decisions_are_cached_per_configuration(monkeypatch) -> None:
     layer(x), layer(torch.randn(2, 4, 17, 16))
     with torch.no_grad():
         layer(x)
-    decisions = {k: v for k, v in sepconv.cpu_strategy_decisions().items() if k[0] != "depthwise_backward"}
+    decisions = layout_decisions()
     assert len(decisions) == 3 and set(decisions.values()) <= {"contiguous", "channels_last", "dense"}
     assert {next(part for part in key if isinstance(part, tuple)) for key in decisions} == {
         (2, 4, 16, 16),
@@ -178,7 +184,7 @@ def test_the_dense_plan_is_timed_for_narrow_layers_only(monkeypatch) -> None:
         sepconv.SeparableConv2d(32, 16, 3, padding=1, padding_mode="reflect")(x)  # not zero padding
         sepconv.DepthwiseConv2d(32, 3, padding=1)(x)  # a depthwise layer alone
     assert offered == [True, False, False, False, False]
-    assert next(iter(sepconv.cpu_strategy_decisions().values())) == "dense"
+    assert next(iter(layout_decisions().values())) == "dense"
 
 
 def test_a_dense_plan_follows_parts_changed_after_the_decision(monkeypatch) -> None:
@@ -190,7 +196,7 @@ def test_a_dense_plan_follows_parts_changed_after_the_decision(monkeypatch) -> N
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
     with torch.no_grad():
         layer(x)
-        assert set(sepconv.cpu_strategy_decisions().values()) == {"dense"}
+        assert set(layout_decisions().values()) == {"dense"}
         layer.depthwise.padding_mode = "reflect"
         padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
         mid = nn.functional.conv2d(padded, layer.depthwise.weight, groups=4)
@@ -226,7 +232,7 @@ def test_a_dense_plan_outside_autograd_follows_every_change_of_the_weights(monke
         for change in [lambda: None, *changes]:
             change()
             torch.testing.assert_close(layer(x), expected(x), rtol=1e-12, atol=1e-12)
-        assert set(sepconv.cpu_strategy_decisions().values()) == {"dense"}
+        assert set(layout_decisions().values()) == {"dense"}
         layer.float()  # the same parameters, converted through .data
         torch.testing.assert_close(layer(x.float()), expected(x.float()), rtol=1e-5, atol=1e-5)
         layer.double()
@@ -245,12 +251,12 @@ def test_a_parameter_replaced_after_a_decision_is_the_one_timed_next() -> None:
     layer.depthwise.weight = nn.Parameter(torch.randn_like(layer.depthwise.weight))
     out = layer(torch.randn(2, 4, 11, 11))
     out.sum().backward()
-    assert layer.depthwise.weight.grad is not None and len(sepconv.cpu_strategy_decisions()) == 2
+    assert layer.depthwise.weight.grad is not None and len(layout_decisions()) == 2
 
 
 def test_decisions_describe_their_layer_input_and_mode() -> None:
-    """describe_decision reads the keys a real inference call and training step make (layout and depthwise
-    backward keys): the layer, the input shape each was made for, and the mode."""
+    """describe_decision reads the keys a real inference call and training step make (layout, depthwise backward
+    and pointwise keys): the layer, the input shape each was made for, and the mode."""
     layer = sepconv.SeparableConv2d(4, 8, 5, padding=2)
     with torch.no_grad():
         layer(torch.randn(3, 4, 9, 9))
@@ -260,6 +266,9 @@ def test_decisions_describe_their_layer_input_and_mode() -> None:
         ("SeparableConv2d", "(3, 4, 9, 9)", "inference"),
         ("SeparableConv2d", "(2, 4, 9, 9)", "training"),
         ("depthwise backward, weight (4, 1, 5, 5)", "(2, 4, 9, 9)", "training"),
+        ("pointwise conv 4 -> 8", "(3, 4, 9, 9)", "inference"),  # timed in the NCHW plan (not channels_last's)
+        ("pointwise conv 4 -> 8", "(2, 4, 9, 9)", "inference"),  # the training step's forward-only pruning round
+        ("pointwise conv 4 -> 8", "(2, 4, 9, 9)", "training"),
     }
 
 
@@ -269,7 +278,7 @@ def test_a_dense_plan_still_calls_hooked_parts(monkeypatch) -> None:
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
     with torch.no_grad():
         expected = layer(x)  # decided dense, run dense
-        assert set(sepconv.cpu_strategy_decisions().values()) == {"dense"}
+        assert set(layout_decisions().values()) == {"dense"}
         handle = layer.pointwise.register_forward_hook(lambda module, args, output: 2 * output)
         torch.testing.assert_close(layer(x), 2 * expected, rtol=1e-12, atol=1e-12)  # the hook ran
         handle.remove()
@@ -474,7 +483,7 @@ def test_a_close_decision_is_measured_again_after_a_few_calls(
             converted.clear()
             torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
             plan = settled if call >= cpu_strategy._RECHECK_AFTER_CALLS else decided
-            assert list(sepconv.cpu_strategy_decisions().values()) == [plan], call
+            assert list(layout_decisions().values()) == [plan], call
             assert bool(converted) == (plan == "channels_last"), call  # the plan in force ran
     close = {cpu_strategy.CONTIGUOUS, cpu_strategy.CHANNELS_LAST}
     assert timings == ([None] if again is None else [None, close])
@@ -499,7 +508,7 @@ def test_a_deep_copy_of_a_layer_owed_a_recheck_takes_it(monkeypatch) -> None:
         for _ in range(2 * cpu_strategy._RECHECK_AFTER_CALLS):
             twin(x)
     assert len(timings) == 2 and cpu_strategy._rechecks == {}
-    assert list(sepconv.cpu_strategy_decisions().values()) == ["channels_last"]
+    assert list(layout_decisions().values()) == ["channels_last"]
 
 
 def test_a_recheck_owed_is_forgotten_with_the_cache_and_by_loaded_decisions(monkeypatch, tmp_path) -> None:
@@ -658,10 +667,11 @@ def test_ineligible_inputs_run_as_given_and_record_nothing() -> None:
     x_cl = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
     assert layer(x_cl).is_contiguous(memory_format=torch.channels_last)  # the caller's layout, as nn.Conv2d
     layer(torch.randn(4, 9, 9))  # unbatched
-    sepconv.SeparableConv1d(4, 8, 3)(torch.randn(2, 4, 9))  # 1-d has no channels_last
+    sepconv.SeparableConv1d(4, 8, 3)(torch.randn(2, 4, 9))  # 1-d has no channels_last...
     with sepconv.use_cpu_strategy("off"):
         layer(torch.randn(2, 4, 9, 9))
-    assert sepconv.cpu_strategy_decisions() == {}
+    # ... but its pointwise conv may run as a matrix product: the one decision
+    assert [key[:3] for key in sepconv.cpu_strategy_decisions()] == [("pointwise", (8, 4), (2, 4, 7))]
 
 
 def test_context_manager_is_per_thread_and_modes_are_checked() -> None:
@@ -710,7 +720,7 @@ def test_run_channels_last_keeps_nchw_outside_and_results_in_float64(build, monk
     expected.sum().backward()
     for (name, p), q in zip(twin.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
-    assert set(sepconv.cpu_strategy_decisions().values()) <= {"channels_last"}  # inside, layers keep channels_last
+    assert set(layout_decisions().values()) <= {"channels_last"}  # inside, layers keep channels_last
 
 
 def test_run_channels_last_handles_3d_models_and_returns_contiguous_maps() -> None:
@@ -844,8 +854,8 @@ def test_a_layer_counts_as_trainable_exactly_when_one_of_its_parameters_needs_a_
 def test_measurements_list_each_decision_with_its_plan_and_time(monkeypatch) -> None:
     """cpu_strategy_measurements(): one entry per measurement made, keyed and named as cpu_strategy_decisions()
     lists the decision, timed by the wall clock: a training step's layout measurement holds the depthwise
-    backward measurements made inside it; later calls add nothing until a recheck, which is listed with the plan it
-    settled on; clearing the cache empties the list."""
+    backward and pointwise measurements made inside it; later calls add nothing until a recheck, which is listed
+    with the plan it settled on; clearing the cache empties the list."""
     monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)  # few rounds: this test is about the record, not timing
     # 25 taps: the depthwise backward is measured too; the mid ReLU rules out the dense plan (no depthwise conv)
     layer = sepconv.SeparableConv2d(3, 4, 5, padding=2, mid_activation=nn.ReLU())
@@ -855,11 +865,11 @@ def test_measurements_list_each_decision_with_its_plan_and_time(monkeypatch) -> 
     elapsed = time.perf_counter() - start
     measured = sepconv.cpu_strategy_measurements()
     decisions = sepconv.cpu_strategy_decisions()
-    assert [m.kind for m in measured] == ["depthwise_backward"] * (len(measured) - 1) + ["layout"]
-    assert len(measured) >= 2  # the backward of each layout timed in training (one at least), then the layout
+    *nested, layout = measured
+    # the backward of each layout timed in training (one at least), the pointwise conv of the NCHW one, the layout
+    assert layout.kind == "layout" and {m.kind for m in nested} == {"depthwise_backward", "pointwise"}
     assert {m.key: m.plan for m in measured} == decisions
-    layout = measured[-1]
-    assert sum(m.seconds for m in measured[:-1]) <= layout.seconds <= elapsed
+    assert sum(m.seconds for m in nested) <= layout.seconds <= elapsed
     layer(x).sum().backward()
     assert sepconv.cpu_strategy_measurements() == measured
 
@@ -869,9 +879,9 @@ def test_measurements_list_each_decision_with_its_plan_and_time(monkeypatch) -> 
     with torch.no_grad():
         for _ in range(cpu_strategy._RECHECK_AFTER_CALLS):  # the 20th call rechecks
             layer(x)
-    first, again = sepconv.cpu_strategy_measurements()
-    assert (first.kind, again.kind) == ("layout", "recheck") and first.key == again.key
-    assert sepconv.cpu_strategy_decisions() == {again.key: again.plan}
+    pointwise, first, again = sepconv.cpu_strategy_measurements()
+    assert (pointwise.kind, first.kind, again.kind) == ("pointwise", "layout", "recheck") and first.key == again.key
+    assert layout_decisions() == {again.key: again.plan}
     assert again.seconds > 0
 
 

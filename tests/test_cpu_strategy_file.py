@@ -60,7 +60,7 @@ def test_saved_decisions_load_back_equal(tmp_path) -> None:
     run_all()
     decisions = sepconv.cpu_strategy_decisions()
     kinds = {key[0] for key in decisions}
-    assert kinds == {"SeparableConv2d", "SeparableConv3d", "DepthwiseConv2d", "depthwise_backward"}
+    assert kinds == {"SeparableConv2d", "SeparableConv3d", "DepthwiseConv2d", "depthwise_backward", "pointwise"}
     path = tmp_path / "decisions.json"
     assert sepconv.save_cpu_strategy_decisions(path) == len(decisions)
     sepconv.clear_cpu_strategy_cache()
@@ -83,6 +83,7 @@ def test_loaded_decisions_spare_every_measurement_and_keep_results(tmp_path, mon
 
     monkeypatch.setattr(cpu_strategy, "_measure", no_measuring)
     monkeypatch.setattr(cpu_strategy, "_measure_backward", no_measuring)
+    monkeypatch.setattr(cpu_strategy, "_measure_pointwise", no_measuring)
     for got, expected in zip(run_all(), plain, strict=True):
         tolerance = 1e-5 if got.dtype == torch.float32 else 1e-12
         torch.testing.assert_close(got, expected, rtol=tolerance, atol=tolerance)
@@ -99,6 +100,7 @@ def test_a_loaded_plan_is_followed_also_by_a_layer_that_ran_before(tmp_path, mon
     document = json.loads(path.read_text())
     [[key, _]] = document["layouts"]
     document["layouts"] = [[key, ["channels_last", 2]]]  # two samples at a time: no measurement picks this here
+    document["pointwise"] = []  # the chunks' pointwise conv runs on channels_last input: not timed
     path.write_text(json.dumps(document))
     assert sepconv.load_cpu_strategy_decisions(path) == 1
     chunks = []
@@ -146,7 +148,11 @@ def valid_document() -> dict:
             ]
         ],
         "depthwise_backward": [[["depthwise_backward", [3, 1, 5, 5], [1, 1]], ["conv", "fft"]]],
+        "pointwise": [[POINTWISE_KEY, "matmul"]],
     }
+
+
+POINTWISE_KEY = ["pointwise", [4, 3], [2, 3, 8, 8], {"dtype": "float32"}, False, True, 2]
 
 
 @pytest.mark.parametrize(
@@ -166,6 +172,8 @@ def valid_document() -> dict:
         (lambda d: {**d, "layouts": [[["k", {"dtype": "float99"}], ["contiguous", None]]]}, "not a dtype"),
         (lambda d: {**d, "layouts": [[["k", 0.5], ["contiguous", None]]]}, "cannot be part of a decision key"),
         (lambda d: {**d, "depthwise_backward": [[["k"], ["torch", "magic"]]]}, r"depthwise_backward\[0\].*'fft'"),
+        (lambda d: {**d, "pointwise": [[["k"], "winograd"]]}, r"pointwise\[0\].*'winograd'.*\('conv', 'matmul'\)"),
+        (lambda d: {**d, "pointwise": {}}, "'pointwise' must be a list"),
     ],
 )
 def test_a_bad_file_is_refused_naming_the_file_and_the_problem(tmp_path, change, message) -> None:
@@ -181,12 +189,22 @@ def test_a_bad_file_is_refused_naming_the_file_and_the_problem(tmp_path, change,
 def test_the_valid_document_of_the_bad_file_test_loads(tmp_path) -> None:
     path = tmp_path / "decisions.json"
     path.write_text(json.dumps(valid_document()))
-    assert sepconv.load_cpu_strategy_decisions(path) == 2
+    assert sepconv.load_cpu_strategy_decisions(path) == 3
     key = ("SeparableConv2d", "geometry", (2, 3, 8, 8), torch.float32, "contiguous", False, True, 2)
     assert sepconv.cpu_strategy_decisions() == {
         key: "channels_last",
         ("depthwise_backward", (3, 1, 5, 5), (1, 1)): "grad_input=conv, grad_weight=fft",
+        ("pointwise", (4, 3), (2, 3, 8, 8), torch.float32, False, True, 2): "matmul",
     }
+
+
+def test_a_file_from_before_pointwise_decisions_loads(tmp_path) -> None:
+    document = valid_document()
+    del document["pointwise"]  # written by a sepconv that measured no pointwise convs
+    path = tmp_path / "decisions.json"
+    path.write_text(json.dumps(document))
+    assert sepconv.load_cpu_strategy_decisions(path) == 2
+    assert {key[0] for key in sepconv.cpu_strategy_decisions()} == {"SeparableConv2d", "depthwise_backward"}
 
 
 def test_save_refuses_to_replace_a_file_unless_asked(tmp_path) -> None:
@@ -205,20 +223,20 @@ def test_merging_at_exit_keeps_what_another_process_saved_meanwhile(tmp_path) ->
     ours = sepconv.cpu_strategy_decisions()
     path = tmp_path / "decisions.json"
     path.write_text(json.dumps(valid_document()))  # another process's decisions, saved after this one loaded
-    cpu_strategy_file._merge_into_file(path, {"layouts": {}, "backward": {}})
+    cpu_strategy_file._merge_into_file(path, {"layouts": {}, "depthwise_backward": {}, "pointwise": {}})
     sepconv.clear_cpu_strategy_cache()
-    assert sepconv.load_cpu_strategy_decisions(path) == len(ours) + 2
+    assert sepconv.load_cpu_strategy_decisions(path) == len(ours) + 3
     assert set(sepconv.cpu_strategy_decisions()) == set(ours) | {
         ("SeparableConv2d", "geometry", (2, 3, 8, 8), torch.float32, "contiguous", False, True, 2),
         ("depthwise_backward", (3, 1, 5, 5), (1, 1)),
+        ("pointwise", (4, 3), (2, 3, 8, 8), torch.float32, False, True, 2),
     }
 
 
 def test_merging_at_exit_writes_nothing_when_nothing_was_measured(tmp_path) -> None:
     run_all()
     path = tmp_path / "decisions.json"
-    layouts, backward = cpu_strategy_file._snapshot()
-    cpu_strategy_file._merge_into_file(path, {"layouts": layouts, "backward": backward})
+    cpu_strategy_file._merge_into_file(path, cpu_strategy_file._snapshot())
     assert not path.exists()
 
 
@@ -240,9 +258,14 @@ def run_script(path: Path, height: int) -> int:
 
 def test_the_environment_variable_loads_at_import_and_merges_at_exit(tmp_path) -> None:
     path = tmp_path / "decisions.json"
-    assert run_script(path, 9) == 0  # nothing to load yet; saves its one decision at exit
-    assert run_script(path, 9) == 1  # loads it, measures nothing new: the file is left as it was
-    assert run_script(path, 10) == 1  # a new input shape: a second decision merged in
-    assert sepconv.load_cpu_strategy_decisions(path) == 2
-    shapes = [next(part for part in key if isinstance(part, tuple)) for key in sepconv.cpu_strategy_decisions()]
-    assert sorted(shapes) == [(2, 3, 9, 9), (2, 3, 10, 9)]
+    assert run_script(path, 9) == 0  # nothing to load yet; saves its decisions at exit: the layer's, its pointwise's
+    assert run_script(path, 9) == 2  # loads them, measures nothing new: the file is left as it was
+    assert run_script(path, 10) == 2  # a new input shape: two more decisions merged in
+    assert sepconv.load_cpu_strategy_decisions(path) == 4
+    shapes = {kind: [] for kind in ("SeparableConv2d", "pointwise")}
+    for key in sepconv.cpu_strategy_decisions():
+        shapes[key[0]].append(next(part for part in key[2:] if isinstance(part, tuple)))
+    assert {kind: sorted(found) for kind, found in shapes.items()} == {
+        "SeparableConv2d": [(2, 3, 9, 9), (2, 3, 10, 9)],
+        "pointwise": [(2, 3, 9, 9), (2, 3, 10, 9)],  # padding 1: the depthwise output's shape
+    }

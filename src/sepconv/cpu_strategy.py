@@ -21,7 +21,11 @@ backward: PyTorch's weight gradient against an FFT one, and (stride 1) PyTorch's
 against a forward conv with the flipped kernel (:mod:`sepconv.cpu_backward`; a 31x31 training step
 measured 8-10x faster), and caches the faster of each per configuration.
 
-Modes: ``"auto"`` (measure once, cache), ``"channels_last"`` (always convert; backward still measured),
+A pointwise (1x1) conv of a contiguous input times PyTorch's conv against the same map as a matrix
+product (:mod:`sepconv.cpu_pointwise`) on its first call of each configuration, in training as a training
+step, and caches the faster (a (1, 960, 7, 7) -> 160 forward: 0.20 -> 0.12 ms).
+
+Modes: ``"auto"`` (measure once, cache), ``"channels_last"`` (always convert; backward and pointwise still measured),
 ``"off"`` (plain PyTorch, no measurement).
 The environment variable ``SEPCONV_CPU_STRATEGY`` sets the initial mode.
 
@@ -48,9 +52,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sepconv import cpu_backward
+from sepconv import cpu_backward, cpu_pointwise
 
 __all__ = [
     "Measurement",
@@ -66,6 +71,7 @@ __all__ = [
 MODES = ("auto", "channels_last", "off")
 CONTIGUOUS, CHANNELS_LAST = "contiguous", "channels_last"
 DENSE = "dense"  # a separable layer run as one dense conv with composed weights, in the input's layout
+POINTWISE_ALGORITHMS = ("conv", "matmul")  # a pointwise conv's: PyTorch's conv, or cpu_pointwise.pointwise_matmul
 _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _WARMUP_ROUNDS = 2
 _TIMED_RUNS = 5
@@ -104,13 +110,13 @@ _RECHECK_MARGIN = 1.05
 # channels_last from 15x15: benchmarks/cpu_depthwise_backward.py).
 _FFT_MARGIN = 1.5
 _LAYER_MEMO_SIZE = 16  # plans a layer remembers (one per input shape, dtype, mode...) before it starts over
-_UNKNOWN = object()
 _CHUNK_BYTES = 4 * 2**20  # input per chunk of the chunked plan (twice that in training)
 
 _state = threading.local()  # per-thread override from the cpu_strategy() context manager
 _global_mode = os.environ.get("SEPCONV_CPU_STRATEGY", "auto")
 _decisions: dict[tuple, tuple[str, int | None]] = {}  # key -> (layout, samples per call or None for the batch)
 _backward_decisions: dict[tuple, tuple[str, str]] = {}
+_pointwise_decisions: dict[tuple, str] = {}  # key -> one of POINTWISE_ALGORITHMS
 _rechecks: dict[tuple, _Recheck] = {}  # key -> the second measurement still owed to a close decision
 _measurements: list[Measurement] = []  # what the decisions above cost, in the order they were made
 # Below this kernel area PyTorch's depthwise backward is within a few times its forward, which an FFT
@@ -146,17 +152,17 @@ def use_cpu_strategy(mode: str) -> Iterator[None]:
 def cpu_strategy_decisions() -> dict[tuple, str]:
     """A copy of the cached choices: configuration key -> ``"contiguous"``, ``"channels_last"``,
     ``"channels_last in batch chunks of N"`` or ``"dense"`` for a layer's plan, ``"grad_input=..., grad_weight=..."``
-    for a depthwise conv's backward algorithms."""
+    for a depthwise conv's backward algorithms, ``"conv"`` or ``"matmul"`` for a pointwise conv's."""
     with _lock:
         layouts = {key: _plan_name(*plan) for key, plan in _decisions.items()}
         backward = {key: _backward_name(*choice) for key, choice in _backward_decisions.items()}
-        return {**layouts, **backward}
+        return {**layouts, **backward, **_pointwise_decisions}
 
 
 class Measurement(NamedTuple):
     """One measurement of the CPU strategy (see :func:`cpu_strategy_measurements`)."""
 
-    kind: str  # "layout": a configuration's first call; "recheck": a close one's 20th; "depthwise_backward"
+    kind: str  # "layout" (a configuration's first call), "recheck" (its 20th), "depthwise_backward", "pointwise"
     key: tuple  # the decision's key in cpu_strategy_decisions()
     plan: str  # what it decided, named as cpu_strategy_decisions() names it
     seconds: float  # wall-clock, including the measurements made inside it (a training step's depthwise backward)
@@ -164,15 +170,15 @@ class Measurement(NamedTuple):
 
 def cpu_strategy_measurements() -> list[Measurement]:
     """The measurements made since import or :func:`clear_cpu_strategy_cache`, oldest first: what the strategy
-    cost this process's calls (decisions loaded from a file cost none). A layout measurement of a training step
-    includes the depthwise backward measurements made inside it, which are listed too (after it: they end first).
+    cost this process's calls (decisions loaded from a file cost none). A layout measurement includes the
+    depthwise backward and pointwise measurements made inside it, which are listed too (before it: they end first).
 
     >>> import torch, sepconv
     >>> sepconv.clear_cpu_strategy_cache()
     >>> with torch.no_grad():
     ...     _ = sepconv.SeparableConv2d(4, 8, 3)(torch.rand(2, 4, 16, 16))
-    >>> [(m.kind, m.seconds > 0) for m in sepconv.cpu_strategy_measurements()]
-    [('layout', True)]
+    >>> sorted({(m.kind, m.seconds > 0) for m in sepconv.cpu_strategy_measurements()})  # and its pointwise conv's
+    [('layout', True), ('pointwise', True)]
     """
     with _lock:
         return list(_measurements)
@@ -183,6 +189,7 @@ def clear_cpu_strategy_cache() -> None:
     with _lock:
         _decisions.clear()
         _backward_decisions.clear()
+        _pointwise_decisions.clear()
         _rechecks.clear()
         _measurements.clear()
         _forget_layer_memos()
@@ -199,7 +206,16 @@ def may_choose_depthwise_backward(input: Tensor, weight: Tensor) -> bool:
     return (
         torch.is_grad_enabled()
         and (input.requires_grad or weight.requires_grad)
-        and input.is_cpu
+        and _may_measure(input, weight)
+        and math.prod(weight.shape[2:]) >= MIN_KERNEL_AREA_FOR_BACKWARD  # after the tracing test: shapes are traced
+    )
+
+
+def _may_measure(input: Tensor, weight: Tensor) -> bool:
+    """Whether the strategy may pick an algorithm for a conv of ``input`` and ``weight``: a plain fp32/fp64 CPU
+    tensor, the strategy not off, and nothing recording or transforming the ops (tracing, compiling, vmap...)."""
+    return (
+        input.is_cpu
         and input.dtype in (torch.float32, torch.float64)
         and weight.dtype == input.dtype
         and get_cpu_strategy() != "off"
@@ -208,7 +224,6 @@ def may_choose_depthwise_backward(input: Tensor, weight: Tensor) -> bool:
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
-        and math.prod(weight.shape[2:]) >= MIN_KERNEL_AREA_FOR_BACKWARD  # after the tracing test: shapes are traced
     )
 
 
@@ -247,10 +262,78 @@ def depthwise_backward(
     return choice
 
 
+def pointwise_as_matmul(layer: nn.Module, input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether this call of ``layer``, a pointwise conv of ``weight`` and ``bias`` (groups 1, stride 1, no padding:
+    the caller's to check), runs as :func:`sepconv.cpu_pointwise.pointwise_matmul`. The first call of each
+    configuration (shapes, layout, dtype, training or inference, threads) times it against PyTorch's conv, as a
+    training step in training, and caches whether it won by 10% (``_MARGIN``). Later calls look it up in the
+    layer's own memo, as :func:`run` does, or inside a separable layer's managed call in that call's
+    :class:`_CallSlot`: per call, a lookup costs ~2 us measured standalone but 3-4 times that between large
+    convs (Python runs cold after them), where the slot costs an attribute read.
+    """
+    state = _state.__dict__
+    slot = state.get("call")
+    if slot is not None and slot.pointwise is layer:  # decided at this call configuration's first call
+        return slot.matmul
+    if (
+        (state.get("mode") or _global_mode) == "off"
+        or not input.is_cpu
+        or type(input) is not Tensor
+        or torch.is_autocast_enabled("cpu")  # the product and the conv would both run in bfloat16: not measured so
+        or torch.compiler.is_compiling()
+        or torch._C._is_tracing()
+        or torch._C._are_functorch_transforms_active()
+    ):
+        return False
+    training = torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    key = (input.shape, input.stride(), input.dtype, weight.shape, weight.dtype, bias is not None, training)
+    key += (torch.get_num_threads(),)
+    memo = layer.__dict__.get("_sepconv_pointwise")
+    if memo is None or memo[0] != _generation:
+        memo = layer.__dict__["_sepconv_pointwise"] = (_generation, {})
+    matmul = memo[1].get(key)
+    if matmul is None:
+        if len(memo[1]) >= _LAYER_MEMO_SIZE:
+            memo[1].clear()
+        matmul = memo[1][key] = _pointwise_algorithm(input, weight, bias, training) == "matmul"
+    if slot is not None and slot.pointwise is None:
+        slot.matmul, slot.pointwise = matmul, layer  # in this order: another thread may read it meanwhile
+    return matmul
+
+
+def _pointwise_algorithm(input: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> str:
+    """The decision of :func:`pointwise_as_matmul` for this configuration: cached, else measured now."""
+    if not (
+        input.dtype in (torch.float32, torch.float64)
+        and weight.dtype == input.dtype
+        and cpu_pointwise.pointwise_matmul_applies(input, weight)
+    ):
+        return "conv"
+    key = (
+        "pointwise",
+        tuple(weight.shape[:2]),
+        tuple(input.shape),  # contiguous (pointwise_matmul_applies)
+        input.dtype,
+        training,  # third from the end, as in a layout key
+        bias is not None,
+        torch.get_num_threads(),
+    )
+    with _lock:
+        algorithm = _pointwise_decisions.get(key)
+        if algorithm is None:
+            _note_measurement()
+            start = time.perf_counter()
+            algorithm = _pointwise_decisions[key] = _measure_pointwise(input, weight, bias, training)
+            _log_measurement("pointwise", key, algorithm, start)
+    return algorithm
+
+
 def describe_decision(key: tuple) -> tuple[str, str, str]:
     """(layer, input shape, mode) of a key of :func:`cpu_strategy_decisions`, for people: a depthwise backward
-    key (built in :func:`depthwise_backward`) or a layout key (built in :func:`_decide`), read here, next to
-    where both are built.
+    key (built in :func:`depthwise_backward`), a pointwise key (:func:`_pointwise_algorithm`) or a layout key
+    (:func:`_decide`), read here, next to where they are built.
 
     >>> describe_decision(("SeparableConv2d", "4, 4, ...", "4, 8, ...", (2, 4, 9, 9), torch.float32,
     ...                    "contiguous", True, True, 2))
@@ -258,10 +341,17 @@ def describe_decision(key: tuple) -> tuple[str, str, str]:
     """
     if key[0] == "depthwise_backward":
         return f"depthwise backward, weight {tuple(key[1])}", str(tuple(key[5])), "training"
+    if key[0] == "pointwise":
+        out_channels, in_channels = key[1]
+        return f"pointwise conv {in_channels} -> {out_channels}", str(tuple(key[2])), _mode_name(key[-3])
     # the layout key: (*signature strings, *candidate names, input shape, dtype, source, training, batch
     # independent, threads); the signature and candidates are strings, so the first tuple is the shape
     shape = next(part for part in key if isinstance(part, tuple))
-    return str(key[0]), str(shape), "training" if key[-3] else "inference"
+    return str(key[0]), str(shape), _mode_name(key[-3])
+
+
+def _mode_name(training: bool) -> str:
+    return "training" if training else "inference"
 
 
 def _recheck_on_next_call() -> bool:
@@ -321,6 +411,32 @@ def _measure_backward(
     return grad_input, grad_weight
 
 
+def _measure_pointwise(input: Tensor, weight: Tensor, bias: Tensor | None, training: bool) -> str:
+    """``"matmul"`` where the matrix product beat PyTorch's conv by ``_MARGIN`` on this call's shapes, else ``"conv"``;
+    in training a step computes the gradients the call needs (of the input, where it requires one, and of the
+    parameters that do)."""
+    x = input.detach().requires_grad_(training and input.requires_grad)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[input.dim() - 3]
+    wanted = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+
+    def step(forward: Callable[[], Tensor]) -> Callable[[], None]:
+        def run_step() -> None:
+            with torch.enable_grad() if training else torch.no_grad():
+                out = forward()
+                if training:
+                    torch.autograd.grad(out, wanted, torch.ones_like(out))
+
+        return run_step
+
+    times = _time_candidates(
+        {
+            "conv": step(lambda: conv(x, weight, bias)),
+            "matmul": step(lambda: cpu_pointwise.pointwise_matmul(x, weight, bias)),
+        }
+    )
+    return "matmul" if times["matmul"] * _MARGIN < times["conv"] else "conv"
+
+
 def _memory_format(input: Tensor) -> str:
     if input.is_contiguous():
         return CONTIGUOUS
@@ -352,7 +468,7 @@ def run(
     mode = state.get("mode") or _global_mode
     if (
         mode == "off"
-        or state.get("busy")
+        or state.get("call")  # inside another managed call
         or not input.is_cpu
         or type(input) is not Tensor
         or torch.compiler.is_compiling()  # first: Dynamo cannot trace the next test, which it never reaches
@@ -371,14 +487,14 @@ def run(
     if memo is None or memo[0] != _generation:
         memo = layer.__dict__["_sepconv_cpu_plans"] = (_generation, {})
     plans = memo[1]
-    plan = plans.get(key, _UNKNOWN)
-    if plan is _UNKNOWN:
+    entry = plans.get(key)
+    if entry is None:
         if check is not None:
             check(input)
-        plan = _plan(layer, input, convs, batch_independent, training, mode, dense)
         if len(plans) >= _LAYER_MEMO_SIZE:
             plans.clear()
-        plans[key] = plan
+        entry = plans[key] = (_plan(layer, input, convs, batch_independent, training, mode, dense), _CallSlot())
+    plan, slot = entry
     if type(plan) is _Pending:  # a decision owed its recheck: the plan until then, or the recheck now
         recheck = plan.recheck
         recheck.calls_left -= 1  # unlocked: threads racing here at worst make the recheck a call early or late
@@ -388,10 +504,12 @@ def run(
             _recheck(recheck, layer, input, convs, batch_independent, training, dense)
             # settled, or not this memo's to settle: a deep copy's memo holds a copy of the recheck; the registered
             # one (still owed) replaces it, so that the copy's calls count towards it instead of coming back here
-            plan = plans[key] = _plan(layer, input, convs, batch_independent, training, mode, dense)
+            plan = _plan(layer, input, convs, batch_independent, training, mode, dense)
+            slot = _CallSlot()  # the new plan's pointwise input may differ: decided afresh
+            plans[key] = (plan, slot)
             if type(plan) is _Pending:
                 plan = plan.plan
-    state["busy"] = True
+    state["call"] = slot
     try:
         if plan is None:
             return forward(input)
@@ -402,7 +520,7 @@ def run(
             return _in_chunks(forward, input, chunk)
         return _in_channels_last(forward, input)
     finally:
-        state["busy"] = False
+        state["call"] = None
 
 
 def _plan(
@@ -426,6 +544,18 @@ def _plan(
     (layout, chunk), recheck = _decide(layer, input, convs, batch_independent, source, training, dense)
     plan = None if chunk is None and layout == source else (layout, chunk)
     return plan if recheck is None else _Pending(plan, recheck)
+
+
+class _CallSlot:
+    """Per layer and call configuration (an entry of the layer's memo in :func:`run`): what the pointwise conv
+    inside the call decided on its first call (:func:`pointwise_as_matmul`), so that later calls skip the lookup
+    (~2 us measured standalone, 3-4 times that between large convs)."""
+
+    __slots__ = ("matmul", "pointwise")
+
+    def __init__(self) -> None:
+        self.pointwise: nn.Module | None = None  # the layer that decided: a call may hold other pointwise convs
+        self.matmul = False
 
 
 @dataclasses.dataclass

@@ -18,11 +18,11 @@ measured, merged into it at exit.
 ...     y = layer(torch.rand(2, 8, 12, 12))  # measures this configuration once
 >>> folder = tempfile.TemporaryDirectory()
 >>> path = folder.name + "/cpu_strategy.json"
->>> save_cpu_strategy_decisions(path)
-1
+>>> save_cpu_strategy_decisions(path)  # the layer's plan, its pointwise conv's algorithm
+2
 >>> sepconv.clear_cpu_strategy_cache()
 >>> load_cpu_strategy_decisions(path)  # a new process would do this: its first call measures nothing
-1
+2
 >>> folder.cleanup()
 """
 
@@ -54,16 +54,16 @@ def save_cpu_strategy_decisions(path: PathLike, *, overwrite: bool = False) -> i
 
     Refuses (``FileExistsError``) to replace an existing file unless ``overwrite=True``.
     """
-    layouts, backward = _snapshot()
-    atomic_write_text(path, _dumps(layouts, backward), overwrite=overwrite)
-    return len(layouts) + len(backward)
+    sections = _snapshot()
+    atomic_write_text(path, _dumps(sections), overwrite=overwrite)
+    return sum(map(len, sections.values()))
 
 
 def load_cpu_strategy_decisions(path: PathLike, *, check_machine: bool = True) -> int:
     """Add the decisions in ``path`` to this process's (replacing any for the same configuration); returns how
     many were loaded: 0, with a warning, when the file was measured on another CPU or with other torch or
     sepconv versions, unless ``check_machine=False``. Raises ``ValueError`` for a file that is not one."""
-    machine, layouts, backward = _read(Path(path))
+    machine, sections = _read(Path(path))
     if check_machine and machine != _machine():
         warnings.warn(
             f"{path} holds CPU strategy decisions measured on {machine}, not this {_machine()}: loading none "
@@ -72,12 +72,12 @@ def load_cpu_strategy_decisions(path: PathLike, *, check_machine: bool = True) -
         )
         return 0
     with cpu_strategy._lock:
-        cpu_strategy._decisions.update(layouts)
-        for key in layouts:  # measured in full before: owed no second measurement here
+        for section, decisions in _decision_dicts().items():
+            decisions.update(sections[section])
+        for key in sections["layouts"]:  # measured in full before: owed no second measurement here
             cpu_strategy._rechecks.pop(key, None)
-        cpu_strategy._backward_decisions.update(backward)
         cpu_strategy._forget_layer_memos()
-    return len(layouts) + len(backward)
+    return sum(map(len, sections.values()))
 
 
 def _machine() -> dict[str, str]:
@@ -86,24 +86,29 @@ def _machine() -> dict[str, str]:
     return {"cpu": device_name("cpu"), "torch": torch.__version__, "sepconv": sepconv.__version__}
 
 
-def _snapshot() -> tuple[dict[tuple, tuple], dict[tuple, tuple]]:
-    with cpu_strategy._lock:
-        return dict(cpu_strategy._decisions), dict(cpu_strategy._backward_decisions)
-
-
-def _dumps(layouts: dict[tuple, tuple], backward: dict[tuple, tuple]) -> str:
-    document = {
-        "format": _FORMAT,
-        "version": _VERSION,
-        "machine": _machine(),
-        "layouts": [[_encode(key), list(plan)] for key, plan in layouts.items()],
-        "depthwise_backward": [[_encode(key), list(choice)] for key, choice in backward.items()],
+def _decision_dicts() -> dict[str, dict]:
+    """The strategy's decision caches by the file's section names (read with ``cpu_strategy._lock`` held)."""
+    return {
+        "layouts": cpu_strategy._decisions,
+        "depthwise_backward": cpu_strategy._backward_decisions,
+        "pointwise": cpu_strategy._pointwise_decisions,
     }
+
+
+def _snapshot() -> dict[str, dict]:
+    with cpu_strategy._lock:
+        return {section: dict(decisions) for section, decisions in _decision_dicts().items()}
+
+
+def _dumps(sections: dict[str, dict]) -> str:
+    document: dict[str, Any] = {"format": _FORMAT, "version": _VERSION, "machine": _machine()}
+    for section, decisions in sections.items():  # a plan or choice is a tuple, a pointwise algorithm a string
+        document[section] = [[_encode(key), _encode(value)] for key, value in decisions.items()]
     return json.dumps(document, indent=1) + "\n"
 
 
-def _read(path: Path) -> tuple[dict[str, str], dict[tuple, tuple], dict[tuple, tuple]]:
-    """(machine, layout decisions, backward decisions) of a decisions file; ``ValueError`` naming what is wrong."""
+def _read(path: Path) -> tuple[dict[str, str], dict[str, dict]]:
+    """(machine, decisions by section) of a decisions file; ``ValueError`` naming what is wrong."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -115,13 +120,17 @@ def _read(path: Path) -> tuple[dict[str, str], dict[tuple, tuple], dict[tuple, t
     machine = document.get("machine")
     if not isinstance(machine, dict):
         raise ValueError(f'{path}: "machine" must be an object naming the CPU and versions')
-    layouts = _entries(path, document, "layouts", _layout_plan)
-    backward = _entries(path, document, "depthwise_backward", _backward_choice)
-    return machine, layouts, backward
+    sections = {
+        "layouts": _entries(path, document, "layouts", _layout_plan),
+        "depthwise_backward": _entries(path, document, "depthwise_backward", _backward_choice),
+        # absent from files written before sepconv measured pointwise convs
+        "pointwise": _entries(path, document, "pointwise", _pointwise_algorithm, default=[]),
+    }
+    return machine, sections
 
 
-def _entries(path: Path, document: dict, section: str, check_value: Any) -> dict[tuple, tuple]:
-    entries = document.get(section)
+def _entries(path: Path, document: dict, section: str, check_value: Any, default: Any = None) -> dict[tuple, Any]:
+    entries = document.get(section, default)
     if not isinstance(entries, list):
         raise ValueError(f"{path}: {section!r} must be a list of [key, decision] pairs")
     decisions = {}
@@ -157,6 +166,12 @@ def _backward_choice(value: Any) -> tuple[str, str]:
     return grad_input, grad_weight
 
 
+def _pointwise_algorithm(value: Any) -> str:
+    if value not in cpu_strategy.POINTWISE_ALGORITHMS:
+        raise ValueError(f"{value!r}: an algorithm is one of {cpu_strategy.POINTWISE_ALGORITHMS}")
+    return value
+
+
 def _encode(value: Any) -> Any:
     """A decision key as JSON: tuples as lists, dtypes as ``{"dtype": name}``."""
     if isinstance(value, torch.dtype):
@@ -182,17 +197,17 @@ def _decode(value: Any) -> Any:
 
 
 def _merge_into_file(path: Path, loaded: dict[str, dict]) -> None:
-    """At exit: the decisions measured since ``loaded``, merged with the file's current ones (another process
-    may have added some meanwhile), written back atomically."""
-    layouts, backward = _snapshot()
-    if layouts == loaded["layouts"] and backward == loaded["backward"]:
+    """At exit: the decisions measured since ``loaded`` (a :func:`_snapshot`), merged with the file's current
+    ones (another process may have added some meanwhile), written back atomically."""
+    sections = _snapshot()
+    if sections == loaded:
         return
     try:
         if path.exists():
-            machine, on_file, on_file_backward = _read(path)
+            machine, on_file = _read(path)
             if machine == _machine():
-                layouts, backward = {**on_file, **layouts}, {**on_file_backward, **backward}
-        atomic_write_text(path, _dumps(layouts, backward), overwrite=True)
+                sections = {section: {**on_file[section], **decisions} for section, decisions in sections.items()}
+        atomic_write_text(path, _dumps(sections), overwrite=True)
     except (OSError, ValueError) as error:
         warnings.warn(f"{FILE_ENV}: could not save the CPU strategy decisions to {path}: {error}", stacklevel=1)
 
@@ -208,8 +223,7 @@ def _load_from_environment() -> None:
             load_cpu_strategy_decisions(path)
         except (OSError, ValueError) as error:
             warnings.warn(f"{FILE_ENV}: not loading {path}: {error}", stacklevel=1)
-    layouts, backward = _snapshot()
-    atexit.register(_merge_into_file, path, {"layouts": layouts, "backward": backward})
+    atexit.register(_merge_into_file, path, _snapshot())
 
 
 _load_from_environment()

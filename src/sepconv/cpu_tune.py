@@ -12,8 +12,8 @@ its weights, gradients and BatchNorm statistics are left as they are. Save the r
 >>> from sepconv.nets import small_vgg
 >>> sepconv.clear_cpu_strategy_cache()
 >>> made = tune_cpu_strategy(small_vgg("separable"), (4, 1, 28, 28), training=False)
->>> sorted({key[0] for key in made})
-['SeparableConv2d']
+>>> sorted({key[0] for key in made})  # the layers' plans, their pointwise convs' algorithms
+['SeparableConv2d', 'pointwise']
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
-from sepconv import cpu_backward, cpu_strategy
+from sepconv import cpu_backward, cpu_pointwise, cpu_strategy
 from sepconv._args import divisible, int_tuple, padding_arg, padding_mode_arg, positive_int
 from sepconv.dispatch import backend_arg, fusable, triton_depthwise_forward, triton_separable_forward, use_triton
 from sepconv.padding import Padding, resolve_padding
@@ -255,6 +255,22 @@ class _PointwiseConv(_Conv):
         divisible("in_channels", in_channels, groups)
         divisible("out_channels", out_channels, groups)
         self._init_conv(in_channels, out_channels, 1, 1, 0, 1, groups, bias, "zeros", device, dtype)
+
+    def _checked_forward(self, input: Tensor) -> Tensor:
+        """On CPU the conv may run as a matrix product, where the CPU strategy measured that faster."""
+        parameters = self._parameters  # type: ignore[attr-defined]
+        weight, bias = parameters.get("weight"), parameters.get("bias")
+        if (
+            self.groups == 1  # type: ignore[attr-defined]
+            and weight is not None  # not parametrized (torch.nn.utils.parametrize)
+            and "bias" in parameters
+            and self.padding_mode == "zeros"  # type: ignore[attr-defined]
+            and not any(self.padding)  # type: ignore[attr-defined]  # a string ('same', 'valid') takes the conv
+            and max(self.stride) == 1  # type: ignore[attr-defined]
+            and cpu_strategy.pointwise_as_matmul(self, input, weight, bias)
+        ):
+            return cpu_pointwise.pointwise_matmul(input, weight, bias)
+        return _Conv._checked_forward(self, input)
 
 
 class DepthwiseConv1d(_DepthwiseConv, nn.Conv1d):

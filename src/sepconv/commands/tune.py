@@ -46,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     start, measured_before = time.perf_counter(), len(cpu_strategy_measurements())
     made = tune_cpu_strategy(model, shape, training=args.only != "inference", inference=args.only != "training")
     seconds = time.perf_counter() - start
-    spent: dict[tuple, float] = {}  # per decision: its measurement and recheck (a layout's includes its backward's)
+    # per decision: its measurement and recheck (a layout's includes its depthwise backward's and pointwise convs')
+    spent: dict[tuple, float] = {}
     for measurement in cpu_strategy_measurements()[measured_before:]:
         spent[measurement.key] = spent.get(measurement.key, 0.0) + measurement.seconds
     saved = save_cpu_strategy_decisions(args.out, overwrite=args.force)
