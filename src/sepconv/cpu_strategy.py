@@ -206,16 +206,7 @@ def may_choose_depthwise_backward(input: Tensor, weight: Tensor) -> bool:
     return (
         torch.is_grad_enabled()
         and (input.requires_grad or weight.requires_grad)
-        and _may_measure(input, weight)
-        and math.prod(weight.shape[2:]) >= MIN_KERNEL_AREA_FOR_BACKWARD  # after the tracing test: shapes are traced
-    )
-
-
-def _may_measure(input: Tensor, weight: Tensor) -> bool:
-    """Whether the strategy may pick an algorithm for a conv of ``input`` and ``weight``: a plain fp32/fp64 CPU
-    tensor, the strategy not off, and nothing recording or transforming the ops (tracing, compiling, vmap...)."""
-    return (
-        input.is_cpu
+        and input.is_cpu
         and input.dtype in (torch.float32, torch.float64)
         and weight.dtype == input.dtype
         and get_cpu_strategy() != "off"
@@ -224,6 +215,7 @@ def _may_measure(input: Tensor, weight: Tensor) -> bool:
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
+        and math.prod(weight.shape[2:]) >= MIN_KERNEL_AREA_FOR_BACKWARD  # after the tracing test: shapes are traced
     )
 
 
@@ -432,7 +424,8 @@ def _measure_pointwise(input: Tensor, weight: Tensor, bias: Tensor | None, train
         {
             "conv": step(lambda: conv(x, weight, bias)),
             "matmul": step(lambda: cpu_pointwise.pointwise_matmul(x, weight, bias)),
-        }
+        },
+        timed_rounds=_TIMED_RUNS,  # no more: a close call keeps the conv anyway (_MARGIN); it ran 3-50 otherwise
     )
     return "matmul" if times["matmul"] * _MARGIN < times["conv"] else "conv"
 
