@@ -20,11 +20,7 @@ CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 DEPTHWISE = {1: sepconv.DepthwiseConv1d, 2: sepconv.DepthwiseConv2d, 3: sepconv.DepthwiseConv3d}
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    sepconv.clear_cpu_strategy_cache()
-    yield
-    sepconv.clear_cpu_strategy_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cpu_strategy_cache")  # tests/conftest.py
 
 
 @st.composite

@@ -16,11 +16,7 @@ from sepconv import cpu_pointwise, cpu_strategy
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    sepconv.clear_cpu_strategy_cache()
-    yield
-    sepconv.clear_cpu_strategy_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cpu_strategy_cache")  # tests/conftest.py
 
 
 @settings(max_examples=60)

@@ -21,11 +21,7 @@ from sepconv.nets import small_resnet, small_vgg
 SEPARABLE = {2: sepconv.SeparableConv2d, 3: sepconv.SeparableConv3d}
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    sepconv.clear_cpu_strategy_cache()
-    yield
-    sepconv.clear_cpu_strategy_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cpu_strategy_cache")  # tests/conftest.py
 
 
 def forward_and_grads(layer: nn.Module, x: torch.Tensor, mode: str):

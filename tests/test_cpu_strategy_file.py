@@ -14,12 +14,7 @@ import torch
 import sepconv
 from sepconv import cpu_strategy, cpu_strategy_file
 
-
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    sepconv.clear_cpu_strategy_cache()
-    yield
-    sepconv.clear_cpu_strategy_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cpu_strategy_cache")  # tests/conftest.py
 
 
 def layers_and_inputs() -> list[tuple[torch.nn.Module, torch.Tensor, bool]]:

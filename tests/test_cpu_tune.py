@@ -14,12 +14,7 @@ from sepconv import cpu_strategy
 from sepconv.cli import main
 from sepconv.nets import small_resnet, small_vgg
 
-
-@pytest.fixture(autouse=True)
-def fresh_cache():
-    sepconv.clear_cpu_strategy_cache()
-    yield
-    sepconv.clear_cpu_strategy_cache()
+pytestmark = pytest.mark.usefixtures("fresh_cpu_strategy_cache")  # tests/conftest.py
 
 
 def separable_vgg() -> nn.Module:

@@ -21,7 +21,7 @@ from sepconv.cpu_strategy_file import save_cpu_strategy_decisions
 from sepconv.cpu_tune import tune_cpu_strategy
 from sepconv.models import load_model
 
-HELP = "measure a model's CPU strategy decisions (layouts, backward algorithms) now and save them"
+HELP = "measure a model's CPU strategy decisions (layouts, backward and pointwise algorithms) now and save them"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
