@@ -202,3 +202,15 @@ def test_a_pointwise_decision_is_measured_once_per_configuration(monkeypatch) ->
     }
     kinds = [m.kind for m in sepconv.cpu_strategy_measurements()]
     assert kinds == ["pointwise"] * 3
+
+
+def test_the_product_of_a_strided_input_is_still_the_conv() -> None:
+    """A call slot trusts its first call's layout; a later input in another layout (a weight moved to channels_last
+    makes the depthwise output channels_last) is copied, not misread."""
+    w, b = torch.randn(5, 4, 1, 1, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    for x in (
+        torch.randn(2, 4, 6, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last),
+        torch.randn(2, 7, 4, 6, dtype=torch.float64).permute(0, 2, 3, 1),
+    ):
+        out = cpu_pointwise.pointwise_matmul(x, w, b)
+        torch.testing.assert_close(out, F.conv2d(x, w, b), rtol=1e-12, atol=1e-12)

@@ -43,10 +43,10 @@ def pointwise_matmul_applies(input: Tensor, weight: Tensor) -> bool:
 
 def pointwise_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.convNd(input, weight, bias)`` of a 1x1 ``weight`` (O x C x 1...) as a matrix product per sample,
-    the weight broadcast (not copied) over the batch (see :func:`pointwise_matmul_applies` for the inputs it
-    takes)."""
+    the weight broadcast (not copied) over the batch: for the inputs :func:`pointwise_matmul_applies` takes, a
+    view of them; others are copied into that layout first (correct, not fast), with a contiguous output."""
     batch, channels, *spatial = input.shape
-    samples = input.view(batch, channels, -1)
+    samples = input.reshape(batch, channels, -1)
     matrices = weight.reshape(weight.shape[0], channels).expand(batch, -1, -1)
     out = torch.bmm(matrices, samples) if bias is None else torch.baddbmm(bias.view(1, -1, 1), matrices, samples)
     return out.view(batch, -1, *spatial)

@@ -173,7 +173,7 @@ def _pointwise_algorithm(value: Any) -> str:
 
 
 def _encode(value: Any) -> Any:
-    """A decision key as JSON: tuples as lists, dtypes as ``{"dtype": name}``."""
+    """A decision key or value as JSON: tuples as lists, dtypes as ``{"dtype": name}``."""
     if isinstance(value, torch.dtype):
         return {"dtype": str(value).removeprefix("torch.")}
     if isinstance(value, tuple):
