@@ -344,6 +344,37 @@ def test_a_channels_last_caller_with_nothing_to_chunk_is_not_timed(monkeypatch) 
     assert sepconv.cpu_strategy_decisions() == {}
 
 
+def test_one_channels_last_sample_skips_the_plan_lookup_and_keeps_results(monkeypatch) -> None:
+    """Nothing to choose for one channels_last sample of a layer with no dense plan: no lookup, no decision, no
+    measurement (its pointwise conv's input is channels_last too), the same results and gradients in float64 in
+    every mode, and a bad input still refused by name, also after good calls."""
+    lookups = []
+    real_plan = cpu_strategy._plan
+    monkeypatch.setattr(cpu_strategy, "_plan", lambda *args: lookups.append(args[1].shape) or real_plan(*args))
+    wide = sepconv.SeparableConv2d(4, 96, 3, padding=1, depthwise_bias=True, dtype=torch.float64)
+    narrow = sepconv.SeparableConv2d(4, 2, 3, padding=1, dtype=torch.float64)  # a dense plan to time
+    assert not wide._dense_worth_timing() and narrow._dense_worth_timing()
+    x = torch.randn(1, 4, 9, 8, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    dw, pw = wide.depthwise, wide.pointwise
+    plain = [nn.Conv2d(4, 4, 3, padding=1, groups=4, dtype=torch.float64), nn.Conv2d(4, 96, 1, dtype=torch.float64)]
+    plain = nn.Sequential(*plain)
+    plain.load_state_dict({"0.weight": dw.weight, "0.bias": dw.bias, "1.weight": pw.weight, "1.bias": pw.bias})
+    expected, expected_grads = forward_and_grads(plain, x, "off")
+    for mode in ("auto", "channels_last", "off", "auto"):
+        out, grads = forward_and_grads(wide, x, mode)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert lookups == [] and sepconv.cpu_strategy_decisions() == {} and sepconv.cpu_strategy_measurements() == []
+    with torch.no_grad():
+        narrow(x)
+    assert lookups == [x.shape]  # the dense plan is timed against the input as given
+    for bad in (torch.randn(1, 5, 9, 8), torch.randn(1, 4, 9, 8, 2)):  # wrong channels; 5-d into a 2-d layer
+        with pytest.raises(ValueError, match=r"SeparableConv2d expected input of shape \(N, 4, H, W\)"):
+            wide(bad.to(torch.float64).contiguous(memory_format=cpu_strategy._FORMATS[bad.dim()]))
+
+
 @pytest.mark.parametrize("train_mode", [True, False])
 def test_a_training_mode_batchnorm_is_never_run_in_chunks(monkeypatch, train_mode: bool) -> None:
     """BatchNorm statistics of a chunk differ from the batch's: a training-mode BatchNorm between the convs rules

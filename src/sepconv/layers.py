@@ -267,6 +267,7 @@ class _PointwiseConv(_Conv):
             and self.padding_mode == "zeros"  # type: ignore[attr-defined]
             and not any(self.padding)  # type: ignore[attr-defined]  # a string ('same', 'valid') takes the conv
             and max(self.stride) == 1  # type: ignore[attr-defined]
+            and input.is_contiguous()  # the product's (pointwise_matmul_applies): others skip the strategy's call
             and cpu_strategy.pointwise_as_matmul(self, input, weight, bias)
         ):
             return cpu_pointwise.pointwise_matmul(input, weight, bias)
