@@ -1,6 +1,9 @@
 """CPU benchmark: separable layers in PyTorch NCHW, PyTorch channels_last, ours, and the standard conv.
 
-Everything is measured side by side in one run, fp32, medians of per-call timings:
+Everything is measured side by side in one run, fp32, medians of per-call timings. Every variant of a row runs
+once per round (in shuffled order), and ratios are medians of per-round ratios (``sepconv.bench.paired_ratio``):
+this 2-core VM's bursts of load move whole rounds, which a ratio of two medians taken over different calls
+reads as a difference between the variants (one run's controls, below: 0.59x apart by medians):
 
 - layers: the shapes of DESIGN.md §2 plus a kernel-size sweep, batch 1 and 32, forward (no_grad) and
   forward+backward: a training step of the layer inside a network, whose input is the output of an op (a
@@ -35,7 +38,7 @@ import torch
 from torch import nn
 
 import sepconv
-from sepconv.bench import Timing, device_name, interleaved_latencies, versions
+from sepconv.bench import Timing, device_name, interleaved_latencies, paired_ratio, versions
 from sepconv.cpu_strategy import CHANNELS_LAST, CONTIGUOUS  # plan names
 from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.nets import small_resnet, small_vgg
@@ -55,11 +58,33 @@ QUICK_SHAPES = [(32, 56, 16, 3, 1), (128, 14, 128, 7, 1)]
 STANDARD_MAX_MACS = 40e9  # a standard conv above this takes minutes on 2 cores: recorded as skipped
 SLOW_CALL_S = 3.0  # a call slower than this is timed once (runs=1 in the result)
 CL = torch.channels_last
+# (baseline, ours) pairs whose per-round ratio a layer row keeps as "paired_<pass>"["<baseline>/<ours>"]
+PAIRS = [
+    ("torch_nchw", "ours"),
+    ("torch_channels_last", "ours"),
+    ("torch_channels_last_converted", "ours"),
+    ("torch_channels_last", "ours_channels_last_in"),
+    ("standard_nchw", "ours"),
+    ("standard_channels_last", "ours"),
+    ("standard_nchw", "ours_channels_last_in"),
+    ("standard_channels_last", "ours_channels_last_in"),
+    ("torch_nchw", "torch_nchw_again"),  # the controls
+    ("torch_channels_last", "torch_channels_last_again"),
+]
 
 
 def timed_side_by_side(fns: dict[str, Callable[[], object]], min_run_time: float) -> dict[str, Timing]:
-    """Medians of ``fns`` timed in interleaved rounds (a call slower than ``SLOW_CALL_S`` is timed once)."""
-    return interleaved_latencies(fns, min_run_time=min_run_time, warmup=1, min_runs=3, slow_call_s=SLOW_CALL_S)
+    """Medians of ``fns`` timed in paired rounds (a call slower than ``SLOW_CALL_S`` is timed once)."""
+    return interleaved_latencies(
+        fns, min_run_time=min_run_time, warmup=1, min_runs=3, slow_call_s=SLOW_CALL_S, paired=True
+    )
+
+
+def speedup(row: dict, pass_name: str, baseline: str, ours: str) -> float:
+    """``baseline``'s time over ``ours``'s in a layer row: the median of their per-round ratios, or the ratio of
+    their medians in a row without them (results from before the rounds were paired)."""
+    paired = row.get(f"paired_{pass_name}", {}).get(f"{baseline}/{ours}")
+    return paired if paired is not None else row[f"{baseline}_{pass_name}_ms"] / row[f"{ours}_{pass_name}_ms"]
 
 
 def forward(module: nn.Module, x: torch.Tensor) -> Callable[[], object]:
@@ -162,6 +187,11 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
         for name, timing in timings.items():
             row[f"{name}_{pass_name}_ms"] = timing.median_ms
             row[f"{name}_{pass_name}_runs"] = timing.runs
+        row[f"paired_{pass_name}"] = {
+            f"{baseline}/{ours}": paired_ratio(timings[baseline], timings[ours])
+            for baseline, ours in PAIRS
+            if baseline in timings and ours in timings
+        }
     # the plans in force at the end: close decisions were measured again at their layer's 20th call
     decisions = sepconv.cpu_strategy_decisions()
     row["ours_layout"] = plans_for(decisions, "contiguous")
@@ -301,10 +331,11 @@ def plot(result: dict, path: Path) -> None:
     atomic_write_png(fig, path, overwrite=True)
 
 
-def layer_ratio(baseline_ms: float, ours_ms: float, upstream_ms: float | None) -> str:
-    """``baseline / ours``, and for a training step the same with the upstream ReLU's own time taken out of both
-    (the layer's share; a gradient layout that slows the ReLU's backward stays with the layer that caused it)."""
-    text = f"{baseline_ms / ours_ms:.2f}x"
+def layer_ratio(ratio: float, baseline_ms: float, ours_ms: float, upstream_ms: float | None) -> str:
+    """``ratio`` (baseline over ours), and for a training step the ratio of the medians with the upstream ReLU's own
+    time taken out of both (the layer's share; a gradient layout that slows the ReLU's backward stays with the
+    layer that caused it)."""
+    text = f"{ratio:.2f}x"
     if upstream_ms is None:
         return text
     return f"{text} ({(baseline_ms - upstream_ms) / (ours_ms - upstream_ms):.2f}x)"
@@ -312,29 +343,36 @@ def layer_ratio(baseline_ms: float, ours_ms: float, upstream_ms: float | None) -
 
 def control_ratios(row: dict, pass_name: str) -> list[float]:
     """PyTorch NCHW and channels_last over their copies: equal work, 1.0 but for the benchmark's noise."""
-    return [
-        row[f"torch_{layout}_{pass_name}_ms"] / row[f"torch_{layout}_again_{pass_name}_ms"]
-        for layout in ("nchw", "channels_last")
-    ]
+    return [speedup(row, pass_name, f"torch_{layout}", f"torch_{layout}_again") for layout in ("nchw", "channels_last")]
+
+
+def standard_speedup(row: dict, pass_name: str, ours: str) -> float:
+    """The standard conv in its faster layout over ``ours`` (per-round ratios: the closer of the two layouts)."""
+    return min(speedup(row, pass_name, f"standard_{layout}", ours) for layout in ("nchw", "channels_last"))
 
 
 def target_counts(result: dict) -> list[str]:
     """How many rows meet ``ours >= 0.95x`` the best PyTorch option of each caller (#7's first target); how often
-    the controls (equal work timed twice) came out as far apart; and how many misses ran the plan of the option
+    the controls (equal work timed twice) came out as far apart; how many misses ran the plan of the option
     they are compared with (ours' plan: contiguous = PyTorch NCHW, channels_last = PyTorch CL, with
     conversions for an NCHW caller; in training a depthwise backward of 25+ taps may still differ: FFT, flipped
-    conv), where only the process state and our per-call Python separate the two."""
+    conv), where only the process state and our per-call Python separate the two; and (#7's second target) how
+    often ours beat the standard conv in the caller's layout where that has at least 4x the MACs."""
     met = {"NCHW": 0, "channels_last": 0}
     misses: list[bool] = []  # per miss: whether ours ran the same convs
     controls: list[float] = []
+    vs_standard: list[float] = []  # #7's second target: the standard conv over ours, each caller in its layout
     for r in result["layers"]:
         for p in ("forward", "forward_backward"):
             nchw, converted = r[f"torch_nchw_{p}_ms"], r[f"torch_channels_last_converted_{p}_ms"]
             same_plan = CONTIGUOUS if nchw <= converted else CHANNELS_LAST
+            nchw_caller = min(
+                speedup(r, p, baseline, "ours") for baseline in ("torch_nchw", "torch_channels_last_converted")
+            )
             compared = {
-                "NCHW": (min(nchw, converted) / r[f"ours_{p}_ms"], r["ours_layout"][p] == same_plan),
+                "NCHW": (nchw_caller, r["ours_layout"][p] == same_plan),
                 "channels_last": (
-                    r[f"torch_channels_last_{p}_ms"] / r[f"ours_channels_last_in_{p}_ms"],
+                    speedup(r, p, "torch_channels_last", "ours_channels_last_in"),
                     r["ours_channels_last_in_layout"].get(p, CHANNELS_LAST) == CHANNELS_LAST,  # none: as given
                 ),
             }
@@ -342,12 +380,17 @@ def target_counts(result: dict) -> list[str]:
                 met[caller] += ratio >= 0.95
                 misses += [same] if ratio < 0.95 else []
             controls += [min(c, 1 / c) for c in control_ratios(r, p)]
+            if r[f"standard_nchw_{p}_ms"] is not None and r["standard_macs"] >= 4 * r["separable_macs"]:
+                vs_standard += [speedup(r, p, "standard_nchw", "ours")]
+                vs_standard += [speedup(r, p, "standard_channels_last", "ours_channels_last_in")]
     rows = len(controls) // 2
     return [
         f"Ours >= 0.95x the best PyTorch option: NCHW caller {met['NCHW']}/{rows} rows, channels_last caller "
         f"{met['channels_last']}/{rows}; {sum(misses)} of the {len(misses)} misses ran the same plan as the "
         f"PyTorch option they are compared with. Equal work timed twice (controls): {sum(c >= 0.95 for c in controls)}"
-        f" of {len(controls)} within 0.95-1.05x of each other, the farthest {min(controls, default=1.0):.2f}x."
+        f" of {len(controls)} within 0.95-1.05x of each other, the farthest {min(controls, default=1.0):.2f}x.",
+        f"Ours faster than the standard conv in the caller's layout where it has >= 4x fewer MACs: "
+        f"{sum(v > 1 for v in vs_standard)} of {len(vs_standard)}.",
     ]
 
 
@@ -373,14 +416,19 @@ def markdown(result: dict) -> str:
             relu_nchw, relu_cl = (r.get(f"upstream_relu_{lay}_{p}_ms") for lay in ("nchw", "channels_last"))
             std = [r[f"standard_{lay}_{p}_ms"] for lay in ("nchw", "channels_last")]
             std_best = None if None in std else min(std)
+            vs_standard = None if std_best is None else standard_speedup(r, p, "ours")
+            best_pytorch = min(speedup(r, p, baseline, "ours") for baseline in ("torch_nchw", "torch_channels_last"))
+            nchw_caller = min(
+                speedup(r, p, baseline, "ours") for baseline in ("torch_nchw", "torch_channels_last_converted")
+            )
             lines.append(
                 f"| {r['C']},{r['H']},{r['O']},{r['K']},{r['stride']} | {r['batch']} | {p.replace('_', '+')} "
                 f"| {nchw:.3f} | {cl:.3f} | {cl_conv:.3f} "
                 f"| {'-' if relu_nchw is None else f'{relu_nchw:.3f} / {relu_cl:.3f}'} | {ours:.3f} "
-                f"| {min(nchw, cl) / ours:.2f}x | {layer_ratio(min(nchw, cl_conv), ours, relu_nchw)} "
-                f"| {layer_ratio(cl, ours_cl, relu_cl)} "
+                f"| {best_pytorch:.2f}x | {layer_ratio(nchw_caller, min(nchw, cl_conv), ours, relu_nchw)} "
+                f"| {layer_ratio(speedup(r, p, 'torch_channels_last', 'ours_channels_last_in'), cl, ours_cl, relu_cl)} "
                 f"| {'skipped' if std_best is None else f'{std_best:.3f}'} "
-                f"| {'-' if std_best is None else f'{std_best / ours:.2f}x'} "
+                f"| {'-' if vs_standard is None else f'{vs_standard:.2f}x'} "
                 f"| {' / '.join(f'{ratio:.2f}x' for ratio in control_ratios(r, p))} |"
             )
     lines += ["", *target_counts(result)]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
-from sepconv.bench import interleaved_latencies, median_latency
+from sepconv.bench import Timing, interleaved_latencies, median_latency, paired_ratio
 
 
 def test_interleaved_rounds_call_each_function_once_in_changing_orders():
@@ -61,3 +62,36 @@ def test_a_slow_call_is_timed_once_outside_the_rounds():
 def test_median_latency_medians_bound_the_sleep():
     timing = median_latency(lambda: time.sleep(0.002), min_run_time=0.0, warmup=1, min_runs=5)
     assert timing.runs == 5 and timing.median_ms >= 2.0 and timing.iqr_ms >= 0.0
+
+
+def test_paired_rounds_run_every_function_in_every_round_until_the_rounds_add_up():
+    calls: list[str] = []
+
+    def slow() -> None:
+        calls.append("slow")
+        time.sleep(0.004)
+
+    def fast() -> None:
+        calls.append("fast")
+
+    timings = interleaved_latencies(
+        {"slow": slow, "fast": fast}, min_run_time=0.01, warmup=0, min_runs=2, max_runs=50, paired=True
+    )
+    rounds = timings["slow"].runs
+    # 0.02 s for the two together: 5 sleeps of >= 4 ms (fewer if they overshoot), and fast goes no further
+    assert 2 <= rounds <= 5 and timings["fast"].runs == rounds and len(calls) == 2 * rounds
+    assert all(sorted(calls[2 * i : 2 * i + 2]) == ["fast", "slow"] for i in range(rounds))
+    assert len(timings["slow"].samples_ms) == rounds and min(timings["slow"].samples_ms) >= 4.0
+
+
+def test_a_paired_ratio_is_the_median_of_per_round_ratios():
+    """A burst of load slows whole rounds: per-round ratios cancel it where a ratio of medians does not."""
+    ours_samples = (1.0, 1.0, 1.0, 3.0, 3.0)  # the last two rounds under load
+    baseline_samples = (1.2, 1.2, 3.6, 3.6, 3.6)  # 1.2x ours in each round, but for the third: loaded alone
+    ours = Timing(statistics.median(ours_samples), 0.0, 5, ours_samples)
+    baseline = Timing(statistics.median(baseline_samples), 0.0, 5, baseline_samples)
+    assert paired_ratio(baseline, ours) == statistics.median([1.2, 1.2, 3.6, 1.2, 1.2]) == 1.2
+    assert baseline.median_ms / ours.median_ms == 3.6
+    # a call timed once outside the rounds has no partner per round: the ratio of the medians
+    once = Timing(5.0, 0.0, 1, (5.0,))
+    assert paired_ratio(once, ours) == 5.0

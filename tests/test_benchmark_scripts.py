@@ -5,6 +5,7 @@ test read, and for agreement with PyTorch."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -12,6 +13,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
+# the per-round ratios a row of benchmarks/cpu.py keeps (baseline / ours): what its verdicts and README table read
+PAIRED_RATIOS = {
+    *(f"torch_{k}/ours" for k in ("nchw", "channels_last", "channels_last_converted")),
+    "torch_channels_last/ours_channels_last_in",
+    *(f"standard_{k}/{ours}" for k in ("nchw", "channels_last") for ours in ("ours", "ours_channels_last_in")),
+    "torch_nchw/torch_nchw_again",
+    "torch_channels_last/torch_channels_last_again",
+}
 
 
 def run_script(*args: str, interpret: bool = True) -> str:
@@ -140,14 +149,20 @@ def test_cpu_benchmark_quick_run(tmp_path):
     # the same network in every variant: the layouts and strategies change speed, not the parameters
     assert len({(r["conv"], r["params"]) for r in result["models"]}) == 2
     assert (tmp_path / "cpu.png").stat().st_size > 0
-    # the printed verdict on the first target agrees with the rows: ours >= 0.95x the best option of each caller,
-    # and how far apart the controls (equal work) came out
+    # paired rounds: each pass's variants were called in the same rounds (the upstream ReLU's too), and each row
+    # keeps the per-round ratios of the pairs compared
     passes = [(r, p) for r in result["layers"] for p in ("forward", "forward_backward")]
-    best_nchw = [min(r[f"torch_nchw_{p}_ms"], r[f"torch_channels_last_converted_{p}_ms"]) for r, p in passes]
-    nchw = [best / r[f"ours_{p}_ms"] for best, (r, p) in zip(best_nchw, passes, strict=True)]
-    cl = [r[f"torch_channels_last_{p}_ms"] / r[f"ours_channels_last_in_{p}_ms"] for r, p in passes]
-    layouts = ("nchw", "channels_last")
-    controls = [r[f"torch_{k}_{p}_ms"] / r[f"torch_{k}_again_{p}_ms"] for r, p in passes for k in layouts]
+    for r, p in passes:
+        runs = {name: n for name, n in r.items() if name.endswith(f"_{p}_runs")}
+        assert len(set(runs.values())) == 1, runs
+        assert set(r[f"paired_{p}"]) == PAIRED_RATIOS
+        assert all(0 < ratio < math.inf for ratio in r[f"paired_{p}"].values())
+    # the printed verdicts agree with the rows: ours >= 0.95x the best option of each caller, how far apart the
+    # controls (equal work) came out, and ours vs the standard conv in the caller's layout
+    paired = [r[f"paired_{p}"] for r, p in passes]
+    nchw = [min(q["torch_nchw/ours"], q["torch_channels_last_converted/ours"]) for q in paired]
+    cl = [q["torch_channels_last/ours_channels_last_in"] for q in paired]
+    controls = [q[f"torch_{k}/torch_{k}_again"] for q in paired for k in ("nchw", "channels_last")]
     apart = [min(c, 1 / c) for c in controls]
     verdict = (
         f"NCHW caller {sum(x >= 0.95 for x in nchw)}/{len(passes)} rows, channels_last caller "
@@ -157,5 +172,11 @@ def test_cpu_benchmark_quick_run(tmp_path):
         f"Equal work timed twice (controls): {sum(a >= 0.95 for a in apart)} of {len(apart)} within 0.95-1.05x of "
         f"each other, the farthest {min(apart):.2f}x."
     )
-    assert verdict in " ".join(printed.split()), printed[-2000:]
-    assert control_verdict in " ".join(printed.split()), printed[-2000:]
+    fewer_macs = [
+        (r, q) for (r, _), q in zip(passes, paired, strict=True) if r["standard_macs"] >= 4 * r["separable_macs"]
+    ]
+    vs_standard = [q["standard_nchw/ours"] for _, q in fewer_macs]
+    vs_standard += [q["standard_channels_last/ours_channels_last_in"] for _, q in fewer_macs]
+    standard_verdict = f"{sum(v > 1 for v in vs_standard)} of {len(vs_standard)}."
+    for line in (verdict, control_verdict, standard_verdict):
+        assert line in " ".join(printed.split()), printed[-2000:]

@@ -8,6 +8,9 @@ True
 >>> both = interleaved_latencies(calls, min_run_time=0.01)
 >>> sorted(both), all(t.runs >= 3 for t in both.values())
 (['add', 'mul'], True)
+>>> paired = interleaved_latencies(calls, min_run_time=0.01, paired=True)
+>>> paired["add"].runs == paired["mul"].runs and paired_ratio(paired["add"], paired["mul"]) > 0
+True
 """
 
 from __future__ import annotations
@@ -17,21 +20,31 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["Timing", "device_name", "interleaved_latencies", "median_latency", "peak_memory_bytes", "versions"]
+__all__ = [
+    "Timing",
+    "device_name",
+    "interleaved_latencies",
+    "median_latency",
+    "paired_ratio",
+    "peak_memory_bytes",
+    "versions",
+]
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Median and interquartile range of one call, in milliseconds, over ``runs`` timed calls."""
+    """Median and interquartile range of one call, in milliseconds, over ``runs`` timed calls; ``samples_ms``:
+    every timed call, in order (from :func:`interleaved_latencies`: one per round)."""
 
     median_ms: float
     iqr_ms: float
     runs: int
+    samples_ms: tuple[float, ...] = field(default=(), repr=False)
 
 
 def median_latency(
@@ -64,6 +77,7 @@ def interleaved_latencies(
     min_runs: int = 3,
     max_runs: int = 10_000,
     slow_call_s: float | None = None,
+    paired: bool = False,
 ) -> dict[str, Timing]:
     """Time several functions side by side: :func:`median_latency` for each, in interleaved rounds.
 
@@ -74,6 +88,10 @@ def interleaved_latencies(
     ends run twice in a row at every turn and each function always follows the same neighbours. A function
     whose last warm-up call took over ``slow_call_s`` seconds is timed once more on its own (``runs=1``) and
     left out of the rounds.
+
+    ``paired``: every function runs in every round, until the rounds add up to ``min_run_time`` seconds per
+    function (and ``min_runs`` rounds), so that sample ``i`` of each was taken in the same round: compare two
+    with :func:`paired_ratio`, which a burst of load hitting some rounds moves far less than a ratio of medians.
     """
     once: dict[str, Timing] = {}
     samples: dict[str, list[float]] = {}
@@ -86,15 +104,41 @@ def interleaved_latencies(
         else:
             samples[name] = []
     order = random.Random(0)
-    while pending := [
-        name
-        for name, times in samples.items()
-        if len(times) < max_runs and (len(times) < min_runs or sum(times) < min_run_time)
-    ]:
+    budget = min_run_time * len(samples)  # paired: the time the rounds take, together
+    while pending := (
+        _round_pending(samples, min_runs, max_runs, budget)
+        if paired
+        else [
+            name
+            for name, times in samples.items()
+            if len(times) < max_runs and (len(times) < min_runs or sum(times) < min_run_time)
+        ]
+    ):
         order.shuffle(pending)
         for name in pending:
             samples[name].append(_seconds(fns[name]))
     return {name: once[name] if name in once else _timing(samples[name]) for name in fns}
+
+
+def _round_pending(samples: dict[str, list[float]], min_runs: int, max_runs: int, budget: float) -> list[str]:
+    """All of ``samples``' functions while paired rounds must go on, else none."""
+    rounds = len(next(iter(samples.values()), []))
+    spent = sum(sum(times) for times in samples.values())
+    return list(samples) if rounds < max_runs and (rounds < min_runs or spent < budget) else []
+
+
+def paired_ratio(numerator: Timing, denominator: Timing) -> float:
+    """The median over rounds of ``numerator``'s call time over ``denominator``'s in the same round (both from one
+    ``interleaved_latencies(..., paired=True)``); the ratio of their medians where their samples do not pair up
+    (a call timed once outside the rounds).
+
+    >>> paired_ratio(Timing(2.0, 0.0, 3, (1.0, 2.0, 9.0)), Timing(1.0, 0.0, 3, (0.5, 1.0, 3.0)))
+    2.0
+    """
+    pairs = len(numerator.samples_ms) == len(denominator.samples_ms) > 1
+    if not pairs:
+        return numerator.median_ms / denominator.median_ms
+    return statistics.median(a / b for a, b in zip(numerator.samples_ms, denominator.samples_ms, strict=True))
 
 
 def _seconds(fn: Callable[[], object]) -> float:
@@ -111,7 +155,8 @@ def _seconds(fn: Callable[[], object]) -> float:
 
 def _timing(times: list[float]) -> Timing:
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return Timing(statistics.median(times) * 1e3, (quartiles[2] - quartiles[0]) * 1e3, len(times))
+    samples = tuple(t * 1e3 for t in times)
+    return Timing(statistics.median(times) * 1e3, (quartiles[2] - quartiles[0]) * 1e3, len(times), samples)
 
 
 def device_name(device: torch.device | str = "cpu") -> str:
