@@ -3,7 +3,8 @@
 Everything is measured side by side in one run, fp32, medians of per-call timings. Every variant of a row runs
 once per round (in shuffled order), and ratios are medians of per-round ratios (``sepconv.bench.paired_ratio``):
 this 2-core VM's bursts of load move whole rounds, which a ratio of two medians taken over different calls
-reads as a difference between the variants (one run's controls, below: 0.59x apart by medians):
+reads as a difference between the variants (equal work came out up to 0.59x apart as a ratio of medians in a run
+of the ninth session's code):
 
 - layers: the shapes of DESIGN.md §2 plus a kernel-size sweep, batch 1 and 32, forward (no_grad) and
   forward+backward: a training step of the layer inside a network, whose input is the output of an op (a
@@ -431,7 +432,8 @@ def markdown(result: dict) -> str:
                 f"| {'-' if vs_standard is None else f'{vs_standard:.2f}x'} "
                 f"| {' / '.join(f'{ratio:.2f}x' for ratio in control_ratios(r, p))} |"
             )
-    lines += ["", *target_counts(result)]
+    for verdict in target_counts(result):
+        lines += ["", verdict]
     lines += [
         "",
         "| model | conv | variant | params | train step b64 ms | inference b64 ms | b1 ms |",
