@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 from sepconv.bench import Timing, interleaved_latencies, median_latency, paired_ratio
 
@@ -24,17 +25,19 @@ def test_interleaved_rounds_call_each_function_once_in_changing_orders():
     assert again == calls  # the shuffles are seeded: the same order every run
 
 
-def test_interleaved_rounds_go_on_for_the_functions_that_need_more_time():
-    calls: list[str] = []
+def slow_and_fast(calls: list[str]) -> dict[str, Callable[[], None]]:
+    """A function that sleeps 4 ms and one that returns at once, each noting its calls in ``calls``."""
 
     def slow() -> None:
         calls.append("slow")
         time.sleep(0.004)
 
-    def fast() -> None:
-        calls.append("fast")
+    return {"slow": slow, "fast": lambda: calls.append("fast")}
 
-    timings = interleaved_latencies({"slow": slow, "fast": fast}, min_run_time=0.01, warmup=0, min_runs=2, max_runs=50)
+
+def test_interleaved_rounds_go_on_for_the_functions_that_need_more_time():
+    calls: list[str] = []
+    timings = interleaved_latencies(slow_and_fast(calls), min_run_time=0.01, warmup=0, min_runs=2, max_runs=50)
     # slow has its 0.01 s after 3 sleeps of >= 4 ms (2 if they overshoot); fast's calls add up to far less,
     # so it goes on alone, up to max_runs
     slow_runs = timings["slow"].runs
@@ -66,16 +69,8 @@ def test_median_latency_medians_bound_the_sleep():
 
 def test_paired_rounds_run_every_function_in_every_round_until_the_rounds_add_up():
     calls: list[str] = []
-
-    def slow() -> None:
-        calls.append("slow")
-        time.sleep(0.004)
-
-    def fast() -> None:
-        calls.append("fast")
-
     timings = interleaved_latencies(
-        {"slow": slow, "fast": fast}, min_run_time=0.01, warmup=0, min_runs=2, max_runs=50, paired=True
+        slow_and_fast(calls), min_run_time=0.01, warmup=0, min_runs=2, max_runs=50, paired=True
     )
     rounds = timings["slow"].runs
     # 0.02 s for the two together: 5 sleeps of >= 4 ms (fewer if they overshoot), and fast goes no further
