@@ -10,7 +10,11 @@ to trim it, so freed activations are reused — the CPU analogue of PyTorch's CU
 and what preloading jemalloc or tcmalloc achieves. The price: the process keeps its peak heap
 instead of returning it to the OS. It changes no result, only where memory comes from.
 
-It is process-wide and opt-in: a library should not change its host's allocator behind its back.
+It is process-wide and opt-in: a library should not change its host's allocator behind its back. Call it
+before a model's first calls: the CPU strategy (:mod:`sepconv.cpu_strategy`) decides each layer's plan by
+timing it in the allocator's regime of the moment, and the regimes rank plans differently (a (1, 144, 56, 56)
+separable 3x3 forward: channels_last with conversions first with glibc's defaults, NCHW with the pointwise
+product first by 1.2-1.3x with freed memory kept; ``benchmarks/cpu.py`` both ways, README).
 
 >>> keep_freed_memory()  # on Linux with glibc; False elsewhere
 True
