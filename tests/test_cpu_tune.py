@@ -128,3 +128,31 @@ def test_the_command_tunes_the_channels_last_run_when_asked(tmp_path) -> None:
     layouts = [key for key in sepconv.cpu_strategy_decisions() if key[0] == "SeparableConv2d"]
     assert layouts and {key[-4] for key in layouts} == {"channels_last"}
     assert {key[-3] for key in layouts} == {False}  # inference only
+
+
+def test_the_command_decides_with_freed_memory_kept_when_asked(tmp_path, monkeypatch, capsys) -> None:
+    """--keep-freed-memory puts the allocator regime in force before any measurement; where it cannot (not glibc)
+    the command stops with an error naming the option, before measuring or writing anything."""
+    from sepconv.commands import tune
+
+    measured_at_call: list[int] = []
+    applies = True
+
+    def fake_keep_freed_memory() -> bool:  # the real one changes this test process's allocator for good
+        measured_at_call.append(len(sepconv.cpu_strategy_measurements()))
+        return applies
+
+    monkeypatch.setattr(tune, "keep_freed_memory", fake_keep_freed_memory)
+    out = tmp_path / "cpu_strategy.json"
+    argv = ["tune", "tests.test_cpu_tune:separable_vgg", "--input", "2,1,28,28", "--out", str(out), "--only"]
+    assert main([*argv, "inference"]) == 0 and measured_at_call == []  # not asked: not applied
+    sepconv.clear_cpu_strategy_cache()
+    assert main([*argv, "inference", "--force", "--keep-freed-memory"]) == 0
+    assert measured_at_call == [0] and sepconv.cpu_strategy_measurements()  # before the first measurement
+    sepconv.clear_cpu_strategy_cache()
+    applies, other = False, tmp_path / "other.json"
+    capsys.readouterr()
+    refused = ["tune", "tests.test_cpu_tune:separable_vgg", "--input", "2,1,28,28", "--out", str(other)]
+    assert main([*refused, "--keep-freed-memory"]) == 2
+    assert "--keep-freed-memory needs Linux with glibc" in capsys.readouterr().err
+    assert not other.exists() and sepconv.cpu_strategy_measurements() == []

@@ -2,8 +2,9 @@
 
 Runs a copy of the model once on a random input of --input's shape (an inference call and a training step)
 and writes the decisions of its sepconv layers to --out; load them with SEPCONV_CPU_STRATEGY_FILE=FILE or
-sepconv.load_cpu_strategy_decisions(FILE). Example:
-sepconv tune mypackage.models:build --input 64,3,224,224 --out cpu_strategy.json
+sepconv.load_cpu_strategy_decisions(FILE). Decide in the allocator regime the model will run in: with
+--keep-freed-memory where the process calls sepconv.keep_freed_memory() (the regimes rank plans differently).
+Example: sepconv tune mypackage.models:build --input 64,3,224,224 --out cpu_strategy.json
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sepconv.commands.analyze import parse_shape
+from sepconv.cpu_allocator import keep_freed_memory
 from sepconv.cpu_strategy import cpu_strategy_measurements, describe_decision, run_channels_last
 from sepconv.cpu_strategy_file import save_cpu_strategy_decisions
 from sepconv.cpu_tune import tune_cpu_strategy
@@ -34,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--channels-last", action="store_true", help="tune the model as sepconv.run_channels_last(model) runs it"
     )
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="decide with sepconv.keep_freed_memory() in force, as a process that calls it will run (glibc only)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         run_channels_last(model)
     if Path(args.out).exists() and not args.force:  # before minutes of measuring, not after
         raise FileExistsError(f"{args.out} exists; pass --force to replace it")
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise ValueError("--keep-freed-memory needs Linux with glibc (sepconv.keep_freed_memory() did not apply)")
     start, measured_before = time.perf_counter(), len(cpu_strategy_measurements())
     made = tune_cpu_strategy(model, shape, training=args.only != "inference", inference=args.only != "training")
     seconds = time.perf_counter() - start
