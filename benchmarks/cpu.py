@@ -347,9 +347,9 @@ def control_ratios(row: dict, pass_name: str) -> list[float]:
     return [speedup(row, pass_name, f"torch_{layout}", f"torch_{layout}_again") for layout in ("nchw", "channels_last")]
 
 
-def standard_speedup(row: dict, pass_name: str, ours: str) -> float:
-    """The standard conv in its faster layout over ``ours`` (per-round ratios: the closer of the two layouts)."""
-    return min(speedup(row, pass_name, f"standard_{layout}", ours) for layout in ("nchw", "channels_last"))
+def best_speedup(row: dict, pass_name: str, baselines: tuple[str, ...], ours: str) -> float:
+    """The fastest of ``baselines`` over ``ours``: the smallest of their :func:`speedup` (per round, the closest)."""
+    return min(speedup(row, pass_name, baseline, ours) for baseline in baselines)
 
 
 def target_counts(result: dict) -> list[str]:
@@ -367,9 +367,7 @@ def target_counts(result: dict) -> list[str]:
         for p in ("forward", "forward_backward"):
             nchw, converted = r[f"torch_nchw_{p}_ms"], r[f"torch_channels_last_converted_{p}_ms"]
             same_plan = CONTIGUOUS if nchw <= converted else CHANNELS_LAST
-            nchw_caller = min(
-                speedup(r, p, baseline, "ours") for baseline in ("torch_nchw", "torch_channels_last_converted")
-            )
+            nchw_caller = best_speedup(r, p, ("torch_nchw", "torch_channels_last_converted"), "ours")
             compared = {
                 "NCHW": (nchw_caller, r["ours_layout"][p] == same_plan),
                 "channels_last": (
@@ -417,11 +415,11 @@ def markdown(result: dict) -> str:
             relu_nchw, relu_cl = (r.get(f"upstream_relu_{lay}_{p}_ms") for lay in ("nchw", "channels_last"))
             std = [r[f"standard_{lay}_{p}_ms"] for lay in ("nchw", "channels_last")]
             std_best = None if None in std else min(std)
-            vs_standard = None if std_best is None else standard_speedup(r, p, "ours")
-            best_pytorch = min(speedup(r, p, baseline, "ours") for baseline in ("torch_nchw", "torch_channels_last"))
-            nchw_caller = min(
-                speedup(r, p, baseline, "ours") for baseline in ("torch_nchw", "torch_channels_last_converted")
+            vs_standard = (
+                None if std_best is None else best_speedup(r, p, ("standard_nchw", "standard_channels_last"), "ours")
             )
+            best_pytorch = best_speedup(r, p, ("torch_nchw", "torch_channels_last"), "ours")
+            nchw_caller = best_speedup(r, p, ("torch_nchw", "torch_channels_last_converted"), "ours")
             lines.append(
                 f"| {r['C']},{r['H']},{r['O']},{r['K']},{r['stride']} | {r['batch']} | {p.replace('_', '+')} "
                 f"| {nchw:.3f} | {cl:.3f} | {cl_conv:.3f} "

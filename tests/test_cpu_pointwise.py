@@ -202,8 +202,8 @@ def test_a_pointwise_decision_is_measured_once_per_configuration(monkeypatch) ->
 
 
 def test_the_product_of_a_strided_input_is_still_the_conv() -> None:
-    """A call slot trusts its first call's layout; a later input in another layout (a weight moved to channels_last
-    makes the depthwise output channels_last) is copied, not misread."""
+    """pointwise_matmul takes any layout: an input it cannot view as samples x channels x pixels is copied, not
+    misread (the layers only hand it contiguous inputs: a pointwise conv of another layout runs PyTorch's conv)."""
     w, b = torch.randn(5, 4, 1, 1, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     for x in (
         torch.randn(2, 4, 6, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last),
