@@ -264,3 +264,62 @@ def test_the_environment_variable_loads_at_import_and_merges_at_exit(tmp_path) -
         "SeparableConv2d": [(2, 3, 9, 9), (2, 3, 10, 9)],
         "pointwise": [(2, 3, 9, 9), (2, 3, 10, 9)],  # padding 1: the depthwise output's shape
     }
+
+
+@pytest.fixture
+def glibc_stub(monkeypatch):
+    """sepconv.keep_freed_memory() as in a glibc process, without changing this test process's allocator for good
+    (the glibc call stubbed; the regime flag restored afterwards)."""
+    from sepconv import cpu_allocator
+
+    monkeypatch.setattr(cpu_allocator, "_kept", False)
+    monkeypatch.setattr(cpu_allocator, "_set_glibc_thresholds", lambda: True)
+
+
+@pytest.mark.usefixtures("glibc_stub")
+def test_decisions_hold_only_in_the_allocator_regime_they_were_timed_in(tmp_path) -> None:
+    """keep_freed_memory() ranks plans differently: every kind of decision is taken again after it, also by a
+    layer that had decided and memoized its plan before, under keys naming the regime; a file keeps both regimes'
+    decisions and warns, counting them, of those that will not apply in the loading process's regime."""
+    threads = torch.get_num_threads()
+    layer = sepconv.SeparableConv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(8, 4, 10, 10, dtype=torch.float64)
+    with torch.no_grad():
+        layer(x)
+        expected = layer._forward(x)
+    plain = run_all("off")
+    run_all()
+    default = sepconv.cpu_strategy_decisions()
+    assert {key[-1] for key in default} == {threads}  # the default regime's keys, as files before it held them
+    measured = len(sepconv.cpu_strategy_measurements())
+
+    assert sepconv.keep_freed_memory() and sepconv.freed_memory_kept()
+    with torch.no_grad():
+        out = layer(x)  # the layer's memo is of the other regime: decided again
+    assert len(sepconv.cpu_strategy_measurements()) > measured
+    for got, want in zip([out, *run_all()], [expected, *plain], strict=True):
+        tolerance = 1e-5 if got.dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+    kept = {key: plan for key, plan in sepconv.cpu_strategy_decisions().items() if key not in default}
+    assert {key[-1] for key in kept} == {(threads, cpu_strategy.FREED_MEMORY_KEPT)}
+    layouts = [{key[:-1] for key in keys if "Conv" in key[0]} for keys in (kept, default)]
+    assert layouts[0] == layouts[1] and len(layouts[0]) == 4  # every layer's configuration, decided again
+    assert {key[0] for key in kept} == {key[0] for key in default}  # and its backward and pointwise decisions
+    assert {cpu_strategy.describe_decision(key) for key in kept} == {cpu_strategy.describe_decision(k) for k in default}
+
+    path = tmp_path / "decisions.json"
+    total = sepconv.save_cpu_strategy_decisions(path)
+    assert total == len(default) + len(kept)
+    sepconv.clear_cpu_strategy_cache()
+    match = rf"{len(default)} of the {total} decisions in .* measured without sepconv.keep_freed_memory\(\)"
+    with pytest.warns(UserWarning, match=match):
+        assert sepconv.load_cpu_strategy_decisions(path) == total
+    assert sepconv.cpu_strategy_decisions() == {**default, **kept}  # the regime survives the JSON round trip
+
+    from sepconv import cpu_allocator
+
+    cpu_allocator._kept = False  # a process that never called it (the fixture restores the flag)
+    sepconv.clear_cpu_strategy_cache()
+    match = rf"{len(kept)} of the {total} decisions in .* measured with sepconv.keep_freed_memory\(\)"
+    with pytest.warns(UserWarning, match=match):
+        sepconv.load_cpu_strategy_decisions(path)

@@ -131,26 +131,30 @@ def test_the_command_tunes_the_channels_last_run_when_asked(tmp_path) -> None:
 
 
 def test_the_command_decides_with_freed_memory_kept_when_asked(tmp_path, monkeypatch, capsys) -> None:
-    """--keep-freed-memory puts the allocator regime in force before any measurement; where it cannot (not glibc)
-    the command stops with an error naming the option, before measuring or writing anything."""
-    from sepconv.commands import tune
+    """--keep-freed-memory puts the allocator regime in force before any measurement, so that every saved decision
+    is keyed on it; where it cannot (not glibc) the command stops with an error naming the option, before measuring
+    or writing anything."""
+    from sepconv import cpu_allocator
 
-    measured_at_call: list[int] = []
     applies = True
+    monkeypatch.setattr(cpu_allocator, "_kept", False)  # the real glibc call changes this process for good: stubbed
+    monkeypatch.setattr(cpu_allocator, "_set_glibc_thresholds", lambda: applies)
+    threads = torch.get_num_threads()
 
-    def fake_keep_freed_memory() -> bool:  # the real one changes this test process's allocator for good
-        measured_at_call.append(len(sepconv.cpu_strategy_measurements()))
-        return applies
+    def saved_runtimes(path) -> set:
+        sepconv.clear_cpu_strategy_cache()
+        sepconv.load_cpu_strategy_decisions(path)
+        return {key[-1] for key in sepconv.cpu_strategy_decisions()}
 
-    monkeypatch.setattr(tune, "keep_freed_memory", fake_keep_freed_memory)
     out = tmp_path / "cpu_strategy.json"
     argv = ["tune", "tests.test_cpu_tune:separable_vgg", "--input", "2,1,28,28", "--out", str(out), "--only"]
-    assert main([*argv, "inference"]) == 0 and measured_at_call == []  # not asked: not applied
+    assert main([*argv, "inference"]) == 0 and not cpu_allocator.freed_memory_kept()  # not asked: not applied
+    assert saved_runtimes(out) == {threads}
     sepconv.clear_cpu_strategy_cache()
     assert main([*argv, "inference", "--force", "--keep-freed-memory"]) == 0
-    assert measured_at_call == [0] and sepconv.cpu_strategy_measurements()  # before the first measurement
+    assert saved_runtimes(out) == {(threads, cpu_strategy.FREED_MEMORY_KEPT)}  # every decision: none made before
+    cpu_allocator._kept, applies, other = False, False, tmp_path / "other.json"
     sepconv.clear_cpu_strategy_cache()
-    applies, other = False, tmp_path / "other.json"
     capsys.readouterr()
     refused = ["tune", "tests.test_cpu_tune:separable_vgg", "--input", "2,1,28,28", "--out", str(other)]
     assert main([*refused, "--keep-freed-memory"]) == 2

@@ -1,20 +1,19 @@
 """CPU execution strategy: run depthwise/separable layers in the faster memory format, transparently.
 
-On CPU, PyTorch's depthwise convolution is often many times faster in ``channels_last`` than in the
-default contiguous (NCHW) layout — a padded 31x31 depthwise conv by 20-40x — but not always. In mode
-``"auto"`` (the default) the first call of each configuration (layer geometry, input shape, dtype,
-training or inference, thread count) times both layouts on the layer's own convolutions and caches the
-faster; later calls only look it up. A third candidate runs channels_last a few samples at a time, so
-that each chunk's conversions and intermediate stay in the CPU caches (for layers whose samples are
-independent: no training-mode BatchNorm inside); it made a (32, 144, 56, 56) separable 3x3 layer's forward
-1.6-2.0x faster than PyTorch's channels_last with conversions (``benchmarks/cpu.py``). A fourth runs a narrow
-separable layer as one dense conv of composed weights, where PyTorch's dense conv beats its depthwise conv
-(MobileNet's first block, (1, 32, 112, 112) -> 16 channels: 1.23 -> 0.63 ms). The caller sees no
-difference: an NCHW input gives an NCHW output, equal up to float rounding, with autograd intact. A close
-decision (another plan within 2x of the fastest) is measured again at the layer's 20th call of that
-configuration, when the process is warm and other layers run in between, and settled on both measurements. Only
-contiguous, batched 2-d/3-d CPU inputs are considered; tracing, ``torch.compile`` and ``torch.export``
-always see the plain PyTorch path.
+On CPU, PyTorch's depthwise convolution is often many times faster in ``channels_last`` than in the default
+contiguous (NCHW) layout — a padded 31x31 depthwise conv by 20-40x — but not always. In mode ``"auto"`` (the
+default) the first call of each configuration (layer geometry, input shape, dtype, training or inference, thread
+count, allocator regime: :mod:`sepconv.cpu_allocator`) times both layouts on the layer's own convolutions and
+caches the faster; later calls only look it up. A third candidate runs channels_last a few samples at a time, so
+that each chunk's conversions and intermediate stay in the CPU caches (for layers whose samples are independent: no
+training-mode BatchNorm inside); it made a (32, 144, 56, 56) separable 3x3 layer's forward 1.6-2.0x faster than
+PyTorch's channels_last with conversions (``benchmarks/cpu.py``). A fourth runs a narrow separable layer as one
+dense conv of composed weights, where PyTorch's dense conv beats its depthwise conv (MobileNet's first block,
+(1, 32, 112, 112) -> 16 channels: 1.23 -> 0.63 ms). The caller sees no difference: an NCHW input gives an NCHW output,
+equal up to float rounding, with autograd intact. A close decision (another plan within 2x of the fastest) is
+measured again at the layer's 20th call of that configuration, when the process is warm and other layers run in
+between, and settled on both measurements. Only contiguous, batched 2-d/3-d CPU inputs are considered; tracing,
+``torch.compile`` and ``torch.export`` always see the plain PyTorch path.
 
 In training, a depthwise conv with a kernel of 25 taps or more (5x5, 3x3x3, ...) also times its
 backward: PyTorch's weight gradient against an FFT one, and (stride 1) PyTorch's input gradient
@@ -55,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sepconv import cpu_backward, cpu_pointwise
+from sepconv import cpu_allocator, cpu_backward, cpu_pointwise
 
 __all__ = [
     "Measurement",
@@ -195,6 +194,30 @@ def clear_cpu_strategy_cache() -> None:
         _forget_layer_memos()
 
 
+FREED_MEMORY_KEPT = "freed memory kept"
+
+
+def _runtime() -> int | tuple[int, str]:
+    """A decision key's last part: the thread count, with :data:`FREED_MEMORY_KEPT` once
+    :func:`sepconv.keep_freed_memory` applied — the allocator regimes rank plans differently, so a decision
+    holds only in the regime it was timed in. Keys of the default regime end in the bare count, as before."""
+    threads = torch.get_num_threads()
+    return (threads, FREED_MEMORY_KEPT) if cpu_allocator.freed_memory_kept() else threads
+
+
+def _measured_with_freed_memory_kept(key: tuple) -> bool:
+    """Whether a decision's key (its last part, :func:`_runtime`) says it was timed with freed memory kept."""
+    return isinstance(key[-1], tuple) and FREED_MEMORY_KEPT in key[-1]
+
+
+def _allocator_regime_changed() -> None:
+    """:func:`sepconv.keep_freed_memory` applied: layers look their plans up again, under keys of the new regime
+    (decided afresh at their next call), and the old regime's owed rechecks will never be due."""
+    with _lock:
+        _rechecks.clear()
+        _forget_layer_memos()
+
+
 def _forget_layer_memos() -> None:
     """Make every layer's memo of its last plan stale (call it with ``_lock`` held, after changing decisions)."""
     global _generation
@@ -240,7 +263,7 @@ def depthwise_backward(
         _memory_format(input),
         input.requires_grad,
         weight.requires_grad,
-        torch.get_num_threads(),
+        _runtime(),
     )
     choice = _backward_decisions.get(key)
     if choice is None:
@@ -281,7 +304,7 @@ def pointwise_as_matmul(layer: nn.Module, input: Tensor, weight: Tensor, bias: T
         input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
     key = (input.shape, input.stride(), input.dtype, weight.shape, weight.dtype, bias is not None, training)
-    key += (torch.get_num_threads(),)
+    key += (torch.get_num_threads(),)  # the allocator regime: a new generation of memos when it changes
     memo = layer.__dict__.get("_sepconv_pointwise")
     if memo is None or memo[0] != _generation:
         memo = layer.__dict__["_sepconv_pointwise"] = (_generation, {})
@@ -310,7 +333,7 @@ def _pointwise_algorithm(input: Tensor, weight: Tensor, bias: Tensor | None, tra
         input.dtype,
         training,  # third from the end, as in a layout key
         bias is not None,
-        torch.get_num_threads(),
+        _runtime(),
     )
     with _lock:
         algorithm = _pointwise_decisions.get(key)
@@ -337,7 +360,8 @@ def describe_decision(key: tuple) -> tuple[str, str, str]:
         out_channels, in_channels = key[1]
         return f"pointwise conv {in_channels} -> {out_channels}", str(tuple(key[2])), _mode_name(key[-3])
     # the layout key: (*signature strings, *candidate names, input shape, dtype, source, training, batch
-    # independent, threads); the signature and candidates are strings, so the first tuple is the shape
+    # independent, threads [and allocator regime]); the signature and candidates are strings, so the first tuple
+    # is the shape
     shape = next(part for part in key if isinstance(part, tuple))
     return str(key[0]), str(shape), _mode_name(key[-3])
 
@@ -783,7 +807,7 @@ def _decide(
         return (CHANNELS_LAST, None), None  # nothing to choose: as given
     candidates = (DENSE,) if dense is not None else ()  # a layer with mid modules has the same convs, no dense plan
     key = (*signature, *candidates, tuple(input.shape), input.dtype, source, training, batch_independent)
-    key += (torch.get_num_threads(),)
+    key += (_runtime(),)
     plan = _decisions.get(key)
     if plan is None:
         with _lock:  # one measurement per key, even when threads race to it

@@ -4,8 +4,9 @@ The first call of each configuration measures (:mod:`sepconv.cpu_strategy`): mil
 layers, seconds for a large one's training step. A file of decisions lets a new process skip that, as
 PyTorch's TunableOp does for GEMMs. It is JSON (never pickle), written atomically, and records where
 the decisions were measured — the CPU model and the torch and sepconv versions; the thread count is
-part of each decision's key. Loading a file measured elsewhere loads nothing, with a warning, unless
-``check_machine=False``: its choices would be as correct there but maybe slower.
+part of each decision's key, as is the allocator regime (:func:`sepconv.keep_freed_memory` or not). Loading a
+file measured elsewhere loads nothing, with a warning, unless ``check_machine=False``: its choices would be as
+correct there but maybe slower. Decisions of the other allocator regime load with a warning: they apply only in it.
 
 With the environment variable ``SEPCONV_CPU_STRATEGY_FILE`` set to a path, this happens by itself:
 the decisions are loaded from it when sepconv is imported (if it exists) and, when new ones were
@@ -37,7 +38,7 @@ from typing import Any
 
 import torch
 
-from sepconv import cpu_backward, cpu_strategy
+from sepconv import cpu_allocator, cpu_backward, cpu_strategy
 from sepconv.bench import device_name
 from sepconv.io import PathLike, atomic_write_text
 
@@ -62,22 +63,48 @@ def save_cpu_strategy_decisions(path: PathLike, *, overwrite: bool = False) -> i
 def load_cpu_strategy_decisions(path: PathLike, *, check_machine: bool = True) -> int:
     """Add the decisions in ``path`` to this process's (replacing any for the same configuration); returns how
     many were loaded: 0, with a warning, when the file was measured on another CPU or with other torch or
-    sepconv versions, unless ``check_machine=False``. Raises ``ValueError`` for a file that is not one."""
+    sepconv versions, unless ``check_machine=False``. Decisions timed in the other allocator regime (with or
+    without :func:`sepconv.keep_freed_memory`) load with a warning: they apply only in that regime. Raises
+    ``ValueError`` for a file that is not one."""
+    sections = _load(path, check_machine=check_machine, stacklevel=3)
+    if sections is None:
+        return 0
+    _warn_of_other_regime(path, sections)
+    return sum(map(len, sections.values()))
+
+
+def _load(path: PathLike, *, check_machine: bool, stacklevel: int) -> dict[str, dict] | None:
+    """The decisions of ``path``, now the strategy's too; None, with a warning, for another machine's file."""
     machine, sections = _read(Path(path))
     if check_machine and machine != _machine():
         warnings.warn(
             f"{path} holds CPU strategy decisions measured on {machine}, not this {_machine()}: loading none "
             "(check_machine=False loads them anyway)",
-            stacklevel=2,
+            stacklevel=stacklevel,
         )
-        return 0
+        return None
     with cpu_strategy._lock:
         for section, decisions in _decision_dicts().items():
             decisions.update(sections[section])
         for key in sections["layouts"]:  # measured in full before: owed no second measurement here
             cpu_strategy._rechecks.pop(key, None)
         cpu_strategy._forget_layer_memos()
-    return sum(map(len, sections.values()))
+    return sections
+
+
+def _warn_of_other_regime(path: PathLike, sections: dict[str, dict]) -> None:
+    """Warn where loaded decisions were timed in the other allocator regime: they apply only in it."""
+    kept = cpu_allocator.freed_memory_kept()
+    keys = [key for decisions in sections.values() for key in decisions]
+    other = sum(cpu_strategy._measured_with_freed_memory_kept(key) != kept for key in keys)
+    if other:
+        where = "without" if kept else "with"
+        warnings.warn(
+            f"{other} of the {len(keys)} decisions in {path} were measured {where} sepconv.keep_freed_memory(), "
+            f"{'which this process called' if kept else 'which this process has not called'}: they apply only in "
+            f"processes {'that do not call it' if kept else 'that call it (before their first calls)'}",
+            stacklevel=3,
+        )
 
 
 def _machine() -> dict[str, str]:
@@ -219,8 +246,8 @@ def _load_from_environment() -> None:
         return
     path = Path(name)
     if path.exists():
-        try:
-            load_cpu_strategy_decisions(path)
+        try:  # no warning of the other allocator regime: at import, the process has not chosen one yet
+            _load(path, check_machine=True, stacklevel=2)
         except (OSError, ValueError) as error:
             warnings.warn(f"{FILE_ENV}: not loading {path}: {error}", stacklevel=1)
     atexit.register(_merge_into_file, path, _snapshot())
