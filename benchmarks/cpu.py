@@ -4,7 +4,8 @@ Everything is measured side by side in one run, fp32, medians of per-call timing
 once per round (in shuffled order), and ratios are medians of per-round ratios (``sepconv.bench.paired_ratio``):
 this 2-core VM's bursts of load move whole rounds, which a ratio of two medians taken over different calls
 reads as a difference between the variants (equal work came out up to 0.59x apart as a ratio of medians in a run
-of the ninth session's code):
+of the ninth session's code). A variant over ``ALONE_OVER`` times slower than a row's median one is timed on its
+own after the rounds (its ratios: of medians), so that it does not take the rounds' time:
 
 - layers: the shapes of DESIGN.md §2 plus a kernel-size sweep, batch 1 and 32, forward (no_grad) and
   forward+backward: a training step of the layer inside a network, whose input is the output of an op (a
@@ -58,6 +59,9 @@ SHAPES = [
 QUICK_SHAPES = [(32, 56, 16, 3, 1), (128, 14, 128, 7, 1)]
 STANDARD_MAX_MACS = 40e9  # a standard conv above this takes minutes on 2 cores: recorded as skipped
 SLOW_CALL_S = 3.0  # a call slower than this is timed once (runs=1 in the result)
+# a variant slower than this many times a row's median one is timed after the paired rounds, on its own: in the rounds
+# its calls (31x31 NCHW: seconds) took most of their time and left the others 3-5 rounds to be compared in
+ALONE_OVER = 10.0
 CL = torch.channels_last
 # (baseline, ours) pairs whose per-round ratio a layer row keeps as "paired_<pass>"["<baseline>/<ours>"]
 PAIRS = [
@@ -75,9 +79,17 @@ PAIRS = [
 
 
 def timed_side_by_side(fns: dict[str, Callable[[], object]], min_run_time: float) -> dict[str, Timing]:
-    """Medians of ``fns`` timed in paired rounds (a call slower than ``SLOW_CALL_S`` is timed once)."""
+    """Medians of ``fns`` timed in paired rounds (a call slower than ``SLOW_CALL_S`` is timed once, one slower than
+    ``ALONE_OVER`` times the median one on its own); two warm-up calls, so that the second, free of first-call costs
+    (oneDNN building its kernels), says which are slow."""
     return interleaved_latencies(
-        fns, min_run_time=min_run_time, warmup=1, min_runs=3, slow_call_s=SLOW_CALL_S, paired=True
+        fns,
+        min_run_time=min_run_time,
+        warmup=2,
+        min_runs=3,
+        slow_call_s=SLOW_CALL_S,
+        paired=True,
+        alone_over=ALONE_OVER,
     )
 
 
@@ -188,6 +200,8 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
         for name, timing in timings.items():
             row[f"{name}_{pass_name}_ms"] = timing.median_ms
             row[f"{name}_{pass_name}_runs"] = timing.runs
+        # timed after the rounds (on its own, or once): compared as ratios of medians
+        row[f"outside_rounds_{pass_name}"] = sorted(name for name, timing in timings.items() if not timing.paired)
         row[f"paired_{pass_name}"] = {
             f"{baseline}/{ours}": paired_ratio(timings[baseline], timings[ours])
             for baseline, ours in PAIRS

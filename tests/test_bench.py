@@ -83,10 +83,36 @@ def test_a_paired_ratio_is_the_median_of_per_round_ratios():
     """A burst of load slows whole rounds: per-round ratios cancel it where a ratio of medians does not."""
     ours_samples = (1.0, 1.0, 1.0, 3.0, 3.0)  # the last two rounds under load
     baseline_samples = (1.2, 1.2, 3.6, 3.6, 3.6)  # 1.2x ours in each round, but for the third: loaded alone
-    ours = Timing(statistics.median(ours_samples), 0.0, 5, ours_samples)
-    baseline = Timing(statistics.median(baseline_samples), 0.0, 5, baseline_samples)
+    ours = Timing(statistics.median(ours_samples), 0.0, 5, ours_samples, paired=True)
+    baseline = Timing(statistics.median(baseline_samples), 0.0, 5, baseline_samples, paired=True)
     assert paired_ratio(baseline, ours) == statistics.median([1.2, 1.2, 3.6, 1.2, 1.2]) == 1.2
     assert baseline.median_ms / ours.median_ms == 3.6
     # a call timed once outside the rounds has no partner per round: the ratio of the medians
     once = Timing(5.0, 0.0, 1, (5.0,))
     assert paired_ratio(once, ours) == 5.0
+    # nor has one timed on its own, even with as many samples as there were rounds
+    alone = Timing(3.6, 0.0, 5, baseline_samples)
+    assert paired_ratio(alone, ours) == 3.6
+
+
+def test_a_function_far_slower_than_the_others_is_timed_after_the_rounds_on_its_own():
+    """alone_over: the slow one would take most of the rounds' time; the others get the rounds to themselves."""
+    calls: list[str] = []
+    fns = slow_and_fast(calls)
+    fns["fast_too"] = lambda: calls.append("fast_too")
+    timings = interleaved_latencies(
+        fns, min_run_time=0.01, warmup=1, min_runs=3, max_runs=40, paired=True, alone_over=10
+    )
+    timed = calls[3:]  # after one warm-up call each
+    slow_from = timed.index("slow")
+    assert set(timed[slow_from:]) == {"slow"}  # after the rounds, by itself
+    rounds = [timed[i : i + 2] for i in range(0, slow_from, 2)]
+    assert rounds and all(sorted(r) == ["fast", "fast_too"] for r in rounds)
+    # the fast ones' rounds: 0.02 s of their own calls, far beyond 40 rounds; the slow one: 0.01 s of 4 ms sleeps
+    assert timings["fast"].runs == timings["fast_too"].runs == len(rounds) == 40
+    assert timings["slow"].runs == 3 and timings["slow"].median_ms >= 4.0
+    assert timings["fast"].paired and timings["fast_too"].paired and not timings["slow"].paired
+    # without alone_over the slow one shares every round: far fewer
+    calls.clear()
+    shared = interleaved_latencies(fns, min_run_time=0.01, warmup=1, min_runs=3, max_runs=40, paired=True)
+    assert shared["slow"].runs == shared["fast"].runs <= 8 and shared["slow"].paired

@@ -39,12 +39,14 @@ __all__ = [
 @dataclass(frozen=True)
 class Timing:
     """Median and interquartile range of one call, in milliseconds, over ``runs`` timed calls; ``samples_ms``:
-    every timed call, in order (from :func:`interleaved_latencies`: one per round)."""
+    every timed call, in order; ``paired``: one per round of ``interleaved_latencies(..., paired=True)``, sample
+    ``i`` taken in the same round as sample ``i`` of every other paired timing of that call."""
 
     median_ms: float
     iqr_ms: float
     runs: int
     samples_ms: tuple[float, ...] = field(default=(), repr=False)
+    paired: bool = False
 
 
 def median_latency(
@@ -78,6 +80,7 @@ def interleaved_latencies(
     max_runs: int = 10_000,
     slow_call_s: float | None = None,
     paired: bool = False,
+    alone_over: float | None = None,
 ) -> dict[str, Timing]:
     """Time several functions side by side: :func:`median_latency` for each, in interleaved rounds.
 
@@ -92,9 +95,14 @@ def interleaved_latencies(
     ``paired``: every function runs in every round, until the rounds add up to ``min_run_time`` seconds per
     function (and ``min_runs`` rounds), so that sample ``i`` of each was taken in the same round: compare two
     with :func:`paired_ratio`, which a burst of load hitting some rounds moves far less than a ratio of medians.
+    ``alone_over`` (paired): a function whose last warm-up call took over ``alone_over`` times the median
+    function's is timed after the rounds, on its own (unpaired, as without ``paired``): one call of it would take
+    most of each round's share of the time, leaving the others a few rounds (a 31x31 depthwise conv in NCHW,
+    seconds per call, beside milliseconds).
     """
     once: dict[str, Timing] = {}
     samples: dict[str, list[float]] = {}
+    warm: dict[str, float] = {}
     for name, fn in fns.items():
         last = _seconds(fn) if warmup > 0 else 0.0
         for _ in range(warmup - 1):
@@ -102,7 +110,13 @@ def interleaved_latencies(
         if slow_call_s is not None and last > slow_call_s:
             once[name] = _timing([_seconds(fn)])
         else:
-            samples[name] = []
+            samples[name], warm[name] = [], last
+    alone = []
+    if paired and alone_over is not None and warm:
+        typical = statistics.median(warm.values())
+        alone = [name for name, seconds in warm.items() if seconds > alone_over * typical]
+        for name in alone:
+            del samples[name]
     order = random.Random(0)
     budget = min_run_time * len(samples)  # paired: the time the rounds take, together
     while pending := (
@@ -117,7 +131,12 @@ def interleaved_latencies(
         order.shuffle(pending)
         for name in pending:
             samples[name].append(_seconds(fns[name]))
-    return {name: once[name] if name in once else _timing(samples[name]) for name in fns}
+    for name in alone:
+        times: list[float] = []
+        while len(times) < max_runs and (len(times) < min_runs or sum(times) < min_run_time):
+            times.append(_seconds(fns[name]))
+        once[name] = _timing(times)
+    return {name: once[name] if name in once else _timing(samples[name], paired=paired) for name in fns}
 
 
 def _round_pending(samples: dict[str, list[float]], min_runs: int, max_runs: int, budget: float) -> list[str]:
@@ -130,12 +149,15 @@ def _round_pending(samples: dict[str, list[float]], min_runs: int, max_runs: int
 def paired_ratio(numerator: Timing, denominator: Timing) -> float:
     """The median over rounds of ``numerator``'s call time over ``denominator``'s in the same round (both from one
     ``interleaved_latencies(..., paired=True)``); the ratio of their medians where their samples do not pair up
-    (a call timed once outside the rounds).
+    (a function timed outside the rounds).
 
-    >>> paired_ratio(Timing(2.0, 0.0, 3, (1.0, 2.0, 9.0)), Timing(1.0, 0.0, 3, (0.5, 1.0, 3.0)))
+    >>> ours = Timing(1.0, 0.0, 3, (0.5, 1.0, 3.0), paired=True)
+    >>> paired_ratio(Timing(2.0, 0.0, 3, (1.0, 2.0, 9.0), paired=True), ours)  # per round: 2, 2, 3
     2.0
+    >>> paired_ratio(Timing(5.0, 0.0, 3, (5.0, 6.0, 3.0)), ours)  # timed on its own: 5 / 1, not the median of 10, 6, 1
+    5.0
     """
-    pairs = len(numerator.samples_ms) == len(denominator.samples_ms) > 1
+    pairs = numerator.paired and denominator.paired and len(numerator.samples_ms) == len(denominator.samples_ms) > 1
     if not pairs:
         return numerator.median_ms / denominator.median_ms
     return statistics.median(a / b for a, b in zip(numerator.samples_ms, denominator.samples_ms, strict=True))
@@ -153,10 +175,10 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _timing(times: list[float]) -> Timing:
+def _timing(times: list[float], paired: bool = False) -> Timing:
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     samples = tuple(t * 1e3 for t in times)
-    return Timing(statistics.median(times) * 1e3, (quartiles[2] - quartiles[0]) * 1e3, len(times), samples)
+    return Timing(statistics.median(times) * 1e3, (quartiles[2] - quartiles[0]) * 1e3, len(times), samples, paired)
 
 
 def device_name(device: torch.device | str = "cpu") -> str:
