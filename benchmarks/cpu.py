@@ -80,7 +80,7 @@ PAIRS = [
 
 def timed_side_by_side(fns: dict[str, Callable[[], object]], min_run_time: float) -> dict[str, Timing]:
     """Medians of ``fns`` timed in paired rounds (a call slower than ``SLOW_CALL_S`` is timed once, one slower than
-    ``ALONE_OVER`` times the median one on its own); two warm-up calls, so that the second, free of first-call costs
+    ``ALONE_OVER`` times the median one on its own); two warm-up calls, so that the faster, free of first-call costs
     (oneDNN building its kernels), says which are slow."""
     return interleaved_latencies(
         fns,

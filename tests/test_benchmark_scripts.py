@@ -8,7 +8,6 @@ import json
 import math
 import os
 import re
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -151,15 +150,14 @@ def test_cpu_benchmark_quick_run(tmp_path):
     assert len({(r["conv"], r["params"]) for r in result["models"]}) == 2
     assert (tmp_path / "cpu.png").stat().st_size > 0
     # paired rounds: each pass's variants were called in the same rounds (the upstream ReLU's too), but for those
-    # far slower than the fastest, timed on their own after them; each row keeps the per-round ratios of the pairs
+    # far slower than the others (in their warm-up calls), timed on their own after them; each row keeps the
+    # per-round ratios of the pairs
     passes = [(r, p) for r in result["layers"] for p in ("forward", "forward_backward")]
     for r, p in passes:
         runs = {name: n for name, n in r.items() if name.endswith(f"_{p}_runs")}
         alone = {f"{name}_{p}_runs" for name in r[f"outside_rounds_{p}"]}
         assert alone <= set(runs) and len(alone) < len(runs) - 1
         assert len({n for name, n in runs.items() if name not in alone}) == 1, runs
-        typical = statistics.median(r[name.removesuffix("_runs") + "_ms"] for name in runs)
-        assert all(r[name.removesuffix("_runs") + "_ms"] > 3 * typical for name in alone)  # 10x in their warm-up
         assert set(r[f"paired_{p}"]) == PAIRED_RATIOS
         assert all(0 < ratio < math.inf for ratio in r[f"paired_{p}"].values())
     # the printed verdicts agree with the rows: ours >= 0.95x the best option of each caller, how far apart the

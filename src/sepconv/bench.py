@@ -95,7 +95,7 @@ def interleaved_latencies(
     ``paired``: every function runs in every round, until the rounds add up to ``min_run_time`` seconds per
     function (and ``min_runs`` rounds), so that sample ``i`` of each was taken in the same round: compare two
     with :func:`paired_ratio`, which a burst of load hitting some rounds moves far less than a ratio of medians.
-    ``alone_over`` (paired): a function whose last warm-up call took over ``alone_over`` times the median
+    ``alone_over`` (paired): a function whose fastest warm-up call took over ``alone_over`` times the median
     function's is timed after the rounds, on its own (unpaired, as without ``paired``): one call of it would take
     most of each round's share of the time, leaving the others a few rounds (a 31x31 depthwise conv in NCHW,
     seconds per call, beside milliseconds).
@@ -104,13 +104,11 @@ def interleaved_latencies(
     samples: dict[str, list[float]] = {}
     warm: dict[str, float] = {}
     for name, fn in fns.items():
-        last = _seconds(fn) if warmup > 0 else 0.0
-        for _ in range(warmup - 1):
-            last = _seconds(fn)
-        if slow_call_s is not None and last > slow_call_s:
+        warm_up = [_seconds(fn) for _ in range(warmup)] or [0.0]
+        if slow_call_s is not None and warm_up[-1] > slow_call_s:
             once[name] = _timing([_seconds(fn)])
         else:
-            samples[name], warm[name] = [], last
+            samples[name], warm[name] = [], min(warm_up)
     alone = []
     if paired and alone_over is not None and warm:
         typical = statistics.median(warm.values())
