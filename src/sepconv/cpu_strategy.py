@@ -151,7 +151,8 @@ def use_cpu_strategy(mode: str) -> Iterator[None]:
 def cpu_strategy_decisions() -> dict[tuple, str]:
     """A copy of the cached choices: configuration key -> ``"contiguous"``, ``"channels_last"``,
     ``"channels_last in batch chunks of N"`` or ``"dense"`` for a layer's plan, ``"grad_input=..., grad_weight=..."``
-    for a depthwise conv's backward algorithms, ``"conv"`` or ``"matmul"`` for a pointwise conv's."""
+    for a depthwise conv's backward algorithms, ``"conv"`` or ``"matmul"`` for a pointwise conv's. A key ends
+    with the thread count, or ``(threads, FREED_MEMORY_KEPT)`` once :func:`sepconv.keep_freed_memory` applied."""
     with _lock:
         layouts = {key: _plan_name(*plan) for key, plan in _decisions.items()}
         backward = {key: _backward_name(*choice) for key, choice in _backward_decisions.items()}
