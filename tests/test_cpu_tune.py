@@ -151,8 +151,11 @@ def test_the_command_decides_with_freed_memory_kept_when_asked(tmp_path, monkeyp
     assert main([*argv, "inference"]) == 0 and not cpu_allocator.freed_memory_kept()  # not asked: not applied
     assert saved_runtimes(out) == {threads}
     sepconv.clear_cpu_strategy_cache()
+    capsys.readouterr()
     assert main([*argv, "inference", "--force", "--keep-freed-memory"]) == 0
+    modes = re.findall(r"inference, freed memory kept", capsys.readouterr().out)
     assert saved_runtimes(out) == {(threads, cpu_strategy.FREED_MEMORY_KEPT)}  # every decision: none made before
+    assert len(modes) == len(sepconv.cpu_strategy_decisions())  # each row of the table names the regime
     cpu_allocator._kept, applies, other = False, False, tmp_path / "other.json"
     sepconv.clear_cpu_strategy_cache()
     capsys.readouterr()

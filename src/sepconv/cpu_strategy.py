@@ -349,26 +349,30 @@ def _pointwise_algorithm(input: Tensor, weight: Tensor, bias: Tensor | None, tra
 def describe_decision(key: tuple) -> tuple[str, str, str]:
     """(layer, input shape, mode) of a key of :func:`cpu_strategy_decisions`, for people: a depthwise backward
     key (built in :func:`depthwise_backward`), a pointwise key (:func:`_pointwise_algorithm`) or a layout key
-    (:func:`_decide`), read here, next to where they are built.
+    (:func:`_decide`), read here, next to where they are built. The mode names the allocator regime where it is
+    not glibc's default (:func:`_runtime`).
 
     >>> describe_decision(("SeparableConv2d", "4, 4, ...", "4, 8, ...", (2, 4, 9, 9), torch.float32,
     ...                    "contiguous", True, True, 2))
     ('SeparableConv2d', '(2, 4, 9, 9)', 'training')
+    >>> describe_decision(("pointwise", (8, 4), (2, 4, 9, 9), torch.float32, False, True, (2, FREED_MEMORY_KEPT)))
+    ('pointwise conv 4 -> 8', '(2, 4, 9, 9)', 'inference, freed memory kept')
     """
     if key[0] == "depthwise_backward":
-        return f"depthwise backward, weight {tuple(key[1])}", str(tuple(key[5])), "training"
+        return f"depthwise backward, weight {tuple(key[1])}", str(tuple(key[5])), _mode_name(True, key)
     if key[0] == "pointwise":
         out_channels, in_channels = key[1]
-        return f"pointwise conv {in_channels} -> {out_channels}", str(tuple(key[2])), _mode_name(key[-3])
+        return f"pointwise conv {in_channels} -> {out_channels}", str(tuple(key[2])), _mode_name(key[-3], key)
     # the layout key: (*signature strings, *candidate names, input shape, dtype, source, training, batch
     # independent, threads [and allocator regime]); the signature and candidates are strings, so the first tuple
     # is the shape
     shape = next(part for part in key if isinstance(part, tuple))
-    return str(key[0]), str(shape), _mode_name(key[-3])
+    return str(key[0]), str(shape), _mode_name(key[-3], key)
 
 
-def _mode_name(training: bool) -> str:
-    return "training" if training else "inference"
+def _mode_name(training: bool, key: tuple) -> str:
+    mode = "training" if training else "inference"
+    return f"{mode}, {FREED_MEMORY_KEPT}" if _measured_with_freed_memory_kept(key) else mode
 
 
 def _recheck_on_next_call() -> bool:
