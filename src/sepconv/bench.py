@@ -117,21 +117,21 @@ def interleaved_latencies(
             del samples[name]
     order = random.Random(0)
     budget = min_run_time * len(samples)  # paired: the time the rounds take, together
+
+    def needs_more(times: list[float]) -> bool:  # an unpaired function's own calls
+        return len(times) < max_runs and (len(times) < min_runs or sum(times) < min_run_time)
+
     while pending := (
         _round_pending(samples, min_runs, max_runs, budget)
         if paired
-        else [
-            name
-            for name, times in samples.items()
-            if len(times) < max_runs and (len(times) < min_runs or sum(times) < min_run_time)
-        ]
+        else [name for name, times in samples.items() if needs_more(times)]
     ):
         order.shuffle(pending)
         for name in pending:
             samples[name].append(_seconds(fns[name]))
     for name in alone:
         times: list[float] = []
-        while len(times) < max_runs and (len(times) < min_runs or sum(times) < min_run_time):
+        while needs_more(times):
             times.append(_seconds(fns[name]))
         once[name] = _timing(times)
     return {name: once[name] if name in once else _timing(samples[name], paired=paired) for name in fns}

@@ -98,11 +98,14 @@ def _warn_of_other_regime(path: PathLike, sections: dict[str, dict]) -> None:
     keys = [key for decisions in sections.values() for key in decisions]
     other = sum(cpu_strategy._measured_with_freed_memory_kept(key) != kept for key in keys)
     if other:
-        where = "without" if kept else "with"
+        where, this, apply = (
+            ("without", "called", "that do not call it")
+            if kept
+            else ("with", "has not called", "that call it (before their first calls)")
+        )
         warnings.warn(
             f"{other} of the {len(keys)} decisions in {path} were measured {where} sepconv.keep_freed_memory(), "
-            f"{'which this process called' if kept else 'which this process has not called'}: they apply only in "
-            f"processes {'that do not call it' if kept else 'that call it (before their first calls)'}",
+            f"which this process {this}: they apply only in processes {apply}",
             stacklevel=3,
         )
 
