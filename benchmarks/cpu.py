@@ -211,7 +211,10 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
     decisions = sepconv.cpu_strategy_decisions()
     row["ours_layout"] = plans_for(decisions, "contiguous")
     row["ours_channels_last_in_layout"] = plans_for(decisions, "channels_last")
-    row["ours_depthwise_backward"] = sorted({v for k, v in decisions.items() if k[0] == "depthwise_backward"})
+    # "<depthwise input's layout>, batch <n>" (a chunked plan's own batch) -> the gradient algorithms decided there
+    row["ours_depthwise_backward"] = {
+        f"{key[7]}, batch {key[5][0]}": choice for key, choice in decisions.items() if key[0] == "depthwise_backward"
+    }
     # a cost on top of the first call's: close decisions measured again by a timed call
     row["ours_recheck_ms"] = [m.seconds * 1e3 for m in sepconv.cpu_strategy_measurements() if m.kind == "recheck"]
     return row

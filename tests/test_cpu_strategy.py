@@ -935,3 +935,37 @@ def test_the_fft_weight_gradient_must_win_by_half_the_flipped_conv_by_a_tenth(
     x = torch.randn(1, 3, 8, 8, requires_grad=True)
     weight = torch.randn(3, 1, 5, 5, requires_grad=True)
     assert cpu_strategy._measure_backward(x, weight, (1, 1), (2, 2), (1, 1)) == expected
+
+
+@pytest.mark.parametrize(
+    ("weight_requires_grad", "fft_speedup", "weight_gradient_in_both"),
+    [(True, 1.0, True), (True, 2.0, False), (False, 1.0, False)],
+)
+def test_the_flipped_conv_competes_with_pytorch_computing_both_gradients_at_once(
+    monkeypatch, weight_requires_grad: bool, fft_speedup: float, weight_gradient_in_both: bool
+) -> None:
+    """Where PyTorch's weight gradient is kept, PyTorch's single backward call (both gradients) is timed against
+    the flipped conv plus PyTorch's weight gradient alone; where the FFT takes the weight gradient, or none is
+    needed, against PyTorch's input gradient alone. The timed steps' results say which: their gradients equal
+    ``convolution_backward``'s in float64."""
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(3, 1, 5, 5, dtype=torch.float64, requires_grad=weight_requires_grad)
+    seen: list[dict] = []
+
+    def timed(steps, timed_rounds=None):
+        seen.append({name: step() for name, step in steps.items()})
+        return {name: 1.0 / fft_speedup if name == "fft" else 1.0 for name in steps}
+
+    monkeypatch.setattr(cpu_strategy, "_time_candidates", timed)
+    cpu_strategy._measure_backward(x, weight, (1, 1), (2, 2), (1, 1))
+    input_candidates = seen[-1]
+    torch_input, torch_weight, _ = input_candidates["torch"]
+    flipped_input, flipped_extra = input_candidates["conv"]
+    assert torch_input.shape == flipped_input.shape == x.shape
+    torch.testing.assert_close(flipped_input, torch_input)  # both the same input gradient, of the same grad_output
+    assert (torch_weight is not None) == weight_gradient_in_both
+    assert (flipped_extra is not None) == weight_gradient_in_both
+    if weight_gradient_in_both:
+        assert flipped_extra[1].shape == torch_weight.shape == weight.shape
+        torch.testing.assert_close(flipped_extra[1], torch_weight)
+    assert len(seen) == 1 + weight_requires_grad
