@@ -62,6 +62,9 @@ SLOW_CALL_S = 3.0  # a call slower than this is timed once (runs=1 in the result
 # a variant slower than this many times a row's median one is timed after the paired rounds, on its own: in the rounds
 # its calls (31x31 NCHW: seconds) took most of their time and left the others 3-5 rounds to be compared in
 ALONE_OVER = 10.0
+# paired rounds at least: the median of three rounds' ratios was one round's, and a burst of load on this VM moved
+# the controls (equal work) to 0.74-0.87x in batch-32 training rows that got three
+MIN_ROUNDS = 7
 CL = torch.channels_last
 # (baseline, ours) pairs whose per-round ratio a layer row keeps as "paired_<pass>"["<baseline>/<ours>"]
 PAIRS = [
@@ -79,9 +82,9 @@ PAIRS = [
 
 
 def timed_side_by_side(fns: dict[str, Callable[[], object]], min_run_time: float) -> dict[str, Timing]:
-    """Medians of ``fns`` timed in paired rounds (a call slower than ``SLOW_CALL_S`` is timed once, one slower than
-    ``ALONE_OVER`` times the median one on its own); two warm-up calls, so that the faster, free of first-call costs
-    (oneDNN building its kernels), says which are slow."""
+    """Medians of ``fns`` timed in at least ``MIN_ROUNDS`` paired rounds (a call slower than ``SLOW_CALL_S`` is timed
+    once, one slower than ``ALONE_OVER`` times the median one on its own, three times); two warm-up calls, so that
+    the faster, free of first-call costs (oneDNN building its kernels), says which are slow."""
     return interleaved_latencies(
         fns,
         min_run_time=min_run_time,
@@ -90,6 +93,7 @@ def timed_side_by_side(fns: dict[str, Callable[[], object]], min_run_time: float
         slow_call_s=SLOW_CALL_S,
         paired=True,
         alone_over=ALONE_OVER,
+        min_rounds=MIN_ROUNDS,
     )
 
 

@@ -116,3 +116,18 @@ def test_a_function_far_slower_than_the_others_is_timed_after_the_rounds_on_its_
     calls.clear()
     shared = interleaved_latencies(fns, min_run_time=0.01, warmup=1, min_runs=3, max_runs=40, paired=True)
     assert shared["slow"].runs == shared["fast"].runs <= 8 and shared["slow"].paired
+    # min_rounds: more rounds for the paired ones, min_runs calls for the one timed alone (its 3 take 0.012 s)
+    calls.clear()
+    more = interleaved_latencies(
+        fns,
+        min_run_time=0.0,
+        warmup=1,
+        min_runs=3,
+        paired=True,
+        alone_over=10,
+        min_rounds=9,
+    )
+    assert more["fast"].runs == more["fast_too"].runs == 9 and more["slow"].runs == 3 and not more["slow"].paired
+    calls.clear()
+    shared = interleaved_latencies(fns, min_run_time=0.0, warmup=1, min_runs=3, paired=True, min_rounds=6)
+    assert {timing.runs for timing in shared.values()} == {6}

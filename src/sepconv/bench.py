@@ -81,6 +81,7 @@ def interleaved_latencies(
     slow_call_s: float | None = None,
     paired: bool = False,
     alone_over: float | None = None,
+    min_rounds: int | None = None,
 ) -> dict[str, Timing]:
     """Time several functions side by side: :func:`median_latency` for each, in interleaved rounds.
 
@@ -98,7 +99,9 @@ def interleaved_latencies(
     ``alone_over`` (paired): a function whose fastest warm-up call took over ``alone_over`` times the median
     function's is timed after the rounds, on its own (unpaired, as without ``paired``): one call of it would take
     most of each round's share of the time, leaving the others a few rounds (a 31x31 depthwise conv in NCHW,
-    seconds per call, beside milliseconds).
+    seconds per call, beside milliseconds). ``min_rounds`` (paired): at least this many rounds (default
+    ``min_runs``, which still counts the calls of a function timed on its own): a median over three rounds is
+    one round's ratio, moved by whatever load hit it.
     """
     once: dict[str, Timing] = {}
     samples: dict[str, list[float]] = {}
@@ -122,7 +125,7 @@ def interleaved_latencies(
         return len(times) < max_runs and (len(times) < min_runs or sum(times) < min_run_time)
 
     while pending := (
-        _round_pending(samples, min_runs, max_runs, budget)
+        _round_pending(samples, min_runs if min_rounds is None else min_rounds, max_runs, budget)
         if paired
         else [name for name, times in samples.items() if needs_more(times)]
     ):
