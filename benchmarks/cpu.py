@@ -5,7 +5,9 @@ once per round (in shuffled order), and ratios are medians of per-round ratios (
 this 2-core VM's bursts of load move whole rounds, which a ratio of two medians taken over different calls
 reads as a difference between the variants (equal work came out up to 0.59x apart as a ratio of medians in a run
 of the ninth session's code). A variant over ``ALONE_OVER`` times slower than a row's median one is timed on its
-own after the rounds (its ratios: of medians), so that it does not take the rounds' time:
+own after the rounds (its ratios: of medians), so that it does not take the rounds' time. Our layer is timed
+settled: after its first call (the decision, timed as ``ours_decision_ms_*``) it runs through the call that
+measures a close decision again (``settle``), as a user's loop would, before the rounds:
 
 - layers: the shapes of DESIGN.md §2 plus a kernel-size sweep, batch 1 and 32, forward (no_grad) and
   forward+backward: a training step of the layer inside a network, whose input is the output of an op (a
@@ -40,6 +42,7 @@ import torch
 from torch import nn
 
 import sepconv
+from sepconv import cpu_strategy
 from sepconv.bench import Timing, device_name, interleaved_latencies, paired_ratio, versions
 from sepconv.cpu_strategy import CHANNELS_LAST, CONTIGUOUS  # plan names
 from sepconv.io import atomic_write_png, atomic_write_text
@@ -177,6 +180,7 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
         make(ours, x)()
         row[f"ours_decision_ms_{name}"] = (time.perf_counter() - start) * 1e3
     row["ours_first_layout"] = plans_for(sepconv.cpu_strategy_decisions(), "contiguous")
+    settle(ours, x)
     variants = {
         "torch_nchw": (plain, x),
         "torch_channels_last": (plain_cl, x.contiguous(memory_format=CL)),
@@ -222,6 +226,21 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
     # a cost on top of the first call's: close decisions measured again by a timed call
     row["ours_recheck_ms"] = [m.seconds * 1e3 for m in sepconv.cpu_strategy_measurements() if m.kind == "recheck"]
     return row
+
+
+def settle(ours: nn.Module, x: torch.Tensor) -> None:
+    """Run ``ours`` through the calls that settle its plans, for both callers and passes: a decision with another
+    plan close to it is measured again at the layer's ``_RECHECK_AFTER_CALLS``-th call (its recheck), which a
+    batch-32 row's 7-10 timed rounds never reached — the rounds timed first-call decisions (a batch-32 (144, 56,
+    24) forward kept NCHW at 72.7 ms where batch chunks ran 37 ms) and users' loops run the settled plan."""
+    for make in (forward, forward_backward):
+        for inp in (x, x.contiguous(memory_format=CL)):
+            run = make(ours, inp)
+            run()  # the decision, if not taken yet
+            for _ in range(cpu_strategy._RECHECK_AFTER_CALLS):
+                if not cpu_strategy._rechecks:
+                    break
+                run()
 
 
 def plans_for(decisions: dict[tuple, str], source: str) -> dict[str, str]:
