@@ -231,8 +231,9 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
 def settle(ours: nn.Module, x: torch.Tensor) -> None:
     """Run ``ours`` through the calls that settle its plans, for both callers and passes: a decision with another
     plan close to it is measured again at the layer's ``_RECHECK_AFTER_CALLS``-th call (its recheck), which a
-    batch-32 row's 7-10 timed rounds never reached — the rounds timed first-call decisions (a batch-32 (144, 56,
-    24) forward kept NCHW at 72.7 ms where batch chunks ran 37 ms) and users' loops run the settled plan."""
+    batch-32 row's 7-10 timed rounds never reached: the rounds timed first-call decisions, where users' loops run
+    the settled plan. A method change, not a speed-up: in the twelfth session's kept-memory run the rechecks also
+    moved two batch-32 forwards to slower plans."""
     for make in (forward, forward_backward):
         for inp in (x, x.contiguous(memory_format=CL)):
             run = make(ours, inp)
