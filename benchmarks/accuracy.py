@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import sepconv
-from sepconv.bench import device_name, median_latency, versions
+from sepconv.bench import allocator_name, device_name, median_latency, versions
 from sepconv.commands.train import ARCHS, EVAL_BATCH, INPUT_SHAPE, LR_FINETUNE, LR_SCRATCH, STEM
 from sepconv.data import fashion_mnist
 from sepconv.io import atomic_write_png, atomic_write_text
@@ -193,9 +193,8 @@ def main() -> None:
         result = combine([json.loads(path.read_text()) for path in args.combine])
         write(result, args.out, "accuracy")
         return
-    allocator = "glibc default"
-    if args.keep_freed_memory and sepconv.keep_freed_memory():
-        allocator = "sepconv.keep_freed_memory()"
+    if args.keep_freed_memory:
+        sepconv.keep_freed_memory()  # glibc only; the result names the regime it ran in (allocator_name)
     if args.quick:
         args.seeds, args.epochs, args.finetune_epochs = args.seeds[:1], 1, 1
         args.limit_train, args.limit_test, args.min_run_time = 512, 500, 0.05
@@ -208,7 +207,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "dtype": "float32",
         "versions": versions(),
-        "allocator": allocator,
+        "allocator": allocator_name(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "archs": args.archs,
         "rows": [],

@@ -43,7 +43,7 @@ from torch import nn
 
 import sepconv
 from sepconv import cpu_strategy
-from sepconv.bench import Timing, device_name, interleaved_latencies, paired_ratio, versions
+from sepconv.bench import Timing, allocator_name, device_name, interleaved_latencies, paired_ratio, versions
 from sepconv.cpu_strategy import CHANNELS_LAST, CONTIGUOUS  # plan names
 from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.nets import small_resnet, small_vgg
@@ -493,11 +493,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
     parser.add_argument("--keep-freed-memory", action="store_true", help="sepconv.keep_freed_memory() first")
     args = parser.parse_args()
-    allocator = "glibc default"
-    if args.keep_freed_memory:
-        if not sepconv.keep_freed_memory():
-            parser.error("--keep-freed-memory needs Linux with glibc")
-        allocator = "sepconv.keep_freed_memory()"
+    # before this process's first tensor: keep_freed_memory() asks PyTorch for huge pages, which it fixes then
+    if args.keep_freed_memory and not sepconv.keep_freed_memory():
+        parser.error("--keep-freed-memory needs Linux with glibc")
     stem = "cpu_keep_freed_memory" if args.keep_freed_memory else "cpu"
     shapes, batches = (QUICK_SHAPES, (1, 4)) if args.quick else (SHAPES, (1, 32))
     result = {
@@ -506,7 +504,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "dtype": "float32",
         "versions": versions(),
-        "allocator": allocator,
+        "allocator": allocator_name(),
         "min_run_time_s": args.min_run_time,
         "layers": [],
         "models": [],

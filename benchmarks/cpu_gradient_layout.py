@@ -27,7 +27,7 @@ import torch
 
 import sepconv
 from sepconv import cpu_strategy
-from sepconv.bench import device_name, versions
+from sepconv.bench import allocator_name, device_name, versions
 from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.nets import small_resnet, small_vgg
 
@@ -102,18 +102,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
     parser.add_argument("--keep-freed-memory", action="store_true", help="sepconv.keep_freed_memory() first")
     args = parser.parse_args()
-    allocator, stem = "glibc default", "cpu_gradient_layout"
+    stem = "cpu_gradient_layout"
     if args.keep_freed_memory:
         if not sepconv.keep_freed_memory():
             parser.error("--keep-freed-memory needs Linux with glibc")
-        allocator, stem = "sepconv.keep_freed_memory()", "cpu_gradient_layout_keep_freed_memory"
+        stem = "cpu_gradient_layout_keep_freed_memory"
     result: dict = {
         "benchmark": "cpu_gradient_layout",
         "device": device_name("cpu"),
         "threads": torch.get_num_threads(),
         "dtype": "float32",
         "versions": versions(),
-        "allocator": allocator,
+        "allocator": allocator_name(),
         "rows": [],
     }
     for name, build in (("small_resnet", small_resnet), ("small_vgg", small_vgg)):

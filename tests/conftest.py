@@ -19,3 +19,15 @@ def fresh_cpu_strategy_cache():
     sepconv.clear_cpu_strategy_cache()
     yield
     sepconv.clear_cpu_strategy_cache()
+
+
+@pytest.fixture(autouse=True)
+def allocator_regime_without_huge_pages(monkeypatch):
+    """Every test runs in a regime without huge pages unless it says otherwise, whatever the machine's kernel does
+    (decision keys of glibc's defaults end in the bare thread count), and keep_freed_memory()'s
+    THP_MEM_ALLOC_ENABLE does not leak into later tests' subprocesses. The probe itself is tested in fresh
+    processes (test_cpu_allocator.py)."""
+    from sepconv import cpu_allocator
+
+    monkeypatch.setattr(cpu_allocator, "_huge_pages", False)
+    monkeypatch.delenv(cpu_allocator.HUGE_PAGES_ENV, raising=False)

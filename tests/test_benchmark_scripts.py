@@ -183,3 +183,28 @@ def test_cpu_benchmark_quick_run(tmp_path):
     standard_verdict = f"{sum(v > 1 for v in vs_standard)} of {len(vs_standard)}."
     for line in (verdict, control_verdict, standard_verdict):
         assert line in " ".join(printed.split()), printed[-2000:]
+
+
+def test_cpu_huge_pages_benchmark_quick_run(tmp_path):
+    """Each regime runs in processes of its own, which report the regime they ran in: huge pages only in the third,
+    where the kernel gives them where advised (its usual mode), and every workload timed in every regime."""
+    run_script(
+        "benchmarks/cpu_huge_pages.py", "--quick", "--repeats", "1", "--min-run-time", "0.01", "--out", str(tmp_path)
+    )
+    result = json.loads((tmp_path / "cpu_huge_pages.json").read_text())
+    regimes = ["glibc default", "freed memory kept", "freed memory kept, huge pages"]
+    assert list(result["ms"]) == regimes
+    workloads = set(result["ms"][regimes[0]])
+    kinds = ("forward", "training step")
+    assert workloads == {f"relu training step, {mb} MB" for mb in (4, 64)} | {
+        f"(16,56,8) s2 b32 {layout} {kind}" for layout in ("NCHW", "channels_last") for kind in kinds
+    }
+    assert all(set(ms) == workloads and min(ms.values()) > 0 for ms in result["ms"].values())
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if mode.exists() and "[madvise]" in mode.read_text():
+        assert result["allocators"] == {
+            "glibc default": ["glibc default"],
+            "freed memory kept": ["sepconv.keep_freed_memory()"],
+            "freed memory kept, huge pages": ["sepconv.keep_freed_memory(), huge pages"],
+        }
+    assert (tmp_path / "cpu_huge_pages.png").stat().st_size > 0

@@ -314,7 +314,7 @@ def test_decisions_hold_only_in_the_allocator_regime_they_were_timed_in(tmp_path
     total = sepconv.save_cpu_strategy_decisions(path)
     assert total == len(default) + len(kept)
     sepconv.clear_cpu_strategy_cache()
-    match = rf"{len(default)} of the {total} decisions in .* measured without sepconv.keep_freed_memory\(\)"
+    match = rf"{len(default)} of the {total} decisions in .* process's \(freed memory kept\): {len(default)} in glibc's"
     with pytest.warns(UserWarning, match=match):
         assert sepconv.load_cpu_strategy_decisions(path) == total
     assert sepconv.cpu_strategy_decisions() == {**default, **kept}  # the regime survives the JSON round trip
@@ -323,6 +323,30 @@ def test_decisions_hold_only_in_the_allocator_regime_they_were_timed_in(tmp_path
 
     cpu_allocator._kept = False  # a process that never called it (the fixture restores the flag)
     sepconv.clear_cpu_strategy_cache()
-    match = rf"{len(kept)} of the {total} decisions in .* measured with sepconv.keep_freed_memory\(\)"
+    match = rf"{len(kept)} of the {total} decisions in .* \(glibc's default\): {len(kept)} in freed memory kept\."
     with pytest.warns(UserWarning, match=match):
         sepconv.load_cpu_strategy_decisions(path)
+
+
+@pytest.mark.usefixtures("glibc_stub")
+def test_decisions_timed_on_huge_pages_name_them_and_hold_only_there(tmp_path, monkeypatch) -> None:
+    """Where PyTorch's large tensors get huge pages (keep_freed_memory() before the first tensor), decision keys
+    say so after the kept heap, sepconv tune's table too, and a process without them is warned of every one."""
+    from sepconv import cpu_allocator
+
+    monkeypatch.setattr(cpu_allocator, "_huge_pages", True)  # what huge_pages_in_use() found in such a process
+    assert sepconv.keep_freed_memory()
+    run_all()
+    decisions = sepconv.cpu_strategy_decisions()
+    regime = (cpu_strategy.FREED_MEMORY_KEPT, cpu_strategy.HUGE_PAGES)
+    assert decisions and {key[-1] for key in decisions} == {(torch.get_num_threads(), *regime)}
+    modes = {cpu_strategy.describe_decision(key)[2] for key in decisions}
+    assert modes == {"inference, freed memory kept, huge pages", "training, freed memory kept, huge pages"}
+    path = tmp_path / "decisions.json"
+    total = sepconv.save_cpu_strategy_decisions(path)
+
+    cpu_allocator._huge_pages = False  # a process that kept freed memory but created a tensor before asking
+    sepconv.clear_cpu_strategy_cache()
+    match = rf"{total} of the {total} decisions .* \(freed memory kept\): {total} in freed memory kept, huge pages\."
+    with pytest.warns(UserWarning, match=match):
+        assert sepconv.load_cpu_strategy_decisions(path) == total

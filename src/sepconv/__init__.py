@@ -12,7 +12,7 @@ from sepconv.accelerate import Acceleration, FusedSeparableConv2d, accelerate
 from sepconv.analyze import Report, analyze
 from sepconv.convert import ConversionReport, convert
 from sepconv.cost import Comparison, Cost, compare, cost
-from sepconv.cpu_allocator import freed_memory_kept, keep_freed_memory
+from sepconv.cpu_allocator import freed_memory_kept, huge_pages_in_use, keep_freed_memory
 from sepconv.cpu_strategy import (
     clear_cpu_strategy_cache,
     cpu_strategy_decisions,
@@ -70,6 +70,7 @@ __all__ = [
     "fit",
     "freed_memory_kept",
     "get_cpu_strategy",
+    "huge_pages_in_use",
     "keep_freed_memory",
     "load_cpu_strategy_decisions",
     "run_channels_last",

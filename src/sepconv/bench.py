@@ -195,6 +195,16 @@ def device_name(device: torch.device | str = "cpu") -> str:
     return platform.processor() or platform.machine()
 
 
+def allocator_name() -> str:
+    """The CPU allocator regime results were measured in, to store beside them: ``"glibc default"`` or
+    ``"sepconv.keep_freed_memory()"``, with ``", huge pages"`` where PyTorch's large tensors get them
+    (:func:`sepconv.huge_pages_in_use`)."""
+    from sepconv import cpu_allocator
+
+    name = "sepconv.keep_freed_memory()" if cpu_allocator.freed_memory_kept() else "glibc default"
+    return name + ", huge pages" if cpu_allocator.huge_pages_in_use() else name
+
+
 def versions() -> dict[str, str]:
     """Library versions to store beside every benchmark result."""
     import sepconv

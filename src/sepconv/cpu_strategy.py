@@ -152,7 +152,9 @@ def cpu_strategy_decisions() -> dict[tuple, str]:
     """A copy of the cached choices: configuration key -> ``"contiguous"``, ``"channels_last"``,
     ``"channels_last in batch chunks of N"`` or ``"dense"`` for a layer's plan, ``"grad_input=..., grad_weight=..."``
     for a depthwise conv's backward algorithms, ``"conv"`` or ``"matmul"`` for a pointwise conv's. A key ends
-    with the thread count, or ``(threads, FREED_MEMORY_KEPT)`` once :func:`sepconv.keep_freed_memory` applied."""
+    with the thread count, or ``(threads, *regime)`` in another allocator regime than glibc's default: after
+    :func:`sepconv.keep_freed_memory`, ``(threads, FREED_MEMORY_KEPT)``, with ``HUGE_PAGES`` after it where
+    PyTorch's large tensors get them."""
     with _lock:
         layouts = {key: _plan_name(*plan) for key, plan in _decisions.items()}
         backward = {key: _backward_name(*choice) for key, choice in _backward_decisions.items()}
@@ -196,19 +198,30 @@ def clear_cpu_strategy_cache() -> None:
 
 
 FREED_MEMORY_KEPT = "freed memory kept"
+HUGE_PAGES = "huge pages"
 
 
-def _runtime() -> int | tuple[int, str]:
-    """A decision key's last part: the thread count, with :data:`FREED_MEMORY_KEPT` once
-    :func:`sepconv.keep_freed_memory` applied — the allocator regimes rank plans differently, so a decision
-    holds only in the regime it was timed in. Keys of the default regime end in the bare count, as before."""
+def _regime() -> tuple[str, ...]:
+    """The allocator regime this process runs in, by name: () for glibc's defaults, else :data:`FREED_MEMORY_KEPT`
+    once :func:`sepconv.keep_freed_memory` applied and :data:`HUGE_PAGES` where PyTorch's large tensors get them
+    (:func:`sepconv.huge_pages_in_use`)."""
+    kept, huge = cpu_allocator.freed_memory_kept(), cpu_allocator.huge_pages_in_use()
+    return (FREED_MEMORY_KEPT,) * kept + (HUGE_PAGES,) * huge
+
+
+def _runtime() -> int | tuple[int | str, ...]:
+    """A decision key's last part: the thread count, with the allocator regime's names (:func:`_regime`) where
+    it is not glibc's default — the regimes rank plans differently, so a decision holds only in the regime it was
+    timed in. Keys of the default regime end in the bare count, as before."""
     threads = torch.get_num_threads()
-    return (threads, FREED_MEMORY_KEPT) if cpu_allocator.freed_memory_kept() else threads
+    regime = _regime()
+    return (threads, *regime) if regime else threads
 
 
-def _measured_with_freed_memory_kept(key: tuple) -> bool:
-    """Whether a decision's key (its last part, :func:`_runtime`) says it was timed with freed memory kept."""
-    return isinstance(key[-1], tuple) and FREED_MEMORY_KEPT in key[-1]
+def _regime_of(key: tuple) -> tuple[str, ...]:
+    """The allocator regime a decision was timed in, from its key's last part (:func:`_runtime`)."""
+    last = key[-1]
+    return tuple(part for part in last if isinstance(part, str)) if isinstance(last, tuple) else ()
 
 
 def _allocator_regime_changed() -> None:
@@ -372,8 +385,7 @@ def describe_decision(key: tuple) -> tuple[str, str, str]:
 
 
 def _mode_name(training: bool, key: tuple) -> str:
-    mode = "training" if training else "inference"
-    return f"{mode}, {FREED_MEMORY_KEPT}" if _measured_with_freed_memory_kept(key) else mode
+    return ", ".join(("training" if training else "inference", *_regime_of(key)))
 
 
 def _recheck_on_next_call() -> bool:

@@ -4,9 +4,10 @@ The first call of each configuration measures (:mod:`sepconv.cpu_strategy`): mil
 layers, seconds for a large one's training step. A file of decisions lets a new process skip that, as
 PyTorch's TunableOp does for GEMMs. It is JSON (never pickle), written atomically, and records where
 the decisions were measured — the CPU model and the torch and sepconv versions; the thread count is
-part of each decision's key, as is the allocator regime (:func:`sepconv.keep_freed_memory` or not). Loading a
-file measured elsewhere loads nothing, with a warning, unless ``check_machine=False``: its choices would be as
-correct there but maybe slower. Decisions of the other allocator regime load with a warning: they apply only in it.
+part of each decision's key, as is the allocator regime (glibc's default, or after :func:`sepconv.keep_freed_memory`
+freed memory kept, with huge pages or not). Loading a file measured elsewhere loads nothing, with a warning, unless
+``check_machine=False``: its choices would be as correct there but maybe slower. Decisions of another allocator
+regime load with a warning: they apply only in theirs.
 
 With the environment variable ``SEPCONV_CPU_STRATEGY_FILE`` set to a path, this happens by itself:
 the decisions are loaded from it when sepconv is imported (if it exists) and, when new ones were
@@ -33,12 +34,13 @@ import atexit
 import json
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sepconv import cpu_allocator, cpu_backward, cpu_strategy
+from sepconv import cpu_backward, cpu_strategy
 from sepconv.bench import device_name
 from sepconv.io import PathLike, atomic_write_text
 
@@ -63,8 +65,8 @@ def save_cpu_strategy_decisions(path: PathLike, *, overwrite: bool = False) -> i
 def load_cpu_strategy_decisions(path: PathLike, *, check_machine: bool = True) -> int:
     """Add the decisions in ``path`` to this process's (replacing any for the same configuration); returns how
     many were loaded: 0, with a warning, when the file was measured on another CPU or with other torch or
-    sepconv versions, unless ``check_machine=False``. Decisions timed in the other allocator regime (with or
-    without :func:`sepconv.keep_freed_memory`) load with a warning: they apply only in that regime. Raises
+    sepconv versions, unless ``check_machine=False``. Decisions timed in another allocator regime (see
+    :func:`sepconv.keep_freed_memory`) load with a warning: they apply only in that regime. Raises
     ``ValueError`` for a file that is not one."""
     sections = _load(path, check_machine=check_machine, stacklevel=3)
     if sections is None:
@@ -93,21 +95,24 @@ def _load(path: PathLike, *, check_machine: bool, stacklevel: int) -> dict[str, 
 
 
 def _warn_of_other_regime(path: PathLike, sections: dict[str, dict]) -> None:
-    """Warn where loaded decisions were timed in the other allocator regime: they apply only in it."""
-    kept = cpu_allocator.freed_memory_kept()
+    """Warn where loaded decisions were timed in another allocator regime than this process's: they apply only in
+    theirs."""
+    current = cpu_strategy._regime()
     keys = [key for decisions in sections.values() for key in decisions]
-    other = sum(cpu_strategy._measured_with_freed_memory_kept(key) != kept for key in keys)
-    if other:
-        where, this, apply = (
-            ("without", "called", "that do not call it")
-            if kept
-            else ("with", "has not called", "that call it (before their first calls)")
-        )
+    others = Counter(regime for regime in map(cpu_strategy._regime_of, keys) if regime != current)
+    if others:
+        theirs = "; ".join(f"{count} in {_regime_name(regime)}" for regime, count in sorted(others.items()))
         warnings.warn(
-            f"{other} of the {len(keys)} decisions in {path} were measured {where} sepconv.keep_freed_memory(), "
-            f"which this process {this}: they apply only in processes {apply}",
+            f"{others.total()} of the {len(keys)} decisions in {path} were measured in another allocator regime than "
+            f"this process's ({_regime_name(current)}): {theirs}. They apply only in processes of their regime "
+            "(sepconv.keep_freed_memory() before the first tensor: freed memory kept, and huge pages where the "
+            "kernel allows them)",
             stacklevel=3,
         )
+
+
+def _regime_name(regime: tuple[str, ...]) -> str:
+    return ", ".join(regime) or "glibc's default"
 
 
 def _machine() -> dict[str, str]:

@@ -45,13 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     shape = parse_shape(args.input)
+    # before the model's tensors: PyTorch takes the huge-page setting it brings at its first CPU allocation
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise ValueError("--keep-freed-memory needs Linux with glibc (sepconv.keep_freed_memory() did not apply)")
     model = load_model(args.spec, weights=args.weights)
     if args.channels_last:
         run_channels_last(model)
     if Path(args.out).exists() and not args.force:  # before minutes of measuring, not after
         raise FileExistsError(f"{args.out} exists; pass --force to replace it")
-    if args.keep_freed_memory and not keep_freed_memory():
-        raise ValueError("--keep-freed-memory needs Linux with glibc (sepconv.keep_freed_memory() did not apply)")
     start, measured_before = time.perf_counter(), len(cpu_strategy_measurements())
     made = tune_cpu_strategy(model, shape, training=args.only != "inference", inference=args.only != "training")
     seconds = time.perf_counter() - start
