@@ -1,4 +1,4 @@
-"""CPU allocator regimes side by side: glibc's defaults, freed memory kept, and kept with huge pages.
+"""CPU allocator regimes side by side: glibc's defaults, huge pages alone, freed memory kept, and both.
 
 PyTorch fixes its huge-page setting (``THP_MEM_ALLOC_ENABLE``) at a process's first CPU tensor, so the regimes
 cannot share a process: each measurement is a fresh child process in one regime, and the regimes take turns
@@ -25,7 +25,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-REGIMES = ("glibc default", "freed memory kept", "freed memory kept, huge pages")
+REGIMES = ("glibc default", "huge pages alone", "freed memory kept", "freed memory kept, huge pages")
+# THP_MEM_ALLOC_ENABLE per regime (None: unset, so keep_freed_memory() sets it) and whether keep_freed_memory() runs
+SETUPS = {
+    "glibc default": (None, False),
+    "huge pages alone": ("1", False),
+    "freed memory kept": ("0", True),
+    "freed memory kept, huge pages": (None, True),
+}
 RELU_MB = (4, 16, 64, 154)
 # (C, H, O, stride) at batch 32: DESIGN.md §2's stride-2 stem block and a 56x56 block
 BLOCKS = ((96, 112, 24, 2), (144, 56, 24, 1))
@@ -37,7 +44,7 @@ def child(regime: str, quick: bool, min_run_time: float) -> dict:
     """This process's medians (ms) in ``regime``, which its parent set up through the environment."""
     import sepconv
 
-    if regime != REGIMES[0]:
+    if SETUPS[regime][1]:
         assert sepconv.keep_freed_memory(), "needs Linux with glibc"
     import torch
     from torch import nn
@@ -77,10 +84,10 @@ def child(regime: str, quick: bool, min_run_time: float) -> dict:
 
 
 def run_child(regime: str, quick: bool, min_run_time: float) -> dict:
-    env = dict(os.environ)
-    env.pop("THP_MEM_ALLOC_ENABLE", None)
-    if regime == "freed memory kept":
-        env["THP_MEM_ALLOC_ENABLE"] = "0"  # what keep_freed_memory() would set otherwise: the kept heap alone
+    env = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
+    huge_pages = SETUPS[regime][0]
+    if huge_pages is not None:  # PyTorch reads it at the child's first tensor; keep_freed_memory() leaves it as set
+        env["THP_MEM_ALLOC_ENABLE"] = huge_pages
     argv = [sys.executable, __file__, "--child", regime, "--min-run-time", str(min_run_time)]
     result = subprocess.run([*argv, *(["--quick"] if quick else [])], capture_output=True, text=True, env=env)
     if result.returncode != 0:
@@ -103,14 +110,14 @@ def plot(result: dict, path: Path) -> None:
         base = result["ms"][REGIMES[0]]
         speedups = [base[name] / result["ms"][regime][name] for name in names]
         ax.barh([j + i * height for j in range(len(names))], speedups, height, label=regime)
-    ax.set_yticks([j + height for j in range(len(names))], names, fontsize=8)
+    ax.set_yticks([j + height * (len(REGIMES) - 1) / 2 for j in range(len(names))], names, fontsize=8)
     ax.invert_yaxis()
     ax.axvline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("speed vs glibc's defaults (median over processes)")
     ax.set_title(f"CPU allocator regimes, fp32 — {result['device']}, {result['threads']} threads", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write_png(fig, path)
+    atomic_write_png(fig, path, overwrite=True)
     plt.close(fig)
 
 

@@ -186,13 +186,13 @@ def test_cpu_benchmark_quick_run(tmp_path):
 
 
 def test_cpu_huge_pages_benchmark_quick_run(tmp_path):
-    """Each regime runs in processes of its own, which report the regime they ran in: huge pages only in the third,
-    where the kernel gives them where advised (its usual mode), and every workload timed in every regime."""
+    """Each regime runs in processes of its own, which report the regime they ran in (huge pages where the kernel
+    gives them to memory advised so, its usual mode), and every workload is timed in every regime."""
     run_script(
         "benchmarks/cpu_huge_pages.py", "--quick", "--repeats", "1", "--min-run-time", "0.01", "--out", str(tmp_path)
     )
     result = json.loads((tmp_path / "cpu_huge_pages.json").read_text())
-    regimes = ["glibc default", "freed memory kept", "freed memory kept, huge pages"]
+    regimes = ["glibc default", "huge pages alone", "freed memory kept", "freed memory kept, huge pages"]
     assert list(result["ms"]) == regimes
     workloads = set(result["ms"][regimes[0]])
     kinds = ("forward", "training step")
@@ -204,6 +204,7 @@ def test_cpu_huge_pages_benchmark_quick_run(tmp_path):
     if mode.exists() and "[madvise]" in mode.read_text():
         assert result["allocators"] == {
             "glibc default": ["glibc default"],
+            "huge pages alone": ["glibc default, huge pages"],
             "freed memory kept": ["sepconv.keep_freed_memory()"],
             "freed memory kept, huge pages": ["sepconv.keep_freed_memory(), huge pages"],
         }
