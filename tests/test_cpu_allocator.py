@@ -16,10 +16,13 @@ SCRIPT = """
 import sys, torch
 if sys.argv[1] == "late":
     early = torch.empty(10)  # PyTorch's first CPU allocation: its huge-page setting is fixed from here on
-if sys.argv[1] in ("tuned", "late"):
+if sys.argv[1] in ("tuned", "late", "tuned, meta default device"):
     from sepconv.cpu_allocator import keep_freed_memory
     assert keep_freed_memory()
 from sepconv.cpu_allocator import huge_pages_in_use
+if sys.argv[1] == "tuned, meta default device":
+    with torch.device("meta"):
+        huge_pages_in_use()  # probed first here: the probe must still look at CPU memory
 def resident_mib():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
@@ -60,7 +63,7 @@ def test_freed_activation_memory_is_kept_for_reuse() -> None:
     assert during >= 7.5 and during - after < 0.5  # kept in the heap, ready for the next activation
 
 
-@pytest.mark.parametrize("mode", ["default", "tuned", "late"])
+@pytest.mark.parametrize("mode", ["default", "tuned", "late", "tuned, meta default device"])
 def test_huge_pages_in_use_says_what_the_kernel_backs_large_tensors_with(mode) -> None:
     """huge_pages_in_use() agrees with the huge pages the kernel reports under a fresh 64 MiB tensor; where the
     kernel gives them only to memory advised so (its usual mode, "madvise"), keep_freed_memory() before PyTorch's
@@ -68,6 +71,6 @@ def test_huge_pages_in_use_says_what_the_kernel_backs_large_tensors_with(mode) -
     _, _, huge_mib, in_use = run_script(mode)
     assert in_use == (huge_mib >= 2)
     if kernel_huge_page_mode() == "madvise":
-        assert in_use == (mode == "tuned")
+        assert in_use == mode.startswith("tuned")
     elif kernel_huge_page_mode() in ("never", None):
         assert not in_use

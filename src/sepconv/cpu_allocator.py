@@ -102,7 +102,7 @@ def _probe_huge_pages() -> bool:
         return True
     if "[madvise]" not in mode:
         return False
-    probe = torch.empty(_PROBE_ELEMENTS)
+    probe = torch.empty(_PROBE_ELEMENTS, dtype=torch.float32, device="cpu")  # whatever the defaults are
     return "hg" in _vm_flags(probe.data_ptr())
 
 
