@@ -18,6 +18,9 @@ of 512. Measured side by side in fresh processes (``benchmarks/cpu_huge_pages.py
 training step 378 -> 188 ms in NCHW, 120 -> 74 ms in channels_last. PyTorch reads the variable once, at its first
 CPU allocation: call :func:`keep_freed_memory` before creating any tensor (model included);
 :func:`huge_pages_in_use` says whether it took (the kernel must allow them: mode ``madvise`` or ``always``).
+Child processes inherit the variable (a DataLoader's spawned workers): they get huge pages without the kept heap,
+which the same benchmark measured faster than glibc's defaults on every workload (a 16 MB ReLU step 16.3 -> 9.9 ms;
+5.4 with the kept heap too).
 
 It is process-wide and opt-in: a library should not change its host's allocator behind its back. The regimes
 rank plans differently (a (1, 144, 56, 56) separable 3x3 forward: channels_last with conversions first with
