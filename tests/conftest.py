@@ -31,3 +31,13 @@ def allocator_regime_without_huge_pages(monkeypatch):
 
     monkeypatch.setattr(cpu_allocator, "_huge_pages", False)
     monkeypatch.delenv(cpu_allocator.HUGE_PAGES_ENV, raising=False)
+
+
+@pytest.fixture
+def glibc_stub(monkeypatch):
+    """sepconv.keep_freed_memory() as in a glibc process, without changing this test process's allocator for good
+    (the glibc call stubbed; the regime flag restored afterwards)."""
+    from sepconv import cpu_allocator
+
+    monkeypatch.setattr(cpu_allocator, "_kept", False)
+    monkeypatch.setattr(cpu_allocator, "_set_glibc_thresholds", lambda: True)

@@ -209,3 +209,25 @@ def test_cpu_huge_pages_benchmark_quick_run(tmp_path):
             "freed memory kept, huge pages": ["sepconv.keep_freed_memory(), huge pages"],
         }
     assert (tmp_path / "cpu_huge_pages.png").stat().st_size > 0
+
+
+def test_cpu_train_allocator_quick_run_times_each_net_in_both_regimes(tmp_path):
+    """`sepconv train` runs in fresh processes with and without keep_freed_memory(); each net's time per step is
+    the median over processes of the last epoch's seconds over its steps (256 images, batch 128: 2 steps)."""
+    run_script("benchmarks/cpu_train_allocator.py", "--quick", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "cpu_train_allocator_quick.json").read_text())
+    nets = {"small_vgg standard", "small_vgg separable"}
+    assert list(result["ms_per_step"]) == ["glibc default", "keep_freed_memory()"]
+    for regime, per_net in result["ms_per_step"].items():
+        assert set(per_net) == nets == set(result["per_process"][regime])
+        for name, ms in per_net.items():
+            runs = result["per_process"][regime][name]
+            assert len(runs) == 1 and len(runs[0]["ms_per_step"]) == 2  # one process, two epochs
+            assert ms == runs[0]["ms_per_step"][-1] > 0
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if mode.exists() and "[madvise]" in mode.read_text():
+        assert result["allocators"] == {
+            "glibc default": ["glibc default"],
+            "keep_freed_memory()": ["sepconv.keep_freed_memory(), huge pages"],
+        }
+    assert (tmp_path / "cpu_train_allocator_quick.png").stat().st_size > 0

@@ -21,6 +21,11 @@ from sepconv.train import load_checkpoint
 TINY = ["--arch", "small_vgg", "--width", "8", "--limit-train", "512", "--limit-test", "200", "--batch-size", "64"]
 
 
+@pytest.fixture(autouse=True)
+def _in_process_runs_keep_this_process_allocator(glibc_stub: None) -> None:
+    """`sepconv train` calls keep_freed_memory() by default: stubbed for the runs made inside this process."""
+
+
 def params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -61,6 +66,46 @@ def test_train_then_convert_and_distil(tmp_path: Path, capsys: pytest.CaptureFix
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "sepconv", "train", *args]
+
+
+def test_keeps_freed_memory_unless_told_not_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default the command applies sepconv.keep_freed_memory() (its own process) and records the regime its
+    seconds were measured in; --no-keep-freed-memory leaves the allocator alone; --keep-freed-memory where glibc's
+    call is unavailable is refused before anything is written."""
+    from sepconv import cpu_allocator
+
+    argv = ["train", *TINY, "--limit-train", "64", "--epochs", "1", "--device", "cpu"]
+    assert main([*argv, "--no-keep-freed-memory", "--out", str(tmp_path / "a")]) == 0
+    assert not cpu_allocator.freed_memory_kept()
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["allocator"] == "glibc default"
+    assert main([*argv, "--out", str(tmp_path / "b")]) == 0
+    assert cpu_allocator.freed_memory_kept()
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["allocator"] == "sepconv.keep_freed_memory()"
+
+    monkeypatch.setattr(cpu_allocator, "_kept", False)
+    monkeypatch.setattr(cpu_allocator, "_set_glibc_thresholds", lambda: False)  # not glibc
+    assert main([*argv, "--out", str(tmp_path / "c")]) == 0  # the default: where it applies
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text())["allocator"] == "glibc default"
+    capsys.readouterr()
+    assert main([*argv, "--keep-freed-memory", "--out", str(tmp_path / "d")]) == 2
+    assert "--keep-freed-memory needs Linux with glibc" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_allocator_regime_changes_no_weight(tmp_path: Path) -> None:
+    """Real processes: keep_freed_memory() (huge pages included, where the kernel gives them) vs glibc's defaults
+    train to bit-identical weights; each run's metrics name the regime it ran in."""
+    run = [*TINY, "--epochs", "1", "--device", "cpu"]
+    for name, flag in (("kept", "--keep-freed-memory"), ("default", "--no-keep-freed-memory")):
+        done = subprocess.run(cli(*run, flag, "--out", str(tmp_path / name)), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+    a, b = (load_state_dict(tmp_path / name / "model.safetensors") for name in ("kept", "default"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kept, default = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("kept", "default"))
+    assert kept["allocator"].startswith("sepconv.keep_freed_memory()")
+    assert default["allocator"].startswith("glibc default")
 
 
 def test_resume_after_a_kill_gives_bit_identical_weights(tmp_path: Path) -> None:

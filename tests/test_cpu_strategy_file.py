@@ -266,16 +266,6 @@ def test_the_environment_variable_loads_at_import_and_merges_at_exit(tmp_path) -
     }
 
 
-@pytest.fixture
-def glibc_stub(monkeypatch):
-    """sepconv.keep_freed_memory() as in a glibc process, without changing this test process's allocator for good
-    (the glibc call stubbed; the regime flag restored afterwards)."""
-    from sepconv import cpu_allocator
-
-    monkeypatch.setattr(cpu_allocator, "_kept", False)
-    monkeypatch.setattr(cpu_allocator, "_set_glibc_thresholds", lambda: True)
-
-
 @pytest.mark.usefixtures("glibc_stub")
 def test_decisions_hold_only_in_the_allocator_regime_they_were_timed_in(tmp_path) -> None:
     """keep_freed_memory() ranks plans differently: every kind of decision is taken again after it, also by a
