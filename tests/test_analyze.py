@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -346,6 +347,13 @@ def test_measure_side_by_side_on_cpu() -> None:
     report = analyze(net, (1, 3, 16, 16), measure=True, min_run_time=0.01)
     m = report.measurement
     assert m is not None and m.device == "cpu"
+    # what the times depend on: this process's threads and allocator regime (conftest: glibc's defaults, no huge
+    # pages), after the CPU's model
+    assert m.conditions.endswith(f", {torch.get_num_threads()} threads, glibc default")
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        model_name = next(line for line in cpuinfo.read_text().splitlines() if line.startswith("model name"))
+        assert m.conditions.startswith(model_name.split(":", 1)[1].strip() + ", ")
     assert m.model.median_ms > 0 and m.twin.median_ms > 0 and m.model.runs >= 1
     assert m.model_peak_bytes is None and m.twin_peak_bytes is None  # no allocator statistics on CPU
     assert report.what_if is not None and len(report.what_if) == 2
@@ -354,6 +362,8 @@ def test_measure_side_by_side_on_cpu() -> None:
     assert twin(torch.rand(1, 3, 16, 16)).shape == (1, 8, 16, 16)
     assert isinstance(net[0], nn.Conv2d)  # the original is untouched
     md = to_markdown(report).splitlines()
+    assert md[-4].startswith(f"| model on cpu ({m.conditions}) (twin: separable")
+    assert report.to_dict()["measure"]["conditions"] == m.conditions
     assert md[-2].startswith("| as given | ") and md[-1].startswith("| twin | ") and md[-1].endswith("| n/a |")
 
 

@@ -86,13 +86,15 @@ class WhatIf:
 
 @dataclass(frozen=True)
 class Measurement:
-    """Median forward latency and peak memory (CUDA only; ``None`` on CPU) of the model and its twin."""
+    """Median forward latency and peak memory (CUDA only; ``None`` on CPU) of the model and its twin, and what
+    the times depend on beside the device: the GPU's name, or the CPU's model, threads and allocator regime."""
 
     device: str
     model: Timing
     twin: Timing
     model_peak_bytes: int | None
     twin_peak_bytes: int | None
+    conditions: str = ""
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,7 @@ class Report:
             m = self.measurement
             data["measure"] = {
                 "device": m.device,
+                "conditions": m.conditions,
                 "model": asdict(m.model) | {"peak_bytes": m.model_peak_bytes},
                 "twin": asdict(m.twin) | {"peak_bytes": m.twin_peak_bytes},
             }
@@ -275,7 +278,7 @@ def _what_if(calls: list[Call]) -> tuple[WhatIf, ...]:
 
 
 def _measure(model: nn.Module, inputs: Inputs, device: torch.device | str, min_run_time: float) -> Measurement:
-    from sepconv.bench import median_latency, peak_memory_bytes
+    from sepconv.bench import allocator_name, device_name, median_latency, peak_memory_bytes
 
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("measure=True needs a model with real weights, not one on the meta device")
@@ -292,7 +295,10 @@ def _measure(model: nn.Module, inputs: Inputs, device: torch.device | str, min_r
             timings.append(median_latency(forward, min_run_time=min_run_time / _ROUNDS))
     model_time, twin_time = (sorted(t, key=lambda t: t.median_ms)[_ROUNDS // 2] for t in rounds)
     model_peak, twin_peak = (peak_memory_bytes(forward, device) for forward in forwards)
-    return Measurement(str(device), model_time, twin_time, model_peak, twin_peak)
+    conditions = device_name(device)
+    if device.type == "cpu":
+        conditions += f", {torch.get_num_threads()} threads, {allocator_name()}"
+    return Measurement(str(device), model_time, twin_time, model_peak, twin_peak, conditions)
 
 
 def _forward(net: nn.Module, args: tuple[Tensor, ...]) -> Callable[[], None]:

@@ -20,7 +20,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from sepconv.analyze import Report, Row
+from sepconv.analyze import Measurement, Report, Row
 
 __all__ = ["si", "to_csv", "to_markdown", "to_rich"]
 
@@ -133,7 +133,10 @@ def _measure_table(report: Report) -> Group:
     m = report.measurement
     assert m is not None
     table = Table(
-        title=f"Measured forward pass on {m.device}", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0, 0, 1)
+        title=f"Measured forward pass on {_measured_on(m)}",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 0, 0, 1),
     )
     for header in ("model", "median ms", "IQR ms", "runs", "peak memory", "speed vs model"):
         table.add_column(header, justify="left" if header == "model" else "right")
@@ -151,6 +154,10 @@ def _measure_table(report: Report) -> Group:
         "n/a on CPU (PyTorch keeps no CPU allocator statistics)."
     )
     return Group(table, Text(note))
+
+
+def _measured_on(m: Measurement) -> str:
+    return f"{m.device} ({m.conditions})" if m.conditions else m.device
 
 
 def to_markdown(report: Report) -> str:
@@ -186,7 +193,8 @@ def to_markdown(report: Report) -> str:
         m = report.measurement
         lines += [
             "",
-            f"| model on {m.device} (twin: separable, random weights) | median ms | IQR ms | runs | peak bytes |",
+            f"| model on {_measured_on(m)} (twin: separable, random weights) "
+            "| median ms | IQR ms | runs | peak bytes |",
             "|---|---:|---:|---:|---:|",
         ]
         for label, t, peak in (("as given", m.model, m.model_peak_bytes), ("twin", m.twin, m.twin_peak_bytes)):
