@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,15 @@ from torch import nn
 
 import sepconv
 from sepconv import cpu_strategy
-from sepconv.bench import Timing, allocator_name, device_name, interleaved_latencies, paired_ratio, versions
+from sepconv.bench import (
+    Timing,
+    allocator_name,
+    device_name,
+    interleaved_latencies,
+    paired_ratio,
+    paired_ratio_interval,
+    versions,
+)
 from sepconv.cpu_strategy import CHANNELS_LAST, CONTIGUOUS  # plan names
 from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.nets import small_resnet, small_vgg
@@ -212,6 +221,12 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
         row[f"outside_rounds_{pass_name}"] = sorted(name for name, timing in timings.items() if not timing.paired)
         row[f"paired_{pass_name}"] = {
             f"{baseline}/{ours}": paired_ratio(timings[baseline], timings[ours])
+            for baseline, ours in PAIRS
+            if baseline in timings and ours in timings
+        }
+        # 95% interval of each paired ratio from its per-round ratios; None: unpaired, or too few rounds to bound it
+        row[f"paired_interval_{pass_name}"] = {
+            f"{baseline}/{ours}": _finite(paired_ratio_interval(timings[baseline], timings[ours]))
             for baseline, ours in PAIRS
             if baseline in timings and ours in timings
         }
@@ -393,6 +408,17 @@ def best_speedup(row: dict, pass_name: str, baselines: tuple[str, ...], ours: st
     return min(speedup(row, pass_name, baseline, ours) for baseline in baselines)
 
 
+def _finite(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None or math.isinf(interval[0]) else list(interval)
+
+
+def speedup_interval(row: dict, pass_name: str, baselines: tuple[str, ...], ours: str) -> list[float] | None:
+    """The 95% interval (from the per-round ratios) of :func:`best_speedup`'s ratio: that of the baseline it took;
+    None in results without intervals, or where the rounds cannot bound the ratio."""
+    baseline = min(baselines, key=lambda b: speedup(row, pass_name, b, ours))
+    return row.get(f"paired_interval_{pass_name}", {}).get(f"{baseline}/{ours}")
+
+
 def target_counts(result: dict) -> list[str]:
     """How many rows meet ``ours >= 0.95x`` the best PyTorch option of each caller (#7's first target); how often
     the controls (equal work timed twice) came out as far apart; how many misses ran the plan of the option
@@ -402,7 +428,10 @@ def target_counts(result: dict) -> list[str]:
     often ours beat the standard conv in the caller's layout where that has at least 4x the MACs."""
     met = {"NCHW": 0, "channels_last": 0}
     misses: list[bool] = []  # per miss: whether ours ran the same convs
+    sure_misses = 0  # misses whose ratio's 95% interval lies wholly below 0.95
     controls: list[float] = []
+    control_intervals: list[list[float] | None] = []
+    has_intervals = any("paired_interval_forward" in r for r in result["layers"])
     vs_standard: list[float] = []  # #7's second target: the standard conv over ours, each caller in its layout
     for r in result["layers"]:
         for p in ("forward", "forward_backward"):
@@ -410,25 +439,43 @@ def target_counts(result: dict) -> list[str]:
             same_plan = CONTIGUOUS if nchw <= converted else CHANNELS_LAST
             nchw_caller = best_speedup(r, p, ("torch_nchw", "torch_channels_last_converted"), "ours")
             compared = {
-                "NCHW": (nchw_caller, r["ours_layout"][p] == same_plan),
+                "NCHW": (
+                    nchw_caller,
+                    r["ours_layout"][p] == same_plan,
+                    speedup_interval(r, p, ("torch_nchw", "torch_channels_last_converted"), "ours"),
+                ),
                 "channels_last": (
                     speedup(r, p, "torch_channels_last", "ours_channels_last_in"),
                     r["ours_channels_last_in_layout"].get(p, CHANNELS_LAST) == CHANNELS_LAST,  # none: as given
+                    speedup_interval(r, p, ("torch_channels_last",), "ours_channels_last_in"),
                 ),
             }
-            for caller, (ratio, same) in compared.items():
+            for caller, (ratio, same, interval) in compared.items():
                 met[caller] += ratio >= 0.95
                 misses += [same] if ratio < 0.95 else []
+                sure_misses += ratio < 0.95 and interval is not None and interval[1] < 0.95
             controls += [min(c, 1 / c) for c in control_ratios(r, p)]
+            control_intervals += [
+                speedup_interval(r, p, (f"torch_{layout}",), f"torch_{layout}_again")
+                for layout in ("nchw", "channels_last")
+            ]
             if r[f"standard_nchw_{p}_ms"] is not None and r["standard_macs"] >= 4 * r["separable_macs"]:
                 vs_standard += [speedup(r, p, "standard_nchw", "ours")]
                 vs_standard += [speedup(r, p, "standard_channels_last", "ours_channels_last_in")]
     rows = len(controls) // 2
+    doubt = ""
+    if has_intervals:  # results from before the intervals were kept have none
+        apart = sum(i is not None and not i[0] <= 1.0 <= i[1] for i in control_intervals)
+        doubt = (
+            f" Beyond the rounds' doubt (the 95% interval of the per-round ratios): {sure_misses} of the "
+            f"{len(misses)} misses lie wholly below 0.95x; {apart} of the {len(controls)} controls exclude 1.0 "
+            "(about 5% would, were rounds independent draws)."
+        )
     return [
         f"Ours >= 0.95x the best PyTorch option: NCHW caller {met['NCHW']}/{rows} rows, channels_last caller "
         f"{met['channels_last']}/{rows}; {sum(misses)} of the {len(misses)} misses ran the same plan as the "
         f"PyTorch option they are compared with. Equal work timed twice (controls): {sum(c >= 0.95 for c in controls)}"
-        f" of {len(controls)} within 0.95-1.05x of each other, the farthest {min(controls, default=1.0):.2f}x.",
+        f" of {len(controls)} within 0.95-1.05x of each other, the farthest {min(controls, default=1.0):.2f}x." + doubt,
         f"Ours faster than the standard conv in the caller's layout where it has >= 4x fewer MACs: "
         f"{sum(v > 1 for v in vs_standard)} of {len(vs_standard)}.",
     ]

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import random
 import statistics
 import time
 from collections.abc import Callable
 
-from sepconv.bench import Timing, interleaved_latencies, median_latency, paired_ratio
+import pytest
+
+from sepconv.bench import (
+    Timing,
+    interleaved_latencies,
+    median_interval,
+    median_latency,
+    paired_ratio,
+    paired_ratio_interval,
+)
 
 
 def test_interleaved_rounds_call_each_function_once_in_changing_orders():
@@ -131,3 +142,45 @@ def test_a_function_far_slower_than_the_others_is_timed_after_the_rounds_on_its_
     calls.clear()
     shared = interleaved_latencies(fns, min_run_time=0.0, warmup=1, min_runs=3, paired=True, min_rounds=6)
     assert {timing.runs for timing in shared.values()} == {6}
+
+
+# 95% confidence ranks (k, n + 1 - k) for the median of n values, as printed in nonparametric statistics tables
+# (e.g. Conover, Practical Nonparametric Statistics, table A3; Hollander & Wolfe)
+PUBLISHED_RANKS_95 = {6: (1, 6), 10: (2, 9), 20: (6, 15), 30: (10, 21), 50: (18, 33), 100: (40, 61)}
+
+
+@pytest.mark.parametrize(("n", "ranks"), PUBLISHED_RANKS_95.items())
+def test_median_interval_takes_the_published_order_statistics(n: int, ranks: tuple[int, int]) -> None:
+    values = [float(i) for i in range(1, n + 1)]  # value i is the i-th order statistic
+    random.Random(n).shuffle(values)
+    assert median_interval(values) == (float(ranks[0]), float(ranks[1]))
+
+
+def test_median_interval_cannot_bound_the_median_from_five_values_at_95_percent() -> None:
+    # min and max of 5 cover the median with probability 1 - 2 / 2**5 = 0.9375 < 0.95
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) == (-math.inf, math.inf)
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0], confidence=0.9) == (1.0, 5.0)
+    with pytest.raises(ValueError, match="confidence must be in"):
+        median_interval([1.0, 2.0], confidence=1.0)
+
+
+def test_median_interval_covers_the_true_median_as_often_as_promised() -> None:
+    """A skewed distribution (exponential, median ln 2): 15 draws give ranks (4, 12), exact coverage
+    1 - 2 P(Binomial(15, 1/2) <= 3) = 0.9648; 4000 seeded trials land within a few standard errors of it."""
+    rng, trials = random.Random(0), 4000
+    covered = sum(
+        low <= math.log(2) <= high
+        for low, high in (median_interval([rng.expovariate(1.0) for _ in range(15)]) for _ in range(trials))
+    )
+    exact = 1 - 2 * sum(math.comb(15, i) for i in range(4)) / 2**15
+    assert abs(covered / trials - exact) < 4 * math.sqrt(exact * (1 - exact) / trials)
+
+
+def test_a_paired_ratio_interval_is_the_median_interval_of_per_round_ratios() -> None:
+    ours_samples = (1.0, 1.0, 2.0, 1.0, 1.0, 1.0, 1.0)
+    baseline_samples = (1.1, 0.9, 2.4, 1.0, 1.3, 1.05, 0.95)  # per round: 1.1 0.9 1.2 1.0 1.3 1.05 0.95
+    ours = Timing(1.0, 0.0, 7, ours_samples, paired=True)
+    baseline = Timing(1.05, 0.0, 7, baseline_samples, paired=True)
+    low, high = paired_ratio_interval(baseline, ours)
+    assert (low, high) == (0.9, 1.3) and low <= paired_ratio(baseline, ours) == 1.05 <= high
+    assert paired_ratio_interval(Timing(1.0, 0.0, 7, baseline_samples), ours) is None  # timed on its own

@@ -123,6 +123,12 @@ def test_cpu_gradient_layout_benchmark_quick_run(tmp_path):
 PLAN = r"contiguous|channels_last( in batch chunks of \d+)?|dense"  # cpu_strategy_decisions' names
 
 
+def alone_ratios(row: dict, pass_name: str) -> set[str]:
+    """The ratios of a row's pass that involve a variant timed outside the rounds (no per-round ratios)."""
+    alone = set(row[f"outside_rounds_{pass_name}"])
+    return {name for name in PAIRED_RATIOS if alone & set(name.split("/"))}
+
+
 def test_cpu_benchmark_quick_run(tmp_path):
     printed = run_script("benchmarks/cpu.py", "--quick", "--min-run-time", "0.005", "--out", str(tmp_path))
     result = json.loads((tmp_path / "cpu.json").read_text())
@@ -160,6 +166,15 @@ def test_cpu_benchmark_quick_run(tmp_path):
         assert len({n for name, n in runs.items() if name not in alone}) == 1, runs
         assert set(r[f"paired_{p}"]) == PAIRED_RATIOS
         assert all(0 < ratio < math.inf for ratio in r[f"paired_{p}"].values())
+        # each ratio's 95% interval from its per-round ratios brackets it (None: too few rounds to bound it; every
+        # pass has at least 7 rounds, whose min and max cover the median 98.4% of the time)
+        intervals = r[f"paired_interval_{p}"]
+        assert set(intervals) == PAIRED_RATIOS
+        for name, interval in intervals.items():
+            if name in alone_ratios(r, p):  # a variant timed on its own: no per-round ratios
+                assert interval is None, (name, interval)
+            else:
+                assert interval[0] <= r[f"paired_{p}"][name] <= interval[1], (name, interval)
     # the printed verdicts agree with the rows: ours >= 0.95x the best option of each caller, how far apart the
     # controls (equal work) came out, and ours vs the standard conv in the caller's layout
     paired = [r[f"paired_{p}"] for r, p in passes]
@@ -181,7 +196,24 @@ def test_cpu_benchmark_quick_run(tmp_path):
     vs_standard = [q["standard_nchw/ours"] for _, q in fewer_macs]
     vs_standard += [q["standard_channels_last/ours_channels_last_in"] for _, q in fewer_macs]
     standard_verdict = f"{sum(v > 1 for v in vs_standard)} of {len(vs_standard)}."
-    for line in (verdict, control_verdict, standard_verdict):
+    intervals = [r[f"paired_interval_{p}"] for r, p in passes]
+    sure = sum(
+        x < 0.95 and i[key] is not None and i[key][1] < 0.95
+        for x, q, i in zip(nchw, paired, intervals, strict=True)
+        for key in [min(("torch_nchw/ours", "torch_channels_last_converted/ours"), key=q.__getitem__)]
+    )
+    sure += sum(
+        x < 0.95 and i[key] is not None and i[key][1] < 0.95
+        for x, i in zip(cl, intervals, strict=True)
+        for key in ["torch_channels_last/ours_channels_last_in"]
+    )
+    misses = sum(x < 0.95 for x in nchw) + sum(x < 0.95 for x in cl)
+    control_keys = [f"torch_{k}/torch_{k}_again" for k in ("nchw", "channels_last")]
+    excluded = sum(i[k] is not None and not i[k][0] <= 1.0 <= i[k][1] for i in intervals for k in control_keys)
+    doubt_verdict = (
+        f"{sure} of the {misses} misses lie wholly below 0.95x; {excluded} of the {len(apart)} controls exclude 1.0"
+    )
+    for line in (verdict, control_verdict, standard_verdict, doubt_verdict):
         assert line in " ".join(printed.split()), printed[-2000:]
 
 

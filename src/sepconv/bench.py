@@ -15,11 +15,12 @@ True
 
 from __future__ import annotations
 
+import math
 import platform
 import random
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,8 +30,10 @@ __all__ = [
     "Timing",
     "device_name",
     "interleaved_latencies",
+    "median_interval",
     "median_latency",
     "paired_ratio",
+    "paired_ratio_interval",
     "peak_memory_bytes",
     "versions",
 ]
@@ -162,6 +165,44 @@ def paired_ratio(numerator: Timing, denominator: Timing) -> float:
     if not pairs:
         return numerator.median_ms / denominator.median_ms
     return statistics.median(a / b for a, b in zip(numerator.samples_ms, denominator.samples_ms, strict=True))
+
+
+def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median of the population ``values`` were drawn from
+    (independently): the order statistics ``x(k)`` and ``x(n + 1 - k)`` of the sorted values, ``k`` the largest
+    rank with ``P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2``, so it covers the median at least ``confidence``
+    of the time whatever the distribution. With too few values for any such rank (5 or fewer at 0.95) it is
+    ``(-inf, inf)``: they cannot bound the median at that confidence.
+
+    >>> median_interval([0.9, 1.0, 1.1, 0.95, 1.05, 0.98, 1.02])  # n = 7: min and max cover it 98.4% of the time
+    (0.9, 1.1)
+    >>> median_interval([1.0, 2.0, 3.0])
+    (-inf, inf)
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    ordered, tail = sorted(values), (1 - confidence) / 2
+    n, k, below = len(ordered), 0, 0.0  # below: P(Binomial(n, 1/2) <= k - 1)
+    while k < n // 2 and below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    return (-math.inf, math.inf) if k == 0 else (ordered[k - 1], ordered[n - k])
+
+
+def paired_ratio_interval(
+    numerator: Timing, denominator: Timing, confidence: float = 0.95
+) -> tuple[float, float] | None:
+    """:func:`median_interval` of the per-round ratios whose median :func:`paired_ratio` reports: how far the
+    rounds leave that ratio in doubt (rounds taken as independent draws). ``None`` where the samples do not pair.
+
+    >>> ours = Timing(1.0, 0.0, 7, (1.0,) * 7, paired=True)
+    >>> paired_ratio_interval(Timing(2.0, 0.0, 7, (1.8, 1.9, 2.0, 2.0, 2.1, 2.2, 2.3), paired=True), ours)
+    (1.8, 2.3)
+    """
+    if not (numerator.paired and denominator.paired and len(numerator.samples_ms) == len(denominator.samples_ms) > 1):
+        return None
+    ratios = [a / b for a, b in zip(numerator.samples_ms, denominator.samples_ms, strict=True)]
+    return median_interval(ratios, confidence)
 
 
 def _seconds(fn: Callable[[], object]) -> float:
