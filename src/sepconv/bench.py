@@ -161,10 +161,15 @@ def paired_ratio(numerator: Timing, denominator: Timing) -> float:
     >>> paired_ratio(Timing(5.0, 0.0, 3, (5.0, 6.0, 3.0)), ours)  # timed on its own: 5 / 1, not the median of 10, 6, 1
     5.0
     """
-    pairs = numerator.paired and denominator.paired and len(numerator.samples_ms) == len(denominator.samples_ms) > 1
-    if not pairs:
-        return numerator.median_ms / denominator.median_ms
-    return statistics.median(a / b for a, b in zip(numerator.samples_ms, denominator.samples_ms, strict=True))
+    ratios = _per_round_ratios(numerator, denominator)
+    return numerator.median_ms / denominator.median_ms if ratios is None else statistics.median(ratios)
+
+
+def _per_round_ratios(numerator: Timing, denominator: Timing) -> list[float] | None:
+    """``numerator``'s call time over ``denominator``'s, round by round; None where their samples do not pair."""
+    if not (numerator.paired and denominator.paired and len(numerator.samples_ms) == len(denominator.samples_ms) > 1):
+        return None
+    return [a / b for a, b in zip(numerator.samples_ms, denominator.samples_ms, strict=True)]
 
 
 def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -199,10 +204,8 @@ def paired_ratio_interval(
     >>> paired_ratio_interval(Timing(2.0, 0.0, 7, (1.8, 1.9, 2.0, 2.0, 2.1, 2.2, 2.3), paired=True), ours)
     (1.8, 2.3)
     """
-    if not (numerator.paired and denominator.paired and len(numerator.samples_ms) == len(denominator.samples_ms) > 1):
-        return None
-    ratios = [a / b for a, b in zip(numerator.samples_ms, denominator.samples_ms, strict=True)]
-    return median_interval(ratios, confidence)
+    ratios = _per_round_ratios(numerator, denominator)
+    return None if ratios is None else median_interval(ratios, confidence)
 
 
 def _seconds(fn: Callable[[], object]) -> float:
