@@ -120,7 +120,7 @@ def test_cpu_gradient_layout_benchmark_quick_run(tmp_path):
     assert (tmp_path / "cpu_gradient_layout.png").stat().st_size > 0
 
 
-PLAN = r"contiguous|channels_last( in batch chunks of \d+)?|dense"  # cpu_strategy_decisions' names
+PLAN = r"contiguous|channels_last( in batch chunks of \d+|, pointwise matmul)?|dense"  # cpu_strategy_decisions' names
 
 
 def alone_ratios(row: dict, pass_name: str) -> set[str]:
@@ -263,3 +263,32 @@ def test_cpu_train_allocator_quick_run_times_each_net_in_both_regimes(tmp_path):
             "keep_freed_memory()": ["sepconv.keep_freed_memory(), huge pages"],
         }
     assert (tmp_path / "cpu_train_allocator_quick.png").stat().st_size > 0
+
+
+def test_cpu_product_plan_quick_run_compares_the_strategy_with_and_without_the_plan(tmp_path):
+    """Each row times the strategy with the channels_last + pointwise matmul plan among its candidates against a
+    layer that never offers it, in the same paired rounds; the summary's gains are the rows' own ratios."""
+    run_script("benchmarks/cpu_product_plan.py", "--quick", "--min-run-time", "0.01", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "cpu_product_plan_quick.json").read_text())
+    product = "channels_last, pointwise matmul"
+    assert [(r["C"], r["batch"]) for r in result["rows"]] == [(32, 1), (128, 1), (32, 4), (128, 4)]
+    for row in result["rows"]:
+        for pass_name in ("forward", "forward_backward"):
+            assert row[f"plan_{pass_name}"] in {"contiguous", "channels_last", "dense", product} or row[
+                f"plan_{pass_name}"
+            ].startswith("channels_last in batch chunks of")
+            assert row[f"plan_without_product_{pass_name}"] != product  # the baseline never offers it
+            ratios = row[f"paired_{pass_name}"]
+            assert set(ratios) == {
+                "ours_without_product/ours", "torch_nchw/ours", "torch_channels_last_converted/ours",
+                "torch_nchw/ours_without_product", "torch_channels_last_converted/ours_without_product",
+            }  # fmt: skip
+            assert all(ratio > 0 for ratio in ratios.values())
+            for name in ("torch_nchw", "torch_channels_last_converted", "ours_without_product", "ours"):
+                assert row[f"{name}_{pass_name}_ms"] > 0
+    for line, pass_name in zip(result["summary"], ("forward", "forward_backward"), strict=True):
+        chosen = [r for r in result["rows"] if r[f"plan_{pass_name}"] == product]
+        assert line.startswith(f"{pass_name}: the plan chosen in {len(chosen)} of 4 rows")
+        gains = [f"{r[f'paired_{pass_name}']['ours_without_product/ours']:.2f}x" for r in chosen]
+        assert all(gain in line for gain in gains)
+    assert (tmp_path / "cpu_product_plan_quick.png").stat().st_size > 0

@@ -15,7 +15,7 @@ from tests.strategies import ConvConfig, conv_configs
 from torch import nn
 
 import sepconv
-from sepconv import cpu_strategy
+from sepconv import cpu_pointwise, cpu_strategy
 from sepconv.nets import small_resnet, small_vgg
 
 SEPARABLE = {2: sepconv.SeparableConv2d, 3: sepconv.SeparableConv3d}
@@ -98,7 +98,8 @@ def test_decisions_are_cached_per_configuration(monkeypatch) -> None:
     with torch.no_grad():
         layer(x)
     decisions = layout_decisions()
-    assert len(decisions) == 3 and set(decisions.values()) <= {"contiguous", "channels_last", "dense"}
+    plans = {"contiguous", "channels_last", "dense", cpu_strategy.CHANNELS_LAST_PRODUCT}
+    assert len(decisions) == 3 and set(decisions.values()) <= plans
     assert {next(part for part in key if isinstance(part, tuple)) for key in decisions} == {
         (2, 4, 16, 16),
         (2, 4, 17, 16),
@@ -129,7 +130,7 @@ def test_a_layer_called_on_several_shapes_in_turn_looks_each_plan_up_once(monkey
         assert len(layer.__dict__["_sepconv_cpu_plans"][1]) <= cpu_strategy._LAYER_MEMO_SIZE  # bounded
 
 
-def dense_whenever_offered(input, convs, params, chunk=None, dense=None):
+def dense_whenever_offered(input, convs, params, chunk=None, dense=None, product=None):
     """A stand-in for the timing: the dense plan wherever it is a candidate, else the input as given."""
     if dense is not None:
         return (cpu_strategy.DENSE, None), {}
@@ -281,6 +282,93 @@ def test_a_dense_plan_still_calls_hooked_parts(monkeypatch) -> None:
         torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
 
 
+def product_whenever_offered(input, convs, params, chunk=None, dense=None, product=None):
+    """A stand-in for the timing: the channels_last plan with the pointwise product wherever it is a candidate,
+    else the input as given."""
+    if product is not None:
+        return (cpu_strategy.CHANNELS_LAST_PRODUCT, None), {}
+    return (cpu_strategy.CONTIGUOUS if input.is_contiguous() else cpu_strategy.CHANNELS_LAST, None), {}
+
+
+@settings(max_examples=60)
+@given(conv_configs(ndims=(2, 3)), st.booleans())
+def test_the_product_plan_equals_the_plain_path_in_float64(cfg: ConvConfig, channels_last: bool) -> None:
+    """The depthwise conv in channels_last, the pointwise conv as a matrix product reading it transposed: the
+    same outputs and gradients (input, both weights, both biases), in the caller's layout; offered to NCHW
+    callers of layers whose pointwise groups are 1, and the product really runs."""
+    layer = separable_layer(cfg)
+    x = torch.randn(cfg.input_shape, dtype=torch.float64)
+    if channels_last and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    plain, plain_grads = forward_and_grads(layer, x, "off")
+    ran: list[str] = []  # the plan's forward, then the product inside it
+    real_forward, real_product = sepconv.layers._SeparableConv._product_forward, cpu_pointwise.pointwise_matmul
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_strategy, "_measure", product_whenever_offered)
+        patch.setattr(
+            sepconv.layers._SeparableConv,
+            "_product_forward",
+            lambda self, t: ran.append("plan") or real_forward(self, t),
+        )
+        patch.setattr(
+            cpu_pointwise,
+            "pointwise_matmul",
+            lambda *a: (ran[-1:] == ["plan"] and ran.append("product")) or real_product(*a),
+        )
+        sepconv.clear_cpu_strategy_cache()
+        out, grads = forward_and_grads(layer, x, "auto")
+    applies = cfg.groups == 1 and cpu_strategy._input_layout(x) == cpu_strategy.CONTIGUOUS
+    assert ran == (["plan", "product"] if applies else [])
+    assert out.shape == plain.shape and out.stride() == plain.stride()
+    torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("make_layer", "shape", "dtype", "channels_last", "offered"),
+    [
+        (lambda: sepconv.SeparableConv2d(4, 6, 3), (2, 4, 8, 8), torch.float32, False, True),
+        (lambda: sepconv.SeparableConv3d(4, 6, 3), (2, 4, 5, 6, 7), torch.float64, False, True),
+        (lambda: sepconv.SeparableConv2d(4, 6, 3), (2, 4, 8, 8), torch.float32, True, False),  # NCHW callers only
+        (lambda: sepconv.SeparableConv2d(4, 6, 3, groups=2), (2, 4, 8, 8), torch.float32, False, False),
+        (lambda: sepconv.SeparableConv2d(4, 6, 3, mid_activation=nn.ReLU), (2, 4, 8, 8), torch.float32, False, False),
+        (lambda: sepconv.SeparableConv2d(4, 6, 3), (2, 4, 8, 8), torch.bfloat16, False, False),  # not on the BLAS
+    ],
+)
+def test_the_product_plan_is_timed_where_it_applies(monkeypatch, make_layer, shape, dtype, channels_last, offered):
+    """Timed for NCHW callers of layers without mid modules whose pointwise groups are 1, in float32/float64."""
+    seen: list[bool] = []
+
+    def record(input, convs, params, chunk=None, dense=None, product=None):
+        seen.append(product is not None)
+        return product_whenever_offered(input, convs, params, chunk, dense, product)
+
+    monkeypatch.setattr(cpu_strategy, "_measure", record)
+    x = torch.randn(shape).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        make_layer().to(dtype)(x)
+    assert seen == [offered]
+    assert (cpu_strategy.CHANNELS_LAST_PRODUCT in layout_decisions().values()) == offered
+
+
+def test_a_product_plan_still_calls_hooked_parts(monkeypatch) -> None:
+    monkeypatch.setattr(cpu_strategy, "_measure", product_whenever_offered)
+    layer = sepconv.SeparableConv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    with torch.no_grad():
+        expected = layer(x)
+        assert set(layout_decisions().values()) == {cpu_strategy.CHANNELS_LAST_PRODUCT}
+        handle = layer.pointwise.register_forward_hook(lambda module, args, output: 2 * output)
+        doubled = layer(x)
+        torch.testing.assert_close(doubled, 2 * expected, rtol=1e-12, atol=1e-12)  # the hook ran
+        assert doubled.is_contiguous()  # converted back from the hooked conv's channels_last output
+        handle.remove()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
 CHUNKED_LAYERS = {
     "separable 2-d": (lambda: sepconv.SeparableConv2d(3, 5, 3, padding=1, mid_activation=nn.ReLU), (5, 3, 9, 9)),
     "separable 3-d": (lambda: sepconv.SeparableConv3d(3, 5, 3, padding=1, stride=2), (5, 3, 6, 7, 8)),
@@ -318,7 +406,7 @@ def test_a_channels_last_caller_in_chunks_keeps_its_layout_and_results(monkeypat
     monkeypatch.setattr(
         cpu_strategy,
         "_measure",
-        lambda input, convs, params, chunk, dense=None: ((cpu_strategy.CHANNELS_LAST, chunk), {}),
+        lambda input, convs, params, chunk, dense=None, product=None: ((cpu_strategy.CHANNELS_LAST, chunk), {}),
     )
     layer = sepconv.SeparableConv2d(3, 5, 3, padding=1, dtype=torch.float64)
     x = torch.randn(5, 3, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
@@ -384,7 +472,9 @@ def test_a_training_mode_batchnorm_is_never_run_in_chunks(monkeypatch, train_mod
     monkeypatch.setattr(
         cpu_strategy,
         "_measure",
-        lambda input, convs, params, chunk=None, dense=None: offered.append(chunk) or (("contiguous", None), {}),
+        lambda input, convs, params, chunk=None, dense=None, product=None: (
+            offered.append(chunk) or (("contiguous", None), {})
+        ),
     )
     layer = sepconv.SeparableConv2d(3, 4, 3, mid_norm=nn.BatchNorm2d).train(train_mode)
     with torch.no_grad():
@@ -408,7 +498,7 @@ def test_training_times_only_the_plans_whose_forward_is_not_clearly_behind(monke
     chunked = cpu_strategy._plan_name(cpu_strategy.CHANNELS_LAST, 4)
     calls: list[object] = []
 
-    def fake_time_layouts(input, convs, params, chunk=None, only=None, timed_rounds=None, dense=None):
+    def fake_time_layouts(input, convs, params, chunk=None, only=None, timed_rounds=None, dense=None, product=None):
         calls.append((only, timed_rounds))
         if params is None:  # forward: NCHW 10x behind, the other two close
             return {cpu_strategy.CONTIGUOUS: 10.0, cpu_strategy.CHANNELS_LAST: 1.0, chunked: 1.2}
@@ -489,7 +579,7 @@ def test_a_close_decision_is_measured_again_after_a_few_calls(
     the geometric mean of both then decides, channels_last needing a 5% margin. Outputs stay the plain path's."""
     timings: list[set[str] | None] = []
 
-    def fake_time_layouts(input, convs, params, chunk=None, only=None, timed_rounds=None, dense=None):
+    def fake_time_layouts(input, convs, params, chunk=None, only=None, timed_rounds=None, dense=None, product=None):
         timings.append(only)
         speedup = first if len(timings) == 1 else again
         times = {cpu_strategy.CONTIGUOUS: 1.0, cpu_strategy.CHANNELS_LAST: 1.0 / speedup}
@@ -522,7 +612,7 @@ def test_a_deep_copy_of_a_layer_owed_a_recheck_takes_it(monkeypatch) -> None:
     original: the copy's calls count towards that recheck, which it takes once."""
     timings = []
 
-    def close_times(input, convs, params, chunk=None, only=None, timed_rounds=None, dense=None):
+    def close_times(input, convs, params, chunk=None, only=None, timed_rounds=None, dense=None, product=None):
         timings.append(only)
         return {cpu_strategy.CONTIGUOUS: 1.0, cpu_strategy.CHANNELS_LAST: 1.0 / 1.08}
 

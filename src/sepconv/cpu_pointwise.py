@@ -7,10 +7,13 @@ beats PyTorch's CPU 1x1 conv. On a 2-core Xeon, fp32, (1, 960, 7, 7) -> 160: for
 0.20 -> 0.12 ms; a (32, 144, 56, 56) -> 24 training step 105 -> 37 ms; but not always faster (a (32, 960, 7, 7)
 -> 160 training step 8.6 -> 10.4 ms), so :mod:`sepconv.cpu_strategy` times both per configuration.
 
-Channels_last inputs keep PyTorch's conv: the product (``F.linear`` over the pixels) won when timed alone,
-0.21 -> 0.16 ms for (1, 128, 28, 28) -> 128, yet ran slower between the depthwise convs of a benchmark's mix
-of layers — that layer's separable forward 0.319 -> 0.347 ms, (1, 32, 112, 112) -> 16 training 3.63 -> 3.80
-ms — so that a measured decision would pick it where it loses.
+On a channels_last input the same product reads each sample as the transpose of a contiguous (H*W) x C matrix,
+which the BLAS takes as it is, and writes a contiguous output: a separable layer's channels_last intermediate
+goes to its NCHW caller's layout with no conversion (the CPU strategy's ``CHANNELS_LAST_PRODUCT`` plan).
+Channels_last inputs of a pointwise conv alone keep PyTorch's conv: the product (``F.linear`` over the pixels)
+won when timed alone, 0.21 -> 0.16 ms for (1, 128, 28, 28) -> 128, yet ran slower between the depthwise convs
+of a benchmark's mix of layers — that layer's separable forward 0.319 -> 0.347 ms, (1, 32, 112, 112) -> 16
+training 3.63 -> 3.80 ms — so that a measured decision would pick it where it loses.
 
 >>> import torch
 >>> x = torch.rand(2, 6, 5, 5, dtype=torch.float64)
@@ -43,8 +46,16 @@ def pointwise_matmul_applies(input: Tensor, weight: Tensor) -> bool:
 
 def pointwise_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """``F.convNd(input, weight, bias)`` of a 1x1 ``weight`` (O x C x 1...) as a matrix product per sample,
-    the weight broadcast (not copied) over the batch: for the inputs :func:`pointwise_matmul_applies` takes, a
-    view of them; others are copied into that layout first (correct, not fast), with a contiguous output."""
+    the weight broadcast (not copied) over the batch: for the inputs :func:`pointwise_matmul_applies` takes, and
+    for channels_last ones (read transposed), a view of them; others are copied into that layout first (correct,
+    not fast). The output is contiguous.
+
+    >>> x = torch.rand(2, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    >>> w = torch.rand(4, 6, 1, 1, dtype=torch.float64)
+    >>> y = pointwise_matmul(x, w)
+    >>> y.is_contiguous(), bool(torch.allclose(y, torch.nn.functional.conv2d(x, w)))
+    (True, True)
+    """
     batch, channels, *spatial = input.shape
     samples = input.reshape(batch, channels, -1)
     matrices = weight.reshape(weight.shape[0], channels).expand(batch, -1, -1)

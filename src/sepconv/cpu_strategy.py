@@ -9,7 +9,10 @@ that each chunk's conversions and intermediate stay in the CPU caches (for layer
 training-mode BatchNorm inside); it made a (32, 144, 56, 56) separable 3x3 layer's forward 1.6-2.0x faster than
 PyTorch's channels_last with conversions (``benchmarks/cpu.py``). A fourth runs a narrow separable layer as one
 dense conv of composed weights, where PyTorch's dense conv beats its depthwise conv (MobileNet's first block,
-(1, 32, 112, 112) -> 16 channels: 1.23 -> 0.63 ms). The caller sees no difference: an NCHW input gives an NCHW output,
+(1, 32, 112, 112) -> 16 channels: 1.23 -> 0.63 ms). A fifth, for an NCHW caller of a separable layer without mid
+modules, runs the depthwise conv in channels_last and the pointwise conv as a matrix product that reads the
+channels_last intermediate transposed and writes the caller's layout (``CHANNELS_LAST_PRODUCT``): no conversion
+back and none of oneDNN's ~45 us per 1x1 call. The caller sees no difference: an NCHW input gives an NCHW output,
 equal up to float rounding, with autograd intact. A close decision (another plan within 2x of the fastest) is
 measured again at the layer's 20th call of that configuration, when the process is warm and other layers run in
 between, and settled on both measurements. Only contiguous, batched 2-d/3-d CPU inputs are considered; tracing,
@@ -70,6 +73,9 @@ __all__ = [
 MODES = ("auto", "channels_last", "off")
 CONTIGUOUS, CHANNELS_LAST = "contiguous", "channels_last"
 DENSE = "dense"  # a separable layer run as one dense conv with composed weights, in the input's layout
+# a separable layer run in channels_last up to its pointwise conv, which reads the intermediate as a matrix product
+# into the caller's contiguous layout: no oneDNN 1x1 call, no output conversion (sepconv.cpu_pointwise)
+CHANNELS_LAST_PRODUCT = "channels_last, pointwise matmul"
 POINTWISE_ALGORITHMS = ("conv", "matmul")  # a pointwise conv's: PyTorch's conv, or cpu_pointwise.pointwise_matmul
 _FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
 _WARMUP_ROUNDS = 2
@@ -497,6 +503,7 @@ def run(
     batch_independent: bool = False,
     check: Callable[[Tensor], None] | None = None,
     dense: Callable[[Tensor], Tensor] | None = None,
+    product: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``forward(input)`` in the layout the strategy picks; ``convs`` is the stateless part that is timed.
 
@@ -505,7 +512,9 @@ def run(
     call (a separable layer's depthwise part) run as they are given. ``check(input)`` validates the input;
     it is skipped when the input matches the layer's previous call (shape included), which it passed.
     ``dense``: the layer as one dense conv, a further plan to time (narrow separable layers, see
-    :meth:`sepconv.layers._SeparableConv._dense_worth_timing`).
+    :meth:`sepconv.layers._SeparableConv._dense_worth_timing`). ``product``: the layer in channels_last with a
+    contiguous output (its pointwise conv as a matrix product), a further plan for a contiguous input, run on its
+    conversion to channels_last.
     """
     if dense is None and not input.is_contiguous() and input.shape[0] == 1:
         # Nothing to choose, in any mode: one sample in channels_last (or another layout but contiguous) is not
@@ -537,6 +546,8 @@ def run(
     training = torch.is_grad_enabled() and (input.requires_grad or _any_trainable(layer))
     threads = torch.get_num_threads()
     key = (mode, input.shape, input.stride(), input.dtype, training, batch_independent, dense is not None, threads)
+    if product is not None:
+        key += (CHANNELS_LAST_PRODUCT,)
     memo = layer.__dict__.get("_sepconv_cpu_plans")
     if memo is None or memo[0] != _generation:
         memo = layer.__dict__["_sepconv_cpu_plans"] = (_generation, {})
@@ -547,7 +558,8 @@ def run(
             check(input)
         if len(plans) >= _LAYER_MEMO_SIZE:
             plans.clear()
-        entry = plans[key] = (_plan(layer, input, convs, batch_independent, training, mode, dense), _CallSlot())
+        plan = _plan(layer, input, convs, batch_independent, training, mode, dense, product)
+        entry = plans[key] = (plan, _CallSlot())
     plan, slot = entry
     if type(plan) is _Pending:  # a decision owed its recheck: the plan until then, or the recheck now
         recheck = plan.recheck
@@ -555,10 +567,10 @@ def run(
         if recheck.calls_left > 0:
             plan = plan.plan
         else:
-            _recheck(recheck, layer, input, convs, batch_independent, training, dense)
+            _recheck(recheck, layer, input, convs, batch_independent, training, dense, product)
             # settled, or not this memo's to settle: a deep copy's memo holds a copy of the recheck; the registered
             # one (still owed) replaces it, so that the copy's calls count towards it instead of coming back here
-            plan = _plan(layer, input, convs, batch_independent, training, mode, dense)
+            plan = _plan(layer, input, convs, batch_independent, training, mode, dense, product)
             slot = _CallSlot()  # the new plan's pointwise input may differ: decided afresh
             plans[key] = (plan, slot)
             if type(plan) is _Pending:
@@ -570,6 +582,8 @@ def run(
         layout, chunk = plan
         if layout == DENSE:
             return dense(input)  # type: ignore[misc]  # a dense plan is only decided where dense was given
+        if layout == CHANNELS_LAST_PRODUCT:
+            return _in_channels_last(product, input)  # type: ignore[arg-type]  # decided where product was given
         if chunk is not None:  # the layout to convert to is channels_last: the only other alternative
             return _in_chunks(forward, input, chunk)
         return _in_channels_last(forward, input)
@@ -585,6 +599,7 @@ def _plan(
     training: bool,
     mode: str,
     dense: Callable[[Tensor], Tensor] | None = None,
+    product: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[str, int | None] | _Pending | None:
     """The plan for this call: a layout to convert to and a chunk size, ``(DENSE, None)``, or None to run the
     input as given; wrapped in a :class:`_Pending` while its decision is owed a recheck."""
@@ -595,7 +610,7 @@ def _plan(
         return None
     if mode == "channels_last":
         return None if source == CHANNELS_LAST else (CHANNELS_LAST, None)
-    (layout, chunk), recheck = _decide(layer, input, convs, batch_independent, source, training, dense)
+    (layout, chunk), recheck = _decide(layer, input, convs, batch_independent, source, training, dense, product)
     plan = None if chunk is None and layout == source else (layout, chunk)
     return plan if recheck is None else _Pending(plan, recheck)
 
@@ -639,6 +654,7 @@ def _recheck(
     batch_independent: bool,
     training: bool,
     dense: Callable[[Tensor], Tensor] | None,
+    product: Callable[[Tensor], Tensor] | None,
 ) -> None:
     """Time ``recheck``'s plans again on this call's input and settle its decision on both measurements: the
     fastest by the geometric mean of the two, where it beats the input as given by ``_RECHECK_MARGIN``."""
@@ -650,7 +666,7 @@ def _recheck(
         _, params = _layer_signature(layer)
         trainable = [p for p in params if p.requires_grad] if training else None
         chunk = _chunk_size(input, training) if batch_independent else None
-        again = _time_layouts(input, convs, trainable, chunk, set(recheck.first), dense=dense)
+        again = _time_layouts(input, convs, trainable, chunk, set(recheck.first), dense=dense, product=product)
         both = {name: math.sqrt(seconds * again[name]) for name, (_, seconds) in recheck.first.items()}
         best = min(both, key=both.__getitem__)
         keep = recheck.source in both and not both[best] * _RECHECK_MARGIN < both[recheck.source]
@@ -825,13 +841,17 @@ def _decide(
     source: str,
     training: bool,
     dense: Callable[[Tensor], Tensor] | None = None,
+    product: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[tuple[str, int | None], _Recheck | None]:
     """(the plan decided for this configuration, its recheck while one is owed)."""
     signature, params = _layer_signature(layer)
     chunk = _chunk_size(input, training) if batch_independent else None
     if source == CHANNELS_LAST and chunk is None and dense is None:
         return (CHANNELS_LAST, None), None  # nothing to choose: as given
+    if source != CONTIGUOUS:
+        product = None  # its output is contiguous: a plan for a caller of that layout only
     candidates = (DENSE,) if dense is not None else ()  # a layer with mid modules has the same convs, no dense plan
+    candidates += (CHANNELS_LAST_PRODUCT,) if product is not None else ()
     key = (*signature, *candidates, tuple(input.shape), input.dtype, source, training, batch_independent)
     key += (_runtime(),)
     plan = _decisions.get(key)
@@ -841,7 +861,7 @@ def _decide(
             if plan is None:
                 trainable = [p for p in params if p.requires_grad] if training else None
                 start = time.perf_counter()
-                plan, close = _measure(input, run_convs, trainable, chunk, dense)
+                plan, close = _measure(input, run_convs, trainable, chunk, dense, product)
                 _decisions[key] = plan
                 _log_measurement("layout", key, _plan_name(*plan), start)
                 if close:
@@ -884,10 +904,12 @@ def _measure(
     params: list[Tensor] | None,
     chunk: int | None = None,
     dense: Callable[[Tensor], Tensor] | None = None,
+    product: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[tuple[str, int | None], dict[str, tuple[tuple[str, int | None], float]]]:
     """The fastest plan for ``convs``, conversions included: contiguous, channels_last, and with ``chunk``
     channels_last ``chunk`` samples at a time (a channels_last input: as given or in chunks), and with
-    ``dense`` that dense conv in the input's layout. Forward first,
+    ``dense`` that dense conv in the input's layout, and with ``product`` (a contiguous input) that channels_last
+    block with a contiguous output. Forward first,
     then forward+backward when training, unless the forward alone already shows a clear winner (it spares
     the slow layout's backward, which can take seconds: 31x31 depthwise in NCHW). Returns the plan and, where
     two or more plans came within ``_RECHECK_WITHIN`` of the fastest, those plans (name -> (plan, seconds)) for
@@ -898,13 +920,16 @@ def _measure(
         plans[_plan_name(CHANNELS_LAST, chunk)] = (CHANNELS_LAST, chunk)
     if dense is not None:
         plans[DENSE] = (DENSE, None)
+    if product is not None:
+        plans[CHANNELS_LAST_PRODUCT] = (CHANNELS_LAST_PRODUCT, None)
     # in training the forward alone only prunes (a 3x gap): one timed round is enough for that
-    times = _time_layouts(input, convs, None, chunk, timed_rounds=None if params is None else 1, dense=dense)
+    rounds = None if params is None else 1
+    times = _time_layouts(input, convs, None, chunk, timed_rounds=rounds, dense=dense, product=product)
     if params is not None and not _clear_winner(times):
         # a plan whose forward alone is clearly behind is not timed in training (nor are its backward choices:
         # 31x31 batch 32, the first training call 18 -> 10 s)
         contenders = {name for name, seconds in times.items() if seconds <= _CLEAR_WIN * min(times.values())}
-        times = _time_layouts(input, convs, params, chunk, contenders, dense=dense)
+        times = _time_layouts(input, convs, params, chunk, contenders, dense=dense, product=product)
     # an alternative must win clearly: its conversions cost more inside a network than in this isolated test
     best = min(times, key=times.__getitem__)
     plan = plans[best] if times[best] * _MARGIN < times.get(source, math.inf) else (source, None)
@@ -926,6 +951,7 @@ def _time_layouts(
     only: set[str] | None = None,
     timed_rounds: int | None = None,
     dense: Callable[[Tensor], Tensor] | None = None,
+    product: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, float]:
     """Median seconds of one step per plan (see :func:`_measure`; ``timed_rounds`` caps the timed rounds), every
     step on the caller's input (detached: nothing writes to it). Not on a fresh copy per step: each copy took
@@ -951,6 +977,8 @@ def _time_layouts(
 
     if input.is_contiguous():
         steps = {CONTIGUOUS: step(convs), CHANNELS_LAST: step(lambda x: _in_channels_last(convs, x))}
+        if product is not None:
+            steps[CHANNELS_LAST_PRODUCT] = step(lambda x: _in_channels_last(product, x))
     else:  # a channels_last input: as given, or in chunks
         steps = {CHANNELS_LAST: step(convs)}
     if chunk is not None:

@@ -49,7 +49,7 @@ __all__ = ["load_cpu_strategy_decisions", "save_cpu_strategy_decisions"]
 FILE_ENV = "SEPCONV_CPU_STRATEGY_FILE"
 _FORMAT = "sepconv-cpu-strategy"
 _VERSION = 1
-_LAYOUTS = (cpu_strategy.CONTIGUOUS, cpu_strategy.CHANNELS_LAST, cpu_strategy.DENSE)
+_LAYOUTS = (cpu_strategy.CONTIGUOUS, cpu_strategy.CHANNELS_LAST, cpu_strategy.DENSE, cpu_strategy.CHANNELS_LAST_PRODUCT)
 
 
 def save_cpu_strategy_decisions(path: PathLike, *, overwrite: bool = False) -> int:

@@ -44,6 +44,7 @@ ModuleFactory = Callable[..., nn.Module]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _PAD_MODE = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+_PRODUCT_DTYPES = (torch.float32, torch.float64)  # the matrix product on the BLAS (sepconv.cpu_pointwise)
 _SPATIAL_NAMES = {1: "L", 2: "H, W", 3: "D, H, W"}
 
 
@@ -405,6 +406,9 @@ class _SeparableConv(nn.Module):
     _ndim: int
     _depthwise: type[_DepthwiseConv]
     _pointwise: type[_PointwiseConv]
+    # whether the CPU strategy may time the CHANNELS_LAST_PRODUCT plan (see _product_forward); a subclass without it
+    # is the baseline benchmarks/cpu_product_plan.py compares against (its own class name: its own decisions)
+    _offers_product = True
 
     def __init__(
         self,
@@ -460,10 +464,20 @@ class _SeparableConv(nn.Module):
             if dense_worth is None:
                 dense_worth = self._dense_worth_timing()
             dense, independent = (self._dense_forward if dense_worth else None), True
+            pointwise_groups = self._modules["pointwise"].groups  # type: ignore[union-attr]
+            product_applies = self._offers_product and pointwise_groups == 1 and input.dtype in _PRODUCT_DTYPES
+            product = self._product_forward if product_applies else None
         else:
-            dense, independent = None, self._batch_independent()
+            dense, product, independent = None, None, self._batch_independent()
         return cpu_strategy.run(
-            self, input, self._forward, self._convs, batch_independent=independent, check=self._check_input, dense=dense
+            self,
+            input,
+            self._forward,
+            self._convs,
+            batch_independent=independent,
+            check=self._check_input,
+            dense=dense,
+            product=product,
         )
 
     def _check_input(self, input: Tensor) -> None:
@@ -525,6 +539,30 @@ class _SeparableConv(nn.Module):
             weight, bias = self._composed_unchanged(parts)
         conv = _CONV[self._ndim]
         return conv(input, weight, bias, depthwise.stride, depthwise.padding, depthwise.dilation)  # type: ignore[union-attr]
+
+    def _product_forward(self, input: Tensor) -> Tensor:
+        """The block with its pointwise conv as a matrix product (:func:`sepconv.cpu_pointwise.pointwise_matmul`),
+        whose output is contiguous whatever the intermediate's layout: the CPU strategy's
+        ``CHANNELS_LAST_PRODUCT`` plan runs it on an NCHW caller's input converted to channels_last, so that the
+        depthwise conv runs in channels_last and the product reads its output transposed, with neither oneDNN's
+        1x1 conv (~45 us a call on this project's Xeon, whatever the size) nor a conversion back: (1, 144, 56, 56)
+        -> 24 forward 1.92 -> 1.42 ms. Offered where the pointwise groups are 1 and there are no mid modules; the
+        parts as modules where something would notice the product (hooks, tracing, a parametrized or changed
+        pointwise conv)."""
+        depthwise, pointwise = self._modules["depthwise"], self._modules["pointwise"]
+        parameters = pointwise._parameters  # type: ignore[union-attr]
+        if (
+            _unhooked(depthwise, pointwise)  # type: ignore[arg-type]
+            and "weight" in parameters  # not parametrized
+            and "bias" in parameters
+            and pointwise.groups == 1  # type: ignore[union-attr]
+            and pointwise.padding_mode == "zeros"  # type: ignore[union-attr]
+            and not any(pointwise.padding)  # type: ignore[union-attr,arg-type]
+            and max(pointwise.stride) == 1  # type: ignore[union-attr,arg-type]
+        ):
+            intermediate = depthwise._checked_forward(input)  # type: ignore[union-attr,operator]
+            return cpu_pointwise.pointwise_matmul(intermediate, parameters["weight"], parameters["bias"])
+        return self._forward(input)
 
     def _composed(
         self, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Tensor | None, pw_bias: Tensor | None

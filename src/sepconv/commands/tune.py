@@ -62,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
         spent[measurement.key] = spent.get(measurement.key, 0.0) + measurement.seconds
     saved = save_cpu_strategy_decisions(args.out, overwrite=args.force)
     table = Table(title=f"{len(made)} decisions made in {seconds:.1f} s; {saved} saved to {args.out}")
-    for column in ("layer", "input", "mode", "decision"):
-        table.add_column(column)
+    table.add_column("layer")
+    table.add_column("input")
+    for column in ("mode", "decision"):  # whole: one line each, however long the layer's name
+        table.add_column(column, no_wrap=True)
     table.add_column("measured s", justify="right")
     for key, decision in made.items():
         table.add_row(*describe_decision(key), decision, f"{spent.get(key, 0.0):.2f}")

@@ -1,0 +1,156 @@
+"""CPU benchmark of one plan: an NCHW caller's separable layer run in channels_last up to its pointwise conv,
+which reads the channels_last intermediate as a matrix product into a contiguous output
+(``cpu_strategy.CHANNELS_LAST_PRODUCT``), against the same strategy without that plan.
+
+Per row (the shapes of ``cpu.py``, batch 1 and 32, forward and training step as there): ``ours`` (the strategy,
+the plan among its candidates), ``ours_without_product`` (a subclass that does not offer it: its own decisions),
+PyTorch's block in NCHW and converted to channels_last and back (what an NCHW caller can have in plain PyTorch),
+all in the same paired rounds (``sepconv.bench.interleaved_latencies``); ratios are medians of per-round ratios
+with their 95% intervals. Both layers are settled (their close decisions measured again) before the rounds.
+
+    python benchmarks/cpu_product_plan.py                    # writes results/cpu_product_plan.{json,png}
+    python benchmarks/cpu_product_plan.py --quick --out /tmp  # two small shapes, to check the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import sepconv
+from cpu import QUICK_SHAPES, SHAPES, ConvertAround, _finite, forward, forward_backward, settle, timed_side_by_side
+from sepconv.bench import allocator_name, device_name, paired_ratio, paired_ratio_interval, versions
+from sepconv.io import atomic_write_png, atomic_write_text
+
+CL = torch.channels_last
+VARIANTS = ("torch_nchw", "torch_channels_last_converted", "ours_without_product", "ours")
+# (baseline, ours) pairs whose per-round ratio a row keeps
+PAIRS = [
+    ("ours_without_product", "ours"),
+    ("torch_nchw", "ours"),
+    ("torch_channels_last_converted", "ours"),
+    ("torch_nchw", "ours_without_product"),
+    ("torch_channels_last_converted", "ours_without_product"),
+]
+
+
+class SeparableConv2dWithoutProduct(sepconv.SeparableConv2d):
+    """The layer as it was before the plan: the strategy times every other plan (its decisions are keyed on this
+    class's name, apart from ``SeparableConv2d``'s)."""
+
+    _offers_product = False
+
+
+def plan_of(layer_name: str, training: bool) -> str | None:
+    """The plan decided for an NCHW input of the layer class ``layer_name`` in this pass."""
+    for key, plan in sepconv.cpu_strategy_decisions().items():
+        if key[0] == layer_name and key[-4] == "contiguous" and key[-3] == training:
+            return plan
+    return None
+
+
+def row_for(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_time: float) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(batch, c, h, h)
+    ours = sepconv.SeparableConv2d(c, o, k, stride=stride, padding=k // 2)
+    without = SeparableConv2dWithoutProduct(c, o, k, stride=stride, padding=k // 2)
+    without.load_state_dict(ours.state_dict())
+    plain = nn.Sequential(nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False), nn.Conv2d(c, o, 1))
+    plain.load_state_dict(
+        {"0.weight": ours.depthwise.weight, "1.weight": ours.pointwise.weight, "1.bias": ours.pointwise.bias}
+    )
+    plain_cl = ConvertAround(copy.deepcopy(plain).to(memory_format=CL))  # a copy: .to() would change `plain` too
+    sepconv.clear_cpu_strategy_cache()
+    settle(ours, x)
+    settle(without, x)
+    row: dict = {"C": c, "H": h, "O": o, "K": k, "stride": stride, "batch": batch}
+    variants = {"torch_nchw": plain, "torch_channels_last_converted": plain_cl, "ours_without_product": without}
+    variants["ours"] = ours
+    for pass_name, make in (("forward", forward), ("forward_backward", forward_backward)):
+        training = make is forward_backward
+        row[f"plan_{pass_name}"] = plan_of("SeparableConv2d", training)
+        row[f"plan_without_product_{pass_name}"] = plan_of(SeparableConv2dWithoutProduct.__name__, training)
+        timings = timed_side_by_side({name: make(module, x) for name, module in variants.items()}, min_run_time)
+        for name, timing in timings.items():
+            row[f"{name}_{pass_name}_ms"] = timing.median_ms
+            row[f"{name}_{pass_name}_runs"] = timing.runs
+        row[f"paired_{pass_name}"] = {f"{b}/{a}": paired_ratio(timings[b], timings[a]) for b, a in PAIRS}
+        row[f"paired_interval_{pass_name}"] = {
+            f"{b}/{a}": _finite(paired_ratio_interval(timings[b], timings[a])) for b, a in PAIRS
+        }
+    return row
+
+
+def summary(rows: list[dict]) -> list[str]:
+    lines = []
+    for pass_name in ("forward", "forward_backward"):
+        chose = [r for r in rows if r[f"plan_{pass_name}"] == sepconv.cpu_strategy.CHANNELS_LAST_PRODUCT]
+        gains = sorted(r[f"paired_{pass_name}"]["ours_without_product/ours"] for r in chose)
+        lines.append(
+            f"{pass_name}: the plan chosen in {len(chose)} of {len(rows)} rows; ours vs without it there: "
+            + (", ".join(f"{g:.2f}x" for g in gains) or "-")
+        )
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    labels = [f"{r['C']},{r['H']},{r['O']} k{r['K']} s{r['stride']} b{r['batch']}" for r in rows]
+    for ax, pass_name in zip(axes, ("forward", "forward_backward"), strict=True):
+        for offset, (pair, label) in enumerate(
+            (("ours_without_product/ours", "ours / without the plan"), ("torch_nchw/ours", "ours / PyTorch NCHW"))
+        ):
+            ys = [r[f"paired_{pass_name}"][pair] for r in rows]
+            ax.bar([i + 0.4 * offset for i in range(len(rows))], ys, width=0.4, label=label)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([i + 0.2 for i in range(len(rows))], labels, rotation=90, fontsize=7)
+        ax.set_title(pass_name)
+        ax.set_ylabel("speed-up (median of per-round ratios)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write_png(fig, path, overwrite=True)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two small shapes, batch 1 and 4")
+    parser.add_argument("--min-run-time", type=float, default=0.5, help="seconds of timing per measurement")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
+    args = parser.parse_args()
+    shapes, batches = (QUICK_SHAPES, (1, 4)) if args.quick else (SHAPES, (1, 32))
+    start, rows = time.perf_counter(), []
+    for batch in batches:
+        for shape in shapes:
+            rows.append(row_for(*shape, batch=batch, min_run_time=args.min_run_time))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith(("C", "H", "O", "K", "b", "plan_"))}))
+    result = {
+        "device": device_name("cpu"),
+        "threads": torch.get_num_threads(),
+        "allocator": allocator_name(),
+        "dtype": "float32",
+        "versions": versions(),
+        "seconds": time.perf_counter() - start,
+        "summary": summary(rows),
+        "rows": rows,
+    }
+    name = "cpu_product_plan_quick" if args.quick else "cpu_product_plan"
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / f"{name}.json", json.dumps(result, indent=1) + "\n", overwrite=True)
+    plot(rows, args.out / f"{name}.png")
+    print("\n".join(result["summary"]))
+
+
+if __name__ == "__main__":
+    main()
