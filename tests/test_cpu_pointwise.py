@@ -45,6 +45,44 @@ def test_the_product_is_the_conv_with_its_gradients_in_float64(
         torch.testing.assert_close(grad, reference, rtol=1e-12, atol=1e-12)
 
 
+@settings(max_examples=40)
+@given(
+    ndim=st.integers(2, 3),
+    batch=st.integers(1, 3),
+    in_channels=st.integers(2, 6),
+    out_channels=st.integers(1, 6),
+    size=st.lists(st.integers(2, 5), min_size=3, max_size=3),
+    bias=st.booleans(),
+    requires=st.sampled_from(["all", "input", "weights"]),
+)
+def test_the_product_of_a_channels_last_input_hands_its_gradient_back_in_that_layout(
+    ndim: int, batch: int, in_channels: int, out_channels: int, size: list[int], bias: bool, requires: str
+) -> None:
+    """A channels_last input (a separable layer's intermediate under the strategy's CHANNELS_LAST_PRODUCT plan): a
+    contiguous output, the conv's values and gradients in float64 (double backward too), and the input's gradient
+    channels_last as the input is, where autograd's own would be NCHW (which the depthwise backward converts)."""
+    memory_format = torch.channels_last if ndim == 2 else torch.channels_last_3d
+    x = torch.randn(batch, in_channels, *size[:ndim], dtype=torch.float64).contiguous(memory_format=memory_format)
+    w = torch.randn(out_channels, in_channels, *(1,) * ndim, dtype=torch.float64)
+    b = torch.randn(out_channels, dtype=torch.float64) if bias else None
+    x.requires_grad_(requires in ("all", "input"))
+    for parameter in (w, b):
+        if parameter is not None:
+            parameter.requires_grad_(requires in ("all", "weights"))
+    out, expected = cpu_pointwise.pointwise_matmul(x, w, b), CONV[ndim](x, w, b)
+    assert out.shape == expected.shape and out.is_contiguous()
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    wanted = [t for t in (x, w, b) if t is not None and t.requires_grad]
+    grad_output = torch.randn_like(out)
+    got = torch.autograd.grad(out, wanted, grad_output, create_graph=True)
+    for grad, reference in zip(got, torch.autograd.grad(expected, wanted, grad_output, create_graph=True), strict=True):
+        torch.testing.assert_close(grad, reference, rtol=1e-12, atol=1e-12)
+    if x.requires_grad:
+        assert got[0].is_contiguous(memory_format=memory_format) and not got[0].is_contiguous()
+    if requires == "all":  # every input in the graph: the custom backward's own backward, checked numerically
+        assert torch.autograd.gradgradcheck(lambda *args: cpu_pointwise.pointwise_matmul(*args), tuple(wanted))
+
+
 @pytest.mark.parametrize(
     ("input", "weight", "applies"),
     [

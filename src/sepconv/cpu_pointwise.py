@@ -24,6 +24,8 @@ True
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -57,7 +59,46 @@ def pointwise_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None) 
     (True, True)
     """
     batch, channels, *spatial = input.shape
+    weight = weight.reshape(weight.shape[0], channels)
+    if _channels_last(input) and torch.is_grad_enabled() and input.requires_grad:
+        pixels = input.movedim(1, -1).reshape(batch, -1, channels)  # a view: each sample's (H*W) x C matrix
+        return _ChannelsLastProduct.apply(pixels, weight, bias).view(batch, -1, *spatial)
     samples = input.reshape(batch, channels, -1)
-    matrices = weight.reshape(weight.shape[0], channels).expand(batch, -1, -1)
+    matrices = weight.expand(batch, -1, -1)
     out = torch.bmm(matrices, samples) if bias is None else torch.baddbmm(bias.view(1, -1, 1), matrices, samples)
     return out.view(batch, -1, *spatial)
+
+
+def _channels_last(input: Tensor) -> bool:
+    """Whether ``input`` is channels_last (2-d or 3-d) and not also contiguous."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return (
+        input.dim() in formats and not input.is_contiguous() and input.is_contiguous(memory_format=formats[input.dim()])
+    )
+
+
+class _ChannelsLastProduct(torch.autograd.Function):
+    """``W @ pixels[n]^T`` (+ bias) per sample, whose input gradient comes back in the input's own layout,
+    pixel-major (channels_last). Autograd's own gradient of the transposed view is channels-major (NCHW), which
+    the depthwise conv's channels_last backward then runs on or converts: a separable layer's (1, 128, 28, 28)
+    15x15 training step under the CHANNELS_LAST_PRODUCT plan took 15.0 ms that way, 5.3 ms this way (31x31:
+    48.0 vs 8.6 ms; 3x3 layers 3-7% faster). Its backward is made of differentiable ops: double backward works."""
+
+    @staticmethod
+    def forward(ctx: Any, pixels: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(pixels, weight)
+        ctx.has_bias = bias is not None
+        matrices, samples = weight.expand(pixels.shape[0], -1, -1), pixels.transpose(1, 2)
+        return torch.bmm(matrices, samples) if bias is None else torch.baddbmm(bias.view(1, -1, 1), matrices, samples)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
+        pixels, weight = ctx.saved_tensors
+        grad_pixels = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:  # (N, H*W, C): channels_last once viewed back
+            grad_pixels = torch.bmm(grad.transpose(1, 2), weight.expand(pixels.shape[0], -1, -1))
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.bmm(grad, pixels).sum(0)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum((0, 2))
+        return grad_pixels, grad_weight, grad_bias
