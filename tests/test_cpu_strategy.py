@@ -132,8 +132,18 @@ def test_a_layer_called_on_several_shapes_in_turn_looks_each_plan_up_once(monkey
 
 def dense_whenever_offered(input, convs, params, chunk=None, dense=None, product=None):
     """A stand-in for the timing: the dense plan wherever it is a candidate, else the input as given."""
-    if dense is not None:
-        return (cpu_strategy.DENSE, None), {}
+    return offered_or_as_given(input, dense, cpu_strategy.DENSE)
+
+
+def product_whenever_offered(input, convs, params, chunk=None, dense=None, product=None):
+    """A stand-in for the timing: the channels_last plan with the pointwise product wherever it is a candidate,
+    else the input as given."""
+    return offered_or_as_given(input, product, cpu_strategy.CHANNELS_LAST_PRODUCT)
+
+
+def offered_or_as_given(input, offered, plan: str):
+    if offered is not None:
+        return (plan, None), {}
     return (cpu_strategy.CONTIGUOUS if input.is_contiguous() else cpu_strategy.CHANNELS_LAST, None), {}
 
 
@@ -280,14 +290,6 @@ def test_a_dense_plan_still_calls_hooked_parts(monkeypatch) -> None:
         torch.testing.assert_close(layer(x), 2 * expected, rtol=1e-12, atol=1e-12)  # the hook ran
         handle.remove()
         torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
-
-
-def product_whenever_offered(input, convs, params, chunk=None, dense=None, product=None):
-    """A stand-in for the timing: the channels_last plan with the pointwise product wherever it is a candidate,
-    else the input as given."""
-    if product is not None:
-        return (cpu_strategy.CHANNELS_LAST_PRODUCT, None), {}
-    return (cpu_strategy.CONTIGUOUS if input.is_contiguous() else cpu_strategy.CHANNELS_LAST, None), {}
 
 
 @settings(max_examples=60)
