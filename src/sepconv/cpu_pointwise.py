@@ -69,12 +69,13 @@ def pointwise_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None) 
     return out.view(batch, -1, *spatial)
 
 
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def _channels_last(input: Tensor) -> bool:
     """Whether ``input`` is channels_last (2-d or 3-d) and not also contiguous."""
-    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
-    return (
-        input.dim() in formats and not input.is_contiguous() and input.is_contiguous(memory_format=formats[input.dim()])
-    )
+    memory_format = _CHANNELS_LAST.get(input.dim())
+    return memory_format is not None and not input.is_contiguous() and input.is_contiguous(memory_format=memory_format)
 
 
 class _ChannelsLastProduct(torch.autograd.Function):

@@ -546,8 +546,7 @@ def run(
     training = torch.is_grad_enabled() and (input.requires_grad or _any_trainable(layer))
     threads = torch.get_num_threads()
     key = (mode, input.shape, input.stride(), input.dtype, training, batch_independent, dense is not None, threads)
-    if product is not None:
-        key += (CHANNELS_LAST_PRODUCT,)
+    key += (product is not None,)
     memo = layer.__dict__.get("_sepconv_cpu_plans")
     if memo is None or memo[0] != _generation:
         memo = layer.__dict__["_sepconv_cpu_plans"] = (_generation, {})

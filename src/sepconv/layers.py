@@ -260,19 +260,26 @@ class _PointwiseConv(_Conv):
     def _checked_forward(self, input: Tensor) -> Tensor:
         """On CPU the conv may run as a matrix product, where the CPU strategy measured that faster."""
         parameters = self._parameters  # type: ignore[attr-defined]
-        weight, bias = parameters.get("weight"), parameters.get("bias")
         if (
+            self._is_matrix_product()
+            and input.is_contiguous()  # the product's (pointwise_matmul_applies): others skip the strategy's call
+            and cpu_strategy.pointwise_as_matmul(self, input, parameters["weight"], parameters["bias"])
+        ):
+            return cpu_pointwise.pointwise_matmul(input, parameters["weight"], parameters["bias"])
+        return _Conv._checked_forward(self, input)
+
+    def _is_matrix_product(self) -> bool:
+        """Whether this conv is :func:`sepconv.cpu_pointwise.pointwise_matmul` of its own weight and bias as they
+        stand: groups 1, not parametrized (torch.nn.utils.parametrize), no padding, stride 1."""
+        parameters = self._parameters  # type: ignore[attr-defined]
+        return (
             self.groups == 1  # type: ignore[attr-defined]
-            and weight is not None  # not parametrized (torch.nn.utils.parametrize)
+            and parameters.get("weight") is not None
             and "bias" in parameters
             and self.padding_mode == "zeros"  # type: ignore[attr-defined]
             and not any(self.padding)  # type: ignore[attr-defined]  # a string ('same', 'valid') takes the conv
             and max(self.stride) == 1  # type: ignore[attr-defined]
-            and input.is_contiguous()  # the product's (pointwise_matmul_applies): others skip the strategy's call
-            and cpu_strategy.pointwise_as_matmul(self, input, weight, bias)
-        ):
-            return cpu_pointwise.pointwise_matmul(input, weight, bias)
-        return _Conv._checked_forward(self, input)
+        )
 
 
 class DepthwiseConv1d(_DepthwiseConv, nn.Conv1d):
@@ -545,21 +552,13 @@ class _SeparableConv(nn.Module):
         whose output is contiguous whatever the intermediate's layout: the CPU strategy's
         ``CHANNELS_LAST_PRODUCT`` plan runs it on an NCHW caller's input converted to channels_last, so that the
         depthwise conv runs in channels_last and the product reads its output transposed, with neither oneDNN's
-        1x1 conv (~45 us a call on this project's Xeon, whatever the size) nor a conversion back: (1, 144, 56, 56)
-        -> 24 forward 1.92 -> 1.42 ms. Offered where the pointwise groups are 1 and there are no mid modules; the
-        parts as modules where something would notice the product (hooks, tracing, a parametrized or changed
-        pointwise conv)."""
+        1x1 conv (~45 us a call on this project's Xeon, whatever the size) nor a conversion back: a (1, 128, 28, 28)
+        15x15 forward 1.03 -> 0.90 ms (benchmarks/cpu_product_plan.py). Offered where the pointwise groups are 1 and
+        there are no mid modules; the parts as modules where something would notice the product (hooks, tracing, a
+        parametrized or changed pointwise conv)."""
         depthwise, pointwise = self._modules["depthwise"], self._modules["pointwise"]
-        parameters = pointwise._parameters  # type: ignore[union-attr]
-        if (
-            _unhooked(depthwise, pointwise)  # type: ignore[arg-type]
-            and "weight" in parameters  # not parametrized
-            and "bias" in parameters
-            and pointwise.groups == 1  # type: ignore[union-attr]
-            and pointwise.padding_mode == "zeros"  # type: ignore[union-attr]
-            and not any(pointwise.padding)  # type: ignore[union-attr,arg-type]
-            and max(pointwise.stride) == 1  # type: ignore[union-attr,arg-type]
-        ):
+        if _unhooked(depthwise, pointwise) and pointwise._is_matrix_product():  # type: ignore[arg-type,union-attr,operator]
+            parameters = pointwise._parameters  # type: ignore[union-attr]
             intermediate = depthwise._checked_forward(input)  # type: ignore[union-attr,operator]
             return cpu_pointwise.pointwise_matmul(intermediate, parameters["weight"], parameters["bias"])
         return self._forward(input)
