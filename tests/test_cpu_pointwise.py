@@ -83,6 +83,54 @@ def test_the_product_of_a_channels_last_input_hands_its_gradient_back_in_that_la
         assert torch.autograd.gradgradcheck(lambda *args: cpu_pointwise.pointwise_matmul(*args), tuple(wanted))
 
 
+@settings(max_examples=60)
+@given(
+    ndim=st.integers(2, 3),
+    batch=st.integers(1, 3),
+    in_channels=st.integers(2, 6),
+    out_channels=st.integers(2, 6),
+    size=st.lists(st.integers(2, 5), min_size=3, max_size=3),
+    bias=st.booleans(),
+    input_channels_last=st.booleans(),
+    out_channels_last=st.booleans(),
+)
+def test_the_product_written_into_out_is_the_conv_in_out_s_layout(
+    ndim: int,
+    batch: int,
+    in_channels: int,
+    out_channels: int,
+    size: list[int],
+    bias: bool,
+    input_channels_last: bool,
+    out_channels_last: bool,
+) -> None:
+    """``out=`` (the strategy's batch chunks write each chunk into the batch's output): the conv's values in float64,
+    in ``out`` itself and in its layout, contiguous or channels_last, from an input of either layout; and into a
+    slice of a larger batch, leaving the rest alone."""
+    memory_format = torch.channels_last if ndim == 2 else torch.channels_last_3d
+    x = torch.randn(batch, in_channels, *size[:ndim], dtype=torch.float64)
+    if input_channels_last:
+        x = x.contiguous(memory_format=memory_format)
+    w = torch.randn(out_channels, in_channels, *(1,) * ndim, dtype=torch.float64)
+    b = torch.randn(out_channels, dtype=torch.float64) if bias else None
+    layout = memory_format if out_channels_last else torch.contiguous_format
+    batch_output = torch.full((batch + 2, out_channels, *size[:ndim]), -7.0, dtype=torch.float64)
+    batch_output = batch_output.contiguous(memory_format=layout)
+    out = batch_output[1 : batch + 1]
+    written = cpu_pointwise.pointwise_matmul(x, w, b, out=out)
+    assert written is out and out.is_contiguous(memory_format=layout)
+    torch.testing.assert_close(out, CONV[ndim](x, w, b), rtol=1e-12, atol=1e-12)
+    assert bool((batch_output[0] == -7).all()) and bool((batch_output[-1] == -7).all())
+
+
+def test_out_of_another_shape_or_layout_is_refused_by_name() -> None:
+    x, w = torch.rand(2, 4, 5, 5), torch.rand(3, 4, 1, 1)
+    with pytest.raises(ValueError, match=r"out must have the output's shape \(2, 3, 5, 5\); got \(2, 3, 5, 4\)"):
+        cpu_pointwise.pointwise_matmul(x, w, out=torch.empty(2, 3, 5, 4))
+    with pytest.raises(ValueError, match="out must be contiguous or channels_last"):
+        cpu_pointwise.pointwise_matmul(x, w, out=torch.empty(2, 5, 3, 5).transpose(1, 2))
+
+
 @pytest.mark.parametrize(
     ("input", "weight", "applies"),
     [

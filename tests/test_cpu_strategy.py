@@ -310,12 +310,12 @@ def test_the_product_plan_equals_the_plain_path_in_float64(cfg: ConvConfig, chan
         patch.setattr(
             sepconv.layers._SeparableConv,
             "_product_forward",
-            lambda self, t: ran.append("plan") or real_forward(self, t),
+            lambda self, t, out=None: ran.append("plan") or real_forward(self, t, out),
         )
         patch.setattr(
             cpu_pointwise,
             "pointwise_matmul",
-            lambda *a: (ran[-1:] == ["plan"] and ran.append("product")) or real_product(*a),
+            lambda *a, **k: (ran[-1:] == ["plan"] and ran.append("product")) or real_product(*a, **k),
         )
         sepconv.clear_cpu_strategy_cache()
         out, grads = forward_and_grads(layer, x, "auto")
@@ -332,7 +332,7 @@ def test_the_product_plan_equals_the_plain_path_in_float64(cfg: ConvConfig, chan
     [
         (lambda: sepconv.SeparableConv2d(4, 6, 3), (2, 4, 8, 8), torch.float32, False, True),
         (lambda: sepconv.SeparableConv3d(4, 6, 3), (2, 4, 5, 6, 7), torch.float64, False, True),
-        (lambda: sepconv.SeparableConv2d(4, 6, 3), (2, 4, 8, 8), torch.float32, True, False),  # NCHW callers only
+        (lambda: sepconv.SeparableConv2d(4, 6, 3), (2, 4, 8, 8), torch.float32, True, False),  # unless chunked
         (lambda: sepconv.SeparableConv2d(4, 6, 3, groups=2), (2, 4, 8, 8), torch.float32, False, False),
         (lambda: sepconv.SeparableConv2d(4, 6, 3, mid_activation=nn.ReLU), (2, 4, 8, 8), torch.float32, False, False),
         (lambda: sepconv.SeparableConv2d(4, 6, 3), (2, 4, 8, 8), torch.bfloat16, False, False),  # not on the BLAS
@@ -369,6 +369,120 @@ def test_a_product_plan_still_calls_hooked_parts(monkeypatch) -> None:
         assert doubled.is_contiguous()  # converted back from the hooked conv's channels_last output
         handle.remove()
         torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def product_chunks_whenever_offered(input, convs, params, chunk=None, dense=None, product=None):
+    """A stand-in for the timing: the product plan in batch chunks wherever it is a candidate, else as given."""
+    if product is not None and chunk is not None:
+        return (cpu_strategy.CHANNELS_LAST_PRODUCT, chunk), {}
+    return offered_or_as_given(input, None, cpu_strategy.CHANNELS_LAST_PRODUCT)
+
+
+@settings(max_examples=60)
+@given(conv_configs(ndims=(2, 3)), st.integers(2, 5), st.booleans())
+def test_the_product_plan_in_batch_chunks_equals_the_plain_path_in_float64(
+    cfg: ConvConfig, batch: int, channels_last: bool
+) -> None:
+    """The product plan a few samples at a time: the same outputs in float64, in the caller's layout, each chunk
+    after the first written straight into the batch's output (outside autograd, for NCHW and channels_last
+    callers); in training (NCHW callers) the same gradients too."""
+    layer = separable_layer(cfg)
+    x = torch.randn(batch, *cfg.input_shape[1:], dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=memory_format_of(x))
+    plain, plain_grads = forward_and_grads(layer, x, "off")
+    chunk = batch // 2
+    calls: list[bool] = []  # per call of the plan's forward: whether it wrote into a given output
+    real_forward = sepconv.layers._SeparableConv._product_forward
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_strategy, "_measure", product_chunks_whenever_offered)
+        patch.setattr(cpu_strategy, "_chunk_size", lambda input, training: chunk)
+        patch.setattr(
+            sepconv.layers._SeparableConv,
+            "_product_forward",
+            lambda self, t, out=None: calls.append(out is not None) or real_forward(self, t, out),
+        )
+        sepconv.clear_cpu_strategy_cache()
+        out, grads = forward_and_grads(layer, x, "auto")
+        trained = list(calls)
+        with torch.no_grad():
+            inference = layer(x)
+    source = cpu_strategy._input_layout(x)
+    chunks = -(-batch // chunk)
+    assert trained == ([False] * chunks if cfg.groups == 1 and source == cpu_strategy.CONTIGUOUS else [])
+    offered = cfg.groups == 1 and source is not None
+    assert calls[len(trained) :] == ([False] + [True] * (chunks - 1) if offered else [])
+    # the plan's output is in the caller's layout (PyTorch's own is contiguous after a circular padding's copy)
+    caller_s = torch.contiguous_format if x.is_contiguous() else memory_format_of(x)
+    for result, planned in ((out, bool(trained)), (inference, offered)):
+        assert result.shape == plain.shape
+        assert result.is_contiguous(memory_format=caller_s) if planned else result.stride() == plain.stride()
+        torch.testing.assert_close(result, plain, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
+@pytest.mark.parametrize(
+    ("channels_last", "training", "offered"),
+    [(False, False, True), (False, True, True), (True, False, True), (True, True, False)],
+)
+def test_the_product_plan_in_batch_chunks_is_timed_where_it_applies(monkeypatch, channels_last, training, offered):
+    """In chunks the product writes into the caller's layout, which a channels_last caller's training step cannot
+    (autograd joins chunks by concatenating them): timed there as given and in plain chunks only."""
+    seen: list[set[str]] = []
+
+    def record(input, convs, params, chunk=None, dense=None, product=None):
+        plans = {cpu_strategy._plan_name(cpu_strategy.CHANNELS_LAST, chunk)}
+        if product is not None:
+            plans.add(cpu_strategy._plan_name(cpu_strategy.CHANNELS_LAST_PRODUCT, chunk))
+        seen.append(plans)
+        return product_chunks_whenever_offered(input, convs, params, chunk, dense, product)
+
+    monkeypatch.setattr(cpu_strategy, "_measure", record)
+    monkeypatch.setattr(cpu_strategy, "_chunk_size", lambda input, training: 2)
+    x = torch.randn(4, 4, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.set_grad_enabled(training):
+        sepconv.SeparableConv2d(4, 6, 3)(x)
+    in_chunks = cpu_strategy._plan_name(cpu_strategy.CHANNELS_LAST_PRODUCT, 2)
+    assert seen == [{"channels_last in batch chunks of 2", *([in_chunks] if offered else [])}]
+    assert (in_chunks in layout_decisions().values()) == offered
+
+
+def test_the_product_plan_in_batch_chunks_of_frozen_layers_in_grad_mode_keeps_the_caller_s_layout(monkeypatch) -> None:
+    """Grad mode on, nothing requiring a gradient (an evaluation loop without ``torch.no_grad``): inference, so the
+    chunks are written into a channels_last output as outside grad mode, not concatenated from contiguous parts."""
+    monkeypatch.setattr(cpu_strategy, "_measure", product_chunks_whenever_offered)
+    monkeypatch.setattr(cpu_strategy, "_chunk_size", lambda input, training: 2)
+    layer = sepconv.SeparableConv2d(4, 6, 3, padding=1, dtype=torch.float64).requires_grad_(False)
+    x = torch.randn(5, 4, 7, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with sepconv.use_cpu_strategy("off"):
+        plain = layer(x)
+    out = layer(x)
+    assert set(layout_decisions().values()) == {cpu_strategy._plan_name(cpu_strategy.CHANNELS_LAST_PRODUCT, 2)}
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_the_product_plan_in_batch_chunks_still_calls_hooked_parts(monkeypatch) -> None:
+    """A hooked pointwise conv runs as a module, its output copied into the batch's, channels_last as given."""
+    monkeypatch.setattr(cpu_strategy, "_measure", product_chunks_whenever_offered)
+    monkeypatch.setattr(cpu_strategy, "_chunk_size", lambda input, training: 2)
+    layer = sepconv.SeparableConv2d(4, 6, 3, padding=1, dtype=torch.float64)
+    x = torch.randn(5, 4, 7, 7, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = layer(x)
+        assert set(layout_decisions().values()) == {cpu_strategy._plan_name(cpu_strategy.CHANNELS_LAST_PRODUCT, 2)}
+        batches: list[int] = []
+        layer.pointwise.register_forward_hook(lambda module, args, output: batches.append(len(output)) or 2 * output)
+        doubled = layer(x)
+    assert batches == [2, 2, 1] and doubled.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(doubled, 2 * expected, rtol=1e-12, atol=1e-12)
 
 
 CHUNKED_LAYERS = {

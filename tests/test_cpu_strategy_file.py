@@ -162,7 +162,10 @@ POINTWISE_KEY = ["pointwise", [4, 3], [2, 3, 8, 8], {"dtype": "float32"}, False,
         (lambda d: {**d, "layouts": [[["k"], ["diagonal", None]]]}, r"layouts\[0\].*a plan is"),
         (lambda d: {**d, "layouts": [[["k"], ["channels_last", 0]]]}, r"layouts\[0\].*int >= 1"),
         (lambda d: {**d, "layouts": [[["k"], ["channels_last", 1.5]]]}, r"layouts\[0\].*int >= 1"),
-        (lambda d: {**d, "layouts": [[["k"], ["dense", 2]]]}, r"layouts\[0\].*channels_last only"),
+        (
+            lambda d: {**d, "layouts": [[["k"], ["dense", 2]]]},
+            r"layouts\[0\].*for \('channels_last', 'channels_last, p",
+        ),
         (lambda d: {**d, "layouts": [[["k"], ["channels_last"]]]}, r"layouts\[0\]"),
         (lambda d: {**d, "layouts": [[["k", {"dtype": "float99"}], ["contiguous", None]]]}, "not a dtype"),
         (lambda d: {**d, "layouts": [[["k", 0.5], ["contiguous", None]]]}, "cannot be part of a decision key"),
@@ -191,6 +194,16 @@ def test_the_valid_document_of_the_bad_file_test_loads(tmp_path) -> None:
         ("depthwise_backward", (3, 1, 5, 5), (1, 1)): "grad_input=conv, grad_weight=fft",
         ("pointwise", (4, 3), (2, 3, 8, 8), torch.float32, False, True, 2): "matmul",
     }
+
+
+def test_the_product_plan_in_batch_chunks_loads(tmp_path) -> None:
+    document = valid_document()
+    document["layouts"][0][1] = ["channels_last, pointwise matmul", 4]
+    path = tmp_path / "decisions.json"
+    path.write_text(json.dumps(document))
+    assert sepconv.load_cpu_strategy_decisions(path) == 3
+    key = ("SeparableConv2d", "geometry", (2, 3, 8, 8), torch.float32, "contiguous", False, True, 2)
+    assert sepconv.cpu_strategy_decisions()[key] == "channels_last, pointwise matmul in batch chunks of 4"
 
 
 def test_a_file_from_before_pointwise_decisions_loads(tmp_path) -> None:

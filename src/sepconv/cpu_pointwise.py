@@ -46,11 +46,13 @@ def pointwise_matmul_applies(input: Tensor, weight: Tensor) -> bool:
     )
 
 
-def pointwise_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+def pointwise_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, out: Tensor | None = None) -> Tensor:
     """``F.convNd(input, weight, bias)`` of a 1x1 ``weight`` (O x C x 1...) as a matrix product per sample,
     the weight broadcast (not copied) over the batch: for the inputs :func:`pointwise_matmul_applies` takes, and
     for channels_last ones (read transposed), a view of them; others are copied into that layout first (correct,
-    not fast). The output is contiguous.
+    not fast). The output is contiguous, or ``out`` (outside autograd; contiguous or channels_last, of the
+    output's shape), written in place and returned: the CPU strategy's batch chunks write each chunk's output
+    straight into the batch's.
 
     >>> x = torch.rand(2, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     >>> w = torch.rand(4, 6, 1, 1, dtype=torch.float64)
@@ -60,6 +62,11 @@ def pointwise_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None) 
     """
     batch, channels, *spatial = input.shape
     weight = weight.reshape(weight.shape[0], channels)
+    if out is not None:
+        if out.shape != (batch, weight.shape[0], *spatial):
+            expected = (batch, weight.shape[0], *spatial)
+            raise ValueError(f"out must have the output's shape {expected}; got {tuple(out.shape)}")
+        return _product_into(out, input.reshape(batch, channels, -1), weight, bias)
     if _channels_last(input) and torch.is_grad_enabled() and input.requires_grad:
         pixels = input.movedim(1, -1).reshape(batch, -1, channels)  # a view: each sample's (H*W) x C matrix
         return _ChannelsLastProduct.apply(pixels, weight, bias).view(batch, -1, *spatial)
@@ -67,6 +74,25 @@ def pointwise_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None) 
     matrices = weight.expand(batch, -1, -1)
     out = torch.bmm(matrices, samples) if bias is None else torch.baddbmm(bias.view(1, -1, 1), matrices, samples)
     return out.view(batch, -1, *spatial)
+
+
+def _product_into(out: Tensor, samples: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``W @ samples[n]`` (+ bias) written into ``out`` and returned: into a contiguous ``out`` as each sample's
+    O x pixels matrix, into a channels_last one as its transpose, pixels x O."""
+    batch, out_channels = samples.shape[0], out.shape[1]
+    if out.is_contiguous():  # per sample (O x C) @ (C x pixels)
+        left, right = weight.expand(batch, -1, -1), samples
+        target, bias_shape = out.view(batch, out_channels, -1), (1, -1, 1)
+    elif _channels_last(out):  # per sample (pixels x C) @ (C x O); the pixels' rows are contiguous in channels_last
+        left, right = samples.transpose(1, 2), weight.t().expand(batch, -1, -1)
+        target, bias_shape = out.movedim(1, -1).view(batch, -1, out_channels), (1, 1, -1)
+    else:
+        raise ValueError(f"out must be contiguous or channels_last; got strides {out.stride()}")
+    if bias is None:
+        torch.bmm(left, right, out=target)
+    else:
+        torch.baddbmm(bias.view(bias_shape), left, right, out=target)
+    return out
 
 
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}

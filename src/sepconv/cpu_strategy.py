@@ -12,11 +12,12 @@ dense conv of composed weights, where PyTorch's dense conv beats its depthwise c
 (1, 32, 112, 112) -> 16 channels: 1.23 -> 0.63 ms). A fifth, for an NCHW caller of a separable layer without mid
 modules, runs the depthwise conv in channels_last and the pointwise conv as a matrix product that reads the
 channels_last intermediate transposed and writes the caller's layout (``CHANNELS_LAST_PRODUCT``): no conversion
-back and none of oneDNN's ~45 us per 1x1 call. The caller sees no difference: an NCHW input gives an NCHW output,
-equal up to float rounding, with autograd intact. A close decision (another plan within 2x of the fastest) is
-measured again at the layer's 20th call of that configuration, when the process is warm and other layers run in
-between, and settled on both measurements. Only contiguous, batched 2-d/3-d CPU inputs are considered; tracing,
-``torch.compile`` and ``torch.export`` always see the plain PyTorch path.
+back and none of oneDNN's ~45 us per 1x1 call; it also runs in batch chunks, each chunk's product written straight
+into the batch's output (for channels_last callers too, outside autograd). The caller sees no difference: an NCHW
+input gives an NCHW output, equal up to float rounding, with autograd intact. A close decision (another plan within
+2x of the fastest) is measured again at the layer's 20th call of that configuration, when the process is warm and
+other layers run in between, and settled on both measurements. Only contiguous, batched 2-d/3-d CPU inputs are
+considered; tracing, ``torch.compile`` and ``torch.export`` always see the plain PyTorch path.
 
 In training, a depthwise conv with a kernel of 25 taps or more (5x5, 3x3x3, ...) also times its
 backward: PyTorch's weight gradient against an FFT one, and (stride 1) PyTorch's input gradient
@@ -156,7 +157,8 @@ def use_cpu_strategy(mode: str) -> Iterator[None]:
 
 def cpu_strategy_decisions() -> dict[tuple, str]:
     """A copy of the cached choices: configuration key -> ``"contiguous"``, ``"channels_last"``,
-    ``"channels_last in batch chunks of N"`` or ``"dense"`` for a layer's plan, ``"grad_input=..., grad_weight=..."``
+    ``"channels_last in batch chunks of N"``, ``"dense"``, ``"channels_last, pointwise matmul"`` (in batch chunks
+    of N) for a layer's plan, ``"grad_input=..., grad_weight=..."``
     for a depthwise conv's backward algorithms, ``"conv"`` or ``"matmul"`` for a pointwise conv's. A key ends
     with the thread count, or ``(threads, *regime)`` in another allocator regime than glibc's default: after
     :func:`sepconv.keep_freed_memory`, ``(threads, FREED_MEMORY_KEPT)``, with ``HUGE_PAGES`` after it where
@@ -503,7 +505,7 @@ def run(
     batch_independent: bool = False,
     check: Callable[[Tensor], None] | None = None,
     dense: Callable[[Tensor], Tensor] | None = None,
-    product: Callable[[Tensor], Tensor] | None = None,
+    product: Callable[..., Tensor] | None = None,
 ) -> Tensor:
     """``forward(input)`` in the layout the strategy picks; ``convs`` is the stateless part that is timed.
 
@@ -513,8 +515,9 @@ def run(
     it is skipped when the input matches the layer's previous call (shape included), which it passed.
     ``dense``: the layer as one dense conv, a further plan to time (narrow separable layers, see
     :meth:`sepconv.layers._SeparableConv._dense_worth_timing`). ``product``: the layer in channels_last with a
-    contiguous output (its pointwise conv as a matrix product), a further plan for a contiguous input, run on its
-    conversion to channels_last.
+    contiguous output (its pointwise conv as a matrix product), or written into ``out=`` in that tensor's layout:
+    further plans for a contiguous input, run on its conversion to channels_last, whole or in batch chunks, and
+    for a channels_last one in batch chunks outside autograd.
     """
     if dense is None and not input.is_contiguous() and input.shape[0] == 1:
         # Nothing to choose, in any mode: one sample in channels_last (or another layout but contiguous) is not
@@ -581,8 +584,10 @@ def run(
         layout, chunk = plan
         if layout == DENSE:
             return dense(input)  # type: ignore[misc]  # a dense plan is only decided where dense was given
-        if layout == CHANNELS_LAST_PRODUCT:
-            return _in_channels_last(product, input)  # type: ignore[arg-type]  # decided where product was given
+        if layout == CHANNELS_LAST_PRODUCT:  # decided where product was given
+            if chunk is not None:  # in training (NCHW callers only) autograd joins the chunks instead
+                return _in_chunks(product, input, chunk, writes_into=not training)  # type: ignore[arg-type]
+            return _in_channels_last(product, input)  # type: ignore[arg-type]
         if chunk is not None:  # the layout to convert to is channels_last: the only other alternative
             return _in_chunks(forward, input, chunk)
         return _in_channels_last(forward, input)
@@ -598,7 +603,7 @@ def _plan(
     training: bool,
     mode: str,
     dense: Callable[[Tensor], Tensor] | None = None,
-    product: Callable[[Tensor], Tensor] | None = None,
+    product: Callable[..., Tensor] | None = None,
 ) -> tuple[str, int | None] | _Pending | None:
     """The plan for this call: a layout to convert to and a chunk size, ``(DENSE, None)``, or None to run the
     input as given; wrapped in a :class:`_Pending` while its decision is owed a recheck."""
@@ -653,7 +658,7 @@ def _recheck(
     batch_independent: bool,
     training: bool,
     dense: Callable[[Tensor], Tensor] | None,
-    product: Callable[[Tensor], Tensor] | None,
+    product: Callable[..., Tensor] | None,
 ) -> None:
     """Time ``recheck``'s plans again on this call's input and settle its decision on both measurements: the
     fastest by the geometric mean of the two, where it beats the input as given by ``_RECHECK_MARGIN``."""
@@ -688,22 +693,28 @@ def _any_trainable(module: nn.Module) -> bool:
     return False
 
 
-def _in_chunks(forward: Callable[[Tensor], Tensor], input: Tensor, chunk: int) -> Tensor:
+def _in_chunks(forward: Callable[..., Tensor], input: Tensor, chunk: int, *, writes_into: bool = False) -> Tensor:
     """``forward`` run in channels_last on ``chunk`` samples at a time of ``input``; out in ``input``'s layout.
 
     Each chunk's conversions and intermediate stay in the CPU caches instead of making round trips to
     memory: an NCHW caller's (32, 144, 56, 56) separable 3x3 forward measured 49.5 ms converted whole,
     19.8 ms four samples at a time; its training step 122 -> 75 ms. ``forward`` must treat samples
-    independently (no training-mode BatchNorm).
+    independently (no training-mode BatchNorm). ``writes_into``: ``forward(part, out=...)`` writes a chunk's
+    output into the batch's (the product plan's), after the first chunk has given its shape; for calls that
+    autograd does not record (nothing in them requires a gradient), in or outside grad mode.
     """
     memory_format = _FORMATS[input.dim()]
     converts = input.is_contiguous()  # an NCHW caller; a channels_last one needs no conversions
-    if torch.is_grad_enabled():  # autograd joins the chunks' gradients; cat keeps the chunks' layout
+    if torch.is_grad_enabled() and not writes_into:  # autograd joins the chunks' gradients; cat keeps their layout
         run = (lambda part: _in_channels_last(forward, part)) if converts else forward
         return torch.cat([run(part) for part in input.split(chunk)])
     output = None
     for start in range(0, input.shape[0], chunk):
-        part = forward(input[start : start + chunk].contiguous(memory_format=memory_format))
+        part = input[start : start + chunk].contiguous(memory_format=memory_format)
+        if writes_into and output is not None:
+            forward(part, out=output[start : start + chunk])
+            continue
+        part = forward(part)
         if output is None:
             layout = torch.contiguous_format if converts else memory_format
             output = torch.empty((input.shape[0], *part.shape[1:]), dtype=part.dtype, memory_format=layout)
@@ -840,15 +851,15 @@ def _decide(
     source: str,
     training: bool,
     dense: Callable[[Tensor], Tensor] | None = None,
-    product: Callable[[Tensor], Tensor] | None = None,
+    product: Callable[..., Tensor] | None = None,
 ) -> tuple[tuple[str, int | None], _Recheck | None]:
     """(the plan decided for this configuration, its recheck while one is owed)."""
     signature, params = _layer_signature(layer)
     chunk = _chunk_size(input, training) if batch_independent else None
     if source == CHANNELS_LAST and chunk is None and dense is None:
         return (CHANNELS_LAST, None), None  # nothing to choose: as given
-    if source != CONTIGUOUS:
-        product = None  # its output is contiguous: a plan for a caller of that layout only
+    if source != CONTIGUOUS and (chunk is None or training):
+        product = None  # its output is contiguous, but in chunks outside autograd it writes into the caller's layout
     candidates = (DENSE,) if dense is not None else ()  # a layer with mid modules has the same convs, no dense plan
     candidates += (CHANNELS_LAST_PRODUCT,) if product is not None else ()
     key = (*signature, *candidates, tuple(input.shape), input.dtype, source, training, batch_independent)
@@ -903,12 +914,13 @@ def _measure(
     params: list[Tensor] | None,
     chunk: int | None = None,
     dense: Callable[[Tensor], Tensor] | None = None,
-    product: Callable[[Tensor], Tensor] | None = None,
+    product: Callable[..., Tensor] | None = None,
 ) -> tuple[tuple[str, int | None], dict[str, tuple[tuple[str, int | None], float]]]:
     """The fastest plan for ``convs``, conversions included: contiguous, channels_last, and with ``chunk``
     channels_last ``chunk`` samples at a time (a channels_last input: as given or in chunks), and with
-    ``dense`` that dense conv in the input's layout, and with ``product`` (a contiguous input) that channels_last
-    block with a contiguous output. Forward first,
+    ``dense`` that dense conv in the input's layout, and with ``product`` that channels_last block with a
+    contiguous output (a contiguous input), and in chunks (with ``chunk``) writing into the caller's layout.
+    Forward first,
     then forward+backward when training, unless the forward alone already shows a clear winner (it spares
     the slow layout's backward, which can take seconds: 31x31 depthwise in NCHW). Returns the plan and, where
     two or more plans came within ``_RECHECK_WITHIN`` of the fastest, those plans (name -> (plan, seconds)) for
@@ -920,7 +932,10 @@ def _measure(
     if dense is not None:
         plans[DENSE] = (DENSE, None)
     if product is not None:
-        plans[CHANNELS_LAST_PRODUCT] = (CHANNELS_LAST_PRODUCT, None)
+        if source == CONTIGUOUS:
+            plans[CHANNELS_LAST_PRODUCT] = (CHANNELS_LAST_PRODUCT, None)
+        if chunk is not None:
+            plans[_plan_name(CHANNELS_LAST_PRODUCT, chunk)] = (CHANNELS_LAST_PRODUCT, chunk)
     # in training the forward alone only prunes (a 3x gap): one timed round is enough for that
     rounds = None if params is None else 1
     times = _time_layouts(input, convs, None, chunk, timed_rounds=rounds, dense=dense, product=product)
@@ -950,7 +965,7 @@ def _time_layouts(
     only: set[str] | None = None,
     timed_rounds: int | None = None,
     dense: Callable[[Tensor], Tensor] | None = None,
-    product: Callable[[Tensor], Tensor] | None = None,
+    product: Callable[..., Tensor] | None = None,
 ) -> dict[str, float]:
     """Median seconds of one step per plan (see :func:`_measure`; ``timed_rounds`` caps the timed rounds), every
     step on the caller's input (detached: nothing writes to it). Not on a fresh copy per step: each copy took
@@ -982,6 +997,9 @@ def _time_layouts(
         steps = {CHANNELS_LAST: step(convs)}
     if chunk is not None:
         steps[_plan_name(CHANNELS_LAST, chunk)] = step(lambda x: _in_chunks(convs, x, chunk))
+    if product is not None and chunk is not None:
+        in_chunks = step(lambda x: _in_chunks(product, x, chunk, writes_into=params is None))
+        steps[_plan_name(CHANNELS_LAST_PRODUCT, chunk)] = in_chunks
     if dense is not None:
         steps[DENSE] = step(dense)
     if only is not None:  # the plans still in the running

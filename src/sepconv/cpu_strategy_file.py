@@ -50,6 +50,7 @@ FILE_ENV = "SEPCONV_CPU_STRATEGY_FILE"
 _FORMAT = "sepconv-cpu-strategy"
 _VERSION = 1
 _LAYOUTS = (cpu_strategy.CONTIGUOUS, cpu_strategy.CHANNELS_LAST, cpu_strategy.DENSE, cpu_strategy.CHANNELS_LAST_PRODUCT)
+_CHUNKED = (cpu_strategy.CHANNELS_LAST, cpu_strategy.CHANNELS_LAST_PRODUCT)  # the plans that run in batch chunks
 
 
 def save_cpu_strategy_decisions(path: PathLike, *, overwrite: bool = False) -> int:
@@ -183,10 +184,10 @@ def _entries(path: Path, document: dict, section: str, check_value: Any, default
 
 def _layout_plan(value: Any) -> tuple[str, int | None]:
     layout, chunk = value
-    chunk_ok = chunk is None or (layout == cpu_strategy.CHANNELS_LAST and type(chunk) is int and chunk >= 1)
+    chunk_ok = chunk is None or (layout in _CHUNKED and type(chunk) is int and chunk >= 1)
     if layout not in _LAYOUTS or not chunk_ok:
         raise ValueError(
-            f"{value!r}: a plan is [one of {_LAYOUTS}, samples per chunk (int >= 1, channels_last only) or null]"
+            f"{value!r}: a plan is [one of {_LAYOUTS}, samples per chunk (int >= 1, for {_CHUNKED} only) or null]"
         )
     return layout, chunk
 

@@ -547,7 +547,7 @@ class _SeparableConv(nn.Module):
         conv = _CONV[self._ndim]
         return conv(input, weight, bias, depthwise.stride, depthwise.padding, depthwise.dilation)  # type: ignore[union-attr]
 
-    def _product_forward(self, input: Tensor) -> Tensor:
+    def _product_forward(self, input: Tensor, out: Tensor | None = None) -> Tensor:
         """The block with its pointwise conv as a matrix product (:func:`sepconv.cpu_pointwise.pointwise_matmul`),
         whose output is contiguous whatever the intermediate's layout: the CPU strategy's
         ``CHANNELS_LAST_PRODUCT`` plan runs it on an NCHW caller's input converted to channels_last, so that the
@@ -555,13 +555,15 @@ class _SeparableConv(nn.Module):
         1x1 conv (~45 us a call on this project's Xeon, whatever the size) nor a conversion back: a (1, 128, 28, 28)
         15x15 forward 1.03 -> 0.90 ms (benchmarks/cpu_product_plan.py). Offered where the pointwise groups are 1 and
         there are no mid modules; the parts as modules where something would notice the product (hooks, tracing, a
-        parametrized or changed pointwise conv)."""
+        parametrized or changed pointwise conv). ``out`` (outside autograd): the output is written there, in its
+        layout, and returned (the plan's batch chunks: each chunk's output straight into the batch's)."""
         depthwise, pointwise = self._modules["depthwise"], self._modules["pointwise"]
         if _unhooked(depthwise, pointwise) and pointwise._is_matrix_product():  # type: ignore[arg-type,union-attr,operator]
             parameters = pointwise._parameters  # type: ignore[union-attr]
             intermediate = depthwise._checked_forward(input)  # type: ignore[union-attr,operator]
-            return cpu_pointwise.pointwise_matmul(intermediate, parameters["weight"], parameters["bias"])
-        return self._forward(input)
+            return cpu_pointwise.pointwise_matmul(intermediate, parameters["weight"], parameters["bias"], out=out)
+        output = self._forward(input)
+        return output if out is None else out.copy_(output)
 
     def _composed(
         self, dw_weight: Tensor, pw_weight: Tensor, dw_bias: Tensor | None, pw_bias: Tensor | None
