@@ -1,12 +1,16 @@
 """CPU benchmark of one plan: an NCHW caller's separable layer run in channels_last up to its pointwise conv,
 which reads the channels_last intermediate as a matrix product into a contiguous output
-(``cpu_strategy.CHANNELS_LAST_PRODUCT``), against the same strategy without that plan.
+(``cpu_strategy.CHANNELS_LAST_PRODUCT``, whole or in batch chunks), against the same strategy without that plan;
+and the plan in batch chunks for channels_last callers' forward, where each chunk's product is written into the
+channels_last output.
 
 Per row (the shapes of ``cpu.py``, batch 1 and 32, forward and training step as there): ``ours`` (the strategy,
 the plan among its candidates), ``ours_without_product`` (a subclass that does not offer it: its own decisions),
 PyTorch's block in NCHW and converted to channels_last and back (what an NCHW caller can have in plain PyTorch),
-all in the same paired rounds (``sepconv.bench.interleaved_latencies``); ratios are medians of per-round ratios
-with their 95% intervals. Both layers are settled (their close decisions measured again) before the rounds.
+and in the forward pass the same three on a channels_last input (``ours_cl_in``, ``ours_without_product_cl_in``,
+``torch_channels_last``: PyTorch's block in channels_last; a channels_last caller's training step has no product
+plan), all in the same paired rounds (``sepconv.bench.interleaved_latencies``); ratios are medians of per-round
+ratios with their 95% intervals. Both layers are settled (their close decisions measured again) before the rounds.
 
     python benchmarks/cpu_product_plan.py                    # writes results/cpu_product_plan.{json,png}
     python benchmarks/cpu_product_plan.py --quick --out /tmp  # two small shapes, to check the script
@@ -30,6 +34,7 @@ from sepconv.io import atomic_write_png, atomic_write_text
 
 CL = torch.channels_last
 VARIANTS = ("torch_nchw", "torch_channels_last_converted", "ours_without_product", "ours")
+CL_VARIANTS = ("torch_channels_last", "ours_without_product_cl_in", "ours_cl_in")  # forward only
 # (baseline, ours) pairs whose per-round ratio a row keeps
 PAIRS = [
     ("ours_without_product", "ours"),
@@ -37,6 +42,11 @@ PAIRS = [
     ("torch_channels_last_converted", "ours"),
     ("torch_nchw", "ours_without_product"),
     ("torch_channels_last_converted", "ours_without_product"),
+]
+CL_PAIRS = [
+    ("ours_without_product_cl_in", "ours_cl_in"),
+    ("torch_channels_last", "ours_cl_in"),
+    ("torch_channels_last", "ours_without_product_cl_in"),
 ]
 
 
@@ -47,17 +57,24 @@ class SeparableConv2dWithoutProduct(sepconv.SeparableConv2d):
     _offers_product = False
 
 
-def plan_of(layer_name: str, training: bool) -> str | None:
-    """The plan decided for an NCHW input of the layer class ``layer_name`` in this pass."""
+def plan_of(layer_name: str, training: bool, source: str = "contiguous") -> str | None:
+    """The plan decided for an input of layout ``source`` of the layer class ``layer_name`` in this pass (None:
+    nothing decided, as for one channels_last sample, which runs as given)."""
     for key, plan in sepconv.cpu_strategy_decisions().items():
-        if key[0] == layer_name and key[-4] == "contiguous" and key[-3] == training:
+        if key[0] == layer_name and key[-4] == source and key[-3] == training:
             return plan
     return None
+
+
+def is_product(plan: str | None) -> bool:
+    """Whether ``plan`` is the product plan, whole or in batch chunks."""
+    return plan is not None and plan.startswith(sepconv.cpu_strategy.CHANNELS_LAST_PRODUCT)
 
 
 def row_for(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_time: float) -> dict:
     torch.manual_seed(0)
     x = torch.randn(batch, c, h, h)
+    x_cl = x.contiguous(memory_format=CL)
     ours = sepconv.SeparableConv2d(c, o, k, stride=stride, padding=k // 2)
     without = SeparableConv2dWithoutProduct(c, o, k, stride=stride, padding=k // 2)
     without.load_state_dict(ours.state_dict())
@@ -65,7 +82,8 @@ def row_for(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_tim
     plain.load_state_dict(
         {"0.weight": ours.depthwise.weight, "1.weight": ours.pointwise.weight, "1.bias": ours.pointwise.bias}
     )
-    plain_cl = ConvertAround(copy.deepcopy(plain).to(memory_format=CL))  # a copy: .to() would change `plain` too
+    plain_cl_block = copy.deepcopy(plain).to(memory_format=CL)  # a copy: .to() would change `plain` too
+    plain_cl = ConvertAround(plain_cl_block)
     sepconv.clear_cpu_strategy_cache()
     settle(ours, x)
     settle(without, x)
@@ -76,31 +94,51 @@ def row_for(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_tim
         training = make is forward_backward
         row[f"plan_{pass_name}"] = plan_of("SeparableConv2d", training)
         row[f"plan_without_product_{pass_name}"] = plan_of(SeparableConv2dWithoutProduct.__name__, training)
-        timings = timed_side_by_side({name: make(module, x) for name, module in variants.items()}, min_run_time)
+        fns = {name: make(module, x) for name, module in variants.items()}
+        pairs = PAIRS
+        if not training:
+            row["plan_cl_in_forward"] = plan_of("SeparableConv2d", False, "channels_last")
+            row["plan_without_product_cl_in_forward"] = plan_of(
+                SeparableConv2dWithoutProduct.__name__, False, "channels_last"
+            )
+            cl_modules = {
+                "torch_channels_last": plain_cl_block,
+                "ours_without_product_cl_in": without,
+                "ours_cl_in": ours,
+            }
+            fns.update({name: make(module, x_cl) for name, module in cl_modules.items()})
+            pairs = PAIRS + CL_PAIRS
+        timings = timed_side_by_side(fns, min_run_time)
         for name, timing in timings.items():
             row[f"{name}_{pass_name}_ms"] = timing.median_ms
             row[f"{name}_{pass_name}_runs"] = timing.runs
-        row[f"paired_{pass_name}"] = {f"{b}/{a}": paired_ratio(timings[b], timings[a]) for b, a in PAIRS}
+        row[f"paired_{pass_name}"] = {f"{b}/{a}": paired_ratio(timings[b], timings[a]) for b, a in pairs}
         row[f"paired_interval_{pass_name}"] = {
-            f"{b}/{a}": _finite(paired_ratio_interval(timings[b], timings[a])) for b, a in PAIRS
+            f"{b}/{a}": _finite(paired_ratio_interval(timings[b], timings[a])) for b, a in pairs
         }
     return row
 
 
 def summary(rows: list[dict]) -> list[str]:
     lines = []
-    for pass_name in ("forward", "forward_backward"):
-        chose = [r for r in rows if r[f"plan_{pass_name}"] == sepconv.cpu_strategy.CHANNELS_LAST_PRODUCT]
-        gains = sorted(r[f"paired_{pass_name}"]["ours_without_product/ours"] for r in chose)
+    for pass_name, caller, suffix in PANELS:
+        chose = [r for r in rows if is_product(r[f"plan{suffix}_{pass_name}"])]
+        gains = sorted(r[f"paired_{pass_name}"][f"ours_without_product{suffix}/ours{suffix}"] for r in chose)
         lines.append(
-            f"{pass_name}: the plan chosen in {len(chose)} of {len(rows)} rows; ours vs without it there: "
-            + (", ".join(f"{g:.2f}x" for g in gains) or "-")
+            f"{pass_name}, {caller} caller: the plan chosen in {len(chose)} of {len(rows)} rows; ours vs without it "
+            "there: " + (", ".join(f"{g:.2f}x" for g in gains) or "-")
         )
     return lines
 
 
-def best_pytorch(row: dict, pass_name: str) -> str:
-    """The faster PyTorch variant of a row's pass (medians): what an NCHW caller could have without sepconv."""
+# (pass, caller, the suffix of its variants' names)
+PANELS = [("forward", "NCHW", ""), ("forward_backward", "NCHW", ""), ("forward", "channels_last", "_cl_in")]
+
+
+def best_pytorch(row: dict, pass_name: str, suffix: str = "") -> str:
+    """The faster PyTorch variant of a row's pass (medians): what the caller could have without sepconv."""
+    if suffix:  # a channels_last caller: PyTorch's block as it is
+        return "torch_channels_last"
     return min(("torch_nchw", "torch_channels_last_converted"), key=lambda name: row[f"{name}_{pass_name}_ms"])
 
 
@@ -110,14 +148,18 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(19, 5), sharey=True)
     labels = [f"{r['C']},{r['H']},{r['O']} k{r['K']} s{r['stride']} b{r['batch']}" for r in rows]
-    for ax, pass_name in zip(axes, ("forward", "forward_backward"), strict=True):
-        chosen = [r[f"plan_{pass_name}"] == sepconv.cpu_strategy.CHANNELS_LAST_PRODUCT for r in rows]
+    for ax, (pass_name, caller, suffix) in zip(axes, PANELS, strict=True):
+        chosen = [is_product(r[f"plan{suffix}_{pass_name}"]) for r in rows]
+        ours = f"ours{suffix}"
         series = (
-            ([r[f"paired_{pass_name}"]["ours_without_product/ours"] for r in rows], "ours / ours without the plan"),
             (
-                [r[f"paired_{pass_name}"][f"{best_pytorch(r, pass_name)}/ours"] for r in rows],
+                [r[f"paired_{pass_name}"][f"ours_without_product{suffix}/{ours}"] for r in rows],
+                "ours / ours without the plan",
+            ),
+            (
+                [r[f"paired_{pass_name}"][f"{best_pytorch(r, pass_name, suffix)}/{ours}"] for r in rows],
                 "ours / the faster PyTorch layout",
             ),
         )
@@ -130,7 +172,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_ylim(0.5, 2.0)
         ax.set_xticks([i + 0.2 for i in range(len(rows))], labels, rotation=90, fontsize=7)
-        ax.set_title(f"{pass_name} (hatched: the plan chosen; capped at 2)")
+        ax.set_title(f"{pass_name}, {caller} caller (hatched: the plan chosen; capped at 2)", fontsize=9)
         ax.set_ylabel("speed-up (median of per-round ratios)")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -149,7 +191,7 @@ def main() -> None:
     for batch in batches:
         for shape in shapes:
             rows.append(row_for(*shape, batch=batch, min_run_time=args.min_run_time))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith(("C", "H", "O", "K", "b", "plan_"))}))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k.startswith(("C", "H", "O", "K", "b", "plan"))}))
     result = {
         "device": device_name("cpu"),
         "threads": torch.get_num_threads(),

@@ -267,28 +267,35 @@ def test_cpu_train_allocator_quick_run_times_each_net_in_both_regimes(tmp_path):
 
 def test_cpu_product_plan_quick_run_compares_the_strategy_with_and_without_the_plan(tmp_path):
     """Each row times the strategy with the channels_last + pointwise matmul plan among its candidates against a
-    layer that never offers it, in the same paired rounds; the summary's gains are the rows' own ratios."""
+    layer that never offers it, in the same paired rounds, for an NCHW caller's both passes and a channels_last
+    caller's forward; the summary's gains are the rows' own ratios."""
     run_script("benchmarks/cpu_product_plan.py", "--quick", "--min-run-time", "0.01", "--out", str(tmp_path))
     result = json.loads((tmp_path / "cpu_product_plan_quick.json").read_text())
     product = "channels_last, pointwise matmul"
+    plans = {None, "contiguous", "channels_last", "dense", product}
     assert [(r["C"], r["batch"]) for r in result["rows"]] == [(32, 1), (128, 1), (32, 4), (128, 4)]
+    panels = [("forward", "NCHW", ""), ("forward_backward", "NCHW", ""), ("forward", "channels_last", "_cl_in")]
     for row in result["rows"]:
-        for pass_name in ("forward", "forward_backward"):
-            assert row[f"plan_{pass_name}"] in {"contiguous", "channels_last", "dense", product} or row[
-                f"plan_{pass_name}"
-            ].startswith("channels_last in batch chunks of")
-            assert row[f"plan_without_product_{pass_name}"] != product  # the baseline never offers it
+        for pass_name, _, suffix in panels:
+            plan, baseline_plan = row[f"plan{suffix}_{pass_name}"], row[f"plan_without_product{suffix}_{pass_name}"]
+            assert plan in plans or re.fullmatch(rf"({product}|channels_last) in batch chunks of \d+", plan)
+            assert not (baseline_plan or "").startswith(product)  # the baseline never offers it
             ratios = row[f"paired_{pass_name}"]
-            assert set(ratios) == {
-                "ours_without_product/ours", "torch_nchw/ours", "torch_channels_last_converted/ours",
-                "torch_nchw/ours_without_product", "torch_channels_last_converted/ours_without_product",
-            }  # fmt: skip
+            pytorch = ("torch_channels_last",) if suffix else ("torch_nchw", "torch_channels_last_converted")
+            assert {f"{b}/ours_without_product{suffix}" for b in pytorch} <= set(ratios)
+            assert {f"{b}/ours{suffix}" for b in (*pytorch, f"ours_without_product{suffix}")} <= set(ratios)
             assert all(ratio > 0 for ratio in ratios.values())
-            for name in ("torch_nchw", "torch_channels_last_converted", "ours_without_product", "ours"):
+            for name in (*pytorch, f"ours_without_product{suffix}", f"ours{suffix}"):
                 assert row[f"{name}_{pass_name}_ms"] > 0
-    for line, pass_name in zip(result["summary"], ("forward", "forward_backward"), strict=True):
-        chosen = [r for r in result["rows"] if r[f"plan_{pass_name}"] == product]
-        assert line.startswith(f"{pass_name}: the plan chosen in {len(chosen)} of 4 rows")
-        gains = [f"{r[f'paired_{pass_name}']['ours_without_product/ours']:.2f}x" for r in chosen]
+        if row["batch"] == 1:  # one channels_last sample has no chunks: no product plan
+            assert not (row["plan_cl_in_forward"] or "").startswith(product)
+        assert set(row["paired_forward_backward"]) == {
+            "ours_without_product/ours", "torch_nchw/ours", "torch_channels_last_converted/ours",
+            "torch_nchw/ours_without_product", "torch_channels_last_converted/ours_without_product",
+        }  # fmt: skip
+    for line, (pass_name, caller, suffix) in zip(result["summary"], panels, strict=True):
+        chosen = [r for r in result["rows"] if (r[f"plan{suffix}_{pass_name}"] or "").startswith(product)]
+        assert line.startswith(f"{pass_name}, {caller} caller: the plan chosen in {len(chosen)} of 4 rows")
+        gains = [f"{r[f'paired_{pass_name}'][f'ours_without_product{suffix}/ours{suffix}']:.2f}x" for r in chosen]
         assert all(gain in line for gain in gains)
     assert (tmp_path / "cpu_product_plan_quick.png").stat().st_size > 0
