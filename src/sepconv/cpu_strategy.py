@@ -157,9 +157,9 @@ def use_cpu_strategy(mode: str) -> Iterator[None]:
 
 def cpu_strategy_decisions() -> dict[tuple, str]:
     """A copy of the cached choices: configuration key -> ``"contiguous"``, ``"channels_last"``,
-    ``"channels_last in batch chunks of N"``, ``"dense"``, ``"channels_last, pointwise matmul"`` (in batch chunks
-    of N) for a layer's plan, ``"grad_input=..., grad_weight=..."``
-    for a depthwise conv's backward algorithms, ``"conv"`` or ``"matmul"`` for a pointwise conv's. A key ends
+    ``"channels_last in batch chunks of N"``, ``"dense"`` or ``"channels_last, pointwise matmul"`` (``... in batch
+    chunks of N``) for a layer's plan, ``"grad_input=..., grad_weight=..."`` for a depthwise conv's backward
+    algorithms, ``"conv"`` or ``"matmul"`` for a pointwise conv's. A key ends
     with the thread count, or ``(threads, *regime)`` in another allocator regime than glibc's default: after
     :func:`sepconv.keep_freed_memory`, ``(threads, FREED_MEMORY_KEPT)``, with ``HUGE_PAGES`` after it where
     PyTorch's large tensors get them."""
@@ -920,9 +920,8 @@ def _measure(
     channels_last ``chunk`` samples at a time (a channels_last input: as given or in chunks), and with
     ``dense`` that dense conv in the input's layout, and with ``product`` that channels_last block with a
     contiguous output (a contiguous input), and in chunks (with ``chunk``) writing into the caller's layout.
-    Forward first,
-    then forward+backward when training, unless the forward alone already shows a clear winner (it spares
-    the slow layout's backward, which can take seconds: 31x31 depthwise in NCHW). Returns the plan and, where
+    Forward first, then forward+backward when training, unless the forward alone already shows a clear winner (it
+    spares the slow layout's backward, which can take seconds: 31x31 depthwise in NCHW). Returns the plan and, where
     two or more plans came within ``_RECHECK_WITHIN`` of the fastest, those plans (name -> (plan, seconds)) for
     a recheck; else an empty dict."""
     source = CONTIGUOUS if input.is_contiguous() else CHANNELS_LAST  # the plain path: the input as given
