@@ -45,6 +45,11 @@ def separable_layer(cfg: ConvConfig) -> nn.Module:
     )
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The channels_last format of a 4-d or 5-d tensor."""
+    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+
+
 def layout_decisions() -> dict[tuple, str]:
     """The layers' plans among the strategy's decisions (not a depthwise conv's backward or a pointwise conv's)."""
     decisions = sepconv.cpu_strategy_decisions().items()
@@ -156,7 +161,7 @@ def test_the_dense_plan_equals_the_plain_path_in_float64(cfg: ConvConfig, channe
     layer = separable_layer(cfg)
     x = torch.randn(cfg.input_shape, dtype=torch.float64)
     if channels_last and x.dim() in (4, 5):
-        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        x = x.contiguous(memory_format=memory_format_of(x))
     plain, plain_grads = forward_and_grads(layer, x, "off")
     ran_dense = []
     with pytest.MonkeyPatch.context() as patch:
@@ -301,7 +306,7 @@ def test_the_product_plan_equals_the_plain_path_in_float64(cfg: ConvConfig, chan
     layer = separable_layer(cfg)
     x = torch.randn(cfg.input_shape, dtype=torch.float64)
     if channels_last and x.dim() in (4, 5):
-        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        x = x.contiguous(memory_format=memory_format_of(x))
     plain, plain_grads = forward_and_grads(layer, x, "off")
     ran: list[str] = []  # the plan's forward, then the product inside it
     real_forward, real_product = sepconv.layers._SeparableConv._product_forward, cpu_pointwise.pointwise_matmul
@@ -420,10 +425,6 @@ def test_the_product_plan_in_batch_chunks_equals_the_plain_path_in_float64(
         torch.testing.assert_close(result, plain, rtol=1e-12, atol=1e-12)
     for got, expected in zip(grads, plain_grads, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if x.dim() == 4 else torch.channels_last_3d
 
 
 @pytest.mark.parametrize(

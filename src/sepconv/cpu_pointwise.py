@@ -63,17 +63,27 @@ def pointwise_matmul(input: Tensor, weight: Tensor, bias: Tensor | None = None, 
     batch, channels, *spatial = input.shape
     weight = weight.reshape(weight.shape[0], channels)
     if out is not None:
-        if out.shape != (batch, weight.shape[0], *spatial):
-            expected = (batch, weight.shape[0], *spatial)
+        expected = (batch, weight.shape[0], *spatial)
+        if out.shape != expected:
             raise ValueError(f"out must have the output's shape {expected}; got {tuple(out.shape)}")
         return _product_into(out, input.reshape(batch, channels, -1), weight, bias)
     if _channels_last(input) and torch.is_grad_enabled() and input.requires_grad:
         pixels = input.movedim(1, -1).reshape(batch, -1, channels)  # a view: each sample's (H*W) x C matrix
         return _ChannelsLastProduct.apply(pixels, weight, bias).view(batch, -1, *spatial)
     samples = input.reshape(batch, channels, -1)
-    matrices = weight.expand(batch, -1, -1)
-    out = torch.bmm(matrices, samples) if bias is None else torch.baddbmm(bias.view(1, -1, 1), matrices, samples)
-    return out.view(batch, -1, *spatial)
+    return _batched_product(weight.expand(batch, -1, -1), samples, bias, _PER_ROW).view(batch, -1, *spatial)
+
+
+_PER_ROW, _PER_COLUMN = (1, -1, 1), (1, 1, -1)  # the bias's shape against (batch, O, pixels) and (batch, pixels, O)
+
+
+def _batched_product(
+    left: Tensor, right: Tensor, bias: Tensor | None, bias_shape: tuple[int, ...], out: Tensor | None = None
+) -> Tensor:
+    """``left @ right`` per sample, plus ``bias`` viewed as ``bias_shape``, into ``out`` if given."""
+    if bias is None:
+        return torch.bmm(left, right, out=out)
+    return torch.baddbmm(bias.view(bias_shape), left, right, out=out)
 
 
 def _product_into(out: Tensor, samples: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -82,25 +92,22 @@ def _product_into(out: Tensor, samples: Tensor, weight: Tensor, bias: Tensor | N
     batch, out_channels = samples.shape[0], out.shape[1]
     if out.is_contiguous():  # per sample (O x C) @ (C x pixels)
         left, right = weight.expand(batch, -1, -1), samples
-        target, bias_shape = out.view(batch, out_channels, -1), (1, -1, 1)
+        target, bias_shape = out.view(batch, out_channels, -1), _PER_ROW
     elif _channels_last(out):  # per sample (pixels x C) @ (C x O); the pixels' rows are contiguous in channels_last
         left, right = samples.transpose(1, 2), weight.t().expand(batch, -1, -1)
-        target, bias_shape = out.movedim(1, -1).view(batch, -1, out_channels), (1, 1, -1)
+        target, bias_shape = out.movedim(1, -1).view(batch, -1, out_channels), _PER_COLUMN
     else:
         raise ValueError(f"out must be contiguous or channels_last; got strides {out.stride()}")
-    if bias is None:
-        torch.bmm(left, right, out=target)
-    else:
-        torch.baddbmm(bias.view(bias_shape), left, right, out=target)
+    _batched_product(left, right, bias, bias_shape, out=target)
     return out
 
 
-_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+CHANNELS_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor dimension (the strategy's too)
 
 
 def _channels_last(input: Tensor) -> bool:
     """Whether ``input`` is channels_last (2-d or 3-d) and not also contiguous."""
-    memory_format = _CHANNELS_LAST.get(input.dim())
+    memory_format = CHANNELS_LAST_FORMATS.get(input.dim())
     return memory_format is not None and not input.is_contiguous() and input.is_contiguous(memory_format=memory_format)
 
 
@@ -115,8 +122,7 @@ class _ChannelsLastProduct(torch.autograd.Function):
     def forward(ctx: Any, pixels: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(pixels, weight)
         ctx.has_bias = bias is not None
-        matrices, samples = weight.expand(pixels.shape[0], -1, -1), pixels.transpose(1, 2)
-        return torch.bmm(matrices, samples) if bias is None else torch.baddbmm(bias.view(1, -1, 1), matrices, samples)
+        return _batched_product(weight.expand(pixels.shape[0], -1, -1), pixels.transpose(1, 2), bias, _PER_ROW)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]

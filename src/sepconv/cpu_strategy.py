@@ -78,7 +78,7 @@ DENSE = "dense"  # a separable layer run as one dense conv with composed weights
 # into the caller's contiguous layout: no oneDNN 1x1 call, no output conversion (sepconv.cpu_pointwise)
 CHANNELS_LAST_PRODUCT = "channels_last, pointwise matmul"
 POINTWISE_ALGORITHMS = ("conv", "matmul")  # a pointwise conv's: PyTorch's conv, or cpu_pointwise.pointwise_matmul
-_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+_FORMATS = cpu_pointwise.CHANNELS_LAST_FORMATS
 _WARMUP_ROUNDS = 2
 _TIMED_RUNS = 5
 # Fast steps get more timed rounds, until each one's timed calls add up to _MIN_TIMED_S (at most _MAX_TIMED_RUNS):
@@ -159,10 +159,9 @@ def cpu_strategy_decisions() -> dict[tuple, str]:
     """A copy of the cached choices: configuration key -> ``"contiguous"``, ``"channels_last"``,
     ``"channels_last in batch chunks of N"``, ``"dense"`` or ``"channels_last, pointwise matmul"`` (``... in batch
     chunks of N``) for a layer's plan, ``"grad_input=..., grad_weight=..."`` for a depthwise conv's backward
-    algorithms, ``"conv"`` or ``"matmul"`` for a pointwise conv's. A key ends
-    with the thread count, or ``(threads, *regime)`` in another allocator regime than glibc's default: after
-    :func:`sepconv.keep_freed_memory`, ``(threads, FREED_MEMORY_KEPT)``, with ``HUGE_PAGES`` after it where
-    PyTorch's large tensors get them."""
+    algorithms, ``"conv"`` or ``"matmul"`` for a pointwise conv's. A key ends with the thread count, or
+    ``(threads, *regime)`` in another allocator regime than glibc's default: after :func:`sepconv.keep_freed_memory`,
+    ``(threads, FREED_MEMORY_KEPT)``, with ``HUGE_PAGES`` after it where PyTorch's large tensors get them."""
     with _lock:
         layouts = {key: _plan_name(*plan) for key, plan in _decisions.items()}
         backward = {key: _backward_name(*choice) for key, choice in _backward_decisions.items()}
