@@ -3,7 +3,7 @@
 The CPU strategy runs a layer in channels_last for an NCHW caller by converting its input and output. A
 plain ``.contiguous(memory_format=...)`` hands the gradient back in channels_last, which costs nothing in
 an isolated layer but makes the caller's elementwise backwards (ReLU, adds) mix layouts; sepconv converts
-it back (``cpu_strategy._in_channels_last``). This script times a training step (batch 64, SGD) of the
+it back (``cpu_layout.in_channels_last``). This script times a training step (batch 64, SGD) of the
 separable Fashion-MNIST nets in one process, interleaving for 30 rounds:
 
 - ``nchw``: the strategy off (plain PyTorch, NCHW throughout);
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import sepconv
-from sepconv import cpu_strategy
+from sepconv import cpu_layout
 from sepconv.bench import allocator_name, device_name, versions
 from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.nets import small_resnet, small_vgg
@@ -38,8 +38,8 @@ def _as_is(forward, input):
 
 
 VARIANTS = {  # name: (CPU strategy mode, conversion)
-    "nchw": ("off", cpu_strategy._in_channels_last),
-    "channels_last_gradients_converted": ("channels_last", cpu_strategy._in_channels_last),
+    "nchw": ("off", cpu_layout.in_channels_last),
+    "channels_last_gradients_converted": ("channels_last", cpu_layout.in_channels_last),
     "channels_last_gradients_as_is": ("channels_last", _as_is),
 }
 
@@ -57,14 +57,14 @@ def model_row(name: str, build, rounds: int) -> dict:
 
     def run(variant: str) -> float:
         mode, conversion = VARIANTS[variant]
-        original, cpu_strategy._in_channels_last = cpu_strategy._in_channels_last, conversion
+        original, cpu_layout.in_channels_last = cpu_layout.in_channels_last, conversion
         try:
             with sepconv.use_cpu_strategy(mode):
                 start = time.perf_counter()
                 step()
                 return time.perf_counter() - start
         finally:
-            cpu_strategy._in_channels_last = original
+            cpu_layout.in_channels_last = original
 
     for variant in VARIANTS:  # warm-up
         for _ in range(3):

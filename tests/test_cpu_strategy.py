@@ -15,7 +15,7 @@ from tests.strategies import ConvConfig, conv_configs
 from torch import nn
 
 import sepconv
-from sepconv import cpu_pointwise, cpu_strategy
+from sepconv import cpu_layout, cpu_pointwise, cpu_strategy
 from sepconv.nets import small_resnet, small_vgg
 
 SEPARABLE = {2: sepconv.SeparableConv2d, 3: sepconv.SeparableConv3d}
@@ -167,7 +167,7 @@ def test_the_dense_plan_equals_the_plain_path_in_float64(cfg: ConvConfig, channe
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu_strategy, "_measure", dense_whenever_offered)
         patch.setattr(sepconv.layers, "DENSE_MAX_MAC_RATIO", float("inf"))  # every layer a candidate
-        patch.setattr(cpu_strategy, "_in_channels_last", None)  # no other plan may run
+        patch.setattr(cpu_layout, "in_channels_last", None)  # no other plan may run
         real_dense = sepconv.layers._SeparableConv._dense_forward
         patch.setattr(
             sepconv.layers._SeparableConv, "_dense_forward", lambda self, t: ran_dense.append(1) or real_dense(self, t)
@@ -704,9 +704,9 @@ def test_a_close_decision_is_measured_again_after_a_few_calls(
 
     monkeypatch.setattr(cpu_strategy, "_time_layouts", fake_time_layouts)
     converted = []
-    real_in_channels_last = cpu_strategy._in_channels_last
+    real_in_channels_last = cpu_layout.in_channels_last
     monkeypatch.setattr(
-        cpu_strategy, "_in_channels_last", lambda *args: converted.append(1) or real_in_channels_last(*args)
+        cpu_layout, "in_channels_last", lambda *args: converted.append(1) or real_in_channels_last(*args)
     )
     layer = sepconv.SeparableConv2d(4, 8, 3, padding=1, dtype=torch.float64)  # 8*9 / (9 + 8): no dense plan
     x = torch.randn(1, 4, 6, 6, dtype=torch.float64)

@@ -13,12 +13,12 @@ from sepconv.analyze import Report, analyze
 from sepconv.convert import ConversionReport, convert
 from sepconv.cost import Comparison, Cost, compare, cost
 from sepconv.cpu_allocator import freed_memory_kept, huge_pages_in_use, keep_freed_memory
+from sepconv.cpu_layout import run_channels_last
 from sepconv.cpu_strategy import (
     clear_cpu_strategy_cache,
     cpu_strategy_decisions,
     cpu_strategy_measurements,
     get_cpu_strategy,
-    run_channels_last,
     set_cpu_strategy,
     use_cpu_strategy,
 )

@@ -52,13 +52,13 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sepconv import cpu_allocator, cpu_backward, cpu_pointwise
+from sepconv import cpu_allocator, cpu_backward, cpu_layout, cpu_pointwise
 
 __all__ = [
     "Measurement",
@@ -66,7 +66,6 @@ __all__ = [
     "cpu_strategy_decisions",
     "cpu_strategy_measurements",
     "get_cpu_strategy",
-    "run_channels_last",
     "set_cpu_strategy",
     "use_cpu_strategy",
 ]
@@ -586,10 +585,10 @@ def run(
         if layout == CHANNELS_LAST_PRODUCT:  # decided where product was given
             if chunk is not None:  # in training (NCHW callers only) autograd joins the chunks instead
                 return _in_chunks(product, input, chunk, writes_into=not training)  # type: ignore[arg-type]
-            return _in_channels_last(product, input)  # type: ignore[arg-type]
+            return cpu_layout.in_channels_last(product, input)  # type: ignore[arg-type]
         if chunk is not None:  # the layout to convert to is channels_last: the only other alternative
             return _in_chunks(forward, input, chunk)
-        return _in_channels_last(forward, input)
+        return cpu_layout.in_channels_last(forward, input)
     finally:
         state["call"] = None
 
@@ -705,7 +704,7 @@ def _in_chunks(forward: Callable[..., Tensor], input: Tensor, chunk: int, *, wri
     memory_format = _FORMATS[input.dim()]
     converts = input.is_contiguous()  # an NCHW caller; a channels_last one needs no conversions
     if torch.is_grad_enabled() and not writes_into:  # autograd joins the chunks' gradients; cat keeps their layout
-        run = (lambda part: _in_channels_last(forward, part)) if converts else forward
+        run = (lambda part: cpu_layout.in_channels_last(forward, part)) if converts else forward
         return torch.cat([run(part) for part in input.split(chunk)])
     output = None
     for start in range(0, input.shape[0], chunk):
@@ -720,109 +719,6 @@ def _in_chunks(forward: Callable[..., Tensor], input: Tensor, chunk: int, *, wri
         output[start : start + chunk].copy_(part)  # converted back while the chunk is in cache
     assert output is not None
     return output
-
-
-def _in_channels_last(forward: Callable[[Tensor], Tensor], input: Tensor) -> Tensor:
-    """``forward`` run in channels_last on a contiguous ``input``; contiguous out. The gradients cross each
-    conversion in the layout on its side, so the caller sees contiguous gradients too (``x.grad`` included):
-    a plain ``contiguous(memory_format=...)`` hands a channels_last gradient back, and PyTorch's elementwise
-    backwards of mixed layouts are slow (ReLU's backward in small_resnet, profiled: 4 -> 15 ms per step)."""
-    memory_format = _FORMATS[input.dim()]
-    if not torch.is_grad_enabled():
-        return forward(input.contiguous(memory_format=memory_format)).contiguous()
-    return _Relayout.apply(forward(_Relayout.apply(input, memory_format)), torch.contiguous_format)
-
-
-class _Relayout(torch.autograd.Function):
-    """``t.contiguous(memory_format=...)`` whose backward returns the gradient in ``t``'s own layout."""
-
-    @staticmethod
-    def forward(ctx: Any, t: Tensor, memory_format: torch.memory_format) -> Tensor:  # type: ignore[override]
-        ctx.source_format = torch.contiguous_format if t.is_contiguous() else _FORMATS.get(t.dim())
-        return t.contiguous(memory_format=memory_format)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return (grad if ctx.source_format is None else grad.contiguous(memory_format=ctx.source_format)), None
-
-
-def run_channels_last(model: nn.Module) -> nn.Module:
-    """Run ``model`` in channels_last throughout while its callers keep NCHW in, NCHW out; returns it.
-
-    A layer on its own must convert NCHW to channels_last and back on every call; a whole network
-    converts once at its input and once at its output, and every conv, norm, activation and pool in
-    between stays in channels_last. The 4-d (5-d) parameters and buffers are stored channels_last
-    (channels_last_3d) in place; results are equal up to float rounding. Calling it again is a no-op.
-
-    >>> import torch
-    >>> from sepconv.nets import small_vgg
-    >>> net = run_channels_last(small_vgg("separable")).eval()
-    >>> net(torch.rand(2, 1, 28, 28)).shape
-    torch.Size([2, 10])
-    """
-    if getattr(model, "_sepconv_channels_last", False):
-        return model
-    with torch.no_grad():
-        for tensor in (*model.parameters(), *model.buffers()):
-            if tensor.dim() in _FORMATS:  # channels_last strides also where a dimension of 1 makes them ambiguous:
-                # a conv whose input has one channel (a stem) picks its output's layout by its weight's strides;
-                # with `contiguous(memory_format=...)`'s, which keep them, the stem's output, norm and activation
-                # stayed NCHW (small_vgg training step vs PyTorch channels_last in the same run: 59.0 vs 54.1 ms
-                # before, 59.5 vs 59.5 after; separable 42.9 vs 37.9 before, 38.1 vs 38.3 after)
-                tensor.data = torch.empty_like(tensor, memory_format=_FORMATS[tensor.dim()]).copy_(tensor)
-    for module in _layout_entries(model):
-        module.register_forward_pre_hook(_channels_last_args)
-    model.register_forward_hook(lambda module, args, output: _map_tensors(output, _to_contiguous))
-    model._sepconv_channels_last = True
-    return model
-
-
-def _layout_entries(model: nn.Module) -> list[nn.Module]:
-    """Where :func:`run_channels_last` makes inputs channels_last: at the model's input and at every conv, ours
-    included (layouts propagate through norms, activations and pools) — but not at the parts inside our
-    separable layers, which see the layer's input as it made it: a hook there would cost each part a slow
-    ``nn.Module.__call__`` (small_vgg batch 1: 16 hooks, ~90 us of a 0.75 ms inference)."""
-    from sepconv.layers import _SeparableConv  # layers import this module
-
-    entries, covered = [model], {id(model)}
-    for module in model.modules():
-        if id(module) in covered:
-            if isinstance(module, _SeparableConv):
-                covered.update(id(part) for part in module.modules())
-            continue
-        if isinstance(module, (nn.modules.conv._ConvNd, _SeparableConv)):
-            entries.append(module)
-            if isinstance(module, _SeparableConv):
-                covered.update(id(part) for part in module.modules())
-    return entries
-
-
-def _channels_last_args(module: nn.Module, args: tuple) -> tuple | None:
-    """Forward pre-hook: ``args`` with their 4-d/5-d tensors channels_last; None (unchanged) when they are."""
-    if len(args) == 1 and type(args[0]) is Tensor:  # the common case, usually channels_last already: no new tuple
-        memory_format = _FORMATS.get(args[0].dim())
-        if memory_format is None or args[0].is_contiguous(memory_format=memory_format):
-            return None
-    return _map_tensors(args, _to_channels_last)  # type: ignore[return-value]
-
-
-def _to_channels_last(t: Tensor) -> Tensor:
-    return t.contiguous(memory_format=_FORMATS[t.dim()]) if t.dim() in _FORMATS else t
-
-
-def _to_contiguous(t: Tensor) -> Tensor:
-    return t.contiguous() if t.dim() in _FORMATS else t
-
-
-def _map_tensors(value: object, fn: Callable[[Tensor], Tensor]) -> object:
-    """``value`` with ``fn`` applied to every tensor inside tuples, lists and dicts."""
-    if isinstance(value, Tensor):
-        return fn(value)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(v, fn) for v in value)
-    if isinstance(value, dict):
-        return {k: _map_tensors(v, fn) for k, v in value.items()}
-    return value
 
 
 def _check_mode(mode: str) -> str:
@@ -988,9 +884,9 @@ def _time_layouts(
         return run_step
 
     if input.is_contiguous():
-        steps = {CONTIGUOUS: step(convs), CHANNELS_LAST: step(lambda x: _in_channels_last(convs, x))}
+        steps = {CONTIGUOUS: step(convs), CHANNELS_LAST: step(lambda x: cpu_layout.in_channels_last(convs, x))}
         if product is not None:
-            steps[CHANNELS_LAST_PRODUCT] = step(lambda x: _in_channels_last(product, x))
+            steps[CHANNELS_LAST_PRODUCT] = step(lambda x: cpu_layout.in_channels_last(product, x))
     else:  # a channels_last input: as given, or in chunks
         steps = {CHANNELS_LAST: step(convs)}
     if chunk is not None:

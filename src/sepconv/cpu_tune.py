@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from sepconv import cpu_strategy
+from sepconv import cpu_layout, cpu_strategy
 from sepconv.layers import _DepthwiseConv, _SeparableConv
 
 __all__ = ["tune_cpu_strategy"]
@@ -66,7 +66,7 @@ def _run(twin: nn.Module, example: Tensor, *, training: bool, inference: bool) -
             twin.eval()(example)
     if training:
         outputs: list[Tensor] = []
-        cpu_strategy._map_tensors(twin.train()(example), lambda t: outputs.append(t) or t)  # tuples, lists, dicts
+        cpu_layout.map_tensors(twin.train()(example), lambda t: outputs.append(t) or t)  # tuples, lists, dicts
         total = sum(t.float().sum() for t in outputs if t.requires_grad)
         if not isinstance(total, Tensor):
             raise ValueError(f"{type(twin).__name__}'s outputs need no gradient: no training step to tune")

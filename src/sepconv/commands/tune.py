@@ -18,7 +18,8 @@ from rich.table import Table
 
 from sepconv.commands.analyze import parse_shape
 from sepconv.cpu_allocator import keep_freed_memory
-from sepconv.cpu_strategy import cpu_strategy_measurements, describe_decision, run_channels_last
+from sepconv.cpu_layout import run_channels_last
+from sepconv.cpu_strategy import cpu_strategy_measurements, describe_decision
 from sepconv.cpu_strategy_file import save_cpu_strategy_decisions
 from sepconv.cpu_tune import tune_cpu_strategy
 from sepconv.models import load_model
