@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import sepconv
-from sepconv import cpu_pointwise, cpu_strategy
+from sepconv import cpu_pointwise, cpu_strategy, cpu_timing
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -165,7 +165,7 @@ def time_with_speedup(monkeypatch, speedups: dict[int, float]) -> None:
             return {"conv": 1.0, "matmul": 1.0 / speedups[out_channels[-1]]}
         return dict.fromkeys(steps, 1.0)
 
-    monkeypatch.setattr(cpu_strategy, "_time_candidates", timings)
+    monkeypatch.setattr(cpu_timing, "time_candidates", timings)
 
 
 def count_products(monkeypatch) -> list[tuple[int, ...]]:

@@ -15,7 +15,7 @@ from tests.strategies import ConvConfig, conv_configs
 from torch import nn
 
 import sepconv
-from sepconv import cpu_layout, cpu_pointwise, cpu_strategy
+from sepconv import cpu_layout, cpu_pointwise, cpu_strategy, cpu_timing
 from sepconv.nets import small_resnet, small_vgg
 
 SEPARABLE = {2: sepconv.SeparableConv2d, 3: sepconv.SeparableConv3d}
@@ -631,41 +631,6 @@ def test_training_times_only_the_plans_whose_forward_is_not_clearly_behind(monke
     assert calls == [(None, None)]  # inference decides on the forward: fully timed
 
 
-def sleeping_steps(seconds: float, *names: str) -> tuple[dict[str, int], dict[str, object]]:
-    """Steps that sleep ``seconds`` per call, and the count of their calls."""
-    calls = dict.fromkeys(names, 0)
-
-    def step(name: str):
-        def run() -> None:
-            calls[name] += 1
-            time.sleep(seconds)
-
-        return run
-
-    return calls, {name: step(name) for name in names}
-
-
-def test_fast_steps_get_more_rounds_until_their_calls_add_up() -> None:
-    calls, steps = sleeping_steps(0.001, "a", "b")
-    times = cpu_strategy._time_candidates(steps)
-    timed = calls["a"] - cpu_strategy._WARMUP_ROUNDS
-    assert calls["a"] == calls["b"]
-    assert cpu_strategy._TIMED_RUNS < timed <= cpu_strategy._MAX_TIMED_RUNS
-    assert min(times.values()) >= 0.001
-    # rounds stop once the calls add up (the median x rounds approximates that sum), not before
-    assert timed * max(times.values()) >= 0.8 * cpu_strategy._MIN_TIMED_S or timed == cpu_strategy._MAX_TIMED_RUNS
-
-
-def test_timed_rounds_can_be_capped() -> None:
-    calls = {"a": 0, "b": 0}
-
-    def step(name: str):
-        return lambda: calls.__setitem__(name, calls[name] + 1)
-
-    cpu_strategy._time_candidates({"a": step("a"), "b": step("b")}, timed_rounds=1)
-    assert calls == {"a": cpu_strategy._WARMUP_ROUNDS + 1, "b": cpu_strategy._WARMUP_ROUNDS + 1}
-
-
 @pytest.mark.parametrize(("speedup", "chosen"), [(1.08, "contiguous"), (1.12, "channels_last")])
 def test_an_alternative_layout_must_win_by_the_margin(monkeypatch, speedup: float, chosen: str) -> None:
     """Near-ties stay with the input as given; a plan measured more than _MARGIN (1.1) faster is chosen. (At 1.05
@@ -771,48 +736,11 @@ def test_a_recheck_owed_is_forgotten_with_the_cache_and_by_loaded_decisions(monk
             layer(x)
 
 
-def test_a_step_far_behind_drops_out_while_the_others_are_timed_on(monkeypatch) -> None:
-    monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)  # the minimum count of timed rounds, no extra ones
-    monkeypatch.setattr(cpu_strategy, "_CLOSE_RUNS", cpu_strategy._TIMED_RUNS)
-    calls = {"a": 0, "b": 0, "slow": 0}
-
-    def step(name: str, seconds: float):
-        def run() -> None:
-            calls[name] += 1
-            time.sleep(seconds)
-
-        return run
-
-    times = cpu_strategy._time_candidates({"a": step("a", 0.005), "b": step("b", 0.005), "slow": step("slow", 0.1)})
-    rounds = cpu_strategy._WARMUP_ROUNDS + cpu_strategy._TIMED_RUNS
-    assert calls == {"a": rounds, "b": rounds, "slow": cpu_strategy._WARMUP_ROUNDS + 1}
-    assert times["slow"] > cpu_strategy._CLEAR_WIN * max(times["a"], times["b"])
-
-
-@pytest.mark.parametrize(("b_seconds", "timed"), [(0.004, "close"), (0.010, "apart")])
-def test_close_steps_get_more_timed_rounds(monkeypatch, b_seconds: float, timed: str) -> None:
-    """Steps within _CLOSE of each other are timed for _CLOSE_RUNS rounds (noise decides close calls), steps
-    further apart for the usual _TIMED_RUNS."""
-    monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)
-    calls = {"a": 0, "b": 0}
-
-    def step(name: str, seconds: float):
-        def run() -> None:
-            calls[name] += 1
-            time.sleep(seconds)
-
-        return run
-
-    cpu_strategy._time_candidates({"a": step("a", 0.004), "b": step("b", b_seconds)})
-    runs = cpu_strategy._CLOSE_RUNS if timed == "close" else cpu_strategy._TIMED_RUNS
-    assert calls == {name: cpu_strategy._WARMUP_ROUNDS + runs for name in calls}
-
-
 def test_timing_warms_up_and_alternates_which_layout_goes_first(monkeypatch) -> None:
     """ABBA rounds after the warm-up rounds: neither layout always runs first (first-call and cache-order bias)."""
-    monkeypatch.setattr(cpu_strategy, "_CLEAR_WIN", float("inf"))  # no step drops out: every round runs
-    monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)  # instant steps: no extra rounds
-    monkeypatch.setattr(cpu_strategy, "_CLOSE_RUNS", cpu_strategy._TIMED_RUNS)  # nor for close ones (noise decides)
+    monkeypatch.setattr(cpu_timing, "CLEAR_WIN", float("inf"))  # no step drops out: every round runs
+    monkeypatch.setattr(cpu_timing, "MIN_TIMED_S", 0.0)  # instant steps: no extra rounds
+    monkeypatch.setattr(cpu_timing, "CLOSE_RUNS", cpu_timing.TIMED_RUNS)  # nor for close ones (noise decides)
     seen: list[str] = []
 
     def convs(x: torch.Tensor) -> torch.Tensor:
@@ -821,36 +749,12 @@ def test_timing_warms_up_and_alternates_which_layout_goes_first(monkeypatch) -> 
         return x * 2
 
     times = cpu_strategy._time_layouts(torch.randn(1, 3, 4, 4), convs, None)
-    rounds = cpu_strategy._WARMUP_ROUNDS + cpu_strategy._TIMED_RUNS
+    rounds = cpu_timing.WARMUP_ROUNDS + cpu_timing.TIMED_RUNS
     assert len(seen) == 2 * rounds
     firsts = seen[::2]
     assert all(a != b for a, b in itertools.pairwise(firsts))  # the first layout alternates
     assert all(seen[2 * r] != seen[2 * r + 1] for r in range(rounds))  # both layouts every round
     assert set(times) == {cpu_strategy.CONTIGUOUS, cpu_strategy.CHANNELS_LAST}
-
-
-def test_three_candidates_are_timed_in_shuffled_rounds(monkeypatch) -> None:
-    """With three plans, ABBA would run the ends twice in a row and the middle one always between the same two
-    (the benchmark showed such a position cost a layer 1.3x); shuffled rounds give every plan every place."""
-    monkeypatch.setattr(cpu_strategy, "_CLEAR_WIN", float("inf"))  # no step drops out: every round runs
-    monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)  # instant steps: no extra rounds
-    monkeypatch.setattr(cpu_strategy, "_CLOSE_RUNS", cpu_strategy._TIMED_RUNS)
-    seen: list[str] = []
-    cpu_strategy._time_candidates({name: (lambda name=name: seen.append(name)) for name in "abc"})
-    rounds = [seen[i : i + 3] for i in range(0, len(seen), 3)]
-    assert len(rounds) == cpu_strategy._WARMUP_ROUNDS + cpu_strategy._TIMED_RUNS
-    assert all(sorted(r) == ["a", "b", "c"] for r in rounds)
-    assert {r[1] for r in rounds} == {"a", "b", "c"}  # no plan always in the middle
-
-
-def test_slow_steps_get_one_warm_up_round_and_stop_at_the_time_budget(monkeypatch) -> None:
-    monkeypatch.setattr(cpu_strategy, "_SLOW_STEP_S", 0.001)  # every step below is "slow"
-    monkeypatch.setattr(cpu_strategy, "_TIME_BUDGET_S", 0.0)  # and over budget from the first timed round
-    calls, steps = sleeping_steps(0.003, "a", "b")
-    times = cpu_strategy._time_candidates(steps)
-    # one warm-up round (clean, every step slow), then the minimum of timed rounds
-    assert calls == {"a": 1 + cpu_strategy._MIN_TIMED_RUNS, "b": 1 + cpu_strategy._MIN_TIMED_RUNS}
-    assert set(times) == {"a", "b"} and min(times.values()) >= 0.003
 
 
 def test_one_measurement_when_threads_race_for_the_same_configuration(monkeypatch) -> None:
@@ -972,60 +876,6 @@ def test_run_channels_last_handles_3d_models_and_returns_contiguous_maps() -> No
     torch.testing.assert_close(out, model(x), rtol=1e-10, atol=1e-12)
 
 
-def test_a_slow_step_far_behind_ends_the_timing_in_the_first_warm_up_round(monkeypatch) -> None:
-    monkeypatch.setattr(cpu_strategy, "_FIRST_CALL_S", 2 * cpu_strategy._SLOW_STEP_S)  # below the gap here
-    calls = {"slow": 0, "fast": 0}
-
-    def slow() -> None:
-        calls["slow"] += 1
-        time.sleep(4 * cpu_strategy._SLOW_STEP_S)
-
-    def fast() -> None:
-        calls["fast"] += 1
-
-    times = cpu_strategy._time_candidates({"slow": slow, "fast": fast})
-    assert calls == {"slow": 1, "fast": 1}
-    assert times["slow"] > cpu_strategy._CLEAR_WIN * times["fast"]
-
-
-def test_a_first_call_slow_by_a_one_time_cost_does_not_end_the_timing() -> None:
-    """A 20 ms training step measured 0.3 s in its first call (oneDNN building its kernels) and dropped out at
-    once, though it was the faster. Here "a" is slow only in its first call, by less than ``_FIRST_CALL_S``."""
-    calls = {"a": 0, "b": 0}
-
-    def a() -> None:
-        calls["a"] += 1
-        time.sleep(2 * cpu_strategy._SLOW_STEP_S if calls["a"] == 1 else 0.002)
-
-    def b() -> None:
-        calls["b"] += 1
-        time.sleep(0.01)
-
-    times = cpu_strategy._time_candidates({"a": a, "b": b})
-    assert calls["a"] > 1 and calls["b"] > 1
-    assert times["a"] < times["b"]
-
-
-def test_a_round_that_measured_a_nested_decision_cannot_end_the_timing() -> None:
-    """A layout's first training step may time its depthwise conv's backward algorithms (seconds, once): that
-    round must not decide the layout. Here "a" is slow only in its first call, which makes such a measurement."""
-    calls = {"a": 0, "b": 0}
-
-    def a() -> None:
-        calls["a"] += 1
-        if calls["a"] == 1:
-            cpu_strategy._note_measurement()
-            time.sleep(4 * cpu_strategy._SLOW_STEP_S)
-
-    def b() -> None:
-        calls["b"] += 1
-        time.sleep(0.01)
-
-    times = cpu_strategy._time_candidates({"a": a, "b": b})
-    assert calls["a"] > 1 and calls["b"] > 1
-    assert times["a"] < times["b"]  # steady state: a is the fast one
-
-
 def test_timing_runs_every_step_on_the_callers_input_and_leaves_it_as_it_was() -> None:
     """No copy per step (a copy's fresh memory made steps pay page faults that steady calls do not): in
     inference every step of every plan sees the caller's data; a training step sees it through an upstream
@@ -1090,7 +940,7 @@ def test_measurements_list_each_decision_with_its_plan_and_time(monkeypatch) -> 
     lists the decision, timed by the wall clock: a training step's layout measurement holds the depthwise
     backward and pointwise measurements made inside it; later calls add nothing until a recheck, which is listed
     with the plan it settled on; clearing the cache empties the list."""
-    monkeypatch.setattr(cpu_strategy, "_MIN_TIMED_S", 0.0)  # few rounds: this test is about the record, not timing
+    monkeypatch.setattr(cpu_timing, "MIN_TIMED_S", 0.0)  # few rounds: this test is about the record, not timing
     # 25 taps: the depthwise backward is measured too; the mid ReLU rules out the dense plan (no depthwise conv)
     layer = sepconv.SeparableConv2d(3, 4, 5, padding=2, mid_activation=nn.ReLU())
     x = torch.randn(2, 3, 9, 9, requires_grad=True)  # as inside a network (the measurement's steps are)
@@ -1138,7 +988,7 @@ def test_the_fft_weight_gradient_must_win_by_half_the_flipped_conv_by_a_tenth(
         ours = next(name for name in steps if name != "torch")
         return {"torch": 1.0, ours: 1.0 / speedups[ours]}
 
-    monkeypatch.setattr(cpu_strategy, "_time_candidates", timed)
+    monkeypatch.setattr(cpu_timing, "time_candidates", timed)
     x = torch.randn(1, 3, 8, 8, requires_grad=True)
     weight = torch.randn(3, 1, 5, 5, requires_grad=True)
     assert cpu_strategy._measure_backward(x, weight, (1, 1), (2, 2), (1, 1)) == expected
@@ -1163,7 +1013,7 @@ def test_the_flipped_conv_competes_with_pytorch_computing_both_gradients_at_once
         seen.append({name: step() for name, step in steps.items()})
         return {name: 1.0 / fft_speedup if name == "fft" else 1.0 for name in steps}
 
-    monkeypatch.setattr(cpu_strategy, "_time_candidates", timed)
+    monkeypatch.setattr(cpu_timing, "time_candidates", timed)
     cpu_strategy._measure_backward(x, weight, (1, 1), (2, 2), (1, 1))
     input_candidates = seen[-1]
     torch_input, torch_weight, _ = input_candidates["torch"]

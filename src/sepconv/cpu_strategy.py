@@ -44,11 +44,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import math
 import os
-import random
-import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -58,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sepconv import cpu_allocator, cpu_backward, cpu_layout, cpu_pointwise
+from sepconv import cpu_allocator, cpu_backward, cpu_layout, cpu_pointwise, cpu_timing
 
 __all__ = [
     "Measurement",
@@ -78,25 +75,6 @@ DENSE = "dense"  # a separable layer run as one dense conv with composed weights
 CHANNELS_LAST_PRODUCT = "channels_last, pointwise matmul"
 POINTWISE_ALGORITHMS = ("conv", "matmul")  # a pointwise conv's: PyTorch's conv, or cpu_pointwise.pointwise_matmul
 _FORMATS = cpu_pointwise.CHANNELS_LAST_FORMATS
-_WARMUP_ROUNDS = 2
-_TIMED_RUNS = 5
-# Fast steps get more timed rounds, until each one's timed calls add up to _MIN_TIMED_S (at most _MAX_TIMED_RUNS):
-# five calls of a 0.3 ms batch-1 layer were too few to tell plans 1.6x apart reliably on this VM; 20 ms of
-# calls let batch-1 training steps of ~2 ms flip between plans 1.4x apart from one decision to the next.
-_MIN_TIMED_S = 0.05
-_MAX_TIMED_RUNS = 50
-# Two plans whose medians are within _CLOSE of each other get timed rounds up to _CLOSE_RUNS (budget allowing):
-# a CL caller's (576, 14, 96) batch 32 training step decided chunks at 19.4 vs 22.4 ms in five rounds, and
-# then ran 24.5 ms against 18.8 ms as given.
-_CLOSE = 1.25
-_CLOSE_RUNS = 15
-_CLEAR_WIN = 3.0
-_SLOW_STEP_S = 0.2
-# What a step's first call may cost once on top of its steady time (oneDNN building its kernels, fresh pages):
-# a training step of 20 ms measured 0.3 s in its first warm-up round, which dropped channels_last at once.
-_FIRST_CALL_S = 1.0
-_TIME_BUDGET_S = 3.0
-_MIN_TIMED_RUNS = 3
 _MARGIN = 1.1
 # A decision with another plan within _RECHECK_WITHIN of the fastest is measured again once the layer has run its
 # plan _RECHECK_AFTER_CALLS more times (the process warm, other layers' work in between, as in the steady state);
@@ -129,7 +107,6 @@ _measurements: list[Measurement] = []  # what the decisions above cost, in the o
 MIN_KERNEL_AREA_FOR_BACKWARD = 25
 _lock = threading.RLock()  # re-entered: a layout measurement runs layers that decide their backward
 _generation = 0  # of the cached decisions: clear_cpu_strategy_cache() starts a new one
-_nested_measurements = 0  # measurements made so far; a timed step that made one paid a one-time cost
 
 
 def set_cpu_strategy(mode: str) -> None:
@@ -291,7 +268,7 @@ def depthwise_backward(
         with _lock:
             choice = _backward_decisions.get(key)
             if choice is None:
-                _note_measurement()
+                cpu_timing.note_measurement()
                 start = time.perf_counter()
                 choice = _backward_decisions[key] = _measure_backward(input, weight, stride, padding, dilation)
                 _log_measurement("depthwise_backward", key, _backward_name(*choice), start)
@@ -359,7 +336,7 @@ def _pointwise_algorithm(input: Tensor, weight: Tensor, bias: Tensor | None, tra
     with _lock:
         algorithm = _pointwise_decisions.get(key)
         if algorithm is None:
-            _note_measurement()
+            cpu_timing.note_measurement()
             start = time.perf_counter()
             algorithm = _pointwise_decisions[key] = _measure_pointwise(input, weight, bias, training)
             _log_measurement("pointwise", key, algorithm, start)
@@ -403,11 +380,6 @@ def _recheck_on_next_call() -> bool:
         return bool(_rechecks)
 
 
-def _note_measurement() -> None:
-    global _nested_measurements
-    _nested_measurements += 1
-
-
 def _log_measurement(kind: str, key: tuple, plan: str, start: float) -> None:
     """Add a measurement begun at ``start`` (``time.perf_counter()``) to :func:`cpu_strategy_measurements`."""
     _measurements.append(Measurement(kind, key, plan, time.perf_counter() - start))
@@ -433,7 +405,7 @@ def _measure_backward(
     grad_input = grad_weight = "torch"
     with torch.no_grad():
         if weight.requires_grad:
-            times = _time_candidates(
+            times = cpu_timing.time_candidates(
                 {
                     "torch": torch_backward([False, True, False]),
                     "fft": lambda: cpu_backward.fft_grad_weight(x, grad_output, w.shape[2:], stride, padding, dilation),
@@ -446,7 +418,7 @@ def _measure_backward(
             # flipped conv 4.0 ms vs 5.0 alone, but with the weight gradient 35.9 vs 34.7 ms both at once).
             both = weight.requires_grad and grad_weight == "torch"
             weight_gradient = torch_backward([False, True, False]) if both else lambda: None
-            times = _time_candidates(
+            times = cpu_timing.time_candidates(
                 {
                     "torch": torch_backward([True, both, False]),
                     "conv": lambda: (
@@ -476,12 +448,13 @@ def _measure_pointwise(input: Tensor, weight: Tensor, bias: Tensor | None, train
 
         return run_step
 
-    times = _time_candidates(
+    times = cpu_timing.time_candidates(
         {
             "conv": step(lambda: conv(x, weight, bias)),
             "matmul": step(lambda: cpu_pointwise.pointwise_matmul(x, weight, bias)),
         },
-        timed_rounds=_TIMED_RUNS,  # no more: a close call keeps the conv anyway (_MARGIN); it ran 3-50 otherwise
+        # no more: a close call keeps the conv anyway (_MARGIN); it ran 3-50 otherwise
+        timed_rounds=cpu_timing.TIMED_RUNS,
     )
     return "matmul" if times["matmul"] * _MARGIN < times["conv"] else "conv"
 
@@ -663,7 +636,7 @@ def _recheck(
     with _lock:
         if _rechecks.get(recheck.key) is not recheck:  # done by another thread, or the cache was cleared
             return
-        _note_measurement()
+        cpu_timing.note_measurement()
         start = time.perf_counter()
         _, params = _layer_signature(layer)
         trainable = [p for p in params if p.requires_grad] if training else None
@@ -836,7 +809,7 @@ def _measure(
     if params is not None and not _clear_winner(times):
         # a plan whose forward alone is clearly behind is not timed in training (nor are its backward choices:
         # 31x31 batch 32, the first training call 18 -> 10 s)
-        contenders = {name for name, seconds in times.items() if seconds <= _CLEAR_WIN * min(times.values())}
+        contenders = {name for name, seconds in times.items() if seconds <= cpu_timing.CLEAR_WIN * min(times.values())}
         times = _time_layouts(input, convs, params, chunk, contenders, dense=dense, product=product)
     # an alternative must win clearly: its conversions cost more inside a network than in this isolated test
     best = min(times, key=times.__getitem__)
@@ -846,9 +819,9 @@ def _measure(
 
 
 def _clear_winner(times: dict[str, float]) -> bool:
-    """Whether the fastest is more than ``_CLEAR_WIN`` times faster than every other."""
+    """Whether the fastest is more than ``cpu_timing.CLEAR_WIN`` times faster than every other."""
     first, second = sorted(times.values())[:2]
-    return second > _CLEAR_WIN * first
+    return second > cpu_timing.CLEAR_WIN * first
 
 
 def _time_layouts(
@@ -898,72 +871,4 @@ def _time_layouts(
         steps[DENSE] = step(dense)
     if only is not None:  # the plans still in the running
         steps = {name: run_step for name, run_step in steps.items() if name in only}
-    return _time_candidates(steps, timed_rounds=timed_rounds)
-
-
-def _time_candidates(
-    steps: dict[str, Callable[[], object]],
-    timed_rounds: int | None = None,
-) -> dict[str, float]:
-    """Median seconds of each step after warm-up rounds; rounds interleave the steps (ABBA for two, shuffled
-    for more). A step more than ``_CLEAR_WIN`` times slower than the fastest drops out with its time so far,
-    and timing stops when one step is left — already in a warm-up round when a step takes over
-    ``_SLOW_STEP_S`` and the gap exceeds what first-call costs can explain, ``_FIRST_CALL_S`` (a second per
-    call for PyTorch's 31x31 weight gradient), unless the step measured a decision of its own, such as a
-    depthwise conv's backward: such a round does not count. Slow steps are timed less: one clean warm-up
-    round is enough when every step takes over ``_SLOW_STEP_S``, and after ``_TIME_BUDGET_S`` seconds timing
-    stops at ``_MIN_TIMED_RUNS`` timed rounds (a batch-32 training step of (384, 28, 1536) 7x7, three plans at
-    ~0.6 s each: the first call 21 -> 17 s); fast steps get more than ``_TIMED_RUNS`` rounds, until each
-    one's timed calls add up to ``_MIN_TIMED_S``, and up to ``_CLOSE_RUNS`` while the two fastest are within
-    ``_CLOSE`` of each other. ``timed_rounds`` caps the timed rounds below ``_TIMED_RUNS``."""
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    results: dict[str, float] = {}  # the times of steps out of the running: more than _CLEAR_WIN x the fastest
-    running = list(steps)
-    shuffles = random.Random(0)
-    cap = _MAX_TIMED_RUNS if timed_rounds is None else min(timed_rounds, _TIMED_RUNS)
-    warm_up_left, timed_rounds, started = _WARMUP_ROUNDS, 0, time.perf_counter()
-    for round_ in itertools.count():
-        if len(running) == 2:  # ABBA: no step always goes first
-            order = running if round_ % 2 == 0 else running[::-1]
-        else:  # ABBA would run the ends twice in a row and the middle always between the same two
-            order = shuffles.sample(running, len(running))
-        warming_up = warm_up_left > 0
-        this_round: dict[str, float] = {}
-        measurements_before = _nested_measurements
-        for name in order:
-            start = time.perf_counter()
-            steps[name]()
-            this_round[name] = time.perf_counter() - start
-            if not warming_up:  # warm-up rounds grow the allocator's pool and caches
-                samples[name].append(this_round[name])
-        out_of_time = False
-        if warming_up:
-            warm_up_left -= 1
-            if _nested_measurements != measurements_before or max(this_round.values()) <= _SLOW_STEP_S:
-                continue
-            if min(this_round.values()) > _SLOW_STEP_S:
-                warm_up_left = 0
-            current = this_round
-        else:
-            timed_rounds += 1
-            current = {name: statistics.median(samples[name]) for name in running}
-            fastest, second = sorted(current.values())[:2] if len(current) > 1 else (0.0, math.inf)
-            enough = (
-                timed_rounds >= _TIMED_RUNS
-                and all(sum(samples[name]) >= _MIN_TIMED_S for name in running)
-                and (timed_rounds >= _CLOSE_RUNS or second > _CLOSE * fastest)
-            )
-            out_of_time = (
-                enough
-                or timed_rounds >= cap
-                or (timed_rounds >= _MIN_TIMED_RUNS and time.perf_counter() - started > _TIME_BUDGET_S)
-            )
-        fastest = min(current.values())
-        # a warm-up round's times hold one-time costs: only a gap they cannot explain counts there
-        behind = max(_CLEAR_WIN * fastest, fastest + _FIRST_CALL_S) if warming_up else _CLEAR_WIN * fastest
-        for name in [name for name in running if current[name] > behind]:
-            results[name] = current[name]
-            running.remove(name)
-        if len(running) == 1 or out_of_time:
-            return {**results, **{name: current[name] for name in running}}
-    raise AssertionError("unreachable")  # pragma: no cover
+    return cpu_timing.time_candidates(steps, timed_rounds=timed_rounds)
