@@ -115,6 +115,32 @@ def test_chain_without_norm_trains_fused_with_the_kernel_backward():
         torch.testing.assert_close(g, w)
 
 
+@pytest.mark.parametrize("activation", [nn.ReLU, nn.ReLU6])
+def test_fused_chain_on_pytorch_convs_trains_with_the_activation_in_place(activation):
+    """The torch path applies the activation in place on the depthwise conv's fresh output: outputs and every
+    gradient equal the unfused chain's in float64, values past 6 included, and the caller's input is untouched."""
+    torch.manual_seed(4)
+    block = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1, groups=3), activation(), nn.Conv2d(3, 5, 1)).double()
+    with torch.no_grad():
+        block[0].weight.mul_(8)  # depthwise outputs well past 6: both ReLU6 kinks are crossed
+    fast, _ = accelerate(block, backend="torch")
+    fused = fast[0] if isinstance(fast, nn.Sequential) else fast
+    assert isinstance(fused, FusedSeparableConv2d)
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+    before = x.detach().clone()
+    grad = torch.randn(2, 5, 7, 7, dtype=torch.float64)
+    params = [block[0].weight, block[0].bias, block[2].weight, block[2].bias]
+    out = fast(x)
+    torch.testing.assert_close(out, block(x), rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad(block(x), [x, *params], grad)
+    got = torch.autograd.grad(out, [x, fused.dw_weight, fused.dw_bias, fused.pw_weight, fused.pw_bias], grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert torch.equal(x.detach(), before)
+    if activation is nn.ReLU6:
+        assert (block[0](x) > 6).any()
+
+
 def test_our_separable_layer_with_mid_norm_is_fused_in_eval():
     torch.manual_seed(3)
     layer = sepconv.SeparableConv2d(6, 10, 3, padding="same", mid_norm=nn.BatchNorm2d, mid_activation=nn.ReLU6)
