@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from sepconv.cpu_pointwise import CHANNELS_LAST_FORMATS as _FORMATS
+__all__ = ["CHANNELS_LAST_FORMATS", "in_channels_last", "map_tensors", "run_channels_last"]
 
-__all__ = ["in_channels_last", "map_tensors", "run_channels_last"]
+CHANNELS_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor dimension
 
 
 def in_channels_last(forward: Callable[[Tensor], Tensor], input: Tensor) -> Tensor:
@@ -29,7 +29,7 @@ def in_channels_last(forward: Callable[[Tensor], Tensor], input: Tensor) -> Tens
     conversion in the layout on its side, so the caller sees contiguous gradients too (``x.grad`` included):
     a plain ``contiguous(memory_format=...)`` hands a channels_last gradient back, and PyTorch's elementwise
     backwards of mixed layouts are slow (ReLU's backward in small_resnet, profiled: 4 -> 15 ms per step)."""
-    memory_format = _FORMATS[input.dim()]
+    memory_format = CHANNELS_LAST_FORMATS[input.dim()]
     if not torch.is_grad_enabled():
         return forward(input.contiguous(memory_format=memory_format)).contiguous()
     return _Relayout.apply(forward(_Relayout.apply(input, memory_format)), torch.contiguous_format)
@@ -40,7 +40,7 @@ class _Relayout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, t: Tensor, memory_format: torch.memory_format) -> Tensor:  # type: ignore[override]
-        ctx.source_format = torch.contiguous_format if t.is_contiguous() else _FORMATS.get(t.dim())
+        ctx.source_format = torch.contiguous_format if t.is_contiguous() else CHANNELS_LAST_FORMATS.get(t.dim())
         return t.contiguous(memory_format=memory_format)
 
     @staticmethod
@@ -66,12 +66,14 @@ def run_channels_last(model: nn.Module) -> nn.Module:
         return model
     with torch.no_grad():
         for tensor in (*model.parameters(), *model.buffers()):
-            if tensor.dim() in _FORMATS:  # channels_last strides also where a dimension of 1 makes them ambiguous:
-                # a conv whose input has one channel (a stem) picks its output's layout by its weight's strides;
-                # with `contiguous(memory_format=...)`'s, which keep them, the stem's output, norm and activation
-                # stayed NCHW (small_vgg training step vs PyTorch channels_last in the same run: 59.0 vs 54.1 ms
-                # before, 59.5 vs 59.5 after; separable 42.9 vs 37.9 before, 38.1 vs 38.3 after)
-                tensor.data = torch.empty_like(tensor, memory_format=_FORMATS[tensor.dim()]).copy_(tensor)
+            if tensor.dim() in CHANNELS_LAST_FORMATS:
+                # channels_last strides also where a dimension of 1 makes them ambiguous: a conv
+                # whose input has one channel (a stem) picks its output's layout by its weight's
+                # strides; with `contiguous(memory_format=...)`'s, which keep them, the stem's
+                # output, norm and activation stayed NCHW (small_vgg training step vs PyTorch
+                # channels_last in the same run: 59.0 vs 54.1 ms before, 59.5 vs 59.5 after;
+                # separable 42.9 vs 37.9 before, 38.1 vs 38.3 after)
+                tensor.data = torch.empty_like(tensor, memory_format=CHANNELS_LAST_FORMATS[tensor.dim()]).copy_(tensor)
     for module in _layout_entries(model):
         module.register_forward_pre_hook(_channels_last_args)
     model.register_forward_hook(lambda module, args, output: map_tensors(output, _to_contiguous))
@@ -102,18 +104,18 @@ def _layout_entries(model: nn.Module) -> list[nn.Module]:
 def _channels_last_args(module: nn.Module, args: tuple) -> tuple | None:
     """Forward pre-hook: ``args`` with their 4-d/5-d tensors channels_last; None (unchanged) when they are."""
     if len(args) == 1 and type(args[0]) is Tensor:  # the common case, usually channels_last already: no new tuple
-        memory_format = _FORMATS.get(args[0].dim())
+        memory_format = CHANNELS_LAST_FORMATS.get(args[0].dim())
         if memory_format is None or args[0].is_contiguous(memory_format=memory_format):
             return None
     return map_tensors(args, _to_channels_last)  # type: ignore[return-value]
 
 
 def _to_channels_last(t: Tensor) -> Tensor:
-    return t.contiguous(memory_format=_FORMATS[t.dim()]) if t.dim() in _FORMATS else t
+    return t.contiguous(memory_format=CHANNELS_LAST_FORMATS[t.dim()]) if t.dim() in CHANNELS_LAST_FORMATS else t
 
 
 def _to_contiguous(t: Tensor) -> Tensor:
-    return t.contiguous() if t.dim() in _FORMATS else t
+    return t.contiguous() if t.dim() in CHANNELS_LAST_FORMATS else t
 
 
 def map_tensors(value: object, fn: Callable[[Tensor], Tensor]) -> object:

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sepconv.cpu_layout import CHANNELS_LAST_FORMATS
+
 __all__ = ["pointwise_matmul", "pointwise_matmul_applies"]
 
 
@@ -100,9 +102,6 @@ def _product_into(out: Tensor, samples: Tensor, weight: Tensor, bias: Tensor | N
         raise ValueError(f"out must be contiguous or channels_last; got strides {out.stride()}")
     _batched_product(left, right, bias, bias_shape, out=target)
     return out
-
-
-CHANNELS_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor dimension (the strategy's too)
 
 
 def _channels_last(input: Tensor) -> bool:

@@ -74,7 +74,7 @@ DENSE = "dense"  # a separable layer run as one dense conv with composed weights
 # into the caller's contiguous layout: no oneDNN 1x1 call, no output conversion (sepconv.cpu_pointwise)
 CHANNELS_LAST_PRODUCT = "channels_last, pointwise matmul"
 POINTWISE_ALGORITHMS = ("conv", "matmul")  # a pointwise conv's: PyTorch's conv, or cpu_pointwise.pointwise_matmul
-_FORMATS = cpu_pointwise.CHANNELS_LAST_FORMATS
+_FORMATS = cpu_layout.CHANNELS_LAST_FORMATS
 _MARGIN = 1.1
 # A decision with another plan within _RECHECK_WITHIN of the fastest is measured again once the layer has run its
 # plan _RECHECK_AFTER_CALLS more times (the process warm, other layers' work in between, as in the steady state);
