@@ -6,8 +6,9 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
   no bias; ``compile`` = ``torch.compile`` of the same call — forward, and forward+backward (grads of x, w);
   depthwise rows with kernels of 5x5 and up also time ``ours_fft_grad_weight`` (the experimental FFT weight
   gradient, ``sepconv.kernels.depthwise.FFT_GRAD_WEIGHT_MIN_TAPS``), stride-1 rows from 9x9 also
-  ``ours_fft_flipped`` (plus the input gradient by our forward kernel, ``FLIPPED_GRAD_INPUT_MIN_TAPS``), and
-  record their gradient errors;
+  ``ours_fft_flipped`` (plus the input gradient by our forward kernel, ``FLIPPED_GRAD_INPUT_MIN_TAPS``);
+  stride-1 rows from 7x7 ``ours_toeplitz`` (the experimental tensor-core forward, ``TOEPLITZ_FORWARD_MIN_TAPS``)
+  and from 9x9 ``ours_toeplitz_fft_flipped`` (all three); each variant's output and gradient errors are recorded;
 - ``kernel_sizes``: the depthwise comparison at 256x28, batch 32, for kernel sizes 9 to 27 (where ``auto``'s
   threshold lies), bf16 and fp32, without compile;
 - ``separable``: DESIGN.md §2's blocks; ``ours`` = ``sepconv.kernels.separable_conv2d`` (fused), ``eager`` =
@@ -90,6 +91,7 @@ SECTIONS = ("depthwise", "kernel_sizes", "separable", "models")
 # depthwise rows with kernels this size and up also time the experimental backward variants
 EXPERIMENTAL_BACKWARD_MIN_KERNEL = 5  # FFT weight gradient
 FLIPPED_GRAD_INPUT_MIN_KERNEL = 9  # + input gradient by our forward kernel (stride 1)
+TOEPLITZ_MIN_KERNEL = 7  # stride-1 rows: the tensor-core forward (+ the FFT and flipped backward from 9x9)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
@@ -205,12 +207,18 @@ def depthwise_row(name, channels, size, kernel, stride, batch, dtype_name, layou
         if stride == 1 and kernel >= FLIPPED_GRAD_INPUT_MIN_KERNEL:
             both = experimental("FFT_GRAD_WEIGHT_MIN_TAPS", "FLIPPED_GRAD_INPUT_MIN_TAPS")
             variants["fft_flipped"] = ("ours_fft_flipped", both)
-    fft_errors = {}
+    if stride == 1 and kernel >= TOEPLITZ_MIN_KERNEL:
+        variants["toeplitz"] = ("ours_toeplitz", experimental("TOEPLITZ_FORWARD_MIN_TAPS"))
+        if kernel >= FLIPPED_GRAD_INPUT_MIN_KERNEL:
+            every = ("TOEPLITZ_FORWARD_MIN_TAPS", "FFT_GRAD_WEIGHT_MIN_TAPS", "FLIPPED_GRAD_INPUT_MIN_TAPS")
+            variants["toeplitz_fft_flipped"] = ("ours_toeplitz_fft_flipped", experimental(*every))
+    y = eager(x, w)
+    variant_errors = {}
     for suffix, (impl, fn) in variants.items():
         impls[impl] = fn
         errors = _gradient_errors(fn, eager, x, w)
-        fft_errors |= {f"{key[: -len('_vs_eager')]}_{suffix}_vs_eager": value for key, value in errors.items()}
-    y = eager(x, w)
+        variant_errors[f"max_abs_error_{suffix}_vs_eager"] = (fn(x, w).float() - y.float()).abs().max().item()
+        variant_errors |= {f"{key[: -len('_vs_eager')]}_{suffix}_vs_eager": value for key, value in errors.items()}
     xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
     row: dict[str, Any] = {
         "section": "depthwise",
@@ -224,7 +232,7 @@ def depthwise_row(name, channels, size, kernel, stride, batch, dtype_name, layou
         "layout": layout_name,
         "max_abs_error_vs_eager": (ours(x, w).float() - y.float()).abs().max().item(),
         **_gradient_errors(ours, eager, x, w),
-        **fft_errors,
+        **variant_errors,
         "macs": y.numel() * kernel * kernel,
         "bytes_forward": (x.numel() + y.numel()) * x.element_size(),
         "bytes_forward_backward": (3 * x.numel() + 2 * y.numel()) * x.element_size(),
@@ -334,7 +342,7 @@ def add_floors(row: dict[str, Any], bandwidth: float, fmas: float | None) -> Non
         row[f"speedup_vs_best_torch_{pass_}"] = best / row[f"ours_{pass_}_ms"]
         if "standard_forward_ms" in row:
             row[f"speedup_vs_standard_{pass_}"] = row[f"standard_{pass_}_ms"] / row[f"ours_{pass_}_ms"]
-        for variant in ("fft_grad_weight", "fft_flipped"):
+        for variant in ("fft_grad_weight", "fft_flipped", "toeplitz", "toeplitz_fft_flipped"):
             if f"ours_{variant}_{pass_}_ms" in row:
                 row[f"speedup_{variant}_vs_best_torch_{pass_}"] = best / row[f"ours_{variant}_{pass_}_ms"]
 

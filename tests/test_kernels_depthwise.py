@@ -184,7 +184,7 @@ def test_every_launch_configuration_computes_the_same_conv(
     st.integers(1, 19),
     st.integers(1, 21),
     st.integers(1, 6),
-    st.integers(1, 9),
+    st.integers(1, 23),
     st.tuples(*(st.integers(0, 3) for _ in range(4))),
     st.sampled_from([16, 32]),
     st.sampled_from([1, 2, 8]),
@@ -194,7 +194,7 @@ def test_every_launch_configuration_computes_the_same_conv(
 def test_toeplitz_forward_computes_the_same_conv(
     batch, channels, multiplier, height, width, kh, kw, sides, rows, block_c, kind, with_bias
 ):
-    """The experimental tensor-core forward (``Tiles.toeplitz``): any shape, kernel up to 6x9, per-side
+    """The experimental tensor-core forward (``Tiles.toeplitz``): any shape, kernel up to 6x23, per-side
     padding, depth multiplier, layout and bias equals the float64 reference (fp32 in, products in full
     precision); where it does not apply (fp64 here, below) the direct kernel runs and gives the same."""
     top, bottom, left, right = sides
@@ -210,6 +210,50 @@ def test_toeplitz_forward_computes_the_same_conv(
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     got64 = _forward(x.double(), weight.double(), None if bias is None else bias.double(), *geometry, tiles=tiles)
     torch.testing.assert_close(got64, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("kernel", "width"), [((1, 18), 23), ((3, 31), 36), ((2, 35), 35)])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_toeplitz_forward_splits_wide_kernel_rows(kernel, width, kind):
+    """A product covers 17 taps of a kernel row: wider rows take several (18 = 17 + 1, 31 = 17 + 14, 35: three),
+    with uneven padding on every side, a depth multiplier and a bias."""
+    torch.manual_seed(3)
+    kh, kw = kernel
+    x = layout(torch.randn(2, 3, kh + 2, width, device=DEVICE), kind)
+    weight = torch.randn(6, 1, kh, kw, device=DEVICE)
+    bias = torch.randn(6, device=DEVICE)
+    sides = (1, kh - 1, kw // 2, kw - 1 - kw // 2 + 2)
+    expected = reference(x.double(), weight.double(), bias.double(), 1, sides, 1)
+    got = _forward(x, weight, bias, (1, 1), sides, (1, 1), tiles=Tiles(16, 8, 4, False, 0, False, True))
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize(("min_taps", "runs"), [(57, 2), (58, 0)])
+def test_opted_in_toeplitz_forward_serves_the_forward_and_the_flipped_input_gradient(kind, min_taps, runs):
+    """TOEPLITZ_FORWARD_MIN_TAPS opts kernels of that many taps (here 3x19 = 57) into the Toeplitz forward: the
+    forward and, with FLIPPED_GRAD_INPUT_MIN_TAPS, the input gradient's forward, the choice made when the
+    forward runs (the settings are restored before the backward). Output and gradients equal float64's."""
+    torch.manual_seed(0)
+    x = layout(torch.randn(2, 4, 9, 21, device=DEVICE), kind).requires_grad_()
+    weight = torch.randn(4, 1, 3, 19, device=DEVICE, requires_grad=True)
+    bias = torch.randn(4, device=DEVICE, requires_grad=True)
+    calls: list[int] = []
+    real = depthwise_module._forward_toeplitz
+    with mock.patch.object(depthwise_module, "_forward_toeplitz", lambda *a: calls.append(1) or real(*a)):
+        with (
+            mock.patch.object(depthwise_module, "TOEPLITZ_FORWARD_MIN_TAPS", min_taps),
+            mock.patch.object(depthwise_module, "FLIPPED_GRAD_INPUT_MIN_TAPS", 1),
+        ):
+            y = depthwise_conv2d(x, weight, bias, 1, "same")
+        grad = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, weight, bias), grad)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    expected = reference(*leaves, 1, (1, 1, 9, 9), 1)
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+    for mine, theirs in zip(got, torch.autograd.grad(expected, leaves, grad.double()), strict=True):
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-3)
+    assert calls == [1] * runs
 
 
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float16, 1e-2), (torch.bfloat16, 8e-2)], ids=str)
@@ -424,7 +468,7 @@ def experimental_backward(setting: str, taps: int, helper: str):
     real = getattr(depthwise_module, helper)
     with (
         mock.patch.object(depthwise_module, setting, taps),
-        mock.patch.object(depthwise_module, helper, lambda *a: calls.append(1) or real(*a)),
+        mock.patch.object(depthwise_module, helper, lambda *a, **k: calls.append(1) or real(*a, **k)),
     ):
         yield calls
 

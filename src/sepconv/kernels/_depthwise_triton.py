@@ -12,8 +12,8 @@ Products accumulate in fp32 (fp64 for fp64). Padding is implicit: taps outside t
 - grad-weight: one program per (channel block, tap, split of the N·OH output rows) writes a partial
   sum; the host adds the partials in a fixed order (deterministic, no atomics). The extra tap index
   ``KH·KW`` sums grad-output alone: the bias gradient;
-- an experimental, opt-in forward on tensor cores (``depthwise_forward_toeplitz_kernel``): a kernel row's
-  taps as a Toeplitz matrix, stride 1 only.
+- an experimental, opt-in forward on tensor cores (``depthwise_forward_toeplitz_kernel``): chunks of a kernel
+  row's taps as Toeplitz matrices, stride 1 only.
 """
 
 from __future__ import annotations
@@ -211,10 +211,12 @@ def depthwise_forward_toeplitz_kernel(
     BLOCK_J: tl.constexpr,
 ):
     """Stride-1, dilation-1 forward on tensor cores (experimental, opt-in: ``Tiles.toeplitz``). For each channel
-    and kernel row, BLOCK_J outputs of an output row are a product of the BLOCK_I = BLOCK_J + KW - 1 (padded)
-    input columns with a Toeplitz matrix of the row's taps, T[i, j] = w[i - j]; BLOCK_R output rows make the
-    product's M dimension and BLOCK_C channels its batch (a 3-d ``tl.dot``). Each input element is loaded once
-    per kernel row instead of once per tap; the products waste BLOCK_I / KW of the tensor-core work."""
+    and kernel row, BLOCK_J outputs of an output row are a product of BLOCK_I input columns with a Toeplitz
+    matrix of a chunk of the row's taps, T[i, j] = w[kw0 + i - j] (chunks of BLOCK_I - BLOCK_J + 1 taps, so any
+    kernel width runs); BLOCK_R output rows make the product's M dimension and BLOCK_C channels its batch (a
+    3-d ``tl.dot``). Each input element is loaded once per kernel row and chunk instead of once per tap; the
+    products waste about BLOCK_I / chunk of the tensor-core work."""
+    chunk = BLOCK_I - BLOCK_J + 1  # taps per product (a compile-time constant)
     n = tl.program_id(2).to(tl.int64)
     tiles_w = tl.cdiv(OW, BLOCK_J)
     oh0 = (tl.program_id(0) // tiles_w) * BLOCK_R
@@ -225,30 +227,27 @@ def depthwise_forward_toeplitz_kernel(
     r = tl.arange(0, BLOCK_R)
     i = tl.arange(0, BLOCK_I)
     j = tl.arange(0, BLOCK_J)
-    lag = i[:, None] - j[None, :]  # which tap links input column i to output column j
-    iw = ow0 + i - PAD_W
-    col_ok = (iw >= 0) & (iw < W)
-    x_cols = x_ptr + n * sxn + (c3 // MULT).to(tl.int64) * sxc + (iw.to(tl.int64) * sxw)[None, None, :]
+    lag = i[:, None] - j[None, :]  # which tap of the chunk links input column i to output column j
+    lag_ok = (lag >= 0) & (lag < chunk)
+    x_chan = x_ptr + n * sxn + (c3 // MULT).to(tl.int64) * sxc
+    w_chan = w_ptr + c3 * (KH * KW)
     acc = tl.zeros((BLOCK_C, BLOCK_R, BLOCK_J), dtype=tl.float32)
     for kh in range(0, KH):
         ih = oh0 + r + kh - PAD_H
-        row_ok = (ih >= 0) & (ih < H)
-        a = tl.load(
-            x_cols + (ih.to(tl.int64) * sxh)[None, :, None],
-            mask=c_ok & row_ok[None, :, None] & col_ok[None, None, :],
-            other=0.0,
-        )
-        taps = tl.load(
-            w_ptr + c3 * (KH * KW) + kh * KW + lag[None, :, :],
-            mask=c_ok & ((lag >= 0) & (lag < KW))[None, :, :],
-            other=0.0,
-        )
-        if DOT_IN_FP32:  # the interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584): same products in fp32
-            acc = tl.dot(a.to(tl.float32), taps.to(tl.float32), acc, input_precision="ieee")
-        elif a.dtype == tl.float32:
-            acc = tl.dot(a, taps, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, taps.to(a.dtype), acc)
+        x_rows = x_chan + (ih.to(tl.int64) * sxh)[None, :, None]
+        row_ok = c_ok & (ih.to(tl.uint32) < tl.cast(H, tl.uint32))[None, :, None]
+        for kw0 in range(0, KW, chunk):
+            iw = ow0 + kw0 + i - PAD_W
+            col_ok = iw.to(tl.uint32) < tl.cast(W, tl.uint32)
+            a = tl.load(x_rows + (iw.to(tl.int64) * sxw)[None, None, :], mask=row_ok & col_ok[None, None, :], other=0.0)
+            tap = kw0 + lag
+            taps = tl.load(w_chan + kh * KW + tap[None, :, :], mask=c_ok & (lag_ok & (tap < KW))[None, :, :], other=0.0)
+            if DOT_IN_FP32:  # the interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584): same products in fp32
+                acc = tl.dot(a.to(tl.float32), taps.to(tl.float32), acc, input_precision="ieee")
+            elif a.dtype == tl.float32:
+                acc = tl.dot(a, taps, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, taps.to(a.dtype), acc)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c3, mask=c_ok, other=0.0).to(tl.float32)
     oh = oh0 + r

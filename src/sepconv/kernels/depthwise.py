@@ -75,6 +75,11 @@ FFT_GRAD_WEIGHT_MIN_TAPS: int | None = None
 # gradient with our forward kernel (the output gradient convolved with the flipped kernel) instead of the
 # grad-input kernel; the forward is our fastest kernel (31x31 channels_last bf16: 1.25 ms, H200).
 FLIPPED_GRAD_INPUT_MIN_TAPS: int | None = None
+# Experimental likewise (None: off): forwards of kernels with at least this many taps run the tensor-core
+# Toeplitz kernel with `TOEPLITZ_TILES` where it applies (stride 1, dilation 1, not fp64), the flipped input
+# gradient's forward included (the choice travels with the autograd graph). Static count (`kernel_sass.py`,
+# sm_90, bf16): ~0.7 instructions per useful multiply-add per thread at 31x31 (the direct kernel: 4.4).
+TOEPLITZ_FORWARD_MIN_TAPS: int | None = None
 
 
 def interpreting() -> bool:
@@ -347,8 +352,8 @@ def _forward(
         return y
     n, c_out, out_h, out_w = y.shape
     weight = weight.contiguous()
-    tiles = tiles or _tiles(x, out_h * out_w, c_out, weight.shape[2:])
-    if tiles.toeplitz and _toeplitz_applies(x, weight, stride, dilation):
+    tiles = tiles or _opted_in_tiles(weight.shape[2:]) or _tiles(x, out_h * out_w, c_out, weight.shape[2:])
+    if tiles.toeplitz and _toeplitz_applies(x, stride, dilation):
         return _forward_toeplitz(x, weight, bias, padding, tiles, y)
     grid = (tiles.pixel_programs(out_h, out_w), triton.cdiv(c_out, tiles.block_c), n)
     depthwise_forward_kernel[grid](
@@ -367,19 +372,26 @@ def _forward(
     return y
 
 
+# The Toeplitz forward's launch when TOEPLITZ_FORWARD_MIN_TAPS opts a kernel in: 64 output rows x 16 columns x 8
+# channels per program, 8 warps (sm_90, bf16: no spills in either layout; 32 x 16 channels spills in NCHW).
+TOEPLITZ_TILES = Tiles(64, 8, 8, False, 0, False, True)
+
+
+def _opted_in_tiles(kernel: Sequence[int]) -> Tiles | None:
+    """:data:`TOEPLITZ_TILES` where :data:`TOEPLITZ_FORWARD_MIN_TAPS` opts this kernel size in, else None."""
+    minimum = TOEPLITZ_FORWARD_MIN_TAPS
+    return TOEPLITZ_TILES if minimum is not None and kernel[0] * kernel[1] >= minimum else None
+
+
 _TOEPLITZ_COLUMNS = 16  # output columns per product (the products' N)
-_TOEPLITZ_INPUT_COLUMNS = 32  # input columns per product (K): kernels up to 32 - 16 + 1 = 17 wide
+_TOEPLITZ_INPUT_COLUMNS = 32  # input columns per product (K): a product covers 32 - 16 + 1 = 17 taps of a row
 
 
-def _toeplitz_applies(x: Tensor, weight: Tensor, stride: Sequence[int], dilation: Sequence[int]) -> bool:
-    """Whether the experimental Toeplitz forward can run this call: stride 1, dilation 1, kernels up to 17
-    wide, fp16/bf16/fp32 (fp32 multiplies in full precision, without tensor cores)."""
-    return (
-        tuple(stride) == (1, 1)
-        and tuple(dilation) == (1, 1)
-        and weight.shape[3] <= _TOEPLITZ_INPUT_COLUMNS - _TOEPLITZ_COLUMNS + 1
-        and x.dtype != torch.float64
-    )
+def _toeplitz_applies(x: Tensor, stride: Sequence[int], dilation: Sequence[int]) -> bool:
+    """Whether the experimental Toeplitz forward can run this call: stride 1, dilation 1, fp16/bf16/fp32 (fp32
+    multiplies in full precision, without tensor cores); any kernel size (rows wider than 17 taps take several
+    products)."""
+    return tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and x.dtype != torch.float64
 
 
 def _forward_toeplitz(x: Tensor, weight: Tensor, bias: Tensor | None, padding, tiles: Tiles, y: Tensor) -> Tensor:
@@ -507,13 +519,17 @@ def _flipped_grad_input_applies(x: Tensor, weight: Tensor, stride, padding, dila
     return weight.shape[0] == x.shape[1] and flipped_conv_applies(weight.shape[2:], stride, sides, dilation)
 
 
-def _flipped_grad_input(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation) -> Tensor:
-    """Input gradient as our forward of the output gradient with the flipped kernel (FLIPPED_GRAD_INPUT_MIN_TAPS)."""
+def _flipped_grad_input(
+    grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, tiles: Tiles | None = None
+) -> Tensor:
+    """Input gradient as our forward of the output gradient with the flipped kernel (FLIPPED_GRAD_INPUT_MIN_TAPS),
+    on ``tiles`` (None: the forward's choice when it runs) for plain eager calls."""
     (kh, kw), (dh, dw) = weight.shape[2:], dilation
     top, bottom, left, right = padding
     sides = [dh * (kh - 1) - top, dh * (kh - 1) - bottom, dw * (kw - 1) - left, dw * (kw - 1) - right]
     args = (grad, weight.flip((2, 3)), None, [1, 1], sides, list(dilation))
-    return run_kernel(torch.ops.sepconv.depthwise_conv2d, _forward, args, (grad, weight))
+    forward = functools.partial(_forward, tiles=tiles) if tiles is not None else _forward
+    return run_kernel(torch.ops.sepconv.depthwise_conv2d, forward, args, (grad, weight))
 
 
 # ---- custom ops -------------------------------------------------------------------------------------------
@@ -575,6 +591,7 @@ def _setup_context(ctx, inputs, output):
         and taps >= FLIPPED_GRAD_INPUT_MIN_TAPS
         and _flipped_grad_input_applies(x, weight, stride, padding, dilation)
     )
+    ctx.forward_tiles = _opted_in_tiles(weight.shape[2:])  # for the flipped input gradient's forward
 
 
 def _backward(ctx, grad):
@@ -583,7 +600,7 @@ def _backward(ctx, grad):
     grad_x = grad_weight = grad_bias = None
     args, tensors = (grad, x, weight, *ctx.geometry), (grad, x, weight)
     if needs_x and ctx.flipped_grad_input:
-        grad_x = _flipped_grad_input(*args)
+        grad_x = _flipped_grad_input(*args, tiles=ctx.forward_tiles)
     elif needs_x:
         grad_x = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
     if needs_weight or (ctx.has_bias and needs_bias):
