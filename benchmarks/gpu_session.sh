@@ -18,7 +18,8 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 if [ "${TUNE_SECONDS:-60}" != 0 ]; then
     # shellcheck disable=SC2086
     timeout $(( ${TUNE_SECONDS:-60} + 25 )) python3 benchmarks/tune_kernels.py --seconds "${TUNE_SECONDS:-60}" --out "$out" \
-        --plan ${TUNE_PLAN:-forward:nhwc grad_input:nchw grad_input:nhwc grad_weight:nhwc} > "$out/tune.log" 2>&1
+        --min-kernel "${TUNE_MIN_KERNEL:-7}" \
+        --plan ${TUNE_PLAN:-forward:nhwc grad_weight:nhwc forward:nchw grad_weight:nchw} > "$out/tune.log" 2>&1
     echo "tune exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
 fi
 # shellcheck disable=SC2086

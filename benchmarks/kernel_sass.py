@@ -53,8 +53,8 @@ class _Recorder:
 def record_launch(kernel: str, x: torch.Tensor, weight: torch.Tensor, stride: int, tiles: dw.Tiles | None):
     """The (kernel, grid, args, kwargs) our host code launches for ``kernel`` on these CPU tensors."""
     name = _LAUNCHERS[kernel]
-    if kernel == "forward" and tiles is not None and tiles.toeplitz:
-        name = "depthwise_forward_toeplitz_kernel"  # when it applies (stride 1, dilation 1, ...)
+    if kernel in ("forward", "grad_weight") and tiles is not None and tiles.toeplitz:
+        name = f"depthwise_{kernel}_toeplitz_kernel"  # when it applies (stride 1, dilation 1, ...)
     recorder = _Recorder(getattr(dw, name))
     k = weight.shape[-1]
     geometry = ((stride, stride), (k // 2,) * 4, (1, 1))

@@ -8,7 +8,9 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
   gradient, ``sepconv.kernels.depthwise.FFT_GRAD_WEIGHT_MIN_TAPS``), stride-1 rows from 9x9 also
   ``ours_fft_flipped`` (plus the input gradient by our forward kernel, ``FLIPPED_GRAD_INPUT_MIN_TAPS``);
   stride-1 rows from 7x7 ``ours_toeplitz`` (the experimental tensor-core forward, ``TOEPLITZ_FORWARD_MIN_TAPS``)
-  and from 9x9 ``ours_toeplitz_fft_flipped`` (all three); each variant's output and gradient errors are recorded;
+  and from 9x9 ``ours_toeplitz_all`` (that forward, the tensor-core weight gradient
+  ``TOEPLITZ_GRAD_WEIGHT_MIN_TAPS`` and the flipped input gradient); each variant's output and gradient errors
+  are recorded;
 - ``kernel_sizes``: the depthwise comparison at 256x28, batch 32, for kernel sizes 9 to 27 (where ``auto``'s
   threshold lies), bf16 and fp32, without compile;
 - ``separable``: DESIGN.md §2's blocks; ``ours`` = ``sepconv.kernels.separable_conv2d`` (fused), ``eager`` =
@@ -91,7 +93,7 @@ SECTIONS = ("depthwise", "kernel_sizes", "separable", "models")
 # depthwise rows with kernels this size and up also time the experimental backward variants
 EXPERIMENTAL_BACKWARD_MIN_KERNEL = 5  # FFT weight gradient
 FLIPPED_GRAD_INPUT_MIN_KERNEL = 9  # + input gradient by our forward kernel (stride 1)
-TOEPLITZ_MIN_KERNEL = 7  # stride-1 rows: the tensor-core forward (+ the FFT and flipped backward from 9x9)
+TOEPLITZ_MIN_KERNEL = 7  # stride-1 rows: the tensor-core forward (+ grad-weight and flipped grad-input from 9x9)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
@@ -209,9 +211,9 @@ def depthwise_row(name, channels, size, kernel, stride, batch, dtype_name, layou
             variants["fft_flipped"] = ("ours_fft_flipped", both)
     if stride == 1 and kernel >= TOEPLITZ_MIN_KERNEL:
         variants["toeplitz"] = ("ours_toeplitz", experimental("TOEPLITZ_FORWARD_MIN_TAPS"))
-        if kernel >= FLIPPED_GRAD_INPUT_MIN_KERNEL:
-            every = ("TOEPLITZ_FORWARD_MIN_TAPS", "FFT_GRAD_WEIGHT_MIN_TAPS", "FLIPPED_GRAD_INPUT_MIN_TAPS")
-            variants["toeplitz_fft_flipped"] = ("ours_toeplitz_fft_flipped", experimental(*every))
+        if kernel >= FLIPPED_GRAD_INPUT_MIN_KERNEL:  # every pass on tensor cores
+            every = ("TOEPLITZ_FORWARD_MIN_TAPS", "TOEPLITZ_GRAD_WEIGHT_MIN_TAPS", "FLIPPED_GRAD_INPUT_MIN_TAPS")
+            variants["toeplitz_all"] = ("ours_toeplitz_all", experimental(*every))
     y = eager(x, w)
     variant_errors = {}
     for suffix, (impl, fn) in variants.items():
@@ -342,7 +344,7 @@ def add_floors(row: dict[str, Any], bandwidth: float, fmas: float | None) -> Non
         row[f"speedup_vs_best_torch_{pass_}"] = best / row[f"ours_{pass_}_ms"]
         if "standard_forward_ms" in row:
             row[f"speedup_vs_standard_{pass_}"] = row[f"standard_{pass_}_ms"] / row[f"ours_{pass_}_ms"]
-        for variant in ("fft_grad_weight", "fft_flipped", "toeplitz", "toeplitz_fft_flipped"):
+        for variant in ("fft_grad_weight", "fft_flipped", "toeplitz", "toeplitz_all"):
             if f"ours_{variant}_{pass_}_ms" in row:
                 row[f"speedup_{variant}_vs_best_torch_{pass_}"] = best / row[f"ours_{variant}_{pass_}_ms"]
 

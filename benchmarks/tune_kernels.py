@@ -49,9 +49,12 @@ BACKWARD = {  # grad-input unrolls rows at most
 }  # fmt: skip
 # grad-weight: (block_p, block_c, num_warps, static_taps, tile_w, loop_taps). Tap-looping programs (loop_taps)
 # measured 1.5-1.9x slower (run 3) and are no longer swept.
+# Experimental tensor-core grad-weight (toeplitz, stride 1): block_p output rows x block_c channels x <= 32x32 taps.
 GRAD_WEIGHT = {
-    "nhwc": [(16, 64, 4), (64, 32, 4), (16, 128, 4), (32, 128, 8), (64, 64, 8), (128, 32, 8), (32, 64, 4)],
-    "nchw": [(128, 8, 4), (64, 16, 4), (256, 8, 8), (256, 4, 4), (512, 4, 8)],
+    "nhwc": [(16, 64, 4), (64, 32, 4), (16, 128, 4), (32, 128, 8), (64, 64, 8), (128, 32, 8), (32, 64, 4),
+             (32, 4, 4, False, 0, False, True), (32, 16, 8, False, 0, False, True), (8, 4, 4, False, 0, False, True)],
+    "nchw": [(128, 8, 4), (64, 16, 4), (256, 8, 8), (256, 4, 4), (512, 4, 8),
+             (32, 4, 4, False, 0, False, True), (8, 4, 4, False, 0, False, True)],
 }  # fmt: skip
 # (block_p, block_c, block_o or None = the default's, num_warps, num_stages, static_taps)
 SEPARABLE = [(64, 32, None, 4, 3, False), (64, 32, None, 4, 3, True), (128, 32, None, 8, 3, True),
@@ -105,6 +108,8 @@ def depthwise_rows(kernel: str, layout: str, shapes, dtype, device, deadline: fl
             tiles = Tiles(*cfg)
             if tiles.static_taps == "all" and k * k > MAX_STATIC_TAPS:  # compiles very slowly: not swept
                 continue
+            if tiles.toeplitz and s != 1:  # the Toeplitz kernels are stride 1: these tiles would run the direct one
+                continue
             if tiles in tried:
                 continue
             tried.add(tiles)
@@ -142,6 +147,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny shapes on CPU: checks the script")
     parser.add_argument("--seconds", type=float, default=120.0, help="stop starting new rows after this")
     parser.add_argument("--plan", nargs="+", choices=PLAN, default=list(PLAN), help="sweeps to run, in order")
+    parser.add_argument("--min-kernel", type=int, default=1, help="sweep only the shapes with kernels this size and up")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -149,6 +155,7 @@ def main() -> None:
         parser.error("the sweep needs a CUDA GPU; use --quick to check the script on CPU")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = [(n, 4, 6, k, s, 2) for n, _, _, k, s, _ in SHAPES[:2]] if args.quick else SHAPES
+    shapes = [shape for shape in shapes if shape[3] >= args.min_kernel]
     sep_shapes = [(n, 16, 6, 16, 3, 1, 2) for n, *_ in SEPARABLE_SHAPES[:1]] if args.quick else SEPARABLE_SHAPES
     start = time.perf_counter()
     deadline = start + args.seconds

@@ -45,6 +45,7 @@ def main() -> int:
     dtypes = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}  # data -> accumulator
     separable = {"HAS_DW_BIAS": True, "HAS_PW_BIAS": True, "MID_ACT": 2, "DOT_IN_FP32": False, "BLOCK_O": 64}
     toeplitz = {"HAS_BIAS": True, "DOT_IN_FP32": False, "BLOCK_R": 16, "BLOCK_I": 32, "BLOCK_J": 16}
+    toeplitz_grad_weight = {"DOT_IN_FP32": False, "BLOCK_KH": 32, "BLOCK_KW": 16, "BLOCK_I": 32, "BLOCK_J": 16}
     launches = [
         (kernels.depthwise_forward_kernel, {"HAS_BIAS": True, "STATIC_KH": 0, "STATIC_KW": 0, "TILE_W": 0}),
         (kernels.depthwise_forward_kernel, {"HAS_BIAS": True, "STATIC_KH": 3, "STATIC_KW": 5, "TILE_W": 8}),  # 4x8
@@ -56,13 +57,18 @@ def main() -> int:
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 0, "STATIC_KW": 0}),
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 3, "STATIC_KW": 3}),
         (kernels.depthwise_forward_toeplitz_kernel, toeplitz),
+        (kernels.depthwise_grad_weight_toeplitz_kernel, toeplitz_grad_weight),
     ]
     capabilities = [int(c) for c in sys.argv[1:]] or [90]
     failures = 0
     for capability in capabilities:
         for fn, extra in launches:
             for data, acc in dtypes.items():
-                if fn is kernels.depthwise_forward_toeplitz_kernel and data == "fp64":
+                toeplitz_kernels = (
+                    kernels.depthwise_forward_toeplitz_kernel,
+                    kernels.depthwise_grad_weight_toeplitz_kernel,
+                )
+                if fn in toeplitz_kernels and data == "fp64":
                     continue  # never launched for fp64 (the direct kernel runs those)
                 constexprs = {"ACC": acc, "BLOCK_P": 32, "BLOCK_C": 32, **extra}
                 if "PRECISION" in fn.arg_names:

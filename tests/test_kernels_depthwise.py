@@ -238,9 +238,8 @@ def test_opted_in_toeplitz_forward_serves_the_forward_and_the_flipped_input_grad
     x = layout(torch.randn(2, 4, 9, 21, device=DEVICE), kind).requires_grad_()
     weight = torch.randn(4, 1, 3, 19, device=DEVICE, requires_grad=True)
     bias = torch.randn(4, device=DEVICE, requires_grad=True)
-    calls: list[int] = []
-    real = depthwise_module._forward_toeplitz
-    with mock.patch.object(depthwise_module, "_forward_toeplitz", lambda *a: calls.append(1) or real(*a)):
+    with contextlib.ExitStack() as stack:
+        calls = count_calls(stack, "_forward_toeplitz")
         with (
             mock.patch.object(depthwise_module, "TOEPLITZ_FORWARD_MIN_TAPS", min_taps),
             mock.patch.object(depthwise_module, "FLIPPED_GRAD_INPUT_MIN_TAPS", 1),
@@ -254,6 +253,88 @@ def test_opted_in_toeplitz_forward_serves_the_forward_and_the_flipped_input_grad
     for mine, theirs in zip(got, torch.autograd.grad(expected, leaves, grad.double()), strict=True):
         torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-3)
     assert calls == [1] * runs
+
+
+def reference_weight_gradients(x, weight, grad, sides):
+    """Weight and bias gradients of the float64 reference (stride 1, dilation 1) for grad-output ``grad``."""
+    w = weight.detach().double().requires_grad_()
+    b = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device, requires_grad=True)
+    return torch.autograd.grad(reference(x.double(), w, b, 1, sides, 1), (w, b), grad.double())
+
+
+@settings(max_examples=12)  # interpreted 3-d products
+@given(
+    st.integers(1, 2),
+    st.integers(1, 6),
+    st.integers(1, 2),
+    st.integers(1, 9),
+    st.integers(1, 40),
+    st.integers(1, 6),
+    st.integers(1, 35),
+    st.tuples(*(st.integers(0, 3) for _ in range(4))),
+    st.sampled_from([1, 3, 32]),
+    st.sampled_from([1, 2, 8]),
+    st.sampled_from(LAYOUTS),
+)
+def test_toeplitz_weight_gradient_computes_the_same_gradients(
+    batch, channels, multiplier, height, width, kh, kw, sides, rows, block_c, kind
+):
+    """The experimental tensor-core weight gradient (``Tiles.toeplitz``): any shape, kernels up to 6x35 (wider
+    than 32 taps: two tap blocks), per-side padding, depth multiplier, layout, output rows and channels per
+    program; weight and bias gradients equal the float64 reference's (fp32 in, products in full precision)."""
+    top, bottom, left, right = sides
+    assume(height + top + bottom >= kh and width + left + right >= kw)  # at least one output pixel
+    torch.manual_seed(4)
+    x = layout(torch.randn(batch, channels, height, width, device=DEVICE), kind)
+    weight = torch.randn(channels * multiplier, 1, kh, kw, device=DEVICE)
+    grad = layout(torch.randn_like(reference(x, weight, None, 1, sides, 1)), kind)
+    want_w, want_b = reference_weight_gradients(x, weight, grad, sides)
+    tiles = Tiles(rows, block_c, 4, False, 0, False, True)
+    got_w, got_b = _grad_weight(grad, x, weight, (1, 1), sides, (1, 1), tiles=tiles)
+    assert got_w.dtype == got_b.dtype == torch.float32 and got_w.shape == weight.shape
+    torch.testing.assert_close(got_w.double(), want_w, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got_b.double(), want_b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float32, 1e-4), (torch.float16, 2e-2), (torch.bfloat16, 1e-1)])
+def test_toeplitz_weight_gradient_of_a_tall_kernel_in_every_precision(dtype, atol):
+    # 33 x 3: two tap blocks in height; 20 channels (not a multiple of 8); half precision accumulates in fp32
+    torch.manual_seed(5)
+    x = torch.randn(2, 20, 35, 6, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(20, 1, 33, 3, device=DEVICE).to(dtype)
+    sides = (16, 16, 1, 1)
+    grad = torch.randn(2, 20, 35, 6, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+    want_w, want_b = reference_weight_gradients(x, weight, grad, sides)
+    got_w, got_b = _grad_weight(grad, x, weight, (1, 1), sides, (1, 1), tiles=Tiles(8, 8, 4, False, 0, False, True))
+    assert got_w.dtype == got_b.dtype == dtype
+    scale = want_w.abs().max().item()
+    torch.testing.assert_close(got_w.double(), want_w, rtol=atol, atol=atol * scale)
+    torch.testing.assert_close(got_b.double(), want_b, rtol=atol, atol=atol * want_b.abs().max().item())
+
+
+@pytest.mark.parametrize(("min_taps", "runs"), [(35, 1), (36, 0)])
+def test_opted_in_toeplitz_weight_gradient_runs_before_the_fft(min_taps, runs):
+    """TOEPLITZ_GRAD_WEIGHT_MIN_TAPS opts kernels of that many taps (here 5x7 = 35) into the Toeplitz weight
+    gradient, ahead of FFT_GRAD_WEIGHT_MIN_TAPS (on here too: it serves the kernels left out), the choice
+    made when the forward runs. Every gradient equals float64's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 9, device=DEVICE, requires_grad=True)
+    weight = torch.randn(6, 1, 5, 7, device=DEVICE, requires_grad=True)
+    bias = torch.randn(6, device=DEVICE, requires_grad=True)
+    with contextlib.ExitStack() as stack:
+        calls = {name: count_calls(stack, name) for name in ("_grad_weight_toeplitz", "_fft_grad_weight")}
+        with (
+            mock.patch.object(depthwise_module, "TOEPLITZ_GRAD_WEIGHT_MIN_TAPS", min_taps),
+            mock.patch.object(depthwise_module, "FFT_GRAD_WEIGHT_MIN_TAPS", 1),
+        ):
+            y = depthwise_conv2d(x, weight, bias, 1, ((2, 2), (3, 3)))
+        grad = torch.randn_like(y)
+        got = torch.autograd.grad(y, (x, weight, bias), grad)
+    leaves = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    expected = reference(*leaves, 1, (2, 2, 3, 3), 1)
+    for mine, theirs in zip(got, torch.autograd.grad(expected, leaves, grad.double()), strict=True):
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-5, atol=1e-4)
+    assert calls == {"_grad_weight_toeplitz": [1] * runs, "_fft_grad_weight": [1] * (1 - runs)}
 
 
 @pytest.mark.parametrize(("dtype", "atol"), [(torch.float16, 1e-2), (torch.bfloat16, 8e-2)], ids=str)
@@ -461,16 +542,20 @@ def test_cpu_tensors_without_the_interpreter_name_the_fix(monkeypatch):
         depthwise_conv2d(torch.randn(1, 2, 4, 4), torch.randn(2, 1, 3, 3))
 
 
+def count_calls(stack: contextlib.ExitStack, name: str) -> list[int]:
+    """A list that gains an entry per call to ``depthwise_module.<name>`` (which still runs) while ``stack`` is open."""
+    calls: list[int] = []
+    real = getattr(depthwise_module, name)
+    stack.enter_context(mock.patch.object(depthwise_module, name, lambda *a, **k: calls.append(1) or real(*a, **k)))
+    return calls
+
+
 @contextlib.contextmanager
 def experimental_backward(setting: str, taps: int, helper: str):
     """``setting`` (an opt-in backward threshold) set to ``taps``; yields the list of calls to ``helper``."""
-    calls: list[int] = []
-    real = getattr(depthwise_module, helper)
-    with (
-        mock.patch.object(depthwise_module, setting, taps),
-        mock.patch.object(depthwise_module, helper, lambda *a, **k: calls.append(1) or real(*a, **k)),
-    ):
-        yield calls
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(depthwise_module, setting, taps))
+        yield count_calls(stack, helper)
 
 
 @settings(max_examples=25)

@@ -12,8 +12,9 @@ Products accumulate in fp32 (fp64 for fp64). Padding is implicit: taps outside t
 - grad-weight: one program per (channel block, tap, split of the N·OH output rows) writes a partial
   sum; the host adds the partials in a fixed order (deterministic, no atomics). The extra tap index
   ``KH·KW`` sums grad-output alone: the bias gradient;
-- an experimental, opt-in forward on tensor cores (``depthwise_forward_toeplitz_kernel``): chunks of a kernel
-  row's taps as Toeplitz matrices, stride 1 only.
+- experimental, opt-in kernels on tensor cores, stride 1 only: a forward (``depthwise_forward_toeplitz_kernel``,
+  chunks of a kernel row's taps as Toeplitz matrices) and a weight gradient
+  (``depthwise_grad_weight_toeplitz_kernel``, input rows times Toeplitz matrices of grad-output rows).
 """
 
 from __future__ import annotations
@@ -438,6 +439,88 @@ def _grad_weight_tap(
     taps = KH * KW + 1
     out = partial_ptr + (split * C_OUT + c).to(tl.int64) * taps + tap
     tl.store(out, total, mask=c_ok)
+
+
+@triton.jit
+def depthwise_grad_weight_toeplitz_kernel(
+    x_ptr,
+    gy_ptr,
+    partial_ptr,
+    H,
+    W,
+    C_OUT,
+    OH,
+    OW,
+    ROWS,
+    ROWS_PER_SPLIT,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    sgn,
+    sgc,
+    sgh,
+    sgw,
+    KH,
+    KW,
+    PAD_H,
+    PAD_W,
+    MULT,
+    DOT_IN_FP32: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_KW: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    """Stride-1, dilation-1 weight gradient on tensor cores (experimental, opt-in: ``Tiles.toeplitz``). Per
+    channel, output row and BLOCK_J output columns, a BLOCK_KH x BLOCK_KW block of taps gains the product of
+    the BLOCK_KH input rows those taps read (x BLOCK_I input columns) with a Toeplitz matrix of the grad-output
+    row, G[i, q] = gy[ow0 + i - q]; BLOCK_C channels are the batch of a 3-d ``tl.dot``. A program takes a
+    channel block, a tap block and ROWS_PER_SPLIT of the N·OH output rows and writes partial[split, c, tap]."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c3 = c[:, None, None]
+    c_ok = c3 < C_OUT
+    tap_blocks_w = tl.cdiv(KW, BLOCK_KW)
+    kh0 = (tl.program_id(1) // tap_blocks_w) * BLOCK_KH
+    kw0 = (tl.program_id(1) % tap_blocks_w) * BLOCK_KW
+    split = tl.program_id(2)
+    r = tl.arange(0, BLOCK_KH)
+    i = tl.arange(0, BLOCK_I)
+    q = tl.arange(0, BLOCK_KW)
+    lag = i[:, None] - q[None, :]  # the output column (in the block) that links input column i to tap q
+    lag_ok = (lag >= 0) & (lag < BLOCK_J)
+    x_chan = x_ptr + (c3 // MULT).to(tl.int64) * sxc
+    gy_chan = gy_ptr + c3.to(tl.int64) * sgc
+    acc = tl.zeros((BLOCK_C, BLOCK_KH, BLOCK_KW), dtype=tl.float32)
+    first = split * ROWS_PER_SPLIT
+    last = tl.minimum(first + ROWS_PER_SPLIT, ROWS)
+    for row in range(first, last):
+        n = (row // OH).to(tl.int64)
+        oh = row % OH
+        ih = oh - PAD_H + kh0 + r
+        x_rows = x_chan + n * sxn + (ih.to(tl.int64) * sxh)[None, :, None]
+        rows_ok = c_ok & (ih.to(tl.uint32) < tl.cast(H, tl.uint32))[None, :, None]
+        gy_row = gy_chan + n * sgn + oh.to(tl.int64) * sgh
+        for ow0 in range(0, OW, BLOCK_J):
+            iw = ow0 - PAD_W + kw0 + i
+            col_ok = iw.to(tl.uint32) < tl.cast(W, tl.uint32)
+            a_ok = rows_ok & col_ok[None, None, :]
+            a = tl.load(x_rows + (iw.to(tl.int64) * sxw)[None, None, :], mask=a_ok, other=0.0)
+            ow = ow0 + lag
+            g_ok = c_ok & (lag_ok & (ow < OW))[None, :, :]
+            g = tl.load(gy_row + (ow.to(tl.int64) * sgw)[None, :, :], mask=g_ok, other=0.0)
+            if DOT_IN_FP32:  # the interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584): same products in fp32
+                acc = tl.dot(a.to(tl.float32), g.to(tl.float32), acc, input_precision="ieee")
+            elif a.dtype == tl.float32:
+                acc = tl.dot(a, g, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, g.to(a.dtype), acc)
+    kh = kh0 + r
+    kw = kw0 + q
+    taps = (kh * KW)[None, :, None] + kw[None, None, :]
+    out = partial_ptr + (split * C_OUT + c3).to(tl.int64) * (KH * KW) + taps
+    tl.store(out, acc, mask=c_ok & (kh < KH)[None, :, None] & (kw < KW)[None, None, :])
 
 
 @triton.jit

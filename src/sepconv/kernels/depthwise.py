@@ -32,6 +32,7 @@ from sepconv.kernels._depthwise_triton import (
     depthwise_forward_toeplitz_kernel,
     depthwise_grad_input_kernel,
     depthwise_grad_weight_kernel,
+    depthwise_grad_weight_toeplitz_kernel,
 )
 from sepconv.padding import same_padding
 
@@ -80,6 +81,10 @@ FLIPPED_GRAD_INPUT_MIN_TAPS: int | None = None
 # gradient's forward included (the choice travels with the autograd graph). Static count (`kernel_sass.py`,
 # sm_90, bf16): ~0.7 instructions per useful multiply-add per thread at 31x31 (the direct kernel: 4.4).
 TOEPLITZ_FORWARD_MIN_TAPS: int | None = None
+# Experimental likewise (None: off): weight gradients of kernels with at least this many taps run the
+# tensor-core Toeplitz kernel with `TOEPLITZ_GRAD_WEIGHT_TILES` where it applies (stride 1, dilation 1, not
+# fp64), before FFT_GRAD_WEIGHT_MIN_TAPS is considered. Read when the forward runs.
+TOEPLITZ_GRAD_WEIGHT_MIN_TAPS: int | None = None
 
 
 def interpreting() -> bool:
@@ -352,7 +357,12 @@ def _forward(
         return y
     n, c_out, out_h, out_w = y.shape
     weight = weight.contiguous()
-    tiles = tiles or _opted_in_tiles(weight.shape[2:]) or _tiles(x, out_h * out_w, c_out, weight.shape[2:])
+    kernel = weight.shape[2:]
+    tiles = (
+        tiles
+        or _opted_in(x, kernel, stride, dilation, TOEPLITZ_FORWARD_MIN_TAPS, TOEPLITZ_TILES)
+        or _tiles(x, out_h * out_w, c_out, kernel)
+    )
     if tiles.toeplitz and _toeplitz_applies(x, stride, dilation):
         return _forward_toeplitz(x, weight, bias, padding, tiles, y)
     grid = (tiles.pixel_programs(out_h, out_w), triton.cdiv(c_out, tiles.block_c), n)
@@ -377,10 +387,12 @@ def _forward(
 TOEPLITZ_TILES = Tiles(64, 8, 8, False, 0, False, True)
 
 
-def _opted_in_tiles(kernel: Sequence[int]) -> Tiles | None:
-    """:data:`TOEPLITZ_TILES` where :data:`TOEPLITZ_FORWARD_MIN_TAPS` opts this kernel size in, else None."""
-    minimum = TOEPLITZ_FORWARD_MIN_TAPS
-    return TOEPLITZ_TILES if minimum is not None and kernel[0] * kernel[1] >= minimum else None
+def _opted_in(x: Tensor, kernel: Sequence[int], stride, dilation, minimum: int | None, tiles: Tiles) -> Tiles | None:
+    """``tiles`` (a Toeplitz launch) where ``minimum`` (a ``TOEPLITZ_*_MIN_TAPS`` setting) opts this kernel size
+    in and the Toeplitz kernels apply to the call, else None."""
+    if minimum is None or kernel[0] * kernel[1] < minimum or not _toeplitz_applies(x, stride, dilation):
+        return None
+    return tiles
 
 
 _TOEPLITZ_COLUMNS = 16  # output columns per product (the products' N)
@@ -452,6 +464,10 @@ def _grad_input(
 def _grad_weight(
     grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, tiles: Tiles | None = None
 ) -> tuple[Tensor, Tensor]:
+    kernel = weight.shape[2:]
+    tiles = tiles or _opted_in(x, kernel, stride, dilation, TOEPLITZ_GRAD_WEIGHT_MIN_TAPS, TOEPLITZ_GRAD_WEIGHT_TILES)
+    if tiles is not None and tiles.toeplitz and _toeplitz_applies(x, stride, dilation):
+        return _grad_weight_toeplitz(grad, x, weight, padding, tiles)
     c_out, _, kh, kw = weight.shape
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     n, _, out_h, out_w = grad.shape
@@ -500,6 +516,57 @@ def _grad_weight(
     total = partial.sum(0)  # fixed order: deterministic
     grad_weight = total[:, : kh * kw].to(weight.dtype, copy=True).reshape(c_out, 1, kh, kw)
     return grad_weight, total[:, kh * kw].to(weight.dtype, copy=True)  # copies: outputs must not alias
+
+
+# The Toeplitz weight gradient's launch when TOEPLITZ_GRAD_WEIGHT_MIN_TAPS opts a kernel in: 32 of the N·OH
+# output rows x 4 channels x a block of up to 32 x 32 taps per program, 4 warps (sm_90, bf16, 31x31: 0.8-1.0
+# instructions per useful multiply-add per thread in either layout; 8 channels on 4 warps spill heavily).
+TOEPLITZ_GRAD_WEIGHT_TILES = Tiles(32, 4, 4, False, 0, False, True)
+
+
+def _grad_weight_toeplitz(grad: Tensor, x: Tensor, weight: Tensor, padding, tiles: Tiles) -> tuple[Tensor, Tensor]:
+    """Weight and bias gradients, the weight's on tensor cores (stride 1, dilation 1): a program takes
+    ``tiles.block_c`` channels, a block of up to 32 x 32 taps and ``tiles.block_p`` of the N·OH output rows;
+    the host adds the programs' partial sums in a fixed order (deterministic). The bias gradient is
+    grad-output summed by PyTorch."""
+    c_out, _, kh, kw = weight.shape
+    n, _, out_h, out_w = grad.shape
+    rows = n * out_h
+    acc = torch.float32
+    block_kh, block_kw = (max(16, min(32, triton.next_power_of_2(k))) for k in (kh, kw))
+    per_split = max(1, tiles.block_p)
+    splits = max(1, triton.cdiv(rows, per_split))
+    partial = (torch.empty if rows else torch.zeros)((splits, c_out, kh * kw), dtype=acc, device=x.device)
+    if rows:
+        grid = (triton.cdiv(c_out, tiles.block_c), triton.cdiv(kh, block_kh) * triton.cdiv(kw, block_kw), splits)
+        depthwise_grad_weight_toeplitz_kernel[grid](
+            x,
+            grad,
+            partial,
+            x.shape[2],
+            x.shape[3],
+            c_out,
+            out_h,
+            out_w,
+            rows,
+            per_split,
+            *x.stride(),
+            *grad.stride(),
+            kh,
+            kw,
+            padding[0],
+            padding[2],
+            c_out // x.shape[1],
+            DOT_IN_FP32=x.dtype != torch.float32 and interpreting(),
+            BLOCK_C=tiles.block_c,
+            BLOCK_KH=block_kh,
+            BLOCK_KW=block_kw,
+            BLOCK_I=2 * block_kw,  # BLOCK_J + (up to BLOCK_KW) - 1 input columns
+            BLOCK_J=block_kw,
+            num_warps=tiles.num_warps,
+        )
+    grad_weight = partial.sum(0).to(weight.dtype).reshape(c_out, 1, kh, kw)  # fixed order: deterministic
+    return grad_weight, grad.sum((0, 2, 3), dtype=acc).to(weight.dtype)
 
 
 def _fft_grad_weight(grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[Tensor, Tensor]:
@@ -591,7 +658,11 @@ def _setup_context(ctx, inputs, output):
         and taps >= FLIPPED_GRAD_INPUT_MIN_TAPS
         and _flipped_grad_input_applies(x, weight, stride, padding, dilation)
     )
-    ctx.forward_tiles = _opted_in_tiles(weight.shape[2:])  # for the flipped input gradient's forward
+    kernel = weight.shape[2:]  # the experimental Toeplitz kernels, opted in when the forward runs:
+    ctx.forward_tiles = _opted_in(x, kernel, (1, 1), dilation, TOEPLITZ_FORWARD_MIN_TAPS, TOEPLITZ_TILES)  # flipped
+    ctx.grad_weight_tiles = _opted_in(
+        x, kernel, stride, dilation, TOEPLITZ_GRAD_WEIGHT_MIN_TAPS, TOEPLITZ_GRAD_WEIGHT_TILES
+    )
 
 
 def _backward(ctx, grad):
@@ -604,12 +675,12 @@ def _backward(ctx, grad):
     elif needs_x:
         grad_x = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
     if needs_weight or (ctx.has_bias and needs_bias):
-        if ctx.fft_grad_weight:
+        if ctx.fft_grad_weight and ctx.grad_weight_tiles is None:
             grad_weight, grad_bias = _fft_grad_weight(*args)
         else:
-            grad_weight, grad_bias = run_kernel(
-                torch.ops.sepconv.depthwise_conv2d_grad_weight, _grad_weight, args, tensors
-            )
+            tiles = ctx.grad_weight_tiles
+            kernel = _grad_weight if tiles is None else functools.partial(_grad_weight, tiles=tiles)
+            grad_weight, grad_bias = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_weight, kernel, args, tensors)
         grad_weight = grad_weight if needs_weight else None
         grad_bias = grad_bias if ctx.has_bias and needs_bias else None
     return grad_x, grad_weight, grad_bias, None, None, None
