@@ -34,7 +34,7 @@ fi
 # The whole kernel suite does not fit (Triton compiles per hypothesis example: 1 test in 40 s on the H200):
 # the CUDA run takes the fixed-shape tests (the interpreter runs everything in CI).
 CI=true timeout "${TEST_SECONDS:-60}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_depthwise.py \
-    -k "low_precision or edge_cases or deterministic or partial_sum or unbatched" > "$out/tests.txt" 2>&1
+    -k "low_precision or half_precision or every_precision or edge_cases or deterministic or partial_sum or unbatched" > "$out/tests.txt" 2>&1
 echo "tests exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
 tail -3 "$out/tests.txt"
 [ -f "$out/profile.txt" ] && head -5 "$out/profile.txt"
