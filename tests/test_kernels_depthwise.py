@@ -608,3 +608,52 @@ def test_flipped_forward_input_gradient_with_uneven_padding_and_dilation(kind):
     with experimental_backward("FLIPPED_GRAD_INPUT_MIN_TAPS", 15, "_flipped_grad_input") as calls:
         check_against_reference(x, weight, None, 1, ((2, 1), (0, 4)), (1, 2), atol=1e-10, rtol=1e-10)
     assert calls == [1]
+
+
+class GridRecorder:
+    """Stands in for a ``@triton.jit`` kernel: records each launch's grid, then launches the real kernel."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_batches_above_the_grid_cap_launch_in_chunks(kind):
+    """CUDA caps a grid's z dimension (the batch, or grad-weight's splits) at 65535: bigger batches launch in
+    runs of at most that many samples. With the cap patched to 2, a batch of 5 takes 3 launches of each kernel
+    (direct and Toeplitz forward, grad-input; Toeplitz grad-weight in at most 2 splits) and every result equals
+    the float64 reference."""
+    torch.manual_seed(6)
+    x = layout(torch.randn(5, 3, 6, 7, device=DEVICE), kind)
+    weight = torch.randn(6, 1, 3, 3, device=DEVICE)
+    sides = (1, 1, 1, 1)
+    expected = reference(x.double(), weight.double(), None, 1, sides, 1)
+    grad = layout(torch.randn_like(expected).float(), kind)
+    padded = F.pad(x.double(), (1, 1, 1, 1)).requires_grad_()
+    w64 = weight.double().requires_grad_()
+    want_x, want_w = torch.autograd.grad(F.conv2d(padded, w64, None, 1, 0, 1, 3), (padded, w64), grad.double())
+    names = ("depthwise_forward_kernel", "depthwise_forward_toeplitz_kernel", "depthwise_grad_input_kernel")
+    recorders = {name: GridRecorder(getattr(depthwise_module, name)) for name in names}
+    recorders["grad_weight"] = GridRecorder(depthwise_module.depthwise_grad_weight_toeplitz_kernel)
+    geometry = ((1, 1), sides, (1, 1))
+    toeplitz = Tiles(1, 8, 4, False, 0, False, True)  # one output row per grad-weight program: 30 rows, 2 splits
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(depthwise_module, "_MAX_GRID_YZ", 2))
+        for name, recorder in recorders.items():
+            target = "depthwise_grad_weight_toeplitz_kernel" if name == "grad_weight" else name
+            stack.enter_context(mock.patch.object(depthwise_module, target, recorder))
+        direct = _forward(x, weight, None, *geometry)
+        tensor_cores = _forward(x, weight, None, *geometry, tiles=toeplitz)
+        grad_x = _grad_input(grad, x, weight, *geometry)
+        grad_w, _ = _grad_weight(grad, x, weight, *geometry, tiles=toeplitz)
+    for got in (direct, tensor_cores):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_x.double(), want_x[:, :, 1:-1, 1:-1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_w.double(), want_w, rtol=1e-5, atol=1e-4)
+    for name in names:
+        assert [grid[2] for grid in recorders[name].grids] == [2, 2, 1], name
+    assert [grid[2] for grid in recorders["grad_weight"].grids] == [2]

@@ -154,3 +154,25 @@ def test_bad_pointwise_arguments(pw, pw_bias, match):
     pw_bias = pw_bias.to(DEVICE) if isinstance(pw_bias, torch.Tensor) else None
     with pytest.raises(ValueError, match=match):
         separable_conv2d(x, dw, pw.to(DEVICE), pw_bias, mid_activation=act)
+
+
+def test_batches_above_the_grid_cap_launch_in_chunks():
+    # CUDA caps a grid's z dimension (the batch) at 65535; with the cap patched to 2, a batch of 5: 3 launches
+    from unittest import mock
+
+    from sepconv.kernels import depthwise as depthwise_module
+    from sepconv.kernels import separable as separable_module
+    from test_kernels_depthwise import GridRecorder
+
+    torch.manual_seed(7)
+    x = torch.randn(5, 4, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    dw, pw, pw_bias = torch.randn(8, 1, 3, 3, device=DEVICE), torch.randn(16, 8, 1, 1, device=DEVICE), torch.randn(16)
+    recorder = GridRecorder(separable_module.separable_forward_kernel)
+    with (
+        mock.patch.object(depthwise_module, "_MAX_GRID_YZ", 2),
+        mock.patch.object(separable_module, "separable_forward_kernel", recorder),
+    ):
+        got = separable_conv2d(x, dw, pw, pw_bias.to(DEVICE), padding=1)
+    want = F.conv2d(F.conv2d(x.double(), dw.double(), None, 1, 1, 1, 4), pw.double(), pw_bias.double().to(DEVICE))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert [grid[2] for grid in recorder.grids] == [2, 2, 1]

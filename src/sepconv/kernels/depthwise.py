@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -61,6 +61,7 @@ _TILE_CHANNELS_LAST = 2048
 _MAX_FULL_UNROLL = {True: 25, False: 49}  # channels_last?
 _MAX_ROW_UNROLL = 7
 _MAX_SPLITS = 64  # programs sharing one grad-weight reduction
+_MAX_GRID_YZ = 65535  # CUDA's cap on a launch grid's y and z dimensions (our grids put the batch on z)
 _LOOP_TAPS_CHUNK_BLOCKS = 8  # grad-weight with loop_taps: pixel blocks per program
 
 PaddingSpec = int | str | Sequence[int] | Sequence[Sequence[int]]
@@ -273,6 +274,17 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def batch_chunks(*tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """``tensors`` (equal batch sizes, batch first) in runs of at most 65535 samples, one launch each: the launch
+    grids put the batch on their z dimension, which CUDA caps there. The tensors themselves below the cap."""
+    n = tensors[0].shape[0]
+    if n <= _MAX_GRID_YZ:
+        yield tensors
+        return
+    for start in range(0, n, _MAX_GRID_YZ):
+        yield tuple(t[start : start + _MAX_GRID_YZ] for t in tensors)
+
+
 class Tiles(NamedTuple):
     """Launch configuration: a program's tile (BLOCK_P pixels x BLOCK_C channels), its warps, whether the
     forward unrolls the tap loops at compile time (``static_taps``), and the pixels' shape: a run of the
@@ -355,7 +367,7 @@ def _forward(
     y = _empty_output(x, weight, stride, padding, dilation)
     if y.numel() == 0:
         return y
-    n, c_out, out_h, out_w = y.shape
+    _, c_out, out_h, out_w = y.shape
     weight = weight.contiguous()
     kernel = weight.shape[2:]
     tiles = (
@@ -365,20 +377,21 @@ def _forward(
     )
     if tiles.toeplitz and _toeplitz_applies(x, stride, dilation):
         return _forward_toeplitz(x, weight, bias, padding, tiles, y)
-    grid = (tiles.pixel_programs(out_h, out_w), triton.cdiv(c_out, tiles.block_c), n)
-    depthwise_forward_kernel[grid](
-        *_forward_arguments(x, weight, bias, y),
-        *_geometry(stride, padding, dilation),
-        c_out // x.shape[1],
-        HAS_BIAS=bias is not None,
-        ACC=_ACC.get(x.dtype, tl.float32),
-        BLOCK_P=tiles.block_p,
-        BLOCK_C=tiles.block_c,
-        num_warps=tiles.num_warps,
-        TILE_W=tiles.tile_w,
-        EVEN_C=c_out % tiles.block_c == 0,
-        **_static_taps(tiles, weight.shape[2:]),
-    )
+    for xs, ys in batch_chunks(x, y):
+        grid = (tiles.pixel_programs(out_h, out_w), triton.cdiv(c_out, tiles.block_c), ys.shape[0])
+        depthwise_forward_kernel[grid](
+            *_forward_arguments(xs, weight, bias, ys),
+            *_geometry(stride, padding, dilation),
+            c_out // x.shape[1],
+            HAS_BIAS=bias is not None,
+            ACC=_ACC.get(x.dtype, tl.float32),
+            BLOCK_P=tiles.block_p,
+            BLOCK_C=tiles.block_c,
+            num_warps=tiles.num_warps,
+            TILE_W=tiles.tile_w,
+            EVEN_C=c_out % tiles.block_c == 0,
+            **_static_taps(tiles, weight.shape[2:]),
+        )
     return y
 
 
@@ -407,22 +420,23 @@ def _toeplitz_applies(x: Tensor, stride: Sequence[int], dilation: Sequence[int])
 
 
 def _forward_toeplitz(x: Tensor, weight: Tensor, bias: Tensor | None, padding, tiles: Tiles, y: Tensor) -> Tensor:
-    n, c_out, out_h, out_w = y.shape
+    _, c_out, out_h, out_w = y.shape
     rows = max(tiles.block_p, 16)  # the products' M: at least 16
-    grid = (triton.cdiv(out_h, rows) * triton.cdiv(out_w, _TOEPLITZ_COLUMNS), triton.cdiv(c_out, tiles.block_c), n)
-    depthwise_forward_toeplitz_kernel[grid](
-        *_forward_arguments(x, weight, bias, y),
-        padding[0],
-        padding[2],
-        c_out // x.shape[1],
-        HAS_BIAS=bias is not None,
-        DOT_IN_FP32=x.dtype != torch.float32 and interpreting(),  # interpreter: bf16 tl.dot, triton-lang/triton#11584
-        BLOCK_C=tiles.block_c,
-        BLOCK_R=rows,
-        BLOCK_I=_TOEPLITZ_INPUT_COLUMNS,
-        BLOCK_J=_TOEPLITZ_COLUMNS,
-        num_warps=tiles.num_warps,
-    )
+    pixel_programs = triton.cdiv(out_h, rows) * triton.cdiv(out_w, _TOEPLITZ_COLUMNS)
+    for xs, ys in batch_chunks(x, y):
+        depthwise_forward_toeplitz_kernel[(pixel_programs, triton.cdiv(c_out, tiles.block_c), ys.shape[0])](
+            *_forward_arguments(xs, weight, bias, ys),
+            padding[0],
+            padding[2],
+            c_out // x.shape[1],
+            HAS_BIAS=bias is not None,
+            DOT_IN_FP32=x.dtype != torch.float32 and interpreting(),  # interpreter: bf16 dot, triton-lang/triton#11584
+            BLOCK_C=tiles.block_c,
+            BLOCK_R=rows,
+            BLOCK_I=_TOEPLITZ_INPUT_COLUMNS,
+            BLOCK_J=_TOEPLITZ_COLUMNS,
+            num_warps=tiles.num_warps,
+        )
     return y
 
 
@@ -432,32 +446,33 @@ def _grad_input(
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     if grad_x.numel() == 0:
         return grad_x
-    n, c_in, h, w = x.shape
+    _, c_in, h, w = x.shape
     weight = weight.contiguous()
     tiles = tiles or _tiles(grad_x, h * w, c_in, weight.shape[2:], grad_input=True)
-    grid = (tiles.pixel_programs(h, w), triton.cdiv(c_in, tiles.block_c), n)
-    depthwise_grad_input_kernel[grid](
-        grad,
-        weight,
-        grad_x,
-        c_in,
-        h,
-        w,
-        grad.shape[2],
-        grad.shape[3],
-        *grad.stride(),
-        *grad_x.stride(),
-        weight.shape[2],
-        weight.shape[3],
-        *_geometry(stride, padding, dilation),
-        weight.shape[0] // c_in,
-        ACC=_ACC.get(x.dtype, tl.float32),
-        BLOCK_P=tiles.block_p,
-        BLOCK_C=tiles.block_c,
-        num_warps=tiles.num_warps,
-        TILE_W=tiles.tile_w,
-        STATIC_KW=_static_taps(tiles, weight.shape[2:])["STATIC_KW"],
-    )
+    for grads, grad_xs in batch_chunks(grad, grad_x):
+        grid = (tiles.pixel_programs(h, w), triton.cdiv(c_in, tiles.block_c), grads.shape[0])
+        depthwise_grad_input_kernel[grid](
+            grads,
+            weight,
+            grad_xs,
+            c_in,
+            h,
+            w,
+            grad.shape[2],
+            grad.shape[3],
+            *grads.stride(),
+            *grad_xs.stride(),
+            weight.shape[2],
+            weight.shape[3],
+            *_geometry(stride, padding, dilation),
+            weight.shape[0] // c_in,
+            ACC=_ACC.get(x.dtype, tl.float32),
+            BLOCK_P=tiles.block_p,
+            BLOCK_C=tiles.block_c,
+            num_warps=tiles.num_warps,
+            TILE_W=tiles.tile_w,
+            STATIC_KW=_static_taps(tiles, weight.shape[2:])["STATIC_KW"],
+        )
     return grad_x
 
 
@@ -534,7 +549,7 @@ def _grad_weight_toeplitz(grad: Tensor, x: Tensor, weight: Tensor, padding, tile
     rows = n * out_h
     acc = torch.float32
     block_kh, block_kw = (max(16, min(32, triton.next_power_of_2(k))) for k in (kh, kw))
-    per_split = max(1, tiles.block_p)
+    per_split = max(1, tiles.block_p, triton.cdiv(rows, _MAX_GRID_YZ))  # splits on the grid's z: at most 65535
     splits = max(1, triton.cdiv(rows, per_split))
     partial = (torch.empty if rows else torch.zeros)((splits, c_out, kh * kw), dtype=acc, device=x.device)
     if rows:

@@ -38,6 +38,7 @@ from sepconv.kernels.depthwise import (
     _grad_weight,
     _memory_format,
     _static_taps,
+    batch_chunks,
     interpreting,
     output_size,
     prepare_call,
@@ -135,39 +136,41 @@ def _forward(
         return y
     dw_weight, pw_weight = dw_weight.contiguous(), pw_weight.contiguous()
     tiles = tiles or _tiles(out_h * out_w, c_mid, c_out)
-    grid = (triton.cdiv(out_h * out_w, tiles.block_p), triton.cdiv(c_out, tiles.block_o), x.shape[0])
-    separable_forward_kernel[grid](
-        x,
-        dw_weight,
-        dw_weight if dw_bias is None else dw_bias.contiguous(),
-        pw_weight,
-        pw_weight if pw_bias is None else pw_bias.contiguous(),
-        y,
-        x.shape[2],
-        x.shape[3],
-        c_mid,
-        c_out,
-        out_h,
-        out_w,
-        *x.stride(),
-        *y.stride(),
-        dw_weight.shape[2],
-        dw_weight.shape[3],
-        *_geometry(stride, padding, dilation),
-        c_mid // x.shape[1],
-        HAS_DW_BIAS=dw_bias is not None,
-        HAS_PW_BIAS=pw_bias is not None,
-        MID_ACT=activation,
-        ACC=_ACC.get(x.dtype, tl.float32),
-        PRECISION="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32",
-        DOT_IN_FP32=x.dtype == torch.bfloat16 and interpreting(),  # interpreter: bf16 tl.dot, triton-lang/triton#11584
-        BLOCK_P=tiles.block_p,
-        BLOCK_C=tiles.block_c,
-        BLOCK_O=tiles.block_o,
-        num_warps=tiles.num_warps,
-        num_stages=tiles.num_stages,
-        **_static_taps(tiles, dw_weight.shape[2:]),
-    )
+    for xs, ys in batch_chunks(x, y):
+        grid = (triton.cdiv(out_h * out_w, tiles.block_p), triton.cdiv(c_out, tiles.block_o), ys.shape[0])
+        separable_forward_kernel[grid](
+            xs,
+            dw_weight,
+            dw_weight if dw_bias is None else dw_bias.contiguous(),
+            pw_weight,
+            pw_weight if pw_bias is None else pw_bias.contiguous(),
+            ys,
+            x.shape[2],
+            x.shape[3],
+            c_mid,
+            c_out,
+            out_h,
+            out_w,
+            *xs.stride(),
+            *ys.stride(),
+            dw_weight.shape[2],
+            dw_weight.shape[3],
+            *_geometry(stride, padding, dilation),
+            c_mid // x.shape[1],
+            HAS_DW_BIAS=dw_bias is not None,
+            HAS_PW_BIAS=pw_bias is not None,
+            MID_ACT=activation,
+            ACC=_ACC.get(x.dtype, tl.float32),
+            PRECISION="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32",
+            DOT_IN_FP32=x.dtype == torch.bfloat16
+            and interpreting(),  # interpreter: bf16 tl.dot, triton-lang/triton#11584
+            BLOCK_P=tiles.block_p,
+            BLOCK_C=tiles.block_c,
+            BLOCK_O=tiles.block_o,
+            num_warps=tiles.num_warps,
+            num_stages=tiles.num_stages,
+            **_static_taps(tiles, dw_weight.shape[2:]),
+        )
     return y
 
 
