@@ -274,7 +274,7 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def batch_chunks(*tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
+def _batch_chunks(*tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
     """``tensors`` (equal batch sizes, batch first) in runs of at most 65535 samples, one launch each: the launch
     grids put the batch on their z dimension, which CUDA caps there. The tensors themselves below the cap."""
     n = tensors[0].shape[0]
@@ -377,7 +377,7 @@ def _forward(
     )
     if tiles.toeplitz and _toeplitz_applies(x, stride, dilation):
         return _forward_toeplitz(x, weight, bias, padding, tiles, y)
-    for xs, ys in batch_chunks(x, y):
+    for xs, ys in _batch_chunks(x, y):
         grid = (tiles.pixel_programs(out_h, out_w), triton.cdiv(c_out, tiles.block_c), ys.shape[0])
         depthwise_forward_kernel[grid](
             *_forward_arguments(xs, weight, bias, ys),
@@ -423,7 +423,7 @@ def _forward_toeplitz(x: Tensor, weight: Tensor, bias: Tensor | None, padding, t
     _, c_out, out_h, out_w = y.shape
     rows = max(tiles.block_p, 16)  # the products' M: at least 16
     pixel_programs = triton.cdiv(out_h, rows) * triton.cdiv(out_w, _TOEPLITZ_COLUMNS)
-    for xs, ys in batch_chunks(x, y):
+    for xs, ys in _batch_chunks(x, y):
         depthwise_forward_toeplitz_kernel[(pixel_programs, triton.cdiv(c_out, tiles.block_c), ys.shape[0])](
             *_forward_arguments(xs, weight, bias, ys),
             padding[0],
@@ -449,7 +449,7 @@ def _grad_input(
     _, c_in, h, w = x.shape
     weight = weight.contiguous()
     tiles = tiles or _tiles(grad_x, h * w, c_in, weight.shape[2:], grad_input=True)
-    for grads, grad_xs in batch_chunks(grad, grad_x):
+    for grads, grad_xs in _batch_chunks(grad, grad_x):
         grid = (tiles.pixel_programs(h, w), triton.cdiv(c_in, tiles.block_c), grads.shape[0])
         depthwise_grad_input_kernel[grid](
             grads,

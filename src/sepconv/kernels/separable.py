@@ -32,13 +32,13 @@ from sepconv.kernels.depthwise import (
     _ACC,
     _GEOMETRY,
     PaddingSpec,
+    _batch_chunks,
     _DepthwiseConv2d,
     _geometry,
     _grad_input,
     _grad_weight,
     _memory_format,
     _static_taps,
-    batch_chunks,
     interpreting,
     output_size,
     prepare_call,
@@ -136,7 +136,7 @@ def _forward(
         return y
     dw_weight, pw_weight = dw_weight.contiguous(), pw_weight.contiguous()
     tiles = tiles or _tiles(out_h * out_w, c_mid, c_out)
-    for xs, ys in batch_chunks(x, y):
+    for xs, ys in _batch_chunks(x, y):
         grid = (triton.cdiv(out_h * out_w, tiles.block_p), triton.cdiv(c_out, tiles.block_o), ys.shape[0])
         separable_forward_kernel[grid](
             xs,
