@@ -243,11 +243,18 @@ _separable_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _SeparableConv2d(torch.autograd.Function):
-    """The custom op's autograd, callable without the dispatcher (:func:`~sepconv.kernels.depthwise.run_op`)."""
+    """The custom op's autograd, callable without the dispatcher (:func:`~sepconv.kernels.depthwise.run_op`);
+    ``compute`` is the op without autograd. ``forward`` takes ``ctx``, as ``_DepthwiseConv2d``'s does (cheaper
+    ``apply``)."""
 
     @staticmethod
-    def forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation):  # the op's
-        return _forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation)
+    def compute(*inputs):  # the op's arguments; its computation without autograd
+        return _forward(*inputs)
 
-    setup_context = staticmethod(_setup_context)
+    @staticmethod
+    def forward(ctx, *inputs):  # the op's arguments
+        y = _forward(*inputs)
+        _setup_context(ctx, inputs, y)
+        return y
+
     backward = staticmethod(_backward)
