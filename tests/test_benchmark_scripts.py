@@ -335,3 +335,13 @@ def test_cpu_torchvision_quick_run_times_both_models_in_both_regimes(tmp_path):
     if mode.exists() and "[madvise]" in mode.read_text():
         assert result["per_process"]["keep_freed_memory()"][0]["allocator"] == "sepconv.keep_freed_memory(), huge pages"
     assert (tmp_path / "cpu_torchvision_quick.png").stat().st_size > 0
+
+
+def test_host_path_benchmark_quick_run(tmp_path):
+    run_script("benchmarks/host_path.py", "--quick", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "host_path_quick.json").read_text())["rows"]
+    assert [r["pass"] for r in rows] == ["forward, no gradients", "forward, with gradients", "forward+backward"]
+    for row in rows:
+        assert row["ctx_in_forward_us"] > 0 and row["setup_context_us"] > 0 and row["rounds"] >= 20
+        assert row["setup_context_over_ctx_in_forward"] > 0
+    assert (tmp_path / "host_path_quick.png").stat().st_size > 0
