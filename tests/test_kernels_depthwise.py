@@ -176,27 +176,21 @@ def test_every_launch_configuration_computes_the_same_conv(
     torch.testing.assert_close(_grad_weight(grad, x, weight, *geometry, tiles=tiles)[0], want_w, rtol=1e-10, atol=1e-10)
 
 
+@st.composite
+def stride_one_calls(draw, channels: int, height: int, width: int, kernel_width: int):
+    """A stride-1, dilation-1 call's (batch, channels, multiplier, height, width, kh, kw, per-side padding, layout)
+    up to these sizes, kernels up to 6 x ``kernel_width``."""
+    sizes = [draw(st.integers(1, top)) for top in (2, channels, 2, height, width, 6, kernel_width)]
+    return (*sizes, draw(st.tuples(*(st.integers(0, 3) for _ in range(4)))), draw(st.sampled_from(LAYOUTS)))
+
+
 @settings(max_examples=12)  # interpreted 3-d products
-@given(
-    st.integers(1, 2),
-    st.integers(1, 10),
-    st.integers(1, 2),
-    st.integers(1, 19),
-    st.integers(1, 21),
-    st.integers(1, 6),
-    st.integers(1, 23),
-    st.tuples(*(st.integers(0, 3) for _ in range(4))),
-    st.sampled_from([16, 32]),
-    st.sampled_from([1, 2, 8]),
-    st.sampled_from(LAYOUTS),
-    st.booleans(),
-)
-def test_toeplitz_forward_computes_the_same_conv(
-    batch, channels, multiplier, height, width, kh, kw, sides, rows, block_c, kind, with_bias
-):
+@given(stride_one_calls(10, 19, 21, 23), st.sampled_from([16, 32]), st.sampled_from([1, 2, 8]), st.booleans())
+def test_toeplitz_forward_computes_the_same_conv(call, rows, block_c, with_bias):
     """The experimental tensor-core forward (``Tiles.toeplitz``): any shape, kernel up to 6x23, per-side
     padding, depth multiplier, layout and bias equals the float64 reference (fp32 in, products in full
     precision); where it does not apply (fp64 here, below) the direct kernel runs and gives the same."""
+    batch, channels, multiplier, height, width, kh, kw, sides, kind = call
     top, bottom, left, right = sides
     assume(height + top + bottom >= kh and width + left + right >= kw)  # at least one output pixel
     torch.manual_seed(2)
@@ -263,25 +257,12 @@ def reference_weight_gradients(x, weight, grad, sides):
 
 
 @settings(max_examples=12)  # interpreted 3-d products
-@given(
-    st.integers(1, 2),
-    st.integers(1, 6),
-    st.integers(1, 2),
-    st.integers(1, 9),
-    st.integers(1, 40),
-    st.integers(1, 6),
-    st.integers(1, 35),
-    st.tuples(*(st.integers(0, 3) for _ in range(4))),
-    st.sampled_from([1, 3, 32]),
-    st.sampled_from([1, 2, 8]),
-    st.sampled_from(LAYOUTS),
-)
-def test_toeplitz_weight_gradient_computes_the_same_gradients(
-    batch, channels, multiplier, height, width, kh, kw, sides, rows, block_c, kind
-):
+@given(stride_one_calls(6, 9, 40, 35), st.sampled_from([1, 3, 32]), st.sampled_from([1, 2, 8]))
+def test_toeplitz_weight_gradient_computes_the_same_gradients(call, rows, block_c):
     """The experimental tensor-core weight gradient (``Tiles.toeplitz``): any shape, kernels up to 6x35 (wider
     than 32 taps: two tap blocks), per-side padding, depth multiplier, layout, output rows and channels per
     program; weight and bias gradients equal the float64 reference's (fp32 in, products in full precision)."""
+    batch, channels, multiplier, height, width, kh, kw, sides, kind = call
     top, bottom, left, right = sides
     assume(height + top + bottom >= kh and width + left + right >= kw)  # at least one output pixel
     torch.manual_seed(4)

@@ -264,14 +264,26 @@ def depthwise_forward_toeplitz_kernel(
 
 
 @triton.jit
-def _grad_input_tap(acc, gy_chan, w_tap, c_ok, oh, row_ok, iw, kw, OW, sgh, sgw, STRIDE_W: tl.constexpr, PAD_W, DIL_W):
-    """Adds the grad-output pixels that tap ``kw`` of the current kernel row maps onto the input pixels."""
-    tw = iw + PAD_W - kw * DIL_W
-    ow = tw // STRIDE_W
-    ok = row_ok & (tw >= 0) & (tw == ow * STRIDE_W) & (ow < OW)
-    offset = oh.to(tl.int64) * sgh + ow.to(tl.int64) * sgw
-    gv = tl.load(gy_chan + offset[:, None], mask=ok[:, None] & c_ok[None, :], other=0.0)
-    wv = tl.load(w_tap, mask=c_ok, other=0.0)
+def _grad_input_tap(
+    acc, gy_row, w_tap, c_ok, row_ok, iw, kw, OW, sgw, STRIDE_W: tl.constexpr, PAD_W, DIL_W, EVEN_C: tl.constexpr
+):  # fmt: skip
+    """Adds the grad-output pixels that tap ``kw`` of the current kernel row maps onto the input pixels.
+    ``gy_row``: each pixel's grad-output row; with stride 1 already at the pixel's column ``iw + PAD_W``, so
+    that a tap adds a scalar offset (as in the forward)."""
+    tw = iw + PAD_W - kw * DIL_W  # = ow·STRIDE_W for the output column that reads this input column
+    if STRIDE_W == 1:
+        ok = row_ok & (tw.to(tl.uint32) < tl.cast(OW, tl.uint32))  # one unsigned compare: 0 <= tw < OW
+        gy = gy_row - kw * DIL_W * sgw
+    else:
+        ow = tw // STRIDE_W
+        ok = row_ok & (tw >= 0) & (tw == ow * STRIDE_W) & (ow < OW)
+        gy = gy_row + (ow.to(tl.int64) * sgw)[:, None]
+    if EVEN_C:
+        gv = tl.load(gy, mask=ok[:, None], other=0.0)
+        wv = tl.load(w_tap)
+    else:
+        gv = tl.load(gy, mask=ok[:, None] & c_ok[None, :], other=0.0)
+        wv = tl.load(w_tap, mask=c_ok, other=0.0)
     return acc + gv.to(acc.dtype) * wv.to(acc.dtype)[None, :]
 
 
@@ -307,29 +319,39 @@ def depthwise_grad_input_kernel(
     BLOCK_C: tl.constexpr,
     TILE_W: tl.constexpr = 0,
     STATIC_KW: tl.constexpr = 0,
+    EVEN_C: tl.constexpr = False,
 ):
+    """Input gradient: for every input pixel, the output pixels that read it, over the m output channels of each
+    input channel. ``EVEN_C``: every channel of the tile exists (no channel mask)."""
     n = tl.program_id(2).to(tl.int64)
     ih, iw, p_ok = _pixel_tile(tl.program_id(0), H, W, BLOCK_P, TILE_W)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C_IN
     acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
+    # stride 1: each pixel's grad-output column iw + PAD_W addressed once, per kernel row (else per tap)
+    col = (iw + PAD_W).to(tl.int64) * sgw if STRIDE_W == 1 else tl.zeros_like(iw).to(tl.int64)
     for j in range(0, MULT):
         c_out = c * MULT + j
         gy_chan = gy_ptr + n * sgn + c_out.to(tl.int64)[None, :] * sgc
         for kh in range(0, KH):
             w_row = w_ptr + c_out * (KH * KW) + kh * KW
             th = ih + PAD_H - kh * DIL_H  # = oh·STRIDE_H for the output row that reads this input row
-            oh = th // STRIDE_H
-            row_ok = p_ok & (th >= 0) & (th == oh * STRIDE_H) & (oh < OH)
+            if STRIDE_H == 1:
+                oh = th
+                row_ok = p_ok & (th.to(tl.uint32) < tl.cast(OH, tl.uint32))
+            else:
+                oh = th // STRIDE_H
+                row_ok = p_ok & (th >= 0) & (th == oh * STRIDE_H) & (oh < OH)
+            gy_row = gy_chan + (oh.to(tl.int64) * sgh + col)[:, None]
             if STATIC_KW > 0:  # the row's taps unrolled
                 for kw in tl.static_range(STATIC_KW):
                     acc = _grad_input_tap(
-                        acc, gy_chan, w_row + kw, c_ok, oh, row_ok, iw, kw, OW, sgh, sgw, STRIDE_W, PAD_W, DIL_W
+                        acc, gy_row, w_row + kw, c_ok, row_ok, iw, kw, OW, sgw, STRIDE_W, PAD_W, DIL_W, EVEN_C
                     )
             else:
                 for kw in range(0, KW):
                     acc = _grad_input_tap(
-                        acc, gy_chan, w_row + kw, c_ok, oh, row_ok, iw, kw, OW, sgh, sgw, STRIDE_W, PAD_W, DIL_W
+                        acc, gy_row, w_row + kw, c_ok, row_ok, iw, kw, OW, sgw, STRIDE_W, PAD_W, DIL_W, EVEN_C
                     )
     x_offset = n * sxn + c.to(tl.int64)[None, :] * sxc + (ih.to(tl.int64) * sxh + iw.to(tl.int64) * sxw)[:, None]
     tl.store(gx_ptr + x_offset, acc.to(gx_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])

@@ -472,6 +472,7 @@ def _grad_input(
             num_warps=tiles.num_warps,
             TILE_W=tiles.tile_w,
             STATIC_KW=_static_taps(tiles, weight.shape[2:])["STATIC_KW"],
+            EVEN_C=c_in % tiles.block_c == 0,
         )
     return grad_x
 
