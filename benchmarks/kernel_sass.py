@@ -136,7 +136,7 @@ def analyze(source: ASTSource, options: dict, capability: int = 90) -> dict[str,
         "spill_instructions": opcodes["LDL"] + opcodes["STL"],
         "instructions": len(code),
         "ffma": opcodes["FFMA"],
-        "mma": opcodes["HMMA"] + opcodes["HGMMA"],  # tensor-core instructions (the Toeplitz forward)
+        "mma": opcodes["HMMA"] + opcodes["HGMMA"],  # tensor-core instructions (the Toeplitz kernels)
         "top_opcodes": dict(opcodes.most_common(12)),
         "loops": loops,
         "innermost_loops": innermost,

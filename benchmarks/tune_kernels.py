@@ -52,9 +52,9 @@ BACKWARD = {  # grad-input unrolls rows at most
 # Experimental tensor-core grad-weight (toeplitz, stride 1): block_p output rows x block_c channels x <= 32x32 taps.
 GRAD_WEIGHT = {
     "nhwc": [(16, 64, 4), (64, 32, 4), (16, 128, 4), (32, 128, 8), (64, 64, 8), (128, 32, 8), (32, 64, 4),
-             (32, 4, 4, False, 0, False, True), (32, 16, 8, False, 0, False, True), (8, 4, 4, False, 0, False, True)],
+             (32, 4, 8, False, 0, False, True), (32, 16, 8, False, 0, False, True), (8, 4, 8, False, 0, False, True)],
     "nchw": [(128, 8, 4), (64, 16, 4), (256, 8, 8), (256, 4, 4), (512, 4, 8),
-             (32, 4, 4, False, 0, False, True), (8, 4, 4, False, 0, False, True)],
+             (32, 4, 8, False, 0, False, True), (8, 4, 8, False, 0, False, True)],
 }  # fmt: skip
 # (block_p, block_c, block_o or None = the default's, num_warps, num_stages, static_taps)
 SEPARABLE = [(64, 32, None, 4, 3, False), (64, 32, None, 4, 3, True), (128, 32, None, 8, 3, True),

@@ -101,6 +101,21 @@ def test_default_launches_do_not_spill_registers(tmp_path):
             assert result["spill_instructions"] == 0, (shape, layout, kernel, result["stack_bytes"])
 
 
+def test_opt_in_tensor_core_launches_use_tensor_cores_without_spilling(tmp_path):
+    """The Toeplitz kernels' opt-in launches (``TOEPLITZ_TILES``, ``TOEPLITZ_GRAD_WEIGHT_TILES``) at 31x31 in
+    bf16: the forward and the weight gradient issue tensor-core instructions and spill no register, either
+    layout (on 4 warps the weight gradient spilled ~40 instructions, with 8 channels ~4600)."""
+    from sepconv.kernels.depthwise import TOEPLITZ_GRAD_WEIGHT_TILES, TOEPLITZ_TILES
+
+    for kernel, t in (("forward", TOEPLITZ_TILES), ("grad_weight", TOEPLITZ_GRAD_WEIGHT_TILES)):
+        tiles = f"{t.block_p},{t.block_c},{t.num_warps},false,0,false,true"
+        for layout in ("nhwc", "nchw"):
+            args = ("--shape", "256,28,31", "--layout", layout, "--kernels", kernel, "--tiles", tiles)
+            result = _sass(tmp_path, *args)[kernel]
+            assert result["mma"] > 0 and result["ffma"] == 0, (kernel, layout)
+            assert result["spill_instructions"] == 0, (kernel, layout, result["stack_bytes"])
+
+
 def test_cpu_depthwise_backward_benchmark_quick_run(tmp_path):
     run_script("benchmarks/cpu_depthwise_backward.py", "--quick", "--min-run-time", "0.01", "--out", str(tmp_path))
     result = json.loads((tmp_path / "cpu_depthwise_backward.json").read_text())

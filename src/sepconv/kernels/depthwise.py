@@ -535,9 +535,10 @@ def _grad_weight(
 
 
 # The Toeplitz weight gradient's launch when TOEPLITZ_GRAD_WEIGHT_MIN_TAPS opts a kernel in: 32 of the N·OH
-# output rows x 4 channels x a block of up to 32 x 32 taps per program, 4 warps (sm_90, bf16, 31x31: 0.8-1.0
-# instructions per useful multiply-add per thread in either layout; 8 channels on 4 warps spill heavily).
-TOEPLITZ_GRAD_WEIGHT_TILES = Tiles(32, 4, 4, False, 0, False, True)
+# output rows x 4 channels x a block of up to 32 x 32 taps per program, 8 warps (sm_90, bf16, 31x31: 0.8-1.0
+# instructions per useful multiply-add per thread, no spills in either layout; on 4 warps ~40 spill
+# instructions, 8 channels on 4 warps ~4600).
+TOEPLITZ_GRAD_WEIGHT_TILES = Tiles(32, 4, 8, False, 0, False, True)
 
 
 def _grad_weight_toeplitz(grad: Tensor, x: Tensor, weight: Tensor, padding, tiles: Tiles) -> tuple[Tensor, Tensor]:
