@@ -249,6 +249,23 @@ def test_opted_in_toeplitz_forward_serves_the_forward_and_the_flipped_input_grad
     assert calls == [1] * runs
 
 
+def test_opted_in_toeplitz_kernels_leave_strided_and_dilated_calls_to_the_direct_kernels():
+    """The Toeplitz kernels are stride 1, dilation 1: with every TOEPLITZ_* setting on, a stride-2 or dilated
+    call runs the direct kernels on their default tiles (not the Toeplitz launch's), and gives float64's."""
+    torch.manual_seed(8)
+    x = torch.randn(2, 3, 9, 10, device=DEVICE)
+    weight = torch.randn(3, 1, 3, 5, device=DEVICE)
+    for stride, dilation in ((2, 1), (1, 2)):
+        with contextlib.ExitStack() as stack:
+            calls = [count_calls(stack, name) for name in ("_forward_toeplitz", "_grad_weight_toeplitz")]
+            tiles = stack.enter_context(mock.patch.object(depthwise_module, "_tiles", wraps=depthwise_module._tiles))
+            for setting in ("TOEPLITZ_FORWARD_MIN_TAPS", "TOEPLITZ_GRAD_WEIGHT_MIN_TAPS"):
+                stack.enter_context(mock.patch.object(depthwise_module, setting, 1))
+            check_against_reference(x, weight, None, stride, 2, dilation, atol=1e-4, rtol=1e-5)
+        assert calls == [[], []], (stride, dilation)
+        assert tiles.call_count == 3  # default tiles for the forward, grad-input and grad-weight
+
+
 def reference_weight_gradients(x, weight, grad, sides):
     """Weight and bias gradients of the float64 reference (stride 1, dilation 1) for grad-output ``grad``."""
     w = weight.detach().double().requires_grad_()
