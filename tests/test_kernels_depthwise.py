@@ -178,10 +178,18 @@ def test_every_launch_configuration_computes_the_same_conv(
 
 @st.composite
 def stride_one_calls(draw, channels: int, height: int, width: int, kernel_width: int):
-    """A stride-1, dilation-1 call's (batch, channels, multiplier, height, width, kh, kw, per-side padding, layout)
-    up to these sizes, kernels up to 6 x ``kernel_width``."""
-    sizes = [draw(st.integers(1, top)) for top in (2, channels, 2, height, width, 6, kernel_width)]
-    return (*sizes, draw(st.tuples(*(st.integers(0, 3) for _ in range(4)))), draw(st.sampled_from(LAYOUTS)))
+    """A stride-1, dilation-1 call with at least one output pixel, up to these sizes (kernels up to 6 x
+    ``kernel_width``): its input ``x`` (fp32), ``weight`` (a drawn depth multiplier), per-side padding and the
+    layout of ``x`` (see :func:`layout`)."""
+    batch, c, multiplier, h, w, kh, kw = (
+        draw(st.integers(1, top)) for top in (2, channels, 2, height, width, 6, kernel_width)
+    )
+    top, bottom, left, right = sides = draw(st.tuples(*(st.integers(0, 3) for _ in range(4))))
+    assume(h + top + bottom >= kh and w + left + right >= kw)
+    kind = draw(st.sampled_from(LAYOUTS))
+    torch.manual_seed(draw(st.integers(0, 9)))
+    x = layout(torch.randn(batch, c, h, w, device=DEVICE), kind)
+    return x, torch.randn(c * multiplier, 1, kh, kw, device=DEVICE), sides, kind
 
 
 @settings(max_examples=12)  # interpreted 3-d products
@@ -190,13 +198,8 @@ def test_toeplitz_forward_computes_the_same_conv(call, rows, block_c, with_bias)
     """The experimental tensor-core forward (``Tiles.toeplitz``): any shape, kernel up to 6x23, per-side
     padding, depth multiplier, layout and bias equals the float64 reference (fp32 in, products in full
     precision); where it does not apply (fp64 here, below) the direct kernel runs and gives the same."""
-    batch, channels, multiplier, height, width, kh, kw, sides, kind = call
-    top, bottom, left, right = sides
-    assume(height + top + bottom >= kh and width + left + right >= kw)  # at least one output pixel
-    torch.manual_seed(2)
-    x = layout(torch.randn(batch, channels, height, width, device=DEVICE), kind)
-    weight = torch.randn(channels * multiplier, 1, kh, kw, device=DEVICE)
-    bias = torch.randn(channels * multiplier, device=DEVICE) if with_bias else None
+    x, weight, sides, _ = call
+    bias = torch.randn(weight.shape[0], device=DEVICE) if with_bias else None
     tiles = Tiles(rows, block_c, 4, False, 0, False, True)
     geometry = ((1, 1), sides, (1, 1))
     expected = reference(x.double(), weight.double(), None if bias is None else bias.double(), 1, sides, 1)
@@ -279,12 +282,7 @@ def test_toeplitz_weight_gradient_computes_the_same_gradients(call, rows, block_
     """The experimental tensor-core weight gradient (``Tiles.toeplitz``): any shape, kernels up to 6x35 (wider
     than 32 taps: two tap blocks), per-side padding, depth multiplier, layout, output rows and channels per
     program; weight and bias gradients equal the float64 reference's (fp32 in, products in full precision)."""
-    batch, channels, multiplier, height, width, kh, kw, sides, kind = call
-    top, bottom, left, right = sides
-    assume(height + top + bottom >= kh and width + left + right >= kw)  # at least one output pixel
-    torch.manual_seed(4)
-    x = layout(torch.randn(batch, channels, height, width, device=DEVICE), kind)
-    weight = torch.randn(channels * multiplier, 1, kh, kw, device=DEVICE)
+    x, weight, sides, kind = call
     grad = layout(torch.randn_like(reference(x, weight, None, 1, sides, 1)), kind)
     want_w, want_b = reference_weight_gradients(x, weight, grad, sides)
     tiles = Tiles(rows, block_c, 4, False, 0, False, True)
