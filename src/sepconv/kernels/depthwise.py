@@ -413,9 +413,8 @@ _TOEPLITZ_INPUT_COLUMNS = 32  # input columns per product (K): a product covers 
 
 
 def _toeplitz_applies(x: Tensor, stride: Sequence[int], dilation: Sequence[int]) -> bool:
-    """Whether the experimental Toeplitz forward can run this call: stride 1, dilation 1, fp16/bf16/fp32 (fp32
-    multiplies in full precision, without tensor cores); any kernel size (rows wider than 17 taps take several
-    products)."""
+    """Whether the experimental Toeplitz kernels (forward, weight gradient) can run this call: stride 1,
+    dilation 1, fp16/bf16/fp32 (fp32 multiplies in full precision, without tensor cores); any kernel size."""
     return tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) and x.dtype != torch.float64
 
 
