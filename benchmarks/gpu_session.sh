@@ -25,7 +25,7 @@ fi
 # shellcheck disable=SC2086
 timeout "${BENCH_SECONDS:-170}" python3 benchmarks/kernels.py --out "$out" --compile-where big-bf16 \
     --sections ${SECTIONS:-depthwise kernel_sizes separable models} \
-    --section-seconds ${SECTION_SECONDS:-depthwise=40 kernel_sizes=30 separable=25 models=25} > "$out/kernels.log" 2>&1
+    --section-seconds ${SECTION_SECONDS:-depthwise=55 kernel_sizes=30 separable=20 models=15} > "$out/kernels.log" 2>&1
 echo "benchmark exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
 if [ "${PROFILE_SECONDS:-25}" != 0 ]; then
     timeout "${PROFILE_SECONDS:-25}" python3 benchmarks/profile_overhead.py > "$out/profile.txt" 2>&1

@@ -435,8 +435,9 @@ def main() -> None:
     for section in args.sections:
         deadline = time.perf_counter() + budgets.get(section, float("inf"))
         if section in ("depthwise", "kernel_sizes"):
-            if section == "depthwise":
-                shapes, chosen = (QUICK_SHAPES if args.quick else SHAPES), combos
+            if section == "depthwise":  # largest kernels first: the large-kernel targets and tensor-core variants
+                shapes = sorted(QUICK_SHAPES if args.quick else SHAPES, key=lambda shape: -shape[3])
+                chosen = combos
             else:
                 shapes = QUICK_KERNEL_SIZE_SHAPES if args.quick else KERNEL_SIZE_SHAPES
                 chosen = [c for c in KERNEL_SIZE_COMBOS if c[1] in dtypes]
