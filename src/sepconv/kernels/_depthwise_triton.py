@@ -181,6 +181,18 @@ def depthwise_forward_kernel(
 
 
 @triton.jit
+def _toeplitz_dot(acc, a, b, DOT_IN_FP32: tl.constexpr):
+    """``acc + a @ b`` (3-d, batched) for the Toeplitz kernels: fp32 in full precision, fp16/bf16 on tensor cores
+    with ``b`` in ``a``'s dtype, accumulating in fp32. ``DOT_IN_FP32``: the same products in fp32 (the
+    interpreter's bf16 ``tl.dot`` is wrong, triton-lang/triton#11584)."""
+    if DOT_IN_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b.to(a.dtype), acc)
+
+
+@triton.jit
 def depthwise_forward_toeplitz_kernel(
     x_ptr,
     w_ptr,
@@ -243,12 +255,7 @@ def depthwise_forward_toeplitz_kernel(
             a = tl.load(x_rows + (iw.to(tl.int64) * sxw)[None, None, :], mask=row_ok & col_ok[None, None, :], other=0.0)
             tap = kw0 + lag
             taps = tl.load(w_chan + kh * KW + tap[None, :, :], mask=c_ok & (lag_ok & (tap < KW))[None, :, :], other=0.0)
-            if DOT_IN_FP32:  # the interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584): same products in fp32
-                acc = tl.dot(a.to(tl.float32), taps.to(tl.float32), acc, input_precision="ieee")
-            elif a.dtype == tl.float32:
-                acc = tl.dot(a, taps, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, taps.to(a.dtype), acc)
+            acc = _toeplitz_dot(acc, a, taps, DOT_IN_FP32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c3, mask=c_ok, other=0.0).to(tl.float32)
     oh = oh0 + r
@@ -532,12 +539,7 @@ def depthwise_grad_weight_toeplitz_kernel(
             ow = ow0 + lag
             g_ok = c_ok & (lag_ok & (ow < OW))[None, :, :]
             g = tl.load(gy_row + (ow.to(tl.int64) * sgw)[None, :, :], mask=g_ok, other=0.0)
-            if DOT_IN_FP32:  # the interpreter's bf16 tl.dot is wrong (triton-lang/triton#11584): same products in fp32
-                acc = tl.dot(a.to(tl.float32), g.to(tl.float32), acc, input_precision="ieee")
-            elif a.dtype == tl.float32:
-                acc = tl.dot(a, g, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, g.to(a.dtype), acc)
+            acc = _toeplitz_dot(acc, a, g, DOT_IN_FP32)
     kh = kh0 + r
     kw = kw0 + q
     taps = (kh * KW)[None, :, None] + kw[None, None, :]
