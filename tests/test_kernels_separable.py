@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sepconv.kernels import depthwise as depthwise_module
+from sepconv.kernels import separable as separable_module
 from sepconv.kernels.depthwise import resolve_padding_sides
 from sepconv.kernels.separable import separable_conv2d
-from test_kernels_depthwise import DEVICE, layout
+from test_kernels_depthwise import DEVICE, GridRecorder, layout
 
 
 def reference(x, dw, dw_bias, pw, pw_bias, stride, padding, dilation, mid_dtype, act=None):
@@ -158,12 +162,6 @@ def test_bad_pointwise_arguments(pw, pw_bias, match):
 
 def test_batches_above_the_grid_cap_launch_in_chunks():
     # CUDA caps a grid's z dimension (the batch) at 65535; with the cap patched to 2, a batch of 5: 3 launches
-    from unittest import mock
-
-    from sepconv.kernels import depthwise as depthwise_module
-    from sepconv.kernels import separable as separable_module
-    from test_kernels_depthwise import GridRecorder
-
     torch.manual_seed(7)
     x = torch.randn(5, 4, 5, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
     dw, pw, pw_bias = torch.randn(8, 1, 3, 3, device=DEVICE), torch.randn(16, 8, 1, 1, device=DEVICE), torch.randn(16)
