@@ -11,6 +11,7 @@ occupancy and instruction-cache effects: ``KERNEL_NOTES.md`` has a case where it
 
     python benchmarks/kernel_sass.py --shape 144,56,3 --layout nhwc
     python benchmarks/kernel_sass.py --shape 384,28,7 --kernels forward --tiles 16,128,4,rows,4 --json out.json
+    python benchmarks/kernel_sass.py --shape 144,56,3 --kernels separable --out-channels 24
 """
 
 from __future__ import annotations
@@ -34,10 +35,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from sepconv.kernels import depthwise as dw
+from sepconv.kernels import separable as sep
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 _LAUNCHERS = {"forward": "depthwise_forward_kernel", "grad_input": "depthwise_grad_input_kernel",
-              "grad_weight": "depthwise_grad_weight_kernel"}  # fmt: skip
+              "grad_weight": "depthwise_grad_weight_kernel", "separable": "separable_forward_kernel"}  # fmt: skip
 
 
 class _Recorder:
@@ -50,17 +52,24 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
 
 
-def record_launch(kernel: str, x: torch.Tensor, weight: torch.Tensor, stride: int, tiles: dw.Tiles | None):
-    """The (kernel, grid, args, kwargs) our host code launches for ``kernel`` on these CPU tensors."""
+def record_launch(
+    kernel: str, x: torch.Tensor, weight: torch.Tensor, stride: int, tiles: Any, out_channels: int | None = None
+):
+    """The (kernel, grid, args, kwargs) our host code launches for ``kernel`` on these CPU tensors (``separable``:
+    the fused forward with a 1x1 conv to ``out_channels``; ``tiles`` a ``SeparableTiles`` then)."""
     name = _LAUNCHERS[kernel]
     if kernel in ("forward", "grad_weight") and tiles is not None and tiles.toeplitz:
         name = f"depthwise_{kernel}_toeplitz_kernel"  # when it applies (stride 1, dilation 1, ...)
-    recorder = _Recorder(getattr(dw, name))
+    module = sep if kernel == "separable" else dw
+    recorder = _Recorder(getattr(module, name))
     k = weight.shape[-1]
     geometry = ((stride, stride), (k // 2,) * 4, (1, 1))
-    setattr(dw, name, recorder)
+    setattr(module, name, recorder)
     try:
-        if kernel == "forward":
+        if kernel == "separable":
+            pw_weight = torch.empty(out_channels or weight.shape[0], weight.shape[0], 1, 1, dtype=x.dtype)
+            sep._forward(x, weight, None, pw_weight, None, *geometry, 0, tiles=tiles)
+        elif kernel == "forward":
             dw._forward(x, weight, None, *geometry, tiles=tiles)
         else:
             out = dw.output_size(x.shape[-2:], weight.shape[-2:], *geometry)
@@ -70,7 +79,7 @@ def record_launch(kernel: str, x: torch.Tensor, weight: torch.Tensor, stride: in
             launch = dw._grad_input if kernel == "grad_input" else dw._grad_weight
             launch(grad, x, weight, *geometry, tiles=tiles)
     finally:
-        setattr(dw, name, recorder.kernel)
+        setattr(module, name, recorder.kernel)
     (grid, args, kwargs), = recorder.calls  # fmt: skip
     return recorder.kernel, grid, args, kwargs
 
@@ -152,6 +161,14 @@ def parse_tiles(text: str | None) -> dw.Tiles | None:
     return dw.Tiles(int(fields[0]), int(fields[1]), int(fields[2]), static, *rest)
 
 
+def parse_separable_tiles(text: str | None) -> sep.SeparableTiles | None:
+    if not text:
+        return None
+    p, c, o, warps, stages, static = text.split(",")
+    static_taps = {"all": "all", "rows": "rows", "false": False, "0": False, "true": True}[static.lower()]
+    return sep.SeparableTiles(int(p), int(c), int(o), int(warps), int(stages), static_taps)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="144,56,3", help="C,H,K (square input and kernel)")
@@ -159,8 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stride", type=int, default=1)
     parser.add_argument("--layout", choices=("nchw", "nhwc"), default="nhwc")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    parser.add_argument("--kernels", nargs="+", choices=tuple(_LAUNCHERS), default=list(_LAUNCHERS))
-    parser.add_argument("--tiles", help="block_p,block_c,warps,static(all|rows|false)[,tile_w[,loop_taps[,toeplitz]]]")
+    parser.add_argument("--kernels", nargs="+", choices=tuple(_LAUNCHERS), default=list(_LAUNCHERS)[:3])
+    parser.add_argument(
+        "--tiles",
+        help="block_p,block_c,warps,static(all|rows|false)[,tile_w[,loop_taps[,toeplitz]]]; for separable: "
+        "block_p,block_c,block_o,warps,stages,static(all|rows|false)",
+    )
+    parser.add_argument("--out-channels", type=int, help="separable: the 1x1 conv's outputs (default: C)")
     parser.add_argument("--capability", type=int, default=90)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
@@ -172,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     weight = torch.empty(channels, 1, kernel_size, kernel_size, dtype=dtype)
     results = {}
     for kernel in args.kernels:
-        fn, grid, launch_args, kwargs = record_launch(kernel, x, weight, args.stride, parse_tiles(args.tiles))
+        tiles = (parse_separable_tiles if kernel == "separable" else parse_tiles)(args.tiles)
+        fn, grid, launch_args, kwargs = record_launch(kernel, x, weight, args.stride, tiles, args.out_channels)
         source, options = specialize(fn, launch_args, kwargs)
         result = analyze(source, options, args.capability)
         result["launch"] = {"grid": list(grid), **{k: str(v) for k, v in kwargs.items()}, **options}

@@ -13,8 +13,10 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
   are recorded;
 - ``kernel_sizes``: the depthwise comparison at 256x28, batch 32, for kernel sizes 9 to 27 (where ``auto``'s
   threshold lies), bf16 and fp32, without compile;
-- ``separable``: DESIGN.md §2's blocks; ``ours`` = ``sepconv.kernels.separable_conv2d`` (fused), ``eager`` =
-  depthwise then 1x1 ``F.conv2d``, ``compile``, and ``standard`` = the KxK conv the block replaces;
+- ``separable``: DESIGN.md §2's blocks; ``ours`` = ``sepconv.kernels.separable_conv2d`` (fused, or our depthwise
+  kernel + a matrix product where ``sepconv.kernels.separable.fuses`` says no: those rows also time the fused
+  kernel as ``ours_fused``), ``eager`` = depthwise then 1x1 ``F.conv2d``, ``compile``, and ``standard`` = the
+  KxK conv the block replaces;
 - ``models``: torchvision mobilenet_v2 and efficientnet_b0 eager, compiled and through ``sepconv.accelerate``,
   and resnet18; inference (eval) and an SGD training step, bf16 channels_last, batch 64 and 1;
 - ``memory floor`` = bytes that must move / copy bandwidth measured in this run: forward reads x and
@@ -56,6 +58,7 @@ import sepconv
 from sepconv.bench import device_name, median_latency, peak_memory_bytes, versions
 from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.kernels import depthwise as depthwise_module
+from sepconv.kernels import separable as separable_module
 from sepconv.kernels.depthwise import depthwise_conv2d
 from sepconv.kernels.separable import separable_conv2d
 
@@ -82,7 +85,7 @@ SEPARABLE_SHAPES = [
     ("convnext 384x28->1536 k7", 384, 28, 1536, 7, 1, 64),
     ("replknet 256x28->256 k31", 256, 28, 256, 31, 1, 32),
 ]
-QUICK_SEPARABLE_SHAPES = [("tiny 8x6->16", 8, 6, 16, 3, 1, 2)]
+QUICK_SEPARABLE_SHAPES = [("tiny 4x6->260 k5", 4, 6, 260, 5, 1, 2)]  # unfused by default: ours_fused timed too
 MODELS = [
     ("mobilenet_v2", torchvision.models.mobilenet_v2, 224),
     ("resnet18", torchvision.models.resnet18, 224),
@@ -156,6 +159,22 @@ def time_passes(
     )
 
 
+def with_settings(module: Any, settings: dict[str, Any], fn: Callable) -> Callable:
+    """``fn`` run with ``module``'s ``settings`` (module-level names read when a forward runs) set, then restored."""
+
+    def run(*args):
+        previous = {name: getattr(module, name) for name in settings}
+        for name, value in settings.items():
+            setattr(module, name, value)
+        try:
+            return fn(*args)
+        finally:
+            for name, value in previous.items():
+                setattr(module, name, value)
+
+    return run
+
+
 def _gradient_errors(ours: Callable, eager: Callable, x: torch.Tensor, w: torch.Tensor) -> dict[str, float]:
     """Ours' input and weight gradients against eager's (same grad-output): max error relative to the largest
     eager gradient entry, so that a GPU-only miscompile of a backward kernel shows in the row."""
@@ -185,19 +204,8 @@ def depthwise_row(name, channels, size, kernel, stride, batch, dtype_name, layou
         return F.conv2d(x, w, None, stride, pad, 1, channels)
 
     def experimental(*settings: str) -> Callable:
-        """``ours`` with the experimental backward settings on (read when the forward runs)."""
-
-        def run(x, w):
-            previous = {name: getattr(depthwise_module, name) for name in settings}
-            for name in settings:
-                setattr(depthwise_module, name, 1)
-            try:
-                return depthwise_conv2d(x, w, None, stride, pad)
-            finally:
-                for name, value in previous.items():
-                    setattr(depthwise_module, name, value)
-
-        return run
+        """``ours`` with the experimental settings on (read when the forward runs)."""
+        return with_settings(depthwise_module, dict.fromkeys(settings, 1), ours)
 
     impls: dict[str, Callable] = {"ours": ours, "eager": eager}
     if compile_:
@@ -266,7 +274,10 @@ def separable_row(name, channels, size, out, kernel, stride, batch, dtype_name, 
         torch._dynamo.reset()  # one code object per row: past its recompile limit dynamo would run eager
         impls["compile"] = torch.compile(eager, dynamic=False)
     impls["standard"] = standard
+    if not separable_module.fuses(out, (kernel, kernel)):  # ours runs unfused here: time the fused kernel too
+        impls["ours_fused"] = with_settings(separable_module, {"MAX_REPEATED_TAPS": kernel * kernel * out}, ours)
     y = eager(x, dw, pw, std)
+    error = lambda fn: (fn(x, dw, pw, std).float() - y.float()).abs().max().item()  # noqa: E731
     inputs = tuple(t.detach().requires_grad_() for t in (x, dw, pw, std))
     row: dict[str, Any] = {
         "section": "separable",
@@ -279,7 +290,11 @@ def separable_row(name, channels, size, out, kernel, stride, batch, dtype_name, 
         "batch": batch,
         "dtype": dtype_name,
         "layout": layout_name,
-        "max_abs_error_vs_eager": (ours(x, dw, pw, std).float() - y.float()).abs().max().item(),
+        **{
+            f"max_abs_error{impl.removeprefix('ours')}_vs_eager": error(fn)
+            for impl, fn in impls.items()
+            if "ours" in impl
+        },
         "macs": y.numel() // out * channels * (kernel * kernel + out),
         "bytes_forward": (x.numel() + y.numel()) * x.element_size(),
         "bytes_forward_backward": (3 * x.numel() + 2 * y.numel()) * x.element_size(),

@@ -54,6 +54,8 @@ def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
                 assert row[f"max_rel_error_grad_input_{variant}_vs_eager"] < 1e-5
                 assert row[f"max_rel_error_grad_weight_{variant}_vs_eager"] < 1e-5
                 assert row[f"{impl}_forward_backward_ms"] > 0
+        if row["section"] == "separable":  # a wide pointwise conv after a 5x5: unfused, and the fused kernel timed
+            assert row["max_abs_error_fused_vs_eager"] < 1e-4 and row["ours_fused_forward_backward_ms"] > 0
         for key in ("ours_forward_ms", "eager_forward_ms", "ours_forward_backward_ms", "ours_forward_repeat_ms"):
             assert row[key] > 0
         assert row["floor_forward_ms"] == max(row["memory_floor_forward_ms"], row["flop_floor_forward_ms"] or 0.0)
@@ -89,6 +91,16 @@ def test_sass_counts_the_multiply_adds_a_thread_must_issue(tmp_path):
     assert [loop["ffma"] for loop in rows["innermost_loops"]] == [7 * 16 * 128 // 128]
     grad_weight = _sass(tmp_path, "--shape", "256,28,31", "--kernels", "grad_weight")["grad_weight"]
     assert sorted(loop["ffma"] for loop in grad_weight["innermost_loops"]) == [0, 16 * 128 // 128]  # bias, weight
+
+
+def test_sass_fused_separable_kernel_puts_the_pointwise_product_on_tensor_cores(tmp_path):
+    """The fused forward (bf16, 144x56 -> 24, 3x3 taps unrolled, 64 pixels x 32 mid channels on 128 threads):
+    its mid-channel loop issues the depthwise tile's 9 x 16 FFMAs per thread and the pointwise product as
+    tensor-core instructions, no spills."""
+    args = ("--shape", "144,56,3", "--kernels", "separable", "--out-channels", "24", "--tiles", "64,32,32,4,3,all")
+    fused = _sass(tmp_path, *args)["separable"]
+    assert [loop["ffma"] for loop in fused["innermost_loops"]] == [9 * 64 * 32 // 128]
+    assert fused["mma"] > 0 and fused["spill_instructions"] == 0
 
 
 def test_default_launches_do_not_spill_registers(tmp_path):

@@ -174,3 +174,36 @@ def test_batches_above_the_grid_cap_launch_in_chunks():
     want = F.conv2d(F.conv2d(x.double(), dw.double(), None, 1, 1, 1, 4), pw.double(), pw_bias.double().to(DEVICE))
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     assert [grid[2] for grid in recorder.grids] == [2, 2, 1]
+
+
+@pytest.mark.parametrize(
+    ("o", "k", "fused"),
+    [(128, (31, 31), True), (160, (3, 3), True), (384, (5, 5), False), (260, (7, 1), True), (260, (5, 5), False)],
+)
+def test_wide_pointwise_convs_after_large_kernels_run_unfused(o, k, fused):
+    """A fused program covers 128 outputs, so O outputs repeat the depthwise tile R = ceil(O / 128) times; where
+    the repeats cost more than MAX_REPEATED_TAPS multiply-adds per intermediate element, (R - 1)·KH·KW, the call
+    runs our depthwise kernel and a matrix product instead: the same results (float64 reference, every gradient),
+    the fused kernel never launched, the output in the input's memory format; explicit tiles still fuse."""
+    repeats = -(-o // 128)
+    assert ((repeats - 1) * k[0] * k[1] <= separable_module.MAX_REPEATED_TAPS) == fused
+    assert separable_module.fuses(o, k) == fused
+    torch.manual_seed(9)
+    cfg = {"n": 2, "c": 3, "m": 2, "o": o, "hw": (8, 7), "k": k, "dw_bias": True, "pw_bias": True}
+    for kind in ("contiguous", "channels_last"):
+        tensors = make(cfg | {"layout": kind})
+        recorder = GridRecorder(separable_module.separable_forward_kernel)
+        with mock.patch.object(separable_module, "separable_forward_kernel", recorder):
+            y = check(*tensors, 1, "same", 1, atol=1e-12, act="relu6")
+        assert len(recorder.grids) == fused, kind
+        memory_format = torch.channels_last if kind == "channels_last" else torch.contiguous_format
+        assert y.is_contiguous(memory_format=memory_format), kind
+    x, dw, dw_bias, pw, pw_bias = (t.float() for t in tensors)
+    geometry = ([1, 1], resolve_padding_sides("same", x.shape[-2:], k, (1, 1), (1, 1)), [1, 1])
+    recorder = GridRecorder(separable_module.separable_forward_kernel)
+    with mock.patch.object(separable_module, "separable_forward_kernel", recorder):
+        forced = separable_module._forward(
+            x, dw, dw_bias, pw, pw_bias, *geometry, 2, tiles=separable_module._tiles(56, 6, o)
+        )
+    assert len(recorder.grids) == 1
+    torch.testing.assert_close(forced, separable_conv2d(x, dw, pw, pw_bias, 1, "same", 1, dw_bias, "relu6"))

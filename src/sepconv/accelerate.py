@@ -5,9 +5,10 @@ modules run one after the other (``nn.Sequential`` and its plain subclasses such
 ``Conv2dNormActivation``, nested at any depth; our ``SeparableConv2d``) and replaces each by a
 :class:`FusedSeparableConv2d`: BatchNorms in eval mode are folded into the conv weights and the
 activation is fused: with ``backend="triton"`` the whole chain is one Triton kernel
-(:func:`sepconv.kernels.separable_conv2d`). With ``backend="auto"`` (default) each module takes the path
-:mod:`sepconv.dispatch` measured faster: PyTorch's convs (on the folded weights), and our depthwise kernel
-for large kernels in channels_last on CUDA; auto never runs the fused kernel, which measured slower.
+(:func:`sepconv.kernels.separable_conv2d`; two where :func:`sepconv.kernels.separable.fuses` says no). With
+``backend="auto"`` (default) each module takes the path :mod:`sepconv.dispatch` measured faster: PyTorch's
+convs (on the folded weights), and our depthwise kernel for large kernels in channels_last on CUDA; auto never
+runs the fused kernel, which measured slower.
 
 A BatchNorm in training mode cannot be folded (it needs the batch statistics of the depthwise output):
 then the chain is not fused and only its depthwise conv is replaced, by a :class:`~sepconv.DepthwiseConv2d`

@@ -3,7 +3,8 @@
 - ``"torch"``: always PyTorch (``F.conv2d``; on CPU through :mod:`sepconv.cpu_strategy`).
 - ``"triton"``: always our kernels; a call they cannot run raises an error that says why. CPU tensors need
   ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests). A separable layer runs the fused kernel
-  (:func:`sepconv.kernels.separable_conv2d`, the intermediate stays on chip) when :func:`fusable`: groups=1,
+  (:func:`sepconv.kernels.separable_conv2d`, the intermediate stays on chip; it runs our depthwise kernel and
+  a matrix product instead where :func:`sepconv.kernels.separable.fuses` says no) when :func:`fusable`: groups=1,
   and between the convs at most an eval-mode BatchNorm (folded into the depthwise weights on each call) and
   a ReLU/ReLU6. Otherwise — e.g. a BatchNorm in training mode, which needs the intermediate's batch
   statistics — its depthwise part runs :func:`sepconv.kernels.depthwise_conv2d` and the rest PyTorch.

@@ -3,7 +3,9 @@ reaches memory.
 
 Forward: each program computes a depthwise tile in registers, applies the optional mid activation and
 feeds it to the pointwise product
-(``tl.dot``: tensor cores for fp16/bf16, exact fp32 for fp32). Backward recomputes the intermediate
+(``tl.dot``: tensor cores for fp16/bf16, exact fp32 for fp32). A program covers at most 128 outputs, so wider
+pointwise convs recompute the depthwise tile per block of outputs; where that repeats too much work
+(:func:`fuses`), the call runs our depthwise kernel and a matrix product instead. Backward recomputes the intermediate
 instead of saving it (training keeps x, not the C·m-channel intermediate), then runs the 1x1 products
 with PyTorch and the depthwise backward on our kernels. Custom op ``sepconv::separable_conv2d``.
 
@@ -27,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sepconv.cpu_pointwise import pointwise_matmul
 from sepconv.kernels._depthwise_triton import separable_forward_kernel
 from sepconv.kernels.depthwise import (
     _ACC,
@@ -45,12 +48,14 @@ from sepconv.kernels.depthwise import (
     run_kernel,
     run_op,
 )
+from sepconv.kernels.depthwise import _forward as _depthwise_forward
 
-__all__ = ["MID_ACTIVATIONS", "separable_conv2d"]
+__all__ = ["MAX_REPEATED_TAPS", "MID_ACTIVATIONS", "fuses", "separable_conv2d"]
 
 MID_ACTIVATIONS = (None, "relu", "relu6")  # the kernel's codes are the positions
 
 _MIN_DOT = 16  # tl.dot needs every block dimension >= 16
+_MAX_BLOCK_O = 128  # outputs per program (default launch)
 
 
 def separable_conv2d(
@@ -114,7 +119,37 @@ def _block(size: int, cap: int) -> int:
 
 
 def _tiles(pixels: int, c_mid: int, c_out: int) -> SeparableTiles:
-    return SeparableTiles(_block(pixels, 64), _block(c_mid, 32), _block(c_out, 128))
+    return SeparableTiles(_block(pixels, 64), _block(c_mid, 32), _block(c_out, _MAX_BLOCK_O))
+
+
+# A fused call computes each depthwise tile once per block of BLOCK_O (<= 128) outputs: R = ceil(O / BLOCK_O)
+# times. Where the repeats add more than this many multiply-adds per intermediate element, (R - 1)·KH·KW, the
+# call is not fused. Measured (H200, bf16, `benchmarks/results/kernels.json`, 2026-11-26): fused 384->1536 7x7
+# (R = 12: 539) 4.9 ms channels_last / 8.3 ms NCHW against PyTorch's two convs 0.26 / 0.96 ms and our depthwise
+# kernel alone 0.18 / 0.33 ms; 256->256 31x31 (R = 2: 961) 6.9 / 8.5 ms against our depthwise 1.25 / 2.8 ms.
+# The cheapest repeats measured, 960->160 3x3 (R = 2: 9), stay fused: one launch where the call is host-bound.
+MAX_REPEATED_TAPS = 48
+
+
+def fuses(c_out: int, kernel_size: Sequence[int]) -> bool:
+    """Whether :func:`separable_conv2d` runs its fused kernel (default launch) for ``c_out`` outputs and a
+    depthwise ``kernel_size`` (KH, KW): unless repeating the depthwise tile per block of outputs costs more than
+    :data:`MAX_REPEATED_TAPS` multiply-adds per intermediate element.
+
+    >>> fuses(160, (3, 3)), fuses(1536, (7, 7)), fuses(256, (31, 31)), fuses(128, (31, 31))
+    (True, False, False, True)
+    """
+    repeats = triton.cdiv(c_out, _block(c_out, _MAX_BLOCK_O))
+    return (repeats - 1) * kernel_size[0] * kernel_size[1] <= MAX_REPEATED_TAPS
+
+
+def _forward_unfused(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation) -> Tensor:
+    """The separable conv as our depthwise kernel, the activation, then the 1x1 conv as a matrix product (full
+    fp32 products under PyTorch's default matmul precision); the output in ``x``'s memory format."""
+    mid = _activate(_depthwise_forward(x, dw_weight, dw_bias, stride, padding, dilation), activation)
+    if _memory_format(mid) == torch.channels_last:  # (N, H, W, C) rows times the weight, read as a view
+        return F.linear(mid.permute(0, 2, 3, 1), pw_weight.flatten(1), pw_bias).permute(0, 3, 1, 2)
+    return pointwise_matmul(mid, pw_weight, pw_bias)
 
 
 def _forward(
@@ -131,6 +166,8 @@ def _forward(
 ) -> Tensor:
     out_h, out_w = output_size(x.shape[-2:], dw_weight.shape[-2:], stride, padding, dilation)
     c_mid, c_out = dw_weight.shape[0], pw_weight.shape[0]
+    if tiles is None and not fuses(c_out, dw_weight.shape[2:]):
+        return _forward_unfused(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation)
     y = torch.empty((x.shape[0], c_out, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     if y.numel() == 0:
         return y
