@@ -47,5 +47,6 @@ for row in r["rows"]:
     else:
         ms = {k: round(v, 3) for k, v in row.items() if k.endswith("_ms") and "floor" not in k}
         errors = {k.removeprefix("max_"): float(f"{v:.2g}") for k, v in row.items() if k.startswith("max_")}
+        errors |= {k: v[:80] for k, v in row.items() if k.endswith("_graph_error")}  # a CUDA-graph capture failed
         print(row["section"][:3], row["shape"], row["batch"], row["dtype"], row["layout"], ms, errors)
 PY

@@ -24,7 +24,9 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
 - ``FLOP floor`` (depthwise section) = MACs / the fp32 CUDA-core FMA rate measured in this run (depthwise
   has no tensor-core form here; bf16/fp16 accumulate in fp32 too); ``floor`` = max of the two.
 
-CUDA timings use ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, median). On a
+CUDA timings use ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, median); ``ours`` and
+``eager`` in the depthwise, kernel_sizes and separable rows are also timed as CUDA-graph replays
+(``*_graph_*_ms``: the kernels' device time, without the host overhead that decides small rows). On a
 machine without a GPU, ``--quick`` runs tiny configurations of every section through Triton's interpreter
 to check the script (timings of the interpreter mean nothing and are labelled so).
 
@@ -140,12 +142,34 @@ def fma_rate(device: str) -> float | None:
     return programs * block * iters * 4 / (ms * 1e-3)
 
 
+def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (after three warm-up calls on a side stream, which also compile any
+    Triton kernel), returned as the graph's replay: ``fn``'s device work without its host-side Python and
+    launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+GRAPHED = ("ours", "eager")  # impls also timed as CUDA-graph replays (``*_graph_*_ms``): device time only
+
+
 def time_passes(
     row: dict[str, Any], impls: dict[str, Callable], inputs: tuple, wrt: dict[str, tuple], grad, device: str
 ):
     """``row[impl_forward_ms]``, ``row[impl_forward_backward_ms]`` and the training peak memory per impl
     (gradients of ``wrt[impl]``); ``ours`` is timed again after the others (``ours_*_repeat_ms``): the
-    spread between the two bounds the run's noise for that row."""
+    spread between the two bounds the run's noise for that row. On CUDA the :data:`GRAPHED` impls are also
+    timed as CUDA-graph replays (``*_graph_forward_ms``, ``*_graph_forward_backward_ms``): where a call is
+    host-bound the eager timings measure the host, these the kernels (a failed capture is recorded as
+    ``*_graph_error``)."""
     with torch.no_grad():
         for impl, fn in impls.items():
             row[f"{impl}_forward_ms"] = measure(lambda fn=fn: fn(*inputs), device)
@@ -157,6 +181,16 @@ def time_passes(
     row["ours_forward_backward_repeat_ms"] = measure(
         lambda: torch.autograd.grad(impls["ours"](*inputs), wrt["ours"], grad), device
     )
+    for impl in GRAPHED if device == "cuda" else ():
+        fn = impls[impl]
+        try:
+            with torch.no_grad():
+                forward = graph_replay(lambda fn=fn: fn(*inputs))
+            row[f"{impl}_graph_forward_ms"] = measure(forward, device)
+            step = graph_replay(lambda fn=fn, impl=impl: torch.autograd.grad(fn(*inputs), wrt[impl], grad))
+            row[f"{impl}_graph_forward_backward_ms"] = measure(step, device)
+        except Exception as error:  # a capture that fails is a finding for the row, not the end of the run
+            row[f"{impl}_graph_error"] = f"{type(error).__name__}: {error}"[:300]
 
 
 def with_settings(module: Any, settings: dict[str, Any], fn: Callable) -> Callable:
@@ -359,9 +393,13 @@ def add_floors(row: dict[str, Any], bandwidth: float, fmas: float | None) -> Non
         row[f"speedup_vs_best_torch_{pass_}"] = best / row[f"ours_{pass_}_ms"]
         if "standard_forward_ms" in row:
             row[f"speedup_vs_standard_{pass_}"] = row[f"standard_{pass_}_ms"] / row[f"ours_{pass_}_ms"]
-        for variant in ("fft_grad_weight", "fft_flipped", "toeplitz", "toeplitz_all"):
+        for variant in ("fft_grad_weight", "fft_flipped", "toeplitz", "toeplitz_all", "fused"):
             if f"ours_{variant}_{pass_}_ms" in row:
                 row[f"speedup_{variant}_vs_best_torch_{pass_}"] = best / row[f"ours_{variant}_{pass_}_ms"]
+        if f"ours_graph_{pass_}_ms" in row and f"eager_graph_{pass_}_ms" in row:  # device time against device time
+            row[f"speedup_graph_vs_eager_graph_{pass_}"] = (
+                row[f"eager_graph_{pass_}_ms"] / row[f"ours_graph_{pass_}_ms"]
+            )
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
