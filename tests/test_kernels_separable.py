@@ -207,3 +207,16 @@ def test_wide_pointwise_convs_after_large_kernels_run_unfused(o, k, fused):
         )
     assert len(recorder.grids) == 1
     torch.testing.assert_close(forced, separable_conv2d(x, dw, pw, pw_bias, 1, "same", 1, dw_bias, "relu6"))
+
+
+@pytest.mark.parametrize("act", ["relu", "relu6"])
+def test_activation_gradient_at_the_kinks_is_pytorchs(act):
+    """With zero depthwise weights the intermediate is exactly the depthwise bias: 0 and 6 (the kinks), NaN-free
+    values on either side. Every gradient equals PyTorch's autograd through F.relu / F.relu6 in float64 (0 at
+    the kinks)."""
+    torch.manual_seed(10)
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64, device=DEVICE)
+    dw = torch.zeros(6, 1, 3, 3, dtype=torch.float64, device=DEVICE)
+    dw_bias = torch.tensor([0.0, 6.0, 3.0, -1.0, 7.0, 0.0], dtype=torch.float64, device=DEVICE)
+    pw = torch.randn(5, 6, 1, 1, dtype=torch.float64, device=DEVICE)
+    check(x, dw, dw_bias, pw, None, 1, 1, 1, atol=1e-12, act=act)

@@ -253,7 +253,7 @@ def _backward(ctx, grad):
     if needs[0] or needs[1] or needs[2]:
         grad_mid = F.conv2d(grad, pw_weight.transpose(0, 1))  # the 1x1 conv's input gradient
         if ctx.activation:
-            grad_mid = grad_mid * _activation_slope(pre, ctx.activation)
+            grad_mid = _activation_backward(grad_mid, pre, ctx.activation)
         args, tensors = (grad_mid, x, dw_weight, *ctx.geometry), (grad_mid, x, dw_weight)
         if needs[0]:
             grad_x = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
@@ -270,10 +270,12 @@ def _activate(pre: Tensor, activation: int) -> Tensor:
     return pre if activation == 0 else F.relu(pre) if activation == 1 else F.relu6(pre)
 
 
-def _activation_slope(pre: Tensor, activation: int) -> Tensor:
-    """d act / d pre as PyTorch's backward takes it (0 at the kinks)."""
-    inside = pre > 0 if activation == 1 else (pre > 0) & (pre < 6)
-    return inside.to(pre.dtype)
+def _activation_backward(grad: Tensor, pre: Tensor, activation: int) -> Tensor:
+    """``grad`` through the activation at ``pre``, by PyTorch's own backward ops for relu and relu6 (one op
+    each; 0 at the kinks)."""
+    if activation == 1:
+        return torch.ops.aten.threshold_backward(grad, pre, 0)
+    return torch.ops.aten.hardtanh_backward(grad, pre, 0, 6)
 
 
 _separable_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
