@@ -55,7 +55,8 @@ def main() -> int:
         (kernels.depthwise_grad_weight_kernel, {"LOOP_TAPS": False, "BLOCK_W": 8}),
         (kernels.depthwise_grad_weight_kernel, {"LOOP_TAPS": True, "BLOCK_W": 32}),
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 0, "STATIC_KW": 0}),
-        (kernels.separable_forward_kernel, separable | {"STATIC_KH": 3, "STATIC_KW": 3}),
+        (kernels.separable_forward_kernel, separable | {"STATIC_KH": 3, "STATIC_KW": 3, "MID_ACT": 5}),  # gelu
+        (kernels.separable_forward_kernel, separable | {"STATIC_KH": 0, "STATIC_KW": 3, "MID_ACT": 4}),  # silu
         (kernels.depthwise_forward_toeplitz_kernel, toeplitz),
         (kernels.depthwise_grad_weight_toeplitz_kernel, toeplitz_grad_weight),
     ]

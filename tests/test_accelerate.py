@@ -53,6 +53,33 @@ def test_mobilenet_v2_eval_fuses_every_block_and_keeps_outputs(mobilenet):
     assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
 
 
+def test_mobilenet_v3_large_fuses_the_blocks_without_squeeze_excitation_with_their_activation():
+    """mobilenet_v3_large: its inverted residual blocks without squeeze-excitation (ReLU or Hardswish between
+    the depthwise and the projecting 1x1 conv) become fused chains, in order, with that activation; the blocks
+    with squeeze-excitation (between the two convs) get only their depthwise conv replaced. Outputs equal the
+    original's in eval, on PyTorch's convs and on the Triton kernels (the interpreter on CPU)."""
+    from torchvision.ops import SqueezeExcitation
+
+    torch.manual_seed(1)
+    model = randomize_norms(torchvision.models.mobilenet_v3_large(width_mult=0.35)).eval().to(DEVICE)
+    expected = []
+    for block in model.features[1:]:
+        if not hasattr(block, "use_res_connect"):  # the last 1x1 conv, not an inverted residual block
+            continue
+        depthwise = next(m for m in block.block if m[0].groups > 1)  # Conv2dNormActivation: conv, BN, activation
+        if any(isinstance(m, SqueezeExcitation) for m in block.modules()):
+            expected.append(("depthwise", None))
+        else:
+            expected.append(("fused separable", {nn.ReLU: "relu", nn.Hardswish: "hardswish"}[type(depthwise[2])]))
+    assert ("fused separable", "hardswish") in expected and ("depthwise", None) in expected  # the test means it
+    for backend in ("auto", "triton"):
+        fast, changes = accelerate(model, backend=backend)
+        assert [(c.kind, c.activation) for c in changes] == expected
+        x = torch.randn(1, 3, 32, 32, device=DEVICE)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)
+
+
 def test_mobilenet_v2_on_the_triton_kernels(mobilenet):
     fast, _ = accelerate(mobilenet, backend="triton")  # on CPU: Triton's interpreter
     x = torch.randn(1, 3, 32, 32, device=DEVICE)

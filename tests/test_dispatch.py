@@ -223,14 +223,15 @@ def test_separable_layer_takes_the_fused_kernel_only_when_fusable(monkeypatch):
     def make(**kwargs):
         return sepconv.SeparableConv2d(4, 8, 3, backend="triton", device=DEVICE, **kwargs)
 
-    plain, relu6 = make(), make(mid_activation=nn.ReLU6)
-    eval_norm = make(mid_norm=nn.BatchNorm2d, mid_activation=nn.ReLU).eval()
-    grouped, gelu, train_norm = make(groups=2), make(mid_activation=nn.GELU), make(mid_norm=nn.BatchNorm2d)
+    plain, relu6, silu = make(), make(mid_activation=nn.ReLU6), make(mid_activation=nn.SiLU)
+    eval_norm = make(mid_norm=nn.BatchNorm2d, mid_activation=nn.Hardswish).eval()
+    grouped, train_norm = make(groups=2), make(mid_norm=nn.BatchNorm2d)
+    tanh_gelu, mish = make(mid_activation=nn.GELU(approximate="tanh")), make(mid_activation=nn.Mish)
     with sepconv.use_cpu_strategy("off"):  # on CPU, "auto" would also time the layers' parts
-        for layer in (plain, relu6, eval_norm, grouped, gelu, train_norm):
+        for layer in (plain, relu6, silu, eval_norm, grouped, tanh_gelu, mish, train_norm):
             layer(x)
-    assert fused == [plain, relu6, eval_norm]
-    assert depthwise_only == [grouped.depthwise, gelu.depthwise, train_norm.depthwise]
+    assert fused == [plain, relu6, silu, eval_norm]
+    assert depthwise_only == [grouped.depthwise, tanh_gelu.depthwise, mish.depthwise, train_norm.depthwise]
 
 
 def test_fused_layer_with_eval_norm_equals_torch_including_norm_parameter_gradients():

@@ -23,7 +23,7 @@ def reference(x, dw, dw_bias, pw, pw_bias, stride, padding, dilation, mid_dtype,
     pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
     top, bottom, left, right = resolve_padding_sides(padding, x.shape[-2:], dw.shape[-2:], pair(stride), pair(dilation))
     mid = F.conv2d(F.pad(x, (left, right, top, bottom)), dw, dw_bias, stride, 0, dilation, groups=x.shape[1])
-    mid = {None: mid, "relu": F.relu(mid), "relu6": F.relu6(mid)}[act]
+    mid = mid if act is None else getattr(F, act)(mid)
     return F.conv2d(mid.to(mid_dtype).double(), pw, pw_bias)
 
 
@@ -64,7 +64,7 @@ def separable_configs(draw):
         "dw_bias": draw(st.booleans()),
         "pw_bias": draw(st.booleans()),
         "layout": draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
-        "act": draw(st.sampled_from([None, "relu", "relu6"])),
+        "act": draw(st.sampled_from(separable_module.MID_ACTIVATIONS)),
     }
 
 
@@ -149,7 +149,7 @@ def test_torch_compile_and_opcheck():
         (torch.randn(5, 3, 1, 1), None, r"pw_weight must have shape \(O, 4, 1, 1\)"),
         (torch.randn(5, 4, 3, 3), None, r"pw_weight must have shape \(O, 4, 1, 1\)"),
         (torch.randn(5, 4, 1, 1), torch.randn(4), r"pw_bias must have shape \(5,\)"),
-        (torch.randn(5, 4, 1, 1), "gelu", r"mid_activation must be one of \(None, 'relu', 'relu6'\); got 'gelu'"),
+        (torch.randn(5, 4, 1, 1), "mish", r"mid_activation must be one of \(None, 'relu', .*'gelu'\); got 'mish'"),
     ],
 )
 def test_bad_pointwise_arguments(pw, pw_bias, match):
@@ -209,14 +209,27 @@ def test_wide_pointwise_convs_after_large_kernels_run_unfused(o, k, fused):
     torch.testing.assert_close(forced, separable_conv2d(x, dw, pw, pw_bias, 1, "same", 1, dw_bias, "relu6"))
 
 
-@pytest.mark.parametrize("act", ["relu", "relu6"])
+@pytest.mark.parametrize("act", ["relu", "relu6", "hardswish"])
 def test_activation_gradient_at_the_kinks_is_pytorchs(act):
-    """With zero depthwise weights the intermediate is exactly the depthwise bias: 0 and 6 (the kinks), NaN-free
-    values on either side. Every gradient equals PyTorch's autograd through F.relu / F.relu6 in float64 (0 at
-    the kinks)."""
+    """With zero depthwise weights the intermediate is exactly the depthwise bias: the kinks (0 and 6 of relu6,
+    -3 and 3 of hardswish) and values on either side. Every gradient equals PyTorch's autograd through the
+    activation in float64."""
     torch.manual_seed(10)
-    x = torch.randn(2, 6, 4, 5, dtype=torch.float64, device=DEVICE)
-    dw = torch.zeros(6, 1, 3, 3, dtype=torch.float64, device=DEVICE)
-    dw_bias = torch.tensor([0.0, 6.0, 3.0, -1.0, 7.0, 0.0], dtype=torch.float64, device=DEVICE)
-    pw = torch.randn(5, 6, 1, 1, dtype=torch.float64, device=DEVICE)
+    x = torch.randn(2, 8, 4, 5, dtype=torch.float64, device=DEVICE)
+    dw = torch.zeros(8, 1, 3, 3, dtype=torch.float64, device=DEVICE)
+    dw_bias = torch.tensor([0.0, 6.0, 3.0, -1.0, 7.0, -3.0, -4.0, 2.0], dtype=torch.float64, device=DEVICE)
+    pw = torch.randn(5, 8, 1, 1, dtype=torch.float64, device=DEVICE)
     check(x, dw, dw_bias, pw, None, 1, 1, 1, atol=1e-12, act=act)
+
+
+@pytest.mark.parametrize("act", ["hardswish", "silu", "gelu"])
+@pytest.mark.parametrize(("dtype", "atol"), [(torch.float64, 1e-12), (torch.bfloat16, 4e-2)], ids=str)
+def test_smooth_mid_activations(act, dtype, atol):
+    """hardswish, silu and gelu (erf) applied by the kernel on its accumulator, gradients through PyTorch's own
+    backward ops: output and every gradient against F.<act> between two float64 convs (the intermediate rounded
+    to the input dtype), channels_last, a depth multiplier, both biases."""
+    torch.manual_seed(11)
+    cfg = {"n": 2, "c": 5, "m": 2, "o": 20, "hw": (7, 9), "k": (3, 3), "dw_bias": True, "pw_bias": True}
+    x, dw, dwb, pw, pwb = make(cfg | {"layout": "channels_last"}, torch.float64)
+    tensors = [x.to(dtype), (dw / 3).to(dtype), dwb.to(dtype), (pw / 3).to(dtype), pwb.to(dtype)]
+    check(*tensors, 1, "same", 1, atol=atol, act=act)

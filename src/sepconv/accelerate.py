@@ -1,6 +1,6 @@
 """``sepconv.accelerate``: route the depthwise separable blocks of an existing model through our kernels.
 
-It finds ``depthwise conv -> (BatchNorm) -> (ReLU | ReLU6) -> 1x1 conv -> (BatchNorm)`` chains wherever
+It finds ``depthwise conv -> (BatchNorm) -> (activation) -> 1x1 conv -> (BatchNorm)`` chains wherever
 modules run one after the other (``nn.Sequential`` and its plain subclasses such as torchvision's
 ``Conv2dNormActivation``, nested at any depth; our ``SeparableConv2d``) and replaces each by a
 :class:`FusedSeparableConv2d`: BatchNorms in eval mode are folded into the conv weights and the
@@ -40,16 +40,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sepconv.dispatch import FUSED_ACTIVATIONS, backend_arg, use_triton
+from sepconv.dispatch import backend_arg, fused_activation, use_triton
 from sepconv.folding import fold_batch_norm, foldable_norm
 from sepconv.layers import DepthwiseConv2d, PointwiseConv2d, SeparableConv2d, pad_same
 
 __all__ = ["Acceleration", "FusedSeparableConv2d", "accelerate"]
 
-_ACTIVATIONS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6}
-# in place on the depthwise conv's fresh output, as torchvision's ReLU6(inplace=True) (the conv's backward does not
-# need its output): one activation-sized allocation less per block
-_ACTIVATIONS_IN_PLACE = {None: lambda t: t, "relu": F.relu_, "relu6": lambda t: F.relu6(t, inplace=True)}
+_ACTIVATIONS = {None: lambda t: t, "relu": F.relu, "relu6": F.relu6, "hardswish": F.hardswish, "silu": F.silu}
+_ACTIVATIONS["gelu"] = F.gelu
+# relu and relu6 in place on the depthwise conv's fresh output, as torchvision's ReLU6(inplace=True) (the conv's
+# backward does not need its output; theirs needs only theirs): one activation-sized allocation less per block.
+# The others' backward needs their input, which autograd would clone before an in-place call: out of place.
+_ACTIVATIONS_IN_PLACE = _ACTIVATIONS | {"relu": F.relu_, "relu6": lambda t: F.relu6(t, inplace=True)}
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,8 @@ class Acceleration:
 
 
 class FusedSeparableConv2d(nn.Module):
-    """depthwise conv (+ bias) -> relu | relu6 | nothing -> 1x1 conv (+ bias), as one module.
+    """depthwise conv (+ bias) -> relu | relu6 | hardswish | silu | gelu | nothing -> 1x1 conv (+ bias), as one
+    module.
 
     ``backend="triton"``: one fused Triton kernel; ``"auto"``: PyTorch's two convs, the depthwise one on our
     kernel where :mod:`sepconv.dispatch` measured it faster; ``"torch"``: PyTorch's two convs. Built by
@@ -272,7 +275,7 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int):
         if not foldable_norm(leaves[i][1], mid):
             return None  # a training-mode norm between the convs: not fusable
         norm1, i = leaves[i], i + 1
-    if i < len(leaves) and type(leaves[i][1]) in FUSED_ACTIVATIONS:
+    if i < len(leaves) and fused_activation(leaves[i][1]) is not None:
         activation, i = leaves[i], i + 1
     if i >= len(leaves) or not _is_pointwise(leaves[i][1], mid):
         return None
@@ -282,7 +285,7 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int):
         norm2, i = leaves[i], i + 1
     dw_weight, dw_bias = _fold(dw.weight, dw.bias, None if norm1 is None else norm1[1])
     pw_weight, pw_bias = _fold(pw.weight, pw.bias, None if norm2 is None else norm2[1])
-    act_name = None if activation is None else FUSED_ACTIVATIONS[type(activation[1])]
+    act_name = None if activation is None else fused_activation(activation[1])
     geometry = (dw.stride, dw.padding, dw.dilation)
     fused = FusedSeparableConv2d(dw.in_channels, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, act_name)
     fused.training = dw.training

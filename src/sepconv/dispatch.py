@@ -6,7 +6,7 @@
   (:func:`sepconv.kernels.separable_conv2d`, the intermediate stays on chip; it runs our depthwise kernel and
   a matrix product instead where :func:`sepconv.kernels.separable.fuses` says no) when :func:`fusable`: groups=1,
   and between the convs at most an eval-mode BatchNorm (folded into the depthwise weights on each call) and
-  a ReLU/ReLU6. Otherwise — e.g. a BatchNorm in training mode, which needs the intermediate's batch
+  a ReLU/ReLU6/Hardswish/SiLU/GELU. Otherwise — e.g. a BatchNorm in training mode, which needs the intermediate's batch
   statistics — its depthwise part runs :func:`sepconv.kernels.depthwise_conv2d` and the rest PyTorch.
 - ``"auto"`` (default): our depthwise kernel only where it measured faster than PyTorch
   (``benchmarks/results/kernels.json``, H200): 2-d CUDA inputs, fp16/bf16/fp32, zero padding; in
@@ -42,6 +42,7 @@ __all__ = [
     "FUSED_ACTIVATIONS",
     "backend_arg",
     "fusable",
+    "fused_activation",
     "slower_than_pytorch",
     "triton_blocker",
     "triton_depthwise_forward",
@@ -51,7 +52,22 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "triton")
 _AUTO_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6"}  # mid activations the fused kernel applies
+# mid activations the fused kernel applies (nn.GELU in its exact erf form only: see fused_activation)
+FUSED_ACTIVATIONS = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu", nn.GELU: "gelu"}
+
+
+def fused_activation(module: nn.Module) -> str | None:
+    """The fused kernel's name (``mid_activation`` of :func:`sepconv.kernels.separable_conv2d`) for an
+    activation module, or None where the kernel cannot apply it (a type not in :data:`FUSED_ACTIVATIONS`, or
+    ``nn.GELU(approximate="tanh")``).
+
+    >>> fused_activation(nn.ReLU6(inplace=True)), fused_activation(nn.GELU()), fused_activation(nn.GELU("tanh"))
+    ('relu6', 'gelu', None)
+    """
+    name = FUSED_ACTIVATIONS.get(type(module))
+    return None if name == "gelu" and module.approximate != "none" else name
+
+
 # auto's measured rule (benchmarks/results/kernels.json, H200, bf16 and fp32). channels_last: PyTorch's
 # depthwise conv is fast up to 7x7 (ours 1.1-1.6x slower there, more where the host decides) and 11-17x slower
 # than ours from 9x9 to 31x31 (it falls off its fast path). NCHW: ours 1.6-2.6x faster forward and 1.1-1.9x
@@ -175,12 +191,13 @@ def triton_depthwise_forward(layer: nn.Module, input: Tensor) -> Tensor:
 
 def fusable(layer: nn.Module) -> bool:
     """A separable layer the fused kernel computes whole: ungrouped pointwise, and between the convs at most an
-    eval-mode BatchNorm (folded per call) and a ReLU or ReLU6 (fused). A training-mode norm is not fusable."""
+    eval-mode BatchNorm (folded per call) and an activation :func:`fused_activation` names. A training-mode norm
+    is not fusable."""
     norm, activation = layer.mid_norm, layer.mid_activation
     return (
         layer.pointwise.groups == 1
         and (norm is None or foldable_norm(norm, layer.depthwise.out_channels))
-        and (activation is None or type(activation) in FUSED_ACTIVATIONS)
+        and (activation is None or fused_activation(activation) is not None)
     )
 
 
@@ -192,7 +209,7 @@ def triton_separable_forward(layer: nn.Module, input: Tensor) -> Tensor:
     weight, bias = dw.weight, dw.bias
     if layer.mid_norm is not None:
         weight, bias = fold_batch_norm(weight, bias, layer.mid_norm)
-    activation = None if layer.mid_activation is None else FUSED_ACTIVATIONS[type(layer.mid_activation)]
+    activation = None if layer.mid_activation is None else fused_activation(layer.mid_activation)
     return separable_conv2d(
         input, weight, pw.weight, pw.bias, dw.stride, dw.padding, dw.dilation, bias, mid_activation=activation
     )

@@ -590,9 +590,10 @@ def separable_forward_kernel(
     STATIC_KH: tl.constexpr = 0,
     STATIC_KW: tl.constexpr = 0,
 ):
-    """Fused depthwise + (relu | relu6) + pointwise: per block of mid channels, the depthwise tile is computed
-    in registers (``ACC``), activated, rounded to the input dtype (as PyTorch's block would store it) and
-    multiplied into the pointwise block with ``tl.dot``; the intermediate never reaches memory."""
+    """Fused depthwise + (relu | relu6 | hardswish | silu | gelu) + pointwise: per block of mid channels, the
+    depthwise tile is computed in registers (``ACC``), activated, rounded to the input dtype (as PyTorch's block
+    would store it) and multiplied into the pointwise block with ``tl.dot``; the intermediate never reaches
+    memory."""
     n = tl.program_id(2).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -617,6 +618,12 @@ def separable_forward_kernel(
             mid = tl.maximum(mid, 0.0)
         elif MID_ACT == 2:  # relu6
             mid = tl.minimum(tl.maximum(mid, 0.0), 6.0)
+        elif MID_ACT == 3:  # hardswish: x·relu6(x + 3) / 6
+            mid = mid * tl.minimum(tl.maximum(mid + 3.0, 0.0), 6.0) / 6.0
+        elif MID_ACT == 4:  # silu: x·sigmoid(x)
+            mid = mid * tl.sigmoid(mid)
+        elif MID_ACT == 5:  # gelu (erf form): x·Φ(x)
+            mid = 0.5 * mid * (1.0 + tl.erf(mid * 0.7071067811865476))
         pw = tl.load(pw_ptr + o[None, :] * C_MID + c[:, None], mask=c_ok[:, None] & o_ok[None, :], other=0.0)
         mid_rounded = mid.to(y_ptr.dtype.element_ty)  # what PyTorch's depthwise conv would have stored
         pw = pw.to(y_ptr.dtype.element_ty)

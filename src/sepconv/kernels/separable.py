@@ -1,4 +1,4 @@
-"""``separable_conv2d``: depthwise (+ relu/relu6) + pointwise in one Triton kernel; the intermediate never
+"""``separable_conv2d``: depthwise (+ an activation) + pointwise in one Triton kernel; the intermediate never
 reaches memory.
 
 Forward: each program computes a depthwise tile in registers, applies the optional mid activation and
@@ -52,7 +52,7 @@ from sepconv.kernels.depthwise import _forward as _depthwise_forward
 
 __all__ = ["MAX_REPEATED_TAPS", "MID_ACTIVATIONS", "fuses", "separable_conv2d"]
 
-MID_ACTIVATIONS = (None, "relu", "relu6")  # the kernel's codes are the positions
+MID_ACTIVATIONS = (None, "relu", "relu6", "hardswish", "silu", "gelu")  # the kernel's codes are the positions
 
 _MIN_DOT = 16  # tl.dot needs every block dimension >= 16
 _MAX_BLOCK_O = 128  # outputs per program (default launch)
@@ -72,7 +72,8 @@ def separable_conv2d(
     """``F.conv2d(act(F.conv2d(x, dw_weight, dw_bias, stride, padding, dilation, groups=C)), pw_weight, pw_bias)``.
 
     ``dw_weight``: (C·m, 1, KH, KW) (depth multiplier m); ``pw_weight``: (O, C·m, 1, 1); ``mid_activation``:
-    None, ``"relu"`` or ``"relu6"``. Padding forms, dtypes and layouts as
+    None, ``"relu"``, ``"relu6"``, ``"hardswish"``, ``"silu"`` or ``"gelu"`` (the erf form, ``F.gelu``'s
+    default; the kernel applies it in the accumulation dtype, then rounds). Padding forms, dtypes and layouts as
     :func:`sepconv.kernels.depthwise_conv2d`; the output keeps ``x``'s memory format.
     """
     x, tensors, geometry, unbatched = prepare_call(
@@ -266,16 +267,25 @@ def _backward(ctx, grad):
     return grad_x, grad_dw, grad_dw_bias, grad_pw, grad_pw_bias, None, None, None, None
 
 
+_ACTIVATIONS = (lambda t: t, F.relu, F.relu6, F.hardswish, F.silu, F.gelu)  # by code, as MID_ACTIVATIONS
+
+
 def _activate(pre: Tensor, activation: int) -> Tensor:
-    return pre if activation == 0 else F.relu(pre) if activation == 1 else F.relu6(pre)
+    return _ACTIVATIONS[activation](pre)
 
 
 def _activation_backward(grad: Tensor, pre: Tensor, activation: int) -> Tensor:
-    """``grad`` through the activation at ``pre``, by PyTorch's own backward ops for relu and relu6 (one op
-    each; 0 at the kinks)."""
+    """``grad`` through the activation at ``pre``, by PyTorch's own backward op for it (0 at relu's kinks)."""
+    aten = torch.ops.aten
     if activation == 1:
-        return torch.ops.aten.threshold_backward(grad, pre, 0)
-    return torch.ops.aten.hardtanh_backward(grad, pre, 0, 6)
+        return aten.threshold_backward(grad, pre, 0)
+    if activation == 2:
+        return aten.hardtanh_backward(grad, pre, 0, 6)
+    if activation == 3:
+        return aten.hardswish_backward(grad, pre)
+    if activation == 4:
+        return aten.silu_backward(grad, pre)
+    return aten.gelu_backward(grad, pre, approximate="none")
 
 
 _separable_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
