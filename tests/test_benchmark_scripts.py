@@ -62,6 +62,22 @@ def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
     assert (tmp_path / "kernels_quick.png").stat().st_size > 0
 
 
+def test_training_memory_benchmark_quick_run(tmp_path):
+    """Tensor bytes of a tiny block's training step (8 channels, 6x6, 4 outputs, batch 2, fp32): ours holds the
+    output and two intermediate-sized tensors at most (plus the weights' gradients and the depthwise backward's
+    bias-sized one), eager one more with ReLU6."""
+    run_script("benchmarks/training_memory.py", "--quick", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "training_memory_quick.json").read_text())
+    rows = {r["activation"]: r for r in result["rows"]}
+    weight_grads = (8 * 9 + 8 + 4 * 8) * 4
+    for row in rows.values():
+        assert row["intermediate_bytes"] == 2 * 8 * 6 * 6 * 4 and row["output_bytes"] == 2 * 4 * 6 * 6 * 4
+        assert row["ours_peak_bytes"] <= row["output_bytes"] + 2 * row["intermediate_bytes"] + weight_grads
+    relu6 = rows["relu6"]  # eager keeps the depthwise output and the activation's for its backward
+    assert relu6["eager_peak_bytes"] >= relu6["output_bytes"] + 3 * relu6["intermediate_bytes"]
+    assert (tmp_path / "training_memory_quick.png").stat().st_size > 0
+
+
 def test_launch_configuration_sweep_quick_run(tmp_path):
     run_script("benchmarks/tune_kernels.py", "--quick", "--out", str(tmp_path), "--seconds", "5",
                "--plan", "grad_weight:nhwc", "forward:nchw")  # fmt: skip

@@ -233,3 +233,34 @@ def test_smooth_mid_activations(act, dtype, atol):
     x, dw, dwb, pw, pwb = make(cfg | {"layout": "channels_last"}, torch.float64)
     tensors = [x.to(dtype), (dw / 3).to(dtype), dwb.to(dtype), (pw / 3).to(dtype), pwb.to(dtype)]
     check(*tensors, 1, "same", 1, atol=atol, act=act)
+
+
+@pytest.mark.parametrize("act", [None, "relu6", "silu"])
+def test_training_step_holds_at_most_two_intermediates(act):
+    """A forward+backward holds at most the output and two intermediate-sized tensors at once, plus the
+    weights' gradients (sepconv.memory counts every operator's live outputs): the backward recomputes the
+    intermediate and its activation's backward writes into it. PyTorch's two-conv block holds three with an
+    activation (its saved output too), so ours is lower there."""
+    from sepconv.memory import peak_live_bytes
+
+    torch.manual_seed(12)
+    n, c, m, h, o = 2, 6, 2, 9, 5
+    x = torch.randn(n, c, h, h, device=DEVICE).contiguous(memory_format=torch.channels_last).requires_grad_()
+    dw = torch.randn(c * m, 1, 3, 3, device=DEVICE, requires_grad=True)
+    pw = torch.randn(o, c * m, 1, 1, device=DEVICE, requires_grad=True)
+    pw_bias = torch.randn(o, device=DEVICE, requires_grad=True)
+    grad = torch.randn(n, o, h, h, device=DEVICE)
+    params = (x, dw, pw, pw_bias)
+
+    def ours():
+        return torch.autograd.grad(separable_conv2d(x, dw, pw, pw_bias, 1, 1, mid_activation=act), params, grad)
+
+    def eager():
+        mid = F.conv2d(x, dw, None, 1, 1, 1, c)
+        return torch.autograd.grad(F.conv2d(mid if act is None else getattr(F, act)(mid), pw, pw_bias), params, grad)
+
+    mid_bytes, y_bytes = n * c * m * h * h * 4, n * o * h * h * 4
+    weight_grads = sum(t.numel() for t in (dw, pw, pw_bias)) * 4
+    assert peak_live_bytes(ours) <= y_bytes + 2 * mid_bytes + weight_grads
+    if act is not None:
+        assert peak_live_bytes(ours) < peak_live_bytes(eager)

@@ -238,23 +238,31 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
+    """Gradients with at most two intermediate-sized tensors alive at once, as PyTorch's two-conv block at its
+    peak: the recomputed intermediate and the activated one (for the 1x1 weight's gradient), then the
+    intermediate and its gradient (the activation's backward writes into the intermediate), then that gradient
+    and the input's."""
     x, dw_weight, dw_bias, pw_weight = ctx.saved_tensors
     needs = ctx.needs_input_grad
+    needs_depthwise = needs[0] or needs[1] or needs[2]
     grad_pw = grad_pw_bias = grad_x = grad_dw = grad_dw_bias = None
-    needs_mid = needs[3] or (ctx.activation and (needs[0] or needs[1] or needs[2]))
     pre = None
-    if needs_mid:
+    if needs[3] or (ctx.activation and needs_depthwise):
         depthwise_args = (x, dw_weight, dw_bias, *ctx.geometry)
         pre = run_op(torch.ops.sepconv.depthwise_conv2d, _DepthwiseConv2d, depthwise_args, (x, dw_weight, dw_bias))
-    if needs[3]:
+    if needs[3]:  # the 1x1 conv's weight gradient as PyTorch's conv computes it: both read in their layouts
         mid = _activate(pre, ctx.activation)
-        grad_pw = torch.einsum("nohw,nchw->oc", grad, mid).reshape(pw_weight.shape)
+        grad_pw = torch.ops.aten.convolution_backward(
+            grad, mid, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
+        )[1]
+        del mid
     if ctx.has_pw_bias and needs[4]:
         grad_pw_bias = grad.sum((0, 2, 3))
-    if needs[0] or needs[1] or needs[2]:
+    if needs_depthwise:
         grad_mid = F.conv2d(grad, pw_weight.transpose(0, 1))  # the 1x1 conv's input gradient
         if ctx.activation:
-            grad_mid = _activation_backward(grad_mid, pre, ctx.activation)
+            grad_mid = _activation_backward(grad_mid, pre, ctx.activation, out=pre)
+        pre = None
         args, tensors = (grad_mid, x, dw_weight, *ctx.geometry), (grad_mid, x, dw_weight)
         if needs[0]:
             grad_x = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
@@ -274,18 +282,19 @@ def _activate(pre: Tensor, activation: int) -> Tensor:
     return _ACTIVATIONS[activation](pre)
 
 
-def _activation_backward(grad: Tensor, pre: Tensor, activation: int) -> Tensor:
-    """``grad`` through the activation at ``pre``, by PyTorch's own backward op for it (0 at relu's kinks)."""
+def _activation_backward(grad: Tensor, pre: Tensor, activation: int, out: Tensor) -> Tensor:
+    """``grad`` through the activation at ``pre``, by PyTorch's own backward op for it (0 at relu's kinks),
+    written into ``out`` (may be ``pre``: elementwise)."""
     aten = torch.ops.aten
     if activation == 1:
-        return aten.threshold_backward(grad, pre, 0)
+        return aten.threshold_backward.grad_input(grad, pre, 0, grad_input=out)
     if activation == 2:
-        return aten.hardtanh_backward(grad, pre, 0, 6)
+        return aten.hardtanh_backward.grad_input(grad, pre, 0, 6, grad_input=out)
     if activation == 3:
-        return aten.hardswish_backward(grad, pre)
+        return aten.hardswish_backward.out(grad, pre, out=out)
     if activation == 4:
-        return aten.silu_backward(grad, pre)
-    return aten.gelu_backward(grad, pre, approximate="none")
+        return aten.silu_backward.grad_input(grad, pre, grad_input=out)
+    return aten.gelu_backward.grad_input(grad, pre, approximate="none", grad_input=out)
 
 
 _separable_conv2d_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,135 @@
+"""Peak tensor memory of a separable block's training step (forward + backward): our fused op vs PyTorch's two convs.
+
+Counts the bytes of every tensor the step allocates, alive at once, after each operator (``sepconv.memory``): the
+same tensors on any device, so this runs on a CPU, with our Triton kernels stubbed out (their launches do
+nothing; the custom ops still allocate their outputs, which is all the count sees). Scratch buffers inside one
+operator (cuDNN workspaces, our grad-weight partial sums) are not counted: on a GPU `kernels.py` measures the
+caching allocator's peak instead. Shapes: DESIGN.md §2's separable blocks at their benchmark batch
+(``kernels.SEPARABLE_SHAPES``: 64, RepLKNet's 32), fp32, channels_last, without and with a ReLU6 between the
+convs (MobileNetV2's).
+
+    python benchmarks/training_memory.py              # writes benchmarks/results/training_memory.{json,png}
+    python benchmarks/training_memory.py --quick --out /tmp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from unittest import mock
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors; the stubs below mean no kernel runs at all
+
+import torch
+import torch.nn.functional as F
+
+from kernels import SEPARABLE_SHAPES
+from sepconv.bench import device_name, versions
+from sepconv.io import atomic_write_png, atomic_write_text
+from sepconv.kernels import depthwise as depthwise_module
+from sepconv.kernels import separable as separable_module
+from sepconv.kernels.separable import separable_conv2d
+from sepconv.memory import peak_live_bytes
+
+QUICK_SHAPES = [("tiny 8x6->4", 8, 6, 4, 3, 1, 2)]
+ACTIVATIONS = (None, "relu6")
+_KERNELS = {
+    depthwise_module: ("depthwise_forward_kernel", "depthwise_grad_input_kernel", "depthwise_grad_weight_kernel"),
+    separable_module: ("separable_forward_kernel",),
+}
+
+
+class _NoLaunch:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, activation: str | None) -> dict:
+    x = torch.randn(batch, c, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
+    dw = torch.randn(c, 1, k, k, requires_grad=True)
+    pw = torch.randn(o, c, 1, 1, requires_grad=True)
+    out = (h + 2 * (k // 2) - k) // stride + 1
+    grad = torch.randn(batch, o, out, out).contiguous(memory_format=torch.channels_last)
+    act = (lambda t: t) if activation is None else getattr(F, activation)
+
+    def ours():
+        y = separable_conv2d(x, dw, pw, None, stride, k // 2, mid_activation=activation)
+        return torch.autograd.grad(y, (x, dw, pw), grad)
+
+    def eager():
+        y = F.conv2d(act(F.conv2d(x, dw, None, stride, k // 2, 1, c)), pw)
+        return torch.autograd.grad(y, (x, dw, pw), grad)
+
+    peaks = {impl: peak_live_bytes(fn) for impl, fn in (("ours", ours), ("eager", eager))}
+    intermediate = batch * c * out * out * 4
+    return {
+        "shape": name,
+        "batch": batch,
+        "activation": activation,
+        "fused": separable_module.fuses(o, (k, k)),
+        "intermediate_bytes": intermediate,
+        "output_bytes": batch * o * out * out * 4,
+        **{f"{impl}_peak_bytes": peak for impl, peak in peaks.items()},
+        **{f"{impl}_peak_intermediates": peak / intermediate for impl, peak in peaks.items()},
+        "ours_over_eager": peaks["ours"] / peaks["eager"],
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['shape']} b{r['batch']} {r['activation'] or 'no act'}" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    positions = range(len(rows))
+    for offset, impl in ((-0.2, "eager"), (0.2, "ours")):
+        ax.barh([p + offset for p in positions], [r[f"{impl}_peak_intermediates"] for r in rows], 0.4, label=impl)
+    ax.set_yticks(list(positions), labels, fontsize=7)
+    ax.set_xlabel("training step peak tensor memory, in intermediate-sized tensors (fp32)")
+    ax.legend()
+    ax.set_title(f"tensor bytes (device-independent); torch {result['versions']['torch']}", fontsize=8)
+    atomic_write_png(fig, path, dpi=100, overwrite=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one tiny shape: checks the script")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    stubs = [mock.patch.object(module, name, _NoLaunch()) for module, names in _KERNELS.items() for name in names]
+    for stub in stubs:
+        stub.start()
+    try:
+        shapes = QUICK_SHAPES if args.quick else SEPARABLE_SHAPES
+        rows = [row(*shape, act) for shape in shapes for act in ACTIVATIONS]
+    finally:
+        for stub in stubs:
+            stub.stop()
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    result = {
+        "benchmark": "training_memory",
+        "device": device_name("cpu") + " (tensor bytes: the same on any device)",
+        "versions": versions(),
+        "dtype": "float32",
+        "layout": "channels_last",
+        "counter": "sepconv.memory.peak_live_bytes (live operator outputs; no scratch inside one operator)",
+        "rows": rows,
+        "total_seconds": time.perf_counter() - start,
+    }
+    stem = "training_memory_quick" if args.quick else "training_memory"
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=1) + "\n", overwrite=True)
+    plot(result, args.out / f"{stem}.png")
+
+
+if __name__ == "__main__":
+    main()
