@@ -356,6 +356,11 @@ def test_measure_side_by_side_on_cpu() -> None:
         assert m.conditions.startswith(model_name.split(":", 1)[1].strip() + ", ")
     assert m.model.median_ms > 0 and m.twin.median_ms > 0 and m.model.runs >= 1
     assert m.model_peak_bytes is None and m.twin_peak_bytes is None  # no allocator statistics on CPU
+    # tensor peak, by hand: conv1's output alive while ReLU writes its own, then ReLU's while conv2 writes: 2 x 8
+    # channels x 16 x 16 fp32. The twin's second layer holds its input, its depthwise output and its output (3),
+    # or 2 where the CPU strategy runs that layer as one dense conv (a timed choice)
+    plane = 8 * 16 * 16 * 4
+    assert m.model_tensor_peak_bytes == 2 * plane and m.twin_tensor_peak_bytes in (2 * plane, 3 * plane)
     assert report.what_if is not None and len(report.what_if) == 2
     twin = separable_twin(net)
     assert [type(t).__name__ for t in twin] == ["SeparableConv2d", "ReLU", "SeparableConv2d"]
@@ -364,7 +369,9 @@ def test_measure_side_by_side_on_cpu() -> None:
     md = to_markdown(report).splitlines()
     assert md[-4].startswith(f"| model on cpu ({m.conditions}) (twin: separable")
     assert report.to_dict()["measure"]["conditions"] == m.conditions
-    assert md[-2].startswith("| as given | ") and md[-1].startswith("| twin | ") and md[-1].endswith("| n/a |")
+    assert md[-2].startswith("| as given | ") and md[-1].startswith("| twin | ")
+    assert md[-1].endswith(f"| n/a | {m.twin_tensor_peak_bytes:,} |")
+    assert report.to_dict()["measure"]["twin"]["tensor_peak_bytes"] == m.twin_tensor_peak_bytes
 
 
 def test_measure_needs_real_weights() -> None:

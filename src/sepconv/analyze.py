@@ -86,8 +86,10 @@ class WhatIf:
 
 @dataclass(frozen=True)
 class Measurement:
-    """Median forward latency and peak memory (CUDA only; ``None`` on CPU) of the model and its twin, and what
-    the times depend on beside the device: the GPU's name, or the CPU's model, threads and allocator regime."""
+    """Median forward latency and peak memory of the model and its twin, and what the times depend on beside the
+    device: the GPU's name, or the CPU's model, threads and allocator regime. ``*_peak_bytes``: the CUDA
+    allocator's peak (``None`` on CPU); ``*_tensor_peak_bytes``: the most bytes of tensors the forward allocates
+    alive at once, on any device (:mod:`sepconv.memory`: no allocator cache, no library workspaces)."""
 
     device: str
     model: Timing
@@ -95,6 +97,8 @@ class Measurement:
     model_peak_bytes: int | None
     twin_peak_bytes: int | None
     conditions: str = ""
+    model_tensor_peak_bytes: int | None = None
+    twin_tensor_peak_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -147,8 +151,10 @@ class Report:
             data["measure"] = {
                 "device": m.device,
                 "conditions": m.conditions,
-                "model": asdict(m.model) | {"peak_bytes": m.model_peak_bytes},
-                "twin": asdict(m.twin) | {"peak_bytes": m.twin_peak_bytes},
+                "model": asdict(m.model)
+                | {"peak_bytes": m.model_peak_bytes, "tensor_peak_bytes": m.model_tensor_peak_bytes},
+                "twin": asdict(m.twin)
+                | {"peak_bytes": m.twin_peak_bytes, "tensor_peak_bytes": m.twin_tensor_peak_bytes},
             }
         return data
 
@@ -279,6 +285,7 @@ def _what_if(calls: list[Call]) -> tuple[WhatIf, ...]:
 
 def _measure(model: nn.Module, inputs: Inputs, device: torch.device | str, min_run_time: float) -> Measurement:
     from sepconv.bench import allocator_name, device_name, median_latency, peak_memory_bytes
+    from sepconv.memory import peak_live_bytes
 
     if any(p.is_meta for p in model.parameters()):
         raise ValueError("measure=True needs a model with real weights, not one on the meta device")
@@ -295,10 +302,13 @@ def _measure(model: nn.Module, inputs: Inputs, device: torch.device | str, min_r
             timings.append(median_latency(forward, min_run_time=min_run_time / _ROUNDS))
     model_time, twin_time = (sorted(t, key=lambda t: t.median_ms)[_ROUNDS // 2] for t in rounds)
     model_peak, twin_peak = (peak_memory_bytes(forward, device) for forward in forwards)
+    model_tensors, twin_tensors = (peak_live_bytes(forward) for forward in forwards)
     conditions = device_name(device)
     if device.type == "cpu":
         conditions += f", {torch.get_num_threads()} threads, {allocator_name()}"
-    return Measurement(str(device), model_time, twin_time, model_peak, twin_peak, conditions)
+    return Measurement(
+        str(device), model_time, twin_time, model_peak, twin_peak, conditions, model_tensors, twin_tensors
+    )
 
 
 def _forward(net: nn.Module, args: tuple[Tensor, ...]) -> Callable[[], None]:

@@ -138,20 +138,21 @@ def _measure_table(report: Report) -> Group:
         show_edge=False,
         padding=(0, 0, 0, 1),
     )
-    for header in ("model", "median ms", "IQR ms", "runs", "peak memory", "speed vs model"):
+    for header in ("model", "median ms", "IQR ms", "runs", "peak memory", "peak tensors", "speed vs model"):
         table.add_column(header, justify="left" if header == "model" else "right")
-    for label, timing, peak in (
-        ("as given", m.model, m.model_peak_bytes),
-        ("separable twin", m.twin, m.twin_peak_bytes),
+    for label, timing, peak, tensors in (
+        ("as given", m.model, m.model_peak_bytes, m.model_tensor_peak_bytes),
+        ("separable twin", m.twin, m.twin_peak_bytes, m.twin_tensor_peak_bytes),
     ):
         speed = m.model.median_ms / timing.median_ms
-        table.add_row(
-            label, f"{timing.median_ms:.3f}", f"{timing.iqr_ms:.3f}", str(timing.runs), si(peak, "B"), f"{speed:.2f}x"
-        )
+        cells = (f"{timing.median_ms:.3f}", f"{timing.iqr_ms:.3f}", str(timing.runs), si(peak, "B"), si(tensors, "B"))
+        table.add_row(label, *cells, f"{speed:.2f}x")
     note = (
         "Median of timed calls (3 interleaved rounds, the median round); the twin has random weights. "
         "Peak memory: CUDA allocator peak above what was allocated before the call; "
-        "n/a on CPU (PyTorch keeps no CPU allocator statistics)."
+        "n/a on CPU (PyTorch keeps no CPU allocator statistics). Peak tensors: the most bytes of tensors the "
+        "forward allocates alive at once, counted after every operator (any device; no allocator cache, no "
+        "library workspaces)."
     )
     return Group(table, Text(note))
 
@@ -194,12 +195,15 @@ def to_markdown(report: Report) -> str:
         lines += [
             "",
             f"| model on {_measured_on(m)} (twin: separable, random weights) "
-            "| median ms | IQR ms | runs | peak bytes |",
-            "|---|---:|---:|---:|---:|",
+            "| median ms | IQR ms | runs | peak bytes | peak tensor bytes |",
+            "|---|---:|---:|---:|---:|---:|",
         ]
-        for label, t, peak in (("as given", m.model, m.model_peak_bytes), ("twin", m.twin, m.twin_peak_bytes)):
-            shown = "n/a" if peak is None else f"{peak:,}"
-            lines.append(f"| {label} | {t.median_ms:.3f} | {t.iqr_ms:.3f} | {t.runs} | {shown} |")
+        for label, t, peak, tensors in (
+            ("as given", m.model, m.model_peak_bytes, m.model_tensor_peak_bytes),
+            ("twin", m.twin, m.twin_peak_bytes, m.twin_tensor_peak_bytes),
+        ):
+            shown = ["n/a" if v is None else f"{v:,}" for v in (peak, tensors)]
+            lines.append(f"| {label} | {t.median_ms:.3f} | {t.iqr_ms:.3f} | {t.runs} | {shown[0]} | {shown[1]} |")
     return "\n".join(lines) + "\n"
 
 
