@@ -25,7 +25,7 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
   has no tensor-core form here; bf16/fp16 accumulate in fp32 too); ``floor`` = max of the two.
 
 CUDA timings use ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, median); ``ours`` and
-``eager`` in the depthwise, kernel_sizes and separable rows are also timed as CUDA-graph replays
+``eager`` in the bf16 depthwise, kernel_sizes and separable rows are also timed as CUDA-graph replays
 (``*_graph_*_ms``: the kernels' device time, without the host overhead that decides small rows). On a
 machine without a GPU, ``--quick`` runs tiny configurations of every section through Triton's interpreter
 to check the script (timings of the interpreter mean nothing and are labelled so).
@@ -162,13 +162,19 @@ GRAPHED = ("ours", "eager")  # impls also timed as CUDA-graph replays (``*_graph
 
 
 def time_passes(
-    row: dict[str, Any], impls: dict[str, Callable], inputs: tuple, wrt: dict[str, tuple], grad, device: str
+    row: dict[str, Any],
+    impls: dict[str, Callable],
+    inputs: tuple,
+    wrt: dict[str, tuple],
+    grad,
+    device: str,
+    graphs: bool = True,
 ):
     """``row[impl_forward_ms]``, ``row[impl_forward_backward_ms]`` and the training peak memory per impl
     (gradients of ``wrt[impl]``); ``ours`` is timed again after the others (``ours_*_repeat_ms``): the
-    spread between the two bounds the run's noise for that row. On CUDA the :data:`GRAPHED` impls are also
-    timed as CUDA-graph replays (``*_graph_forward_ms``, ``*_graph_forward_backward_ms``): where a call is
-    host-bound the eager timings measure the host, these the kernels (a failed capture is recorded as
+    spread between the two bounds the run's noise for that row. With ``graphs``, on CUDA the :data:`GRAPHED`
+    impls are also timed as CUDA-graph replays (``*_graph_forward_ms``, ``*_graph_forward_backward_ms``): where a
+    call is host-bound the eager timings measure the host, these the kernels (a failed capture is recorded as
     ``*_graph_error``)."""
     with torch.no_grad():
         for impl, fn in impls.items():
@@ -181,7 +187,7 @@ def time_passes(
     row["ours_forward_backward_repeat_ms"] = measure(
         lambda: torch.autograd.grad(impls["ours"](*inputs), wrt["ours"], grad), device
     )
-    for impl in GRAPHED if device == "cuda" else ():
+    for impl in GRAPHED if graphs and device == "cuda" else ():
         fn = impls[impl]
         try:
             with torch.no_grad():
@@ -281,7 +287,8 @@ def depthwise_row(name, channels, size, kernel, stride, batch, dtype_name, layou
         "bytes_forward": (x.numel() + y.numel()) * x.element_size(),
         "bytes_forward_backward": (3 * x.numel() + 2 * y.numel()) * x.element_size(),
     }
-    time_passes(row, impls, (xg, wg), dict.fromkeys(impls, (xg, wg)), torch.randn_like(y), device)
+    grad = torch.randn_like(y)
+    time_passes(row, impls, (xg, wg), dict.fromkeys(impls, (xg, wg)), grad, device, graphs=dtype_name == "bf16")
     return row
 
 
@@ -334,7 +341,7 @@ def separable_row(name, channels, size, out, kernel, stride, batch, dtype_name, 
         "bytes_forward_backward": (3 * x.numel() + 2 * y.numel()) * x.element_size(),
     }
     wrt = {impl: (inputs[0], inputs[3]) if impl == "standard" else inputs[:3] for impl in impls}
-    time_passes(row, impls, inputs, wrt, torch.randn_like(y), device)
+    time_passes(row, impls, inputs, wrt, torch.randn_like(y), device, graphs=dtype_name == "bf16")
     return row
 
 
