@@ -5,7 +5,7 @@
 # host-overhead profile, then the kernel tests on CUDA. At most 8 files under $OUT (the device tool's
 # folder) or benchmarks/results. (The H200 run of 2026-11-26 took 290 s for the benchmark alone with section
 # budgets of 213 s: a row started before its section's deadline runs to its end, compiling included.)
-#   run(command="bash benchmarks/gpu_session.sh", timeout_s=360)
+#   run(command="bash benchmarks/gpu_session.sh", timeout_s=390)
 #   TUNE_PLAN="forward:nchw" SECTIONS="depthwise" bash benchmarks/gpu_session.sh
 set -uo pipefail
 out=${OUT:-benchmarks/results}
@@ -33,8 +33,9 @@ if [ "${PROFILE_SECONDS:-25}" != 0 ]; then
 fi
 # The whole kernel suite does not fit (Triton compiles per hypothesis example: 1 test in 40 s on the H200):
 # the CUDA run takes the fixed-shape tests (the interpreter runs everything in CI).
-CI=true timeout "${TEST_SECONDS:-60}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_depthwise.py \
-    -k "low_precision or half_precision or every_precision or edge_cases or deterministic or partial_sum or unbatched" > "$out/tests.txt" 2>&1
+CI=true timeout "${TEST_SECONDS:-80}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_depthwise.py \
+    tests/test_kernels_separable.py -k "low_precision or half_precision or every_precision or edge_cases or \
+deterministic or partial_sum or unbatched or smooth_mid or kinks or two_intermediates" > "$out/tests.txt" 2>&1
 echo "tests exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
 tail -3 "$out/tests.txt"
 [ -f "$out/profile.txt" ] && head -5 "$out/profile.txt"

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 import torchvision
 import triton
 import triton.language as tl
+from torch.utils._pytree import tree_leaves
 
 import sepconv
 from sepconv.bench import device_name, median_latency, peak_memory_bytes, versions
@@ -142,10 +143,10 @@ def fma_rate(device: str) -> float | None:
     return programs * block * iters * 4 / (ms * 1e-3)
 
 
-def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
+def graph_replay(fn: Callable[[], object]) -> tuple[Callable[[], None], float]:
     """``fn`` captured in a CUDA graph (after three warm-up calls on a side stream, which also compile any
-    Triton kernel), returned as the graph's replay: ``fn``'s device work without its host-side Python and
-    launch overhead."""
+    Triton kernel): the graph's replay (``fn``'s device work without its host-side Python and launch overhead),
+    and the largest difference between a replay's results and an eager call's (the capture's correctness)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -154,8 +155,11 @@ def graph_replay(fn: Callable[[], object]) -> Callable[[], None]:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        captured = fn()
+    graph.replay()
+    pairs = zip(tree_leaves(captured), tree_leaves(fn()), strict=True)
+    error = max(((a.float() - b.float()).abs().max().item() for a, b in pairs), default=0.0)
+    return graph.replay, error
 
 
 GRAPHED = ("ours", "eager")  # impls also timed as CUDA-graph replays (``*_graph_*_ms``): device time only
@@ -175,7 +179,7 @@ def time_passes(
     spread between the two bounds the run's noise for that row. With ``graphs``, on CUDA the :data:`GRAPHED`
     impls are also timed as CUDA-graph replays (``*_graph_forward_ms``, ``*_graph_forward_backward_ms``): where a
     call is host-bound the eager timings measure the host, these the kernels (a failed capture is recorded as
-    ``*_graph_error``)."""
+    ``*_graph_error``; a replay's results against an eager call's as ``max_abs_error_*_graph_vs_eager_call``)."""
     with torch.no_grad():
         for impl, fn in impls.items():
             row[f"{impl}_forward_ms"] = measure(lambda fn=fn: fn(*inputs), device)
@@ -191,10 +195,11 @@ def time_passes(
         fn = impls[impl]
         try:
             with torch.no_grad():
-                forward = graph_replay(lambda fn=fn: fn(*inputs))
+                forward, forward_error = graph_replay(lambda fn=fn: fn(*inputs))
             row[f"{impl}_graph_forward_ms"] = measure(forward, device)
-            step = graph_replay(lambda fn=fn, impl=impl: torch.autograd.grad(fn(*inputs), wrt[impl], grad))
+            step, step_error = graph_replay(lambda fn=fn, impl=impl: torch.autograd.grad(fn(*inputs), wrt[impl], grad))
             row[f"{impl}_graph_forward_backward_ms"] = measure(step, device)
+            row[f"max_abs_error_{impl}_graph_vs_eager_call"] = max(forward_error, step_error)
         except Exception as error:  # a capture that fails is a finding for the row, not the end of the run
             row[f"{impl}_graph_error"] = f"{type(error).__name__}: {error}"[:300]
 
