@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torchvision
 from torch import nn
@@ -238,3 +239,61 @@ def test_depthwise_conv_followed_by_pointwise_with_stride_is_routed_not_fused():
 def test_bad_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         accelerate(nn.Conv2d(2, 2, 1), backend="cuda")
+
+
+# ---- timm blocks (timm's own classes, recognised by name: timm is a test dependency, not a library one) --------
+
+
+def _timm_blocks(model: nn.Module) -> list[tuple[str, bool, str]]:
+    """(path, has squeeze-excitation, the activation after its depthwise conv) of every efficientnet-family block."""
+    names = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish", nn.SiLU: "silu"}
+    blocks = []
+    for path, block in model.named_modules():
+        kind = type(block).__name__
+        if kind in ("DepthwiseSeparableConv", "InvertedResidual"):
+            norm = block.bn1 if kind == "DepthwiseSeparableConv" else block.bn2  # after the depthwise conv
+            blocks.append((path, not isinstance(block.se, nn.Identity), names[type(norm.act)]))
+    return blocks
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_035", "mobilenetv3_large_100"])
+def test_timm_blocks_without_squeeze_excitation_fuse(name):
+    """timm's efficientnet-family blocks: each DepthwiseSeparableConv / InvertedResidual without squeeze-excitation
+    becomes one fused chain (depthwise conv, its BatchNormAct2d with the activation, the 1x1 projection and its
+    norm, both norms folded) with the block's activation; blocks with squeeze-excitation get their depthwise
+    conv replaced only. Outputs equal the original's in eval, on PyTorch's convs and on the Triton kernels."""
+    torch.manual_seed(2)
+    model = randomize_norms(timm.create_model(name, pretrained=False)).eval().to(DEVICE)
+    blocks = _timm_blocks(model)
+    plain = [(path, act) for path, se, act in blocks if not se]
+    for backend in ("auto", "triton"):
+        fast, changes = accelerate(model, backend=backend)
+        fused = [c for c in changes if c.kind == "fused separable"]
+        assert [(c.replaced[0].rsplit(".", 1)[0], c.activation) for c in fused] == plain
+        assert all(len(c.folded_norms) == 2 for c in fused)
+        assert sum(c.kind == "depthwise" for c in changes) == len(blocks) - len(plain)
+        x = torch.randn(1, 3, 32, 32, device=DEVICE)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)
+    if name == "mobilenetv3_large_100":  # the test means it: both kinds of block, a Hardswish chain
+        assert len(plain) < len(blocks) and ("blocks.3.0", "hardswish") in plain
+
+
+def test_timm_block_whose_projection_norm_has_an_activation_keeps_that_norm():
+    """DepthwiseSeparableConv(pw_act=True): the activation after the 1x1 conv cannot be fused, so its
+    BatchNormAct2d stays as it is and only the part before it is fused (its first norm folded). In training
+    mode nothing folds: the depthwise conv alone is routed."""
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv
+
+    torch.manual_seed(3)
+    block = randomize_norms(DepthwiseSeparableConv(8, 16, dw_kernel_size=5, pw_act=True)).eval()
+    fast, changes = accelerate(block)
+    assert [(c.kind, c.replaced, c.folded_norms, c.activation) for c in changes] == [
+        ("fused separable", ("conv_dw", "bn1", "conv_pw"), ("bn1",), "relu")
+    ]
+    assert type(fast.bn2).__name__ == "BatchNormAct2d" and isinstance(fast.conv_dw, FusedSeparableConv2d)
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), block(x), atol=1e-5, rtol=1e-4)
+    training, changes = accelerate(block.train())
+    assert [c.kind for c in changes] == ["depthwise"] and type(training.bn1).__name__ == "BatchNormAct2d"

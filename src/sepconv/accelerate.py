@@ -10,6 +10,13 @@ activation is fused: with ``backend="triton"`` the whole chain is one Triton ker
 convs (on the folded weights), and our depthwise kernel for large kernels in channels_last on CUDA; auto never
 runs the fused kernel, which measured slower.
 
+timm's efficientnet-family blocks (``DepthwiseSeparableConv``, ``InvertedResidual``: timm's mobilenetv2/v3,
+mnasnet, efficientnet, recognised by class name, timm is not a dependency) run their modules from their own
+forward: without squeeze-excitation, in eval mode, the block's depthwise conv becomes the fused module of the
+conv, its ``BatchNormAct2d`` (folded, its activation fused), the 1x1 projection and that one's norm (folded
+unless it applies an activation of its own), and the absorbed modules ``nn.Identity``: the block's forward,
+shortcut included, runs as before.
+
 A BatchNorm in training mode cannot be folded (it needs the batch statistics of the depthwise output):
 then the chain is not fused and only its depthwise conv is replaced, by a :class:`~sepconv.DepthwiseConv2d`
 (our depthwise kernel on CUDA); a BatchNorm after the 1x1 conv stays as it is and the part before it is
@@ -160,6 +167,7 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> tuple[nn.Module, l
     if _is_depthwise(model):
         changes.append(Acceleration("depthwise", ("",), (), None))
         return _depthwise_replacement(model, None, backend), changes
+    _rewrite_timm_block(model, "", changes, backend)
     _rewrite_children(model, "", changes, backend)
     return model, changes
 
@@ -184,6 +192,7 @@ def _rewrite_children(module: nn.Module, prefix: str, changes: list[Acceleration
             replacement = _depthwise_replacement(child, None, backend)
             changes.append(Acceleration("depthwise", (path,), (), None))
         else:
+            _rewrite_timm_block(child, path, changes, backend)
             _rewrite_children(child, path, changes, backend)
             continue
         setattr(module, name, replacement)
@@ -226,6 +235,7 @@ def _rewrite_sequence(module: nn.Module, path: str, changes: list[Acceleration],
             changes.append(Acceleration("depthwise", (leaf_path, *folded), folded, None))
             changed, i = True, i + 1 + len(folded)
             continue
+        _rewrite_timm_block(leaf, leaf_path, changes, backend)
         _rewrite_children(leaf, leaf_path, changes, backend)
         rebuilt.append((leaf_path, leaf))
         i += 1
@@ -292,6 +302,67 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int):
     replaced = tuple(p for p, _ in leaves[start:i])
     folded = tuple(n[0] for n in (norm1, norm2) if n is not None)
     return i, fused, Acceleration("fused separable", replaced, folded, act_name)
+
+
+# timm's efficientnet-family blocks, recognised by name (timm is not a dependency): the attributes their forward
+# runs from the depthwise conv to the 1x1 projection's norm, in order — depthwise conv, its BatchNormAct2d,
+# anti-aliasing, squeeze-excitation, 1x1 conv, its BatchNormAct2d (timm.models._efficientnet_blocks, timm 1.0)
+_TIMM_BLOCKS = {
+    "DepthwiseSeparableConv": ("conv_dw", "bn1", "aa", "se", "conv_pw", "bn2"),
+    "InvertedResidual": ("conv_dw", "bn2", "aa", "se", "conv_pwl", "bn3"),
+}
+
+
+def _from_timm(module: nn.Module, name: str) -> bool:
+    return type(module).__name__ == name and type(module).__module__.startswith("timm.")
+
+
+def _timm_norm_act(module: nn.Module, channels: int) -> tuple[nn.BatchNorm2d, nn.Module | None] | None:
+    """(norm, activation or None) of an eval-mode timm ``BatchNormAct2d`` over ``channels`` (batch norm, an
+    identity dropout, an activation) whose norm folds into a conv like a plain ``BatchNorm2d``; else None."""
+    if not (_from_timm(module, "BatchNormAct2d") and type(getattr(module, "drop", None)) is nn.Identity):
+        return None
+    plain = not module.training and module.track_running_stats and module.running_mean is not None
+    if not plain or module.num_features != channels:
+        return None
+    act = module.act
+    return module, None if type(act) is nn.Identity else act
+
+
+def _rewrite_timm_block(block: nn.Module, path: str, changes: list[Acceleration], backend: str) -> None:
+    """A timm ``DepthwiseSeparableConv`` or ``InvertedResidual`` (eval mode, no squeeze-excitation or
+    anti-aliasing, a fusable activation): its depthwise conv becomes a :class:`FusedSeparableConv2d` of the conv,
+    its norm and activation, the 1x1 projection and that one's norm (folded when it applies no activation of
+    its own, else left in place); the modules it absorbed become ``nn.Identity``, so the block's own forward
+    (shortcut, drop-path) still runs."""
+    names = next((n for cls, n in _TIMM_BLOCKS.items() if _from_timm(block, cls)), None)
+    if names is None or getattr(block, "conv_s2d", None) is not None:
+        return
+    dw_name, norm1_name, aa_name, se_name, pw_name, norm2_name = names
+    dw, pw = getattr(block, dw_name, None), getattr(block, pw_name, None)
+    if not (isinstance(dw, nn.Module) and _is_depthwise(dw) and isinstance(pw, nn.Module)):
+        return
+    norm1 = _timm_norm_act(getattr(block, norm1_name, nn.Identity()), dw.out_channels)
+    between = (getattr(block, n, None) for n in (aa_name, se_name))
+    if norm1 is None or not _is_pointwise(pw, dw.out_channels) or any(type(m) is not nn.Identity for m in between):
+        return
+    if norm1[1] is not None and fused_activation(norm1[1]) is None:
+        return
+    norm2 = _timm_norm_act(getattr(block, norm2_name, nn.Identity()), pw.out_channels)
+    norm2 = norm2[0] if norm2 is not None and norm2[1] is None else None  # folded only without an activation
+    dw_weight, dw_bias = _fold(dw.weight, dw.bias, norm1[0])
+    pw_weight, pw_bias = _fold(pw.weight, pw.bias, norm2)
+    act_name = None if norm1[1] is None else fused_activation(norm1[1])
+    geometry = (dw.stride, dw.padding, dw.dilation)
+    fused = FusedSeparableConv2d(dw.in_channels, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, act_name, backend)
+    fused.training = dw.training
+    absorbed = (norm1_name, pw_name) + ((norm2_name,) if norm2 is not None else ())
+    setattr(block, dw_name, fused)
+    for name in absorbed:
+        setattr(block, name, nn.Identity())
+    folded = tuple(_join(path, n) for n in (norm1_name, norm2_name)[: 1 + (norm2 is not None)])
+    replaced = tuple(_join(path, n) for n in (dw_name, *absorbed))
+    changes.append(Acceleration("fused separable", replaced, folded, act_name))
 
 
 @torch.no_grad()
