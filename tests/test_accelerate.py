@@ -297,3 +297,43 @@ def test_timm_block_whose_projection_norm_has_an_activation_keeps_that_norm():
         torch.testing.assert_close(fast(x), block(x), atol=1e-5, rtol=1e-4)
     training, changes = accelerate(block.train())
     assert [c.kind for c in changes] == ["depthwise"] and type(training.bn1).__name__ == "BatchNormAct2d"
+
+
+@pytest.mark.parametrize(
+    ("factory", "folded"),
+    [
+        (lambda: timm.layers.SeparableConv2d(6, 10, 5, stride=2, channel_multiplier=2.0), ()),
+        (lambda: timm.layers.SeparableConvNormAct(6, 10, 3, dilation=2, apply_act=False), ("bn",)),
+        (lambda: timm.layers.SeparableConvNormAct(6, 10, 3), ()),  # the norm applies a ReLU: it stays
+    ],
+    ids=["separable", "norm", "norm-act"],
+)
+def test_timm_separable_layers_fuse(factory, folded):
+    """timm's SeparableConv2d / SeparableConvNormAct (depthwise conv, 1x1 conv, optional trailing BatchNormAct2d):
+    one fused module with no activation between; the trailing norm folded unless it applies an activation.
+    Outputs equal the original's, on PyTorch's convs and on the Triton kernels."""
+    torch.manual_seed(4)
+    layer = randomize_norms(factory()).eval()
+    for backend in ("auto", "triton"):
+        fast, changes = accelerate(layer, backend=backend)
+        assert [(c.kind, c.replaced, c.folded_norms, c.activation) for c in changes] == [
+            ("fused separable", ("conv_dw", "conv_pw", *folded), folded, None)
+        ]
+        x = torch.randn(2, 6, 11, 11)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), layer(x), atol=1e-5, rtol=1e-4)
+
+
+def test_a_timm_class_of_the_same_name_but_another_forward_is_not_fused():
+    """xception_aligned's SeparableConv2d also has conv_dw and conv_pw, with a norm and an activation between
+    them that run from its forward: it is not timm.layers' SeparableConv2d, so only its depthwise conv is routed
+    (an earlier match by class name alone fused conv_dw into conv_pw and skipped the norm)."""
+    from timm.models.xception_aligned import SeparableConv2d as XceptionSeparableConv2d
+
+    torch.manual_seed(5)
+    layer = randomize_norms(XceptionSeparableConv2d(6, 10)).eval()
+    fast, changes = accelerate(layer)
+    assert [(c.kind, c.replaced) for c in changes] == [("depthwise", ("conv_dw",))]
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), layer(x))

@@ -10,12 +10,13 @@ activation is fused: with ``backend="triton"`` the whole chain is one Triton ker
 convs (on the folded weights), and our depthwise kernel for large kernels in channels_last on CUDA; auto never
 runs the fused kernel, which measured slower.
 
-timm's efficientnet-family blocks (``DepthwiseSeparableConv``, ``InvertedResidual``: timm's mobilenetv2/v3,
-mnasnet, efficientnet, recognised by class name, timm is not a dependency) run their modules from their own
-forward: without squeeze-excitation, in eval mode, the block's depthwise conv becomes the fused module of the
-conv, its ``BatchNormAct2d`` (folded, its activation fused), the 1x1 projection and that one's norm (folded
-unless it applies an activation of its own), and the absorbed modules ``nn.Identity``: the block's forward,
-shortcut included, runs as before.
+timm's blocks run their modules from their own forward: its efficientnet family (``DepthwiseSeparableConv``,
+``InvertedResidual``: timm's mobilenetv2/v3, mnasnet, efficientnet) and ``SeparableConv2d`` /
+``SeparableConvNormAct`` (xception-style models), recognised by class name (timm is not a dependency). Without
+squeeze-excitation, in eval mode, the block's depthwise conv becomes the fused module of the conv, its
+``BatchNormAct2d`` (folded, its activation fused), the 1x1 conv and that one's norm (folded unless it applies
+an activation of its own), and the absorbed modules ``nn.Identity``: the block's forward, shortcut included,
+runs as before.
 
 A BatchNorm in training mode cannot be folded (it needs the batch statistics of the depthwise output):
 then the chain is not fused and only its depthwise conv is replaced, by a :class:`~sepconv.DepthwiseConv2d`
@@ -304,23 +305,27 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int):
     return i, fused, Acceleration("fused separable", replaced, folded, act_name)
 
 
-# timm's efficientnet-family blocks, recognised by name (timm is not a dependency): the attributes their forward
-# runs from the depthwise conv to the 1x1 projection's norm, in order — depthwise conv, its BatchNormAct2d,
-# anti-aliasing, squeeze-excitation, 1x1 conv, its BatchNormAct2d (timm.models._efficientnet_blocks, timm 1.0)
+# timm's blocks that run a separable chain from their own forward, recognised by qualified class name (timm is not
+# a dependency; other classes of the same name, e.g. xception_aligned's SeparableConv2d, differ): the attributes
+# their forward runs, in order — depthwise conv, its BatchNormAct2d (None: none), modules that must be nn.Identity
+# (anti-aliasing, squeeze-excitation), 1x1 conv, its BatchNormAct2d (None: none). As in timm 1.0.
 _TIMM_BLOCKS = {
-    "DepthwiseSeparableConv": ("conv_dw", "bn1", "aa", "se", "conv_pw", "bn2"),
-    "InvertedResidual": ("conv_dw", "bn2", "aa", "se", "conv_pwl", "bn3"),
+    "timm.models._efficientnet_blocks.DepthwiseSeparableConv": ("conv_dw", "bn1", ("aa", "se"), "conv_pw", "bn2"),
+    "timm.models._efficientnet_blocks.InvertedResidual": ("conv_dw", "bn2", ("aa", "se"), "conv_pwl", "bn3"),
+    "timm.layers.separable_conv.SeparableConvNormAct": ("conv_dw", None, (), "conv_pw", "bn"),
+    "timm.layers.separable_conv.SeparableConv2d": ("conv_dw", None, (), "conv_pw", None),
 }
+_TIMM_NORM_ACT = "timm.layers.norm_act.BatchNormAct2d"  # batch norm, dropout, activation
 
 
-def _from_timm(module: nn.Module, name: str) -> bool:
-    return type(module).__name__ == name and type(module).__module__.startswith("timm.")
+def _is_class(module: nn.Module, qualified_name: str) -> bool:
+    return f"{type(module).__module__}.{type(module).__qualname__}" == qualified_name
 
 
 def _timm_norm_act(module: nn.Module, channels: int) -> tuple[nn.BatchNorm2d, nn.Module | None] | None:
     """(norm, activation or None) of an eval-mode timm ``BatchNormAct2d`` over ``channels`` (batch norm, an
     identity dropout, an activation) whose norm folds into a conv like a plain ``BatchNorm2d``; else None."""
-    if not (_from_timm(module, "BatchNormAct2d") and type(getattr(module, "drop", None)) is nn.Identity):
+    if not (_is_class(module, _TIMM_NORM_ACT) and type(getattr(module, "drop", None)) is nn.Identity):
         return None
     plain = not module.training and module.track_running_stats and module.running_mean is not None
     if not plain or module.num_features != channels:
@@ -330,39 +335,39 @@ def _timm_norm_act(module: nn.Module, channels: int) -> tuple[nn.BatchNorm2d, nn
 
 
 def _rewrite_timm_block(block: nn.Module, path: str, changes: list[Acceleration], backend: str) -> None:
-    """A timm ``DepthwiseSeparableConv`` or ``InvertedResidual`` (eval mode, no squeeze-excitation or
-    anti-aliasing, a fusable activation): its depthwise conv becomes a :class:`FusedSeparableConv2d` of the conv,
-    its norm and activation, the 1x1 projection and that one's norm (folded when it applies no activation of
-    its own, else left in place); the modules it absorbed become ``nn.Identity``, so the block's own forward
-    (shortcut, drop-path) still runs."""
-    names = next((n for cls, n in _TIMM_BLOCKS.items() if _from_timm(block, cls)), None)
-    if names is None or getattr(block, "conv_s2d", None) is not None:
+    """A timm block of :data:`_TIMM_BLOCKS` (eval mode, identity anti-aliasing and squeeze-excitation, a fusable
+    activation): its depthwise conv becomes a :class:`FusedSeparableConv2d` of the conv, its norm and activation,
+    the 1x1 conv and that one's norm (folded when it applies no activation of its own, else left in place); the
+    modules it absorbed become ``nn.Identity``, so the block's own forward (shortcut, drop-path) still runs."""
+    parts = _TIMM_BLOCKS.get(f"{type(block).__module__}.{type(block).__qualname__}")
+    if parts is None or getattr(block, "conv_s2d", None) is not None:
         return
-    dw_name, norm1_name, aa_name, se_name, pw_name, norm2_name = names
+    dw_name, norm1_name, identities, pw_name, norm2_name = parts
     dw, pw = getattr(block, dw_name, None), getattr(block, pw_name, None)
     if not (isinstance(dw, nn.Module) and _is_depthwise(dw) and isinstance(pw, nn.Module)):
         return
-    norm1 = _timm_norm_act(getattr(block, norm1_name, nn.Identity()), dw.out_channels)
-    between = (getattr(block, n, None) for n in (aa_name, se_name))
-    if norm1 is None or not _is_pointwise(pw, dw.out_channels) or any(type(m) is not nn.Identity for m in between):
+    if not _is_pointwise(pw, dw.out_channels) or any(
+        type(getattr(block, n, None)) is not nn.Identity for n in identities
+    ):
         return
-    if norm1[1] is not None and fused_activation(norm1[1]) is None:
+    norm1 = None if norm1_name is None else _timm_norm_act(getattr(block, norm1_name, nn.Identity()), dw.out_channels)
+    if norm1_name is not None and (norm1 is None or (norm1[1] is not None and fused_activation(norm1[1]) is None)):
         return
-    norm2 = _timm_norm_act(getattr(block, norm2_name, nn.Identity()), pw.out_channels)
+    norm2 = None if norm2_name is None else _timm_norm_act(getattr(block, norm2_name, nn.Identity()), pw.out_channels)
     norm2 = norm2[0] if norm2 is not None and norm2[1] is None else None  # folded only without an activation
-    dw_weight, dw_bias = _fold(dw.weight, dw.bias, norm1[0])
+    dw_weight, dw_bias = _fold(dw.weight, dw.bias, None if norm1 is None else norm1[0])
     pw_weight, pw_bias = _fold(pw.weight, pw.bias, norm2)
-    act_name = None if norm1[1] is None else fused_activation(norm1[1])
+    act_name = None if norm1 is None or norm1[1] is None else fused_activation(norm1[1])
     geometry = (dw.stride, dw.padding, dw.dilation)
     fused = FusedSeparableConv2d(dw.in_channels, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, act_name, backend)
     fused.training = dw.training
-    absorbed = (norm1_name, pw_name) + ((norm2_name,) if norm2 is not None else ())
+    folded = tuple(name for name, norm in ((norm1_name, norm1), (norm2_name, norm2)) if norm is not None)
+    absorbed = tuple(n for n in (norm1_name, pw_name, norm2_name) if n == pw_name or n in folded)
     setattr(block, dw_name, fused)
     for name in absorbed:
         setattr(block, name, nn.Identity())
-    folded = tuple(_join(path, n) for n in (norm1_name, norm2_name)[: 1 + (norm2 is not None)])
     replaced = tuple(_join(path, n) for n in (dw_name, *absorbed))
-    changes.append(Acceleration("fused separable", replaced, folded, act_name))
+    changes.append(Acceleration("fused separable", replaced, tuple(_join(path, n) for n in folded), act_name))
 
 
 @torch.no_grad()
