@@ -15,6 +15,7 @@ convs (MobileNetV2's).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -105,15 +106,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
     args = parser.parse_args()
     start = time.perf_counter()
-    stubs = [mock.patch.object(module, name, _NoLaunch()) for module, names in _KERNELS.items() for name in names]
-    for stub in stubs:
-        stub.start()
-    try:
-        shapes = QUICK_SHAPES if args.quick else SEPARABLE_SHAPES
-        rows = [row(*shape, act) for shape in shapes for act in ACTIVATIONS]
-    finally:
-        for stub in stubs:
-            stub.stop()
+    with contextlib.ExitStack() as stubs:
+        for module, names in _KERNELS.items():
+            for name in names:
+                stubs.enter_context(mock.patch.object(module, name, _NoLaunch()))
+        rows = [row(*shape, act) for shape in (QUICK_SHAPES if args.quick else SEPARABLE_SHAPES) for act in ACTIVATIONS]
     for r in rows:
         print(json.dumps(r), flush=True)
     result = {
