@@ -324,16 +324,40 @@ def test_timm_separable_layers_fuse(factory, folded):
             torch.testing.assert_close(fast(x), layer(x), atol=1e-5, rtol=1e-4)
 
 
-def test_a_timm_class_of_the_same_name_but_another_forward_is_not_fused():
-    """xception_aligned's SeparableConv2d also has conv_dw and conv_pw, with a norm and an activation between
-    them that run from its forward: it is not timm.layers' SeparableConv2d, so only its depthwise conv is routed
-    (an earlier match by class name alone fused conv_dw into conv_pw and skipped the norm)."""
+def test_xception_separable_conv_fuses_with_its_norms_and_keeps_its_trailing_activation():
+    """xception_aligned's own SeparableConv2d (conv_dw, bn_dw, act_dw, conv_pw, bn_pw, act_pw, plain BatchNorms):
+    one fused module of the first five, both norms folded, ReLU fused; act_pw still runs after it. (A match by
+    bare class name once fused it as timm.layers' SeparableConv2d, dropping the norm between the convs.)"""
     from timm.models.xception_aligned import SeparableConv2d as XceptionSeparableConv2d
 
     torch.manual_seed(5)
-    layer = randomize_norms(XceptionSeparableConv2d(6, 10)).eval()
+    layer = randomize_norms(XceptionSeparableConv2d(6, 10, dilation=2)).eval()
+    fast, changes = accelerate(layer)
+    assert [(c.kind, c.replaced, c.folded_norms, c.activation) for c in changes] == [
+        ("fused separable", ("conv_dw", "bn_dw", "act_dw", "conv_pw", "bn_pw"), ("bn_dw", "bn_pw"), "relu")
+    ]
+    assert isinstance(fast.act_pw, nn.ReLU)
+    x = torch.randn(2, 6, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), layer(x), atol=1e-5, rtol=1e-4)
+
+
+class SeparableConv2d(nn.Module):
+    """Named like timm's and built like it, but not timm's: its forward normalizes between the convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_dw, self.bn, self.conv_pw = nn.Conv2d(4, 4, 3, groups=4), nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1)
+
+    def forward(self, x):
+        return self.conv_pw(self.bn(self.conv_dw(x)))
+
+
+def test_a_class_of_a_timm_name_elsewhere_is_not_fused():
+    torch.manual_seed(6)
+    layer = randomize_norms(SeparableConv2d()).eval()
     fast, changes = accelerate(layer)
     assert [(c.kind, c.replaced) for c in changes] == [("depthwise", ("conv_dw",))]
-    x = torch.randn(2, 6, 9, 9)
+    x = torch.randn(2, 4, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), layer(x))

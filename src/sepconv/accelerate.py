@@ -11,12 +11,12 @@ convs (on the folded weights), and our depthwise kernel for large kernels in cha
 runs the fused kernel, which measured slower.
 
 timm's blocks run their modules from their own forward: its efficientnet family (``DepthwiseSeparableConv``,
-``InvertedResidual``: timm's mobilenetv2/v3, mnasnet, efficientnet) and ``SeparableConv2d`` /
-``SeparableConvNormAct`` (xception-style models), recognised by class name (timm is not a dependency). Without
-squeeze-excitation, in eval mode, the block's depthwise conv becomes the fused module of the conv, its
-``BatchNormAct2d`` (folded, its activation fused), the 1x1 conv and that one's norm (folded unless it applies
-an activation of its own), and the absorbed modules ``nn.Identity``: the block's forward, shortcut included,
-runs as before.
+``InvertedResidual``: timm's mobilenetv2/v3, mnasnet, efficientnet), ``timm.layers``' ``SeparableConv2d`` /
+``SeparableConvNormAct`` and xception_aligned's ``SeparableConv2d``, recognised by qualified class name (timm
+is not a dependency). Without squeeze-excitation, in eval mode, the block's depthwise conv becomes the fused
+module of the conv, its norm (folded) and activation (fused), the 1x1 conv and that one's norm (folded unless it
+applies an activation of its own), and the absorbed modules ``nn.Identity``: the block's forward, shortcut
+included, runs as before.
 
 A BatchNorm in training mode cannot be folded (it needs the batch statistics of the depthwise output):
 then the chain is not fused and only its depthwise conv is replaced, by a :class:`~sepconv.DepthwiseConv2d`
@@ -306,32 +306,38 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int):
 
 
 # timm's blocks that run a separable chain from their own forward, recognised by qualified class name (timm is not
-# a dependency; other classes of the same name, e.g. xception_aligned's SeparableConv2d, differ): the attributes
-# their forward runs, in order — depthwise conv, its BatchNormAct2d (None: none), modules that must be nn.Identity
-# (anti-aliasing, squeeze-excitation), 1x1 conv, its BatchNormAct2d (None: none). As in timm 1.0.
+# a dependency; classes of the same name elsewhere may differ): the attributes their forward runs, in order —
+# depthwise conv, its norm (a BatchNorm2d or timm's BatchNormAct2d; None: none), its activation module (None:
+# none, or inside the BatchNormAct2d), modules that must be nn.Identity (anti-aliasing, squeeze-excitation), the
+# 1x1 conv, its norm (None: none). As in timm 1.0; what runs after these (an activation, the shortcut) stays.
 _TIMM_BLOCKS = {
-    "timm.models._efficientnet_blocks.DepthwiseSeparableConv": ("conv_dw", "bn1", ("aa", "se"), "conv_pw", "bn2"),
-    "timm.models._efficientnet_blocks.InvertedResidual": ("conv_dw", "bn2", ("aa", "se"), "conv_pwl", "bn3"),
-    "timm.layers.separable_conv.SeparableConvNormAct": ("conv_dw", None, (), "conv_pw", "bn"),
-    "timm.layers.separable_conv.SeparableConv2d": ("conv_dw", None, (), "conv_pw", None),
+    "timm.models._efficientnet_blocks.DepthwiseSeparableConv": ("conv_dw", "bn1", None, ("aa", "se"), "conv_pw", "bn2"),
+    "timm.models._efficientnet_blocks.InvertedResidual": ("conv_dw", "bn2", None, ("aa", "se"), "conv_pwl", "bn3"),
+    "timm.layers.separable_conv.SeparableConvNormAct": ("conv_dw", None, None, (), "conv_pw", "bn"),
+    "timm.layers.separable_conv.SeparableConv2d": ("conv_dw", None, None, (), "conv_pw", None),
+    "timm.models.xception_aligned.SeparableConv2d": ("conv_dw", "bn_dw", "act_dw", (), "conv_pw", "bn_pw"),
 }
 _TIMM_NORM_ACT = "timm.layers.norm_act.BatchNormAct2d"  # batch norm, dropout, activation
 
 
-def _is_class(module: nn.Module, qualified_name: str) -> bool:
-    return f"{type(module).__module__}.{type(module).__qualname__}" == qualified_name
+def _qualified_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
-def _timm_norm_act(module: nn.Module, channels: int) -> tuple[nn.BatchNorm2d, nn.Module | None] | None:
-    """(norm, activation or None) of an eval-mode timm ``BatchNormAct2d`` over ``channels`` (batch norm, an
-    identity dropout, an activation) whose norm folds into a conv like a plain ``BatchNorm2d``; else None."""
-    if not (_is_class(module, _TIMM_NORM_ACT) and type(getattr(module, "drop", None)) is nn.Identity):
+def _norm_and_activation(module: nn.Module | None, channels: int) -> tuple[nn.Module | None, nn.Module | None] | None:
+    """(norm to fold or None, activation it applies or None) of what follows a conv of ``channels`` outputs:
+    nothing or ``nn.Identity`` (None, None); an eval-mode ``BatchNorm2d`` (it, None); an eval-mode timm
+    ``BatchNormAct2d`` with an identity dropout (it, its activation or None); anything else None (no fold)."""
+    if module is None or type(module) is nn.Identity:
+        return None, None
+    if foldable_norm(module, channels):
+        return module, None
+    if _qualified_name(module) != _TIMM_NORM_ACT or type(getattr(module, "drop", None)) is not nn.Identity:
         return None
     plain = not module.training and module.track_running_stats and module.running_mean is not None
     if not plain or module.num_features != channels:
         return None
-    act = module.act
-    return module, None if type(act) is nn.Identity else act
+    return module, None if type(module.act) is nn.Identity else module.act
 
 
 def _rewrite_timm_block(block: nn.Module, path: str, changes: list[Acceleration], backend: str) -> None:
@@ -339,30 +345,34 @@ def _rewrite_timm_block(block: nn.Module, path: str, changes: list[Acceleration]
     activation): its depthwise conv becomes a :class:`FusedSeparableConv2d` of the conv, its norm and activation,
     the 1x1 conv and that one's norm (folded when it applies no activation of its own, else left in place); the
     modules it absorbed become ``nn.Identity``, so the block's own forward (shortcut, drop-path) still runs."""
-    parts = _TIMM_BLOCKS.get(f"{type(block).__module__}.{type(block).__qualname__}")
+    parts = _TIMM_BLOCKS.get(_qualified_name(block))
     if parts is None or getattr(block, "conv_s2d", None) is not None:
         return
-    dw_name, norm1_name, identities, pw_name, norm2_name = parts
-    dw, pw = getattr(block, dw_name, None), getattr(block, pw_name, None)
+    dw_name, norm1_name, act1_name, identities, pw_name, norm2_name = parts
+    part = lambda name: None if name is None else getattr(block, name, None)  # noqa: E731
+    dw, pw = part(dw_name), part(pw_name)
     if not (isinstance(dw, nn.Module) and _is_depthwise(dw) and isinstance(pw, nn.Module)):
         return
-    if not _is_pointwise(pw, dw.out_channels) or any(
-        type(getattr(block, n, None)) is not nn.Identity for n in identities
-    ):
+    if not _is_pointwise(pw, dw.out_channels) or any(type(part(n)) is not nn.Identity for n in identities):
         return
-    norm1 = None if norm1_name is None else _timm_norm_act(getattr(block, norm1_name, nn.Identity()), dw.out_channels)
-    if norm1_name is not None and (norm1 is None or (norm1[1] is not None and fused_activation(norm1[1]) is None)):
+    norm1 = _norm_and_activation(part(norm1_name), dw.out_channels)
+    act1 = part(act1_name) if type(part(act1_name)) is not nn.Identity else None
+    if norm1 is None or (norm1[1] is not None and act1 is not None):
         return
-    norm2 = None if norm2_name is None else _timm_norm_act(getattr(block, norm2_name, nn.Identity()), pw.out_channels)
+    activation = norm1[1] if norm1[1] is not None else act1
+    if activation is not None and fused_activation(activation) is None:
+        return
+    norm2 = _norm_and_activation(part(norm2_name), pw.out_channels)
     norm2 = norm2[0] if norm2 is not None and norm2[1] is None else None  # folded only without an activation
-    dw_weight, dw_bias = _fold(dw.weight, dw.bias, None if norm1 is None else norm1[0])
+    dw_weight, dw_bias = _fold(dw.weight, dw.bias, norm1[0])
     pw_weight, pw_bias = _fold(pw.weight, pw.bias, norm2)
-    act_name = None if norm1 is None or norm1[1] is None else fused_activation(norm1[1])
+    act_name = None if activation is None else fused_activation(activation)
     geometry = (dw.stride, dw.padding, dw.dilation)
     fused = FusedSeparableConv2d(dw.in_channels, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, act_name, backend)
     fused.training = dw.training
-    folded = tuple(name for name, norm in ((norm1_name, norm1), (norm2_name, norm2)) if norm is not None)
-    absorbed = tuple(n for n in (norm1_name, pw_name, norm2_name) if n == pw_name or n in folded)
+    folded = tuple(name for name, norm in ((norm1_name, norm1[0]), (norm2_name, norm2)) if norm is not None)
+    absorbed = [name for name, kept in ((norm1_name, norm1[0]), (act1_name, act1), (pw_name, pw)) if kept is not None]
+    absorbed += [norm2_name] if norm2 is not None else []
     setattr(block, dw_name, fused)
     for name in absorbed:
         setattr(block, name, nn.Identity())
