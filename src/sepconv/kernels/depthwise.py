@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from sepconv._args import int_tuple
 from sepconv.cpu_backward import fft_grad_weight, flipped_conv_applies
@@ -720,4 +721,6 @@ class _DepthwiseConv2d(torch.autograd.Function):
         _setup_context(ctx, (x, weight, bias, stride, padding, dilation), y)
         return y
 
-    backward = staticmethod(_backward)
+    # once_differentiable: our backward kernels have no backward of their own, so a double backward (e.g. a
+    # gradient penalty) raises instead of treating the first gradients as constants
+    backward = staticmethod(once_differentiable(_backward))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from sepconv.cpu_pointwise import pointwise_matmul
 from sepconv.kernels._depthwise_triton import separable_forward_kernel
@@ -315,4 +316,6 @@ class _SeparableConv2d(torch.autograd.Function):
         _setup_context(ctx, inputs, y)
         return y
 
-    backward = staticmethod(_backward)
+    # once_differentiable: our backward kernels have no backward of their own, so a double backward (e.g. a
+    # gradient penalty) raises instead of treating the first gradients as constants
+    backward = staticmethod(once_differentiable(_backward))
