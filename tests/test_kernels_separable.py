@@ -266,22 +266,32 @@ def test_training_step_holds_at_most_two_intermediates(act):
         assert peak_live_bytes(ours) < peak_live_bytes(eager)
 
 
+class _FunctionMode(torch.overrides.TorchFunctionMode):
+    """Any active mode sends our calls through the custom op's dispatcher instead of the plain-eager Function."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("through_op", [False, True], ids=["plain-eager", "custom-op"])
 @pytest.mark.parametrize("op", ["depthwise", "separable"])
-def test_double_backward_raises_instead_of_dropping_a_gradient_penalty(op):
+def test_double_backward_raises_instead_of_dropping_a_gradient_penalty(op, through_op):
     """Our backward kernels have no backward of their own: differentiating the first gradients (a gradient
     penalty, create_graph=True) raises, instead of treating them as constants (which silently dropped the
-    penalty's gradient). The first gradients themselves still equal F.conv2d's."""
+    penalty's gradient), on both call paths. The first gradients themselves still equal F.conv2d's."""
+    import contextlib
+
     from sepconv.kernels import depthwise_conv2d
 
     torch.manual_seed(13)
     x = torch.randn(1, 2, 5, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     dw = torch.randn(2, 1, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     pw = torch.randn(3, 2, 1, 1, dtype=torch.float64, device=DEVICE)
-    if op == "depthwise":
-        y, want = depthwise_conv2d(x, dw, None, 1, 1), F.conv2d(x, dw, None, 1, 1, 1, 2)
-    else:
-        y, want = separable_conv2d(x, dw, pw, None, 1, 1), F.conv2d(F.conv2d(x, dw, None, 1, 1, 1, 2), pw)
-    (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with _FunctionMode() if through_op else contextlib.nullcontext():
+        y = depthwise_conv2d(x, dw, None, 1, 1) if op == "depthwise" else separable_conv2d(x, dw, pw, None, 1, 1)
+        (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    want = F.conv2d(x, dw, None, 1, 1, 1, 2)
+    want = want if op == "depthwise" else F.conv2d(want, pw)
     torch.testing.assert_close(grad_x, torch.autograd.grad(want.square().sum(), x)[0])
     with pytest.raises(RuntimeError, match="differentiate twice"):
         (y.sum() + grad_x.square().sum()).backward()

@@ -703,7 +703,9 @@ def _backward(ctx, grad):
     return grad_x, grad_weight, grad_bias, None, None, None
 
 
-_depthwise_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+# once_differentiable here as on the plain-eager path (the Function below): a double backward through the op
+# (under a dispatch or function mode) raises too, instead of treating the first gradients as constants
+_depthwise_conv2d_op.register_autograd(once_differentiable(_backward), setup_context=_setup_context)
 
 
 class _DepthwiseConv2d(torch.autograd.Function):

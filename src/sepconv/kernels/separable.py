@@ -298,7 +298,9 @@ def _activation_backward(grad: Tensor, pre: Tensor, activation: int, out: Tensor
     return aten.gelu_backward.grad_input(grad, pre, approximate="none", grad_input=out)
 
 
-_separable_conv2d_op.register_autograd(_backward, setup_context=_setup_context)
+# once_differentiable here as on the plain-eager path (the Function below): a double backward through the op
+# (under a dispatch or function mode) raises too, instead of treating the first gradients as constants
+_separable_conv2d_op.register_autograd(once_differentiable(_backward), setup_context=_setup_context)
 
 
 class _SeparableConv2d(torch.autograd.Function):
