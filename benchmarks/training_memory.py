@@ -5,8 +5,9 @@ same tensors on any device, so this runs on a CPU, with our Triton kernels stubb
 nothing; the custom ops still allocate their outputs, which is all the count sees). Scratch buffers inside one
 operator (cuDNN workspaces, our grad-weight partial sums) are not counted: on a GPU `kernels.py` measures the
 caching allocator's peak instead. Shapes: DESIGN.md §2's separable blocks at their benchmark batch
-(``kernels.SEPARABLE_SHAPES``: 64, RepLKNet's 32), fp32, channels_last, without and with a ReLU6 between the
-convs (MobileNetV2's).
+(``kernels.SEPARABLE_SHAPES``: 64, RepLKNet's 32), fp32, channels_last, with between the convs nothing, a
+ReLU6, or a training-mode BatchNorm and a ReLU6 (MobileNetV2's block in training: ours
+``separable_conv2d_batch_norm``, eager ``F.batch_norm`` then an in-place ReLU6 as torchvision's).
 
     python benchmarks/training_memory.py              # writes benchmarks/results/training_memory.{json,png}
     python benchmarks/training_memory.py --quick --out /tmp
@@ -32,11 +33,12 @@ from sepconv.bench import device_name, versions
 from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.kernels import depthwise as depthwise_module
 from sepconv.kernels import separable as separable_module
+from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.separable import separable_conv2d
 from sepconv.memory import peak_live_bytes
 
 QUICK_SHAPES = [("tiny 8x6->4", 8, 6, 4, 3, 1, 2)]
-ACTIVATIONS = (None, "relu6")
+MIDS = ((None, False), ("relu6", False), ("relu6", True))  # (activation, training-mode BatchNorm before it)
 _KERNELS = {
     depthwise_module: ("depthwise_forward_kernel", "depthwise_grad_input_kernel", "depthwise_grad_weight_kernel"),
     separable_module: ("separable_forward_kernel",),
@@ -50,21 +52,34 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, activation: str | None) -> dict:
+def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, activation: str | None, norm: bool) -> dict:
     x = torch.randn(batch, c, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
     dw = torch.randn(c, 1, k, k, requires_grad=True)
     pw = torch.randn(o, c, 1, 1, requires_grad=True)
     out = (h + 2 * (k // 2) - k) // stride + 1
     grad = torch.randn(batch, o, out, out).contiguous(memory_format=torch.channels_last)
     act = (lambda t: t) if activation is None else getattr(F, activation)
+    gamma, beta = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
+    stats = {impl: (torch.zeros(c), torch.ones(c)) for impl in ("ours", "eager")}
+    leaves = (x, dw, pw, gamma, beta) if norm else (x, dw, pw)
 
     def ours():
-        y = separable_conv2d(x, dw, pw, None, stride, k // 2, mid_activation=activation)
-        return torch.autograd.grad(y, (x, dw, pw), grad)
+        if norm:
+            y = separable_conv2d_batch_norm(
+                x, dw, pw, None, stride, k // 2, 1, None, activation, running_mean=stats["ours"][0],
+                running_var=stats["ours"][1], norm_weight=gamma, norm_bias=beta, training=True,
+            )  # fmt: skip
+        else:
+            y = separable_conv2d(x, dw, pw, None, stride, k // 2, mid_activation=activation)
+        return torch.autograd.grad(y, leaves, grad)
 
     def eager():
-        y = F.conv2d(act(F.conv2d(x, dw, None, stride, k // 2, 1, c)), pw)
-        return torch.autograd.grad(y, (x, dw, pw), grad)
+        mid = F.conv2d(x, dw, None, stride, k // 2, 1, c)
+        if norm:  # torchvision's Conv2dNormActivation: BatchNorm2d, then ReLU6(inplace=True)
+            mid = F.relu6(F.batch_norm(mid, *stats["eager"], gamma, beta, training=True), inplace=True)
+        else:
+            mid = act(mid)
+        return torch.autograd.grad(F.conv2d(mid, pw), leaves, grad)
 
     peaks = {impl: peak_live_bytes(fn) for impl, fn in (("ours", ours), ("eager", eager))}
     intermediate = batch * c * out * out * 4
@@ -72,6 +87,7 @@ def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, acti
         "shape": name,
         "batch": batch,
         "activation": activation,
+        "mid_norm": "batch norm (training)" if norm else None,
         "fused": separable_module.fuses(o, (k, k)),
         "intermediate_bytes": intermediate,
         "output_bytes": batch * o * out * out * 4,
@@ -88,7 +104,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    labels = [f"{r['shape']} b{r['batch']} {r['activation'] or 'no act'}" for r in rows]
+    mids = lambda r: "+".join(filter(None, ("bn" if r.get("mid_norm") else None, r["activation"]))) or "nothing"  # noqa: E731
+    labels = [f"{r['shape']} b{r['batch']} {mids(r)}" for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
     positions = range(len(rows))
     for offset, impl in ((-0.2, "eager"), (0.2, "ours")):
@@ -110,7 +127,8 @@ def main() -> None:
         for module, names in _KERNELS.items():
             for name in names:
                 stubs.enter_context(mock.patch.object(module, name, _NoLaunch()))
-        rows = [row(*shape, act) for shape in (QUICK_SHAPES if args.quick else SEPARABLE_SHAPES) for act in ACTIVATIONS]
+        shapes = QUICK_SHAPES if args.quick else SEPARABLE_SHAPES
+        rows = [row(*shape, act, norm) for shape in shapes for act, norm in MIDS]
     for r in rows:
         print(json.dumps(r), flush=True)
     result = {

@@ -102,13 +102,19 @@ def test_efficientnet_b0_has_no_fusable_chain_but_its_depthwise_convs_are_routed
         torch.testing.assert_close(fast(x), expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
 
 
-def test_training_mode_norms_are_not_folded_and_gradients_match():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_training_mode_mobilenet_v2_fuses_with_its_norms_kept_and_trains_as_the_original(backend):
+    """Training mode: each block's BatchNorm between the convs is kept (batch statistics, folded per call on the
+    Triton kernel), the one after the 1x1 conv stays after it. Outputs, the gradients of the original's
+    parameters and the running statistics equal the original's, then eval-mode outputs too."""
     torch.manual_seed(1)
-    model = torchvision.models.mobilenet_v2(width_mult=0.35).train().double()
-    fast, changes = accelerate(model)
-    assert [c.kind for c in changes] == ["depthwise"] * 17  # a training BatchNorm sits between the convs
-    assert all(c.folded_norms == () for c in changes)
+    model = randomize_norms(torchvision.models.mobilenet_v2(width_mult=0.35)).train().double()
+    fast, changes = accelerate(model, backend=backend)
+    assert [c.kind for c in changes] == ["fused separable"] * 17
+    assert all(c.folded_norms == () and len(c.batch_norms) == 1 and c.activation == "relu6" for c in changes)
     assert fast.training and all(m.training for m in fast.modules())
+    fused = [m for m in fast.modules() if isinstance(m, FusedSeparableConv2d)]
+    originals = [block.conv[-3:] for block in model.features[1:18]]  # (dw conv, BN, ReLU6), 1x1 conv, BN
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     torch.manual_seed(4)  # the same dropout masks
     expected = model(x)
@@ -117,10 +123,17 @@ def test_training_mode_norms_are_not_folded_and_gradients_match():
     torch.testing.assert_close(got, expected)
     got.square().sum().backward()
     expected.square().sum().backward()
-    original_dw = model.features[2].conv[1][0].weight
-    routed_dw = next(m for m in fast.features[2].modules() if type(m) is sepconv.DepthwiseConv2d).weight
-    torch.testing.assert_close(routed_dw.grad, original_dw.grad)
+    for module, original in zip(fused, originals, strict=True):
+        dw, norm, pw = original[0][0], original[0][1], original[1]  # Conv2dNormActivation(dw, BN, ReLU6), 1x1 conv
+        torch.testing.assert_close(module.dw_weight.grad, dw.weight.grad)
+        torch.testing.assert_close(module.pw_weight.grad, pw.weight.grad)
+        torch.testing.assert_close(module.mid_norm.weight.grad, norm.weight.grad)
+        torch.testing.assert_close(module.mid_norm.bias.grad, norm.bias.grad)
+        torch.testing.assert_close(module.mid_norm.running_var, norm.running_var)
+        assert module.mid_norm.num_batches_tracked == norm.num_batches_tracked == 1
     torch.testing.assert_close(fast.classifier[1].weight.grad, model.classifier[1].weight.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), model.eval()(x))
 
 
 def test_chain_without_norm_trains_fused_with_the_kernel_backward():

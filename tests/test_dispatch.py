@@ -65,19 +65,31 @@ def test_triton_backend_equals_torch_backend_with_gradients(factory, kwargs, sha
     assert_twins_agree(plain, fast, x, atol=1e-12, rtol=1e-12)
 
 
-def test_triton_backend_with_mid_norm_and_activation_in_training():
-    plain, fast = twins(
-        sepconv.SeparableConv2d,
-        in_channels=3,
-        out_channels=5,
-        kernel_size=3,
-        padding=1,
-        mid_norm=nn.BatchNorm2d,
-        mid_activation=nn.ReLU,
-    )
-    x = torch.randn(4, 3, 6, 6, dtype=torch.float64, device=DEVICE)
-    torch.testing.assert_close(fast(x), plain(x))
-    torch.testing.assert_close(fast.mid_norm.running_mean, plain.mid_norm.running_mean)
+@pytest.mark.parametrize(
+    "norm",
+    [
+        nn.BatchNorm2d,
+        lambda c: nn.BatchNorm2d(c, momentum=None),  # a cumulative average over num_batches_tracked
+        lambda c: nn.BatchNorm2d(c, affine=False, track_running_stats=False),  # batch statistics in eval too
+    ],
+    ids=["momentum", "momentum-none", "untracked"],
+)
+def test_fused_layer_with_training_mode_norm_equals_torch(norm, monkeypatch):
+    """A training-mode BatchNorm between the convs on the fused kernel (its batch statistics folded in): outputs,
+    every gradient, running statistics and num_batches_tracked as PyTorch's modules, over steps; then eval."""
+    fused = []
+    real = dispatch.triton_separable_forward
+    monkeypatch.setattr(sepconv.layers, "triton_separable_forward", lambda lr, x: fused.append(lr) or real(lr, x))
+    geometry = {"in_channels": 3, "out_channels": 5, "kernel_size": 3, "padding": "same", "stride": 2}
+    plain, fast = twins(sepconv.SeparableConv2d, **geometry, mid_norm=norm, mid_activation=nn.ReLU6)
+    for step in range(3):
+        x = (torch.randn(4, 3, 7, 7, dtype=torch.float64, device=DEVICE) * (step + 1) + step).requires_grad_()
+        assert_twins_agree(plain, fast, x)
+        for name, buffer in plain.mid_norm.named_buffers():
+            torch.testing.assert_close(fast.mid_norm.get_buffer(name), buffer, msg=lambda m, n=name: f"{n}: {m}")
+    plain.eval(), fast.eval()
+    assert_twins_agree(plain, fast, torch.randn(2, 3, 7, 7, dtype=torch.float64, device=DEVICE, requires_grad=True))
+    assert fused == [fast] * 4
 
 
 def test_the_kernel_really_runs_for_triton_and_not_for_auto_on_cpu(monkeypatch):
@@ -227,11 +239,12 @@ def test_separable_layer_takes_the_fused_kernel_only_when_fusable(monkeypatch):
     eval_norm = make(mid_norm=nn.BatchNorm2d, mid_activation=nn.Hardswish).eval()
     grouped, train_norm = make(groups=2), make(mid_norm=nn.BatchNorm2d)
     tanh_gelu, mish = make(mid_activation=nn.GELU(approximate="tanh")), make(mid_activation=nn.Mish)
+    group_norm = make(mid_norm=lambda c: nn.GroupNorm(2, c))
     with sepconv.use_cpu_strategy("off"):  # on CPU, "auto" would also time the layers' parts
-        for layer in (plain, relu6, silu, eval_norm, grouped, tanh_gelu, mish, train_norm):
+        for layer in (plain, relu6, silu, eval_norm, train_norm, grouped, tanh_gelu, mish, group_norm):
             layer(x)
-    assert fused == [plain, relu6, silu, eval_norm]
-    assert depthwise_only == [grouped.depthwise, tanh_gelu.depthwise, mish.depthwise, train_norm.depthwise]
+    assert fused == [plain, relu6, silu, eval_norm, train_norm]
+    assert depthwise_only == [grouped.depthwise, tanh_gelu.depthwise, mish.depthwise, group_norm.depthwise]
 
 
 def test_fused_layer_with_eval_norm_equals_torch_including_norm_parameter_gradients():

@@ -18,13 +18,16 @@ module of the conv, its norm (folded) and activation (fused), the 1x1 conv and t
 applies an activation of its own), and the absorbed modules ``nn.Identity``: the block's forward, shortcut
 included, runs as before.
 
-A BatchNorm in training mode cannot be folded (it needs the batch statistics of the depthwise output):
-then the chain is not fused and only its depthwise conv is replaced, by a :class:`~sepconv.DepthwiseConv2d`
-(our depthwise kernel on CUDA); a BatchNorm after the 1x1 conv stays as it is and the part before it is
-fused. Depthwise convs outside any chain (e.g. followed by squeeze-excitation) are replaced the same way,
-with a following eval-mode BatchNorm folded in. The input model is not modified; a Sequential that is
-rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` -> ``conv.1_0.weight``): the
-result is for running, keep checkpoints of the original.
+A BatchNorm2d between the convs in training mode cannot be folded once (it normalizes with each batch's
+statistics): the fused module keeps it (``mid_norm``; listed in :attr:`Acceleration.batch_norms`) and, with
+``backend="triton"``, folds the batch's statistics in on each call (a first pass over the input computes them:
+:func:`sepconv.kernels.separable_conv2d_batch_norm`), updating its running statistics as BatchNorm2d does, so
+the accelerated model trains as the original and switches to the running statistics in eval mode. A
+training-mode BatchNorm after the 1x1 conv stays as it is and the part before it is fused. Depthwise convs
+outside any chain (e.g. followed by squeeze-excitation) are replaced by a :class:`~sepconv.DepthwiseConv2d`
+(our depthwise kernel on CUDA), with a following eval-mode BatchNorm folded in. The input model is not
+modified; a Sequential that is rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` ->
+``conv.1_0.weight``): the result is for running, keep checkpoints of the original.
 
 >>> import torch
 >>> from torch import nn
@@ -48,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sepconv.dispatch import backend_arg, fused_activation, use_triton
+from sepconv.dispatch import backend_arg, batch_norm_2d, batch_norm_separable_forward, fused_activation, use_triton
 from sepconv.folding import fold_batch_norm, foldable_norm
 from sepconv.layers import DepthwiseConv2d, PointwiseConv2d, SeparableConv2d, pad_same
 
@@ -70,15 +73,19 @@ class Acceleration:
     replaced: tuple[str, ...]
     folded_norms: tuple[str, ...]
     activation: str | None
+    # norms between the convs kept as modules (training mode: their batch statistics are folded in on each call)
+    batch_norms: tuple[str, ...] = ()
 
 
 class FusedSeparableConv2d(nn.Module):
-    """depthwise conv (+ bias) -> relu | relu6 | hardswish | silu | gelu | nothing -> 1x1 conv (+ bias), as one
-    module.
+    """depthwise conv (+ bias) -> (training-mode BatchNorm) -> relu | relu6 | hardswish | silu | gelu | nothing
+    -> 1x1 conv (+ bias), as one module.
 
     ``backend="triton"``: one fused Triton kernel; ``"auto"``: PyTorch's two convs, the depthwise one on our
     kernel where :mod:`sepconv.dispatch` measured it faster; ``"torch"``: PyTorch's two convs. Built by
-    :func:`accelerate`; parameters ``dw_weight``, ``dw_bias``, ``pw_weight``, ``pw_bias``.
+    :func:`accelerate`; parameters ``dw_weight``, ``dw_bias``, ``pw_weight``, ``pw_bias``, and ``mid_norm``: a
+    BatchNorm2d between the convs that could not be folded (training mode), run by
+    :func:`sepconv.dispatch.batch_norm_separable_forward` on the fused kernel (batch statistics folded per call).
     """
 
     _ndim = 2
@@ -96,6 +103,7 @@ class FusedSeparableConv2d(nn.Module):
         dilation: Sequence[int],
         mid_activation: str | None = None,
         backend: str = "auto",
+        mid_norm: nn.BatchNorm2d | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -106,6 +114,7 @@ class FusedSeparableConv2d(nn.Module):
         self.stride, self.padding, self.dilation = tuple(stride), padding, tuple(dilation)
         self.mid_activation = mid_activation
         self.backend = backend_arg(backend, 2)
+        self.mid_norm = mid_norm
 
     @property
     def depth_multiplier(self) -> int:
@@ -114,29 +123,21 @@ class FusedSeparableConv2d(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         on_triton = use_triton(self, input)  # auto: only where our depthwise kernel measured faster
         if on_triton and self.backend == "triton":  # auto never fuses: the fused kernel measured slower
-            from sepconv.kernels.separable import separable_conv2d
-
-            return separable_conv2d(
-                input,
-                self.dw_weight,
-                self.pw_weight,
-                self.pw_bias,
-                self.stride,
-                self.padding,
-                self.dilation,
-                self.dw_bias,
-                mid_activation=self.mid_activation,
-            )
+            weights = (self.dw_weight, self.dw_bias, self.pw_weight, self.pw_bias)
+            geometry = (self.stride, self.padding, self.dilation)
+            return batch_norm_separable_forward(input, *weights, *geometry, self.mid_norm, self.mid_activation)
         if on_triton:
             from sepconv.kernels.depthwise import depthwise_conv2d
 
             mid = depthwise_conv2d(input, self.dw_weight, self.dw_bias, self.stride, self.padding, self.dilation)
-            mid = _ACTIVATIONS[self.mid_activation](mid)  # not in place on our kernel's output (a custom op's)
+            activations = _ACTIVATIONS  # not in place on our kernel's output (a custom op's)
         else:
             geometry = (self.stride, self.padding, self.dilation, self.in_channels)
             mid = _depthwise_torch(input, self.dw_weight, self.dw_bias, *geometry)
-            mid = _ACTIVATIONS_IN_PLACE[self.mid_activation](mid)
-        return F.conv2d(mid, self.pw_weight, self.pw_bias)
+            activations = _ACTIVATIONS_IN_PLACE
+        if self.mid_norm is not None:
+            mid, activations = self.mid_norm(mid), _ACTIVATIONS_IN_PLACE  # the norm's fresh output
+        return F.conv2d(activations[self.mid_activation](mid), self.pw_weight, self.pw_bias)
 
     def extra_repr(self) -> str:
         mid, out = self.dw_weight.shape[0], self.pw_weight.shape[0]
@@ -281,11 +282,15 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int):
     if not _is_depthwise(dw):
         return None
     i, mid = start + 1, dw.out_channels
-    norm1 = activation = norm2 = None
+    norm1 = activation = norm2 = kept = None
     if i < len(leaves) and isinstance(leaves[i][1], nn.BatchNorm2d):
-        if not foldable_norm(leaves[i][1], mid):
-            return None  # a training-mode norm between the convs: not fusable
-        norm1, i = leaves[i], i + 1
+        if foldable_norm(leaves[i][1], mid):
+            norm1 = leaves[i]
+        elif batch_norm_2d(leaves[i][1], mid):
+            kept = leaves[i]  # training mode: kept, its batch statistics folded in on each call
+        else:
+            return None
+        i += 1
     if i < len(leaves) and fused_activation(leaves[i][1]) is not None:
         activation, i = leaves[i], i + 1
     if i >= len(leaves) or not _is_pointwise(leaves[i][1], mid):
@@ -298,11 +303,13 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int):
     pw_weight, pw_bias = _fold(pw.weight, pw.bias, None if norm2 is None else norm2[1])
     act_name = None if activation is None else fused_activation(activation[1])
     geometry = (dw.stride, dw.padding, dw.dilation)
+    mid_norm = None if kept is None else kept[1]
     fused = FusedSeparableConv2d(dw.in_channels, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, act_name)
-    fused.training = dw.training
+    fused.mid_norm, fused.training = mid_norm, dw.training
     replaced = tuple(p for p, _ in leaves[start:i])
     folded = tuple(n[0] for n in (norm1, norm2) if n is not None)
-    return i, fused, Acceleration("fused separable", replaced, folded, act_name)
+    kept_paths = () if kept is None else (kept[0],)
+    return i, fused, Acceleration("fused separable", replaced, folded, act_name, kept_paths)
 
 
 # timm's blocks that run a separable chain from their own forward, recognised by qualified class name (timm is not

@@ -5,9 +5,11 @@
   ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests). A separable layer runs the fused kernel
   (:func:`sepconv.kernels.separable_conv2d`, the intermediate stays on chip; it runs our depthwise kernel and
   a matrix product instead where :func:`sepconv.kernels.separable.fuses` says no) when :func:`fusable`: groups=1,
-  and between the convs at most an eval-mode BatchNorm (folded into the depthwise weights on each call) and
-  a ReLU/ReLU6/Hardswish/SiLU/GELU. Otherwise — e.g. a BatchNorm in training mode, which needs the intermediate's batch
-  statistics — its depthwise part runs :func:`sepconv.kernels.depthwise_conv2d` and the rest PyTorch.
+  and between the convs at most a BatchNorm2d (in eval mode folded into the depthwise weights on each call; in
+  training mode folded with the batch's statistics, which a first pass over the input computes:
+  :func:`sepconv.kernels.separable_conv2d_batch_norm`) and a ReLU/ReLU6/Hardswish/SiLU/GELU. Otherwise (another
+  norm or activation, grouped pointwise) its depthwise part runs :func:`sepconv.kernels.depthwise_conv2d` and
+  the rest PyTorch.
 - ``"auto"`` (default): our depthwise kernel only where it measured faster than PyTorch
   (``benchmarks/results/kernels.json``, H200): 2-d CUDA inputs, fp16/bf16/fp32, zero padding; in
   channels_last kernels of at least :data:`AUTO_MIN_KERNEL_AREA` taps (9x9 and up: there PyTorch's
@@ -41,6 +43,7 @@ __all__ = [
     "BACKENDS",
     "FUSED_ACTIVATIONS",
     "backend_arg",
+    "batch_norm_separable_forward",
     "fusable",
     "fused_activation",
     "slower_than_pytorch",
@@ -190,26 +193,81 @@ def triton_depthwise_forward(layer: nn.Module, input: Tensor) -> Tensor:
 
 
 def fusable(layer: nn.Module) -> bool:
-    """A separable layer the fused kernel computes whole: ungrouped pointwise, and between the convs at most an
-    eval-mode BatchNorm (folded per call) and an activation :func:`fused_activation` names. A training-mode norm
-    is not fusable."""
+    """A separable layer the fused kernel computes whole: ungrouped pointwise, and between the convs at most a
+    plain ``nn.BatchNorm2d`` (:func:`batch_norm_2d`, either mode) and an activation :func:`fused_activation`
+    names."""
     norm, activation = layer.mid_norm, layer.mid_activation
     return (
         layer.pointwise.groups == 1
-        and (norm is None or foldable_norm(norm, layer.depthwise.out_channels))
+        and (norm is None or batch_norm_2d(norm, layer.depthwise.out_channels))
         and (activation is None or fused_activation(activation) is not None)
+    )
+
+
+def batch_norm_2d(module: nn.Module, channels: int) -> bool:
+    """An ``nn.BatchNorm2d`` over ``channels`` with nn.BatchNorm2d's own forward (not SyncBatchNorm, not timm's
+    ``BatchNormAct2d``), in either mode: :func:`batch_norm_separable_forward` computes it."""
+    return (
+        isinstance(module, nn.BatchNorm2d)
+        and type(module).forward is nn.BatchNorm2d.forward
+        and module.num_features == channels
     )
 
 
 def triton_separable_forward(layer: nn.Module, input: Tensor) -> Tensor:
     """A :func:`fusable` separable ``layer`` on the fused Triton kernel."""
+    dw, pw, norm = layer.depthwise, layer.pointwise, layer.mid_norm
+    activation = None if layer.mid_activation is None else fused_activation(layer.mid_activation)
+    geometry = (dw.stride, dw.padding, dw.dilation)
+    return batch_norm_separable_forward(input, dw.weight, dw.bias, pw.weight, pw.bias, *geometry, norm, activation)
+
+
+def batch_norm_separable_forward(
+    input: Tensor,
+    dw_weight: Tensor,
+    dw_bias: Tensor | None,
+    pw_weight: Tensor,
+    pw_bias: Tensor | None,
+    stride,
+    padding,
+    dilation,
+    norm: nn.BatchNorm2d | None,
+    activation: str | None,
+) -> Tensor:
+    """``pointwise(activation(norm(depthwise(input))))`` on the fused kernel: an eval-mode ``norm`` with running
+    statistics folded into the depthwise weights, any other (:func:`batch_norm_2d`) normalizing with the batch's
+    statistics and updating its running ones as ``nn.BatchNorm2d.forward`` does (``num_batches_tracked``,
+    ``momentum=None`` as a cumulative average)."""
     from sepconv.kernels.separable import separable_conv2d
 
-    dw, pw = layer.depthwise, layer.pointwise
-    weight, bias = dw.weight, dw.bias
-    if layer.mid_norm is not None:
-        weight, bias = fold_batch_norm(weight, bias, layer.mid_norm)
-    activation = None if layer.mid_activation is None else fused_activation(layer.mid_activation)
-    return separable_conv2d(
-        input, weight, pw.weight, pw.bias, dw.stride, dw.padding, dw.dilation, bias, mid_activation=activation
+    if norm is None or foldable_norm(norm, dw_weight.shape[0]):
+        if norm is not None:
+            dw_weight, dw_bias = fold_batch_norm(dw_weight, dw_bias, norm)
+        geometry = (stride, padding, dilation)
+        return separable_conv2d(input, dw_weight, pw_weight, pw_bias, *geometry, dw_bias, mid_activation=activation)
+    from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
+
+    factor = 0.0 if norm.momentum is None else norm.momentum  # nn.BatchNorm2d.forward's preamble, as written there
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+    keep_running = not norm.training or norm.track_running_stats
+    return separable_conv2d_batch_norm(
+        input,
+        dw_weight,
+        pw_weight,
+        pw_bias,
+        stride,
+        padding,
+        dilation,
+        dw_bias,
+        activation,
+        running_mean=norm.running_mean if keep_running else None,
+        running_var=norm.running_var if keep_running else None,
+        norm_weight=norm.weight,
+        norm_bias=norm.bias,
+        training=batch_stats,
+        momentum=factor,
+        eps=norm.eps,
     )

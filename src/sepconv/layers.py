@@ -670,9 +670,11 @@ class SeparableConv2d(_SeparableConv):
     Arguments are ``nn.Conv2d``'s (``groups`` applies to the pointwise part) plus, keyword-only,
     ``depth_multiplier``, ``depthwise_bias``, ``mid_norm``/``mid_activation`` (a module class
     or factory, called with the channel count for the norm, with nothing for the activation) and
-    ``backend``: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`sepconv.dispatch`). The Triton path is one
-    fused kernel when ``groups=1`` and between the convs there is at most an eval-mode BatchNorm (folded) and a
-    ReLU/ReLU6; a BatchNorm in training mode falls back: depthwise on Triton, the rest in PyTorch.
+    ``backend``: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`sepconv.dispatch`). The Triton path is the
+    fused kernel when ``groups=1`` and between the convs there is at most a BatchNorm2d (eval mode: folded;
+    training mode: folded with the batch's statistics, computed by a first pass over the input, running
+    statistics updated as BatchNorm2d updates them) and a ReLU/ReLU6/Hardswish/SiLU/GELU; otherwise the depthwise
+    conv runs on Triton and the rest in PyTorch.
 
     >>> layer = SeparableConv2d(32, 64, 3, stride=2, padding="same", mid_norm=nn.BatchNorm2d, mid_activation=nn.ReLU)
     >>> layer(torch.rand(1, 32, 15, 15)).shape  # 'same' with stride 2: ceil(15 / 2) = 8

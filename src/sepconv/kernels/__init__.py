@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 
-__all__ = ["available", "depthwise_conv2d", "separable_conv2d"]
+__all__ = ["available", "depthwise_conv2d", "separable_conv2d", "separable_conv2d_batch_norm"]
 
 
 @functools.cache
@@ -27,4 +27,8 @@ def __getattr__(name: str):  # lazy: `import sepconv` must not import Triton
         from sepconv.kernels.separable import separable_conv2d
 
         return separable_conv2d
+    if name == "separable_conv2d_batch_norm":
+        from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
+
+        return separable_conv2d_batch_norm
     raise AttributeError(f"module 'sepconv.kernels' has no attribute {name!r}")

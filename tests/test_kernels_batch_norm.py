@@ -1,0 +1,238 @@
+"""sepconv.kernels.separable_conv2d_batch_norm vs F.conv2d -> F.batch_norm -> activation -> F.conv2d in float64:
+outputs, every gradient (the batch statistics' terms included) and the running statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sepconv.kernels import separable as separable_module
+from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
+from sepconv.kernels.depthwise import resolve_padding_sides
+from test_kernels_depthwise import DEVICE, layout
+
+NAMES = ("x", "dw_weight", "dw_bias", "pw_weight", "pw_bias", "norm_weight", "norm_bias")
+
+
+def reference(tensors, running, geometry, act, training, momentum, eps):
+    """The four ops in float64 with explicit zero padding for every padding form."""
+    x, dw, dw_bias, pw, pw_bias, gamma, beta = tensors
+    stride, padding, dilation = geometry
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    top, bottom, left, right = resolve_padding_sides(padding, x.shape[-2:], dw.shape[-2:], pair(stride), pair(dilation))
+    z = F.conv2d(F.pad(x, (left, right, top, bottom)), dw, dw_bias, stride, 0, dilation, groups=x.shape[1])
+    z = F.batch_norm(z, *running, gamma, beta, training, momentum, eps)
+    z = z if act is None else getattr(F, act)(z)
+    return F.conv2d(z, pw, pw_bias)
+
+
+def check(cfg, dtype=torch.float64, atol=1e-10):
+    """Ours (in ``dtype``) against the float64 reference: output, all gradients, running statistics."""
+    torch.manual_seed(cfg.get("seed", 0))
+    g = lambda *s: torch.randn(*s, dtype=torch.float64, device=DEVICE)  # noqa: E731
+    mid = cfg["c"] * cfg["m"]
+    # an offset and a scale per channel, so that the normalization has something to undo
+    x = layout(g(cfg["n"], cfg["c"], *cfg["hw"]) * 2 + 3, cfg["layout"])
+    tensors = [
+        x,
+        g(mid, 1, *cfg["k"]),
+        g(mid) if cfg["dw_bias"] else None,
+        g(cfg["o"], mid, 1, 1),
+        g(cfg["o"]) if cfg["pw_bias"] else None,
+        g(mid).abs() + 0.5 if cfg["affine"] else None,
+        g(mid) if cfg["affine"] else None,
+    ]
+    training, momentum, eps = cfg["training"], cfg.get("momentum", 0.1), cfg.get("eps", 1e-5)
+    tracked = cfg["tracked"] or not training
+    running = (g(mid), g(mid).abs() + 0.5) if tracked else (None, None)
+    buffers = torch.float64 if dtype == torch.float64 else torch.float32  # as a model's BatchNorm under autocast
+    ours_running = tuple(None if r is None else r.to(buffers) for r in running)
+    ref_running = tuple(None if r is None else r.clone() for r in running)
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]
+    leaves[0] = layout(tensors[0].to(dtype), cfg["layout"]).requires_grad_()
+    ref_leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
+    geometry = (cfg["stride"], cfg["padding"], cfg["dilation"])
+    x_, dw, dwb, pw, pwb, gamma, beta = leaves
+    ours = separable_conv2d_batch_norm(
+        x_, dw, pw, pwb, *geometry, dwb, cfg["act"], running_mean=ours_running[0], running_var=ours_running[1],
+        norm_weight=gamma, norm_bias=beta, training=training, momentum=momentum, eps=eps,
+    )  # fmt: skip
+    expected = reference(ref_leaves, ref_running, geometry, cfg["act"], training, momentum, eps)
+    assert ours.shape == expected.shape and ours.dtype == dtype
+    if cfg["layout"] == "channels_last" and cfg["c"] > 1:  # (one channel: both layouts at once)
+        assert ours.is_contiguous(memory_format=torch.channels_last)
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(ours.double(), expected, atol=atol * scale, rtol=0)
+    for name, got, want in zip(("running_mean", "running_var"), ours_running, ref_running, strict=True):
+        if want is not None:
+            torch.testing.assert_close(got.double(), want, atol=atol, rtol=atol, msg=lambda m, n=name: f"{n}: {m}")
+    grad = torch.randn_like(expected)
+    present = [i for i, t in enumerate(leaves) if t is not None]
+    got = torch.autograd.grad(ours, [leaves[i] for i in present], grad.to(dtype))
+    want = torch.autograd.grad(expected, [ref_leaves[i] for i in present], grad)
+    for i, a, b in zip(present, got, want, strict=True):
+        assert a.dtype == dtype and a.shape == b.shape, NAMES[i]
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double(), b, atol=atol * scale, rtol=0, msg=lambda m, n=NAMES[i]: f"grad {n}: {m}")
+
+
+@st.composite
+def configs(draw):
+    return {
+        "n": draw(st.integers(1, 3)),
+        "c": draw(st.integers(1, 6)),
+        "m": draw(st.integers(1, 2)),
+        "o": draw(st.integers(1, 20)),
+        "hw": (draw(st.integers(2, 8)), draw(st.integers(2, 8))),
+        "k": (draw(st.integers(1, 5)), draw(st.integers(1, 5))),
+        "stride": draw(st.sampled_from([1, 2, (2, 1)])),
+        "padding": draw(st.one_of(st.integers(0, 2), st.sampled_from(["same", ((0, 2), (1, 0))]))),
+        "dilation": draw(st.sampled_from([1, 2])),
+        "dw_bias": draw(st.booleans()),
+        "pw_bias": draw(st.booleans()),
+        "affine": draw(st.booleans()),
+        "tracked": draw(st.booleans()),
+        "training": draw(st.booleans()),
+        "momentum": draw(st.sampled_from([0.1, 0.5, 1.0])),
+        "layout": draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
+        "act": draw(st.sampled_from(separable_module.MID_ACTIVATIONS)),
+    }
+
+
+def _output_values(cfg) -> int:
+    """N·H_out·W_out of the depthwise conv (F.conv2d's own arithmetic on a meta tensor), 0 if it is empty."""
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    sides = resolve_padding_sides(cfg["padding"], cfg["hw"], cfg["k"], pair(cfg["stride"]), pair(cfg["dilation"]))
+    h = cfg["hw"][0] + sides[0] + sides[1]
+    w = cfg["hw"][1] + sides[2] + sides[3]
+    try:
+        z = F.conv2d(torch.empty(cfg["n"], 1, h, w, device="meta"), torch.empty(1, 1, *cfg["k"], device="meta"),
+                     stride=cfg["stride"], dilation=cfg["dilation"])  # fmt: skip
+    except RuntimeError:
+        return 0
+    return z.shape[0] * z.shape[2] * z.shape[3]
+
+
+@settings(max_examples=60, deadline=None)
+@given(configs())
+def test_matches_conv_batch_norm_conv_in_float64(cfg):
+    values = _output_values(cfg)
+    if values == 0 or (cfg["training"] and values < 2):
+        error = "output would be" if values == 0 else "more than 1 value per channel"
+        with pytest.raises(ValueError, match=error):
+            check(cfg)
+        return
+    check(cfg)
+
+
+BASE = {"n": 2, "c": 3, "m": 2, "o": 5, "hw": (6, 7), "k": (3, 3), "stride": 1, "padding": 1, "dilation": 1,
+        "dw_bias": True, "pw_bias": True, "affine": True, "tracked": True, "training": True,
+        "layout": "contiguous", "act": "relu6"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("dtype", "atol"), [(torch.float32, 2e-5), (torch.float16, 1e-2), (torch.bfloat16, 6e-2)], ids=str
+)
+def test_low_precision(dtype, atol):
+    """Statistics and fold in float32, convs in ``dtype``: within ``dtype``'s rounding of the float64 truth (a
+    smooth activation: rounding may move a value across relu6's kinks, where the gradient jumps)."""
+    check(BASE | {"c": 20, "o": 40, "hw": (11, 11), "layout": "channels_last", "act": "silu"}, dtype, atol)
+
+
+def test_running_statistics_follow_batch_norm_with_momentum_none_over_steps():
+    """F.batch_norm's semantics for the running statistics over several steps, as nn.BatchNorm2d drives them."""
+    torch.manual_seed(3)
+    norm = torch.nn.BatchNorm2d(4, momentum=None).double()
+    ref = torch.nn.BatchNorm2d(4, momentum=None).double()
+    dw, pw = torch.randn(4, 1, 3, 3).double(), torch.randn(2, 4, 1, 1).double()
+    for step in range(3):
+        x = torch.randn(2, 4, 5, 5).double() * (step + 1) + step
+        factor = 1.0 / (step + 1)  # what nn.BatchNorm2d(momentum=None) passes to F.batch_norm at this step
+        y = separable_conv2d_batch_norm(x, dw, pw, padding=1, running_mean=norm.running_mean,
+                                        running_var=norm.running_var, training=True, momentum=factor)  # fmt: skip
+        want = F.conv2d(ref(F.conv2d(x, dw, padding=1, groups=4)), pw)
+        torch.testing.assert_close(y, want)
+    torch.testing.assert_close(norm.running_mean, ref.running_mean)
+    torch.testing.assert_close(norm.running_var, ref.running_var)
+
+
+def test_backward_keeps_no_intermediate():
+    """What autograd saves: x and parameter-sized tensors, never a tensor of the depthwise output's size."""
+    x = torch.randn(2, 8, 10, 10, device=DEVICE, requires_grad=True)
+    dw = torch.randn(32, 1, 3, 3, device=DEVICE, requires_grad=True)  # depth multiplier 4
+    pw = torch.randn(4, 32, 1, 1, device=DEVICE, requires_grad=True)
+    gamma, beta = torch.ones(32, device=DEVICE, requires_grad=True), torch.zeros(32, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = separable_conv2d_batch_norm(
+            x, dw, pw, padding=1, running_mean=None, running_var=None, norm_weight=gamma, norm_bias=beta, training=True
+        )
+    assert saved and max(saved) == x.numel()  # the intermediate would be 2*32*10*10
+    y.square().sum().backward()
+    assert all(t.grad is not None for t in (x, dw, pw, gamma, beta))
+
+
+def test_torch_compile_and_opcheck():
+    torch.manual_seed(6)
+    x = torch.randn(2, 3, 7, 7, device=DEVICE, requires_grad=True)
+    dw = torch.randn(3, 1, 3, 3, device=DEVICE, requires_grad=True)
+    pw = torch.randn(16, 3, 1, 1, device=DEVICE, requires_grad=True)
+    gamma = torch.rand(3, device=DEVICE, requires_grad=True)
+    stats = {name: (torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE)) for name in ("eager", "compiled")}
+
+    def block(x, dw, pw, gamma, running):
+        return separable_conv2d_batch_norm(
+            x, dw, pw, stride=2, padding="same", mid_activation="relu", running_mean=running[0],
+            running_var=running[1], norm_weight=gamma, training=True,
+        )  # fmt: skip
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    got, want = compiled(x, dw, pw, gamma, stats["compiled"]), block(x, dw, pw, gamma, stats["eager"])
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(stats["compiled"], stats["eager"])
+    leaves = (x, dw, pw, gamma)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves))
+    bias = torch.randn(3, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.sepconv.depthwise_moments.default, (x, dw, bias, [1, 1], [1, 1, 1, 1], [1, 1]))
+
+
+def test_double_backward_raises():
+    x = torch.randn(2, 2, 5, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    dw = torch.randn(2, 1, 3, 3, dtype=torch.float64, device=DEVICE)
+    pw = torch.randn(3, 2, 1, 1, dtype=torch.float64, device=DEVICE)
+    y = separable_conv2d_batch_norm(x, dw, pw, padding=1, running_mean=None, running_var=None, training=True)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_x.square().sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"x": torch.randn(3, 6, 6)}, ValueError, r"x must have shape \(N, C, H, W\)"),
+        ({"running_mean": torch.zeros(4)}, ValueError, r"running_mean must have shape \(3,\)"),
+        ({"norm_weight": torch.ones(2)}, ValueError, r"norm_weight must have shape \(3,\)"),
+        ({"running_var": None}, ValueError, "both be given or both be None"),
+        ({"running_mean": None, "running_var": None, "training": False}, ValueError, "training=False normalizes"),
+        ({"running_mean": torch.zeros(3, dtype=torch.long)}, TypeError, "running_mean must be a floating-point"),
+        (
+            {"x": torch.randn(1, 3, 1, 1), "padding": 0, "dw": torch.randn(3, 1, 1, 1)},
+            ValueError,
+            "more than 1 value per channel",
+        ),
+        ({"act": "tanh"}, ValueError, "mid_activation must be one of"),
+    ],
+)
+def test_bad_arguments_are_named(change, error, match):
+    args = {"x": torch.randn(2, 3, 6, 6), "dw": torch.randn(3, 1, 3, 3), "pw": torch.randn(4, 3, 1, 1),
+            "padding": 1, "act": None, "running_mean": torch.zeros(3), "running_var": torch.ones(3),
+            "norm_weight": None, "training": True} | change  # fmt: skip
+    with pytest.raises(error, match=match):
+        separable_conv2d_batch_norm(
+            args["x"], args["dw"], args["pw"], padding=args["padding"], mid_activation=args["act"],
+            running_mean=args["running_mean"], running_var=args["running_var"], norm_weight=args["norm_weight"],
+            training=args["training"],
+        )  # fmt: skip
