@@ -62,6 +62,7 @@ from sepconv.bench import device_name, median_latency, peak_memory_bytes, versio
 from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.kernels import depthwise as depthwise_module
 from sepconv.kernels import separable as separable_module
+from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.depthwise import depthwise_conv2d
 from sepconv.kernels.separable import separable_conv2d
 
@@ -89,13 +90,16 @@ SEPARABLE_SHAPES = [
     ("replknet 256x28->256 k31", 256, 28, 256, 31, 1, 32),
 ]
 QUICK_SEPARABLE_SHAPES = [("tiny 4x6->260 k5", 4, 6, 260, 5, 1, 2)]  # unfused by default: ours_fused timed too
+# MobileNetV2's blocks in training, a BatchNorm (batch statistics) and ReLU6 between the convs
+SEPARABLE_BN_SHAPES = [shape for shape in SEPARABLE_SHAPES if shape[0].startswith("mbv2")]
+QUICK_SEPARABLE_BN_SHAPES = [("tiny 8x6->16", 8, 6, 16, 3, 1, 2)]
 MODELS = [
     ("mobilenet_v2", torchvision.models.mobilenet_v2, 224),
     ("resnet18", torchvision.models.resnet18, 224),
     ("efficientnet_b0", torchvision.models.efficientnet_b0, 224),
 ]
 QUICK_MODELS = [("mobilenet_v2 x0.35", functools.partial(torchvision.models.mobilenet_v2, width_mult=0.35), 32)]
-SECTIONS = ("depthwise", "kernel_sizes", "separable", "models")
+SECTIONS = ("depthwise", "kernel_sizes", "separable", "separable_bn", "models")
 # depthwise rows with kernels this size and up also time the experimental backward variants
 EXPERIMENTAL_BACKWARD_MIN_KERNEL = 5  # FFT weight gradient
 FLIPPED_GRAD_INPUT_MIN_KERNEL = 9  # + input gradient by our forward kernel (stride 1)
@@ -350,6 +354,65 @@ def separable_row(name, channels, size, out, kernel, stride, batch, dtype_name, 
     return row
 
 
+IMPLS = ("ours", "eager")  # each with running statistics of its own (compile shares eager's)
+
+
+def separable_bn_row(name, channels, size, out, kernel, stride, batch, dtype_name, layout_name, *, device, compile_):
+    """MobileNetV2's block in training: depthwise -> BatchNorm (batch statistics; float32 parameters and running
+    statistics, as under autocast) -> ReLU6 -> 1x1. Ours: ``separable_conv2d_batch_norm``; eager: torchvision's
+    order (``F.batch_norm``, then ReLU6 in place)."""
+    dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout_name]
+    pad = kernel // 2
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    dw = (torch.randn(channels, 1, kernel, kernel, device=device) / kernel).to(dtype)
+    pw = (torch.randn(out, channels, 1, 1, device=device) / channels**0.5).to(dtype)
+    gamma, beta = torch.rand(channels, device=device) + 0.5, torch.randn(channels, device=device) / 10
+    stats = {impl: (torch.zeros(channels, device=device), torch.ones(channels, device=device)) for impl in IMPLS}
+
+    def ours(x, dw, pw, gamma, beta):
+        running = stats["ours"]
+        return separable_conv2d_batch_norm(
+            x, dw, pw, None, stride, pad, 1, None, "relu6", running_mean=running[0], running_var=running[1],
+            norm_weight=gamma, norm_bias=beta, training=True,
+        )  # fmt: skip
+
+    def eager(x, dw, pw, gamma, beta):
+        normalized = F.batch_norm(F.conv2d(x, dw, None, stride, pad, 1, channels), *stats["eager"], gamma, beta, True)
+        return F.conv2d(F.relu6(normalized, inplace=True), pw)
+
+    impls: dict[str, Callable] = {"ours": ours, "eager": eager}
+    if compile_:
+        torch._dynamo.reset()
+        impls["compile"] = torch.compile(eager, dynamic=False)
+    inputs = tuple(t.detach().requires_grad_() for t in (x, dw, pw, gamma, beta))
+    y = eager(*inputs)
+    grad = torch.randn_like(y)
+    got, want = torch.autograd.grad(ours(*inputs), inputs, grad), torch.autograd.grad(y, inputs, grad)
+    grad_errors = {  # relative to the largest eager entry: a GPU-only error in a backward path shows here
+        f"max_rel_error_grad_{name}_vs_eager": ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        for name, a, b in zip(("x", "dw", "pw", "gamma", "beta"), got, want, strict=True)
+    }
+    row: dict[str, Any] = {
+        "section": "separable_bn",
+        "shape": name,
+        "C": channels,
+        "H": size,
+        "O": out,
+        "K": kernel,
+        "stride": stride,
+        "batch": batch,
+        "dtype": dtype_name,
+        "layout": layout_name,
+        "max_abs_error_vs_eager": (ours(*inputs).float() - y.float()).abs().max().item(),
+        **grad_errors,
+        "macs": y.numel() // out * channels * (kernel * kernel + out),
+        "bytes_forward": (x.numel() + y.numel()) * x.element_size(),
+        "bytes_forward_backward": (3 * x.numel() + 2 * y.numel()) * x.element_size(),
+    }
+    time_passes(row, impls, inputs, dict.fromkeys(impls, inputs), grad, device, graphs=dtype_name == "bf16")
+    return row
+
+
 def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: str, dtype, compile_: set[str]):
     """Inference (eval, no_grad) and a training step (SGD) of a torchvision model: eager, accelerate, and
     compile for the modes in ``compile_``."""
@@ -396,7 +459,7 @@ def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: s
 def add_floors(row: dict[str, Any], bandwidth: float, fmas: float | None) -> None:
     for pass_, macs in (("forward", row["macs"]), ("forward_backward", 3 * row["macs"])):
         memory = row[f"bytes_{pass_}"] / bandwidth * 1e3
-        flops = None if fmas is None or row["section"] == "separable" else macs / fmas * 1e3
+        flops = None if fmas is None or row["section"].startswith("separable") else macs / fmas * 1e3
         row[f"memory_floor_{pass_}_ms"] = memory
         row[f"flop_floor_{pass_}_ms"] = flops
         row[f"floor_{pass_}_ms"] = max(memory, flops or 0.0)
@@ -420,7 +483,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["section"] in ("depthwise", "kernel_sizes", "separable")]
+    rows = [r for r in result["rows"] if r["section"] != "models"]
     labels = [f"{r['section'][:3]} {r['shape']} b{r['batch']} {r['dtype']} {r['layout']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.25 * len(rows) + 2), sharey=True)
     for ax, pass_ in zip(axes, ("forward", "forward_backward"), strict=True):
@@ -514,12 +577,15 @@ def main() -> None:
                 row["section"] = section
                 add_floors(row, bandwidth, fmas)
                 emit(row)
-        elif section == "separable":
-            shapes = QUICK_SEPARABLE_SHAPES if args.quick else SEPARABLE_SHAPES
+        elif section in ("separable", "separable_bn"):
+            if section == "separable":
+                shapes, make_row = QUICK_SEPARABLE_SHAPES if args.quick else SEPARABLE_SHAPES, separable_row
+            else:
+                shapes, make_row = QUICK_SEPARABLE_BN_SHAPES if args.quick else SEPARABLE_BN_SHAPES, separable_bn_row
             for (batch, dtype, layout), (name, c, h, o, k, s, big) in itertools.product(combos, shapes):
                 if time.perf_counter() > deadline:
                     break
-                row = separable_row(
+                row = make_row(
                     name, c, h, o, k, s, batch or big, dtype, layout, device=device, compile_=compiled(batch, dtype)
                 )
                 add_floors(row, bandwidth, fmas)

@@ -73,13 +73,14 @@ def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, acti
             y = separable_conv2d(x, dw, pw, None, stride, k // 2, mid_activation=activation)
         return torch.autograd.grad(y, leaves, grad)
 
-    def eager():
-        mid = F.conv2d(x, dw, None, stride, k // 2, 1, c)
+    def eager():  # no local names for the intermediates: autograd frees them as the step goes
         if norm:  # torchvision's Conv2dNormActivation: BatchNorm2d, then ReLU6(inplace=True)
-            mid = F.relu6(F.batch_norm(mid, *stats["eager"], gamma, beta, training=True), inplace=True)
+            normalized = F.batch_norm(F.conv2d(x, dw, None, stride, k // 2, 1, c), *stats["eager"], gamma, beta, True)
+            y = F.conv2d(F.relu6(normalized, inplace=True), pw)
+            del normalized
         else:
-            mid = act(mid)
-        return torch.autograd.grad(F.conv2d(mid, pw), leaves, grad)
+            y = F.conv2d(act(F.conv2d(x, dw, None, stride, k // 2, 1, c)), pw)
+        return torch.autograd.grad(y, leaves, grad)
 
     peaks = {impl: peak_live_bytes(fn) for impl, fn in (("ours", ours), ("eager", eager))}
     intermediate = batch * c * out * out * 4

@@ -39,10 +39,10 @@ def run_script(*args: str, interpret: bool = True) -> str:
 def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
     run_script(
         "benchmarks/kernels.py", "--quick", "--out", str(tmp_path), "--sections", "kernel_sizes", "separable",
-        "--section-seconds", "kernel_sizes=1", "separable=1",
+        "separable_bn", "--section-seconds", "kernel_sizes=1", "separable=1", "separable_bn=1",
     )  # fmt: skip
     result = json.loads((tmp_path / "kernels_quick.json").read_text())
-    assert {r["section"] for r in result["rows"]} == {"kernel_sizes", "separable"}
+    assert {r["section"] for r in result["rows"]} == {"kernel_sizes", "separable", "separable_bn"}
     for row in result["rows"]:
         assert row["max_abs_error_vs_eager"] < 1e-4
         if row["section"] == "kernel_sizes":  # depthwise rows: the backward kernels checked too
@@ -56,6 +56,9 @@ def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
                 assert row[f"{impl}_forward_backward_ms"] > 0
         if row["section"] == "separable":  # a wide pointwise conv after a 5x5: unfused, and the fused kernel timed
             assert row["max_abs_error_fused_vs_eager"] < 1e-4 and row["ours_fused_forward_backward_ms"] > 0
+        if row["section"] == "separable_bn":  # the training block: every gradient checked against eager's
+            grads = [key for key in row if key.startswith("max_rel_error_grad_")]
+            assert len(grads) == 5 and all(row[key] < 1e-4 for key in grads)
         for key in ("ours_forward_ms", "eager_forward_ms", "ours_forward_backward_ms", "ours_forward_repeat_ms"):
             assert row[key] > 0
         assert row["floor_forward_ms"] == max(row["memory_floor_forward_ms"], row["flop_floor_forward_ms"] or 0.0)
@@ -65,16 +68,22 @@ def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
 def test_training_memory_benchmark_quick_run(tmp_path):
     """Tensor bytes of a tiny block's training step (8 channels, 6x6, 4 outputs, batch 2, fp32): ours holds the
     output and two intermediate-sized tensors at most (plus the weights' gradients and the depthwise backward's
-    bias-sized one), eager one more with ReLU6."""
+    bias-sized one), eager one more with ReLU6; with a training-mode BatchNorm before the ReLU6 ours holds three
+    at most (as PyTorch's BatchNorm backward: its input, output gradient and input gradient; plus per-channel
+    vectors), eager four or more (the depthwise output, the norm's, and their gradients)."""
     run_script("benchmarks/training_memory.py", "--quick", "--out", str(tmp_path))
     result = json.loads((tmp_path / "training_memory_quick.json").read_text())
-    rows = {r["activation"]: r for r in result["rows"]}
+    rows = {(r["activation"], r["mid_norm"] is not None): r for r in result["rows"]}
+    assert set(rows) == {(None, False), ("relu6", False), ("relu6", True)}
     weight_grads = (8 * 9 + 8 + 4 * 8) * 4
-    for row in rows.values():
+    for (_, norm), row in rows.items():
         assert row["intermediate_bytes"] == 2 * 8 * 6 * 6 * 4 and row["output_bytes"] == 2 * 4 * 6 * 6 * 4
-        assert row["ours_peak_bytes"] <= row["output_bytes"] + 2 * row["intermediate_bytes"] + weight_grads
-    relu6 = rows["relu6"]  # eager keeps the depthwise output and the activation's for its backward
+        intermediates = 3 if norm else 2
+        assert row["ours_peak_bytes"] <= row["output_bytes"] + intermediates * row["intermediate_bytes"] + weight_grads
+    relu6 = rows[("relu6", False)]  # eager keeps the depthwise output and the activation's for its backward
     assert relu6["eager_peak_bytes"] >= relu6["output_bytes"] + 3 * relu6["intermediate_bytes"]
+    norm = rows[("relu6", True)]
+    assert norm["eager_peak_bytes"] >= norm["output_bytes"] + 4 * norm["intermediate_bytes"]
     assert (tmp_path / "training_memory_quick.png").stat().st_size > 0
 
 

@@ -19,13 +19,15 @@ applies an activation of its own), and the absorbed modules ``nn.Identity``: the
 included, runs as before.
 
 A BatchNorm2d between the convs in training mode cannot be folded once (it normalizes with each batch's
-statistics): the fused module keeps it (``mid_norm``; listed in :attr:`Acceleration.batch_norms`) and, with
-``backend="triton"``, folds the batch's statistics in on each call (a first pass over the input computes them:
-:func:`sepconv.kernels.separable_conv2d_batch_norm`), updating its running statistics as BatchNorm2d does, so
-the accelerated model trains as the original and switches to the running statistics in eval mode. A
-training-mode BatchNorm after the 1x1 conv stays as it is and the part before it is fused. Depthwise convs
-outside any chain (e.g. followed by squeeze-excitation) are replaced by a :class:`~sepconv.DepthwiseConv2d`
-(our depthwise kernel on CUDA), with a following eval-mode BatchNorm folded in. The input model is not
+statistics). With ``backend="triton"`` the fused module keeps it (``mid_norm``; listed in
+:attr:`Acceleration.batch_norms`) and folds the batch's statistics in on each call (a first pass over the input
+computes them: :func:`sepconv.kernels.separable_conv2d_batch_norm`), updating its running statistics as
+BatchNorm2d does, so the accelerated model trains as the original and switches to the running statistics in
+eval mode. Otherwise the chain is not fused and only its depthwise conv is replaced, by a
+:class:`~sepconv.DepthwiseConv2d` (the measured choice: CPU layouts, our depthwise kernel for large kernels on
+CUDA). A training-mode BatchNorm after the 1x1 conv stays as it is and the part before it is fused. Depthwise
+convs outside any chain (e.g. followed by squeeze-excitation) are replaced by a DepthwiseConv2d too, with a
+following eval-mode BatchNorm folded in. The input model is not
 modified; a Sequential that is rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` ->
 ``conv.1_0.weight``): the result is for running, keep checkpoints of the original.
 
@@ -221,7 +223,7 @@ def _rewrite_sequence(module: nn.Module, path: str, changes: list[Acceleration],
     changed = False
     i = 0
     while i < len(leaves):
-        chain = _match_chain(leaves, i)
+        chain = _match_chain(leaves, i, backend)
         if chain is not None:
             end, fused, change = chain
             fused.backend = backend
@@ -276,8 +278,11 @@ def _is_pointwise(module: nn.Module, channels: int) -> bool:
     )
 
 
-def _match_chain(leaves: list[tuple[str, nn.Module]], start: int):
-    """(end, FusedSeparableConv2d, Acceleration) for a chain starting at ``start``, or None."""
+def _match_chain(leaves: list[tuple[str, nn.Module]], start: int, backend: str):
+    """(end, FusedSeparableConv2d, Acceleration) for a chain starting at ``start``, or None. A training-mode
+    BatchNorm between the convs is kept in the fused module for ``backend="triton"`` only: elsewhere that module
+    would run PyTorch's ops as the original does, and a :class:`~sepconv.DepthwiseConv2d` for the depthwise conv
+    alone runs the measured choice (CPU layouts, our kernel for large kernels on CUDA)."""
     dw = leaves[start][1]
     if not _is_depthwise(dw):
         return None
@@ -286,8 +291,8 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int):
     if i < len(leaves) and isinstance(leaves[i][1], nn.BatchNorm2d):
         if foldable_norm(leaves[i][1], mid):
             norm1 = leaves[i]
-        elif batch_norm_2d(leaves[i][1], mid):
-            kept = leaves[i]  # training mode: kept, its batch statistics folded in on each call
+        elif backend == "triton" and batch_norm_2d(leaves[i][1], mid):
+            kept = leaves[i]  # training mode: kept, its batch statistics folded in on each call (fused kernel)
         else:
             return None
         i += 1

@@ -3,14 +3,14 @@ training mode too.
 
 A BatchNorm between the convs is, for one batch, a per-channel affine map of the depthwise output: with the
 batch's mean μ and variance σ² of ``z = dw(x) + b`` it is ``γ (z - μ) / sqrt(σ² + ε) + β``, which folds into
-the depthwise weight and bias. So a training step runs two passes over ``x`` instead of writing ``z`` and the
-normalized and activated copies of it: the statistics (custom op ``sepconv::depthwise_moments``: our
-depthwise kernel, reduced per channel; its output is not kept), then the fused kernel
-(:func:`~sepconv.kernels.separable_conv2d`) on the weights folded with them. Autograd differentiates through
-the fold and the statistics, so the gradients are BatchNorm's own (the batch statistics' terms included),
-and backward recomputes the depthwise output instead of storing it: training keeps ``x``, not three
-intermediate-sized tensors. Running statistics are updated as ``F.batch_norm`` updates them (unbiased
-variance); in eval mode they are folded instead.
+the depthwise weight and bias. A training step's forward (custom op ``sepconv::separable_conv2d_batch_norm``)
+runs two passes over ``x``: the statistics (our depthwise kernel, reduced per channel, its output freed at
+once), then the fused kernel (:func:`~sepconv.kernels.separable_conv2d`) on the weights folded with them. Only
+``x`` and per-channel tensors are kept for backward, not ``z`` and its normalized and activated copies. Backward
+recomputes ``z`` once, then the 1x1 conv's gradients and the activation's with PyTorch's ops, BatchNorm's
+gradient (batch statistics' terms included) with PyTorch's own ``native_batch_norm_backward``, and the depthwise
+conv's with our kernels. Running statistics are updated as ``F.batch_norm`` updates them (unbiased variance); in
+eval mode they are folded instead (:func:`~sepconv.kernels.separable_conv2d`'s op).
 
 >>> import torch
 >>> import torch.nn.functional as F
@@ -30,12 +30,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from sepconv.kernels.depthwise import (
     _GEOMETRY,
     PaddingSpec,
+    _DepthwiseConv2d,
     _grad_input,
     _grad_weight,
     output_size,
@@ -44,7 +46,14 @@ from sepconv.kernels.depthwise import (
     run_op,
 )
 from sepconv.kernels.depthwise import _forward as _depthwise_forward
-from sepconv.kernels.separable import MID_ACTIVATIONS, _check_pointwise, _SeparableConv2d
+from sepconv.kernels.separable import (
+    MID_ACTIVATIONS,
+    _activate,
+    _activation_backward,
+    _check_pointwise,
+    _SeparableConv2d,
+)
+from sepconv.kernels.separable import _forward as _separable_forward
 
 __all__ = ["separable_conv2d_batch_norm"]
 
@@ -95,15 +104,16 @@ def separable_conv2d_batch_norm(
                 f"training needs more than 1 value per channel to normalize; got N·H_out·W_out = {count} "
                 f"(x {tuple(x.shape)}, output {out_h}x{out_w})"
             )
-        moments_args, inputs = (x, dw_weight, dw_bias, *geometry), (x, dw_weight, dw_bias)
-        mean, var = run_op(torch.ops.sepconv.depthwise_moments, _DepthwiseMoments, moments_args, inputs)
+        activation = MID_ACTIVATIONS.index(mid_activation)
+        args = (x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, *geometry, activation, eps)
+        inputs = (x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias)
+        y, mean, var = run_op(torch.ops.sepconv.separable_conv2d_batch_norm, _SeparableBatchNorm, args, inputs)
         if running_mean is not None and running_var is not None:
             with torch.no_grad():  # as F.batch_norm: the running variance is the unbiased one
-                running_mean.lerp_(mean.detach().to(running_mean.dtype), momentum)
-                running_var.lerp_(var.detach().mul(count).div(count - 1).to(running_var.dtype), momentum)
-    else:
-        mean, var = running_mean, running_var
-    folded_weight, folded_bias = _fold(weight, bias, mean, var, norm_weight, norm_bias, eps, x.dtype)
+                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+                running_var.lerp_(var.mul(count).div(count - 1).to(running_var.dtype), momentum)
+        return y
+    folded_weight, folded_bias = _fold(weight, bias, running_mean, running_var, norm_weight, norm_bias, eps, x.dtype)
     args = (x, folded_weight, folded_bias, pw_weight, pw_bias, *geometry, MID_ACTIVATIONS.index(mid_activation))
     inputs = (x, folded_weight, folded_bias, pw_weight, pw_bias)
     return run_op(torch.ops.sepconv.separable_conv2d, _SeparableConv2d, args, inputs)
@@ -148,90 +158,122 @@ def _fold(weight, bias, mean, var, norm_weight, norm_bias, eps: float, dtype: to
     return (weight.to(compute) * scale.view(-1, 1, 1, 1)).to(dtype), shift.to(dtype)
 
 
-# ---- the statistics: custom op sepconv::depthwise_moments -------------------------------------------------
+# ---- training mode: custom op sepconv::separable_conv2d_batch_norm -----------------------------------------
 
 
 def _moments(x, weight, bias, stride, padding, dilation) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of the depthwise conv's output (float32, float64 for float64): our
     depthwise kernel, then one reduction; the output is freed before returning."""
     z = _depthwise_forward(x, weight, bias, stride, padding, dilation)
-    compute = torch.promote_types(z.dtype, torch.float32)
-    var, mean = torch.var_mean(z.to(compute), dim=(0, 2, 3), correction=0)
+    var, mean = torch.var_mean(z.to(torch.promote_types(z.dtype, torch.float32)), dim=(0, 2, 3), correction=0)
     return mean, var
 
 
-@torch.library.custom_op(
-    "sepconv::depthwise_moments",
-    mutates_args=(),
-    schema=f"(Tensor x, Tensor weight, Tensor? bias, {_GEOMETRY}) -> (Tensor, Tensor)",
+def _train_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation,
+                   activation, eps):  # fmt: skip
+    mean, var = _moments(x, dw_weight, dw_bias, stride, padding, dilation)
+    weight, bias = _fold(dw_weight, dw_bias, mean, var, norm_weight, norm_bias, eps, x.dtype)
+    y = _separable_forward(x, weight, bias, pw_weight, pw_bias, stride, padding, dilation, activation)
+    return y, mean, var
+
+
+_TRAIN_SCHEMA = (
+    "(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor? norm_weight, Tensor? norm_bias, Tensor pw_weight, "
+    f"Tensor? pw_bias, {_GEOMETRY}, int activation, float eps) -> (Tensor, Tensor, Tensor)"
 )
-def _moments_op(x, weight, bias, stride, padding, dilation):
-    return _moments(x, weight, bias, stride, padding, dilation)
 
 
-@_moments_op.register_fake
-def _(x, weight, bias, stride, padding, dilation):
+@torch.library.custom_op("sepconv::separable_conv2d_batch_norm", mutates_args=(), schema=_TRAIN_SCHEMA)
+def _train_op(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation,
+              activation, eps):  # fmt: skip
+    return _train_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding,
+                          dilation, activation, eps)  # fmt: skip
+
+
+@_train_op.register_fake
+def _(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation, activation, eps):
+    y = torch.ops.sepconv.separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, 0)
     compute = torch.promote_types(x.dtype, torch.float32)
-    return x.new_empty(weight.shape[0], dtype=compute), x.new_empty(weight.shape[0], dtype=compute)
+    return y, x.new_empty(dw_weight.shape[0], dtype=compute), x.new_empty(dw_weight.shape[0], dtype=compute)
 
 
-def _moments_setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation = inputs
-    ctx.save_for_backward(x, weight, bias, output[0])
-    ctx.geometry = (stride, padding, dilation)
+def _train_setup_context(ctx, inputs, output):
+    x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation, activation, eps = (
+        inputs
+    )
+    _, mean, var = output
+    ctx.save_for_backward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, mean, var)
+    ctx.has_pw_bias = pw_bias is not None
+    ctx.geometry, ctx.activation, ctx.eps = (stride, padding, dilation), activation, eps
+    ctx.mark_non_differentiable(mean, var)  # the statistics are for the running ones (updated without autograd)
 
 
-def _moments_backward(ctx, grad_mean, grad_var):
-    """Through ``mean = Σz / M`` and ``var = Σ(z - mean)² / M``: ``dL/dz = grad_mean / M + grad_var · 2(z - mean)
-    / M`` (the mean's own term in the variance sums to zero), on the recomputed ``z``, then back through the
-    depthwise conv by our kernels."""
-    x, weight, bias, mean = ctx.saved_tensors
+def _train_backward(ctx, grad, _grad_mean=None, _grad_var=None):
+    """Recompute ``z`` once; at most three intermediate-sized tensors alive at once (``z``, the 1x1 conv's
+    input gradient, the activation's input), as PyTorch's BatchNorm backward holds its input, output gradient
+    and input gradient."""
+    x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    if not (needs[0] or needs[1] or needs[2]):
-        return None, None, None, None, None, None
-    depthwise_args = (x, weight, bias, *ctx.geometry)
-    from sepconv.kernels.depthwise import _DepthwiseConv2d
+    grads: list[Tensor | None] = [None] * 12
+    if ctx.has_pw_bias and needs[6]:
+        grads[6] = grad.sum((0, 2, 3))
+    depthwise_args = (x, dw_weight, dw_bias, *ctx.geometry)
+    z = run_op(torch.ops.sepconv.depthwise_conv2d, _DepthwiseConv2d, depthwise_args, (x, dw_weight, dw_bias))
+    # the norm's ops in x's dtype with float32 statistics and parameters, as PyTorch's BatchNorm on CUDA; on a CPU
+    # (no such mixed fp16 kernels there) fp16/bf16 in float32, as CPU autocast runs BatchNorm
+    work = z.dtype if z.is_cuda or z.dtype in (torch.float32, torch.float64) else torch.float32
+    z = z.to(work)
+    gamma, beta = (None if t is None else t.to(mean.dtype) for t in (norm_weight, norm_bias))  # as the statistics
 
-    z = run_op(torch.ops.sepconv.depthwise_conv2d, _DepthwiseConv2d, depthwise_args, (x, weight, bias))
-    count = z.shape[0] * z.shape[2] * z.shape[3]
-    per_channel = (-1, 1, 1)  # tensors divided by the count, not a Python float of it: symbolic under compile
-    grad_z = z.to(mean.dtype)  # in place from here: one intermediate-sized tensor (z itself where fp32/fp64)
-    del z
-    grad_z.sub_(mean.view(per_channel))
-    if grad_var is None:
-        grad_z.zero_()
-    else:
-        grad_z.mul_(grad_var.mul(2).div(count).view(per_channel))
-    if grad_mean is not None:
-        grad_z.add_(grad_mean.div(count).view(per_channel))
+    def normalized(z: Tensor) -> Tensor:  # the norm's output from z (PyTorch's eval-mode batch norm)
+        return torch.batch_norm(z, gamma, beta, mean, var, False, 0.0, ctx.eps, False)
+
+    if needs[5]:  # the 1x1 weight's gradient, on the activated norm output
+        mid = _activate(normalized(z), ctx.activation).to(x.dtype)
+        grads[5] = torch.ops.aten.convolution_backward(
+            grad, mid, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
+        )[1]
+        del mid
+    if not any(needs[:5]):
+        return tuple(grads)
+    grad_mid = F.conv2d(grad, pw_weight.transpose(0, 1)).to(work)  # the 1x1 conv's input gradient
+    if ctx.activation:
+        grad_mid = _activation_backward(grad_mid, normalized(z), ctx.activation, out=grad_mid)
+    invstd = (var + ctx.eps).rsqrt()
+    mask = [True, norm_weight is not None and needs[3], norm_bias is not None and needs[4]]
+    grad_z, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+        grad_mid, z, gamma, None, None, mean, invstd, True, ctx.eps, mask
+    )
+    del grad_mid, z
     grad_z = grad_z.to(x.dtype)
-    grad_x = grad_weight = grad_bias = None
-    args, tensors = (grad_z, x, weight, *ctx.geometry), (grad_z, x, weight)
+    grads[3] = grad_gamma.to(norm_weight.dtype) if mask[1] else None
+    grads[4] = grad_beta.to(norm_bias.dtype) if mask[2] else None
+    args, tensors = (grad_z, x, dw_weight, *ctx.geometry), (grad_z, x, dw_weight)
     if needs[0]:
-        grad_x = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
-    if needs[1] or (bias is not None and needs[2]):
+        grads[0] = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
+    if needs[1] or (dw_bias is not None and needs[2]):
         grad_weight, grad_bias = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_weight, _grad_weight, args, tensors)
-        grad_weight = grad_weight if needs[1] else None
-        grad_bias = grad_bias if bias is not None and needs[2] else None
-    return grad_x, grad_weight, grad_bias, None, None, None
+        grads[1] = grad_weight if needs[1] else None
+        grads[2] = grad_bias if dw_bias is not None and needs[2] else None
+    return tuple(grads)
 
 
 # once_differentiable: the backward kernels have no backward of their own (a double backward raises)
-_moments_op.register_autograd(once_differentiable(_moments_backward), setup_context=_moments_setup_context)
+_train_op.register_autograd(once_differentiable(_train_backward), setup_context=_train_setup_context)
 
 
-class _DepthwiseMoments(torch.autograd.Function):
-    """The moments op's autograd without the dispatcher, for plain-eager calls
+class _SeparableBatchNorm(torch.autograd.Function):
+    """The training op's autograd without the dispatcher, for plain-eager calls
     (:func:`~sepconv.kernels.depthwise.run_op`)."""
 
     @staticmethod
     def compute(*inputs):
-        return _moments(*inputs)
+        return _train_forward(*inputs)
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _moments(*inputs)
-        _moments_setup_context(ctx, inputs, output)
+        output = _train_forward(*inputs)
+        _train_setup_context(ctx, inputs, output)
         return output
 
-    backward = staticmethod(once_differentiable(_moments_backward))
+    backward = staticmethod(once_differentiable(_train_backward))
