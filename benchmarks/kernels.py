@@ -301,6 +301,27 @@ def depthwise_row(name, channels, size, kernel, stride, batch, dtype_name, layou
     return row
 
 
+def _block_row(section: str, shape: tuple, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+    """A separable block row's configuration (``shape``: name, C, H, O, K, stride, batch, dtype, layout), MACs,
+    and the bytes a forward and a forward+backward must move at least."""
+    name, channels, size, out, kernel, stride, batch, dtype_name, layout_name = shape
+    return {
+        "section": section,
+        "shape": name,
+        "C": channels,
+        "H": size,
+        "O": out,
+        "K": kernel,
+        "stride": stride,
+        "batch": batch,
+        "dtype": dtype_name,
+        "layout": layout_name,
+        "macs": y.numel() // out * channels * (kernel * kernel + out),
+        "bytes_forward": (x.numel() + y.numel()) * x.element_size(),
+        "bytes_forward_backward": (3 * x.numel() + 2 * y.numel()) * x.element_size(),
+    }
+
+
 def separable_row(name, channels, size, out, kernel, stride, batch, dtype_name, layout_name, *, device, compile_):
     """The separable block (no bias between, as PyTorch's best configuration) and the standard conv."""
     dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout_name]
@@ -329,26 +350,10 @@ def separable_row(name, channels, size, out, kernel, stride, batch, dtype_name, 
     y = eager(x, dw, pw, std)
     error = lambda fn: (fn(x, dw, pw, std).float() - y.float()).abs().max().item()  # noqa: E731
     inputs = tuple(t.detach().requires_grad_() for t in (x, dw, pw, std))
-    row: dict[str, Any] = {
-        "section": "separable",
-        "shape": name,
-        "C": channels,
-        "H": size,
-        "O": out,
-        "K": kernel,
-        "stride": stride,
-        "batch": batch,
-        "dtype": dtype_name,
-        "layout": layout_name,
-        **{
-            f"max_abs_error{impl.removeprefix('ours')}_vs_eager": error(fn)
-            for impl, fn in impls.items()
-            if "ours" in impl
-        },
-        "macs": y.numel() // out * channels * (kernel * kernel + out),
-        "bytes_forward": (x.numel() + y.numel()) * x.element_size(),
-        "bytes_forward_backward": (3 * x.numel() + 2 * y.numel()) * x.element_size(),
-    }
+    ours_impls = [impl for impl in impls if "ours" in impl]
+    errors = {f"max_abs_error{impl.removeprefix('ours')}_vs_eager": error(impls[impl]) for impl in ours_impls}
+    shape = (name, channels, size, out, kernel, stride, batch, dtype_name, layout_name)
+    row = _block_row("separable", shape, x, y) | errors
     wrt = {impl: (inputs[0], inputs[3]) if impl == "standard" else inputs[:3] for impl in impls}
     time_passes(row, impls, inputs, wrt, torch.randn_like(y), device, graphs=dtype_name == "bf16")
     return row
@@ -392,23 +397,9 @@ def separable_bn_row(name, channels, size, out, kernel, stride, batch, dtype_nam
         f"max_rel_error_grad_{name}_vs_eager": ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
         for name, a, b in zip(("x", "dw", "pw", "gamma", "beta"), got, want, strict=True)
     }
-    row: dict[str, Any] = {
-        "section": "separable_bn",
-        "shape": name,
-        "C": channels,
-        "H": size,
-        "O": out,
-        "K": kernel,
-        "stride": stride,
-        "batch": batch,
-        "dtype": dtype_name,
-        "layout": layout_name,
-        "max_abs_error_vs_eager": (ours(*inputs).float() - y.float()).abs().max().item(),
-        **grad_errors,
-        "macs": y.numel() // out * channels * (kernel * kernel + out),
-        "bytes_forward": (x.numel() + y.numel()) * x.element_size(),
-        "bytes_forward_backward": (3 * x.numel() + 2 * y.numel()) * x.element_size(),
-    }
+    shape = (name, channels, size, out, kernel, stride, batch, dtype_name, layout_name)
+    row = _block_row("separable_bn", shape, x, y) | grad_errors
+    row["max_abs_error_vs_eager"] = (ours(*inputs).float() - y.float()).abs().max().item()
     time_passes(row, impls, inputs, dict.fromkeys(impls, inputs), grad, device, graphs=dtype_name == "bf16")
     return row
 

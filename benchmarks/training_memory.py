@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from kernels import SEPARABLE_SHAPES
 from sepconv.bench import device_name, versions
 from sepconv.io import atomic_write_png, atomic_write_text
+from sepconv.kernels import batch_norm as batch_norm_module
 from sepconv.kernels import depthwise as depthwise_module
 from sepconv.kernels import separable as separable_module
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
@@ -42,6 +43,7 @@ MIDS = ((None, False), ("relu6", False), ("relu6", True))  # (activation, traini
 _KERNELS = {
     depthwise_module: ("depthwise_forward_kernel", "depthwise_grad_input_kernel", "depthwise_grad_weight_kernel"),
     separable_module: ("separable_forward_kernel",),
+    batch_norm_module: ("depthwise_moments_kernel",),
 }
 
 

@@ -161,6 +161,30 @@ def test_running_statistics_follow_batch_norm_with_momentum_none_over_steps():
     torch.testing.assert_close(norm.running_var, ref.running_var)
 
 
+@pytest.mark.parametrize(
+    ("channels", "kind", "hw"),
+    [(3, "contiguous", (9, 7)), (300, "channels_last", (9, 7)), (40, "channels_last", (5, 11)), (5, "strided", (6, 6))],
+)
+def test_statistics_pass_matches_var_mean_of_the_output(channels, kind, hw):
+    """The statistics kernel reduces each tile (no output written), the tiles are combined afterwards: the mean
+    and biased variance of the depthwise output in float64 — tiles cut by the image's edge, 4x4 rectangles
+    (channels_last from 256 channels), several channel blocks, depth multiplier 2, stride, per-side padding and
+    dilation, an offset far larger than the spread."""
+    from sepconv.kernels.batch_norm import _moments
+
+    torch.manual_seed(channels)
+    x = layout(torch.randn(3, channels, *hw, dtype=torch.float64, device=DEVICE) + 1000, kind)
+    weight = torch.randn(2 * channels, 1, 3, 3, dtype=torch.float64, device=DEVICE)
+    bias = torch.randn(2 * channels, dtype=torch.float64, device=DEVICE)
+    for stride, sides, dilation in (([1, 1], [1, 1, 1, 1], [1, 1]), ([2, 2], [0, 1, 2, 0], [2, 1])):
+        padded = F.pad(x, (sides[2], sides[3], sides[0], sides[1]))
+        z = F.conv2d(padded, weight, bias, stride, 0, dilation, groups=channels)
+        var, mean = torch.var_mean(z, dim=(0, 2, 3), correction=0)
+        got_mean, got_var = _moments(x, weight, bias, stride, sides, dilation)
+        torch.testing.assert_close(got_mean, mean, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got_var, var, rtol=1e-9, atol=0)
+
+
 def test_backward_keeps_no_intermediate():
     """What autograd saves: x and parameter-sized tensors, never a tensor of the depthwise output's size."""
     x = torch.randn(2, 8, 10, 10, device=DEVICE, requires_grad=True)

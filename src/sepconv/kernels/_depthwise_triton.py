@@ -127,6 +127,29 @@ def _depthwise_tile(
 
 
 @triton.jit
+def _forward_tile(
+    x_ptr, w_ptr, b_ptr, n, H, W, C_OUT, OH, OW, sxn, sxc, sxh, sxw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+    DIL_H, DIL_W, MULT, HAS_BIAS: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    STATIC_KH: tl.constexpr, STATIC_KW: tl.constexpr, TILE_W: tl.constexpr, EVEN_C: tl.constexpr,
+):  # fmt: skip
+    """This program's (pixels x channels) tile of image ``n``'s depthwise output, bias added, in ACC; with the
+    pixels' rows, columns and validity and the channels and theirs."""
+    oh, ow, p_ok = _pixel_tile(tl.program_id(0), OH, OW, BLOCK_P, TILE_W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C_OUT
+    x_chan = x_ptr + n * sxn + (c // MULT).to(tl.int64)[None, :] * sxc
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+    acc = _depthwise_tile(
+        x_chan, w_ptr, c, c_ok, ih0, iw0, p_ok, H, W, sxh, sxw, KH, KW, DIL_H, DIL_W,
+        ACC, BLOCK_P, BLOCK_C, STATIC_KH, STATIC_KW, EVEN_C,
+    )  # fmt: skip
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
+    return acc, oh, ow, p_ok, c, c_ok
+
+
+@triton.jit
 def depthwise_forward_kernel(
     x_ptr,
     w_ptr,
@@ -164,20 +187,66 @@ def depthwise_forward_kernel(
     EVEN_C: tl.constexpr = False,
 ):
     n = tl.program_id(2).to(tl.int64)
-    oh, ow, p_ok = _pixel_tile(tl.program_id(0), OH, OW, BLOCK_P, TILE_W)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C_OUT
-    x_chan = x_ptr + n * sxn + (c // MULT).to(tl.int64)[None, :] * sxc
-    ih0 = oh * STRIDE_H - PAD_H
-    iw0 = ow * STRIDE_W - PAD_W
-    acc = _depthwise_tile(
-        x_chan, w_ptr, c, c_ok, ih0, iw0, p_ok, H, W, sxh, sxw, KH, KW, DIL_H, DIL_W,
-        ACC, BLOCK_P, BLOCK_C, STATIC_KH, STATIC_KW, EVEN_C,
+    acc, oh, ow, p_ok, c, c_ok = _forward_tile(
+        x_ptr, w_ptr, b_ptr, n, H, W, C_OUT, OH, OW, sxn, sxc, sxh, sxw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+        DIL_H, DIL_W, MULT, HAS_BIAS, ACC, BLOCK_P, BLOCK_C, STATIC_KH, STATIC_KW, TILE_W, EVEN_C,
     )  # fmt: skip
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
     y_offset = n * syn + c.to(tl.int64)[None, :] * syc + (oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None]
     tl.store(y_ptr + y_offset, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def depthwise_moments_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    sum_ptr,
+    m2_ptr,
+    count_ptr,
+    H,
+    W,
+    C_OUT,
+    OH,
+    OW,
+    sxn,
+    sxc,
+    sxh,
+    sxw,
+    KH,
+    KW,
+    STRIDE_H,
+    STRIDE_W,
+    PAD_H,
+    PAD_W,
+    DIL_H,
+    DIL_W,
+    MULT,
+    HAS_BIAS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    STATIC_KH: tl.constexpr = 0,
+    STATIC_KW: tl.constexpr = 0,
+    TILE_W: tl.constexpr = 0,
+    EVEN_C: tl.constexpr = False,
+):
+    """The forward's tile, reduced instead of stored: per channel, the sum of the tile's outputs and their
+    squared deviations from the tile's mean (M2), at ``[n, pixel program, channel]`` of (N, P, C_OUT) buffers;
+    the tile's pixel count at ``count_ptr[pixel program]`` (the same for every image and channel block).
+    Combined in a fixed order afterwards (Chan et al.'s pairwise formula): deterministic, no atomics."""
+    n = tl.program_id(2).to(tl.int64)
+    pid_p = tl.program_id(0)
+    acc, _, _, p_ok, c, c_ok = _forward_tile(
+        x_ptr, w_ptr, b_ptr, n, H, W, C_OUT, OH, OW, sxn, sxc, sxh, sxw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
+        DIL_H, DIL_W, MULT, HAS_BIAS, ACC, BLOCK_P, BLOCK_C, STATIC_KH, STATIC_KW, TILE_W, EVEN_C,
+    )  # fmt: skip
+    count = tl.sum(p_ok.to(ACC), axis=0)
+    total = tl.sum(tl.where(p_ok[:, None], acc, 0.0), axis=0)
+    deviation = tl.where(p_ok[:, None], acc - (total / count)[None, :], 0.0)
+    part = (n * tl.num_programs(0) + pid_p) * C_OUT
+    tl.store(sum_ptr + part + c, total, mask=c_ok)
+    tl.store(m2_ptr + part + c, tl.sum(deviation * deviation, axis=0), mask=c_ok)
+    tl.store(count_ptr + pid_p, count, mask=(tl.program_id(1) == 0) & (n == 0))
 
 
 @triton.jit

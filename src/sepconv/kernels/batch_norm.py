@@ -4,8 +4,9 @@ training mode too.
 A BatchNorm between the convs is, for one batch, a per-channel affine map of the depthwise output: with the
 batch's mean μ and variance σ² of ``z = dw(x) + b`` it is ``γ (z - μ) / sqrt(σ² + ε) + β``, which folds into
 the depthwise weight and bias. A training step's forward (custom op ``sepconv::separable_conv2d_batch_norm``)
-runs two passes over ``x``: the statistics (our depthwise kernel, reduced per channel, its output freed at
-once), then the fused kernel (:func:`~sepconv.kernels.separable_conv2d`) on the weights folded with them. Only
+runs two passes over ``x``: the statistics (our depthwise kernel with its tiles reduced per channel instead of
+stored: ``z`` is never written), then the fused kernel (:func:`~sepconv.kernels.separable_conv2d`) on the
+weights folded with them. Only
 ``x`` and per-channel tensors are kept for backward, not ``z`` and its normalized and activated copies. Backward
 recomputes ``z`` once, then the 1x1 conv's gradients and the activation's with PyTorch's ops, BatchNorm's
 gradient (batch statistics' terms included) with PyTorch's own ``native_batch_norm_backward``, and the depthwise
@@ -31,21 +32,26 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from sepconv.kernels._depthwise_triton import depthwise_moments_kernel
 from sepconv.kernels.depthwise import (
     _GEOMETRY,
     PaddingSpec,
+    _batch_chunks,
     _DepthwiseConv2d,
+    _geometry,
     _grad_input,
     _grad_weight,
+    _tiles,
+    direct_launch_options,
     output_size,
     prepare_call,
     run_kernel,
     run_op,
 )
-from sepconv.kernels.depthwise import _forward as _depthwise_forward
 from sepconv.kernels.separable import (
     MID_ACTIVATIONS,
     _activate,
@@ -162,11 +168,59 @@ def _fold(weight, bias, mean, var, norm_weight, norm_bias, eps: float, dtype: to
 
 
 def _moments(x, weight, bias, stride, padding, dilation) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and biased variance of the depthwise conv's output (float32, float64 for float64): our
-    depthwise kernel, then one reduction; the output is freed before returning."""
-    z = _depthwise_forward(x, weight, bias, stride, padding, dilation)
-    var, mean = torch.var_mean(z.to(torch.promote_types(z.dtype, torch.float32)), dim=(0, 2, 3), correction=0)
-    return mean, var
+    """Per-channel mean and biased variance of the depthwise conv's output (float32, float64 for float64),
+    without writing that output: each program of ``depthwise_moments_kernel`` reduces its tile to a sum and a
+    sum of squared deviations, combined here in a fixed order."""
+    out_h, out_w = output_size(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
+    channels, weight = weight.shape[0], weight.contiguous()
+    tiles = _tiles(x, out_h * out_w, channels, weight.shape[2:])
+    programs = tiles.pixel_programs(out_h, out_w)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    sums = torch.empty(x.shape[0], programs, channels, dtype=compute, device=x.device)
+    squares, counts = torch.empty_like(sums), torch.empty(programs, dtype=compute, device=x.device)
+    for xs, sums_part, squares_part in _batch_chunks(x, sums, squares):
+        grid = (programs, triton.cdiv(channels, tiles.block_c), xs.shape[0])
+        depthwise_moments_kernel[grid](
+            xs,
+            weight,
+            weight if bias is None else bias.contiguous(),
+            sums_part,
+            squares_part,
+            counts,
+            x.shape[2],
+            x.shape[3],
+            channels,
+            out_h,
+            out_w,
+            *xs.stride(),
+            weight.shape[2],
+            weight.shape[3],
+            *_geometry(stride, padding, dilation),
+            channels // x.shape[1],
+            **direct_launch_options(x, weight, bias, tiles),
+        )
+    return combine_moments(counts, sums, squares)
+
+
+def combine_moments(counts: Tensor, sums: Tensor, squares: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over parts of ``counts[p]`` values each (the same for every image): ``sums``
+    and ``squares`` (deviations from each part's own mean, squared and summed) are (N, P, C). Chan et al.'s
+    combination: ``M2 = Σ squares + Σ count·(part mean - mean)²``.
+
+    >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 8.0, 16.0])  # two parts (one image, one channel)
+    >>> counts = torch.tensor([2.0, 3.0])
+    >>> sums = torch.stack([a.sum(), b.sum()]).view(1, 2, 1)
+    >>> squares = torch.stack([(a - a.mean()).square().sum(), (b - b.mean()).square().sum()]).view(1, 2, 1)
+    >>> mean, var = combine_moments(counts, sums, squares)
+    >>> values = torch.cat([a, b])
+    >>> torch.allclose(mean, values.mean()), torch.allclose(var, values.var(correction=0))
+    (True, True)
+    """
+    per_part = counts.view(1, -1, 1)
+    total = counts.sum() * sums.shape[0]
+    mean = sums.sum((0, 1)) / total
+    spread = (sums / per_part - mean).square_().mul_(per_part).sum((0, 1))
+    return mean, (squares.sum((0, 1)) + spread) / total
 
 
 def _train_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation,

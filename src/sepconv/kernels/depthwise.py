@@ -384,16 +384,24 @@ def _forward(
             *_forward_arguments(xs, weight, bias, ys),
             *_geometry(stride, padding, dilation),
             c_out // x.shape[1],
-            HAS_BIAS=bias is not None,
-            ACC=_ACC.get(x.dtype, tl.float32),
-            BLOCK_P=tiles.block_p,
-            BLOCK_C=tiles.block_c,
-            num_warps=tiles.num_warps,
-            TILE_W=tiles.tile_w,
-            EVEN_C=c_out % tiles.block_c == 0,
-            **_static_taps(tiles, weight.shape[2:]),
+            **direct_launch_options(x, weight, bias, tiles),
         )
     return y
+
+
+def direct_launch_options(x: Tensor, weight: Tensor, bias: Tensor | None, tiles: Tiles) -> dict[str, Any]:
+    """The keyword arguments of a launch of the direct forward kernel, or of a kernel built on its tile
+    (``depthwise_moments_kernel``): bias, accumulator, tile, warps, tap unrolling."""
+    return {
+        "HAS_BIAS": bias is not None,
+        "ACC": _ACC.get(x.dtype, tl.float32),
+        "BLOCK_P": tiles.block_p,
+        "BLOCK_C": tiles.block_c,
+        "num_warps": tiles.num_warps,
+        "TILE_W": tiles.tile_w,
+        "EVEN_C": weight.shape[0] % tiles.block_c == 0,
+        **_static_taps(tiles, weight.shape[2:]),
+    }
 
 
 # The Toeplitz forward's launch when TOEPLITZ_FORWARD_MIN_TAPS opts a kernel in: 64 output rows x 16 columns x 8
