@@ -312,6 +312,42 @@ def test_timm_blocks_without_squeeze_excitation_fuse(name):
         assert len(plain) < len(blocks) and ("blocks.3.0", "hardswish") in plain
 
 
+def test_timm_mobilenetv2_in_training_on_triton_keeps_its_norms_and_trains_as_the_original():
+    """Training mode, backend="triton": each block's BatchNormAct2d between the convs is kept in the fused module
+    (batch statistics folded per call, its ReLU6 fused), the projection's norm stays in the block. Outputs, every
+    gradient of the original's parameters, running statistics and num_batches_tracked equal the original's; after
+    .eval() the outputs too (the kept norms fold their running statistics)."""
+    torch.manual_seed(5)
+    model = randomize_norms(timm.create_model("mobilenetv2_035", pretrained=False)).train().double()
+    blocks = _timm_blocks(model)
+    fast, changes = accelerate(model, backend="triton")  # on CPU: Triton's interpreter
+    fused = [c for c in changes if c.kind == "fused separable"]
+    assert len(fused) == len(blocks) == 17 and all(len(c.batch_norms) == 1 and not c.folded_norms for c in fused)
+    assert [c.activation for c in fused] == [act for _, _, act in blocks]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    expected, got = model(x), fast(x)
+    torch.testing.assert_close(got, expected)
+    expected.square().sum().backward()
+    got.square().sum().backward()
+    fast_parameters = dict(fast.named_parameters())
+    for name, parameter in model.named_parameters():
+        block, _, leaf = name.rpartition(".")
+        absorbed = block.endswith(("conv_pw", "conv_pwl")) and type(fast.get_submodule(block)) is nn.Identity
+        if leaf == "weight" and (block.endswith("conv_dw") or absorbed):  # now in the fused module
+            fused_module = fast.get_submodule(block.rsplit(".", 1)[0] + ".conv_dw")
+            name = "dw_weight" if block.endswith("conv_dw") else "pw_weight"
+            torch.testing.assert_close(getattr(fused_module, name).grad, parameter.grad)
+        elif block.endswith(("bn1", "bn2")) and any(c.batch_norms == (block,) for c in fused):  # a kept norm
+            kept = fast.get_submodule(block.rsplit(".", 1)[0] + ".conv_dw").mid_norm
+            torch.testing.assert_close(getattr(kept, leaf).grad, parameter.grad)
+            torch.testing.assert_close(kept.running_var, model.get_submodule(block).running_var)
+            assert kept.num_batches_tracked == 1
+        else:
+            torch.testing.assert_close(fast_parameters[name].grad, parameter.grad, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), model.eval()(x))
+
+
 def test_timm_block_whose_projection_norm_has_an_activation_keeps_that_norm():
     """DepthwiseSeparableConv(pw_act=True): the activation after the 1x1 conv cannot be fused, so its
     BatchNormAct2d stays as it is and only the part before it is fused (its first norm folded). In training

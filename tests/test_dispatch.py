@@ -240,11 +240,15 @@ def test_separable_layer_takes_the_fused_kernel_only_when_fusable(monkeypatch):
     grouped, train_norm = make(groups=2), make(mid_norm=nn.BatchNorm2d)
     tanh_gelu, mish = make(mid_activation=nn.GELU(approximate="tanh")), make(mid_activation=nn.Mish)
     group_norm = make(mid_norm=lambda c: nn.GroupNorm(2, c))
+    hooked, seen = make(mid_norm=nn.BatchNorm2d, mid_activation=nn.ReLU), []  # a hook must see its module's call
+    hooked.mid_norm.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     with sepconv.use_cpu_strategy("off"):  # on CPU, "auto" would also time the layers' parts
-        for layer in (plain, relu6, silu, eval_norm, train_norm, grouped, tanh_gelu, mish, group_norm):
+        for layer in (plain, relu6, silu, eval_norm, train_norm, grouped, tanh_gelu, mish, group_norm, hooked):
             layer(x)
     assert fused == [plain, relu6, silu, eval_norm, train_norm]
-    assert depthwise_only == [grouped.depthwise, tanh_gelu.depthwise, mish.depthwise, group_norm.depthwise]
+    unfused = [grouped, tanh_gelu, mish, group_norm, hooked]
+    assert depthwise_only == [layer.depthwise for layer in unfused]
+    assert seen == [(2, 4, 4, 4)]
 
 
 def test_fused_layer_with_eval_norm_equals_torch_including_norm_parameter_gradients():

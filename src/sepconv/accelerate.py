@@ -19,8 +19,9 @@ applies an activation of its own), and the absorbed modules ``nn.Identity``: the
 included, runs as before.
 
 A BatchNorm2d between the convs in training mode cannot be folded once (it normalizes with each batch's
-statistics). With ``backend="triton"`` the fused module keeps it (``mid_norm``; listed in
-:attr:`Acceleration.batch_norms`) and folds the batch's statistics in on each call (a first pass over the input
+statistics). With ``backend="triton"`` the fused module keeps it (``mid_norm``, a ``BatchNorm2d`` or in timm's
+blocks a ``BatchNormAct2d``, whose activation is fused; listed in :attr:`Acceleration.batch_norms`) and folds
+the batch's statistics in on each call (a first pass over the input
 computes them: :func:`sepconv.kernels.separable_conv2d_batch_norm`), updating its running statistics as
 BatchNorm2d does, so the accelerated model trains as the original and switches to the running statistics in
 eval mode. Otherwise the chain is not fused and only its depthwise conv is replaced, by a
@@ -137,8 +138,8 @@ class FusedSeparableConv2d(nn.Module):
             geometry = (self.stride, self.padding, self.dilation, self.in_channels)
             mid = _depthwise_torch(input, self.dw_weight, self.dw_bias, *geometry)
             activations = _ACTIVATIONS_IN_PLACE
-        if self.mid_norm is not None:
-            mid, activations = self.mid_norm(mid), _ACTIVATIONS_IN_PLACE  # the norm's fresh output
+        if self.mid_norm is not None:  # BatchNorm2d's forward only: timm's BatchNormAct2d's activation is ours
+            mid, activations = nn.BatchNorm2d.forward(self.mid_norm, mid), _ACTIVATIONS_IN_PLACE  # a fresh output
         return F.conv2d(activations[self.mid_activation](mid), self.pw_weight, self.pw_bias)
 
     def extra_repr(self) -> str:
@@ -352,6 +353,21 @@ def _norm_and_activation(module: nn.Module | None, channels: int) -> tuple[nn.Mo
     return module, None if type(module.act) is nn.Identity else module.act
 
 
+def _batch_statistics_norm(module: nn.Module | None, channels: int) -> tuple[nn.Module, nn.Module | None] | None:
+    """(norm, the activation it applies or None) for a norm between the convs that :func:`_norm_and_activation`
+    could not fold but the fused kernel computes with each batch's statistics: a plain ``BatchNorm2d``, or timm's
+    ``BatchNormAct2d`` (nn.BatchNorm2d's forward, then an identity dropout and its activation), either mode."""
+    if module is None:
+        return None
+    if batch_norm_2d(module, channels):
+        return module, None
+    if _qualified_name(module) != _TIMM_NORM_ACT or type(getattr(module, "drop", None)) is not nn.Identity:
+        return None
+    if not isinstance(module, nn.BatchNorm2d) or module.num_features != channels:
+        return None
+    return module, None if type(module.act) is nn.Identity else module.act
+
+
 def _rewrite_timm_block(block: nn.Module, path: str, changes: list[Acceleration], backend: str) -> None:
     """A timm block of :data:`_TIMM_BLOCKS` (eval mode, identity anti-aliasing and squeeze-excitation, a fusable
     activation): its depthwise conv becomes a :class:`FusedSeparableConv2d` of the conv, its norm and activation,
@@ -368,6 +384,9 @@ def _rewrite_timm_block(block: nn.Module, path: str, changes: list[Acceleration]
     if not _is_pointwise(pw, dw.out_channels) or any(type(part(n)) is not nn.Identity for n in identities):
         return
     norm1 = _norm_and_activation(part(norm1_name), dw.out_channels)
+    kept = _batch_statistics_norm(part(norm1_name), dw.out_channels) if backend == "triton" and norm1 is None else None
+    if kept is not None:  # training mode: kept in the fused module, its batch statistics folded in per call
+        norm1 = (None, kept[1])
     act1 = part(act1_name) if type(part(act1_name)) is not nn.Identity else None
     if norm1 is None or (norm1[1] is not None and act1 is not None):
         return
@@ -381,15 +400,18 @@ def _rewrite_timm_block(block: nn.Module, path: str, changes: list[Acceleration]
     act_name = None if activation is None else fused_activation(activation)
     geometry = (dw.stride, dw.padding, dw.dilation)
     fused = FusedSeparableConv2d(dw.in_channels, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, act_name, backend)
-    fused.training = dw.training
+    fused.mid_norm, fused.training = None if kept is None else kept[0], dw.training
     folded = tuple(name for name, norm in ((norm1_name, norm1[0]), (norm2_name, norm2)) if norm is not None)
-    absorbed = [name for name, kept in ((norm1_name, norm1[0]), (act1_name, act1), (pw_name, pw)) if kept is not None]
+    norm1_module = norm1[0] if kept is None else kept[0]
+    absorbed = [name for name, m in ((norm1_name, norm1_module), (act1_name, act1), (pw_name, pw)) if m is not None]
     absorbed += [norm2_name] if norm2 is not None else []
     setattr(block, dw_name, fused)
     for name in absorbed:
         setattr(block, name, nn.Identity())
     replaced = tuple(_join(path, n) for n in (dw_name, *absorbed))
-    changes.append(Acceleration("fused separable", replaced, tuple(_join(path, n) for n in folded), act_name))
+    batch_norms = () if kept is None else (_join(path, norm1_name),)
+    folded_paths = tuple(_join(path, n) for n in folded)
+    changes.append(Acceleration("fused separable", replaced, folded_paths, act_name, batch_norms))
 
 
 @torch.no_grad()

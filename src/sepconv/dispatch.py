@@ -7,9 +7,9 @@
   a matrix product instead where :func:`sepconv.kernels.separable.fuses` says no) when :func:`fusable`: groups=1,
   and between the convs at most a BatchNorm2d (in eval mode folded into the depthwise weights on each call; in
   training mode folded with the batch's statistics, which a first pass over the input computes:
-  :func:`sepconv.kernels.separable_conv2d_batch_norm`) and a ReLU/ReLU6/Hardswish/SiLU/GELU. Otherwise (another
-  norm or activation, grouped pointwise) its depthwise part runs :func:`sepconv.kernels.depthwise_conv2d` and
-  the rest PyTorch.
+  :func:`sepconv.kernels.separable_conv2d_batch_norm`) and a ReLU/ReLU6/Hardswish/SiLU/GELU, and none of its parts
+  has hooks. Otherwise (another norm or activation, grouped pointwise, a hook to call) its depthwise part runs
+  :func:`sepconv.kernels.depthwise_conv2d` and the rest PyTorch.
 - ``"auto"`` (default): our depthwise kernel only where it measured faster than PyTorch
   (``benchmarks/results/kernels.json``, H200): 2-d CUDA inputs, fp16/bf16/fp32, zero padding; in
   channels_last kernels of at least :data:`AUTO_MIN_KERNEL_AREA` taps (9x9 and up: there PyTorch's

@@ -464,7 +464,7 @@ class _SeparableConv(nn.Module):
         depthwise = self._modules["depthwise"]  # the dict, not nn.Module.__getattr__: this is the per-call path
         if depthwise.backend == "triton":  # type: ignore[union-attr]
             self._check_input(input)
-            if use_triton(depthwise, input) and fusable(self):  # type: ignore[arg-type]
+            if use_triton(depthwise, input) and fusable(self) and _unhooked(*self._chain()):  # type: ignore[arg-type]
                 return triton_separable_forward(self, input)
         if self.mid_norm is None and self.mid_activation is None:  # instance attributes when None: no __getattr__
             dense_worth = self.__dict__.get("_sepconv_dense")  # _dense_worth_timing's cache, read here: per-call path
@@ -486,6 +486,11 @@ class _SeparableConv(nn.Module):
             dense=dense,
             product=product,
         )
+
+    def _chain(self) -> list[nn.Module]:
+        """The modules the fused kernel computes without calling them: a hook on one of them must see its call."""
+        parts = (self.depthwise, self.mid_norm, self.mid_activation, self.pointwise)
+        return [part for part in parts if part is not None]
 
     def _check_input(self, input: Tensor) -> None:
         check_input(type(self).__name__, input, self.in_channels, self._ndim)
@@ -673,8 +678,8 @@ class SeparableConv2d(_SeparableConv):
     ``backend``: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`sepconv.dispatch`). The Triton path is the
     fused kernel when ``groups=1`` and between the convs there is at most a BatchNorm2d (eval mode: folded;
     training mode: folded with the batch's statistics, computed by a first pass over the input, running
-    statistics updated as BatchNorm2d updates them) and a ReLU/ReLU6/Hardswish/SiLU/GELU; otherwise the depthwise
-    conv runs on Triton and the rest in PyTorch.
+    statistics updated as BatchNorm2d updates them) and a ReLU/ReLU6/Hardswish/SiLU/GELU, and no part has hooks;
+    otherwise the depthwise conv runs on Triton and the rest in PyTorch.
 
     >>> layer = SeparableConv2d(32, 64, 3, stride=2, padding="same", mid_norm=nn.BatchNorm2d, mid_activation=nn.ReLU)
     >>> layer(torch.rand(1, 32, 15, 15)).shape  # 'same' with stride 2: ceil(15 / 2) = 8
