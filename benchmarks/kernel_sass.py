@@ -12,6 +12,7 @@ occupancy and instruction-cache effects: ``KERNEL_NOTES.md`` has a case where it
     python benchmarks/kernel_sass.py --shape 144,56,3 --layout nhwc
     python benchmarks/kernel_sass.py --shape 384,28,7 --kernels forward --tiles 16,128,4,rows,4 --json out.json
     python benchmarks/kernel_sass.py --shape 144,56,3 --kernels separable --out-channels 24
+    python benchmarks/kernel_sass.py --shape 144,56,3 --kernels forward moments
 """
 
 from __future__ import annotations
@@ -34,12 +35,14 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from sepconv.kernels import batch_norm as bn
 from sepconv.kernels import depthwise as dw
 from sepconv.kernels import separable as sep
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 _LAUNCHERS = {"forward": "depthwise_forward_kernel", "grad_input": "depthwise_grad_input_kernel",
-              "grad_weight": "depthwise_grad_weight_kernel", "separable": "separable_forward_kernel"}  # fmt: skip
+              "grad_weight": "depthwise_grad_weight_kernel", "separable": "separable_forward_kernel",
+              "moments": "depthwise_moments_kernel"}  # fmt: skip
 
 
 class _Recorder:
@@ -60,7 +63,7 @@ def record_launch(
     name = _LAUNCHERS[kernel]
     if kernel in ("forward", "grad_weight") and tiles is not None and tiles.toeplitz:
         name = f"depthwise_{kernel}_toeplitz_kernel"  # when it applies (stride 1, dilation 1, ...)
-    module = sep if kernel == "separable" else dw
+    module = {"separable": sep, "moments": bn}.get(kernel, dw)
     recorder = _Recorder(getattr(module, name))
     k = weight.shape[-1]
     geometry = ((stride, stride), (k // 2,) * 4, (1, 1))
@@ -71,6 +74,8 @@ def record_launch(
             sep._forward(x, weight, None, pw_weight, None, *geometry, 0, tiles=tiles)
         elif kernel == "forward":
             dw._forward(x, weight, None, *geometry, tiles=tiles)
+        elif kernel == "moments":  # the batch statistics' pass (default tiles: the forward's)
+            bn._moments(x, weight, None, *geometry)
         else:
             out = dw.output_size(x.shape[-2:], weight.shape[-2:], *geometry)
             grad = torch.empty(x.shape[0], weight.shape[0], *out, dtype=x.dtype).contiguous(

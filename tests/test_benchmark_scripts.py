@@ -128,6 +128,17 @@ def test_sass_fused_separable_kernel_puts_the_pointwise_product_on_tensor_cores(
     assert fused["mma"] > 0 and fused["spill_instructions"] == 0
 
 
+def test_sass_statistics_kernel_compiles_for_the_gpu_with_the_forward_tile(tmp_path):
+    """The batch statistics' kernel (CI runs it only in the interpreter) compiles for sm_90 at the forward's
+    default launch (bf16, 144x56, 3x3, 64 pixels x 32 channels on 128 threads): the forward tile's 9 x 16 FFMAs
+    per thread and one more per output for the squared deviations, reductions by warp shuffles, no spills."""
+    kernels = _sass(tmp_path, "--shape", "144,56,3", "--kernels", "forward", "moments")
+    forward, moments = kernels["forward"], kernels["moments"]
+    assert forward["ffma"] == 9 * 64 * 32 // 128
+    assert forward["ffma"] + 64 * 32 // 128 <= moments["ffma"] <= forward["ffma"] + 2 * 64 * 32 // 128
+    assert moments["top_opcodes"].get("SHFL", 0) > 0 and moments["spill_instructions"] == 0
+
+
 def test_default_launches_do_not_spill_registers(tmp_path):
     """The fully unrolled 7x7 channels_last forward once spilled ~3000 instructions' worth of registers on
     sm_90 (benchmarks/KERNEL_NOTES.md); the default launches of the issue's large shapes must not. (Not held
