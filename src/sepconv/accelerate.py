@@ -310,8 +310,9 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int, backend: str):
     act_name = None if activation is None else fused_activation(activation[1])
     geometry = (dw.stride, dw.padding, dw.dilation)
     mid_norm = None if kept is None else kept[1]
-    fused = FusedSeparableConv2d(dw.in_channels, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, act_name)
-    fused.mid_norm, fused.training = mid_norm, dw.training
+    weights = (dw_weight, dw_bias, pw_weight, pw_bias)
+    fused = FusedSeparableConv2d(dw.in_channels, *weights, *geometry, act_name, mid_norm=mid_norm)
+    fused.training = dw.training
     replaced = tuple(p for p, _ in leaves[start:i])
     folded = tuple(n[0] for n in (norm1, norm2) if n is not None)
     kept_paths = () if kept is None else (kept[0],)
@@ -399,8 +400,9 @@ def _rewrite_timm_block(block: nn.Module, path: str, changes: list[Acceleration]
     pw_weight, pw_bias = _fold(pw.weight, pw.bias, norm2)
     act_name = None if activation is None else fused_activation(activation)
     geometry = (dw.stride, dw.padding, dw.dilation)
-    fused = FusedSeparableConv2d(dw.in_channels, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, act_name, backend)
-    fused.mid_norm, fused.training = None if kept is None else kept[0], dw.training
+    weights, mid_norm = (dw_weight, dw_bias, pw_weight, pw_bias), None if kept is None else kept[0]
+    fused = FusedSeparableConv2d(dw.in_channels, *weights, *geometry, act_name, backend, mid_norm=mid_norm)
+    fused.training = dw.training
     folded = tuple(name for name, norm in ((norm1_name, norm1[0]), (norm2_name, norm2)) if norm is not None)
     norm1_module = norm1[0] if kept is None else kept[0]
     absorbed = [name for name, m in ((norm1_name, norm1_module), (act1_name, act1), (pw_name, pw)) if m is not None]

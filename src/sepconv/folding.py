@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["fold_batch_norm", "foldable_norm"]
+__all__ = ["fold_batch_norm", "fold_statistics", "foldable_norm"]
 
 
 def foldable_norm(module: nn.Module, channels: int) -> bool:
@@ -37,14 +37,31 @@ def fold_batch_norm(weight: Tensor, bias: Tensor | None, norm: nn.BatchNorm2d) -
 
     Computed in at least float32 (float64 stays float64), returned in ``weight``'s dtype.
     """
-    compute = torch.promote_types(weight.dtype, torch.float32)
-    scale = (norm.running_var.to(compute) + norm.eps).rsqrt()
-    if norm.weight is not None:
-        scale = scale * norm.weight.to(compute)
-    shift = -norm.running_mean.to(compute) * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias.to(compute)
+    return fold_statistics(weight, bias, norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps)
+
+
+def fold_statistics(
+    weight: Tensor,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    norm_weight: Tensor | None,
+    norm_bias: Tensor | None,
+    eps: float,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Weight and bias of ``F.batch_norm(conv(x), mean, var, norm_weight, norm_bias, eps=eps)`` (the statistics
+    given: running ones, or a batch's) as one conv, differentiable in all of them. Computed in at least float32
+    and in ``dtype``'s precision, returned in ``dtype`` (default: ``weight``'s)."""
+    dtype = weight.dtype if dtype is None else dtype
+    compute = torch.promote_types(torch.promote_types(weight.dtype, dtype), torch.float32)
+    scale = (var.to(compute) + eps).rsqrt()
+    if norm_weight is not None:
+        scale = scale * norm_weight.to(compute)
+    shift = -mean.to(compute) * scale
+    if norm_bias is not None:
+        shift = shift + norm_bias.to(compute)
     if bias is not None:
         shift = shift + bias.to(compute) * scale
     folded = weight.to(compute) * scale.view(-1, *([1] * (weight.dim() - 1)))
-    return folded.to(weight.dtype), shift.to(weight.dtype)
+    return folded.to(dtype), shift.to(dtype)

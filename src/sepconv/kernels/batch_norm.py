@@ -36,6 +36,7 @@ import triton
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from sepconv.folding import fold_statistics
 from sepconv.kernels._depthwise_triton import depthwise_moments_kernel
 from sepconv.kernels.depthwise import (
     _GEOMETRY,
@@ -119,7 +120,8 @@ def separable_conv2d_batch_norm(
                 running_mean.lerp_(mean.to(running_mean.dtype), momentum)
                 running_var.lerp_(var.mul(count).div(count - 1).to(running_var.dtype), momentum)
         return y
-    folded_weight, folded_bias = _fold(weight, bias, running_mean, running_var, norm_weight, norm_bias, eps, x.dtype)
+    statistics = (running_mean, running_var, norm_weight, norm_bias, eps)
+    folded_weight, folded_bias = fold_statistics(weight, bias, *statistics, x.dtype)
     args = (x, folded_weight, folded_bias, pw_weight, pw_bias, *geometry, MID_ACTIVATIONS.index(mid_activation))
     inputs = (x, folded_weight, folded_bias, pw_weight, pw_bias)
     return run_op(torch.ops.sepconv.separable_conv2d, _SeparableConv2d, args, inputs)
@@ -148,20 +150,6 @@ def _check_norm(
         raise ValueError("running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
         raise ValueError("training=False normalizes with running_mean and running_var: give them, or training=True")
-
-
-def _fold(weight, bias, mean, var, norm_weight, norm_bias, eps: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Depthwise weight and bias of ``batch_norm(conv(x))`` for the statistics ``mean``, ``var``: differentiable
-    in all of them, computed in at least float32, returned in ``dtype``."""
-    compute = torch.promote_types(torch.promote_types(weight.dtype, dtype), torch.float32)
-    scale = (var.to(compute) + eps).rsqrt()
-    if norm_weight is not None:
-        scale = scale * norm_weight.to(compute)
-    shift = -mean.to(compute) if bias is None else bias.to(compute) - mean.to(compute)
-    shift = shift * scale
-    if norm_bias is not None:
-        shift = shift + norm_bias.to(compute)
-    return (weight.to(compute) * scale.view(-1, 1, 1, 1)).to(dtype), shift.to(dtype)
 
 
 # ---- training mode: custom op sepconv::separable_conv2d_batch_norm -----------------------------------------
@@ -226,7 +214,7 @@ def combine_moments(counts: Tensor, sums: Tensor, squares: Tensor) -> tuple[Tens
 def _train_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation,
                    activation, eps):  # fmt: skip
     mean, var = _moments(x, dw_weight, dw_bias, stride, padding, dilation)
-    weight, bias = _fold(dw_weight, dw_bias, mean, var, norm_weight, norm_bias, eps, x.dtype)
+    weight, bias = fold_statistics(dw_weight, dw_bias, mean, var, norm_weight, norm_bias, eps, x.dtype)
     y = _separable_forward(x, weight, bias, pw_weight, pw_bias, stride, padding, dilation, activation)
     return y, mean, var
 
