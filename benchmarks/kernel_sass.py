@@ -13,6 +13,7 @@ occupancy and instruction-cache effects: ``KERNEL_NOTES.md`` has a case where it
     python benchmarks/kernel_sass.py --shape 384,28,7 --kernels forward --tiles 16,128,4,rows,4 --json out.json
     python benchmarks/kernel_sass.py --shape 144,56,3 --kernels separable --out-channels 24
     python benchmarks/kernel_sass.py --shape 144,56,3 --kernels forward moments
+    python benchmarks/kernel_sass.py --shape 144,56,3 --kernels separable separable_stats --out-channels 24
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from sepconv.kernels import separable as sep
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 _LAUNCHERS = {"forward": "depthwise_forward_kernel", "grad_input": "depthwise_grad_input_kernel",
               "grad_weight": "depthwise_grad_weight_kernel", "separable": "separable_forward_kernel",
-              "moments": "depthwise_moments_kernel"}  # fmt: skip
+              "moments": "depthwise_moments_kernel",
+              "separable_stats": "separable_forward_kernel"}  # fmt: skip
 
 
 class _Recorder:
@@ -63,15 +65,15 @@ def record_launch(
     name = _LAUNCHERS[kernel]
     if kernel in ("forward", "grad_weight") and tiles is not None and tiles.toeplitz:
         name = f"depthwise_{kernel}_toeplitz_kernel"  # when it applies (stride 1, dilation 1, ...)
-    module = {"separable": sep, "moments": bn}.get(kernel, dw)
+    module = {"separable": sep, "separable_stats": sep, "moments": bn}.get(kernel, dw)
     recorder = _Recorder(getattr(module, name))
     k = weight.shape[-1]
     geometry = ((stride, stride), (k // 2,) * 4, (1, 1))
     setattr(module, name, recorder)
     try:
-        if kernel == "separable":
+        if kernel in ("separable", "separable_stats"):  # _stats: with the output norm's statistics epilogue
             pw_weight = torch.empty(out_channels or weight.shape[0], weight.shape[0], 1, 1, dtype=x.dtype)
-            sep._forward(x, weight, None, pw_weight, None, *geometry, 0, tiles=tiles)
+            sep._forward(x, weight, None, pw_weight, None, *geometry, 0, tiles=tiles, statistics=kernel != "separable")
         elif kernel == "forward":
             dw._forward(x, weight, None, *geometry, tiles=tiles)
         elif kernel == "moments":  # the batch statistics' pass (default tiles: the forward's)
@@ -199,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     weight = torch.empty(channels, 1, kernel_size, kernel_size, dtype=dtype)
     results = {}
     for kernel in args.kernels:
-        tiles = (parse_separable_tiles if kernel == "separable" else parse_tiles)(args.tiles)
+        tiles = (parse_separable_tiles if kernel.startswith("separable") else parse_tiles)(args.tiles)
         fn, grid, launch_args, kwargs = record_launch(kernel, x, weight, args.stride, tiles, args.out_channels)
         source, options = specialize(fn, launch_args, kwargs)
         result = analyze(source, options, args.capability)

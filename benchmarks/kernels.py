@@ -64,6 +64,7 @@ from sepconv.kernels import depthwise as depthwise_module
 from sepconv.kernels import separable as separable_module
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.depthwise import depthwise_conv2d
+from sepconv.kernels.output_norm import BatchNormArgs
 from sepconv.kernels.separable import separable_conv2d
 
 # (name, C, H, K, stride, batch-64 batch): the depthwise issue's list.
@@ -363,39 +364,46 @@ IMPLS = ("ours", "eager")  # each with running statistics of its own (compile sh
 
 
 def separable_bn_row(name, channels, size, out, kernel, stride, batch, dtype_name, layout_name, *, device, compile_):
-    """MobileNetV2's block in training: depthwise -> BatchNorm (batch statistics; float32 parameters and running
-    statistics, as under autocast) -> ReLU6 -> 1x1. Ours: ``separable_conv2d_batch_norm``; eager: torchvision's
-    order (``F.batch_norm``, then ReLU6 in place)."""
+    """MobileNetV2's block in training: depthwise -> BatchNorm -> ReLU6 -> 1x1 -> BatchNorm, both norms with
+    batch statistics (float32 parameters and running statistics, as under autocast). Ours:
+    ``separable_conv2d_batch_norm`` with ``out_norm`` (the first norm's statistics from a pass over x, the second's
+    from the fused kernel's epilogue); eager: torchvision's order (``F.batch_norm``, then ReLU6 in place)."""
     dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout_name]
     pad = kernel // 2
     x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
     dw = (torch.randn(channels, 1, kernel, kernel, device=device) / kernel).to(dtype)
     pw = (torch.randn(out, channels, 1, 1, device=device) / channels**0.5).to(dtype)
-    gamma, beta = torch.rand(channels, device=device) + 0.5, torch.randn(channels, device=device) / 10
-    stats = {impl: (torch.zeros(channels, device=device), torch.ones(channels, device=device)) for impl in IMPLS}
+    affine = [torch.rand(n, device=device) + 0.5 for n in (channels, out)]
+    affine += [torch.randn(n, device=device) / 10 for n in (channels, out)]
+    stats = {
+        impl: [(torch.zeros(n, device=device), torch.ones(n, device=device)) for n in (channels, out)] for impl in IMPLS
+    }
 
-    def ours(x, dw, pw, gamma, beta):
-        running = stats["ours"]
+    def ours(x, dw, pw, gamma, out_gamma, beta, out_beta):
+        mid, after = stats["ours"]
         return separable_conv2d_batch_norm(
-            x, dw, pw, None, stride, pad, 1, None, "relu6", running_mean=running[0], running_var=running[1],
+            x, dw, pw, None, stride, pad, 1, None, "relu6", running_mean=mid[0], running_var=mid[1],
             norm_weight=gamma, norm_bias=beta, training=True,
+            out_norm=BatchNormArgs(*after, out_gamma, out_beta, training=True),
         )  # fmt: skip
 
-    def eager(x, dw, pw, gamma, beta):
-        normalized = F.batch_norm(F.conv2d(x, dw, None, stride, pad, 1, channels), *stats["eager"], gamma, beta, True)
-        return F.conv2d(F.relu6(normalized, inplace=True), pw)
+    def eager(x, dw, pw, gamma, out_gamma, beta, out_beta):
+        mid, after = stats["eager"]
+        normalized = F.batch_norm(F.conv2d(x, dw, None, stride, pad, 1, channels), *mid, gamma, beta, True)
+        return F.batch_norm(F.conv2d(F.relu6(normalized, inplace=True), pw), *after, out_gamma, out_beta, True)
 
     impls: dict[str, Callable] = {"ours": ours, "eager": eager}
     if compile_:
         torch._dynamo.reset()
         impls["compile"] = torch.compile(eager, dynamic=False)
-    inputs = tuple(t.detach().requires_grad_() for t in (x, dw, pw, gamma, beta))
+    inputs = tuple(t.detach().requires_grad_() for t in (x, dw, pw, *affine))
     y = eager(*inputs)
     grad = torch.randn_like(y)
     got, want = torch.autograd.grad(ours(*inputs), inputs, grad), torch.autograd.grad(y, inputs, grad)
+    names = ("x", "dw", "pw", "gamma", "out_gamma", "beta", "out_beta")
     grad_errors = {  # relative to the largest eager entry: a GPU-only error in a backward path shows here
         f"max_rel_error_grad_{name}_vs_eager": ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-        for name, a, b in zip(("x", "dw", "pw", "gamma", "beta"), got, want, strict=True)
+        for name, a, b in zip(names, got, want, strict=True)
     }
     shape = (name, channels, size, out, kernel, stride, batch, dtype_name, layout_name)
     row = _block_row("separable_bn", shape, x, y) | grad_errors

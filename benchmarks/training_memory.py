@@ -6,8 +6,9 @@ nothing; the custom ops still allocate their outputs, which is all the count see
 operator (cuDNN workspaces, our grad-weight partial sums) are not counted: on a GPU `kernels.py` measures the
 caching allocator's peak instead. Shapes: DESIGN.md §2's separable blocks at their benchmark batch
 (``kernels.SEPARABLE_SHAPES``: 64, RepLKNet's 32), fp32, channels_last, with between the convs nothing, a
-ReLU6, or a training-mode BatchNorm and a ReLU6 (MobileNetV2's block in training: ours
-``separable_conv2d_batch_norm``, eager ``F.batch_norm`` then an in-place ReLU6 as torchvision's).
+ReLU6, or a training-mode BatchNorm and a ReLU6 (ours ``separable_conv2d_batch_norm``, eager ``F.batch_norm``
+then an in-place ReLU6 as torchvision's), and that with a training-mode BatchNorm after the 1x1 conv too
+(MobileNetV2's block in training; ours ``out_norm``).
 
     python benchmarks/training_memory.py              # writes benchmarks/results/training_memory.{json,png}
     python benchmarks/training_memory.py --quick --out /tmp
@@ -35,11 +36,13 @@ from sepconv.kernels import batch_norm as batch_norm_module
 from sepconv.kernels import depthwise as depthwise_module
 from sepconv.kernels import separable as separable_module
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
+from sepconv.kernels.output_norm import BatchNormArgs
 from sepconv.kernels.separable import separable_conv2d
 from sepconv.memory import peak_live_bytes
 
 QUICK_SHAPES = [("tiny 8x6->4", 8, 6, 4, 3, 1, 2)]
-MIDS = ((None, False), ("relu6", False), ("relu6", True))  # (activation, training-mode BatchNorm before it)
+# (activation, training-mode BatchNorm before it, training-mode BatchNorm after the 1x1 conv)
+MIDS = ((None, False, False), ("relu6", False, False), ("relu6", True, False), ("relu6", True, True))
 _KERNELS = {
     depthwise_module: ("depthwise_forward_kernel", "depthwise_grad_input_kernel", "depthwise_grad_weight_kernel"),
     separable_module: ("separable_forward_kernel",),
@@ -54,7 +57,8 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
-def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, activation: str | None, norm: bool) -> dict:
+def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, *mids) -> dict:
+    activation, norm, out_norm = mids  # one of MIDS
     x = torch.randn(batch, c, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
     dw = torch.randn(c, 1, k, k, requires_grad=True)
     pw = torch.randn(o, c, 1, 1, requires_grad=True)
@@ -63,13 +67,17 @@ def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, acti
     act = (lambda t: t) if activation is None else getattr(F, activation)
     gamma, beta = torch.ones(c, requires_grad=True), torch.zeros(c, requires_grad=True)
     stats = {impl: (torch.zeros(c), torch.ones(c)) for impl in ("ours", "eager")}
+    out_stats = {impl: (torch.zeros(o), torch.ones(o)) for impl in ("ours", "eager")}
+    out_gamma, out_beta = torch.ones(o, requires_grad=True), torch.zeros(o, requires_grad=True)
     leaves = (x, dw, pw, gamma, beta) if norm else (x, dw, pw)
+    leaves += (out_gamma, out_beta) if out_norm else ()
 
     def ours():
+        after = BatchNormArgs(*out_stats["ours"], out_gamma, out_beta, training=True) if out_norm else None
         if norm:
             y = separable_conv2d_batch_norm(
                 x, dw, pw, None, stride, k // 2, 1, None, activation, running_mean=stats["ours"][0],
-                running_var=stats["ours"][1], norm_weight=gamma, norm_bias=beta, training=True,
+                running_var=stats["ours"][1], norm_weight=gamma, norm_bias=beta, training=True, out_norm=after,
             )  # fmt: skip
         else:
             y = separable_conv2d(x, dw, pw, None, stride, k // 2, mid_activation=activation)
@@ -80,6 +88,8 @@ def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, acti
             normalized = F.batch_norm(F.conv2d(x, dw, None, stride, k // 2, 1, c), *stats["eager"], gamma, beta, True)
             y = F.conv2d(F.relu6(normalized, inplace=True), pw)
             del normalized
+            if out_norm:
+                y = F.batch_norm(y, *out_stats["eager"], out_gamma, out_beta, True)
         else:
             y = F.conv2d(act(F.conv2d(x, dw, None, stride, k // 2, 1, c)), pw)
         return torch.autograd.grad(y, leaves, grad)
@@ -91,6 +101,7 @@ def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, acti
         "batch": batch,
         "activation": activation,
         "mid_norm": "batch norm (training)" if norm else None,
+        "out_norm": "batch norm (training)" if out_norm else None,
         "fused": separable_module.fuses(o, (k, k)),
         "intermediate_bytes": intermediate,
         "output_bytes": batch * o * out * out * 4,
@@ -107,7 +118,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    mids = lambda r: "+".join(filter(None, ("bn" if r.get("mid_norm") else None, r["activation"]))) or "nothing"  # noqa: E731
+    parts = lambda r: ("bn" if r.get("mid_norm") else None, r["activation"], "1x1+bn" if r.get("out_norm") else None)  # noqa: E731
+    mids = lambda r: "+".join(filter(None, parts(r))) or "nothing"  # noqa: E731
     labels = [f"{r['shape']} b{r['batch']} {mids(r)}" for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
     positions = range(len(rows))
@@ -131,7 +143,7 @@ def main() -> None:
             for name in names:
                 stubs.enter_context(mock.patch.object(module, name, _NoLaunch()))
         shapes = QUICK_SHAPES if args.quick else SEPARABLE_SHAPES
-        rows = [row(*shape, act, norm) for shape in shapes for act, norm in MIDS]
+        rows = [row(*shape, *mid) for shape in shapes for mid in MIDS]
     for r in rows:
         print(json.dumps(r), flush=True)
     result = {

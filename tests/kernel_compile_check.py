@@ -21,7 +21,7 @@ def compile_one(fn, data: str, constexprs: dict, capability: int) -> None:
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name == "partial_ptr":  # grad-weight partial sums: the accumulator dtype
+        elif name in ("partial_ptr", "sum_ptr", "m2_ptr", "count_ptr"):  # partial sums: the accumulator dtype
             signature[name] = "*fp64" if data == "fp64" else "*fp32"
         elif name.endswith("_ptr"):
             signature[name] = f"*{data}"
@@ -57,6 +57,8 @@ def main() -> int:
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 0, "STATIC_KW": 0}),
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 3, "STATIC_KW": 3, "MID_ACT": 5}),  # gelu
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 0, "STATIC_KW": 3, "MID_ACT": 4}),  # silu
+        (kernels.separable_forward_kernel, separable | {"STATIC_KH": 3, "STATIC_KW": 3, "STATS": True}),  # epilogue
+        (kernels.depthwise_moments_kernel, {"HAS_BIAS": True, "STATIC_KH": 3, "STATIC_KW": 3, "TILE_W": 0}),
         (kernels.depthwise_forward_toeplitz_kernel, toeplitz),
         (kernels.depthwise_grad_weight_toeplitz_kernel, toeplitz_grad_weight),
     ]

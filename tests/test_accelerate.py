@@ -125,13 +125,14 @@ def test_training_mode_norms_are_not_folded_and_gradients_match():
 
 def test_training_mode_mobilenet_v2_on_triton_fuses_with_its_norms_kept_and_trains_as_the_original():
     """Training mode: each block's BatchNorm between the convs is kept (batch statistics, folded per call on the
-    Triton kernel), the one after the 1x1 conv stays after it. Outputs, the gradients of the original's
-    parameters and the running statistics equal the original's, then eval-mode outputs too."""
+    Triton kernel), and the one after the 1x1 conv too (its statistics from the fused kernel's epilogue). Outputs,
+    the gradients of the original's parameters, both norms' running statistics and batch counts equal the
+    original's, then eval-mode outputs too."""
     torch.manual_seed(1)
     model = randomize_norms(torchvision.models.mobilenet_v2(width_mult=0.35)).train().double()
     fast, changes = accelerate(model, backend="triton")  # on CPU: Triton's interpreter
     assert [c.kind for c in changes] == ["fused separable"] * 17
-    assert all(c.folded_norms == () and len(c.batch_norms) == 1 and c.activation == "relu6" for c in changes)
+    assert all(c.folded_norms == () and len(c.batch_norms) == 2 and c.activation == "relu6" for c in changes)
     assert fast.training and all(m.training for m in fast.modules())
     fused = [m for m in fast.modules() if isinstance(m, FusedSeparableConv2d)]
     originals = [block.conv[-3:] for block in model.features[1:18]]  # (dw conv, BN, ReLU6), 1x1 conv, BN
@@ -151,29 +152,46 @@ def test_training_mode_mobilenet_v2_on_triton_fuses_with_its_norms_kept_and_trai
         torch.testing.assert_close(module.mid_norm.bias.grad, norm.bias.grad)
         torch.testing.assert_close(module.mid_norm.running_var, norm.running_var)
         assert module.mid_norm.num_batches_tracked == norm.num_batches_tracked == 1
+        out_norm = original[2]
+        for name in ("weight", "bias"):
+            torch.testing.assert_close(getattr(module.out_norm, name).grad, getattr(out_norm, name).grad)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(module.out_norm, name), getattr(out_norm, name))
     torch.testing.assert_close(fast.classifier[1].weight.grad, model.classifier[1].weight.grad)
     with torch.no_grad():
         torch.testing.assert_close(fast.eval()(x), model.eval()(x))
 
 
-def test_chain_without_norm_trains_fused_with_the_kernel_backward():
+def test_chain_without_mid_norm_trains_fused_with_its_output_norm_kept():
+    """A training-mode BatchNorm after the 1x1 conv: kept in the fused module with backend="triton" (its batch
+    statistics from the kernel's epilogue), left after the fused part otherwise. Gradients of every parameter and
+    the running statistics equal the original's."""
     torch.manual_seed(2)
     block = nn.Sequential(
         nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=4, bias=True),  # depth multiplier 2
         nn.ReLU(),
         nn.Conv2d(8, 6, 1),
-        nn.BatchNorm2d(6),  # training mode: stays, after the fused part
+        nn.BatchNorm2d(6),
     ).double()
     fast, changes = accelerate(block, backend="triton")
-    assert [(c.kind, c.replaced, c.activation) for c in changes] == [("fused separable", ("0", "1", "2"), "relu")]
-    assert isinstance(fast[0], FusedSeparableConv2d) and isinstance(fast[1], nn.BatchNorm2d)
+    assert [(c.kind, c.replaced, c.activation, c.batch_norms) for c in changes] == [
+        ("fused separable", ("0", "1", "2", "3"), "relu", ("3",))
+    ]
+    assert len(fast) == 1 and isinstance(fast[0], FusedSeparableConv2d) and isinstance(fast[0].out_norm, nn.BatchNorm2d)
+    _, on_torch = accelerate(block, backend="auto")
+    assert [c.replaced for c in on_torch] == [("0", "1", "2")]  # auto: the norm stays after the fused part
     x = torch.randn(3, 4, 9, 9, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(3, 6, 5, 5, dtype=torch.float64)
-    want = torch.autograd.grad(block(x), [x, block[0].weight, block[0].bias, block[2].weight, block[2].bias], grad)
+    norm = block[3]
+    leaves = [x, block[0].weight, block[0].bias, block[2].weight, block[2].bias, norm.weight, norm.bias]
+    want = torch.autograd.grad(block(x), leaves, grad)
     fused = fast[0]
-    got = torch.autograd.grad(fast(x), [x, fused.dw_weight, fused.dw_bias, fused.pw_weight, fused.pw_bias], grad)
+    leaves = [x, fused.dw_weight, fused.dw_bias, fused.pw_weight, fused.pw_bias, *fused.out_norm.parameters()]
+    got = torch.autograd.grad(fast(x), leaves, grad)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(fused.out_norm, name), getattr(norm, name))
 
 
 @pytest.mark.parametrize("activation", [nn.ReLU, nn.ReLU6])
@@ -314,15 +332,16 @@ def test_timm_blocks_without_squeeze_excitation_fuse(name):
 
 def test_timm_mobilenetv2_in_training_on_triton_keeps_its_norms_and_trains_as_the_original():
     """Training mode, backend="triton": each block's BatchNormAct2d between the convs is kept in the fused module
-    (batch statistics folded per call, its ReLU6 fused), the projection's norm stays in the block. Outputs, every
-    gradient of the original's parameters, running statistics and num_batches_tracked equal the original's; after
-    .eval() the outputs too (the kept norms fold their running statistics)."""
+    (batch statistics folded per call, its ReLU6 fused), and the projection's (no activation; statistics from the
+    fused kernel's epilogue). Outputs, every gradient of the original's parameters, running statistics and
+    num_batches_tracked equal the original's; after .eval() the outputs too (the kept norms fold their running
+    statistics)."""
     torch.manual_seed(5)
     model = randomize_norms(timm.create_model("mobilenetv2_035", pretrained=False)).train().double()
     blocks = _timm_blocks(model)
     fast, changes = accelerate(model, backend="triton")  # on CPU: Triton's interpreter
     fused = [c for c in changes if c.kind == "fused separable"]
-    assert len(fused) == len(blocks) == 17 and all(len(c.batch_norms) == 1 and not c.folded_norms for c in fused)
+    assert len(fused) == len(blocks) == 17 and all(len(c.batch_norms) == 2 and not c.folded_norms for c in fused)
     assert [c.activation for c in fused] == [act for _, _, act in blocks]
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     expected, got = model(x), fast(x)
@@ -337,8 +356,10 @@ def test_timm_mobilenetv2_in_training_on_triton_keeps_its_norms_and_trains_as_th
             fused_module = fast.get_submodule(block.rsplit(".", 1)[0] + ".conv_dw")
             name = "dw_weight" if block.endswith("conv_dw") else "pw_weight"
             torch.testing.assert_close(getattr(fused_module, name).grad, parameter.grad)
-        elif block.endswith(("bn1", "bn2")) and any(c.batch_norms == (block,) for c in fused):  # a kept norm
-            kept = fast.get_submodule(block.rsplit(".", 1)[0] + ".conv_dw").mid_norm
+        elif any(block in c.batch_norms for c in fused):  # a kept norm: between the convs, or after them
+            fused_module = fast.get_submodule(block.rsplit(".", 1)[0] + ".conv_dw")
+            between = any(c.batch_norms[0] == block for c in fused)
+            kept = fused_module.mid_norm if between else fused_module.out_norm
             torch.testing.assert_close(getattr(kept, leaf).grad, parameter.grad)
             torch.testing.assert_close(kept.running_var, model.get_submodule(block).running_var)
             assert kept.num_batches_tracked == 1

@@ -58,7 +58,7 @@ def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
             assert row["max_abs_error_fused_vs_eager"] < 1e-4 and row["ours_fused_forward_backward_ms"] > 0
         if row["section"] == "separable_bn":  # the training block: every gradient checked against eager's
             grads = [key for key in row if key.startswith("max_rel_error_grad_")]
-            assert len(grads) == 5 and all(row[key] < 1e-4 for key in grads)
+            assert len(grads) == 7 and all(row[key] < 1e-4 for key in grads)
         for key in ("ours_forward_ms", "eager_forward_ms", "ours_forward_backward_ms", "ours_forward_repeat_ms"):
             assert row[key] > 0
         assert row["floor_forward_ms"] == max(row["memory_floor_forward_ms"], row["flop_floor_forward_ms"] or 0.0)
@@ -70,20 +70,23 @@ def test_training_memory_benchmark_quick_run(tmp_path):
     output and two intermediate-sized tensors at most (plus the weights' gradients and the depthwise backward's
     bias-sized one), eager one more with ReLU6; with a training-mode BatchNorm before the ReLU6 ours holds three
     at most (as PyTorch's BatchNorm backward: its input, output gradient and input gradient; plus per-channel
-    vectors), eager four or more (the depthwise output, the norm's, and their gradients)."""
+    vectors), eager four or more (the depthwise output, the norm's, and their gradients); a BatchNorm after the
+    1x1 conv adds one output-sized tensor (its input) to either."""
     run_script("benchmarks/training_memory.py", "--quick", "--out", str(tmp_path))
     result = json.loads((tmp_path / "training_memory_quick.json").read_text())
-    rows = {(r["activation"], r["mid_norm"] is not None): r for r in result["rows"]}
-    assert set(rows) == {(None, False), ("relu6", False), ("relu6", True)}
+    rows = {(r["activation"], r["mid_norm"] is not None, r["out_norm"] is not None): r for r in result["rows"]}
+    assert set(rows) == {(None, False, False), ("relu6", False, False), ("relu6", True, False), ("relu6", True, True)}
     weight_grads = (8 * 9 + 8 + 4 * 8) * 4
-    for (_, norm), row in rows.items():
+    for (_, norm, out_norm), row in rows.items():
         assert row["intermediate_bytes"] == 2 * 8 * 6 * 6 * 4 and row["output_bytes"] == 2 * 4 * 6 * 6 * 4
-        intermediates = 3 if norm else 2
-        assert row["ours_peak_bytes"] <= row["output_bytes"] + intermediates * row["intermediate_bytes"] + weight_grads
-    relu6 = rows[("relu6", False)]  # eager keeps the depthwise output and the activation's for its backward
+        intermediates, outputs = (3 if norm else 2), (2 if out_norm else 1)
+        bound = outputs * row["output_bytes"] + intermediates * row["intermediate_bytes"] + weight_grads
+        assert row["ours_peak_bytes"] <= bound
+    relu6 = rows[("relu6", False, False)]  # eager keeps the depthwise output and the activation's for its backward
     assert relu6["eager_peak_bytes"] >= relu6["output_bytes"] + 3 * relu6["intermediate_bytes"]
-    norm = rows[("relu6", True)]
-    assert norm["eager_peak_bytes"] >= norm["output_bytes"] + 4 * norm["intermediate_bytes"]
+    for out_norm in (False, True):  # and the norm's input and output; with a norm after the 1x1 conv its input too
+        norm = rows[("relu6", True, out_norm)]
+        assert norm["eager_peak_bytes"] >= (1 + out_norm) * norm["output_bytes"] + 4 * norm["intermediate_bytes"]
     assert (tmp_path / "training_memory_quick.png").stat().st_size > 0
 
 

@@ -250,7 +250,7 @@ def test_torch_compile_and_opcheck():
     leaves = (x, dw, pw, gamma)
     torch.testing.assert_close(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves))
     args = (x, dw, torch.randn(3, device=DEVICE, requires_grad=True), gamma, None, pw, None, [1, 1], [1, 1, 1, 1])
-    torch.library.opcheck(torch.ops.sepconv.separable_conv2d_batch_norm.default, (*args, [1, 1], 2, 1e-5))
+    torch.library.opcheck(torch.ops.sepconv.separable_conv2d_batch_norm.default, (*args, [1, 1], 2, 1e-5, False))
 
 
 def test_double_backward_raises():

@@ -26,7 +26,10 @@ computes them: :func:`sepconv.kernels.separable_conv2d_batch_norm`), updating it
 BatchNorm2d does, so the accelerated model trains as the original and switches to the running statistics in
 eval mode. Otherwise the chain is not fused and only its depthwise conv is replaced, by a
 :class:`~sepconv.DepthwiseConv2d` (the measured choice: CPU layouts, our depthwise kernel for large kernels on
-CUDA). A training-mode BatchNorm after the 1x1 conv stays as it is and the part before it is fused. Depthwise
+CUDA). A training-mode BatchNorm after the 1x1 conv (a ``BatchNorm2d``, or timm's ``BatchNormAct2d`` without an
+activation) is kept the same way with ``backend="triton"`` (``out_norm``; its batch statistics come from the fused
+kernel's statistics epilogue, so its input is read once, not twice); otherwise it stays as it is and the part
+before it is fused. Depthwise
 convs outside any chain (e.g. followed by squeeze-excitation) are replaced by a DepthwiseConv2d too, with a
 following eval-mode BatchNorm folded in. The input model is not
 modified; a Sequential that is rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` ->
@@ -82,13 +85,14 @@ class Acceleration:
 
 class FusedSeparableConv2d(nn.Module):
     """depthwise conv (+ bias) -> (training-mode BatchNorm) -> relu | relu6 | hardswish | silu | gelu | nothing
-    -> 1x1 conv (+ bias), as one module.
+    -> 1x1 conv (+ bias) -> (training-mode BatchNorm), as one module.
 
     ``backend="triton"``: one fused Triton kernel; ``"auto"``: PyTorch's two convs, the depthwise one on our
     kernel where :mod:`sepconv.dispatch` measured it faster; ``"torch"``: PyTorch's two convs. Built by
     :func:`accelerate`; parameters ``dw_weight``, ``dw_bias``, ``pw_weight``, ``pw_bias``, and ``mid_norm``: a
     BatchNorm2d between the convs that could not be folded (training mode), run by
-    :func:`sepconv.dispatch.batch_norm_separable_forward` on the fused kernel (batch statistics folded per call).
+    :func:`sepconv.dispatch.batch_norm_separable_forward` on the fused kernel (batch statistics folded per call);
+    ``out_norm``: one after the 1x1 conv (training mode: its batch statistics from the fused kernel's epilogue).
     """
 
     _ndim = 2
@@ -107,6 +111,7 @@ class FusedSeparableConv2d(nn.Module):
         mid_activation: str | None = None,
         backend: str = "auto",
         mid_norm: nn.BatchNorm2d | None = None,
+        out_norm: nn.BatchNorm2d | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -118,6 +123,7 @@ class FusedSeparableConv2d(nn.Module):
         self.mid_activation = mid_activation
         self.backend = backend_arg(backend, 2)
         self.mid_norm = mid_norm
+        self.out_norm = out_norm
 
     @property
     def depth_multiplier(self) -> int:
@@ -128,7 +134,8 @@ class FusedSeparableConv2d(nn.Module):
         if on_triton and self.backend == "triton":  # auto never fuses: the fused kernel measured slower
             weights = (self.dw_weight, self.dw_bias, self.pw_weight, self.pw_bias)
             geometry = (self.stride, self.padding, self.dilation)
-            return batch_norm_separable_forward(input, *weights, *geometry, self.mid_norm, self.mid_activation)
+            norms = (self.mid_norm, self.mid_activation, self.out_norm)
+            return batch_norm_separable_forward(input, *weights, *geometry, *norms)
         if on_triton:
             from sepconv.kernels.depthwise import depthwise_conv2d
 
@@ -140,7 +147,8 @@ class FusedSeparableConv2d(nn.Module):
             activations = _ACTIVATIONS_IN_PLACE
         if self.mid_norm is not None:  # BatchNorm2d's forward only: timm's BatchNormAct2d's activation is ours
             mid, activations = nn.BatchNorm2d.forward(self.mid_norm, mid), _ACTIVATIONS_IN_PLACE  # a fresh output
-        return F.conv2d(activations[self.mid_activation](mid), self.pw_weight, self.pw_bias)
+        out = F.conv2d(activations[self.mid_activation](mid), self.pw_weight, self.pw_bias)
+        return out if self.out_norm is None else nn.BatchNorm2d.forward(self.out_norm, out)
 
     def extra_repr(self) -> str:
         mid, out = self.dw_weight.shape[0], self.pw_weight.shape[0]
@@ -303,19 +311,22 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int, backend: str):
         return None
     pw = leaves[i][1]
     i += 1
+    kept_out = None
     if i < len(leaves) and foldable_norm(leaves[i][1], pw.out_channels):
         norm2, i = leaves[i], i + 1
+    elif i < len(leaves) and backend == "triton" and batch_norm_2d(leaves[i][1], pw.out_channels):
+        kept_out, i = leaves[i], i + 1  # training mode: kept, its statistics from the fused kernel's epilogue
     dw_weight, dw_bias = _fold(dw.weight, dw.bias, None if norm1 is None else norm1[1])
     pw_weight, pw_bias = _fold(pw.weight, pw.bias, None if norm2 is None else norm2[1])
     act_name = None if activation is None else fused_activation(activation[1])
     geometry = (dw.stride, dw.padding, dw.dilation)
-    mid_norm = None if kept is None else kept[1]
+    mid_norm, out_norm = (None if k is None else k[1] for k in (kept, kept_out))
     weights = (dw_weight, dw_bias, pw_weight, pw_bias)
-    fused = FusedSeparableConv2d(dw.in_channels, *weights, *geometry, act_name, mid_norm=mid_norm)
+    fused = FusedSeparableConv2d(dw.in_channels, *weights, *geometry, act_name, mid_norm=mid_norm, out_norm=out_norm)
     fused.training = dw.training
     replaced = tuple(p for p, _ in leaves[start:i])
     folded = tuple(n[0] for n in (norm1, norm2) if n is not None)
-    kept_paths = () if kept is None else (kept[0],)
+    kept_paths = tuple(k[0] for k in (kept, kept_out) if k is not None)
     return i, fused, Acceleration("fused separable", replaced, folded, act_name, kept_paths)
 
 
@@ -396,22 +407,26 @@ def _rewrite_timm_block(block: nn.Module, path: str, changes: list[Acceleration]
         return
     norm2 = _norm_and_activation(part(norm2_name), pw.out_channels)
     norm2 = norm2[0] if norm2 is not None and norm2[1] is None else None  # folded only without an activation
+    kept_out = None
+    if norm2 is None and backend == "triton":  # training mode: kept if it applies no activation of its own
+        statistics_norm = _batch_statistics_norm(part(norm2_name), pw.out_channels)
+        kept_out = statistics_norm[0] if statistics_norm is not None and statistics_norm[1] is None else None
     dw_weight, dw_bias = _fold(dw.weight, dw.bias, norm1[0])
     pw_weight, pw_bias = _fold(pw.weight, pw.bias, norm2)
     act_name = None if activation is None else fused_activation(activation)
     geometry = (dw.stride, dw.padding, dw.dilation)
     weights, mid_norm = (dw_weight, dw_bias, pw_weight, pw_bias), None if kept is None else kept[0]
-    fused = FusedSeparableConv2d(dw.in_channels, *weights, *geometry, act_name, backend, mid_norm=mid_norm)
+    fused = FusedSeparableConv2d(dw.in_channels, *weights, *geometry, act_name, backend, mid_norm, kept_out)
     fused.training = dw.training
     folded = tuple(name for name, norm in ((norm1_name, norm1[0]), (norm2_name, norm2)) if norm is not None)
     norm1_module = norm1[0] if kept is None else kept[0]
     absorbed = [name for name, m in ((norm1_name, norm1_module), (act1_name, act1), (pw_name, pw)) if m is not None]
-    absorbed += [norm2_name] if norm2 is not None else []
+    absorbed += [norm2_name] if norm2 is not None or kept_out is not None else []
     setattr(block, dw_name, fused)
     for name in absorbed:
         setattr(block, name, nn.Identity())
     replaced = tuple(_join(path, n) for n in (dw_name, *absorbed))
-    batch_norms = () if kept is None else (_join(path, norm1_name),)
+    batch_norms = tuple(_join(path, n) for n, k in ((norm1_name, kept), (norm2_name, kept_out)) if k is not None)
     folded_paths = tuple(_join(path, n) for n in folded)
     changes.append(Acceleration("fused separable", replaced, folded_paths, act_name, batch_norms))
 

@@ -233,26 +233,27 @@ def batch_norm_separable_forward(
     dilation,
     norm: nn.BatchNorm2d | None,
     activation: str | None,
+    out_norm: nn.BatchNorm2d | None = None,
 ) -> Tensor:
-    """``pointwise(activation(norm(depthwise(input))))`` on the fused kernel: an eval-mode ``norm`` with running
-    statistics folded into the depthwise weights, any other (:func:`batch_norm_2d`) normalizing with the batch's
-    statistics and updating its running ones as ``nn.BatchNorm2d.forward`` does (``num_batches_tracked``,
-    ``momentum=None`` as a cumulative average)."""
+    """``out_norm(pointwise(activation(norm(depthwise(input)))))`` on the fused kernel: an eval-mode ``norm`` with
+    running statistics folded into the depthwise weights, any other (:func:`batch_norm_2d`) normalizing with the
+    batch's statistics and updating its running ones as ``nn.BatchNorm2d.forward`` does (``num_batches_tracked``,
+    ``momentum=None`` as a cumulative average); ``out_norm`` (a :func:`batch_norm_2d` after the 1x1 conv) in eval
+    mode folded into the 1x1 conv, in training mode with its batch statistics from the fused kernel's epilogue
+    (:mod:`sepconv.kernels.output_norm`)."""
     from sepconv.kernels.separable import separable_conv2d
 
+    out = None if out_norm is None else batch_norm_args(out_norm)
     if norm is None or foldable_norm(norm, dw_weight.shape[0]):
         if norm is not None:
             dw_weight, dw_bias = fold_batch_norm(dw_weight, dw_bias, norm)
         geometry = (stride, padding, dilation)
-        return separable_conv2d(input, dw_weight, pw_weight, pw_bias, *geometry, dw_bias, mid_activation=activation)
+        return separable_conv2d(
+            input, dw_weight, pw_weight, pw_bias, *geometry, dw_bias, mid_activation=activation, out_norm=out
+        )
     from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 
-    factor = 0.0 if norm.momentum is None else norm.momentum  # nn.BatchNorm2d.forward's preamble, as written there
-    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
-        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
-    keep_running = not norm.training or norm.track_running_stats
+    mid = batch_norm_args(norm)
     return separable_conv2d_batch_norm(
         input,
         dw_weight,
@@ -263,11 +264,28 @@ def batch_norm_separable_forward(
         dilation,
         dw_bias,
         activation,
-        running_mean=norm.running_mean if keep_running else None,
-        running_var=norm.running_var if keep_running else None,
-        norm_weight=norm.weight,
-        norm_bias=norm.bias,
-        training=batch_stats,
-        momentum=factor,
-        eps=norm.eps,
+        running_mean=mid.running_mean,
+        running_var=mid.running_var,
+        norm_weight=mid.weight,
+        norm_bias=mid.bias,
+        training=mid.training,
+        momentum=mid.momentum,
+        eps=mid.eps,
+        out_norm=out,
     )
+
+
+def batch_norm_args(norm: nn.BatchNorm2d):
+    """The :class:`sepconv.kernels.BatchNormArgs` ``nn.BatchNorm2d.forward(norm, y)`` passes to ``F.batch_norm``,
+    after its preamble, which this runs: in training mode with running statistics it counts the batch in
+    ``num_batches_tracked`` (``momentum=None``: a cumulative average, factor 1 / batches)."""
+    from sepconv.kernels.output_norm import BatchNormArgs
+
+    factor = 0.0 if norm.momentum is None else norm.momentum  # nn.BatchNorm2d.forward's preamble, as written there
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        factor = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
+    keep_running = not norm.training or norm.track_running_stats
+    running = (norm.running_mean, norm.running_var) if keep_running else (None, None)
+    return BatchNormArgs(*running, norm.weight, norm.bias, batch_stats, factor, norm.eps)

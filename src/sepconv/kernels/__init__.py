@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 
-__all__ = ["available", "depthwise_conv2d", "separable_conv2d", "separable_conv2d_batch_norm"]
+__all__ = ["BatchNormArgs", "available", "depthwise_conv2d", "separable_conv2d", "separable_conv2d_batch_norm"]
 
 
 @functools.cache
@@ -27,6 +27,10 @@ def __getattr__(name: str):  # lazy: `import sepconv` must not import Triton
         from sepconv.kernels.separable import separable_conv2d
 
         return separable_conv2d
+    if name == "BatchNormArgs":
+        from sepconv.kernels.output_norm import BatchNormArgs
+
+        return BatchNormArgs
     if name == "separable_conv2d_batch_norm":
         from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 

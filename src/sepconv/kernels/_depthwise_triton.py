@@ -624,6 +624,8 @@ def separable_forward_kernel(
     pw_ptr,
     pwb_ptr,
     y_ptr,
+    sum_ptr,
+    m2_ptr,
     H,
     W,
     C_MID,
@@ -658,11 +660,14 @@ def separable_forward_kernel(
     BLOCK_O: tl.constexpr,
     STATIC_KH: tl.constexpr = 0,
     STATIC_KW: tl.constexpr = 0,
+    STATS: tl.constexpr = False,
 ):
     """Fused depthwise + (relu | relu6 | hardswish | silu | gelu) + pointwise: per block of mid channels, the
     depthwise tile is computed in registers (``ACC``), activated, rounded to the input dtype (as PyTorch's block
     would store it) and multiplied into the pointwise block with ``tl.dot``; the intermediate never reaches
-    memory."""
+    memory. ``STATS``: a statistics epilogue for a BatchNorm after the pointwise conv — per output channel, the
+    sum of the tile's stored outputs and their squared deviations from the tile's mean (M2) at ``[n, pixel
+    program, channel]`` of (N, P, C_OUT) buffers, as ``depthwise_moments_kernel`` stores them."""
     n = tl.program_id(2).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -703,4 +708,13 @@ def separable_forward_kernel(
     if HAS_PW_BIAS:
         acc += tl.load(pwb_ptr + o, mask=o_ok, other=0.0).to(ACC)[None, :]
     y_offset = n * syn + o.to(tl.int64)[None, :] * syc + (oh.to(tl.int64) * syh + ow.to(tl.int64) * syw)[:, None]
-    tl.store(y_ptr + y_offset, acc.to(y_ptr.dtype.element_ty), mask=p_ok[:, None] & o_ok[None, :])
+    out = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + y_offset, out, mask=p_ok[:, None] & o_ok[None, :])
+    if STATS:  # of the values stored (rounded to y's dtype), as a BatchNorm reading y would see them
+        stored = out.to(ACC)
+        count = tl.sum(p_ok.to(ACC), axis=0)
+        total = tl.sum(tl.where(p_ok[:, None], stored, 0.0), axis=0)
+        deviation = tl.where(p_ok[:, None], stored - (total / count)[None, :], 0.0)
+        part = (n * tl.num_programs(0) + tl.program_id(0)) * C_OUT
+        tl.store(sum_ptr + part + o, total, mask=o_ok)
+        tl.store(m2_ptr + part + o, tl.sum(deviation * deviation, axis=0), mask=o_ok)

@@ -53,12 +53,24 @@ from sepconv.kernels.depthwise import (
     run_kernel,
     run_op,
 )
+from sepconv.kernels.output_norm import (
+    BatchNormArgs,
+    as_output_norm,
+    check_norm,
+    check_values,
+    fold_output_norm,
+    norm_dtype,
+    normalize,
+    separable_with_output_norm,
+    update_running_statistics,
+)
 from sepconv.kernels.separable import (
     MID_ACTIVATIONS,
     _activate,
     _activation_backward,
     _check_pointwise,
     _SeparableConv2d,
+    combine_moments,
 )
 from sepconv.kernels.separable import _forward as _separable_forward
 
@@ -83,6 +95,7 @@ def separable_conv2d_batch_norm(
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    out_norm: BatchNormArgs | None = None,
 ) -> Tensor:
     """``F.conv2d(act(F.batch_norm(F.conv2d(x, dw_weight, dw_bias, stride, padding, dilation, groups=C),
     running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)), pw_weight, pw_bias)``.
@@ -91,7 +104,9 @@ def separable_conv2d_batch_norm(
     ``training=True`` normalizes with the batch's statistics and, where ``running_mean``/``running_var`` are
     given, updates them in place; ``training=False`` folds the running statistics. ``x`` must be batched
     (N, C, H, W), as for ``nn.BatchNorm2d``. Under autocast the convs run in the autocast dtype and the
-    statistics and the fold in float32, as PyTorch's BatchNorm computes them.
+    statistics and the fold in float32, as PyTorch's BatchNorm computes them. ``out_norm``: a second BatchNorm,
+    after the 1x1 conv, as :func:`~sepconv.kernels.separable_conv2d` takes it (MobileNetV2's block in training:
+    both norms with batch statistics, the second's from the fused kernel's statistics epilogue).
     """
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -102,54 +117,30 @@ def separable_conv2d_batch_norm(
     _check_pointwise(dw_weight, pw_weight, pw_bias, x)
     if mid_activation not in MID_ACTIVATIONS:
         raise ValueError(f"mid_activation must be one of {MID_ACTIVATIONS}; got {mid_activation!r}")
-    _check_norm(dw_weight.shape[0], x, running_mean, running_var, norm_weight, norm_bias, training)
-    if training:
-        out_h, out_w = output_size(x.shape[-2:], dw_weight.shape[-2:], *geometry)
-        count = x.shape[0] * out_h * out_w
-        if count < 2:
-            raise ValueError(
-                f"training needs more than 1 value per channel to normalize; got N·H_out·W_out = {count} "
-                f"(x {tuple(x.shape)}, output {out_h}x{out_w})"
-            )
-        activation = MID_ACTIVATIONS.index(mid_activation)
-        args = (x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, *geometry, activation, eps)
-        inputs = (x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias)
-        y, mean, var = run_op(torch.ops.sepconv.separable_conv2d_batch_norm, _SeparableBatchNorm, args, inputs)
-        if running_mean is not None and running_var is not None:
-            with torch.no_grad():  # as F.batch_norm: the running variance is the unbiased one
-                running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-                running_var.lerp_(var.mul(count).div(count - 1).to(running_var.dtype), momentum)
-        return y
-    statistics = (running_mean, running_var, norm_weight, norm_bias, eps)
-    folded_weight, folded_bias = fold_statistics(weight, bias, *statistics, x.dtype)
-    args = (x, folded_weight, folded_bias, pw_weight, pw_bias, *geometry, MID_ACTIVATIONS.index(mid_activation))
-    inputs = (x, folded_weight, folded_bias, pw_weight, pw_bias)
-    return run_op(torch.ops.sepconv.separable_conv2d, _SeparableConv2d, args, inputs)
-
-
-def _check_norm(
-    channels: int,
-    x: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    norm_weight: Tensor | None,
-    norm_bias: Tensor | None,
-    training: bool,
-) -> None:
-    named = (("running_mean", running_mean), ("running_var", running_var))
-    named += (("norm_weight", norm_weight), ("norm_bias", norm_bias))
-    for name, t in named:
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or tuple(t.shape) != (channels,):
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name} must have shape ({channels},) (the depthwise conv's outputs), got {shape}")
-        if not t.is_floating_point() or t.device != x.device:
-            raise TypeError(f"{name} must be a floating-point tensor on {x.device}; got {t.dtype} on {t.device}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must both be given or both be None")
-    if not training and running_mean is None:
-        raise ValueError("training=False normalizes with running_mean and running_var: give them, or training=True")
+    mid_norm = BatchNormArgs(running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)
+    check_norm("", "the depthwise conv's outputs", dw_weight.shape[0], x, mid_norm)
+    out = None if out_norm is None else as_output_norm(out_norm, pw_weight.shape[0], x)
+    activation = MID_ACTIVATIONS.index(mid_activation)
+    if not training:
+        statistics = (running_mean, running_var, norm_weight, norm_bias, eps)
+        folded_weight, folded_bias = fold_statistics(weight, bias, *statistics, x.dtype)
+        args = (x, folded_weight, folded_bias, pw_weight, pw_bias, *geometry, activation)
+        if out is not None:
+            return separable_with_output_norm(args, out)
+        inputs = (x, folded_weight, folded_bias, pw_weight, pw_bias)
+        return run_op(torch.ops.sepconv.separable_conv2d, _SeparableConv2d, args, inputs)
+    out_h, out_w = output_size(x.shape[-2:], dw_weight.shape[-2:], *geometry)
+    count = x.shape[0] * out_h * out_w
+    check_values(count, x, out_h, out_w)
+    if out is not None and not out.training:
+        pw_weight, pw_bias = fold_output_norm(pw_weight, pw_bias, out)
+    out_statistics = out is not None and out.training
+    args = (x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, *geometry, activation, eps)
+    inputs = (x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias)
+    op = torch.ops.sepconv.separable_conv2d_batch_norm
+    y, mean, var, out_mean, out_var = run_op(op, _SeparableBatchNorm, (*args, out_statistics), inputs)
+    update_running_statistics(mid_norm, mean, var, count)
+    return normalize(y, out_mean, out_var, out) if out_statistics else y
 
 
 # ---- training mode: custom op sepconv::separable_conv2d_batch_norm -----------------------------------------
@@ -190,80 +181,69 @@ def _moments(x, weight, bias, stride, padding, dilation) -> tuple[Tensor, Tensor
     return combine_moments(counts, sums, squares)
 
 
-def combine_moments(counts: Tensor, sums: Tensor, squares: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance over parts of ``counts[p]`` values each (the same for every image): ``sums``
-    and ``squares`` (deviations from each part's own mean, squared and summed) are (N, P, C). Chan et al.'s
-    combination: ``M2 = Σ squares + Σ count·(part mean - mean)²``.
-
-    >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 8.0, 16.0])  # two parts (one image, one channel)
-    >>> counts = torch.tensor([2.0, 3.0])
-    >>> sums = torch.stack([a.sum(), b.sum()]).view(1, 2, 1)
-    >>> squares = torch.stack([(a - a.mean()).square().sum(), (b - b.mean()).square().sum()]).view(1, 2, 1)
-    >>> mean, var = combine_moments(counts, sums, squares)
-    >>> values = torch.cat([a, b])
-    >>> torch.allclose(mean, values.mean()), torch.allclose(var, values.var(correction=0))
-    (True, True)
-    """
-    per_part = counts.view(1, -1, 1)
-    total = counts.sum() * sums.shape[0]
-    mean = sums.sum((0, 1)) / total
-    spread = (sums / per_part - mean).square_().mul_(per_part).sum((0, 1))
-    return mean, (squares.sum((0, 1)) + spread) / total
-
-
 def _train_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation,
-                   activation, eps):  # fmt: skip
+                   activation, eps, out_statistics):  # fmt: skip
+    """``(y, mean, var, out_mean, out_var)``: the output, the mid norm's batch statistics and, with
+    ``out_statistics``, the output's (from the fused kernel's epilogue; else empty)."""
     mean, var = _moments(x, dw_weight, dw_bias, stride, padding, dilation)
     weight, bias = fold_statistics(dw_weight, dw_bias, mean, var, norm_weight, norm_bias, eps, x.dtype)
-    y = _separable_forward(x, weight, bias, pw_weight, pw_bias, stride, padding, dilation, activation)
-    return y, mean, var
+    geometry = (stride, padding, dilation)
+    if out_statistics:
+        y, out_mean, out_var = _separable_forward(x, weight, bias, pw_weight, pw_bias, *geometry, activation,
+                                                  statistics=True)  # fmt: skip
+        return y, mean, var, out_mean, out_var
+    y = _separable_forward(x, weight, bias, pw_weight, pw_bias, *geometry, activation)
+    return y, mean, var, mean.new_empty(0), mean.new_empty(0)
 
 
 _TRAIN_SCHEMA = (
     "(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor? norm_weight, Tensor? norm_bias, Tensor pw_weight, "
-    f"Tensor? pw_bias, {_GEOMETRY}, int activation, float eps) -> (Tensor, Tensor, Tensor)"
+    f"Tensor? pw_bias, {_GEOMETRY}, int activation, float eps, bool out_statistics) -> "
+    "(Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
 @torch.library.custom_op("sepconv::separable_conv2d_batch_norm", mutates_args=(), schema=_TRAIN_SCHEMA)
 def _train_op(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation,
-              activation, eps):  # fmt: skip
+              activation, eps, out_statistics):  # fmt: skip
     return _train_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding,
-                          dilation, activation, eps)  # fmt: skip
+                          dilation, activation, eps, out_statistics)  # fmt: skip
 
 
 @_train_op.register_fake
-def _(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation, activation, eps):
+def _(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation, activation, eps,
+      out_statistics):  # fmt: skip
     y = torch.ops.sepconv.separable_conv2d(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, 0)
     compute = torch.promote_types(x.dtype, torch.float32)
-    return y, x.new_empty(dw_weight.shape[0], dtype=compute), x.new_empty(dw_weight.shape[0], dtype=compute)
+    mid, out = dw_weight.shape[0], pw_weight.shape[0] if out_statistics else 0
+    return y, *(x.new_empty(size, dtype=compute) for size in (mid, mid, out, out))
 
 
 def _train_setup_context(ctx, inputs, output):
-    x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation, activation, eps = (
+    x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation, activation, eps, _ = (
         inputs
     )
-    _, mean, var = output
+    _, mean, var, out_mean, out_var = output
     ctx.save_for_backward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, mean, var)
     ctx.has_pw_bias = pw_bias is not None
     ctx.geometry, ctx.activation, ctx.eps = (stride, padding, dilation), activation, eps
-    ctx.mark_non_differentiable(mean, var)  # the statistics are for the running ones (updated without autograd)
+    # the mid norm's statistics are for the running ones (updated without autograd); the output's for
+    # output_norm.normalize, whose backward carries their terms
+    ctx.mark_non_differentiable(mean, var, out_mean, out_var)
 
 
-def _train_backward(ctx, grad, _grad_mean=None, _grad_var=None):
+def _train_backward(ctx, grad, *_statistics_grads):
     """Recompute ``z`` once; at most three intermediate-sized tensors alive at once (``z``, the 1x1 conv's
     input gradient, the activation's input), as PyTorch's BatchNorm backward holds its input, output gradient
     and input gradient."""
     x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grads: list[Tensor | None] = [None] * 12
+    grads: list[Tensor | None] = [None] * 13
     if ctx.has_pw_bias and needs[6]:
         grads[6] = grad.sum((0, 2, 3))
     depthwise_args = (x, dw_weight, dw_bias, *ctx.geometry)
     z = run_op(torch.ops.sepconv.depthwise_conv2d, _DepthwiseConv2d, depthwise_args, (x, dw_weight, dw_bias))
-    # the norm's ops in x's dtype with float32 statistics and parameters, as PyTorch's BatchNorm on CUDA; on a CPU
-    # (no such mixed fp16 kernels there) fp16/bf16 in float32, as CPU autocast runs BatchNorm
-    work = z.dtype if z.is_cuda or z.dtype in (torch.float32, torch.float64) else torch.float32
+    work = norm_dtype(z)
     z = z.to(work)
     gamma, beta = (None if t is None else t.to(mean.dtype) for t in (norm_weight, norm_bias))  # as the statistics
 

@@ -21,7 +21,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,9 @@ from sepconv.kernels.depthwise import (
 )
 from sepconv.kernels.depthwise import _forward as _depthwise_forward
 
+if TYPE_CHECKING:
+    from sepconv.kernels.output_norm import BatchNormArgs
+
 __all__ = ["MAX_REPEATED_TAPS", "MID_ACTIVATIONS", "fuses", "separable_conv2d"]
 
 MID_ACTIVATIONS = (None, "relu", "relu6", "hardswish", "silu", "gelu")  # the kernel's codes are the positions
@@ -69,6 +72,8 @@ def separable_conv2d(
     dilation: int | Sequence[int] = 1,
     dw_bias: Tensor | None = None,
     mid_activation: str | None = None,
+    *,
+    out_norm: BatchNormArgs | None = None,
 ) -> Tensor:
     """``F.conv2d(act(F.conv2d(x, dw_weight, dw_bias, stride, padding, dilation, groups=C)), pw_weight, pw_bias)``.
 
@@ -76,6 +81,11 @@ def separable_conv2d(
     None, ``"relu"``, ``"relu6"``, ``"hardswish"``, ``"silu"`` or ``"gelu"`` (the erf form, ``F.gelu``'s
     default; the kernel applies it in the accumulation dtype, then rounds). Padding forms, dtypes and layouts as
     :func:`sepconv.kernels.depthwise_conv2d`; the output keeps ``x``'s memory format.
+
+    ``out_norm``: a BatchNorm after the 1x1 conv, ``F.batch_norm(y, *out_norm)`` (a
+    :class:`~sepconv.kernels.BatchNormArgs`; ``x`` batched). In training mode its batch statistics come from the
+    fused kernel's statistics epilogue (:mod:`sepconv.kernels.output_norm`); in eval mode it is folded into the
+    1x1 conv.
     """
     x, tensors, geometry, unbatched = prepare_call(
         x, (dw_weight, dw_bias, pw_weight, pw_bias), stride, padding, dilation
@@ -86,6 +96,10 @@ def separable_conv2d(
         raise ValueError(f"mid_activation must be one of {MID_ACTIVATIONS}; got {mid_activation!r}")
     activation = MID_ACTIVATIONS.index(mid_activation)
     args = (x, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, activation)
+    if out_norm is not None:
+        from sepconv.kernels.output_norm import as_output_norm, separable_with_output_norm
+
+        return separable_with_output_norm(args, as_output_norm(out_norm, pw_weight.shape[0], x, unbatched))
     y = run_op(torch.ops.sepconv.separable_conv2d, _SeparableConv2d, args, (x, dw_weight, dw_bias, pw_weight, pw_bias))
     return y.squeeze(0) if unbatched else y
 
@@ -165,18 +179,27 @@ def _forward(
     dilation,
     activation,
     tiles: SeparableTiles | None = None,
-) -> Tensor:
+    statistics: bool = False,
+):
+    """The separable conv's output; with ``statistics``, ``(y, mean, var)``: also the per-channel mean and biased
+    variance of ``y`` as stored (float32, float64 for float64), from the fused kernel's statistics epilogue (for
+    a BatchNorm after the 1x1 conv: ``y`` is not read again for them)."""
     out_h, out_w = output_size(x.shape[-2:], dw_weight.shape[-2:], stride, padding, dilation)
     c_mid, c_out = dw_weight.shape[0], pw_weight.shape[0]
     if tiles is None and not fuses(c_out, dw_weight.shape[2:]):
-        return _forward_unfused(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation)
+        y = _forward_unfused(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation)
+        return (y, *output_moments(y)) if statistics else y
     y = torch.empty((x.shape[0], c_out, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     if y.numel() == 0:
-        return y
+        return (y, *output_moments(y)) if statistics else y
     dw_weight, pw_weight = dw_weight.contiguous(), pw_weight.contiguous()
     tiles = tiles or _tiles(out_h * out_w, c_mid, c_out)
-    for xs, ys in _batch_chunks(x, y):
-        grid = (triton.cdiv(out_h * out_w, tiles.block_p), triton.cdiv(c_out, tiles.block_o), ys.shape[0])
+    programs = triton.cdiv(out_h * out_w, tiles.block_p)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    parts = (torch.empty(x.shape[0], programs, c_out, dtype=compute, device=x.device) for _ in range(2))
+    sums, squares = parts if statistics else (y, y)  # y: an unused pointer
+    for xs, ys, sums_part, squares_part in _batch_chunks(x, y, sums, squares):
+        grid = (programs, triton.cdiv(c_out, tiles.block_o), ys.shape[0])
         separable_forward_kernel[grid](
             xs,
             dw_weight,
@@ -184,6 +207,8 @@ def _forward(
             pw_weight,
             pw_weight if pw_bias is None else pw_bias.contiguous(),
             ys,
+            sums_part,
+            squares_part,
             x.shape[2],
             x.shape[3],
             c_mid,
@@ -206,11 +231,44 @@ def _forward(
             BLOCK_P=tiles.block_p,
             BLOCK_C=tiles.block_c,
             BLOCK_O=tiles.block_o,
+            STATS=statistics,
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
             **_static_taps(tiles, dw_weight.shape[2:]),
         )
-    return y
+    if not statistics:
+        return y
+    pixels = torch.arange(programs, dtype=compute, device=x.device) * tiles.block_p
+    counts = (out_h * out_w - pixels).clamp_(max=tiles.block_p)  # each pixel program's valid pixels
+    return (y, *combine_moments(counts, sums, squares))
+
+
+def output_moments(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and biased variance of ``y`` (float32, float64 for float64) read back from memory: the
+    statistics where the fused kernel does not run."""
+    var, mean = torch.var_mean(y.to(torch.promote_types(y.dtype, torch.float32)), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
+def combine_moments(counts: Tensor, sums: Tensor, squares: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over parts of ``counts[p]`` values each (the same for every image): ``sums``
+    and ``squares`` (deviations from each part's own mean, squared and summed) are (N, P, C). Chan et al.'s
+    combination: ``M2 = Σ squares + Σ count·(part mean - mean)²``.
+
+    >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 8.0, 16.0])  # two parts (one image, one channel)
+    >>> counts = torch.tensor([2.0, 3.0])
+    >>> sums = torch.stack([a.sum(), b.sum()]).view(1, 2, 1)
+    >>> squares = torch.stack([(a - a.mean()).square().sum(), (b - b.mean()).square().sum()]).view(1, 2, 1)
+    >>> mean, var = combine_moments(counts, sums, squares)
+    >>> values = torch.cat([a, b])
+    >>> torch.allclose(mean, values.mean()), torch.allclose(var, values.var(correction=0))
+    (True, True)
+    """
+    per_part = counts.view(1, -1, 1)
+    total = counts.sum() * sums.shape[0]
+    mean = sums.sum((0, 1)) / total
+    spread = (sums / per_part - mean).square_().mul_(per_part).sum((0, 1))
+    return mean, (squares.sum((0, 1)) + spread) / total
 
 
 @torch.library.custom_op(
