@@ -17,6 +17,10 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
   kernel + a matrix product where ``sepconv.kernels.separable.fuses`` says no: those rows also time the fused
   kernel as ``ours_fused``), ``eager`` = depthwise then 1x1 ``F.conv2d``, ``compile``, and ``standard`` = the
   KxK conv the block replaces;
+- ``separable_bn``: MobileNetV2's block in training (dw -> BatchNorm -> ReLU6 -> 1x1 -> BatchNorm, batch
+  statistics): ``sepconv.kernels.separable_conv2d_batch_norm`` with ``out_norm`` vs eager and compile;
+- ``separable_se``: EfficientNet-B0's blocks for inference (dw -> SiLU -> squeeze-excitation -> 1x1): ours
+  ``separable_conv2d(excitation=...)`` vs eager (torchvision's ``SqueezeExcitation``) and compile, forward only;
 - ``models``: torchvision mobilenet_v2 and efficientnet_b0 eager, compiled and through ``sepconv.accelerate``,
   and resnet18; inference (eval) and an SGD training step, bf16 channels_last, batch 64 and 1;
 - ``memory floor`` = bytes that must move / copy bandwidth measured in this run: forward reads x and
@@ -66,6 +70,7 @@ from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.depthwise import depthwise_conv2d
 from sepconv.kernels.output_norm import BatchNormArgs
 from sepconv.kernels.separable import separable_conv2d
+from sepconv.squeeze_excitation import excitation_scale
 
 # (name, C, H, K, stride, batch-64 batch): the depthwise issue's list.
 SHAPES = [
@@ -94,13 +99,22 @@ QUICK_SEPARABLE_SHAPES = [("tiny 4x6->260 k5", 4, 6, 260, 5, 1, 2)]  # unfused b
 # MobileNetV2's blocks in training, a BatchNorm (batch statistics) and ReLU6 between the convs
 SEPARABLE_BN_SHAPES = [shape for shape in SEPARABLE_SHAPES if shape[0].startswith("mbv2")]
 QUICK_SEPARABLE_BN_SHAPES = [("tiny 8x6->16", 8, 6, 16, 3, 1, 2)]
+# EfficientNet-B0's blocks at 224x224 (the depthwise conv's channels, after the expansion): dw -> SiLU ->
+# squeeze-excitation (squeezed to a quarter of the block's input channels) -> 1x1, inference
+SEPARABLE_SE_SHAPES = [
+    ("effb0 144x56->24", 144, 56, 24, 3, 1, 64),
+    ("effb0 240x28->40 k5", 240, 28, 40, 5, 1, 64),
+    ("effb0 480x14->80", 480, 14, 80, 3, 1, 64),
+    ("effb0 1152x7->192 k5", 1152, 7, 192, 5, 1, 64),
+]
+QUICK_SEPARABLE_SE_SHAPES = [("tiny 12x6->8", 12, 6, 8, 3, 1, 2)]
 MODELS = [
     ("mobilenet_v2", torchvision.models.mobilenet_v2, 224),
     ("resnet18", torchvision.models.resnet18, 224),
     ("efficientnet_b0", torchvision.models.efficientnet_b0, 224),
 ]
 QUICK_MODELS = [("mobilenet_v2 x0.35", functools.partial(torchvision.models.mobilenet_v2, width_mult=0.35), 32)]
-SECTIONS = ("depthwise", "kernel_sizes", "separable", "separable_bn", "models")
+SECTIONS = ("depthwise", "kernel_sizes", "separable", "separable_bn", "separable_se", "models")
 # depthwise rows with kernels this size and up also time the experimental backward variants
 EXPERIMENTAL_BACKWARD_MIN_KERNEL = 5  # FFT weight gradient
 FLIPPED_GRAD_INPUT_MIN_KERNEL = 9  # + input gradient by our forward kernel (stride 1)
@@ -178,17 +192,29 @@ def time_passes(
     grad,
     device: str,
     graphs: bool = True,
+    backward: bool = True,
 ):
     """``row[impl_forward_ms]``, ``row[impl_forward_backward_ms]`` and the training peak memory per impl
     (gradients of ``wrt[impl]``); ``ours`` is timed again after the others (``ours_*_repeat_ms``): the
     spread between the two bounds the run's noise for that row. With ``graphs``, on CUDA the :data:`GRAPHED`
     impls are also timed as CUDA-graph replays (``*_graph_forward_ms``, ``*_graph_forward_backward_ms``): where a
     call is host-bound the eager timings measure the host, these the kernels (a failed capture is recorded as
-    ``*_graph_error``; a replay's results against an eager call's as ``max_abs_error_*_graph_vs_eager_call``)."""
+    ``*_graph_error``; a replay's results against an eager call's as ``max_abs_error_*_graph_vs_eager_call``).
+    Without ``backward``: the forward (inference) only."""
     with torch.no_grad():
         for impl, fn in impls.items():
             row[f"{impl}_forward_ms"] = measure(lambda fn=fn: fn(*inputs), device)
         row["ours_forward_repeat_ms"] = measure(lambda: impls["ours"](*inputs), device)
+    if not backward:
+        for impl in GRAPHED if graphs and device == "cuda" else ():
+            try:
+                with torch.no_grad():
+                    forward, forward_error = graph_replay(lambda fn=impls[impl]: fn(*inputs))
+                row[f"{impl}_graph_forward_ms"] = measure(forward, device)
+                row[f"max_abs_error_{impl}_graph_vs_eager_call"] = forward_error
+            except Exception as error:
+                row[f"{impl}_graph_error"] = f"{type(error).__name__}: {error}"[:300]
+        return
     for impl, fn in impls.items():
         step = lambda fn=fn, impl=impl: torch.autograd.grad(fn(*inputs), wrt[impl], grad)  # noqa: E731
         row[f"{impl}_forward_backward_ms"] = measure(step, device)
@@ -412,6 +438,39 @@ def separable_bn_row(name, channels, size, out, kernel, stride, batch, dtype_nam
     return row
 
 
+def separable_se_row(name, channels, size, out, kernel, stride, batch, dtype_name, layout_name, *, device, compile_):
+    """EfficientNet's / MobileNetV3's block, inference: depthwise -> SiLU -> squeeze-excitation -> 1x1. Ours:
+    ``separable_conv2d(excitation=...)`` (the activation's channel means by a pass over x, the gate, then the fused
+    kernel scaling its tiles); eager: torchvision's ``SqueezeExcitation`` between PyTorch's two convs."""
+    from torchvision.ops import SqueezeExcitation
+
+    dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout_name]
+    pad = kernel // 2
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    dw = (torch.randn(channels, 1, kernel, kernel, device=device) / kernel).to(dtype)
+    pw = (torch.randn(out, channels, 1, 1, device=device) / channels**0.5).to(dtype)
+    se = SqueezeExcitation(channels, max(1, channels // 24), torch.nn.SiLU).to(device=device, dtype=dtype).eval()
+    gate = functools.partial(excitation_scale, se)
+
+    def ours(x, dw, pw):
+        return separable_conv2d(x, dw, pw, None, stride, pad, mid_activation="silu", excitation=gate)
+
+    def eager(x, dw, pw):
+        return F.conv2d(se(F.silu(F.conv2d(x, dw, None, stride, pad, 1, channels))), pw)
+
+    impls: dict[str, Callable] = {"ours": ours, "eager": eager}
+    if compile_:
+        torch._dynamo.reset()
+        impls["compile"] = torch.compile(eager, dynamic=False)
+    with torch.no_grad():
+        y = eager(x, dw, pw)
+        error = (ours(x, dw, pw).float() - y.float()).abs().max().item()
+    shape = (name, channels, size, out, kernel, stride, batch, dtype_name, layout_name)
+    row = _block_row("separable_se", shape, x, y) | {"max_abs_error_vs_eager": error}
+    time_passes(row, impls, (x, dw, pw), {}, None, device, graphs=dtype_name == "bf16", backward=False)
+    return row
+
+
 def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: str, dtype, compile_: set[str]):
     """Inference (eval, no_grad) and a training step (SGD) of a torchvision model: eager, accelerate, and
     compile for the modes in ``compile_``."""
@@ -457,6 +516,8 @@ def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: s
 
 def add_floors(row: dict[str, Any], bandwidth: float, fmas: float | None) -> None:
     for pass_, macs in (("forward", row["macs"]), ("forward_backward", 3 * row["macs"])):
+        if f"ours_{pass_}_ms" not in row:  # an inference-only row
+            continue
         memory = row[f"bytes_{pass_}"] / bandwidth * 1e3
         flops = None if fmas is None or row["section"].startswith("separable") else macs / fmas * 1e3
         row[f"memory_floor_{pass_}_ms"] = memory
@@ -486,7 +547,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     labels = [f"{r['section'][:3]} {r['shape']} b{r['batch']} {r['dtype']} {r['layout']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.25 * len(rows) + 2), sharey=True)
     for ax, pass_ in zip(axes, ("forward", "forward_backward"), strict=True):
-        speedups = [r[f"speedup_vs_best_torch_{pass_}"] for r in rows]
+        speedups = [r.get(f"speedup_vs_best_torch_{pass_}", float("nan")) for r in rows]  # nan: not timed
         ax.barh(labels, speedups, color=["C2" if s >= 1 else "C3" for s in speedups])
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_xscale("log")
@@ -576,11 +637,12 @@ def main() -> None:
                 row["section"] = section
                 add_floors(row, bandwidth, fmas)
                 emit(row)
-        elif section in ("separable", "separable_bn"):
-            if section == "separable":
-                shapes, make_row = QUICK_SEPARABLE_SHAPES if args.quick else SEPARABLE_SHAPES, separable_row
-            else:
-                shapes, make_row = QUICK_SEPARABLE_BN_SHAPES if args.quick else SEPARABLE_BN_SHAPES, separable_bn_row
+        elif section in ("separable", "separable_bn", "separable_se"):
+            shapes, make_row = {
+                "separable": (QUICK_SEPARABLE_SHAPES if args.quick else SEPARABLE_SHAPES, separable_row),
+                "separable_bn": (QUICK_SEPARABLE_BN_SHAPES if args.quick else SEPARABLE_BN_SHAPES, separable_bn_row),
+                "separable_se": (QUICK_SEPARABLE_SE_SHAPES if args.quick else SEPARABLE_SE_SHAPES, separable_se_row),
+            }[section]
             for (batch, dtype, layout), (name, c, h, o, k, s, big) in itertools.product(combos, shapes):
                 if time.perf_counter() > deadline:
                     break

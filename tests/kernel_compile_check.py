@@ -59,6 +59,11 @@ def main() -> int:
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 0, "STATIC_KW": 3, "MID_ACT": 4}),  # silu
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 3, "STATIC_KW": 3, "STATS": True}),  # epilogue
         (kernels.depthwise_moments_kernel, {"HAS_BIAS": True, "STATIC_KH": 3, "STATIC_KW": 3, "TILE_W": 0}),
+        (kernels.separable_forward_kernel, separable | {"STATIC_KH": 3, "STATIC_KW": 3, "HAS_SCALE": True}),  # SE
+        (
+            kernels.depthwise_moments_kernel,
+            {"HAS_BIAS": True, "STATIC_KH": 0, "STATIC_KW": 0, "TILE_W": 0, "MID_ACT": 3, "ROUND": True},
+        ),  # activated means
         (kernels.depthwise_forward_toeplitz_kernel, toeplitz),
         (kernels.depthwise_grad_weight_toeplitz_kernel, toeplitz_grad_weight),
     ]

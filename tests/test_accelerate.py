@@ -54,28 +54,28 @@ def test_mobilenet_v2_eval_fuses_every_block_and_keeps_outputs(mobilenet):
     assert all(torch.equal(before[1][k], after[1][k]) for k in before[1])
 
 
-def test_mobilenet_v3_large_fuses_the_blocks_without_squeeze_excitation_with_their_activation():
-    """mobilenet_v3_large: its inverted residual blocks without squeeze-excitation (ReLU or Hardswish between
-    the depthwise and the projecting 1x1 conv) become fused chains, in order, with that activation; the blocks
-    with squeeze-excitation (between the two convs) get only their depthwise conv replaced. Outputs equal the
-    original's in eval, on PyTorch's convs and on the Triton kernels (the interpreter on CPU)."""
+def test_mobilenet_v3_large_fuses_every_block_with_its_activation_and_squeeze_excitation():
+    """mobilenet_v3_large: every inverted residual block (ReLU or Hardswish between the depthwise and the
+    projecting 1x1 conv, a SqueezeExcitation after it in 8 of them) becomes a fused chain, in order, with that
+    activation and its squeeze-excitation kept in the fused module. Outputs equal the original's in eval, on
+    PyTorch's convs and on the Triton kernels (the interpreter on CPU: the two-pass inference path)."""
     from torchvision.ops import SqueezeExcitation
 
     torch.manual_seed(1)
     model = randomize_norms(torchvision.models.mobilenet_v3_large(width_mult=0.35)).eval().to(DEVICE)
     expected = []
-    for block in model.features[1:]:
-        if not hasattr(block, "use_res_connect"):  # the last 1x1 conv, not an inverted residual block
+    for index, block in enumerate(model.features):
+        if not hasattr(block, "use_res_connect"):  # the first and last convs, not inverted residual blocks
             continue
-        depthwise = next(m for m in block.block if m[0].groups > 1)  # Conv2dNormActivation: conv, BN, activation
-        if any(isinstance(m, SqueezeExcitation) for m in block.modules()):
-            expected.append(("depthwise", None))
-        else:
-            expected.append(("fused separable", {nn.ReLU: "relu", nn.Hardswish: "hardswish"}[type(depthwise[2])]))
-    assert ("fused separable", "hardswish") in expected and ("depthwise", None) in expected  # the test means it
+        position = next(i for i, m in enumerate(block.block) if m[0].groups > 1)  # the dw Conv2dNormActivation
+        activation = {nn.ReLU: "relu", nn.Hardswish: "hardswish"}[type(block.block[position][2])]
+        has_se = isinstance(block.block[position + 1], SqueezeExcitation)
+        se = f"features.{index}.block.{position + 1}" if has_se else None
+        expected.append(("fused separable", activation, se))
+    assert ("fused separable", "hardswish", None) in expected and sum(e[2] is not None for e in expected) == 8
     for backend in ("auto", "triton"):
         fast, changes = accelerate(model, backend=backend)
-        assert [(c.kind, c.activation) for c in changes] == expected
+        assert [(c.kind, c.activation, c.excitation) for c in changes] == expected
         x = torch.randn(1, 3, 32, 32, device=DEVICE)
         with torch.no_grad():
             torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)
@@ -88,18 +88,36 @@ def test_mobilenet_v2_on_the_triton_kernels(mobilenet):
         torch.testing.assert_close(fast(x), mobilenet(x), atol=1e-5, rtol=1e-4)
 
 
-def test_efficientnet_b0_has_no_fusable_chain_but_its_depthwise_convs_are_routed():
+def test_efficientnet_b0_fuses_every_block_with_its_squeeze_excitation():
+    """efficientnet_b0: a SqueezeExcitation sits between every depthwise and pointwise conv; each of the 16 blocks
+    becomes a fused chain that keeps it (both BatchNorms folded, SiLU fused). Inference outputs equal the
+    original's on PyTorch's convs, and on the Triton kernels for its first stages (the interpreter is slow); in
+    eval mode with gradients the fused module runs the squeeze-excitation as PyTorch does, and every gradient
+    equals the original's."""
     torch.manual_seed(0)
     model = randomize_norms(torchvision.models.efficientnet_b0()).eval()
     fast, changes = accelerate(model)
-    # squeeze-excitation sits between every depthwise and pointwise conv: 16 depthwise convs, BN folded in
-    assert [c.kind for c in changes] == ["depthwise"] * 16
-    assert all(len(c.folded_norms) == 1 for c in changes)
-    assert sum(type(m) is sepconv.DepthwiseConv2d for m in fast.modules()) == 16
+    assert [c.kind for c in changes] == ["fused separable"] * 16
+    assert all(len(c.folded_norms) == 2 and c.activation == "silu" and c.excitation for c in changes)
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(fast(x), expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
+    stages = model.features[:3]  # the stem and 3 blocks
+    fast, changes = accelerate(stages, backend="triton")
+    assert len(changes) == 3 and all(c.excitation for c in changes)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    with torch.no_grad():
+        expected = stages(x)
+        torch.testing.assert_close(fast(x), expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
+    got, want = fast(x), stages(x)  # gradients needed: PyTorch's squeeze-excitation in the fused module
+    torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
+    grad = torch.randn_like(want)
+    first_se = stages[1][0].block[1]
+    got_grads = torch.autograd.grad(got, [x, *fast[1][0].block[0].excitation.parameters()], grad)
+    want_grads = torch.autograd.grad(want, [x, *first_se.parameters()], grad)
+    for a, b in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
 
 
 def test_training_mode_norms_are_not_folded_and_gradients_match():
@@ -308,26 +326,25 @@ def _timm_blocks(model: nn.Module) -> list[tuple[str, bool, str]]:
 
 
 @pytest.mark.parametrize("name", ["mobilenetv2_035", "mobilenetv3_large_100"])
-def test_timm_blocks_without_squeeze_excitation_fuse(name):
-    """timm's efficientnet-family blocks: each DepthwiseSeparableConv / InvertedResidual without squeeze-excitation
-    becomes one fused chain (depthwise conv, its BatchNormAct2d with the activation, the 1x1 projection and its
-    norm, both norms folded) with the block's activation; blocks with squeeze-excitation get their depthwise
-    conv replaced only. Outputs equal the original's in eval, on PyTorch's convs and on the Triton kernels."""
+def test_timm_blocks_fuse_with_their_squeeze_excitation(name):
+    """timm's efficientnet-family blocks: each DepthwiseSeparableConv / InvertedResidual becomes one fused chain
+    (depthwise conv, its BatchNormAct2d with the activation, the squeeze-excitation if any, kept in the fused
+    module, the 1x1 projection and its norm, both norms folded) with the block's activation. Outputs equal the
+    original's in eval, on PyTorch's convs and on the Triton kernels."""
     torch.manual_seed(2)
     model = randomize_norms(timm.create_model(name, pretrained=False)).eval().to(DEVICE)
     blocks = _timm_blocks(model)
-    plain = [(path, act) for path, se, act in blocks if not se]
     for backend in ("auto", "triton"):
         fast, changes = accelerate(model, backend=backend)
-        fused = [c for c in changes if c.kind == "fused separable"]
-        assert [(c.replaced[0].rsplit(".", 1)[0], c.activation) for c in fused] == plain
-        assert all(len(c.folded_norms) == 2 for c in fused)
-        assert sum(c.kind == "depthwise" for c in changes) == len(blocks) - len(plain)
+        assert all(c.kind == "fused separable" and len(c.folded_norms) == 2 for c in changes)
+        expected = [(path, act, f"{path}.se" if se else None) for path, se, act in blocks]
+        assert [(c.replaced[0].rsplit(".", 1)[0], c.activation, c.excitation) for c in changes] == expected
         x = torch.randn(1, 3, 32, 32, device=DEVICE)
         with torch.no_grad():
             torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)
     if name == "mobilenetv3_large_100":  # the test means it: both kinds of block, a Hardswish chain
-        assert len(plain) < len(blocks) and ("blocks.3.0", "hardswish") in plain
+        assert any(se for _, se, _ in blocks) and not all(se for _, se, _ in blocks)
+        assert ("blocks.3.0", True, "hardswish") not in blocks and ("blocks.3.0", False, "hardswish") in blocks
 
 
 def test_timm_mobilenetv2_in_training_on_triton_keeps_its_norms_and_trains_as_the_original():

@@ -39,10 +39,11 @@ def run_script(*args: str, interpret: bool = True) -> str:
 def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
     run_script(
         "benchmarks/kernels.py", "--quick", "--out", str(tmp_path), "--sections", "kernel_sizes", "separable",
-        "separable_bn", "--section-seconds", "kernel_sizes=1", "separable=1", "separable_bn=1",
+        "separable_bn", "separable_se", "--section-seconds", "kernel_sizes=1", "separable=1", "separable_bn=1",
+        "separable_se=1",
     )  # fmt: skip
     result = json.loads((tmp_path / "kernels_quick.json").read_text())
-    assert {r["section"] for r in result["rows"]} == {"kernel_sizes", "separable", "separable_bn"}
+    assert {r["section"] for r in result["rows"]} == {"kernel_sizes", "separable", "separable_bn", "separable_se"}
     for row in result["rows"]:
         assert row["max_abs_error_vs_eager"] < 1e-4
         if row["section"] == "kernel_sizes":  # depthwise rows: the backward kernels checked too
@@ -59,8 +60,10 @@ def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
         if row["section"] == "separable_bn":  # the training block: every gradient checked against eager's
             grads = [key for key in row if key.startswith("max_rel_error_grad_")]
             assert len(grads) == 7 and all(row[key] < 1e-4 for key in grads)
-        for key in ("ours_forward_ms", "eager_forward_ms", "ours_forward_backward_ms", "ours_forward_repeat_ms"):
+        for key in ("ours_forward_ms", "eager_forward_ms", "ours_forward_repeat_ms"):
             assert row[key] > 0
+        # inference rows (squeeze-excitation) time no backward
+        assert ("ours_forward_backward_ms" in row) == (row["section"] != "separable_se")
         assert row["floor_forward_ms"] == max(row["memory_floor_forward_ms"], row["flop_floor_forward_ms"] or 0.0)
     assert (tmp_path / "kernels_quick.png").stat().st_size > 0
 

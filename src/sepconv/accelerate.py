@@ -1,7 +1,7 @@
 """``sepconv.accelerate``: route the depthwise separable blocks of an existing model through our kernels.
 
-It finds ``depthwise conv -> (BatchNorm) -> (activation) -> 1x1 conv -> (BatchNorm)`` chains wherever
-modules run one after the other (``nn.Sequential`` and its plain subclasses such as torchvision's
+It finds ``depthwise conv -> (BatchNorm) -> (activation) -> (squeeze-excitation) -> 1x1 conv -> (BatchNorm)``
+chains wherever modules run one after the other (``nn.Sequential`` and its plain subclasses such as torchvision's
 ``Conv2dNormActivation``, nested at any depth; our ``SeparableConv2d``) and replaces each by a
 :class:`FusedSeparableConv2d`: BatchNorms in eval mode are folded into the conv weights and the
 activation is fused: with ``backend="triton"`` the whole chain is one Triton kernel
@@ -13,10 +13,10 @@ runs the fused kernel, which measured slower.
 timm's blocks run their modules from their own forward: its efficientnet family (``DepthwiseSeparableConv``,
 ``InvertedResidual``: timm's mobilenetv2/v3, mnasnet, efficientnet), ``timm.layers``' ``SeparableConv2d`` /
 ``SeparableConvNormAct`` and xception_aligned's ``SeparableConv2d``, recognised by qualified class name (timm
-is not a dependency). Without squeeze-excitation, in eval mode, the block's depthwise conv becomes the fused
-module of the conv, its norm (folded) and activation (fused), the 1x1 conv and that one's norm (folded unless it
-applies an activation of its own), and the absorbed modules ``nn.Identity``: the block's forward, shortcut
-included, runs as before.
+is not a dependency). In eval mode, the block's depthwise conv becomes the fused module of the conv, its norm
+(folded) and activation (fused), its squeeze-excitation if any (kept), the 1x1 conv and that one's norm (folded
+unless it applies an activation of its own), and the absorbed modules ``nn.Identity``: the block's forward,
+shortcut included, runs as before.
 
 A BatchNorm2d between the convs in training mode cannot be folded once (it normalizes with each batch's
 statistics). With ``backend="triton"`` the fused module keeps it (``mid_norm``, a ``BatchNorm2d`` or in timm's
@@ -29,11 +29,14 @@ eval mode. Otherwise the chain is not fused and only its depthwise conv is repla
 CUDA). A training-mode BatchNorm after the 1x1 conv (a ``BatchNorm2d``, or timm's ``BatchNormAct2d`` without an
 activation) is kept the same way with ``backend="triton"`` (``out_norm``; its batch statistics come from the fused
 kernel's statistics epilogue, so its input is read once, not twice); otherwise it stays as it is and the part
-before it is fused. Depthwise
-convs outside any chain (e.g. followed by squeeze-excitation) are replaced by a DepthwiseConv2d too, with a
-following eval-mode BatchNorm folded in. The input model is not
-modified; a Sequential that is rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` ->
-``conv.1_0.weight``): the result is for running, keep checkpoints of the original.
+before it is fused. A squeeze-excitation between the activation and the 1x1 conv (torchvision's
+``SqueezeExcitation``: MobileNetV3, EfficientNet; timm's ``SqueezeExcite``; :mod:`sepconv.squeeze_excitation`)
+is kept in the fused module (``excitation``, listed in :attr:`Acceleration.excitation`) where no norm of the
+chain is in training mode: with ``backend="triton"``, for inference, the fused kernel computes it in two passes
+(:mod:`sepconv.kernels.excitation`); with gradients, or on other backends, the module runs it itself. Depthwise
+convs outside any chain are replaced by a DepthwiseConv2d too, with a following eval-mode BatchNorm folded in.
+The input model is not modified; a Sequential that is rewritten comes back flat, so its state_dict keys change
+(``conv.1.0.weight`` -> ``conv.1_0.weight``): the result is for running, keep checkpoints of the original.
 
 >>> import torch
 >>> from torch import nn
@@ -49,6 +52,7 @@ True
 from __future__ import annotations
 
 import copy
+import functools
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -60,6 +64,7 @@ from torch import Tensor, nn
 from sepconv.dispatch import backend_arg, batch_norm_2d, batch_norm_separable_forward, fused_activation, use_triton
 from sepconv.folding import fold_batch_norm, foldable_norm
 from sepconv.layers import DepthwiseConv2d, PointwiseConv2d, SeparableConv2d, pad_same
+from sepconv.squeeze_excitation import excitation_scale, is_excitation
 
 __all__ = ["Acceleration", "FusedSeparableConv2d", "accelerate"]
 
@@ -81,18 +86,23 @@ class Acceleration:
     activation: str | None
     # norms between the convs kept as modules (training mode: their batch statistics are folded in on each call)
     batch_norms: tuple[str, ...] = ()
+    excitation: str | None = None  # a squeeze-excitation between the activation and the 1x1 conv, kept as a module
 
 
 class FusedSeparableConv2d(nn.Module):
     """depthwise conv (+ bias) -> (training-mode BatchNorm) -> relu | relu6 | hardswish | silu | gelu | nothing
-    -> 1x1 conv (+ bias) -> (training-mode BatchNorm), as one module.
+    -> (squeeze-excitation) -> 1x1 conv (+ bias) -> (training-mode BatchNorm), as one module.
 
     ``backend="triton"``: one fused Triton kernel; ``"auto"``: PyTorch's two convs, the depthwise one on our
     kernel where :mod:`sepconv.dispatch` measured it faster; ``"torch"``: PyTorch's two convs. Built by
     :func:`accelerate`; parameters ``dw_weight``, ``dw_bias``, ``pw_weight``, ``pw_bias``, and ``mid_norm``: a
     BatchNorm2d between the convs that could not be folded (training mode), run by
     :func:`sepconv.dispatch.batch_norm_separable_forward` on the fused kernel (batch statistics folded per call);
-    ``out_norm``: one after the 1x1 conv (training mode: its batch statistics from the fused kernel's epilogue).
+    ``out_norm``: one after the 1x1 conv (training mode: its batch statistics from the fused kernel's epilogue);
+    ``excitation``: a squeeze-excitation module between the activation and the 1x1 conv (torchvision's
+    ``SqueezeExcitation``, timm's ``SqueezeExcite``), computed by the fused kernel's two-pass inference path
+    (:mod:`sepconv.kernels.excitation`) when no gradient is needed and no norm uses batch statistics, else by the
+    module itself.
     """
 
     _ndim = 2
@@ -112,6 +122,7 @@ class FusedSeparableConv2d(nn.Module):
         backend: str = "auto",
         mid_norm: nn.BatchNorm2d | None = None,
         out_norm: nn.BatchNorm2d | None = None,
+        excitation: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -124,6 +135,7 @@ class FusedSeparableConv2d(nn.Module):
         self.backend = backend_arg(backend, 2)
         self.mid_norm = mid_norm
         self.out_norm = out_norm
+        self.excitation = excitation
 
     @property
     def depth_multiplier(self) -> int:
@@ -131,11 +143,13 @@ class FusedSeparableConv2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         on_triton = use_triton(self, input)  # auto: only where our depthwise kernel measured faster
-        if on_triton and self.backend == "triton":  # auto never fuses: the fused kernel measured slower
+        # auto never fuses: the fused kernel measured slower
+        if on_triton and self.backend == "triton" and self._fuses_excitation(input):
             weights = (self.dw_weight, self.dw_bias, self.pw_weight, self.pw_bias)
             geometry = (self.stride, self.padding, self.dilation)
             norms = (self.mid_norm, self.mid_activation, self.out_norm)
-            return batch_norm_separable_forward(input, *weights, *geometry, *norms)
+            excitation = None if self.excitation is None else functools.partial(excitation_scale, self.excitation)
+            return batch_norm_separable_forward(input, *weights, *geometry, *norms, excitation)
         if on_triton:
             from sepconv.kernels.depthwise import depthwise_conv2d
 
@@ -147,8 +161,21 @@ class FusedSeparableConv2d(nn.Module):
             activations = _ACTIVATIONS_IN_PLACE
         if self.mid_norm is not None:  # BatchNorm2d's forward only: timm's BatchNormAct2d's activation is ours
             mid, activations = nn.BatchNorm2d.forward(self.mid_norm, mid), _ACTIVATIONS_IN_PLACE  # a fresh output
-        out = F.conv2d(activations[self.mid_activation](mid), self.pw_weight, self.pw_bias)
+        mid = activations[self.mid_activation](mid)
+        if self.excitation is not None:
+            mid = self.excitation(mid)
+        out = F.conv2d(mid, self.pw_weight, self.pw_bias)
         return out if self.out_norm is None else nn.BatchNorm2d.forward(self.out_norm, out)
+
+    def _fuses_excitation(self, input: Tensor) -> bool:
+        """Whether the fused kernel computes this call's squeeze-excitation (if any): for inference only (no
+        gradient needed) and with no norm normalizing with batch statistics; else PyTorch's modules run it."""
+        if self.excitation is None:
+            return True
+        tensors = (input, *self.parameters())
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return False
+        return all(norm is None or not norm.training for norm in (self.mid_norm, self.out_norm))
 
     def extra_repr(self) -> str:
         mid, out = self.dw_weight.shape[0], self.pw_weight.shape[0]
@@ -307,6 +334,9 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int, backend: str):
         i += 1
     if i < len(leaves) and fused_activation(leaves[i][1]) is not None:
         activation, i = leaves[i], i + 1
+    excitation = None
+    if i < len(leaves) and kept is None and is_excitation(leaves[i][1], mid):
+        excitation, i = leaves[i], i + 1  # squeeze-excitation: kept, run in the fused module
     if i >= len(leaves) or not _is_pointwise(leaves[i][1], mid):
         return None
     pw = leaves[i][1]
@@ -320,14 +350,16 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int, backend: str):
     pw_weight, pw_bias = _fold(pw.weight, pw.bias, None if norm2 is None else norm2[1])
     act_name = None if activation is None else fused_activation(activation[1])
     geometry = (dw.stride, dw.padding, dw.dilation)
-    mid_norm, out_norm = (None if k is None else k[1] for k in (kept, kept_out))
+    mid_norm, out_norm, se = (None if k is None else k[1] for k in (kept, kept_out, excitation))
     weights = (dw_weight, dw_bias, pw_weight, pw_bias)
-    fused = FusedSeparableConv2d(dw.in_channels, *weights, *geometry, act_name, mid_norm=mid_norm, out_norm=out_norm)
+    norms = {"mid_norm": mid_norm, "out_norm": out_norm, "excitation": se}
+    fused = FusedSeparableConv2d(dw.in_channels, *weights, *geometry, act_name, **norms)
     fused.training = dw.training
     replaced = tuple(p for p, _ in leaves[start:i])
     folded = tuple(n[0] for n in (norm1, norm2) if n is not None)
     kept_paths = tuple(k[0] for k in (kept, kept_out) if k is not None)
-    return i, fused, Acceleration("fused separable", replaced, folded, act_name, kept_paths)
+    se_path = None if excitation is None else excitation[0]
+    return i, fused, Acceleration("fused separable", replaced, folded, act_name, kept_paths, se_path)
 
 
 # timm's blocks that run a separable chain from their own forward, recognised by qualified class name (timm is not
@@ -393,10 +425,13 @@ def _rewrite_timm_block(block: nn.Module, path: str, changes: list[Acceleration]
     dw, pw = part(dw_name), part(pw_name)
     if not (isinstance(dw, nn.Module) and _is_depthwise(dw) and isinstance(pw, nn.Module)):
         return
-    if not _is_pointwise(pw, dw.out_channels) or any(type(part(n)) is not nn.Identity for n in identities):
-        return
     norm1 = _norm_and_activation(part(norm1_name), dw.out_channels)
     kept = _batch_statistics_norm(part(norm1_name), dw.out_channels) if backend == "triton" and norm1 is None else None
+    se = getattr(block, "se", None) if "se" in identities else None
+    se = se if se is not None and kept is None and is_excitation(se, dw.out_channels) else None  # kept, run fused
+    others = [n for n in identities if not (n == "se" and se is not None)]
+    if not _is_pointwise(pw, dw.out_channels) or any(type(part(n)) is not nn.Identity for n in others):
+        return
     if kept is not None:  # training mode: kept in the fused module, its batch statistics folded in per call
         norm1 = (None, kept[1])
     act1 = part(act1_name) if type(part(act1_name)) is not nn.Identity else None
@@ -416,19 +451,21 @@ def _rewrite_timm_block(block: nn.Module, path: str, changes: list[Acceleration]
     act_name = None if activation is None else fused_activation(activation)
     geometry = (dw.stride, dw.padding, dw.dilation)
     weights, mid_norm = (dw_weight, dw_bias, pw_weight, pw_bias), None if kept is None else kept[0]
-    fused = FusedSeparableConv2d(dw.in_channels, *weights, *geometry, act_name, backend, mid_norm, kept_out)
+    fused = FusedSeparableConv2d(dw.in_channels, *weights, *geometry, act_name, backend, mid_norm, kept_out, se)
     fused.training = dw.training
     folded = tuple(name for name, norm in ((norm1_name, norm1[0]), (norm2_name, norm2)) if norm is not None)
     norm1_module = norm1[0] if kept is None else kept[0]
     absorbed = [name for name, m in ((norm1_name, norm1_module), (act1_name, act1), (pw_name, pw)) if m is not None]
     absorbed += [norm2_name] if norm2 is not None or kept_out is not None else []
+    absorbed += ["se"] if se is not None else []
     setattr(block, dw_name, fused)
     for name in absorbed:
         setattr(block, name, nn.Identity())
     replaced = tuple(_join(path, n) for n in (dw_name, *absorbed))
     batch_norms = tuple(_join(path, n) for n, k in ((norm1_name, kept), (norm2_name, kept_out)) if k is not None)
     folded_paths = tuple(_join(path, n) for n in folded)
-    changes.append(Acceleration("fused separable", replaced, folded_paths, act_name, batch_norms))
+    se_path = None if se is None else _join(path, "se")
+    changes.append(Acceleration("fused separable", replaced, folded_paths, act_name, batch_norms, se_path))
 
 
 @torch.no_grad()

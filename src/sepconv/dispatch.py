@@ -28,6 +28,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -234,13 +236,15 @@ def batch_norm_separable_forward(
     norm: nn.BatchNorm2d | None,
     activation: str | None,
     out_norm: nn.BatchNorm2d | None = None,
+    excitation: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``out_norm(pointwise(activation(norm(depthwise(input)))))`` on the fused kernel: an eval-mode ``norm`` with
     running statistics folded into the depthwise weights, any other (:func:`batch_norm_2d`) normalizing with the
     batch's statistics and updating its running ones as ``nn.BatchNorm2d.forward`` does (``num_batches_tracked``,
     ``momentum=None`` as a cumulative average); ``out_norm`` (a :func:`batch_norm_2d` after the 1x1 conv) in eval
     mode folded into the 1x1 conv, in training mode with its batch statistics from the fused kernel's epilogue
-    (:mod:`sepconv.kernels.output_norm`)."""
+    (:mod:`sepconv.kernels.output_norm`); ``excitation``: a squeeze-excitation's gate on the activation's channel
+    means (inference; :mod:`sepconv.kernels.excitation`; ``norm`` then in eval mode)."""
     from sepconv.kernels.separable import separable_conv2d
 
     out = None if out_norm is None else batch_norm_args(out_norm)
@@ -248,9 +252,10 @@ def batch_norm_separable_forward(
         if norm is not None:
             dw_weight, dw_bias = fold_batch_norm(dw_weight, dw_bias, norm)
         geometry = (stride, padding, dilation)
-        return separable_conv2d(
-            input, dw_weight, pw_weight, pw_bias, *geometry, dw_bias, mid_activation=activation, out_norm=out
-        )
+        options = {"mid_activation": activation, "out_norm": out, "excitation": excitation}
+        return separable_conv2d(input, dw_weight, pw_weight, pw_bias, *geometry, dw_bias, **options)
+    if excitation is not None:
+        raise ValueError("an excitation runs on the fused kernel for inference only, with an eval-mode norm")
     from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 
     mid = batch_norm_args(norm)

@@ -196,6 +196,22 @@ def depthwise_forward_kernel(
 
 
 @triton.jit
+def _mid_activation(mid, MID_ACT: tl.constexpr):
+    """relu | relu6 | hardswish | silu | gelu (codes 1-5, as ``separable.MID_ACTIVATIONS``) in the accumulator."""
+    if MID_ACT == 1:  # relu
+        mid = tl.maximum(mid, 0.0)
+    elif MID_ACT == 2:  # relu6
+        mid = tl.minimum(tl.maximum(mid, 0.0), 6.0)
+    elif MID_ACT == 3:  # hardswish: x·relu6(x + 3) / 6
+        mid = mid * tl.minimum(tl.maximum(mid + 3.0, 0.0), 6.0) / 6.0
+    elif MID_ACT == 4:  # silu: x·sigmoid(x)
+        mid = mid * tl.sigmoid(mid)
+    elif MID_ACT == 5:  # gelu (erf form): x·Φ(x)
+        mid = 0.5 * mid * (1.0 + tl.erf(mid * 0.7071067811865476))
+    return mid
+
+
+@triton.jit
 def depthwise_moments_kernel(
     x_ptr,
     w_ptr,
@@ -229,17 +245,23 @@ def depthwise_moments_kernel(
     STATIC_KW: tl.constexpr = 0,
     TILE_W: tl.constexpr = 0,
     EVEN_C: tl.constexpr = False,
+    MID_ACT: tl.constexpr = 0,
+    ROUND: tl.constexpr = False,
 ):
     """The forward's tile, reduced instead of stored: per channel, the sum of the tile's outputs and their
     squared deviations from the tile's mean (M2), at ``[n, pixel program, channel]`` of (N, P, C_OUT) buffers;
     the tile's pixel count at ``count_ptr[pixel program]`` (the same for every image and channel block).
-    Combined in a fixed order afterwards (Chan et al.'s pairwise formula): deterministic, no atomics."""
+    Combined in a fixed order afterwards (Chan et al.'s pairwise formula): deterministic, no atomics.
+    ``MID_ACT``: of the activated outputs; ``ROUND``: of the outputs rounded to x's dtype (as stored)."""
     n = tl.program_id(2).to(tl.int64)
     pid_p = tl.program_id(0)
     acc, _, _, p_ok, c, c_ok = _forward_tile(
         x_ptr, w_ptr, b_ptr, n, H, W, C_OUT, OH, OW, sxn, sxc, sxh, sxw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W,
         DIL_H, DIL_W, MULT, HAS_BIAS, ACC, BLOCK_P, BLOCK_C, STATIC_KH, STATIC_KW, TILE_W, EVEN_C,
     )  # fmt: skip
+    acc = _mid_activation(acc, MID_ACT)
+    if ROUND:
+        acc = acc.to(x_ptr.dtype.element_ty).to(ACC)
     count = tl.sum(p_ok.to(ACC), axis=0)
     total = tl.sum(tl.where(p_ok[:, None], acc, 0.0), axis=0)
     deviation = tl.where(p_ok[:, None], acc - (total / count)[None, :], 0.0)
@@ -626,6 +648,7 @@ def separable_forward_kernel(
     y_ptr,
     sum_ptr,
     m2_ptr,
+    scale_ptr,
     H,
     W,
     C_MID,
@@ -661,13 +684,16 @@ def separable_forward_kernel(
     STATIC_KH: tl.constexpr = 0,
     STATIC_KW: tl.constexpr = 0,
     STATS: tl.constexpr = False,
+    HAS_SCALE: tl.constexpr = False,
 ):
     """Fused depthwise + (relu | relu6 | hardswish | silu | gelu) + pointwise: per block of mid channels, the
     depthwise tile is computed in registers (``ACC``), activated, rounded to the input dtype (as PyTorch's block
     would store it) and multiplied into the pointwise block with ``tl.dot``; the intermediate never reaches
     memory. ``STATS``: a statistics epilogue for a BatchNorm after the pointwise conv — per output channel, the
     sum of the tile's stored outputs and their squared deviations from the tile's mean (M2) at ``[n, pixel
-    program, channel]`` of (N, P, C_OUT) buffers, as ``depthwise_moments_kernel`` stores them."""
+    program, channel]`` of (N, P, C_OUT) buffers, as ``depthwise_moments_kernel`` stores them. ``HAS_SCALE``: the
+    activated tile, rounded to x's dtype, times a per-image, per-channel scale (``scale_ptr``: (N, C_MID), x's
+    dtype; squeeze-excitation) before the pointwise product."""
     n = tl.program_id(2).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -688,16 +714,10 @@ def separable_forward_kernel(
         )  # fmt: skip
         if HAS_DW_BIAS:
             mid += tl.load(dwb_ptr + c, mask=c_ok, other=0.0).to(ACC)[None, :]
-        if MID_ACT == 1:  # relu
-            mid = tl.maximum(mid, 0.0)
-        elif MID_ACT == 2:  # relu6
-            mid = tl.minimum(tl.maximum(mid, 0.0), 6.0)
-        elif MID_ACT == 3:  # hardswish: x·relu6(x + 3) / 6
-            mid = mid * tl.minimum(tl.maximum(mid + 3.0, 0.0), 6.0) / 6.0
-        elif MID_ACT == 4:  # silu: x·sigmoid(x)
-            mid = mid * tl.sigmoid(mid)
-        elif MID_ACT == 5:  # gelu (erf form): x·Φ(x)
-            mid = 0.5 * mid * (1.0 + tl.erf(mid * 0.7071067811865476))
+        mid = _mid_activation(mid, MID_ACT)
+        if HAS_SCALE:  # as PyTorch's block: the stored activation times the stored scale, rounded again below
+            scale = tl.load(scale_ptr + n * C_MID + c, mask=c_ok, other=0.0).to(ACC)
+            mid = mid.to(y_ptr.dtype.element_ty).to(ACC) * scale[None, :]
         pw = tl.load(pw_ptr + o[None, :] * C_MID + c[:, None], mask=c_ok[:, None] & o_ok[None, :], other=0.0)
         mid_rounded = mid.to(y_ptr.dtype.element_ty)  # what PyTorch's depthwise conv would have stored
         pw = pw.to(y_ptr.dtype.element_ty)

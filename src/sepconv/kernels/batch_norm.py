@@ -150,6 +150,13 @@ def _moments(x, weight, bias, stride, padding, dilation) -> tuple[Tensor, Tensor
     """Per-channel mean and biased variance of the depthwise conv's output (float32, float64 for float64),
     without writing that output: each program of ``depthwise_moments_kernel`` reduces its tile to a sum and a
     sum of squared deviations, combined here in a fixed order."""
+    return combine_moments(*moment_parts(x, weight, bias, stride, padding, dilation))
+
+
+def moment_parts(x, weight, bias, stride, padding, dilation, activation: int = 0, rounded: bool = False):
+    """``(counts, sums, squares)``: the depthwise output's per-tile reductions (``depthwise_moments_kernel``), the
+    (P,) pixel counts and the (N, P, C·m) sums and squared deviations; of the output activated (``activation``, a
+    ``MID_ACTIVATIONS`` code) and, with ``rounded``, rounded to x's dtype as it would be stored."""
     out_h, out_w = output_size(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     channels, weight = weight.shape[0], weight.contiguous()
     tiles = _tiles(x, out_h * out_w, channels, weight.shape[2:])
@@ -176,9 +183,11 @@ def _moments(x, weight, bias, stride, padding, dilation) -> tuple[Tensor, Tensor
             weight.shape[3],
             *_geometry(stride, padding, dilation),
             channels // x.shape[1],
+            MID_ACT=activation,
+            ROUND=rounded,
             **direct_launch_options(x, weight, bias, tiles),
         )
-    return combine_moments(counts, sums, squares)
+    return counts, sums, squares
 
 
 def _train_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation,

@@ -20,7 +20,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -74,6 +74,7 @@ def separable_conv2d(
     mid_activation: str | None = None,
     *,
     out_norm: BatchNormArgs | None = None,
+    excitation: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``F.conv2d(act(F.conv2d(x, dw_weight, dw_bias, stride, padding, dilation, groups=C)), pw_weight, pw_bias)``.
 
@@ -86,6 +87,10 @@ def separable_conv2d(
     :class:`~sepconv.kernels.BatchNormArgs`; ``x`` batched). In training mode its batch statistics come from the
     fused kernel's statistics epilogue (:mod:`sepconv.kernels.output_norm`); in eval mode it is folded into the
     1x1 conv.
+
+    ``excitation``: squeeze-excitation between the activation and the 1x1 conv, ``pw(a * excitation(a.mean((2, 3),
+    keepdim=True)))`` (e.g. the SE module's small convs and gate on the (N, C·m, 1, 1) means); inference only
+    (:mod:`sepconv.kernels.excitation`), with an eval-mode ``out_norm`` at most.
     """
     x, tensors, geometry, unbatched = prepare_call(
         x, (dw_weight, dw_bias, pw_weight, pw_bias), stride, padding, dilation
@@ -96,6 +101,17 @@ def separable_conv2d(
         raise ValueError(f"mid_activation must be one of {MID_ACTIVATIONS}; got {mid_activation!r}")
     activation = MID_ACTIVATIONS.index(mid_activation)
     args = (x, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, activation)
+    if excitation is not None:
+        from sepconv.kernels.excitation import separable_with_excitation
+        from sepconv.kernels.output_norm import as_output_norm, fold_output_norm
+
+        if out_norm is not None:
+            norm = as_output_norm(out_norm, pw_weight.shape[0], x, unbatched)
+            if norm.training:
+                raise ValueError("out_norm must be in eval mode (training=False) with an excitation (inference only)")
+            pw_weight, pw_bias = fold_output_norm(pw_weight, pw_bias, norm)
+        y = separable_with_excitation((x, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, activation), excitation)
+        return y.squeeze(0) if unbatched else y
     if out_norm is not None:
         from sepconv.kernels.output_norm import as_output_norm, separable_with_output_norm
 
@@ -159,10 +175,15 @@ def fuses(c_out: int, kernel_size: Sequence[int]) -> bool:
     return (repeats - 1) * kernel_size[0] * kernel_size[1] <= MAX_REPEATED_TAPS
 
 
-def _forward_unfused(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation) -> Tensor:
-    """The separable conv as our depthwise kernel, the activation, then the 1x1 conv as a matrix product (full
-    fp32 products under PyTorch's default matmul precision); the output in ``x``'s memory format."""
+def _forward_unfused(
+    x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation, scale=None
+) -> Tensor:
+    """The separable conv as our depthwise kernel, the activation (times ``scale``, (N, C·m)), then the 1x1 conv
+    as a matrix product (full fp32 products under PyTorch's default matmul precision); the output in ``x``'s
+    memory format."""
     mid = _activate(_depthwise_forward(x, dw_weight, dw_bias, stride, padding, dilation), activation)
+    if scale is not None:
+        mid = mid * scale[:, :, None, None]
     if _memory_format(mid) == torch.channels_last:  # (N, H, W, C) rows times the weight, read as a view
         return F.linear(mid.permute(0, 2, 3, 1), pw_weight.flatten(1), pw_bias).permute(0, 3, 1, 2)
     return pointwise_matmul(mid, pw_weight, pw_bias)
@@ -180,14 +201,17 @@ def _forward(
     activation,
     tiles: SeparableTiles | None = None,
     statistics: bool = False,
+    scale: Tensor | None = None,
 ):
     """The separable conv's output; with ``statistics``, ``(y, mean, var)``: also the per-channel mean and biased
     variance of ``y`` as stored (float32, float64 for float64), from the fused kernel's statistics epilogue (for
-    a BatchNorm after the 1x1 conv: ``y`` is not read again for them)."""
+    a BatchNorm after the 1x1 conv: ``y`` is not read again for them). ``scale``: (N, C·m) in x's dtype, applied
+    to the activated intermediate (squeeze-excitation)."""
     out_h, out_w = output_size(x.shape[-2:], dw_weight.shape[-2:], stride, padding, dilation)
     c_mid, c_out = dw_weight.shape[0], pw_weight.shape[0]
     if tiles is None and not fuses(c_out, dw_weight.shape[2:]):
-        y = _forward_unfused(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation)
+        geometry = (stride, padding, dilation)
+        y = _forward_unfused(x, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, activation, scale)
         return (y, *output_moments(y)) if statistics else y
     y = torch.empty((x.shape[0], c_out, out_h, out_w), dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
     if y.numel() == 0:
@@ -198,7 +222,8 @@ def _forward(
     compute = torch.promote_types(x.dtype, torch.float32)
     parts = (torch.empty(x.shape[0], programs, c_out, dtype=compute, device=x.device) for _ in range(2))
     sums, squares = parts if statistics else (y, y)  # y: an unused pointer
-    for xs, ys, sums_part, squares_part in _batch_chunks(x, y, sums, squares):
+    scales = y if scale is None else scale.contiguous()  # y: an unused pointer
+    for xs, ys, sums_part, squares_part, scales_part in _batch_chunks(x, y, sums, squares, scales):
         grid = (programs, triton.cdiv(c_out, tiles.block_o), ys.shape[0])
         separable_forward_kernel[grid](
             xs,
@@ -209,6 +234,7 @@ def _forward(
             ys,
             sums_part,
             squares_part,
+            scales_part,
             x.shape[2],
             x.shape[3],
             c_mid,
@@ -232,6 +258,7 @@ def _forward(
             BLOCK_C=tiles.block_c,
             BLOCK_O=tiles.block_o,
             STATS=statistics,
+            HAS_SCALE=scale is not None,
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
             **_static_taps(tiles, dw_weight.shape[2:]),
