@@ -473,7 +473,9 @@ def separable_se_row(name, channels, size, out, kernel, stride, batch, dtype_nam
 
 def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: str, dtype, compile_: set[str]):
     """Inference (eval, no_grad) and a training step (SGD) of a torchvision model: eager, accelerate, and
-    compile for the modes in ``compile_``."""
+    compile for the modes in ``compile_``; on CUDA also ``accelerate_triton`` (``backend="triton"``: every chain on
+    the fused kernel, training-mode BatchNorms and squeeze-excitations included), with its output's error against
+    eager's (inference)."""
     rows = []
     for mode in ("inference", "training"):
         torch._dynamo.reset()
@@ -485,6 +487,8 @@ def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: s
             variants["compile"] = torch.compile(base)
         if changes:
             variants["accelerate"] = accelerated
+        if changes and device == "cuda":  # the interpreter would take minutes on a CPU
+            variants["accelerate_triton"], triton_changes = sepconv.accelerate(base, backend="triton")
         x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
         row: dict[str, Any] = {
             "section": "models",
@@ -496,6 +500,12 @@ def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: s
             "layout": "nhwc",
             "accelerate_changes": [f"{c.kind}: {c.replaced[0]}" for c in changes],
         }
+        if "accelerate_triton" in variants:
+            row["accelerate_triton_fused"] = sum(c.kind == "fused separable" for c in triton_changes)
+            if mode == "inference":
+                with torch.no_grad():
+                    got, want = variants["accelerate_triton"](x).float(), base(x).float()
+                row["max_rel_error_accelerate_triton_vs_eager"] = ((got - want).abs().max() / want.abs().max()).item()
         for variant, model in variants.items():
             if mode == "inference":
                 with torch.no_grad():

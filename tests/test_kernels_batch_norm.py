@@ -69,16 +69,21 @@ def check(cfg, dtype=torch.float64, atol=1e-10):
     for name, got, want in zip(("running_mean", "running_var"), ours_running, ref_running, strict=True):
         if want is not None:
             torch.testing.assert_close(got.double(), want, atol=atol, rtol=atol, msg=lambda m, n=name: f"{n}: {m}")
+    assert_gradients_close(ours, expected, leaves, ref_leaves, NAMES, dtype, atol)
+
+
+def assert_gradients_close(ours, expected, leaves, ref_leaves, names, dtype, atol):
+    """The gradients of ``ours`` (in ``dtype``) for its non-None ``leaves`` against those of the float64
+    ``expected`` for ``ref_leaves``, under one random output gradient; one scale for all: a bias a norm removes
+    has gradient 0, what is computed of it is the rounding of sums of the larger gradients."""
     grad = torch.randn_like(expected)
     present = [i for i, t in enumerate(leaves) if t is not None]
     got = torch.autograd.grad(ours, [leaves[i] for i in present], grad.to(dtype))
     want = torch.autograd.grad(expected, [ref_leaves[i] for i in present], grad)
-    # one scale for all: the depthwise bias's gradient is 0 in training mode (the norm removes the bias), what is
-    # computed of it is the rounding of sums of the larger gradients
     scale = max(1.0, *(b.abs().max().item() for b in want))
     for i, a, b in zip(present, got, want, strict=True):
-        assert a.dtype == dtype and a.shape == b.shape, NAMES[i]
-        torch.testing.assert_close(a.double(), b, atol=atol * scale, rtol=0, msg=lambda m, n=NAMES[i]: f"grad {n}: {m}")
+        assert a.dtype == dtype and a.shape == b.shape, names[i]
+        torch.testing.assert_close(a.double(), b, atol=atol * scale, rtol=0, msg=lambda m, n=names[i]: f"grad {n}: {m}")
 
 
 @st.composite

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sepconv.kernels import BatchNormArgs, separable_conv2d
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.depthwise import resolve_padding_sides
-from test_kernels_batch_norm import _output_values
+from test_kernels_batch_norm import _output_values, assert_gradients_close
 from test_kernels_batch_norm import configs as mid_norm_configs
 from test_kernels_depthwise import DEVICE, layout
 
@@ -87,15 +87,7 @@ def check(cfg, dtype=torch.float64, atol=1e-10):
             if want is not None:
                 msg = lambda m, n=f"{which} {name}": f"{n}: {m}"  # noqa: E731
                 torch.testing.assert_close(got.double(), want, atol=atol, rtol=atol, msg=msg)
-    grad = torch.randn_like(expected)
-    present = [i for i, t in enumerate(leaves) if t is not None]
-    got = torch.autograd.grad(ours, [leaves[i] for i in present], grad.to(dtype))
-    want = torch.autograd.grad(expected, [ref_leaves[i] for i in present], grad)
-    # one scale for all: a bias the norm removes has gradient 0, what is computed of it is rounding of larger sums
-    scale = max(1.0, *(b.abs().max().item() for b in want))
-    for i, a, b in zip(present, got, want, strict=True):
-        assert a.dtype == dtype and a.shape == b.shape, NAMES[i]
-        torch.testing.assert_close(a.double(), b, atol=atol * scale, rtol=0, msg=lambda m, n=NAMES[i]: f"grad {n}: {m}")
+    assert_gradients_close(ours, expected, leaves, ref_leaves, NAMES, dtype, atol)
 
 
 @st.composite

@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 import triton
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from sepconv.folding import fold_statistics
 from sepconv.kernels._depthwise_triton import depthwise_moments_kernel
@@ -47,6 +46,7 @@ from sepconv.kernels.depthwise import (
     _grad_input,
     _grad_weight,
     _tiles,
+    differentiable,
     direct_launch_options,
     output_size,
     prepare_call,
@@ -289,22 +289,6 @@ def _train_backward(ctx, grad, *_statistics_grads):
     return tuple(grads)
 
 
-# once_differentiable: the backward kernels have no backward of their own (a double backward raises)
-_train_op.register_autograd(once_differentiable(_train_backward), setup_context=_train_setup_context)
-
-
-class _SeparableBatchNorm(torch.autograd.Function):
-    """The training op's autograd without the dispatcher, for plain-eager calls
-    (:func:`~sepconv.kernels.depthwise.run_op`)."""
-
-    @staticmethod
-    def compute(*inputs):
-        return _train_forward(*inputs)
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _train_forward(*inputs)
-        _train_setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(once_differentiable(_train_backward))
+_SeparableBatchNorm = differentiable(
+    _train_op, "_SeparableBatchNorm", _train_forward, _train_setup_context, _train_backward
+)

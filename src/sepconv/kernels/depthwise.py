@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -196,6 +197,33 @@ def run_op(op: Any, function: type[torch.autograd.Function], args: tuple, tensor
 def run_kernel(op: Any, kernel: Any, args: tuple, tensors: Sequence[Tensor | None]) -> Any:
     """``op(*args)``, or ``kernel(*args)`` directly for :func:`plain_eager` calls (backward helpers)."""
     return kernel(*args) if plain_eager(tensors) else op(*args)
+
+
+def differentiable(
+    op: Any, name: str, compute: Callable, setup_context: Callable, backward: Callable
+) -> type[torch.autograd.Function]:
+    """Register ``backward`` as custom op ``op``'s autograd (with ``setup_context``), and return the same
+    computation as an ``autograd.Function`` named ``name`` for :func:`run_op`'s plain-eager calls: ``compute`` is
+    the op without autograd; its ``forward`` takes ``ctx`` (no separate ``setup_context``: ``apply`` then skips
+    binding the arguments to the forward's signature, ~23 of the ~50 us of Python a call with gradients costs on a
+    CPU). Both use ``once_differentiable(backward)``: our backward kernels have no backward of their own, so a
+    double backward (e.g. a gradient penalty) raises instead of treating the first gradients as constants."""
+    backward = once_differentiable(backward)
+    op.register_autograd(backward, setup_context=setup_context)
+
+    def forward(ctx, *inputs):  # the op's arguments
+        output = compute(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    body = {
+        "__doc__": "A custom op's autograd without the dispatcher (``run_op``); ``compute``: the op without autograd.",
+        "__module__": compute.__module__,
+        "compute": staticmethod(compute),
+        "forward": staticmethod(forward),
+        "backward": staticmethod(backward),
+    }
+    return types.new_class(name, (torch.autograd.Function,), exec_body=lambda namespace: namespace.update(body))
 
 
 def prepare_call(
@@ -711,26 +739,4 @@ def _backward(ctx, grad):
     return grad_x, grad_weight, grad_bias, None, None, None
 
 
-# once_differentiable here as on the plain-eager path (the Function below): a double backward through the op
-# (under a dispatch or function mode) raises too, instead of treating the first gradients as constants
-_depthwise_conv2d_op.register_autograd(once_differentiable(_backward), setup_context=_setup_context)
-
-
-class _DepthwiseConv2d(torch.autograd.Function):
-    """The custom op's autograd, callable without the dispatcher (:func:`run_op`); ``compute`` is the op without
-    autograd. ``forward`` takes ``ctx`` (no separate ``setup_context``): ``apply`` then skips binding the
-    arguments to the forward's signature, ~23 of the ~50 us of Python a call with gradients costs on a CPU."""
-
-    @staticmethod
-    def compute(x, weight, bias, stride, padding, dilation):  # the op's computation, without autograd
-        return _forward(x, weight, bias, stride, padding, dilation)
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation):  # the op's arguments (no launch configuration)
-        y = _forward(x, weight, bias, stride, padding, dilation)
-        _setup_context(ctx, (x, weight, bias, stride, padding, dilation), y)
-        return y
-
-    # once_differentiable: our backward kernels have no backward of their own, so a double backward (e.g. a
-    # gradient penalty) raises instead of treating the first gradients as constants
-    backward = staticmethod(once_differentiable(_backward))
+_DepthwiseConv2d = differentiable(_depthwise_conv2d_op, "_DepthwiseConv2d", _forward, _setup_context, _backward)

@@ -28,10 +28,9 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from sepconv.folding import fold_statistics
-from sepconv.kernels.depthwise import _GEOMETRY, _memory_format, output_size, run_op
+from sepconv.kernels.depthwise import _GEOMETRY, _memory_format, differentiable, output_size, run_op
 from sepconv.kernels.separable import _backward, _forward, _SeparableConv2d, _setup_context
 
 __all__ = ["BatchNormArgs"]
@@ -154,7 +153,7 @@ def normalize(y: Tensor, mean: Tensor, var: Tensor, norm: BatchNormArgs) -> Tens
     f"{_GEOMETRY}, int activation) -> (Tensor, Tensor, Tensor)",
 )
 def _statistics_op(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation):
-    return _forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation, statistics=True)
+    return _statistics_forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation)
 
 
 @_statistics_op.register_fake
@@ -175,23 +174,13 @@ def _statistics_backward(ctx, grad, _grad_mean=None, _grad_var=None):
     return _backward(ctx, grad)
 
 
-_statistics_op.register_autograd(once_differentiable(_statistics_backward), setup_context=_statistics_setup_context)
+def _statistics_forward(*inputs):
+    return _forward(*inputs, statistics=True)
 
 
-class _SeparableStatistics(torch.autograd.Function):
-    """The statistics op's autograd without the dispatcher (:func:`~sepconv.kernels.depthwise.run_op`)."""
-
-    @staticmethod
-    def compute(*inputs):
-        return _forward(*inputs, statistics=True)
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(*inputs, statistics=True)
-        _statistics_setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(once_differentiable(_statistics_backward))
+_SeparableStatistics = differentiable(
+    _statistics_op, "_SeparableStatistics", _statistics_forward, _statistics_setup_context, _statistics_backward
+)
 
 
 # ---- custom op sepconv::batch_norm_with_statistics: training-mode BatchNorm given the batch's statistics ----
@@ -243,20 +232,6 @@ def _normalize_backward(ctx, grad):
     return grad_y, None, None, grad_weight, grad_bias, None
 
 
-_normalize_op.register_autograd(once_differentiable(_normalize_backward), setup_context=_normalize_setup_context)
-
-
-class _NormalizeWithStatistics(torch.autograd.Function):
-    """The normalize op's autograd without the dispatcher (:func:`~sepconv.kernels.depthwise.run_op`)."""
-
-    @staticmethod
-    def compute(*inputs):
-        return _normalize(*inputs)
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _normalize(*inputs)
-        _normalize_setup_context(ctx, inputs, output)
-        return output
-
-    backward = staticmethod(once_differentiable(_normalize_backward))
+_NormalizeWithStatistics = differentiable(
+    _normalize_op, "_NormalizeWithStatistics", _normalize, _normalize_setup_context, _normalize_backward
+)

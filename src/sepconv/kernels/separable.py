@@ -28,7 +28,6 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from sepconv.cpu_pointwise import pointwise_matmul
 from sepconv.kernels._depthwise_triton import separable_forward_kernel
@@ -43,6 +42,7 @@ from sepconv.kernels.depthwise import (
     _grad_weight,
     _memory_format,
     _static_taps,
+    differentiable,
     interpreting,
     output_size,
     prepare_call,
@@ -383,26 +383,4 @@ def _activation_backward(grad: Tensor, pre: Tensor, activation: int, out: Tensor
     return aten.gelu_backward.grad_input(grad, pre, approximate="none", grad_input=out)
 
 
-# once_differentiable here as on the plain-eager path (the Function below): a double backward through the op
-# (under a dispatch or function mode) raises too, instead of treating the first gradients as constants
-_separable_conv2d_op.register_autograd(once_differentiable(_backward), setup_context=_setup_context)
-
-
-class _SeparableConv2d(torch.autograd.Function):
-    """The custom op's autograd, callable without the dispatcher (:func:`~sepconv.kernels.depthwise.run_op`);
-    ``compute`` is the op without autograd. ``forward`` takes ``ctx``, as ``_DepthwiseConv2d``'s does (cheaper
-    ``apply``)."""
-
-    @staticmethod
-    def compute(*inputs):  # the op's arguments; its computation without autograd
-        return _forward(*inputs)
-
-    @staticmethod
-    def forward(ctx, *inputs):  # the op's arguments
-        y = _forward(*inputs)
-        _setup_context(ctx, inputs, y)
-        return y
-
-    # once_differentiable: our backward kernels have no backward of their own, so a double backward (e.g. a
-    # gradient penalty) raises instead of treating the first gradients as constants
-    backward = staticmethod(once_differentiable(_backward))
+_SeparableConv2d = differentiable(_separable_conv2d_op, "_SeparableConv2d", _forward, _setup_context, _backward)
