@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import sepconv
 
-COMMANDS = ("demo", "analyze", "convert", "train", "tune")
+COMMANDS = ("demo", "analyze", "convert", "train", "tune", "accelerate")
 
 
 class UsageError(Exception):

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    device = _device(args.device) if args.measure else "cpu"
+    device = parse_device(args.device) if args.measure else "cpu"
     model = _build(args.spec, args.weights, args.ranks, real=args.measure or args.weights is not None)
     model.train(args.backward)
     report = analyze(
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device(name: str) -> torch.device:
+def parse_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as error:

@@ -1,0 +1,58 @@
+"""`sepconv accelerate`: the changes listed (as JSON and as a table) against the models' known structure, the
+outputs check, and the error paths (one line, exit status 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torchvision
+
+from sepconv.cli import main
+
+
+def test_json_lists_every_efficientnet_block_with_its_squeeze_excitation(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["accelerate", "torchvision:efficientnet_b0", "--format", "json", "--check", "1,3,64,64"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    model = torchvision.models.efficientnet_b0()
+    blocks = [f"features.{i}.{j}" for i, stage in enumerate(model.features) for j, block in enumerate(stage)
+              if type(block).__name__ == "MBConv"]  # fmt: skip
+    assert len(blocks) == 16 and len(data["changes"]) == 16
+    for block, change in zip(blocks, data["changes"], strict=True):
+        # the depthwise Conv2dNormActivation is the block's first (no expansion) or second Sequential
+        assert change["kind"] == "fused separable" and change["activation"] == "silu"
+        assert change["excitation"].startswith(f"{block}.block.") and change["replaced"][0].startswith(block)
+        assert len(change["folded_norms"]) == 2 and change["batch_norms"] == []
+    assert 0 <= data["max_relative_difference"] < 1e-5  # BatchNorm folding reorders products: float32 rounding
+
+
+def test_table_in_training_mode_lists_the_kept_norms(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["accelerate", "torchvision:mobilenet_v2", "--train", "--backend", "triton"]) == 0
+    table = capsys.readouterr().out
+    assert "17 chains fused, 0 depthwise convs routed" in table
+    rows = [line for line in table.splitlines() if "fused separable" in line]
+    assert len(rows) == 17 and all(line.split("│")[5].strip() == "2" for line in rows)  # both norms kept
+
+
+def test_check_in_training_mode_uses_the_same_random_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    """Training mode: dropout and batch statistics; both models see the same input and dropout mask."""
+    torch.manual_seed(0)
+    assert main(["accelerate", "torchvision:mobilenet_v2", "--train", "--check", "2,3,32,32", "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["training"] and [c["kind"] for c in data["changes"]] == ["depthwise"] * 17  # auto: not fused
+    assert data["max_relative_difference"] < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["resnet18"], "model spec must look like"),
+        (["torchvision:mobilenet_v2", "--check", "1,3"], "--check must be an image batch's shape N,C,H,W"),
+        (["torchvision:mobilenet_v2", "--device", "nope"], "is not a device name"),
+    ],
+)
+def test_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    assert main(["accelerate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
