@@ -21,6 +21,10 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
   statistics): ``sepconv.kernels.separable_conv2d_batch_norm`` with ``out_norm`` vs eager and compile;
 - ``separable_se``: EfficientNet-B0's blocks for inference (dw -> SiLU -> squeeze-excitation -> 1x1): ours
   ``separable_conv2d(excitation=...)`` vs eager (torchvision's ``SqueezeExcitation``) and compile, forward only;
+- ``separable_se_train``: the same EfficientNet-B0 blocks in training, dw -> BatchNorm -> SiLU -> squeeze-excitation
+  -> 1x1 -> BatchNorm (batch statistics): ours ``separable_conv2d_batch_norm(excitation=ExcitationArgs(...),
+  out_norm=...)`` (one op, one depthwise backward) vs eager and compile, forward and forward+backward, with every
+  gradient's error;
 - ``models``: torchvision mobilenet_v2 and efficientnet_b0 eager, compiled and through ``sepconv.accelerate``,
   and resnet18; inference (eval) and an SGD training step, bf16 channels_last, batch 64 and 1;
 - ``memory floor`` = bytes that must move / copy bandwidth measured in this run: forward reads x and
@@ -68,6 +72,7 @@ from sepconv.kernels import depthwise as depthwise_module
 from sepconv.kernels import separable as separable_module
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.depthwise import depthwise_conv2d
+from sepconv.kernels.differentiable_excitation import ExcitationArgs
 from sepconv.kernels.output_norm import BatchNormArgs
 from sepconv.kernels.separable import separable_conv2d
 from sepconv.squeeze_excitation import excitation_scale
@@ -114,7 +119,7 @@ MODELS = [
     ("efficientnet_b0", torchvision.models.efficientnet_b0, 224),
 ]
 QUICK_MODELS = [("mobilenet_v2 x0.35", functools.partial(torchvision.models.mobilenet_v2, width_mult=0.35), 32)]
-SECTIONS = ("depthwise", "kernel_sizes", "separable", "separable_bn", "separable_se", "models")
+SECTIONS = ("depthwise", "kernel_sizes", "separable", "separable_bn", "separable_se", "separable_se_train", "models")
 # depthwise rows with kernels this size and up also time the experimental backward variants
 EXPERIMENTAL_BACKWARD_MIN_KERNEL = 5  # FFT weight gradient
 FLIPPED_GRAD_INPUT_MIN_KERNEL = 9  # + input gradient by our forward kernel (stride 1)
@@ -471,6 +476,68 @@ def separable_se_row(name, channels, size, out, kernel, stride, batch, dtype_nam
     return row
 
 
+def separable_se_train_row(
+    name, channels, size, out, kernel, stride, batch, dtype_name, layout_name, *, device, compile_
+):
+    """EfficientNet-B0's block in training: depthwise -> BatchNorm -> SiLU -> squeeze-excitation -> 1x1 ->
+    BatchNorm, both norms with batch statistics (float32 parameters and running statistics, as under autocast).
+    Ours: ``separable_conv2d_batch_norm`` with ``excitation=ExcitationArgs(...)`` and ``out_norm`` (three passes
+    over x forward; backward recomputes the depthwise output once, one depthwise backward); eager: torchvision's
+    order (``F.batch_norm``, SiLU in place, ``SqueezeExcitation``'s ops)."""
+    dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout_name]
+    pad, squeezed = kernel // 2, max(1, channels // 24)
+    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    dw = (torch.randn(channels, 1, kernel, kernel, device=device) / kernel).to(dtype)
+    pw = (torch.randn(out, channels, 1, 1, device=device) / channels**0.5).to(dtype)
+    reduce = (torch.randn(squeezed, channels, 1, 1, device=device) / channels**0.5).to(dtype)
+    expand = (torch.randn(channels, squeezed, 1, 1, device=device) / squeezed**0.5).to(dtype)
+    se_biases = [torch.zeros(n, device=device, dtype=dtype) for n in (squeezed, channels)]
+    affine = [torch.rand(n, device=device) + 0.5 for n in (channels, out)]
+    affine += [torch.randn(n, device=device) / 10 for n in (channels, out)]
+    stats = {
+        impl: [(torch.zeros(n, device=device), torch.ones(n, device=device)) for n in (channels, out)] for impl in IMPLS
+    }
+
+    def ours(x, dw, pw, reduce, reduce_bias, expand, expand_bias, gamma, out_gamma, beta, out_beta):
+        mid, after = stats["ours"]
+        return separable_conv2d_batch_norm(
+            x, dw, pw, None, stride, pad, 1, None, "silu", running_mean=mid[0], running_var=mid[1],
+            norm_weight=gamma, norm_bias=beta, training=True,
+            out_norm=BatchNormArgs(*after, out_gamma, out_beta, training=True),
+            excitation=ExcitationArgs(reduce, reduce_bias, expand, expand_bias, "silu", "sigmoid"),
+        )  # fmt: skip
+
+    def eager(x, dw, pw, reduce, reduce_bias, expand, expand_bias, gamma, out_gamma, beta, out_beta):
+        mid, after = stats["eager"]
+        normalized = F.batch_norm(F.conv2d(x, dw, None, stride, pad, 1, channels), *mid, gamma, beta, True)
+        a = F.silu(normalized, inplace=True)
+        scale = torch.sigmoid(F.conv2d(F.silu(F.conv2d(a.mean((2, 3), keepdim=True), reduce, reduce_bias)), expand,
+                                       expand_bias))  # fmt: skip
+        return F.batch_norm(F.conv2d(a * scale, pw), *after, out_gamma, out_beta, True)
+
+    impls: dict[str, Callable] = {"ours": ours, "eager": eager}
+    if compile_:
+        torch._dynamo.reset()
+        impls["compile"] = torch.compile(eager, dynamic=False)
+    inputs = tuple(
+        t.detach().requires_grad_() for t in (x, dw, pw, reduce, se_biases[0], expand, se_biases[1], *affine)
+    )
+    y = eager(*inputs)
+    grad = torch.randn_like(y)
+    got, want = torch.autograd.grad(ours(*inputs), inputs, grad), torch.autograd.grad(y, inputs, grad)
+    names = ("x", "dw", "pw", "reduce", "reduce_bias", "expand", "expand_bias", "gamma", "out_gamma", "beta",
+             "out_beta")  # fmt: skip
+    grad_errors = {  # relative to the largest eager entry
+        f"max_rel_error_grad_{name}_vs_eager": ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        for name, a, b in zip(names, got, want, strict=True)
+    }
+    shape = (name, channels, size, out, kernel, stride, batch, dtype_name, layout_name)
+    row = _block_row("separable_se_train", shape, x, y) | grad_errors
+    row["max_abs_error_vs_eager"] = (ours(*inputs).float() - y.float()).abs().max().item()
+    time_passes(row, impls, inputs, dict.fromkeys(impls, inputs), grad, device, graphs=dtype_name == "bf16")
+    return row
+
+
 def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: str, dtype, compile_: set[str]):
     """Inference (eval, no_grad) and a training step (SGD) of a torchvision model: eager, accelerate, and
     compile for the modes in ``compile_``; on CUDA also ``accelerate_triton`` (``backend="triton"``: every chain on
@@ -647,11 +714,15 @@ def main() -> None:
                 row["section"] = section
                 add_floors(row, bandwidth, fmas)
                 emit(row)
-        elif section in ("separable", "separable_bn", "separable_se"):
+        elif section in ("separable", "separable_bn", "separable_se", "separable_se_train"):
             shapes, make_row = {
                 "separable": (QUICK_SEPARABLE_SHAPES if args.quick else SEPARABLE_SHAPES, separable_row),
                 "separable_bn": (QUICK_SEPARABLE_BN_SHAPES if args.quick else SEPARABLE_BN_SHAPES, separable_bn_row),
                 "separable_se": (QUICK_SEPARABLE_SE_SHAPES if args.quick else SEPARABLE_SE_SHAPES, separable_se_row),
+                "separable_se_train": (
+                    QUICK_SEPARABLE_SE_SHAPES if args.quick else SEPARABLE_SE_SHAPES,
+                    separable_se_train_row,
+                ),
             }[section]
             for (batch, dtype, layout), (name, c, h, o, k, s, big) in itertools.product(combos, shapes):
                 if time.perf_counter() > deadline:

@@ -8,7 +8,9 @@ caching allocator's peak instead. Shapes: DESIGN.md §2's separable blocks at th
 (``kernels.SEPARABLE_SHAPES``: 64, RepLKNet's 32), fp32, channels_last, with between the convs nothing, a
 ReLU6, or a training-mode BatchNorm and a ReLU6 (ours ``separable_conv2d_batch_norm``, eager ``F.batch_norm``
 then an in-place ReLU6 as torchvision's), and that with a training-mode BatchNorm after the 1x1 conv too
-(MobileNetV2's block in training; ours ``out_norm``).
+(MobileNetV2's block in training; ours ``out_norm``), and EfficientNet's block in training: BatchNorm, SiLU and a
+squeeze-excitation between the convs, BatchNorm after (ours ``excitation=ExcitationArgs(...)``; eager as
+torchvision's ``SqueezeExcitation`` computes it, squeezed to a 24th of the depthwise conv's channels).
 
     python benchmarks/training_memory.py              # writes benchmarks/results/training_memory.{json,png}
     python benchmarks/training_memory.py --quick --out /tmp
@@ -36,13 +38,20 @@ from sepconv.kernels import batch_norm as batch_norm_module
 from sepconv.kernels import depthwise as depthwise_module
 from sepconv.kernels import separable as separable_module
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
+from sepconv.kernels.differentiable_excitation import ExcitationArgs
 from sepconv.kernels.output_norm import BatchNormArgs
 from sepconv.kernels.separable import separable_conv2d
 from sepconv.memory import peak_live_bytes
 
 QUICK_SHAPES = [("tiny 8x6->4", 8, 6, 4, 3, 1, 2)]
-# (activation, training-mode BatchNorm before it, training-mode BatchNorm after the 1x1 conv)
-MIDS = ((None, False, False), ("relu6", False, False), ("relu6", True, False), ("relu6", True, True))
+# (activation, training-mode BatchNorm before it, training-mode BatchNorm after the 1x1 conv, squeeze-excitation)
+MIDS = (
+    (None, False, False, False),
+    ("relu6", False, False, False),
+    ("relu6", True, False, False),
+    ("relu6", True, True, False),
+    ("silu", True, True, True),
+)
 _KERNELS = {
     depthwise_module: ("depthwise_forward_kernel", "depthwise_grad_input_kernel", "depthwise_grad_weight_kernel"),
     separable_module: ("separable_forward_kernel",),
@@ -58,7 +67,7 @@ class _NoLaunch:
 
 
 def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, *mids) -> dict:
-    activation, norm, out_norm = mids  # one of MIDS
+    activation, norm, out_norm, excitation = mids  # one of MIDS
     x = torch.randn(batch, c, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
     dw = torch.randn(c, 1, k, k, requires_grad=True)
     pw = torch.randn(o, c, 1, 1, requires_grad=True)
@@ -69,8 +78,16 @@ def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, *mid
     stats = {impl: (torch.zeros(c), torch.ones(c)) for impl in ("ours", "eager")}
     out_stats = {impl: (torch.zeros(o), torch.ones(o)) for impl in ("ours", "eager")}
     out_gamma, out_beta = torch.ones(o, requires_grad=True), torch.zeros(o, requires_grad=True)
+    squeezed = max(1, c // 24)
+    reduce, expand = (
+        torch.randn(squeezed, c, 1, 1, requires_grad=True),
+        torch.randn(c, squeezed, 1, 1, requires_grad=True),
+    )
+    se_biases = torch.zeros(squeezed, requires_grad=True), torch.zeros(c, requires_grad=True)
     leaves = (x, dw, pw, gamma, beta) if norm else (x, dw, pw)
     leaves += (out_gamma, out_beta) if out_norm else ()
+    leaves += (reduce, expand, *se_biases) if excitation else ()
+    gate = ExcitationArgs(reduce, se_biases[0], expand, se_biases[1], "silu", "sigmoid") if excitation else None
 
     def ours():
         after = BatchNormArgs(*out_stats["ours"], out_gamma, out_beta, training=True) if out_norm else None
@@ -78,6 +95,7 @@ def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, *mid
             y = separable_conv2d_batch_norm(
                 x, dw, pw, None, stride, k // 2, 1, None, activation, running_mean=stats["ours"][0],
                 running_var=stats["ours"][1], norm_weight=gamma, norm_bias=beta, training=True, out_norm=after,
+                excitation=gate,
             )  # fmt: skip
         else:
             y = separable_conv2d(x, dw, pw, None, stride, k // 2, mid_activation=activation)
@@ -86,7 +104,13 @@ def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, *mid
     def eager():  # no local names for the intermediates: autograd frees them as the step goes
         if norm:  # torchvision's Conv2dNormActivation: BatchNorm2d, then ReLU6(inplace=True)
             normalized = F.batch_norm(F.conv2d(x, dw, None, stride, k // 2, 1, c), *stats["eager"], gamma, beta, True)
-            y = F.conv2d(F.relu6(normalized, inplace=True), pw)
+            if excitation:  # torchvision's MBConv: SiLU in place, then SqueezeExcitation's ops
+                a = F.silu(normalized, inplace=True)
+                hidden = F.silu(F.conv2d(a.mean((2, 3), keepdim=True), reduce, se_biases[0]))
+                y = F.conv2d(a * torch.sigmoid(F.conv2d(hidden, expand, se_biases[1])), pw)
+                del a, hidden
+            else:
+                y = F.conv2d(F.relu6(normalized, inplace=True), pw)
             del normalized
             if out_norm:
                 y = F.batch_norm(y, *out_stats["eager"], out_gamma, out_beta, True)
@@ -102,6 +126,7 @@ def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, *mid
         "activation": activation,
         "mid_norm": "batch norm (training)" if norm else None,
         "out_norm": "batch norm (training)" if out_norm else None,
+        "excitation": "squeeze-excitation" if excitation else None,
         "fused": separable_module.fuses(o, (k, k)),
         "intermediate_bytes": intermediate,
         "output_bytes": batch * o * out * out * 4,
@@ -118,7 +143,8 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    parts = lambda r: ("bn" if r.get("mid_norm") else None, r["activation"], "1x1+bn" if r.get("out_norm") else None)  # noqa: E731
+    parts = lambda r: ("bn" if r.get("mid_norm") else None, r["activation"], "se" if r.get("excitation") else None,  # noqa: E731
+                       "1x1+bn" if r.get("out_norm") else None)  # fmt: skip
     mids = lambda r: "+".join(filter(None, parts(r))) or "nothing"  # noqa: E731
     labels = [f"{r['shape']} b{r['batch']} {mids(r)}" for r in rows]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))

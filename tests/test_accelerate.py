@@ -92,8 +92,8 @@ def test_efficientnet_b0_fuses_every_block_with_its_squeeze_excitation():
     """efficientnet_b0: a SqueezeExcitation sits between every depthwise and pointwise conv; each of the 16 blocks
     becomes a fused chain that keeps it (both BatchNorms folded, SiLU fused). Inference outputs equal the
     original's on PyTorch's convs, and on the Triton kernels for its first stages (the interpreter is slow); in
-    eval mode with gradients the fused module runs the squeeze-excitation as PyTorch does, and every gradient
-    equals the original's."""
+    eval mode with gradients too (the squeeze-excitation inside the fused kernel's op, differentiated there), and
+    every gradient equals the original's."""
     torch.manual_seed(0)
     model = randomize_norms(torchvision.models.efficientnet_b0()).eval()
     fast, changes = accelerate(model)
@@ -110,7 +110,7 @@ def test_efficientnet_b0_fuses_every_block_with_its_squeeze_excitation():
     with torch.no_grad():
         expected = stages(x)
         torch.testing.assert_close(fast(x), expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
-    got, want = fast(x), stages(x)  # gradients needed: PyTorch's squeeze-excitation in the fused module
+    got, want = fast(x), stages(x)  # gradients needed: the squeeze-excitation's too
     torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
     grad = torch.randn_like(want)
     first_se = stages[1][0].block[1]
@@ -118,6 +118,69 @@ def test_efficientnet_b0_fuses_every_block_with_its_squeeze_excitation():
     want_grads = torch.autograd.grad(want, [x, *first_se.parameters()], grad)
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
+
+
+def test_training_mode_efficientnet_b0_on_triton_fuses_the_whole_block_and_trains_as_the_original():
+    """Training mode, backend="triton": each MBConv block's chain (depthwise conv, BatchNorm with batch statistics,
+    SiLU, squeeze-excitation, 1x1 conv, BatchNorm) is one fused module with both norms and the squeeze-excitation
+    kept; outputs (same stochastic-depth draws), the gradients of every parameter of the chain (the
+    squeeze-excitation's included) and of the stem (which the input gradient of every block reaches), both norms'
+    running statistics and batch counts equal the original's; after .eval() the outputs too."""
+    torch.manual_seed(3)
+    model = randomize_norms(torchvision.models.efficientnet_b0()).features[:4].train().double()
+    fast, changes = accelerate(model, backend="triton")  # on CPU: Triton's interpreter
+    assert [c.kind for c in changes] == ["fused separable"] * 5
+    assert all(len(c.batch_norms) == 2 and c.excitation and c.activation == "silu" for c in changes)
+    fused = [m for m in fast.modules() if isinstance(m, FusedSeparableConv2d)]
+    blocks = [block.block for stage in model[1:] for block in stage]
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.manual_seed(4)  # the same stochastic-depth draws
+    expected = model(x)
+    torch.manual_seed(4)
+    got = fast(x)
+    torch.testing.assert_close(got, expected)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    for module, block in zip(fused, blocks, strict=True):
+        chain = block[-3:]  # Conv2dNormActivation(dw conv, BN, SiLU), SqueezeExcitation, Conv2dNormActivation(1x1, BN)
+        dw, norm, se, pw, out_norm = chain[0][0], chain[0][1], chain[1], chain[2][0], chain[2][1]
+        torch.testing.assert_close(module.dw_weight.grad, dw.weight.grad)
+        torch.testing.assert_close(module.pw_weight.grad, pw.weight.grad)
+        for kept, original in ((module.mid_norm, norm), (module.out_norm, out_norm), (module.excitation, se)):
+            for (name, a), b in zip(kept.named_parameters(), original.parameters(), strict=True):
+                torch.testing.assert_close(a.grad, b.grad, msg=lambda m, n=name: f"{n}: {m}")
+        for kept, original in ((module.mid_norm, norm), (module.out_norm, out_norm)):
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                torch.testing.assert_close(getattr(kept, name), getattr(original, name))
+    torch.testing.assert_close(fast[0][0].weight.grad, model[0][0].weight.grad)  # the stem conv
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), model.eval()(x))
+
+
+@pytest.mark.parametrize(
+    ("factory", "gate"),
+    [
+        (torchvision.models.efficientnet_b0, ("silu", "sigmoid")),
+        (torchvision.models.mobilenet_v3_large, ("relu", "hardsigmoid")),
+        (lambda: timm.create_model("efficientnet_b0", pretrained=False), ("silu", "sigmoid")),
+        (lambda: timm.create_model("mobilenetv3_large_100", pretrained=False), ("relu", "hardsigmoid")),
+    ],
+)
+def test_every_squeeze_excitation_of_these_models_has_a_gate_the_fused_op_differentiates(factory, gate):
+    """excitation_gate reads each model's squeeze-excitation: its convs' own tensors (not copies) and the names of
+    its activation and gate; a gate it does not know (here Tanh) gives None (the inference-only path)."""
+    from sepconv.squeeze_excitation import excitation_gate, is_excitation
+
+    modules = [m for m in factory().modules() if type(m).__name__ in ("SqueezeExcitation", "SqueezeExcite")]
+    assert modules
+    for module in modules:
+        fields = excitation_gate(module)
+        reduce = getattr(module, "fc1", None) or module.conv_reduce
+        assert is_excitation(module, reduce.in_channels) and fields[4:] == gate
+        assert fields[0] is reduce.weight and fields[1] is reduce.bias
+    module = modules[0]
+    setattr(module, "scale_activation" if hasattr(module, "scale_activation") else "gate", nn.Tanh())
+    assert excitation_gate(module) is None
 
 
 def test_training_mode_norms_are_not_folded_and_gradients_match():

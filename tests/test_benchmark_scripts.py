@@ -39,11 +39,12 @@ def run_script(*args: str, interpret: bool = True) -> str:
 def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
     run_script(
         "benchmarks/kernels.py", "--quick", "--out", str(tmp_path), "--sections", "kernel_sizes", "separable",
-        "separable_bn", "separable_se", "--section-seconds", "kernel_sizes=1", "separable=1", "separable_bn=1",
-        "separable_se=1",
+        "separable_bn", "separable_se", "separable_se_train", "--section-seconds", "kernel_sizes=1", "separable=1",
+        "separable_bn=1", "separable_se=1", "separable_se_train=1",
     )  # fmt: skip
     result = json.loads((tmp_path / "kernels_quick.json").read_text())
-    assert {r["section"] for r in result["rows"]} == {"kernel_sizes", "separable", "separable_bn", "separable_se"}
+    sections = {"kernel_sizes", "separable", "separable_bn", "separable_se", "separable_se_train"}
+    assert {r["section"] for r in result["rows"]} == sections
     for row in result["rows"]:
         assert row["max_abs_error_vs_eager"] < 1e-4
         if row["section"] == "kernel_sizes":  # depthwise rows: the backward kernels checked too
@@ -60,6 +61,9 @@ def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
         if row["section"] == "separable_bn":  # the training block: every gradient checked against eager's
             grads = [key for key in row if key.startswith("max_rel_error_grad_")]
             assert len(grads) == 7 and all(row[key] < 1e-4 for key in grads)
+        if row["section"] == "separable_se_train":  # and the squeeze-excitation's weights and biases
+            grads = [key for key in row if key.startswith("max_rel_error_grad_")]
+            assert len(grads) == 11 and all(row[key] < 1e-4 for key in grads)
         for key in ("ours_forward_ms", "eager_forward_ms", "ours_forward_repeat_ms"):
             assert row[key] > 0
         # inference rows (squeeze-excitation) time no backward
@@ -74,22 +78,36 @@ def test_training_memory_benchmark_quick_run(tmp_path):
     bias-sized one), eager one more with ReLU6; with a training-mode BatchNorm before the ReLU6 ours holds three
     at most (as PyTorch's BatchNorm backward: its input, output gradient and input gradient; plus per-channel
     vectors), eager four or more (the depthwise output, the norm's, and their gradients); a BatchNorm after the
-    1x1 conv adds one output-sized tensor (its input) to either."""
+    1x1 conv adds one output-sized tensor (its input) to either; EfficientNet's block (BatchNorm, SiLU and a
+    squeeze-excitation between, BatchNorm after) ours four at most, eager five or more."""
     run_script("benchmarks/training_memory.py", "--quick", "--out", str(tmp_path))
     result = json.loads((tmp_path / "training_memory_quick.json").read_text())
-    rows = {(r["activation"], r["mid_norm"] is not None, r["out_norm"] is not None): r for r in result["rows"]}
-    assert set(rows) == {(None, False, False), ("relu6", False, False), ("relu6", True, False), ("relu6", True, True)}
+    rows = {
+        (r["activation"], r["mid_norm"] is not None, r["out_norm"] is not None, r["excitation"] is not None): r
+        for r in result["rows"]
+    }
+    assert set(rows) == {(None, False, False, False), ("relu6", False, False, False), ("relu6", True, False, False),
+                         ("relu6", True, True, False), ("silu", True, True, True)}  # fmt: skip
     weight_grads = (8 * 9 + 8 + 4 * 8) * 4
-    for (_, norm, out_norm), row in rows.items():
+    for (_, norm, out_norm, excitation), row in rows.items():
         assert row["intermediate_bytes"] == 2 * 8 * 6 * 6 * 4 and row["output_bytes"] == 2 * 4 * 6 * 6 * 4
-        intermediates, outputs = (3 if norm else 2), (2 if out_norm else 1)
+        # the squeeze-excitation's backward: the activation and the 1x1 conv's input gradient, and their product
+        intermediates, outputs = (4 if excitation else 3 if norm else 2), (2 if out_norm else 1)
         bound = outputs * row["output_bytes"] + intermediates * row["intermediate_bytes"] + weight_grads
+        bound += (2 * 8 + 1 + 8 + 3 * 2 * 8) * 4 if excitation else 0  # the gate's gradients, (N, C) means and scales
         assert row["ours_peak_bytes"] <= bound
-    relu6 = rows[("relu6", False, False)]  # eager keeps the depthwise output and the activation's for its backward
+    relu6 = rows[
+        ("relu6", False, False, False)
+    ]  # eager keeps the depthwise output and the activation's for its backward
     assert relu6["eager_peak_bytes"] >= relu6["output_bytes"] + 3 * relu6["intermediate_bytes"]
     for out_norm in (False, True):  # and the norm's input and output; with a norm after the 1x1 conv its input too
-        norm = rows[("relu6", True, out_norm)]
+        norm = rows[("relu6", True, out_norm, False)]
         assert norm["eager_peak_bytes"] >= (1 + out_norm) * norm["output_bytes"] + 4 * norm["intermediate_bytes"]
+    # EfficientNet's block: eager also keeps the scaled activation (the 1x1 conv's input) and its activation's
+    # output for the products' backward; ours at most the bound above
+    se = rows[("silu", True, True, True)]
+    assert se["eager_peak_bytes"] >= 2 * se["output_bytes"] + 5 * se["intermediate_bytes"]
+    assert se["ours_peak_bytes"] < se["eager_peak_bytes"]
     assert (tmp_path / "training_memory_quick.png").stat().st_size > 0
 
 

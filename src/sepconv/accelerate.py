@@ -31,9 +31,12 @@ activation) is kept the same way with ``backend="triton"`` (``out_norm``; its ba
 kernel's statistics epilogue, so its input is read once, not twice); otherwise it stays as it is and the part
 before it is fused. A squeeze-excitation between the activation and the 1x1 conv (torchvision's
 ``SqueezeExcitation``: MobileNetV3, EfficientNet; timm's ``SqueezeExcite``; :mod:`sepconv.squeeze_excitation`)
-is kept in the fused module (``excitation``, listed in :attr:`Acceleration.excitation`) where no norm of the
-chain is in training mode: with ``backend="triton"``, for inference, the fused kernel computes it in two passes
-(:mod:`sepconv.kernels.excitation`); with gradients, or on other backends, the module runs it itself. Depthwise
+is kept in the fused module (``excitation``, listed in :attr:`Acceleration.excitation`): with
+``backend="triton"`` the fused kernel's op computes it, in training too, with gradients for its own convs
+(:mod:`sepconv.kernels.differentiable_excitation`; EfficientNet's and MobileNetV3's whole blocks: both norms
+with batch statistics, the activation and the squeeze-excitation in one op) where its activation and gate are
+ones the op knows (:func:`~sepconv.squeeze_excitation.excitation_gate`), else for inference only
+(:mod:`sepconv.kernels.excitation`); otherwise, and on other backends, the module runs it itself. Depthwise
 convs outside any chain are replaced by a DepthwiseConv2d too, with a following eval-mode BatchNorm folded in.
 The input model is not modified; a Sequential that is rewritten comes back flat, so its state_dict keys change
 (``conv.1.0.weight`` -> ``conv.1_0.weight``): the result is for running, keep checkpoints of the original.
@@ -64,7 +67,7 @@ from torch import Tensor, nn
 from sepconv.dispatch import backend_arg, batch_norm_2d, batch_norm_separable_forward, fused_activation, use_triton
 from sepconv.folding import fold_batch_norm, foldable_norm
 from sepconv.layers import DepthwiseConv2d, PointwiseConv2d, SeparableConv2d, pad_same
-from sepconv.squeeze_excitation import excitation_scale, is_excitation
+from sepconv.squeeze_excitation import excitation_gate, excitation_scale, is_excitation
 
 __all__ = ["Acceleration", "FusedSeparableConv2d", "accelerate"]
 
@@ -100,7 +103,9 @@ class FusedSeparableConv2d(nn.Module):
     :func:`sepconv.dispatch.batch_norm_separable_forward` on the fused kernel (batch statistics folded per call);
     ``out_norm``: one after the 1x1 conv (training mode: its batch statistics from the fused kernel's epilogue);
     ``excitation``: a squeeze-excitation module between the activation and the 1x1 conv (torchvision's
-    ``SqueezeExcitation``, timm's ``SqueezeExcite``), computed by the fused kernel's two-pass inference path
+    ``SqueezeExcitation``, timm's ``SqueezeExcite``), computed by the fused kernel's op with its gradients
+    (:mod:`sepconv.kernels.differentiable_excitation`) where its activation and gate are ones the op knows
+    (:func:`~sepconv.squeeze_excitation.excitation_gate`), else by the inference path
     (:mod:`sepconv.kernels.excitation`) when no gradient is needed and no norm uses batch statistics, else by the
     module itself.
     """
@@ -148,8 +153,7 @@ class FusedSeparableConv2d(nn.Module):
             weights = (self.dw_weight, self.dw_bias, self.pw_weight, self.pw_bias)
             geometry = (self.stride, self.padding, self.dilation)
             norms = (self.mid_norm, self.mid_activation, self.out_norm)
-            excitation = None if self.excitation is None else functools.partial(excitation_scale, self.excitation)
-            return batch_norm_separable_forward(input, *weights, *geometry, *norms, excitation)
+            return batch_norm_separable_forward(input, *weights, *geometry, *norms, self._kernel_excitation())
         if on_triton:
             from sepconv.kernels.depthwise import depthwise_conv2d
 
@@ -168,14 +172,27 @@ class FusedSeparableConv2d(nn.Module):
         return out if self.out_norm is None else nn.BatchNorm2d.forward(self.out_norm, out)
 
     def _fuses_excitation(self, input: Tensor) -> bool:
-        """Whether the fused kernel computes this call's squeeze-excitation (if any): for inference only (no
-        gradient needed) and with no norm normalizing with batch statistics; else PyTorch's modules run it."""
-        if self.excitation is None:
+        """Whether the fused kernel computes this call's squeeze-excitation (if any): always where its gate is one
+        the kernel's backward knows (:func:`~sepconv.squeeze_excitation.excitation_gate`), else for inference only
+        (no gradient needed) with no norm normalizing with batch statistics; otherwise PyTorch's modules run it."""
+        if self.excitation is None or excitation_gate(self.excitation) is not None:
             return True
         tensors = (input, *self.parameters())
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return False
         return all(norm is None or not norm.training for norm in (self.mid_norm, self.out_norm))
+
+    def _kernel_excitation(self):
+        """The squeeze-excitation as the fused kernel takes it: its gate as tensors (differentiable), else a
+        callable on the channel means (inference); None without one."""
+        if self.excitation is None:
+            return None
+        fields = excitation_gate(self.excitation)
+        if fields is None:
+            return functools.partial(excitation_scale, self.excitation)
+        from sepconv.kernels.differentiable_excitation import ExcitationArgs
+
+        return ExcitationArgs(*fields)
 
     def extra_repr(self) -> str:
         mid, out = self.dw_weight.shape[0], self.pw_weight.shape[0]
@@ -335,7 +352,7 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int, backend: str):
     if i < len(leaves) and fused_activation(leaves[i][1]) is not None:
         activation, i = leaves[i], i + 1
     excitation = None
-    if i < len(leaves) and kept is None and is_excitation(leaves[i][1], mid):
+    if i < len(leaves) and is_excitation(leaves[i][1], mid):
         excitation, i = leaves[i], i + 1  # squeeze-excitation: kept, run in the fused module
     if i >= len(leaves) or not _is_pointwise(leaves[i][1], mid):
         return None
@@ -428,7 +445,7 @@ def _rewrite_timm_block(block: nn.Module, path: str, changes: list[Acceleration]
     norm1 = _norm_and_activation(part(norm1_name), dw.out_channels)
     kept = _batch_statistics_norm(part(norm1_name), dw.out_channels) if backend == "triton" and norm1 is None else None
     se = getattr(block, "se", None) if "se" in identities else None
-    se = se if se is not None and kept is None and is_excitation(se, dw.out_channels) else None  # kept, run fused
+    se = se if se is not None and is_excitation(se, dw.out_channels) else None  # kept, run fused
     others = [n for n in identities if not (n == "se" and se is not None)]
     if not _is_pointwise(pw, dw.out_channels) or any(type(part(n)) is not nn.Identity for n in others):
         return

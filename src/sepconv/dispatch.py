@@ -29,12 +29,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from sepconv.folding import fold_batch_norm, foldable_norm
 from sepconv.kernels import available as kernels_available
+
+if TYPE_CHECKING:
+    from sepconv.kernels.differentiable_excitation import ExcitationArgs
 
 __all__ = [
     "AUTO_MAX_KERNEL_AREA_NCHW",
@@ -236,7 +240,7 @@ def batch_norm_separable_forward(
     norm: nn.BatchNorm2d | None,
     activation: str | None,
     out_norm: nn.BatchNorm2d | None = None,
-    excitation: Callable[[Tensor], Tensor] | None = None,
+    excitation: ExcitationArgs | Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``out_norm(pointwise(activation(norm(depthwise(input)))))`` on the fused kernel: an eval-mode ``norm`` with
     running statistics folded into the depthwise weights, any other (:func:`batch_norm_2d`) normalizing with the
@@ -244,7 +248,9 @@ def batch_norm_separable_forward(
     ``momentum=None`` as a cumulative average); ``out_norm`` (a :func:`batch_norm_2d` after the 1x1 conv) in eval
     mode folded into the 1x1 conv, in training mode with its batch statistics from the fused kernel's epilogue
     (:mod:`sepconv.kernels.output_norm`); ``excitation``: a squeeze-excitation's gate on the activation's channel
-    means (inference; :mod:`sepconv.kernels.excitation`; ``norm`` then in eval mode)."""
+    means, a :class:`sepconv.kernels.ExcitationArgs` (differentiable, any norms:
+    :mod:`sepconv.kernels.differentiable_excitation`) or a callable (inference, ``norm`` then in eval mode:
+    :mod:`sepconv.kernels.excitation`)."""
     from sepconv.kernels.separable import separable_conv2d
 
     out = None if out_norm is None else batch_norm_args(out_norm)
@@ -254,9 +260,14 @@ def batch_norm_separable_forward(
         geometry = (stride, padding, dilation)
         options = {"mid_activation": activation, "out_norm": out, "excitation": excitation}
         return separable_conv2d(input, dw_weight, pw_weight, pw_bias, *geometry, dw_bias, **options)
-    if excitation is not None:
-        raise ValueError("an excitation runs on the fused kernel for inference only, with an eval-mode norm")
     from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
+    from sepconv.kernels.differentiable_excitation import ExcitationArgs
+
+    if excitation is not None and not isinstance(excitation, ExcitationArgs):
+        raise ValueError(
+            "a callable excitation runs on the fused kernel for inference only, with an eval-mode norm; with a "
+            "training-mode norm give it as a sepconv.kernels.ExcitationArgs"
+        )
 
     mid = batch_norm_args(norm)
     return separable_conv2d_batch_norm(
@@ -277,6 +288,7 @@ def batch_norm_separable_forward(
         momentum=mid.momentum,
         eps=mid.eps,
         out_norm=out,
+        excitation=excitation,
     )
 
 

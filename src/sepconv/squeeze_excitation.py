@@ -13,13 +13,19 @@ not recognized). Both compute ``x * gate(x.mean((2, 3), keepdim=True))``.
 (True, False)
 >>> torch.allclose(x * excitation_scale(se, x.mean((2, 3), keepdim=True)), se(x))
 True
+>>> excitation_gate(se)[4:]  # the gate as tensors for the fused kernel's backward: activation and gate function
+('relu', 'sigmoid')
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["excitation_scale", "is_excitation"]
+from sepconv.dispatch import fused_activation
+
+__all__ = ["excitation_gate", "excitation_scale", "is_excitation"]
+
+_GATES = {nn.Sigmoid: "sigmoid", nn.Hardsigmoid: "hardsigmoid"}  # sepconv.kernels.differentiable_excitation.GATES
 
 _TORCHVISION = "torchvision.ops.misc.SqueezeExcitation"
 _TIMM = "timm.models._efficientnet_blocks.SqueezeExcite"
@@ -66,3 +72,21 @@ def excitation_scale(module: nn.Module, means: Tensor) -> Tensor:
     if _qualified_name(module) == _TORCHVISION:
         return module.scale_activation(module.fc2(module.activation(module.fc1(means))))
     return module.gate(module.conv_expand(module.act1(module.conv_reduce(means))))
+
+
+def excitation_gate(
+    module: nn.Module,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, str | None, str] | None:
+    """A recognized squeeze-excitation's gate as :class:`sepconv.kernels.ExcitationArgs`' fields (its two 1x1
+    convs' weights and biases, its activation's and gate function's names), so that the fused kernel computes it
+    with gradients; None where its activation or gate is another module (:func:`excitation_scale` still
+    computes it, for inference)."""
+    if _qualified_name(module) == _TORCHVISION:
+        reduce, activation, expand, gate = module.fc1, module.activation, module.fc2, module.scale_activation
+    else:
+        reduce, activation, expand, gate = module.conv_reduce, module.act1, module.conv_expand, module.gate
+    name = None if type(activation) is nn.Identity else fused_activation(activation)
+    gate_name = _GATES.get(type(gate))
+    if (name is None and type(activation) is not nn.Identity) or gate_name is None:
+        return None
+    return reduce.weight, reduce.bias, expand.weight, expand.bias, name, gate_name

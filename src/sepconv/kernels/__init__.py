@@ -9,7 +9,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 
-__all__ = ["BatchNormArgs", "available", "depthwise_conv2d", "separable_conv2d", "separable_conv2d_batch_norm"]
+__all__ = [
+    "BatchNormArgs",
+    "ExcitationArgs",
+    "available",
+    "depthwise_conv2d",
+    "separable_conv2d",
+    "separable_conv2d_batch_norm",
+]
 
 
 @functools.cache
@@ -31,6 +38,10 @@ def __getattr__(name: str):  # lazy: `import sepconv` must not import Triton
         from sepconv.kernels.output_norm import BatchNormArgs
 
         return BatchNormArgs
+    if name == "ExcitationArgs":
+        from sepconv.kernels.differentiable_excitation import ExcitationArgs
+
+        return ExcitationArgs
     if name == "separable_conv2d_batch_norm":
         from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 

@@ -29,6 +29,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,9 @@ from sepconv.kernels.separable import (
 )
 from sepconv.kernels.separable import _forward as _separable_forward
 
+if TYPE_CHECKING:
+    from sepconv.kernels.differentiable_excitation import ExcitationArgs
+
 __all__ = ["separable_conv2d_batch_norm"]
 
 
@@ -96,6 +100,7 @@ def separable_conv2d_batch_norm(
     momentum: float = 0.1,
     eps: float = 1e-5,
     out_norm: BatchNormArgs | None = None,
+    excitation: ExcitationArgs | None = None,
 ) -> Tensor:
     """``F.conv2d(act(F.batch_norm(F.conv2d(x, dw_weight, dw_bias, stride, padding, dilation, groups=C),
     running_mean, running_var, norm_weight, norm_bias, training, momentum, eps)), pw_weight, pw_bias)``.
@@ -106,7 +111,9 @@ def separable_conv2d_batch_norm(
     (N, C, H, W), as for ``nn.BatchNorm2d``. Under autocast the convs run in the autocast dtype and the
     statistics and the fold in float32, as PyTorch's BatchNorm computes them. ``out_norm``: a second BatchNorm,
     after the 1x1 conv, as :func:`~sepconv.kernels.separable_conv2d` takes it (MobileNetV2's block in training:
-    both norms with batch statistics, the second's from the fused kernel's statistics epilogue).
+    both norms with batch statistics, the second's from the fused kernel's statistics epilogue). ``excitation``: a
+    squeeze-excitation between the activation and the 1x1 conv (an :class:`~sepconv.kernels.ExcitationArgs`;
+    EfficientNet's and MobileNetV3's blocks; :mod:`sepconv.kernels.differentiable_excitation`).
     """
     if not isinstance(x, Tensor) or x.dim() != 4:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -121,6 +128,20 @@ def separable_conv2d_batch_norm(
     check_norm("", "the depthwise conv's outputs", dw_weight.shape[0], x, mid_norm)
     out = None if out_norm is None else as_output_norm(out_norm, pw_weight.shape[0], x)
     activation = MID_ACTIVATIONS.index(mid_activation)
+    if excitation is not None:
+        from sepconv.kernels.differentiable_excitation import ExcitationArgs, as_excitation, separable_with_gate
+
+        if not isinstance(excitation, ExcitationArgs):
+            raise TypeError(
+                f"excitation must be a sepconv.kernels.ExcitationArgs or None, got {type(excitation).__name__} "
+                "(a callable gate: separable_conv2d(excitation=...) with an eval-mode norm folded, for inference)"
+            )
+        gate = as_excitation(excitation, dw_weight.shape[0], x)
+        if not training:
+            statistics = (running_mean, running_var, norm_weight, norm_bias, eps)
+            dw_weight, dw_bias = fold_statistics(weight, bias, *statistics, x.dtype)
+        args = (x, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, activation)
+        return separable_with_gate(args, gate, mid_norm if training else None, out)
     if not training:
         statistics = (running_mean, running_var, norm_weight, norm_bias, eps)
         folded_weight, folded_bias = fold_statistics(weight, bias, *statistics, x.dtype)

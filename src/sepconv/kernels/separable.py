@@ -52,6 +52,7 @@ from sepconv.kernels.depthwise import (
 from sepconv.kernels.depthwise import _forward as _depthwise_forward
 
 if TYPE_CHECKING:
+    from sepconv.kernels.differentiable_excitation import ExcitationArgs
     from sepconv.kernels.output_norm import BatchNormArgs
 
 __all__ = ["MAX_REPEATED_TAPS", "MID_ACTIVATIONS", "fuses", "separable_conv2d"]
@@ -74,7 +75,7 @@ def separable_conv2d(
     mid_activation: str | None = None,
     *,
     out_norm: BatchNormArgs | None = None,
-    excitation: Callable[[Tensor], Tensor] | None = None,
+    excitation: ExcitationArgs | Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """``F.conv2d(act(F.conv2d(x, dw_weight, dw_bias, stride, padding, dilation, groups=C)), pw_weight, pw_bias)``.
 
@@ -89,8 +90,10 @@ def separable_conv2d(
     1x1 conv.
 
     ``excitation``: squeeze-excitation between the activation and the 1x1 conv, ``pw(a * excitation(a.mean((2, 3),
-    keepdim=True)))`` (e.g. the SE module's small convs and gate on the (N, C·m, 1, 1) means); inference only
-    (:mod:`sepconv.kernels.excitation`), with an eval-mode ``out_norm`` at most.
+    keepdim=True)))``: an :class:`~sepconv.kernels.ExcitationArgs` (the squeeze-excitation's convs and gate as
+    tensors; differentiable, any ``out_norm``: :mod:`sepconv.kernels.differentiable_excitation`), or any callable
+    on the (N, C·m, 1, 1) means for inference only (:mod:`sepconv.kernels.excitation`), with an eval-mode
+    ``out_norm`` at most.
     """
     x, tensors, geometry, unbatched = prepare_call(
         x, (dw_weight, dw_bias, pw_weight, pw_bias), stride, padding, dilation
@@ -101,6 +104,14 @@ def separable_conv2d(
         raise ValueError(f"mid_activation must be one of {MID_ACTIVATIONS}; got {mid_activation!r}")
     activation = MID_ACTIVATIONS.index(mid_activation)
     args = (x, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, activation)
+    if isinstance(excitation, tuple):  # ExcitationArgs: differentiable
+        from sepconv.kernels.differentiable_excitation import as_excitation, separable_with_gate
+        from sepconv.kernels.output_norm import as_output_norm
+
+        gate = as_excitation(excitation, dw_weight.shape[0], x)
+        out = None if out_norm is None else as_output_norm(out_norm, pw_weight.shape[0], x, unbatched)
+        y = separable_with_gate(args, gate, out_norm=out)
+        return y.squeeze(0) if unbatched else y
     if excitation is not None:
         from sepconv.kernels.excitation import separable_with_excitation
         from sepconv.kernels.output_norm import as_output_norm, fold_output_norm

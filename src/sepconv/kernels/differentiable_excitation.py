@@ -1,0 +1,335 @@
+"""Squeeze-excitation inside the fused separable block with gradients: EfficientNet's and MobileNetV3's blocks in
+training, ``dw -> (BatchNorm) -> act -> squeeze-excitation -> 1x1 -> (BatchNorm)``.
+
+The gate is given as tensors (:class:`ExcitationArgs`: the squeeze-excitation's two 1x1 convs, its activation and
+its gate function, as torchvision's ``SqueezeExcitation`` and timm's ``SqueezeExcite`` compute it), so that one
+custom op (``sepconv::separable_conv2d_excitation``) owns the whole block and its backward. Forward, as the
+inference path (:mod:`sepconv.kernels.excitation`): the mid norm's batch statistics if it normalizes with them
+(a statistics pass over ``x``), the activation's per-image channel means (a second pass), the gate on them in
+PyTorch, then the fused kernel with each activated tile scaled (a third pass; with a training-mode norm after the
+1x1 conv, its statistics epilogue). Only ``x`` and per-channel tensors are kept. Backward recomputes the
+depthwise output once and runs the depthwise backward once: the gate's gradient reaches the activation through
+the means (``∂mean/∂a = 1/(H·W)``), so both paths into the activation are summed before the norm's and the
+depthwise conv's backward (two custom ops, one for the means and one for the scaled product, would each run the
+depthwise backward).
+
+>>> import torch
+>>> import torch.nn.functional as F
+>>> from sepconv.kernels import separable_conv2d
+>>> x = torch.randn(2, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+>>> dw, pw = torch.randn(4, 1, 3, 3, dtype=torch.float64), torch.randn(8, 4, 1, 1, dtype=torch.float64)
+>>> gate = ExcitationArgs(torch.randn(2, 4, 1, 1, dtype=torch.float64), None,
+...                       torch.randn(4, 2, 1, 1, dtype=torch.float64), None, "relu", "sigmoid")
+>>> y = separable_conv2d(x, dw, pw, padding=1, mid_activation="silu", excitation=gate)
+>>> a = F.silu(F.conv2d(x, dw, padding=1, groups=4))
+>>> want = F.conv2d(a * gate(a.mean((2, 3), keepdim=True)), pw)
+>>> torch.allclose(y, want)
+True
+>>> g = torch.randn_like(y)
+>>> torch.allclose(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(want, x, g)[0])
+True
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sepconv.folding import fold_statistics
+from sepconv.kernels.batch_norm import _moments, moment_parts
+from sepconv.kernels.depthwise import (
+    _GEOMETRY,
+    _DepthwiseConv2d,
+    _grad_input,
+    _grad_weight,
+    _memory_format,
+    differentiable,
+    output_size,
+    run_kernel,
+    run_op,
+)
+from sepconv.kernels.output_norm import (
+    BatchNormArgs,
+    check_values,
+    fold_output_norm,
+    norm_dtype,
+    normalize,
+    update_running_statistics,
+)
+from sepconv.kernels.separable import MID_ACTIVATIONS, _activate, _activation_backward
+from sepconv.kernels.separable import _forward as _separable_forward
+
+__all__ = ["GATES", "ExcitationArgs", "separable_with_gate"]
+
+GATES = ("sigmoid", "hardsigmoid")  # the gate functions, by code
+
+
+class ExcitationArgs(NamedTuple):
+    """A squeeze-excitation's gate on the (N, C, 1, 1) channel means of its input, as tensors:
+    ``gate(F.conv2d(activation(F.conv2d(means, reduce_weight, reduce_bias)), expand_weight, expand_bias))``;
+    ``reduce_weight`` (S, C, 1, 1), ``expand_weight`` (C, S, 1, 1); ``activation`` one of
+    :data:`~sepconv.kernels.separable.MID_ACTIVATIONS`, ``gate`` one of :data:`GATES`. Calling it computes the
+    gate (the scale the input is multiplied by).
+
+    >>> import torch
+    >>> gate = ExcitationArgs(torch.ones(1, 2, 1, 1), None, torch.ones(2, 1, 1, 1), torch.zeros(2))
+    >>> gate(torch.tensor([1.0, -3.0]).view(1, 2, 1, 1)).flatten()  # relu(1 - 3) = 0; sigmoid(0) = 0.5
+    tensor([0.5000, 0.5000])
+    """
+
+    reduce_weight: Tensor
+    reduce_bias: Tensor | None
+    expand_weight: Tensor
+    expand_bias: Tensor | None
+    activation: str | None = "relu"
+    gate: str = "sigmoid"
+
+    def __call__(self, means: Tensor) -> Tensor:
+        hidden = _activate(
+            F.conv2d(means, self.reduce_weight, self.reduce_bias), MID_ACTIVATIONS.index(self.activation)
+        )
+        return _gate(F.conv2d(hidden, self.expand_weight, self.expand_bias), GATES.index(self.gate))
+
+
+def _gate(pre: Tensor, code: int) -> Tensor:
+    return torch.sigmoid(pre) if code == 0 else F.hardsigmoid(pre)
+
+
+def as_excitation(excitation: ExcitationArgs, channels: int, x: Tensor) -> ExcitationArgs:
+    """``excitation`` checked against ``channels`` (the depthwise conv's outputs) and ``x``; under autocast its
+    tensors cast to ``x``'s (autocast) dtype, as the squeeze-excitation's convs would run."""
+    if excitation.activation not in MID_ACTIVATIONS:
+        raise ValueError(f"excitation.activation must be one of {MID_ACTIVATIONS}; got {excitation.activation!r}")
+    if excitation.gate not in GATES:
+        raise ValueError(f"excitation.gate must be one of {GATES}; got {excitation.gate!r}")
+    reduce_weight = excitation.reduce_weight
+    if not isinstance(reduce_weight, Tensor) or reduce_weight.dim() != 4 or reduce_weight.shape[1:] != (channels, 1, 1):
+        shape = tuple(reduce_weight.shape) if isinstance(reduce_weight, Tensor) else type(reduce_weight).__name__
+        raise ValueError(f"excitation.reduce_weight must have shape (S, {channels}, 1, 1), got {shape}")
+    squeezed = reduce_weight.shape[0]
+    expected = {
+        "reduce_bias": (squeezed,),
+        "expand_weight": (channels, squeezed, 1, 1),
+        "expand_bias": (channels,),
+    }
+    for name, shape in expected.items():
+        t = getattr(excitation, name)
+        optional = name.endswith("bias")
+        if (t is None and not optional) or (t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != shape)):
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"excitation.{name} must have shape {shape}{' or be None' if optional else ''}, got {got}")
+    autocast = torch.is_autocast_enabled(x.device.type)
+    tensors = []
+    for name in ("reduce_weight", "reduce_bias", "expand_weight", "expand_bias"):
+        t = getattr(excitation, name)
+        if t is not None and autocast:
+            t = t.to(x.dtype)
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(f"excitation.{name} is {t.dtype} on {t.device} but x is {x.dtype} on {x.device}; "
+                            "they must match")  # fmt: skip
+        tensors.append(t)
+    return ExcitationArgs(*tensors, excitation.activation, excitation.gate)
+
+
+def separable_with_gate(
+    args: tuple,
+    excitation: ExcitationArgs,
+    mid_norm: BatchNormArgs | None = None,
+    out_norm: BatchNormArgs | None = None,
+) -> Tensor:
+    """``out_norm(pw(a * excitation(a.mean((2, 3), keepdim=True))))`` with ``a = act(mid_norm(dw(x) + b))``:
+    ``args`` as ``sepconv::separable_conv2d``'s, ``excitation`` checked (:func:`as_excitation`); ``mid_norm`` a
+    training-mode norm between the convs (an eval-mode one is folded into the weights by the caller), ``out_norm``
+    any norm after the 1x1 conv (eval mode: folded here)."""
+    x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation = args
+    out_h, out_w = output_size(x.shape[-2:], dw_weight.shape[-2:], stride, padding, dilation)
+    if mid_norm is not None or (out_norm is not None and out_norm.training):
+        check_values(x.shape[0] * out_h * out_w, x, out_h, out_w)
+    if out_norm is not None and not out_norm.training:
+        pw_weight, pw_bias = fold_output_norm(pw_weight, pw_bias, out_norm)
+        out_norm = None
+    norm_weight, norm_bias, eps = (None, None, 0.0) if mid_norm is None else (*mid_norm[2:4], mid_norm.eps)
+    gate_tensors = excitation[:4]
+    codes = (activation, MID_ACTIVATIONS.index(excitation.activation), GATES.index(excitation.gate))
+    inputs = (x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, *gate_tensors)
+    op_args = (*inputs, stride, padding, dilation, *codes, eps, mid_norm is not None, out_norm is not None)
+    y, mean, var, out_mean, out_var, _ = run_op(
+        torch.ops.sepconv.separable_conv2d_excitation, _SeparableExcitation, op_args, inputs
+    )
+    if mid_norm is not None:
+        update_running_statistics(mid_norm, mean, var, x.shape[0] * out_h * out_w)
+    return y if out_norm is None else normalize(y, out_mean, out_var, out_norm)
+
+
+# ---- custom op sepconv::separable_conv2d_excitation ------------------------------------------------------------
+
+
+def _squeeze(means: Tensor, reduce_weight, reduce_bias, expand_weight, expand_bias, activation: int, gate: int):
+    """``(scale, hidden_pre, hidden, expand_pre)`` of the gate on the (N, C) ``means``, as (N, ·) matrices: the
+    squeeze-excitation's 1x1 convs on (N, C, 1, 1) are these matrix products."""
+    hidden_pre = F.linear(means, reduce_weight.flatten(1), reduce_bias)
+    hidden = _activate(hidden_pre, activation)
+    expand_pre = F.linear(hidden, expand_weight.flatten(1), expand_bias)
+    return _gate(expand_pre, gate), hidden_pre, hidden, expand_pre
+
+
+def _excitation_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, reduce_weight,
+                        reduce_bias, expand_weight, expand_bias, stride, padding, dilation, activation,
+                        excitation_activation, gate, eps, batch_statistics, out_statistics):  # fmt: skip
+    """``(y, mean, var, out_mean, out_var, means)``: the output, the mid norm's batch statistics (with
+    ``batch_statistics``, else empty), the output's (with ``out_statistics``, else empty) and the activation's
+    per-image channel means (N, C·m) the gate was computed from (float32, float64 for float64)."""
+    geometry = (stride, padding, dilation)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    mean, var, out_mean, out_var = (x.new_empty(0, dtype=compute) for _ in range(4))  # distinct: no aliases
+    weight, bias = dw_weight, dw_bias
+    if batch_statistics:
+        mean, var = _moments(x, dw_weight, dw_bias, *geometry)
+        weight, bias = fold_statistics(dw_weight, dw_bias, mean, var, norm_weight, norm_bias, eps, x.dtype)
+    counts, sums, _ = moment_parts(x, weight, bias, *geometry, activation, rounded=True)
+    means = sums.sum(1) / counts.sum()
+    gate_tensors = (reduce_weight, reduce_bias, expand_weight, expand_bias)
+    scale = _squeeze(means.to(x.dtype), *gate_tensors, excitation_activation, gate)[0]
+    y = _separable_forward(x, weight, bias, pw_weight, pw_bias, *geometry, activation, statistics=out_statistics,
+                           scale=scale)  # fmt: skip
+    if out_statistics:
+        y, out_mean, out_var = y
+    return y, mean, var, out_mean, out_var, means
+
+
+_SCHEMA = (
+    "(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor? norm_weight, Tensor? norm_bias, Tensor pw_weight, "
+    "Tensor? pw_bias, Tensor reduce_weight, Tensor? reduce_bias, Tensor expand_weight, Tensor? expand_bias, "
+    f"{_GEOMETRY}, int activation, int excitation_activation, int gate, float eps, bool batch_statistics, "
+    "bool out_statistics) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+@torch.library.custom_op("sepconv::separable_conv2d_excitation", mutates_args=(), schema=_SCHEMA)
+def _excitation_op(*args):
+    return _excitation_forward(*args)
+
+
+@_excitation_op.register_fake
+def _(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, reduce_weight, reduce_bias, expand_weight,
+      expand_bias, stride, padding, dilation, activation, excitation_activation, gate, eps, batch_statistics,
+      out_statistics):  # fmt: skip
+    out_h, out_w = output_size(x.shape[-2:], dw_weight.shape[-2:], stride, padding, dilation)
+    shape = (x.shape[0], pw_weight.shape[0], out_h, out_w)
+    y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    compute = torch.promote_types(x.dtype, torch.float32)
+    mid = dw_weight.shape[0] if batch_statistics else 0
+    out = pw_weight.shape[0] if out_statistics else 0
+    sizes = ((mid,), (mid,), (out,), (out,), (x.shape[0], dw_weight.shape[0]))
+    return y, *(x.new_empty(size, dtype=compute) for size in sizes)
+
+
+def _setup_context(ctx, inputs, output):
+    x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, *gate_tensors = inputs[:11]
+    stride, padding, dilation, activation, excitation_activation, gate, eps, batch_statistics, _ = inputs[11:]
+    _, mean, var, out_mean, out_var, means = output
+    ctx.save_for_backward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, *gate_tensors, mean, var, means)
+    ctx.has_pw_bias = pw_bias is not None
+    ctx.geometry, ctx.eps, ctx.batch_statistics = (stride, padding, dilation), eps, batch_statistics
+    ctx.codes = (activation, excitation_activation, gate)
+    # the statistics are for the running ones and output_norm.normalize (whose backward carries their terms); the
+    # means' gradient is in the backward below
+    ctx.mark_non_differentiable(mean, var, out_mean, out_var, means)
+
+
+def _squeeze_backward(grad_scale: Tensor, means: Tensor, gate_tensors: tuple, codes: tuple[int, int]):
+    """Gradients of the gate at ``means`` (N, C·m, as the forward computed it) for ``grad_scale`` (N, C·m):
+    ``(grad_means, grad_reduce_weight, grad_reduce_bias, grad_expand_weight, grad_expand_bias)``, computed in
+    ``grad_scale``'s dtype; the weights' in their shapes."""
+    work = grad_scale.dtype
+    reduce_weight, reduce_bias, expand_weight, expand_bias = (None if t is None else t.to(work) for t in gate_tensors)
+    means = means.to(work)
+    scale, hidden_pre, hidden, expand_pre = _squeeze(means, reduce_weight, reduce_bias, expand_weight, expand_bias,
+                                                     *codes)  # fmt: skip
+    aten = torch.ops.aten
+    if codes[1] == 0:
+        grad_pre = aten.sigmoid_backward(grad_scale, scale)
+    else:
+        grad_pre = aten.hardsigmoid_backward(grad_scale, expand_pre)
+    grad_expand_weight = (grad_pre.T @ hidden).view(expand_weight.shape)
+    grad_hidden = grad_pre @ expand_weight.flatten(1)
+    if codes[0]:
+        grad_hidden = _activation_backward(grad_hidden, hidden_pre, codes[0], out=torch.empty_like(grad_hidden))
+    grad_reduce_weight = (grad_hidden.T @ means).view(reduce_weight.shape)
+    grad_means = grad_hidden @ reduce_weight.flatten(1)
+    return grad_means, grad_reduce_weight, grad_hidden.sum(0), grad_expand_weight, grad_pre.sum(0)
+
+
+def _excitation_backward(ctx, grad, *_statistics_grads):
+    """Recompute the depthwise output ``z`` once; at most four intermediate-sized tensors alive at once (``z``,
+    the activation, the 1x1 conv's input gradient and a product of the two), as PyTorch's block keeps the conv's,
+    the norm's, the activation's and the scaled outputs for its backward."""
+    (x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, reduce_weight, reduce_bias, expand_weight,
+     expand_bias, mean, var, means) = ctx.saved_tensors  # fmt: skip
+    gate_tensors = (reduce_weight, reduce_bias, expand_weight, expand_bias)
+    needs = ctx.needs_input_grad
+    grads: list[Tensor | None] = [None] * 20
+    activation = ctx.codes[0]
+    if ctx.has_pw_bias and needs[6]:
+        grads[6] = grad.sum((0, 2, 3))
+    depthwise_args = (x, dw_weight, dw_bias, *ctx.geometry)
+    z = run_op(torch.ops.sepconv.depthwise_conv2d, _DepthwiseConv2d, depthwise_args, (x, dw_weight, dw_bias))
+    work = norm_dtype(z) if ctx.batch_statistics else z.dtype
+    z = z.to(work)
+    gamma, beta = (None if t is None else t.to(mean.dtype) for t in (norm_weight, norm_bias))  # as the statistics
+
+    def pre_activation(z: Tensor) -> Tensor:  # the mid norm's output (PyTorch's eval-mode batch norm, the batch's)
+        return torch.batch_norm(z, gamma, beta, mean, var, False, 0.0, ctx.eps, False) if ctx.batch_statistics else z
+
+    compute = means.dtype
+    scale = _squeeze(means.to(x.dtype), *gate_tensors, *ctx.codes[1:])[0]  # as the forward: (N, C·m), x's dtype
+    mid = _activate(pre_activation(z), activation).to(x.dtype)  # the activation as stored
+    if needs[5]:  # the 1x1 weight's gradient, on the scaled activation
+        scaled = mid * scale[:, :, None, None]
+        grads[5] = torch.ops.aten.convolution_backward(
+            grad, scaled, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
+        )[1]
+        del scaled
+    if not (any(needs[:5]) or any(needs[7:11])):
+        return tuple(grads)
+    grad_scaled = F.conv2d(grad, pw_weight.transpose(0, 1))  # the 1x1 conv's input gradient
+    grad_scale = (grad_scaled * mid).sum((2, 3), dtype=compute)
+    del mid
+    grad_means, *gate_grads = _squeeze_backward(grad_scale, means.to(x.dtype), gate_tensors, ctx.codes[1:])
+    for i, (t, g) in enumerate(zip(gate_tensors, gate_grads, strict=True), start=7):
+        grads[i] = g.to(t.dtype) if t is not None and needs[i] else None
+    if not any(needs[:5]):
+        return tuple(grads)
+    pixels = grad.shape[2] * grad.shape[3]
+    grad_mid = grad_scaled.to(work).mul_(scale.to(work)[:, :, None, None])  # through the scale, and the means:
+    grad_mid.add_((grad_means / pixels).to(work)[:, :, None, None])  # each pixel's share of its channel's mean
+    del grad_scaled
+    if activation:
+        grad_mid = _activation_backward(grad_mid, pre_activation(z), activation, out=grad_mid)
+    if ctx.batch_statistics:
+        mask = [True, norm_weight is not None and needs[3], norm_bias is not None and needs[4]]
+        grad_z, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            grad_mid, z, gamma, None, None, mean, (var + ctx.eps).rsqrt(), True, ctx.eps, mask
+        )
+        grads[3] = grad_gamma.to(norm_weight.dtype) if mask[1] else None
+        grads[4] = grad_beta.to(norm_bias.dtype) if mask[2] else None
+    else:
+        grad_z = grad_mid
+    del grad_mid, z
+    grad_z = grad_z.to(x.dtype)
+    args, tensors = (grad_z, x, dw_weight, *ctx.geometry), (grad_z, x, dw_weight)
+    if needs[0]:
+        grads[0] = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
+    if needs[1] or (dw_bias is not None and needs[2]):
+        grad_weight, grad_bias = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_weight, _grad_weight, args, tensors)
+        grads[1] = grad_weight if needs[1] else None
+        grads[2] = grad_bias if dw_bias is not None and needs[2] else None
+    return tuple(grads)
+
+
+_SeparableExcitation = differentiable(
+    _excitation_op, "_SeparableExcitation", _excitation_forward, _setup_context, _excitation_backward
+)
