@@ -32,6 +32,18 @@ def snapshot(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
     return [type(m).__name__ for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def step_both(model: nn.Module, fast: nn.Module, x: torch.Tensor) -> None:
+    """Forward both models from the same random state (the same dropout / stochastic-depth draws), check their
+    outputs are equal, and backpropagate the same loss through each."""
+    torch.manual_seed(4)
+    expected = model(x)
+    torch.manual_seed(4)
+    got = fast(x)
+    torch.testing.assert_close(got, expected)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+
+
 @pytest.fixture(scope="module")
 def mobilenet():
     torch.manual_seed(0)
@@ -134,13 +146,7 @@ def test_training_mode_efficientnet_b0_on_triton_fuses_the_whole_block_and_train
     fused = [m for m in fast.modules() if isinstance(m, FusedSeparableConv2d)]
     blocks = [block.block for stage in model[1:] for block in stage]
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    torch.manual_seed(4)  # the same stochastic-depth draws
-    expected = model(x)
-    torch.manual_seed(4)
-    got = fast(x)
-    torch.testing.assert_close(got, expected)
-    got.square().sum().backward()
-    expected.square().sum().backward()
+    step_both(model, fast, x)  # the same stochastic-depth draws
     for module, block in zip(fused, blocks, strict=True):
         chain = block[-3:]  # Conv2dNormActivation(dw conv, BN, SiLU), SqueezeExcitation, Conv2dNormActivation(1x1, BN)
         dw, norm, se, pw, out_norm = chain[0][0], chain[0][1], chain[1], chain[2][0], chain[2][1]
@@ -191,13 +197,7 @@ def test_training_mode_norms_are_not_folded_and_gradients_match():
     assert all(c.folded_norms == () for c in changes)
     assert fast.training and all(m.training for m in fast.modules())
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    torch.manual_seed(4)  # the same dropout masks
-    expected = model(x)
-    torch.manual_seed(4)
-    got = fast(x)
-    torch.testing.assert_close(got, expected)
-    got.square().sum().backward()
-    expected.square().sum().backward()
+    step_both(model, fast, x)  # the same dropout masks
     original_dw = model.features[2].conv[1][0].weight
     routed_dw = next(m for m in fast.features[2].modules() if type(m) is sepconv.DepthwiseConv2d).weight
     torch.testing.assert_close(routed_dw.grad, original_dw.grad)
@@ -218,13 +218,7 @@ def test_training_mode_mobilenet_v2_on_triton_fuses_with_its_norms_kept_and_trai
     fused = [m for m in fast.modules() if isinstance(m, FusedSeparableConv2d)]
     originals = [block.conv[-3:] for block in model.features[1:18]]  # (dw conv, BN, ReLU6), 1x1 conv, BN
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    torch.manual_seed(4)  # the same dropout masks
-    expected = model(x)
-    torch.manual_seed(4)
-    got = fast(x)
-    torch.testing.assert_close(got, expected)
-    got.square().sum().backward()
-    expected.square().sum().backward()
+    step_both(model, fast, x)  # the same dropout masks
     for module, original in zip(fused, originals, strict=True):
         dw, norm, pw = original[0][0], original[0][1], original[1]  # Conv2dNormActivation(dw, BN, ReLU6), 1x1 conv
         torch.testing.assert_close(module.dw_weight.grad, dw.weight.grad)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sepconv.kernels import BatchNormArgs, ExcitationArgs, separable_conv2d, separable_conv2d_batch_norm
-from sepconv.kernels import differentiable_excitation as excitation_module
+from sepconv.kernels import depthwise as depthwise_module
 from sepconv.kernels.depthwise import resolve_padding_sides
 from sepconv.kernels.differentiable_excitation import GATES
 from sepconv.kernels.separable import MID_ACTIVATIONS
@@ -167,13 +167,13 @@ def test_the_depthwise_backward_runs_once_and_no_intermediate_is_kept(monkeypatc
     input-gradient and one weight-gradient pass; autograd keeps x and per-channel tensors only."""
     calls = {"input": 0, "weight": 0}
     for name, key in (("_grad_input", "input"), ("_grad_weight", "weight")):
-        original = getattr(excitation_module, name)
+        original = getattr(depthwise_module, name)
 
         def counted(*args, original=original, key=key):
             calls[key] += 1
             return original(*args)
 
-        monkeypatch.setattr(excitation_module, name, counted)
+        monkeypatch.setattr(depthwise_module, name, counted)
     cfg = BASE | {"layout": "contiguous"}
     x = torch.randn(3, 12, 9, 9, device=DEVICE, requires_grad=True)
     weights = [torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((24, 1, 3, 3), (40, 24, 1, 1))]

@@ -44,14 +44,12 @@ from sepconv.kernels.depthwise import (
     _batch_chunks,
     _DepthwiseConv2d,
     _geometry,
-    _grad_input,
-    _grad_weight,
     _tiles,
+    depthwise_gradients,
     differentiable,
     direct_launch_options,
     output_size,
     prepare_call,
-    run_kernel,
     run_op,
 )
 from sepconv.kernels.output_norm import (
@@ -297,16 +295,9 @@ def _train_backward(ctx, grad, *_statistics_grads):
         grad_mid, z, gamma, None, None, mean, invstd, True, ctx.eps, mask
     )
     del grad_mid, z
-    grad_z = grad_z.to(x.dtype)
     grads[3] = grad_gamma.to(norm_weight.dtype) if mask[1] else None
     grads[4] = grad_beta.to(norm_bias.dtype) if mask[2] else None
-    args, tensors = (grad_z, x, dw_weight, *ctx.geometry), (grad_z, x, dw_weight)
-    if needs[0]:
-        grads[0] = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
-    if needs[1] or (dw_bias is not None and needs[2]):
-        grad_weight, grad_bias = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_weight, _grad_weight, args, tensors)
-        grads[1] = grad_weight if needs[1] else None
-        grads[2] = grad_bias if dw_bias is not None and needs[2] else None
+    grads[:3] = depthwise_gradients(grad_z.to(x.dtype), x, dw_weight, dw_bias is not None, ctx.geometry, needs)
     return tuple(grads)
 
 

@@ -718,6 +718,22 @@ def _setup_context(ctx, inputs, output):
     )
 
 
+def depthwise_gradients(
+    grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, geometry: tuple, needs: Sequence[bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(grad_x, grad_weight, grad_bias)`` of the depthwise conv for its output gradient ``grad`` on our kernels
+    (default tiles), each where ``needs`` (x, weight, bias) asks: the depthwise part of a fused op's backward."""
+    grad_x = grad_weight = grad_bias = None
+    args, tensors = (grad, x, weight, *geometry), (grad, x, weight)
+    if needs[0]:
+        grad_x = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
+    if needs[1] or (has_bias and needs[2]):
+        grad_weight, grad_bias = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_weight, _grad_weight, args, tensors)
+        grad_weight = grad_weight if needs[1] else None
+        grad_bias = grad_bias if has_bias and needs[2] else None
+    return grad_x, grad_weight, grad_bias
+
+
 def _backward(ctx, grad):
     x, weight = ctx.saved_tensors
     needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]

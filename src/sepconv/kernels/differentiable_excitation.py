@@ -43,12 +43,10 @@ from sepconv.kernels.batch_norm import _moments, moment_parts
 from sepconv.kernels.depthwise import (
     _GEOMETRY,
     _DepthwiseConv2d,
-    _grad_input,
-    _grad_weight,
     _memory_format,
+    depthwise_gradients,
     differentiable,
     output_size,
-    run_kernel,
     run_op,
 )
 from sepconv.kernels.output_norm import (
@@ -319,14 +317,7 @@ def _excitation_backward(ctx, grad, *_statistics_grads):
     else:
         grad_z = grad_mid
     del grad_mid, z
-    grad_z = grad_z.to(x.dtype)
-    args, tensors = (grad_z, x, dw_weight, *ctx.geometry), (grad_z, x, dw_weight)
-    if needs[0]:
-        grads[0] = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
-    if needs[1] or (dw_bias is not None and needs[2]):
-        grad_weight, grad_bias = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_weight, _grad_weight, args, tensors)
-        grads[1] = grad_weight if needs[1] else None
-        grads[2] = grad_bias if dw_bias is not None and needs[2] else None
+    grads[:3] = depthwise_gradients(grad_z.to(x.dtype), x, dw_weight, dw_bias is not None, ctx.geometry, needs)
     return tuple(grads)
 
 

@@ -38,15 +38,13 @@ from sepconv.kernels.depthwise import (
     _batch_chunks,
     _DepthwiseConv2d,
     _geometry,
-    _grad_input,
-    _grad_weight,
     _memory_format,
     _static_taps,
+    depthwise_gradients,
     differentiable,
     interpreting,
     output_size,
     prepare_call,
-    run_kernel,
     run_op,
 )
 from sepconv.kernels.depthwise import _forward as _depthwise_forward
@@ -360,15 +358,9 @@ def _backward(ctx, grad):
         if ctx.activation:
             grad_mid = _activation_backward(grad_mid, pre, ctx.activation, out=pre)
         pre = None
-        args, tensors = (grad_mid, x, dw_weight, *ctx.geometry), (grad_mid, x, dw_weight)
-        if needs[0]:
-            grad_x = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
-        if needs[1] or needs[2]:
-            grad_dw, grad_dw_bias = run_kernel(
-                torch.ops.sepconv.depthwise_conv2d_grad_weight, _grad_weight, args, tensors
-            )
-            grad_dw = grad_dw if needs[1] else None
-            grad_dw_bias = grad_dw_bias if dw_bias is not None and needs[2] else None
+        grad_x, grad_dw, grad_dw_bias = depthwise_gradients(
+            grad_mid, x, dw_weight, dw_bias is not None, ctx.geometry, needs
+        )
     return grad_x, grad_dw, grad_dw_bias, grad_pw, grad_pw_bias, None, None, None, None
 
 
