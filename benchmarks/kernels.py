@@ -394,6 +394,16 @@ def separable_row(name, channels, size, out, kernel, stride, batch, dtype_name, 
 IMPLS = ("ours", "eager")  # each with running statistics of its own (compile shares eager's)
 
 
+def gradient_errors(names, ours: torch.Tensor, eager: torch.Tensor, inputs, grad) -> dict[str, float]:
+    """``max_rel_error_grad_{name}_vs_eager`` for each input: the largest difference of our gradient from eager's,
+    relative to eager's largest entry (a GPU-only error in a backward path shows here)."""
+    got, want = torch.autograd.grad(ours, inputs, grad), torch.autograd.grad(eager, inputs, grad)
+    return {
+        f"max_rel_error_grad_{name}_vs_eager": ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        for name, a, b in zip(names, got, want, strict=True)
+    }
+
+
 def separable_bn_row(name, channels, size, out, kernel, stride, batch, dtype_name, layout_name, *, device, compile_):
     """MobileNetV2's block in training: depthwise -> BatchNorm -> ReLU6 -> 1x1 -> BatchNorm, both norms with
     batch statistics (float32 parameters and running statistics, as under autocast). Ours:
@@ -430,12 +440,8 @@ def separable_bn_row(name, channels, size, out, kernel, stride, batch, dtype_nam
     inputs = tuple(t.detach().requires_grad_() for t in (x, dw, pw, *affine))
     y = eager(*inputs)
     grad = torch.randn_like(y)
-    got, want = torch.autograd.grad(ours(*inputs), inputs, grad), torch.autograd.grad(y, inputs, grad)
     names = ("x", "dw", "pw", "gamma", "out_gamma", "beta", "out_beta")
-    grad_errors = {  # relative to the largest eager entry: a GPU-only error in a backward path shows here
-        f"max_rel_error_grad_{name}_vs_eager": ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-        for name, a, b in zip(names, got, want, strict=True)
-    }
+    grad_errors = gradient_errors(names, ours(*inputs), y, inputs, grad)
     shape = (name, channels, size, out, kernel, stride, batch, dtype_name, layout_name)
     row = _block_row("separable_bn", shape, x, y) | grad_errors
     row["max_abs_error_vs_eager"] = (ours(*inputs).float() - y.float()).abs().max().item()
@@ -524,13 +530,9 @@ def separable_se_train_row(
     )
     y = eager(*inputs)
     grad = torch.randn_like(y)
-    got, want = torch.autograd.grad(ours(*inputs), inputs, grad), torch.autograd.grad(y, inputs, grad)
     names = ("x", "dw", "pw", "reduce", "reduce_bias", "expand", "expand_bias", "gamma", "out_gamma", "beta",
              "out_beta")  # fmt: skip
-    grad_errors = {  # relative to the largest eager entry
-        f"max_rel_error_grad_{name}_vs_eager": ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-        for name, a, b in zip(names, got, want, strict=True)
-    }
+    grad_errors = gradient_errors(names, ours(*inputs), y, inputs, grad)
     shape = (name, channels, size, out, kernel, stride, batch, dtype_name, layout_name)
     row = _block_row("separable_se_train", shape, x, y) | grad_errors
     row["max_abs_error_vs_eager"] = (ours(*inputs).float() - y.float()).abs().max().item()
