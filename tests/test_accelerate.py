@@ -443,6 +443,45 @@ def test_timm_mobilenetv2_in_training_on_triton_keeps_its_norms_and_trains_as_th
         torch.testing.assert_close(fast.eval()(x), model.eval()(x))
 
 
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_large_100"])
+def test_timm_blocks_with_squeeze_excitation_train_on_triton_as_the_original(name):
+    """timm's efficientnet_b0 (SiLU, sigmoid gate) and mobilenetv3_large_100 (ReLU / Hardswish, hard sigmoid gate)
+    in training, backend="triton": each block with a squeeze-excitation is one fused module keeping its
+    BatchNormAct2d (activation fused), the SqueezeExcite and the projection's norm; outputs and the gradients of
+    every parameter of the original, running statistics and batch counts equal the original's."""
+    torch.manual_seed(6)
+    model = randomize_norms(timm.create_model(name, pretrained=False)).double().train()
+    stem = nn.Sequential(model.conv_stem, model.bn1, *model.blocks[:3])  # blocks with and without SE
+    fast, changes = accelerate(stem, backend="triton")  # on CPU: Triton's interpreter
+    fused = [c for c in changes if c.kind == "fused separable"]
+    with_se = [c for c in fused if c.excitation]
+    assert with_se and all(len(c.batch_norms) == 2 for c in fused)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    step_both(stem, fast, x)
+    fast_parameters = dict(fast.named_parameters())
+    fused_modules = {path: m for path, m in fast.named_modules() if isinstance(m, FusedSeparableConv2d)}
+    compared = 0
+    for path, module in fused_modules.items():  # the kept squeeze-excitations: their convs' gradients
+        block = path.rsplit(".", 1)[0]
+        if module.excitation is not None:
+            original = stem.get_submodule(f"{block}.se")
+            for a, b in zip(module.excitation.parameters(), original.parameters(), strict=True):
+                torch.testing.assert_close(a.grad, b.grad)
+                compared += 1
+        original_block = stem.get_submodule(block)
+        mid_norm = (
+            original_block.bn1 if type(original_block).__name__ == "DepthwiseSeparableConv" else original_block.bn2
+        )
+        torch.testing.assert_close(module.dw_weight.grad, original_block.conv_dw.weight.grad)
+        for name_ in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(module.mid_norm, name_), getattr(mid_norm, name_))
+        torch.testing.assert_close(module.mid_norm.weight.grad, mid_norm.weight.grad)
+    assert compared == 4 * len(with_se)
+    for name_, parameter in stem.named_parameters():  # what no fused module absorbed: as in the original
+        if name_ in fast_parameters:
+            torch.testing.assert_close(fast_parameters[name_].grad, parameter.grad, msg=name_)
+
+
 def test_timm_block_whose_projection_norm_has_an_activation_keeps_that_norm():
     """DepthwiseSeparableConv(pw_act=True): the activation after the 1x1 conv cannot be fused, so its
     BatchNormAct2d stays as it is and only the part before it is fused (its first norm folded). In training
