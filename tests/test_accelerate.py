@@ -163,6 +163,32 @@ def test_training_mode_efficientnet_b0_on_triton_fuses_the_whole_block_and_train
         torch.testing.assert_close(fast.eval()(x), model.eval()(x))
 
 
+def test_a_hooked_squeeze_excitation_is_called_by_the_fused_module():
+    """A forward hook on the kept squeeze-excitation (or one of its convs) must see its call: the fused module then
+    runs it as a module (our depthwise kernel before it), with the same output; without hooks the fused op
+    computes it and the module is not called."""
+    from torchvision.ops import SqueezeExcitation
+
+    torch.manual_seed(7)
+    block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.SiLU(), SqueezeExcitation(8, 2, nn.SiLU),
+                          nn.Conv2d(8, 6, 1)).double().eval()  # fmt: skip
+    fast, changes = accelerate(block, backend="triton")
+    assert changes[0].excitation == "2"
+    fused = fast[0] if isinstance(fast, nn.Sequential) else fast
+    x = torch.randn(2, 8, 7, 7, dtype=torch.float64)
+    calls = []
+    with torch.no_grad():
+        expected = block(x)
+        fused.excitation.forward = lambda _: pytest.fail("the unhooked squeeze-excitation ran as a module")
+        torch.testing.assert_close(fast(x), expected)
+        del fused.excitation.forward  # the class's again
+        for hooked in (fused.excitation, fused.excitation.fc1):
+            handle = hooked.register_forward_hook(lambda module, args, output: calls.append(type(module).__name__))
+            torch.testing.assert_close(fast(x), expected)
+            handle.remove()
+    assert calls == ["SqueezeExcitation", "Conv2d"]
+
+
 @pytest.mark.parametrize(
     ("factory", "gate"),
     [

@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from sepconv.dispatch import backend_arg, batch_norm_2d, batch_norm_separable_forward, fused_activation, use_triton
 from sepconv.folding import fold_batch_norm, foldable_norm
-from sepconv.layers import DepthwiseConv2d, PointwiseConv2d, SeparableConv2d, pad_same
+from sepconv.layers import DepthwiseConv2d, PointwiseConv2d, SeparableConv2d, _unhooked, pad_same
 from sepconv.squeeze_excitation import excitation_gate, excitation_scale, is_excitation
 
 __all__ = ["Acceleration", "FusedSeparableConv2d", "accelerate"]
@@ -172,10 +172,15 @@ class FusedSeparableConv2d(nn.Module):
         return out if self.out_norm is None else nn.BatchNorm2d.forward(self.out_norm, out)
 
     def _fuses_excitation(self, input: Tensor) -> bool:
-        """Whether the fused kernel computes this call's squeeze-excitation (if any): always where its gate is one
-        the kernel's backward knows (:func:`~sepconv.squeeze_excitation.excitation_gate`), else for inference only
-        (no gradient needed) with no norm normalizing with batch statistics; otherwise PyTorch's modules run it."""
-        if self.excitation is None or excitation_gate(self.excitation) is not None:
+        """Whether the fused kernel computes this call's squeeze-excitation (if any): not where a hook on it or its
+        parts would miss its call; always where its gate is one the kernel's backward knows
+        (:func:`~sepconv.squeeze_excitation.excitation_gate`), else for inference only (no gradient needed) with no
+        norm normalizing with batch statistics; otherwise PyTorch's modules run it."""
+        if self.excitation is None:
+            return True
+        if not _unhooked(*self.excitation.modules()):  # a hook on it or its parts must see their calls
+            return False
+        if excitation_gate(self.excitation) is not None:
             return True
         tensors = (input, *self.parameters())
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
