@@ -41,7 +41,7 @@ from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.differentiable_excitation import ExcitationArgs
 from sepconv.kernels.output_norm import BatchNormArgs
 from sepconv.kernels.separable import separable_conv2d
-from sepconv.memory import peak_live_bytes
+from sepconv.memory import LiveBytes
 
 QUICK_SHAPES = [("tiny 8x6->4", 8, 6, 4, 3, 1, 2)]
 # (activation, training-mode BatchNorm before it, training-mode BatchNorm after the 1x1 conv, squeeze-excitation)
@@ -118,8 +118,19 @@ def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, *mid
             y = F.conv2d(act(F.conv2d(x, dw, None, stride, k // 2, 1, c)), pw)
         return torch.autograd.grad(y, leaves, grad)
 
-    peaks = {impl: peak_live_bytes(fn) for impl, fn in (("ours", ours), ("eager", eager))}
+    trackers = {}
+    for impl, fn in (("ours", ours), ("eager", eager)):
+        with LiveBytes() as trackers[impl]:
+            fn()
+    peaks = {impl: tracker.peak for impl, tracker in trackers.items()}
     intermediate = batch * c * out * out * 4
+    composition = {  # what each peak is made of: the tensors alive then, in intermediates (those above 1%)
+        f"{impl}_peak_composition": [
+            round(size / intermediate, 3) for size in t.peak_sizes if size > intermediate / 100
+        ]
+        for impl, t in trackers.items()
+    }
+    composition |= {f"{impl}_peak_after": t.peak_after for impl, t in trackers.items()}
     return {
         "shape": name,
         "batch": batch,
@@ -133,6 +144,7 @@ def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, *mid
         **{f"{impl}_peak_bytes": peak for impl, peak in peaks.items()},
         **{f"{impl}_peak_intermediates": peak / intermediate for impl, peak in peaks.items()},
         "ours_over_eager": peaks["ours"] / peaks["eager"],
+        **composition,
     }
 
 

@@ -31,11 +31,22 @@ __all__ = ["LiveBytes", "peak_live_bytes"]
 
 class LiveBytes(TorchDispatchMode):
     """While active, ``peak`` is the most bytes of storages allocated under it and alive at once, sampled after
-    every operator; ``live`` the bytes alive now."""
+    every operator; ``peak_sizes`` the sizes of those storages (largest first) and ``peak_after`` the operator
+    after which the peak was reached: what the peak is made of; ``live`` the bytes alive now.
+
+    >>> with LiveBytes() as tracker:
+    ...     a, b = torch.ones(100), torch.ones(10)
+    ...     del a
+    ...     c = b * 2
+    >>> tracker.peak, tracker.peak_sizes, tracker.peak_after
+    (440, [400, 40], 'aten.ones.default')
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.peak = 0
+        self.peak_sizes: list[int] = []
+        self.peak_after = ""
         self._storages: dict[int, tuple[weakref.ref, int]] = {}  # data pointer -> (storage, bytes)
 
     @property
@@ -54,7 +65,10 @@ class LiveBytes(TorchDispatchMode):
             if pointer in inputs or (known is not None and known[0]() is storage):
                 continue  # a view or an in-place result: its storage is counted already, or is not the call's
             self._storages[pointer] = (weakref.ref(storage), storage.nbytes())
-        self.peak = max(self.peak, self.live)
+        live = self.live
+        if live > self.peak:
+            self.peak, self.peak_after = live, str(func)
+            self.peak_sizes = sorted((size for ref, size in self._storages.values() if ref() is not None), reverse=True)
         return out
 
 
