@@ -1,13 +1,27 @@
 """sepconv.cpu_timing: the strategy's timings — interleaved rounds, warm-up, early exits, round caps — on steps
-whose work is a known ``time.sleep``, their counted calls the truth."""
+whose work is a known duration, their counted calls the truth. The durations pass on a virtual clock (the
+module's ``time.perf_counter``), not in real sleeps: a loaded machine's sleeps overshoot by milliseconds, which
+decided close calls at random."""
 
 from __future__ import annotations
 
-import time
+import types
 
 import pytest
 
 from sepconv import cpu_timing
+
+_now = [0.0]
+
+
+def sleep(seconds: float) -> None:
+    """Let ``seconds`` pass on the virtual clock ``cpu_timing`` reads."""
+    _now[0] += seconds
+
+
+@pytest.fixture(autouse=True)
+def virtual_clock(monkeypatch):
+    monkeypatch.setattr(cpu_timing, "time", types.SimpleNamespace(perf_counter=lambda: _now[0]))
 
 
 def sleeping_steps(seconds: float, *names: str) -> tuple[dict[str, int], dict[str, object]]:
@@ -17,7 +31,7 @@ def sleeping_steps(seconds: float, *names: str) -> tuple[dict[str, int], dict[st
     def step(name: str):
         def run() -> None:
             calls[name] += 1
-            time.sleep(seconds)
+            sleep(seconds)
 
         return run
 
@@ -53,7 +67,7 @@ def test_a_step_far_behind_drops_out_while_the_others_are_timed_on(monkeypatch) 
     def step(name: str, seconds: float):
         def run() -> None:
             calls[name] += 1
-            time.sleep(seconds)
+            sleep(seconds)
 
         return run
 
@@ -73,7 +87,7 @@ def test_close_steps_get_more_timed_rounds(monkeypatch, b_seconds: float, timed:
     def step(name: str, seconds: float):
         def run() -> None:
             calls[name] += 1
-            time.sleep(seconds)
+            sleep(seconds)
 
         return run
 
@@ -112,7 +126,7 @@ def test_a_slow_step_far_behind_ends_the_timing_in_the_first_warm_up_round(monke
 
     def slow() -> None:
         calls["slow"] += 1
-        time.sleep(4 * cpu_timing.SLOW_STEP_S)
+        sleep(4 * cpu_timing.SLOW_STEP_S)
 
     def fast() -> None:
         calls["fast"] += 1
@@ -129,11 +143,11 @@ def test_a_first_call_slow_by_a_one_time_cost_does_not_end_the_timing() -> None:
 
     def a() -> None:
         calls["a"] += 1
-        time.sleep(2 * cpu_timing.SLOW_STEP_S if calls["a"] == 1 else 0.002)
+        sleep(2 * cpu_timing.SLOW_STEP_S if calls["a"] == 1 else 0.002)
 
     def b() -> None:
         calls["b"] += 1
-        time.sleep(0.01)
+        sleep(0.01)
 
     times = cpu_timing.time_candidates({"a": a, "b": b})
     assert calls["a"] > 1 and calls["b"] > 1
@@ -149,11 +163,11 @@ def test_a_round_that_measured_a_nested_decision_cannot_end_the_timing() -> None
         calls["a"] += 1
         if calls["a"] == 1:
             cpu_timing.note_measurement()
-            time.sleep(4 * cpu_timing.SLOW_STEP_S)
+            sleep(4 * cpu_timing.SLOW_STEP_S)
 
     def b() -> None:
         calls["b"] += 1
-        time.sleep(0.01)
+        sleep(0.01)
 
     times = cpu_timing.time_candidates({"a": a, "b": b})
     assert calls["a"] > 1 and calls["b"] > 1

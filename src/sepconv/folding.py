@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sepconv._dtypes import accumulation_dtype, cast
+
 __all__ = ["fold_batch_norm", "fold_statistics", "foldable_norm"]
 
 
@@ -54,14 +56,15 @@ def fold_statistics(
     given: running ones, or a batch's) as one conv, differentiable in all of them. Computed in at least float32
     and in ``dtype``'s precision, returned in ``dtype`` (default: ``weight``'s)."""
     dtype = weight.dtype if dtype is None else dtype
-    compute = torch.promote_types(torch.promote_types(weight.dtype, dtype), torch.float32)
-    scale = (var.to(compute) + eps).rsqrt()
+    compute = accumulation_dtype(weight.dtype, dtype)
+    scale = (cast(var, compute) + eps).rsqrt()  # out of place throughout: differentiable in every input
     if norm_weight is not None:
-        scale = scale * norm_weight.to(compute)
-    shift = -mean.to(compute) * scale
-    if norm_bias is not None:
-        shift = shift + norm_bias.to(compute)
+        scale = scale * cast(norm_weight, compute)
+    if norm_bias is None:
+        shift = -(cast(mean, compute) * scale)
+    else:
+        shift = torch.addcmul(cast(norm_bias, compute), cast(mean, compute), scale, value=-1)
     if bias is not None:
-        shift = shift + bias.to(compute) * scale
-    folded = weight.to(compute) * scale.view(-1, *([1] * (weight.dim() - 1)))
-    return folded.to(dtype), shift.to(dtype)
+        shift = torch.addcmul(shift, cast(bias, compute), scale)
+    folded = cast(weight, compute) * scale.view(-1, *([1] * (weight.dim() - 1)))
+    return cast(folded, dtype), cast(shift, dtype)

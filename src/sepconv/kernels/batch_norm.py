@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
+from sepconv._dtypes import accumulation_dtype, cast
 from sepconv.folding import fold_statistics
 from sepconv.kernels._depthwise_triton import depthwise_moments_kernel
 from sepconv.kernels.depthwise import (
@@ -180,7 +181,7 @@ def moment_parts(x, weight, bias, stride, padding, dilation, activation: int = 0
     channels, weight = weight.shape[0], weight.contiguous()
     tiles = _tiles(x, out_h * out_w, channels, weight.shape[2:])
     programs = tiles.pixel_programs(out_h, out_w)
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = accumulation_dtype(x.dtype)
     sums = torch.empty(x.shape[0], programs, channels, dtype=compute, device=x.device)
     squares, counts = torch.empty_like(sums), torch.empty(programs, dtype=compute, device=x.device)
     for xs, sums_part, squares_part in _batch_chunks(x, sums, squares):
@@ -258,6 +259,7 @@ def _train_setup_context(ctx, inputs, output):
     # the mid norm's statistics are for the running ones (updated without autograd); the output's for
     # output_norm.normalize, whose backward carries their terms
     ctx.mark_non_differentiable(mean, var, out_mean, out_var)
+    ctx.set_materialize_grads(False)  # no zero gradients made for them (operators on the host path); see backward
 
 
 def _train_backward(ctx, grad, *_statistics_grads):
@@ -267,26 +269,28 @@ def _train_backward(ctx, grad, *_statistics_grads):
     x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, mean, var = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grads: list[Tensor | None] = [None] * 13
+    if grad is None:  # gradients are not materialized: y did not reach the loss
+        return tuple(grads)
     if ctx.has_pw_bias and needs[6]:
         grads[6] = grad.sum((0, 2, 3))
     depthwise_args = (x, dw_weight, dw_bias, *ctx.geometry)
     z = run_op(torch.ops.sepconv.depthwise_conv2d, _DepthwiseConv2d, depthwise_args, (x, dw_weight, dw_bias))
     work = norm_dtype(z)
-    z = z.to(work)
-    gamma, beta = (None if t is None else t.to(mean.dtype) for t in (norm_weight, norm_bias))  # as the statistics
+    z = cast(z, work)
+    gamma, beta = cast(norm_weight, mean.dtype), cast(norm_bias, mean.dtype)  # as the statistics
 
     def normalized(z: Tensor) -> Tensor:  # the norm's output from z (PyTorch's eval-mode batch norm)
         return torch.batch_norm(z, gamma, beta, mean, var, False, 0.0, ctx.eps, False)
 
     if needs[5]:  # the 1x1 weight's gradient, on the activated norm output
-        mid = _activate(normalized(z), ctx.activation).to(x.dtype)
+        mid = cast(_activate(normalized(z), ctx.activation), x.dtype)
         grads[5] = torch.ops.aten.convolution_backward(
             grad, mid, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
         )[1]
         del mid
     if not any(needs[:5]):
         return tuple(grads)
-    grad_mid = F.conv2d(grad, pw_weight.transpose(0, 1)).to(work)  # the 1x1 conv's input gradient
+    grad_mid = cast(F.conv2d(grad, pw_weight.transpose(0, 1)), work)  # the 1x1 conv's input gradient
     if ctx.activation:
         grad_mid = _activation_backward(grad_mid, normalized(z), ctx.activation, out=grad_mid)
     invstd = (var + ctx.eps).rsqrt()
@@ -295,9 +299,9 @@ def _train_backward(ctx, grad, *_statistics_grads):
         grad_mid, z, gamma, None, None, mean, invstd, True, ctx.eps, mask
     )
     del grad_mid, z
-    grads[3] = grad_gamma.to(norm_weight.dtype) if mask[1] else None
-    grads[4] = grad_beta.to(norm_bias.dtype) if mask[2] else None
-    grads[:3] = depthwise_gradients(grad_z.to(x.dtype), x, dw_weight, dw_bias is not None, ctx.geometry, needs)
+    grads[3] = cast(grad_gamma, norm_weight.dtype) if mask[1] else None
+    grads[4] = cast(grad_beta, norm_bias.dtype) if mask[2] else None
+    grads[:3] = depthwise_gradients(cast(grad_z, x.dtype), x, dw_weight, dw_bias is not None, ctx.geometry, needs)
     return tuple(grads)
 
 

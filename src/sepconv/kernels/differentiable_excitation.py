@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sepconv._dtypes import accumulation_dtype, cast
 from sepconv.folding import fold_statistics
 from sepconv.kernels.batch_norm import _moments, moment_parts
 from sepconv.kernels.depthwise import (
@@ -181,7 +182,7 @@ def _excitation_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight
     ``batch_statistics``, else empty), the output's (with ``out_statistics``, else empty) and the activation's
     per-image channel means (N, C·m) the gate was computed from (float32, float64 for float64)."""
     geometry = (stride, padding, dilation)
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = accumulation_dtype(x.dtype)
     mean, var, out_mean, out_var = (x.new_empty(0, dtype=compute) for _ in range(4))  # distinct: no aliases
     weight, bias = dw_weight, dw_bias
     if batch_statistics:
@@ -190,7 +191,7 @@ def _excitation_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight
     counts, sums, _ = moment_parts(x, weight, bias, *geometry, activation, rounded=True)
     means = sums.sum(1) / counts.sum()
     gate_tensors = (reduce_weight, reduce_bias, expand_weight, expand_bias)
-    scale = _squeeze(means.to(x.dtype), *gate_tensors, excitation_activation, gate)[0]
+    scale = _squeeze(cast(means, x.dtype), *gate_tensors, excitation_activation, gate)[0]
     y = _separable_forward(x, weight, bias, pw_weight, pw_bias, *geometry, activation, statistics=out_statistics,
                            scale=scale)  # fmt: skip
     if out_statistics:
@@ -236,29 +237,29 @@ def _setup_context(ctx, inputs, output):
     # the statistics are for the running ones and output_norm.normalize (whose backward carries their terms); the
     # means' gradient is in the backward below
     ctx.mark_non_differentiable(mean, var, out_mean, out_var, means)
+    ctx.set_materialize_grads(False)  # no zero gradients made for them (operators on the host path); see backward
 
 
-def _squeeze_backward(grad_scale: Tensor, means: Tensor, gate_tensors: tuple, codes: tuple[int, int]):
-    """Gradients of the gate at ``means`` (N, C·m, as the forward computed it) for ``grad_scale`` (N, C·m):
-    ``(grad_means, grad_reduce_weight, grad_reduce_bias, grad_expand_weight, grad_expand_bias)``, computed in
-    ``grad_scale``'s dtype; the weights' in their shapes."""
+def _squeeze_backward(grad_scale: Tensor, means: Tensor, squeezed: tuple, gate_tensors: tuple, codes: tuple):
+    """Gradients of the gate for ``grad_scale`` (N, C·m): ``(grad_means, grad_reduce_weight, grad_reduce_bias,
+    grad_expand_weight, grad_expand_bias)``, computed in ``grad_scale``'s dtype, the weights' in their shapes;
+    ``means`` and ``squeezed`` (:func:`_squeeze`'s results) as the forward computed them."""
     work = grad_scale.dtype
-    reduce_weight, reduce_bias, expand_weight, expand_bias = (None if t is None else t.to(work) for t in gate_tensors)
-    means = means.to(work)
-    scale, hidden_pre, hidden, expand_pre = _squeeze(means, reduce_weight, reduce_bias, expand_weight, expand_bias,
-                                                     *codes)  # fmt: skip
-    aten = torch.ops.aten
+    scale, hidden_pre, hidden, expand_pre = (cast(t, work) for t in squeezed)
+    reduce_weight, expand_weight = cast(gate_tensors[0], work).flatten(1), cast(gate_tensors[2], work).flatten(1)
     if codes[1] == 0:
-        grad_pre = aten.sigmoid_backward(grad_scale, scale)
+        grad_pre = torch.ops.aten.sigmoid_backward(grad_scale, scale)
     else:
-        grad_pre = aten.hardsigmoid_backward(grad_scale, expand_pre)
-    grad_expand_weight = (grad_pre.T @ hidden).view(expand_weight.shape)
-    grad_hidden = grad_pre @ expand_weight.flatten(1)
+        grad_pre = torch.ops.aten.hardsigmoid_backward(grad_scale, expand_pre)
+    grad_expand_weight = grad_pre.T @ hidden
+    grad_hidden = grad_pre @ expand_weight
     if codes[0]:
-        grad_hidden = _activation_backward(grad_hidden, hidden_pre, codes[0], out=torch.empty_like(grad_hidden))
-    grad_reduce_weight = (grad_hidden.T @ means).view(reduce_weight.shape)
-    grad_means = grad_hidden @ reduce_weight.flatten(1)
-    return grad_means, grad_reduce_weight, grad_hidden.sum(0), grad_expand_weight, grad_pre.sum(0)
+        grad_hidden = _activation_backward(grad_hidden, hidden_pre, codes[0], out=grad_hidden)
+    grad_reduce_weight = grad_hidden.T @ cast(means, work)
+    grad_means = grad_hidden @ reduce_weight
+    shapes = (gate_tensors[0].shape, gate_tensors[2].shape)
+    return (grad_means, grad_reduce_weight.view(shapes[0]), grad_hidden.sum(0), grad_expand_weight.view(shapes[1]),
+            grad_pre.sum(0))  # fmt: skip
 
 
 def _excitation_backward(ctx, grad, *_statistics_grads):
@@ -270,23 +271,26 @@ def _excitation_backward(ctx, grad, *_statistics_grads):
     gate_tensors = (reduce_weight, reduce_bias, expand_weight, expand_bias)
     needs = ctx.needs_input_grad
     grads: list[Tensor | None] = [None] * 20
+    if grad is None:  # gradients are not materialized: y did not reach the loss
+        return tuple(grads)
     activation = ctx.codes[0]
     if ctx.has_pw_bias and needs[6]:
         grads[6] = grad.sum((0, 2, 3))
     depthwise_args = (x, dw_weight, dw_bias, *ctx.geometry)
     z = run_op(torch.ops.sepconv.depthwise_conv2d, _DepthwiseConv2d, depthwise_args, (x, dw_weight, dw_bias))
     work = norm_dtype(z) if ctx.batch_statistics else z.dtype
-    z = z.to(work)
-    gamma, beta = (None if t is None else t.to(mean.dtype) for t in (norm_weight, norm_bias))  # as the statistics
+    z = cast(z, work)
+    gamma, beta = cast(norm_weight, mean.dtype), cast(norm_bias, mean.dtype)  # as the statistics
 
     def pre_activation(z: Tensor) -> Tensor:  # the mid norm's output (PyTorch's eval-mode batch norm, the batch's)
         return torch.batch_norm(z, gamma, beta, mean, var, False, 0.0, ctx.eps, False) if ctx.batch_statistics else z
 
     compute = means.dtype
-    scale = _squeeze(means.to(x.dtype), *gate_tensors, *ctx.codes[1:])[0]  # as the forward: (N, C·m), x's dtype
-    mid = _activate(pre_activation(z), activation).to(x.dtype)  # the activation as stored
+    squeezed = _squeeze(cast(means, x.dtype), *gate_tensors, *ctx.codes[1:])  # as the forward: x's dtype
+    scale = squeezed[0].view(*squeezed[0].shape, 1, 1)  # (N, C·m, 1, 1)
+    mid = cast(_activate(pre_activation(z), activation), x.dtype)  # the activation as stored
     if needs[5]:  # the 1x1 weight's gradient, on the scaled activation
-        scaled = mid * scale[:, :, None, None]
+        scaled = mid * scale
         grads[5] = torch.ops.aten.convolution_backward(
             grad, scaled, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
         )[1]
@@ -296,14 +300,14 @@ def _excitation_backward(ctx, grad, *_statistics_grads):
     grad_scaled = F.conv2d(grad, pw_weight.transpose(0, 1))  # the 1x1 conv's input gradient
     grad_scale = (grad_scaled * mid).sum((2, 3), dtype=compute)
     del mid
-    grad_means, *gate_grads = _squeeze_backward(grad_scale, means.to(x.dtype), gate_tensors, ctx.codes[1:])
+    grad_means, *gate_grads = _squeeze_backward(grad_scale, cast(means, x.dtype), squeezed, gate_tensors, ctx.codes[1:])
     for i, (t, g) in enumerate(zip(gate_tensors, gate_grads, strict=True), start=7):
-        grads[i] = g.to(t.dtype) if t is not None and needs[i] else None
+        grads[i] = cast(g, t.dtype) if t is not None and needs[i] else None
     if not any(needs[:5]):
         return tuple(grads)
     pixels = grad.shape[2] * grad.shape[3]
-    grad_mid = grad_scaled.to(work).mul_(scale.to(work)[:, :, None, None])  # through the scale, and the means:
-    grad_mid.add_((grad_means / pixels).to(work)[:, :, None, None])  # each pixel's share of its channel's mean
+    grad_mid = cast(grad_scaled, work).mul_(cast(scale, work))  # through the scale, and through the means: each
+    grad_mid.add_(cast(grad_means / pixels, work).view(scale.shape))  # pixel's share of its channel's mean
     del grad_scaled
     if activation:
         grad_mid = _activation_backward(grad_mid, pre_activation(z), activation, out=grad_mid)
@@ -312,12 +316,12 @@ def _excitation_backward(ctx, grad, *_statistics_grads):
         grad_z, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
             grad_mid, z, gamma, None, None, mean, (var + ctx.eps).rsqrt(), True, ctx.eps, mask
         )
-        grads[3] = grad_gamma.to(norm_weight.dtype) if mask[1] else None
-        grads[4] = grad_beta.to(norm_bias.dtype) if mask[2] else None
+        grads[3] = cast(grad_gamma, norm_weight.dtype) if mask[1] else None
+        grads[4] = cast(grad_beta, norm_bias.dtype) if mask[2] else None
     else:
         grad_z = grad_mid
     del grad_mid, z
-    grads[:3] = depthwise_gradients(grad_z.to(x.dtype), x, dw_weight, dw_bias is not None, ctx.geometry, needs)
+    grads[:3] = depthwise_gradients(cast(grad_z, x.dtype), x, dw_weight, dw_bias is not None, ctx.geometry, needs)
     return tuple(grads)
 
 

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from sepconv._dtypes import cast
 from sepconv.folding import fold_statistics
 from sepconv.kernels.depthwise import _GEOMETRY, _memory_format, differentiable, output_size, run_op
 from sepconv.kernels.separable import _backward, _forward, _SeparableConv2d, _setup_context
@@ -110,8 +111,8 @@ def update_running_statistics(norm: BatchNormArgs, mean: Tensor, var: Tensor, co
     if norm.running_mean is None or norm.running_var is None:
         return
     with torch.no_grad():
-        norm.running_mean.lerp_(mean.to(norm.running_mean.dtype), norm.momentum)
-        norm.running_var.lerp_(var.mul(count).div(count - 1).to(norm.running_var.dtype), norm.momentum)
+        norm.running_mean.lerp_(cast(mean, norm.running_mean.dtype), norm.momentum)
+        norm.running_var.lerp_(cast(var * (count / (count - 1)), norm.running_var.dtype), norm.momentum)
 
 
 def norm_dtype(t: Tensor) -> torch.dtype:
@@ -168,10 +169,11 @@ def _(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, acti
 def _statistics_setup_context(ctx, inputs, output):
     _setup_context(ctx, inputs, output[0])
     ctx.mark_non_differentiable(output[1], output[2])  # normalize's backward carries the statistics' terms
+    ctx.set_materialize_grads(False)  # no zero gradients made for them (operators on the host path)
 
 
 def _statistics_backward(ctx, grad, _grad_mean=None, _grad_var=None):
-    return _backward(ctx, grad)
+    return (None,) * 9 if grad is None else _backward(ctx, grad)
 
 
 def _statistics_forward(*inputs):
@@ -187,10 +189,11 @@ _SeparableStatistics = differentiable(
 
 
 def _normalize(y, mean, var, weight, bias, eps):
-    work = norm_dtype(y)
-    weight, bias = (None if t is None else t.to(mean.dtype) for t in (weight, bias))
-    out = torch.batch_norm(y.to(work), weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled)
-    return out.to(y.dtype)
+    weight, bias = cast(weight, mean.dtype), cast(bias, mean.dtype)
+    out = torch.batch_norm(
+        cast(y, norm_dtype(y)), weight, bias, mean, var, False, 0.0, eps, torch.backends.cudnn.enabled
+    )
+    return cast(out, y.dtype)
 
 
 @torch.library.custom_op(
@@ -222,13 +225,13 @@ def _normalize_backward(ctx, grad):
     if not any(mask):
         return None, None, None, None, None, None
     work = norm_dtype(y)
-    gamma = None if weight is None else weight.to(mean.dtype)
     grad_y, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-        grad.to(work), y.to(work), gamma, None, None, mean, (var + ctx.eps).rsqrt(), True, ctx.eps, mask
-    )
-    grad_y = grad_y.to(y.dtype) if mask[0] else None
-    grad_weight = grad_weight.to(weight.dtype) if mask[1] else None
-    grad_bias = grad_bias.to(ctx.bias_dtype) if mask[2] else None
+        cast(grad, work), cast(y, work), cast(weight, mean.dtype), None, None, mean, (var + ctx.eps).rsqrt(), True,
+        ctx.eps, mask,
+    )  # fmt: skip
+    grad_y = cast(grad_y, y.dtype) if mask[0] else None
+    grad_weight = cast(grad_weight, weight.dtype) if mask[1] else None
+    grad_bias = cast(grad_bias, ctx.bias_dtype) if mask[2] else None
     return grad_y, None, None, grad_weight, grad_bias, None
 
 

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sepconv._dtypes import accumulation_dtype
 from sepconv.cpu_pointwise import pointwise_matmul
 from sepconv.kernels._depthwise_triton import separable_forward_kernel
 from sepconv.kernels.depthwise import (
@@ -228,7 +229,7 @@ def _forward(
     dw_weight, pw_weight = dw_weight.contiguous(), pw_weight.contiguous()
     tiles = tiles or _tiles(out_h * out_w, c_mid, c_out)
     programs = triton.cdiv(out_h * out_w, tiles.block_p)
-    compute = torch.promote_types(x.dtype, torch.float32)
+    compute = accumulation_dtype(x.dtype)
     parts = (torch.empty(x.shape[0], programs, c_out, dtype=compute, device=x.device) for _ in range(2))
     sums, squares = parts if statistics else (y, y)  # y: an unused pointer
     scales = y if scale is None else scale.contiguous()  # y: an unused pointer
