@@ -49,7 +49,7 @@ from sepconv.kernels.separable import separable_conv2d
 CHANNELS, OUT, SIZE, KERNEL, SQUEEZED = 32, 16, 8, 3, 8
 _KERNELS = {
     depthwise_module: ("depthwise_forward_kernel", "depthwise_grad_input_kernel", "depthwise_grad_weight_kernel"),
-    separable_module: ("separable_forward_kernel",),
+    separable_module: ("separable_forward_kernel", "finalize_moments_kernel"),
     batch_norm_module: ("depthwise_moments_kernel",),
 }
 

@@ -70,6 +70,8 @@ def record_launch(
     k = weight.shape[-1]
     geometry = ((stride, stride), (k // 2,) * 4, (1, 1))
     setattr(module, name, recorder)
+    finalize = sep.finalize_moments_kernel  # launched after the statistics' kernels: stubbed, not recorded
+    sep.finalize_moments_kernel = _Recorder(finalize)
     try:
         if kernel in ("separable", "separable_stats"):  # _stats: with the output norm's statistics epilogue
             pw_weight = torch.empty(out_channels or weight.shape[0], weight.shape[0], 1, 1, dtype=x.dtype)
@@ -87,6 +89,7 @@ def record_launch(
             launch(grad, x, weight, *geometry, tiles=tiles)
     finally:
         setattr(module, name, recorder.kernel)
+        sep.finalize_moments_kernel = finalize
     (grid, args, kwargs), = recorder.calls  # fmt: skip
     return recorder.kernel, grid, args, kwargs
 

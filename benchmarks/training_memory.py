@@ -54,7 +54,7 @@ MIDS = (
 )
 _KERNELS = {
     depthwise_module: ("depthwise_forward_kernel", "depthwise_grad_input_kernel", "depthwise_grad_weight_kernel"),
-    separable_module: ("separable_forward_kernel",),
+    separable_module: ("separable_forward_kernel", "finalize_moments_kernel"),
     batch_norm_module: ("depthwise_moments_kernel",),
 }
 

@@ -21,8 +21,10 @@ def compile_one(fn, data: str, constexprs: dict, capability: int) -> None:
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("partial_ptr", "sum_ptr", "m2_ptr", "count_ptr"):  # partial sums: the accumulator dtype
-            signature[name] = "*fp64" if data == "fp64" else "*fp32"
+        elif name in ("partial_ptr", "sum_ptr", "m2_ptr", "count_ptr", "mean_ptr", "var_ptr", "gamma_ptr", "beta_ptr"):
+            signature[name] = "*fp64" if data == "fp64" else "*fp32"  # partial sums, statistics: accumulator dtype
+        elif name == "eps":
+            signature[name] = "fp32"
         elif name.endswith("_ptr"):
             signature[name] = f"*{data}"
         else:
@@ -45,6 +47,7 @@ def main() -> int:
     dtypes = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}  # data -> accumulator
     separable = {"HAS_DW_BIAS": True, "HAS_PW_BIAS": True, "MID_ACT": 2, "DOT_IN_FP32": False, "BLOCK_O": 64}
     toeplitz = {"HAS_BIAS": True, "DOT_IN_FP32": False, "BLOCK_R": 16, "BLOCK_I": 32, "BLOCK_J": 16}
+    finalize = {"BLOCK_Q": 64, "BLOCK_T": 16, "HAS_BETA": True}
     toeplitz_grad_weight = {"DOT_IN_FP32": False, "BLOCK_KH": 32, "BLOCK_KW": 16, "BLOCK_I": 32, "BLOCK_J": 16}
     launches = [
         (kernels.depthwise_forward_kernel, {"HAS_BIAS": True, "STATIC_KH": 0, "STATIC_KW": 0, "TILE_W": 0}),
@@ -64,6 +67,8 @@ def main() -> int:
             kernels.depthwise_moments_kernel,
             {"HAS_BIAS": True, "STATIC_KH": 0, "STATIC_KW": 0, "TILE_W": 0, "MID_ACT": 3, "ROUND": True},
         ),  # activated means
+        (kernels.finalize_moments_kernel, finalize | {"FOLD": True, "HAS_BIAS": True, "HAS_GAMMA": True}),
+        (kernels.finalize_moments_kernel, finalize | {"PART_PIXELS": 64}),  # the fused kernel's epilogue's parts
         (kernels.depthwise_forward_toeplitz_kernel, toeplitz),
         (kernels.depthwise_grad_weight_toeplitz_kernel, toeplitz_grad_weight),
     ]

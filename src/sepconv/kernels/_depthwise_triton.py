@@ -272,6 +272,91 @@ def depthwise_moments_kernel(
 
 
 @triton.jit
+def finalize_moments_kernel(
+    sum_ptr,
+    m2_ptr,
+    count_ptr,
+    mean_ptr,
+    var_ptr,
+    w_ptr,
+    b_ptr,
+    gamma_ptr,
+    beta_ptr,
+    fw_ptr,
+    fb_ptr,
+    PARTS,
+    P,
+    C,
+    PIXELS,
+    TAPS,
+    eps,
+    ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    PART_PIXELS: tl.constexpr = 0,
+    FOLD: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = False,
+    HAS_GAMMA: tl.constexpr = False,
+    HAS_BETA: tl.constexpr = False,
+):
+    """Per-tile reductions (``depthwise_moments_kernel``'s, or the fused kernel's statistics epilogue's) to each
+    channel's mean and biased variance, in one launch instead of a dozen small operators: the ``PARTS`` = N·P
+    rows of (N, P, C) sums and M2s combined by Chan et al.'s formula, ``M2 = Σ M2_q + Σ count_q·(mean_q - mean)²``,
+    in a fixed order. A part's pixel count is ``count_ptr[q % P]``, or with ``PART_PIXELS`` > 0 the run of
+    ``PART_PIXELS`` pixels it covers out of an image's ``PIXELS``. With ``FOLD``, also the BatchNorm with those
+    statistics folded into the depthwise conv: ``fw[c, t] = w[c, t]·s``, ``fb[c] = beta[c] + (b[c] - mean)·s``,
+    ``s = gamma[c] / sqrt(var + eps)`` (computed in ``ACC``, stored in the folded tensors' dtype)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    rows = tl.arange(0, BLOCK_Q)
+    total = tl.zeros((BLOCK_C,), dtype=ACC)
+    for q0 in range(0, PARTS, BLOCK_Q):
+        q = q0 + rows
+        ok = (q < PARTS)[:, None] & c_ok[None, :]
+        total += tl.sum(tl.load(sum_ptr + q.to(tl.int64)[:, None] * C + c[None, :], mask=ok, other=0.0).to(ACC), 0)
+    count_all = (PARTS // P) * PIXELS
+    mean = total / count_all
+    m2 = tl.zeros((BLOCK_C,), dtype=ACC)
+    for q0 in range(0, PARTS, BLOCK_Q):
+        q = q0 + rows
+        q_ok = q < PARTS
+        ok = q_ok[:, None] & c_ok[None, :]
+        offsets = q.to(tl.int64)[:, None] * C + c[None, :]
+        if PART_PIXELS > 0:
+            count = tl.minimum(PIXELS - (q % P) * PART_PIXELS, PART_PIXELS).to(ACC)
+        else:
+            count = tl.load(count_ptr + q % P, mask=q_ok, other=1.0).to(ACC)
+        part_sum = tl.load(sum_ptr + offsets, mask=ok, other=0.0).to(ACC)
+        deviation = tl.where(ok, part_sum / count[:, None] - mean[None, :], 0.0)
+        part_m2 = tl.load(m2_ptr + offsets, mask=ok, other=0.0).to(ACC)
+        m2 += tl.sum(part_m2 + count[:, None] * deviation * deviation, 0)
+    var = m2 / count_all
+    tl.store(mean_ptr + c, mean, mask=c_ok)
+    tl.store(var_ptr + c, var, mask=c_ok)
+    if FOLD:
+        if ACC == tl.float64:  # noqa: SIM108, SIM300 (a compile-time branch: fp32 takes the other)
+            root = tl.sqrt(var + eps)
+        else:
+            root = tl.sqrt_rn(var + eps)  # tl.sqrt is the fast approximation in fp32
+        scale = 1.0 / root
+        if HAS_GAMMA:
+            scale *= tl.load(gamma_ptr + c, mask=c_ok, other=1.0).to(ACC)
+        shift = -mean * scale
+        if HAS_BETA:
+            shift += tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        if HAS_BIAS:
+            shift += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC) * scale
+        tl.store(fb_ptr + c, shift.to(fb_ptr.dtype.element_ty), mask=c_ok)
+        for t0 in range(0, TAPS, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            ok = c_ok[:, None] & (t < TAPS)[None, :]
+            offsets = c.to(tl.int64)[:, None] * TAPS + t[None, :]
+            taps = tl.load(w_ptr + offsets, mask=ok, other=0.0).to(ACC) * scale[:, None]
+            tl.store(fw_ptr + offsets, taps.to(fw_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _toeplitz_dot(acc, a, b, DOT_IN_FP32: tl.constexpr):
     """``acc + a @ b`` (3-d, batched) for the Toeplitz kernels: fp32 in full precision, fp16/bf16 on tensor cores
     with ``b`` in ``a``'s dtype, accumulating in fp32. ``DOT_IN_FP32``: the same products in fp32 (the

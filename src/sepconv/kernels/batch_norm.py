@@ -66,11 +66,12 @@ from sepconv.kernels.output_norm import (
 )
 from sepconv.kernels.separable import (
     MID_ACTIVATIONS,
+    Fold,
     _activate,
     _activation_backward,
     _check_pointwise,
     _SeparableConv2d,
-    combine_moments,
+    finalize_moments,
 )
 from sepconv.kernels.separable import _forward as _separable_forward
 
@@ -166,11 +167,14 @@ def separable_conv2d_batch_norm(
 # ---- training mode: custom op sepconv::separable_conv2d_batch_norm -----------------------------------------
 
 
-def _moments(x, weight, bias, stride, padding, dilation) -> tuple[Tensor, Tensor]:
+def _moments(x, weight, bias, stride, padding, dilation, fold: Fold | None = None) -> tuple[Tensor, ...]:
     """Per-channel mean and biased variance of the depthwise conv's output (float32, float64 for float64),
     without writing that output: each program of ``depthwise_moments_kernel`` reduces its tile to a sum and a
-    sum of squared deviations, combined here in a fixed order."""
-    return combine_moments(*moment_parts(x, weight, bias, stride, padding, dilation))
+    sum of squared deviations, combined afterwards in a fixed order (:func:`finalize_moments`, which with
+    ``fold`` also returns the depthwise weight and bias with the norm of those statistics folded in)."""
+    counts, sums, squares = moment_parts(x, weight, bias, stride, padding, dilation)
+    out_h, out_w = output_size(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
+    return finalize_moments(sums, squares, out_h * out_w, counts=counts, fold=fold)
 
 
 def moment_parts(x, weight, bias, stride, padding, dilation, activation: int = 0, rounded: bool = False):
@@ -214,8 +218,8 @@ def _train_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_
                    activation, eps, out_statistics):  # fmt: skip
     """``(y, mean, var, out_mean, out_var)``: the output, the mid norm's batch statistics and, with
     ``out_statistics``, the output's (from the fused kernel's epilogue; else empty)."""
-    mean, var = _moments(x, dw_weight, dw_bias, stride, padding, dilation)
-    weight, bias = fold_statistics(dw_weight, dw_bias, mean, var, norm_weight, norm_bias, eps, x.dtype)
+    fold = Fold(dw_weight, dw_bias, norm_weight, norm_bias, eps, x.dtype)
+    mean, var, weight, bias = _moments(x, dw_weight, dw_bias, stride, padding, dilation, fold)
     geometry = (stride, padding, dilation)
     if out_statistics:
         y, out_mean, out_var = _separable_forward(x, weight, bias, pw_weight, pw_bias, *geometry, activation,

@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sepconv._dtypes import accumulation_dtype, cast
-from sepconv.folding import fold_statistics
 from sepconv.kernels.batch_norm import _moments, moment_parts
 from sepconv.kernels.depthwise import (
     _GEOMETRY,
@@ -58,7 +57,7 @@ from sepconv.kernels.output_norm import (
     normalize,
     update_running_statistics,
 )
-from sepconv.kernels.separable import MID_ACTIVATIONS, _activate, _activation_backward
+from sepconv.kernels.separable import MID_ACTIVATIONS, Fold, _activate, _activation_backward
 from sepconv.kernels.separable import _forward as _separable_forward
 
 __all__ = ["GATES", "ExcitationArgs", "separable_with_gate"]
@@ -186,8 +185,8 @@ def _excitation_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight
     mean, var, out_mean, out_var = (x.new_empty(0, dtype=compute) for _ in range(4))  # distinct: no aliases
     weight, bias = dw_weight, dw_bias
     if batch_statistics:
-        mean, var = _moments(x, dw_weight, dw_bias, *geometry)
-        weight, bias = fold_statistics(dw_weight, dw_bias, mean, var, norm_weight, norm_bias, eps, x.dtype)
+        fold = Fold(dw_weight, dw_bias, norm_weight, norm_bias, eps, x.dtype)
+        mean, var, weight, bias = _moments(x, dw_weight, dw_bias, *geometry, fold)
     counts, sums, _ = moment_parts(x, weight, bias, *geometry, activation, rounded=True)
     means = sums.sum(1) / counts.sum()
     gate_tensors = (reduce_weight, reduce_bias, expand_weight, expand_bias)

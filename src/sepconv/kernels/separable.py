@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from sepconv._dtypes import accumulation_dtype
+from sepconv._dtypes import accumulation_dtype, cast
 from sepconv.cpu_pointwise import pointwise_matmul
-from sepconv.kernels._depthwise_triton import separable_forward_kernel
+from sepconv.kernels._depthwise_triton import finalize_moments_kernel, separable_forward_kernel
 from sepconv.kernels.depthwise import (
     _ACC,
     _GEOMETRY,
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from sepconv.kernels.differentiable_excitation import ExcitationArgs
     from sepconv.kernels.output_norm import BatchNormArgs
 
-__all__ = ["MAX_REPEATED_TAPS", "MID_ACTIVATIONS", "fuses", "separable_conv2d"]
+__all__ = ["MAX_REPEATED_TAPS", "MID_ACTIVATIONS", "Fold", "finalize_moments", "fuses", "separable_conv2d"]
 
 MID_ACTIVATIONS = (None, "relu", "relu6", "hardswish", "silu", "gelu")  # the kernel's codes are the positions
 
@@ -275,9 +275,7 @@ def _forward(
         )
     if not statistics:
         return y
-    pixels = torch.arange(programs, dtype=compute, device=x.device) * tiles.block_p
-    counts = (out_h * out_w - pixels).clamp_(max=tiles.block_p)  # each pixel program's valid pixels
-    return (y, *combine_moments(counts, sums, squares))
+    return (y, *finalize_moments(sums, squares, out_h * out_w, part_pixels=tiles.block_p))
 
 
 def output_moments(y: Tensor) -> tuple[Tensor, Tensor]:
@@ -287,25 +285,59 @@ def output_moments(y: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
-def combine_moments(counts: Tensor, sums: Tensor, squares: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance over parts of ``counts[p]`` values each (the same for every image): ``sums``
-    and ``squares`` (deviations from each part's own mean, squared and summed) are (N, P, C). Chan et al.'s
-    combination: ``M2 = Σ squares + Σ count·(part mean - mean)²``.
+class Fold(NamedTuple):
+    """A BatchNorm to fold into the depthwise conv with the statistics :func:`finalize_moments` computes:
+    the conv's ``weight`` (C, 1, KH, KW) and ``bias``, the norm's ``gamma``, ``beta`` and ``eps``, the folded
+    tensors' ``dtype``."""
 
-    >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 8.0, 16.0])  # two parts (one image, one channel)
-    >>> counts = torch.tensor([2.0, 3.0])
+    weight: Tensor
+    bias: Tensor | None
+    gamma: Tensor | None
+    beta: Tensor | None
+    eps: float
+    dtype: torch.dtype
+
+
+def finalize_moments(
+    sums: Tensor, squares: Tensor, pixels: int, *, counts: Tensor | None = None, part_pixels: int = 0,
+    fold: Fold | None = None,
+) -> tuple[Tensor, ...]:  # fmt: skip
+    """Mean and biased variance per channel from (N, P, C) per-tile ``sums`` and ``squares`` (deviations from
+    each tile's own mean, squared and summed) of images of ``pixels`` values per channel: a tile's count is
+    ``counts[p]``, or with ``part_pixels`` the run of that many pixels tile p covers. With ``fold``, also the
+    depthwise weight and bias with the BatchNorm of those statistics folded in: ``(mean, var, weight, bias)``.
+    One launch (``finalize_moments_kernel``; Chan et al.'s combination in a fixed order) where the same in
+    PyTorch's operators took a dozen or two (host time, KERNEL_NOTES item 16).
+
+    >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 8.0, 16.0])  # two tiles (one image, one channel)
     >>> sums = torch.stack([a.sum(), b.sum()]).view(1, 2, 1)
     >>> squares = torch.stack([(a - a.mean()).square().sum(), (b - b.mean()).square().sum()]).view(1, 2, 1)
-    >>> mean, var = combine_moments(counts, sums, squares)
+    >>> mean, var = finalize_moments(sums, squares, 5, counts=torch.tensor([2.0, 3.0]))
     >>> values = torch.cat([a, b])
     >>> torch.allclose(mean, values.mean()), torch.allclose(var, values.var(correction=0))
     (True, True)
     """
-    per_part = counts.view(1, -1, 1)
-    total = counts.sum() * sums.shape[0]
-    mean = sums.sum((0, 1)) / total
-    spread = (sums / per_part - mean).square_().mul_(per_part).sum((0, 1))
-    return mean, (squares.sum((0, 1)) + spread) / total
+    images, parts, channels = sums.shape
+    mean, var = (sums.new_empty(channels) for _ in range(2))
+    weight = bias = folded_weight = folded_bias = gamma = beta = mean  # mean: unused pointers
+    if fold is not None:
+        weight = fold.weight.contiguous()  # folded in the statistics' dtype, rounded to fold.dtype by PyTorch below
+        folded_weight, folded_bias = weight.new_empty(weight.shape, dtype=mean.dtype), mean.new_empty(channels)
+        bias, gamma, beta = (mean if t is None else t.contiguous() for t in (fold.bias, fold.gamma, fold.beta))
+    taps = weight.numel() // channels if fold is not None else 1
+    block_c = _block(channels, 64)
+    finalize_moments_kernel[(triton.cdiv(channels, block_c),)](
+        sums, squares, mean if counts is None else counts, mean, var, weight, bias, gamma, beta, folded_weight,
+        folded_bias, images * parts, parts, channels, pixels, taps, 0.0 if fold is None else fold.eps,
+        ACC=_ACC.get(sums.dtype, tl.float32), BLOCK_Q=_block(images * parts, 64), BLOCK_C=block_c,
+        BLOCK_T=_block(taps, 64), PART_PIXELS=part_pixels if counts is None else 0, FOLD=fold is not None,
+        HAS_BIAS=fold is not None and fold.bias is not None, HAS_GAMMA=fold is not None and fold.gamma is not None,
+        HAS_BETA=fold is not None and fold.beta is not None,
+    )  # fmt: skip
+    if fold is None:
+        return mean, var
+    # rounded by PyTorch (to nearest, as on a GPU): Triton's interpreter truncates fp32 -> bf16 inside kernels
+    return mean, var, cast(folded_weight, fold.dtype), cast(folded_bias, fold.dtype)
 
 
 @torch.library.custom_op(
