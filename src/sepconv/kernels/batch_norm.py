@@ -266,6 +266,9 @@ def _train_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero gradients made for them (operators on the host path); see backward
 
 
+_RELU_FAMILY = (MID_ACTIVATIONS.index("relu"), MID_ACTIVATIONS.index("relu6"))
+
+
 def _train_backward(ctx, grad, *_statistics_grads):
     """Recompute ``z`` once; at most three intermediate-sized tensors alive at once (``z``, the 1x1 conv's
     input gradient, the activation's input), as PyTorch's BatchNorm backward holds its input, output gradient
@@ -286,17 +289,24 @@ def _train_backward(ctx, grad, *_statistics_grads):
     def normalized(z: Tensor) -> Tensor:  # the norm's output from z (PyTorch's eval-mode batch norm)
         return torch.batch_norm(z, gamma, beta, mean, var, False, 0.0, ctx.eps, False)
 
+    # relu and relu6 pass a gradient where their output lies strictly inside their range, as where their input
+    # does: their backward can read the activated output kept from the 1x1 weight's gradient, instead of a second
+    # normalization of z (same peak: z, that output and the 1x1 conv's input gradient)
+    activated = None
     if needs[5]:  # the 1x1 weight's gradient, on the activated norm output
-        mid = cast(_activate(normalized(z), ctx.activation), x.dtype)
+        activated = _activate(normalized(z), ctx.activation)
         grads[5] = torch.ops.aten.convolution_backward(
-            grad, mid, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
-        )[1]
-        del mid
+            grad, cast(activated, x.dtype), pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+            [False, True, False],
+        )[1]  # fmt: skip
+        activated = activated if ctx.activation in _RELU_FAMILY else None
     if not any(needs[:5]):
         return tuple(grads)
     grad_mid = cast(F.conv2d(grad, pw_weight.transpose(0, 1)), work)  # the 1x1 conv's input gradient
     if ctx.activation:
-        grad_mid = _activation_backward(grad_mid, normalized(z), ctx.activation, out=grad_mid)
+        at = normalized(z) if activated is None else activated
+        grad_mid = _activation_backward(grad_mid, at, ctx.activation, out=grad_mid)
+        del at, activated
     invstd = (var + ctx.eps).rsqrt()
     mask = [True, norm_weight is not None and needs[3], norm_bias is not None and needs[4]]
     grad_z, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
