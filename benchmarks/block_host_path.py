@@ -23,13 +23,11 @@ forward+backward in training.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from unittest import mock
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors; the stubs below mean no kernel runs at all
 
@@ -38,32 +36,13 @@ import torch.nn.functional as F
 
 from sepconv.bench import device_name, interleaved_latencies, paired_ratio, versions
 from sepconv.io import atomic_write_png, atomic_write_text
-from sepconv.kernels import batch_norm as batch_norm_module
-from sepconv.kernels import depthwise as depthwise_module
-from sepconv.kernels import separable as separable_module
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.differentiable_excitation import ExcitationArgs
 from sepconv.kernels.output_norm import BatchNormArgs
 from sepconv.kernels.separable import separable_conv2d
+from stubbed_launches import StubLaunch, stubbed_launches
 
 CHANNELS, OUT, SIZE, KERNEL, SQUEEZED = 32, 16, 8, 3, 8
-_KERNELS = {
-    depthwise_module: ("depthwise_forward_kernel", "depthwise_grad_input_kernel", "depthwise_grad_weight_kernel"),
-    separable_module: ("separable_forward_kernel", "finalize_moments_kernel"),
-    batch_norm_module: ("depthwise_moments_kernel",),
-}
-
-
-class _CountedLaunch:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing but count itself."""
-
-    launches = 0
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            _CountedLaunch.launches += 1
-
-        return launch
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -163,10 +142,10 @@ def measure(min_run_time: float) -> list[dict]:
             row: dict = {"block": block, "pass": pass_name}
             for impl, fn in fns.items():
                 fn()  # warm: caches, the first call's lookups
-                before = _CountedLaunch.launches
+                before = StubLaunch.launches
                 row[f"{impl}_ops"] = top_level_ops(fn)
                 if impl == "ours":
-                    row["ours_launches"] = _CountedLaunch.launches - before
+                    row["ours_launches"] = StubLaunch.launches - before
             timings = interleaved_latencies(fns, min_run_time=min_run_time, warmup=50, min_runs=20, paired=True)
             row |= {f"{impl}_us": timing.median_ms * 1e3 for impl, timing in timings.items()}
             row["ours_over_eager"] = paired_ratio(timings["ours"], timings["eager"])
@@ -215,10 +194,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
     args = parser.parse_args()
     start = time.perf_counter()
-    with contextlib.ExitStack() as stubs:
-        for module, names in _KERNELS.items():
-            for name in names:
-                stubs.enter_context(mock.patch.object(module, name, _CountedLaunch()))
+    with stubbed_launches():
         rows = measure(min_run_time=0.05 if args.quick else 2.0)
     result = {
         "benchmark": "block_host_path",

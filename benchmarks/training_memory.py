@@ -19,12 +19,10 @@ torchvision's ``SqueezeExcitation`` computes it, squeezed to a 24th of the depth
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import time
 from pathlib import Path
-from unittest import mock
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors; the stubs below mean no kernel runs at all
 
@@ -34,14 +32,13 @@ import torch.nn.functional as F
 from kernels import SEPARABLE_SHAPES
 from sepconv.bench import device_name, versions
 from sepconv.io import atomic_write_png, atomic_write_text
-from sepconv.kernels import batch_norm as batch_norm_module
-from sepconv.kernels import depthwise as depthwise_module
 from sepconv.kernels import separable as separable_module
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.differentiable_excitation import ExcitationArgs
 from sepconv.kernels.output_norm import BatchNormArgs
 from sepconv.kernels.separable import separable_conv2d
 from sepconv.memory import LiveBytes
+from stubbed_launches import stubbed_launches
 
 QUICK_SHAPES = [("tiny 8x6->4", 8, 6, 4, 3, 1, 2)]
 # (activation, training-mode BatchNorm before it, training-mode BatchNorm after the 1x1 conv, squeeze-excitation)
@@ -52,18 +49,6 @@ MIDS = (
     ("relu6", True, True, False),
     ("silu", True, True, True),
 )
-_KERNELS = {
-    depthwise_module: ("depthwise_forward_kernel", "depthwise_grad_input_kernel", "depthwise_grad_weight_kernel"),
-    separable_module: ("separable_forward_kernel", "finalize_moments_kernel"),
-    batch_norm_module: ("depthwise_moments_kernel",),
-}
-
-
-class _NoLaunch:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
 
 
 def row(name: str, c: int, h: int, o: int, k: int, stride: int, batch: int, *mids) -> dict:
@@ -176,10 +161,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
     args = parser.parse_args()
     start = time.perf_counter()
-    with contextlib.ExitStack() as stubs:
-        for module, names in _KERNELS.items():
-            for name in names:
-                stubs.enter_context(mock.patch.object(module, name, _NoLaunch()))
+    with stubbed_launches():
         shapes = QUICK_SHAPES if args.quick else SEPARABLE_SHAPES
         rows = [row(*shape, *mid) for shape in shapes for mid in MIDS]
     for r in rows:
