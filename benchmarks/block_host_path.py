@@ -43,22 +43,25 @@ from sepconv.kernels.separable import separable_conv2d
 from stubbed_launches import StubLaunch, stubbed_launches
 
 CHANNELS, OUT, SIZE, KERNEL, SQUEEZED = 32, 16, 8, 3, 8
+IMPLS = ("ours", "eager")
 
 
-def _tensors() -> dict[str, torch.Tensor]:
+def block_tensors(device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The blocks' input and parameters (fp32, channels_last, batch 1), seeded."""
     torch.manual_seed(0)
     c, o, s = CHANNELS, OUT, SQUEEZED
-    x = torch.randn(1, c, SIZE, SIZE).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, c, SIZE, SIZE, device=device).contiguous(memory_format=torch.channels_last)
     shapes = {"dw": (c, 1, KERNEL, KERNEL), "pw": (o, c, 1, 1), "gamma": (c,), "beta": (c,), "out_gamma": (o,),
               "out_beta": (o,), "reduce": (s, c, 1, 1), "reduce_bias": (s,), "expand": (c, s, 1, 1),
               "expand_bias": (c,)}  # fmt: skip
-    return {"x": x} | {name: torch.randn(shape) for name, shape in shapes.items()}
+    return {"x": x} | {name: torch.randn(shape, device=device) for name, shape in shapes.items()}
 
 
 def blocks(t: dict[str, torch.Tensor]) -> dict[str, dict[str, Callable[[dict], torch.Tensor]]]:
     """For each block, ``ours`` and ``eager`` as functions of the tensors (running statistics inside)."""
     c, o, pad = CHANNELS, OUT, KERNEL // 2
-    stats = {impl: [(torch.zeros(n), torch.ones(n)) for n in (c, o)] for impl in ("ours", "eager")}
+    device = t["x"].device
+    stats = {impl: [(torch.zeros(n, device=device), torch.ones(n, device=device)) for n in (c, o)] for impl in IMPLS}
 
     def norms(impl: str, t: dict) -> tuple[BatchNormArgs, BatchNormArgs]:
         mid, after = stats[impl]
@@ -119,7 +122,7 @@ def top_level_ops(fn: Callable[[], object]) -> int:
 
 
 def measure(min_run_time: float) -> list[dict]:
-    t = _tensors()
+    t = block_tensors()
     leaves = {name: v.detach().requires_grad_() for name, v in t.items()}
     rows = []
     for block, impls in blocks(t).items():

@@ -2,7 +2,9 @@
 
 Prints, for the forward and the forward+backward of one small layer, the host microseconds per call (the
 time to issue it, measured with the GPU idle between calls, then with a sync) and the torch.profiler table
-of CPU time by op, so that launch and dispatch overheads can be told from kernel time.
+of CPU time by op, so that launch and dispatch overheads can be told from kernel time; last, the issue time of
+``block_host_path.py``'s blocks (MobileNetV2's and EfficientNet's training blocks), ours vs eager, forward+backward:
+the GPU host's side of what that script counts on a CPU (KERNEL_NOTES item 16).
 
     python benchmarks/profile_overhead.py > profile.txt
 """
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from block_host_path import USED, block_tensors, blocks
 from sepconv.kernels import depthwise as dw
 from sepconv.kernels.depthwise import depthwise_conv2d
 
@@ -84,6 +87,16 @@ def main() -> None:
             torch.cuda.synchronize()
         print(f"\n== {name}: 20 calls")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=60))
+    print("\n== blocks, forward+backward, fp32, batch 1 (block_host_path.py's)")
+    tensors = {name: t.detach().requires_grad_() for name, t in block_tensors("cuda").items()}
+    for block, impls in blocks(tensors).items():
+        inputs = [t for name, t in tensors.items() if name in USED[block]]
+        for impl, fn in impls.items():
+            step = lambda fn=fn, inputs=inputs: torch.autograd.grad(fn(tensors).sum(), inputs)  # noqa: E731
+            for _ in range(5):
+                step()
+            issue, total = host_us(step, repeats=50)
+            print(f"{block:20s} {impl:6s} issue {issue:8.1f} us   issue+sync {total:8.1f} us")
 
 
 if __name__ == "__main__":
