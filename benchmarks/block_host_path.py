@@ -29,9 +29,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors; the stubs below mean no kernel runs at all
-
 import torch
+
+if not torch.cuda.is_available():  # CPU tensors (the stubs mean no kernel runs); profile_overhead.py imports
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # this module on a GPU, where the kernels must compile
+
 import torch.nn.functional as F
 
 from sepconv.bench import device_name, interleaved_latencies, paired_ratio, versions
