@@ -75,7 +75,7 @@ from sepconv.kernels.depthwise import depthwise_conv2d
 from sepconv.kernels.differentiable_excitation import ExcitationArgs
 from sepconv.kernels.output_norm import BatchNormArgs
 from sepconv.kernels.separable import separable_conv2d
-from sepconv.squeeze_excitation import excitation_scale
+from sepconv.squeeze_excitation import excitation_gate, excitation_scale
 
 # (name, C, H, K, stride, batch-64 batch): the depthwise issue's list.
 SHAPES = [
@@ -451,8 +451,10 @@ def separable_bn_row(name, channels, size, out, kernel, stride, batch, dtype_nam
 
 def separable_se_row(name, channels, size, out, kernel, stride, batch, dtype_name, layout_name, *, device, compile_):
     """EfficientNet's / MobileNetV3's block, inference: depthwise -> SiLU -> squeeze-excitation -> 1x1. Ours:
-    ``separable_conv2d(excitation=...)`` (the activation's channel means by a pass over x, the gate, then the fused
-    kernel scaling its tiles); eager: torchvision's ``SqueezeExcitation`` between PyTorch's two convs."""
+    ``separable_conv2d(excitation=ExcitationArgs(...))``, what ``accelerate`` runs (the activation's channel means by
+    a pass over x, the gate, then the fused kernel scaling its tiles); ``ours_callable`` the same with the module's
+    gate as a callable (``sepconv.kernels.excitation``); eager: torchvision's ``SqueezeExcitation`` between
+    PyTorch's two convs."""
     from torchvision.ops import SqueezeExcitation
 
     dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout_name]
@@ -461,23 +463,29 @@ def separable_se_row(name, channels, size, out, kernel, stride, batch, dtype_nam
     dw = (torch.randn(channels, 1, kernel, kernel, device=device) / kernel).to(dtype)
     pw = (torch.randn(out, channels, 1, 1, device=device) / channels**0.5).to(dtype)
     se = SqueezeExcitation(channels, max(1, channels // 24), torch.nn.SiLU).to(device=device, dtype=dtype).eval()
-    gate = functools.partial(excitation_scale, se)
+    gates = {"ours": ExcitationArgs(*excitation_gate(se)), "ours_callable": functools.partial(excitation_scale, se)}
 
-    def ours(x, dw, pw):
-        return separable_conv2d(x, dw, pw, None, stride, pad, mid_activation="silu", excitation=gate)
+    def fused(gate):
+        return lambda x, dw, pw: separable_conv2d(x, dw, pw, None, stride, pad, mid_activation="silu", excitation=gate)
 
     def eager(x, dw, pw):
         return F.conv2d(se(F.silu(F.conv2d(x, dw, None, stride, pad, 1, channels))), pw)
 
-    impls: dict[str, Callable] = {"ours": ours, "eager": eager}
+    impls: dict[str, Callable] = {impl: fused(gate) for impl, gate in gates.items()} | {"eager": eager}
     if compile_:
         torch._dynamo.reset()
         impls["compile"] = torch.compile(eager, dynamic=False)
     with torch.no_grad():
         y = eager(x, dw, pw)
-        error = (ours(x, dw, pw).float() - y.float()).abs().max().item()
+        errors = {
+            f"max_abs_error{impl.removeprefix('ours')}_vs_eager": (impls[impl](x, dw, pw).float() - y.float())
+            .abs()
+            .max()
+            .item()
+            for impl in gates
+        }
     shape = (name, channels, size, out, kernel, stride, batch, dtype_name, layout_name)
-    row = _block_row("separable_se", shape, x, y) | {"max_abs_error_vs_eager": error}
+    row = _block_row("separable_se", shape, x, y) | errors
     time_passes(row, impls, (x, dw, pw), {}, None, device, graphs=dtype_name == "bf16", backward=False)
     return row
 

@@ -61,6 +61,8 @@ def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
         if row["section"] == "separable_bn":  # the training block: every gradient checked against eager's
             grads = [key for key in row if key.startswith("max_rel_error_grad_")]
             assert len(grads) == 7 and all(row[key] < 1e-4 for key in grads)
+        if row["section"] == "separable_se":  # the callable gate's path timed beside accelerate's
+            assert row["max_abs_error_callable_vs_eager"] < 1e-4 and row["ours_callable_forward_ms"] > 0
         if row["section"] == "separable_se_train":  # and the squeeze-excitation's weights and biases
             grads = [key for key in row if key.startswith("max_rel_error_grad_")]
             assert len(grads) == 11 and all(row[key] < 1e-4 for key in grads)
