@@ -477,13 +477,8 @@ def separable_se_row(name, channels, size, out, kernel, stride, batch, dtype_nam
         impls["compile"] = torch.compile(eager, dynamic=False)
     with torch.no_grad():
         y = eager(x, dw, pw)
-        errors = {
-            f"max_abs_error{impl.removeprefix('ours')}_vs_eager": (impls[impl](x, dw, pw).float() - y.float())
-            .abs()
-            .max()
-            .item()
-            for impl in gates
-        }
+        error = lambda impl: (impls[impl](x, dw, pw).float() - y.float()).abs().max().item()  # noqa: E731
+        errors = {f"max_abs_error{impl.removeprefix('ours')}_vs_eager": error(impl) for impl in gates}
     shape = (name, channels, size, out, kernel, stride, batch, dtype_name, layout_name)
     row = _block_row("separable_se", shape, x, y) | errors
     time_passes(row, impls, (x, dw, pw), {}, None, device, graphs=dtype_name == "bf16", backward=False)
