@@ -48,6 +48,7 @@ def main() -> int:
     separable = {"HAS_DW_BIAS": True, "HAS_PW_BIAS": True, "MID_ACT": 2, "DOT_IN_FP32": False, "BLOCK_O": 64}
     toeplitz = {"HAS_BIAS": True, "DOT_IN_FP32": False, "BLOCK_R": 16, "BLOCK_I": 32, "BLOCK_J": 16}
     finalize = {"BLOCK_Q": 64, "BLOCK_T": 16, "HAS_BETA": True}
+    ones = {"MULT": 1, "STRIDE_H": 1, "STRIDE_W": 1, "DIL_H": 1, "DIL_W": 1}
     toeplitz_grad_weight = {"DOT_IN_FP32": False, "BLOCK_KH": 32, "BLOCK_KW": 16, "BLOCK_I": 32, "BLOCK_J": 16}
     launches = [
         (kernels.depthwise_forward_kernel, {"HAS_BIAS": True, "STATIC_KH": 0, "STATIC_KW": 0, "TILE_W": 0}),
@@ -69,6 +70,18 @@ def main() -> int:
         ),  # activated means
         (kernels.finalize_moments_kernel, finalize | {"FOLD": True, "HAS_BIAS": True, "HAS_GAMMA": True}),
         (kernels.finalize_moments_kernel, finalize | {"PART_PIXELS": 64}),  # the fused kernel's epilogue's parts
+        # integers equal to 1 become constants in Triton's launcher: depth multiplier, stride and dilation 1 (the
+        # common case) in the kernels first run without a GPU (statistics pass, activated means, fused epilogue/SE)
+        (
+            kernels.depthwise_moments_kernel,
+            {"HAS_BIAS": True, "STATIC_KH": 3, "STATIC_KW": 3, "TILE_W": 0, "MID_ACT": 4, "ROUND": True} | ones,
+        ),
+        (
+            kernels.separable_forward_kernel,
+            separable | {"STATIC_KH": 0, "STATIC_KW": 0, "STATS": True, "HAS_SCALE": True} | ones,
+        ),
+        # batch 1 and one tile, a 1x1 kernel, one channel: Triton's launcher makes integers equal to 1 constants
+        (kernels.finalize_moments_kernel, finalize | {"FOLD": True, "PARTS": 1, "P": 1, "C": 1, "TAPS": 1}),
         (kernels.depthwise_forward_toeplitz_kernel, toeplitz),
         (kernels.depthwise_grad_weight_toeplitz_kernel, toeplitz_grad_weight),
     ]

@@ -315,7 +315,8 @@ def finalize_moments_kernel(
         q = q0 + rows
         ok = (q < PARTS)[:, None] & c_ok[None, :]
         total += tl.sum(tl.load(sum_ptr + q.to(tl.int64)[:, None] * C + c[None, :], mask=ok, other=0.0).to(ACC), 0)
-    count_all = (PARTS // P) * PIXELS
+    # in floating point (N·PIXELS can pass 2**31), whether or not Triton made PARTS and P constants (value 1)
+    count_all = (tl.zeros((BLOCK_C,), dtype=ACC) + PARTS // P) * PIXELS
     mean = total / count_all
     m2 = tl.zeros((BLOCK_C,), dtype=ACC)
     for q0 in range(0, PARTS, BLOCK_Q):
