@@ -240,6 +240,17 @@ def test_bad_excitation_arguments_are_named(change, error, match):
         separable_conv2d(x, dw, pw, padding=1, excitation=ExcitationArgs(**fields))
 
 
+def test_a_plain_tuple_of_the_fields_is_taken_and_a_short_one_refused():
+    x, dw = torch.randn(2, 3, 6, 6, dtype=torch.float64), torch.randn(3, 1, 3, 3, dtype=torch.float64)
+    pw = torch.randn(4, 3, 1, 1, dtype=torch.float64)
+    fields = (torch.randn(2, 3, 1, 1, dtype=torch.float64), None, torch.randn(3, 2, 1, 1, dtype=torch.float64), None)
+    with torch.no_grad():
+        got = separable_conv2d(x, dw, pw, padding=1, excitation=fields)  # relu and sigmoid by default
+        torch.testing.assert_close(got, separable_conv2d(x, dw, pw, padding=1, excitation=ExcitationArgs(*fields)))
+        with pytest.raises(TypeError, match=r"excitation must be a sepconv\.kernels\.ExcitationArgs, got tuple"):
+            separable_conv2d(x, dw, pw, padding=1, excitation=fields[:2])
+
+
 def test_a_callable_gate_with_a_training_norm_is_refused_with_the_alternative():
     x, dw, pw = torch.randn(2, 3, 6, 6), torch.randn(3, 1, 3, 3), torch.randn(4, 3, 1, 1)
     with pytest.raises(TypeError, match=r"excitation must be a sepconv\.kernels\.ExcitationArgs"):

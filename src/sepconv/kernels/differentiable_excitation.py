@@ -99,6 +99,9 @@ def _gate(pre: Tensor, code: int) -> Tensor:
 def as_excitation(excitation: ExcitationArgs, channels: int, x: Tensor) -> ExcitationArgs:
     """``excitation`` checked against ``channels`` (the depthwise conv's outputs) and ``x``; under autocast its
     tensors cast to ``x``'s (autocast) dtype, as the squeeze-excitation's convs would run."""
+    if not isinstance(excitation, tuple) or not 4 <= len(excitation) <= len(ExcitationArgs._fields):
+        raise TypeError(f"excitation must be a sepconv.kernels.ExcitationArgs, got {type(excitation).__name__}")
+    excitation = ExcitationArgs(*excitation)
     if excitation.activation not in MID_ACTIVATIONS:
         raise ValueError(f"excitation.activation must be one of {MID_ACTIVATIONS}; got {excitation.activation!r}")
     if excitation.gate not in GATES:
