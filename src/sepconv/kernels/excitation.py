@@ -8,7 +8,9 @@ depthwise kernel with each tile activated, rounded to x's dtype as it would be s
 stored; the tiles' sums added in a fixed order), ``excitation`` on those means (the squeeze-excitation's small
 convs, in PyTorch), then the fused kernel with the scale applied to each activated tile before the pointwise product
 (``sepconv::separable_conv2d_scaled``). PyTorch's block writes ``a``, reads it for the means, reads it again and
-writes the scaled copy, and reads that for the 1x1 conv. No backward yet: calls that need a gradient are refused.
+writes the scaled copy, and reads that for the 1x1 conv. No backward for a callable gate: calls that need a gradient
+are refused (:class:`~sepconv.kernels.ExcitationArgs` gives the gate as tensors, with gradients:
+:mod:`sepconv.kernels.differentiable_excitation`).
 
 >>> import torch
 >>> import torch.nn.functional as F
@@ -41,8 +43,9 @@ def separable_with_excitation(args: tuple, excitation: Callable[[Tensor], Tensor
     tensors = (x, dw_weight, dw_bias, pw_weight, pw_bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise ValueError(
-            "excitation runs for inference only (no backward yet): call under torch.no_grad() or "
-            "torch.inference_mode(), or run the squeeze-excitation outside the separable conv"
+            "excitation runs for inference only as a callable: call under torch.no_grad() or "
+            "torch.inference_mode(), or give the squeeze-excitation as a sepconv.kernels.ExcitationArgs (its convs "
+            "and gate as tensors: differentiable)"
         )
     mean_args = (x, dw_weight, dw_bias, stride, padding, dilation, activation)
     means = run_kernel(torch.ops.sepconv.depthwise_mean, _depthwise_mean, mean_args, tensors[:3])
