@@ -149,11 +149,12 @@ class FusedSeparableConv2d(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         on_triton = use_triton(self, input)  # auto: only where our depthwise kernel measured faster
         # auto never fuses: the fused kernel measured slower
-        if on_triton and self.backend == "triton" and self._fuses_excitation(input):
+        fused, excitation = self._kernel_excitation(input) if on_triton and self.backend == "triton" else (False, None)
+        if fused:
             weights = (self.dw_weight, self.dw_bias, self.pw_weight, self.pw_bias)
             geometry = (self.stride, self.padding, self.dilation)
             norms = (self.mid_norm, self.mid_activation, self.out_norm)
-            return batch_norm_separable_forward(input, *weights, *geometry, *norms, self._kernel_excitation())
+            return batch_norm_separable_forward(input, *weights, *geometry, *norms, excitation)
         if on_triton:
             from sepconv.kernels.depthwise import depthwise_conv2d
 
@@ -171,33 +172,26 @@ class FusedSeparableConv2d(nn.Module):
         out = F.conv2d(mid, self.pw_weight, self.pw_bias)
         return out if self.out_norm is None else nn.BatchNorm2d.forward(self.out_norm, out)
 
-    def _fuses_excitation(self, input: Tensor) -> bool:
-        """Whether the fused kernel computes this call's squeeze-excitation (if any): not where a hook on it or its
-        parts would miss its call; always where its gate is one the kernel's backward knows
-        (:func:`~sepconv.squeeze_excitation.excitation_gate`), else for inference only (no gradient needed) with no
-        norm normalizing with batch statistics; otherwise PyTorch's modules run it."""
+    def _kernel_excitation(self, input: Tensor) -> tuple[bool, object]:
+        """Whether the fused kernel computes this call, and its squeeze-excitation (if any) as the kernel takes it:
+        its gate as tensors (differentiable) where its activation and gate are ones the kernel's backward knows
+        (:func:`~sepconv.squeeze_excitation.excitation_gate`), else a callable on the channel means, for inference
+        only (no gradient needed) with no norm normalizing with batch statistics; not where a hook on it or its
+        parts would miss its call. Where the kernel does not compute it, PyTorch's modules run the chain."""
         if self.excitation is None:
-            return True
+            return True, None
         if not _unhooked(*self.excitation.modules()):  # a hook on it or its parts must see their calls
-            return False
-        if excitation_gate(self.excitation) is not None:
-            return True
+            return False, None
+        fields = excitation_gate(self.excitation)
+        if fields is not None:
+            from sepconv.kernels.differentiable_excitation import ExcitationArgs
+
+            return True, ExcitationArgs(*fields)
         tensors = (input, *self.parameters())
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return False
-        return all(norm is None or not norm.training for norm in (self.mid_norm, self.out_norm))
-
-    def _kernel_excitation(self):
-        """The squeeze-excitation as the fused kernel takes it: its gate as tensors (differentiable), else a
-        callable on the channel means (inference); None without one."""
-        if self.excitation is None:
-            return None
-        fields = excitation_gate(self.excitation)
-        if fields is None:
-            return functools.partial(excitation_scale, self.excitation)
-        from sepconv.kernels.differentiable_excitation import ExcitationArgs
-
-        return ExcitationArgs(*fields)
+            return False, None
+        inference = all(norm is None or not norm.training for norm in (self.mid_norm, self.out_norm))
+        return inference, functools.partial(excitation_scale, self.excitation) if inference else None
 
     def extra_repr(self) -> str:
         mid, out = self.dw_weight.shape[0], self.pw_weight.shape[0]

@@ -261,13 +261,6 @@ def batch_norm_separable_forward(
         options = {"mid_activation": activation, "out_norm": out, "excitation": excitation}
         return separable_conv2d(input, dw_weight, pw_weight, pw_bias, *geometry, dw_bias, **options)
     from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
-    from sepconv.kernels.differentiable_excitation import ExcitationArgs
-
-    if excitation is not None and not isinstance(excitation, ExcitationArgs):
-        raise ValueError(
-            "a callable excitation runs on the fused kernel for inference only, with an eval-mode norm; with a "
-            "training-mode norm give it as a sepconv.kernels.ExcitationArgs"
-        )
 
     mid = batch_norm_args(norm)
     return separable_conv2d_batch_norm(

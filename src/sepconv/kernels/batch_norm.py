@@ -128,23 +128,17 @@ def separable_conv2d_batch_norm(
     check_norm("", "the depthwise conv's outputs", dw_weight.shape[0], x, mid_norm)
     out = None if out_norm is None else as_output_norm(out_norm, pw_weight.shape[0], x)
     activation = MID_ACTIVATIONS.index(mid_activation)
-    if excitation is not None:
-        from sepconv.kernels.differentiable_excitation import ExcitationArgs, as_excitation, separable_with_gate
-
-        if not isinstance(excitation, ExcitationArgs):
-            raise TypeError(
-                f"excitation must be a sepconv.kernels.ExcitationArgs or None, got {type(excitation).__name__} "
-                "(a callable gate: separable_conv2d(excitation=...) with an eval-mode norm folded, for inference)"
-            )
-        gate = as_excitation(excitation, dw_weight.shape[0], x)
-        if not training:
-            statistics = (running_mean, running_var, norm_weight, norm_bias, eps)
-            dw_weight, dw_bias = fold_statistics(weight, bias, *statistics, x.dtype)
-        args = (x, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, activation)
-        return separable_with_gate(args, gate, mid_norm if training else None, out)
     if not training:
         statistics = (running_mean, running_var, norm_weight, norm_bias, eps)
         folded_weight, folded_bias = fold_statistics(weight, bias, *statistics, x.dtype)
+    if excitation is not None:
+        from sepconv.kernels.differentiable_excitation import as_excitation, separable_with_gate
+
+        gate = as_excitation(excitation, dw_weight.shape[0], x)
+        weights = (dw_weight, dw_bias) if training else (folded_weight, folded_bias)
+        args = (x, *weights, pw_weight, pw_bias, *geometry, activation)
+        return separable_with_gate(args, gate, mid_norm if training else None, out)
+    if not training:
         args = (x, folded_weight, folded_bias, pw_weight, pw_bias, *geometry, activation)
         if out is not None:
             return separable_with_output_norm(args, out)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sepconv._dtypes import accumulation_dtype, cast
-from sepconv.kernels.batch_norm import _moments, moment_parts
+from sepconv.kernels.batch_norm import _moments
 from sepconv.kernels.depthwise import (
     _GEOMETRY,
     _DepthwiseConv2d,
@@ -49,6 +49,7 @@ from sepconv.kernels.depthwise import (
     output_size,
     run_op,
 )
+from sepconv.kernels.excitation import _depthwise_mean
 from sepconv.kernels.output_norm import (
     BatchNormArgs,
     check_values,
@@ -100,7 +101,10 @@ def as_excitation(excitation: ExcitationArgs, channels: int, x: Tensor) -> Excit
     """``excitation`` checked against ``channels`` (the depthwise conv's outputs) and ``x``; under autocast its
     tensors cast to ``x``'s (autocast) dtype, as the squeeze-excitation's convs would run."""
     if not isinstance(excitation, tuple) or not 4 <= len(excitation) <= len(ExcitationArgs._fields):
-        raise TypeError(f"excitation must be a sepconv.kernels.ExcitationArgs, got {type(excitation).__name__}")
+        raise TypeError(
+            f"excitation must be a sepconv.kernels.ExcitationArgs, got {type(excitation).__name__} (a callable gate "
+            "runs for inference only: separable_conv2d(excitation=...), any norm between the convs folded)"
+        )
     excitation = ExcitationArgs(*excitation)
     if excitation.activation not in MID_ACTIVATIONS:
         raise ValueError(f"excitation.activation must be one of {MID_ACTIVATIONS}; got {excitation.activation!r}")
@@ -190,8 +194,7 @@ def _excitation_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight
     if batch_statistics:
         fold = Fold(dw_weight, dw_bias, norm_weight, norm_bias, eps, x.dtype)
         mean, var, weight, bias = _moments(x, dw_weight, dw_bias, *geometry, fold)
-    counts, sums, _ = moment_parts(x, weight, bias, *geometry, activation, rounded=True)
-    means = sums.sum(1) / counts.sum()
+    means = _depthwise_mean(x, weight, bias, *geometry, activation)
     gate_tensors = (reduce_weight, reduce_bias, expand_weight, expand_bias)
     scale = _squeeze(cast(means, x.dtype), *gate_tensors, excitation_activation, gate)[0]
     y = _separable_forward(x, weight, bias, pw_weight, pw_bias, *geometry, activation, statistics=out_statistics,
