@@ -404,13 +404,10 @@ def gradient_errors(names, ours: torch.Tensor, eager: torch.Tensor, inputs, grad
     }
 
 
-def separable_bn_row(name, channels, size, out, kernel, stride, batch, dtype_name, layout_name, *, device, compile_):
-    """MobileNetV2's block in training: depthwise -> BatchNorm -> ReLU6 -> 1x1 -> BatchNorm, both norms with
-    batch statistics (float32 parameters and running statistics, as under autocast). Ours:
-    ``separable_conv2d_batch_norm`` with ``out_norm`` (the first norm's statistics from a pass over x, the second's
-    from the fused kernel's epilogue); eager: torchvision's order (``F.batch_norm``, then ReLU6 in place)."""
+def _training_block(channels, size, out, kernel, batch, dtype_name, layout_name, device):
+    """A training block row's tensors: x, the depthwise and 1x1 weights, the two norms' float32 affine parameters
+    (gamma, out_gamma, beta, out_beta) and each implementation's running statistics (float32, as under autocast)."""
     dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout_name]
-    pad = kernel // 2
     x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
     dw = (torch.randn(channels, 1, kernel, kernel, device=device) / kernel).to(dtype)
     pw = (torch.randn(out, channels, 1, 1, device=device) / channels**0.5).to(dtype)
@@ -419,6 +416,31 @@ def separable_bn_row(name, channels, size, out, kernel, stride, batch, dtype_nam
     stats = {
         impl: [(torch.zeros(n, device=device), torch.ones(n, device=device)) for n in (channels, out)] for impl in IMPLS
     }
+    return x, dw, pw, affine, stats
+
+
+def _training_row(section, shape, impls, tensors, names, device, compile_) -> dict[str, Any]:
+    """A training block row: ``impls["ours"]`` and ``impls["eager"]`` (and compile) on ``tensors`` (x first), the
+    gradients' errors against eager's for ``names``, the output's, forward and forward+backward timed."""
+    if compile_:
+        torch._dynamo.reset()
+        impls["compile"] = torch.compile(impls["eager"], dynamic=False)
+    inputs = tuple(t.detach().requires_grad_() for t in tensors)
+    y = impls["eager"](*inputs)
+    grad = torch.randn_like(y)
+    row = _block_row(section, shape, tensors[0], y) | gradient_errors(names, impls["ours"](*inputs), y, inputs, grad)
+    row["max_abs_error_vs_eager"] = (impls["ours"](*inputs).float() - y.float()).abs().max().item()
+    time_passes(row, impls, inputs, dict.fromkeys(impls, inputs), grad, device, graphs=shape[7] == "bf16")
+    return row
+
+
+def separable_bn_row(name, channels, size, out, kernel, stride, batch, dtype_name, layout_name, *, device, compile_):
+    """MobileNetV2's block in training: depthwise -> BatchNorm -> ReLU6 -> 1x1 -> BatchNorm, both norms with
+    batch statistics (float32 parameters and running statistics, as under autocast). Ours:
+    ``separable_conv2d_batch_norm`` with ``out_norm`` (the first norm's statistics from a pass over x, the second's
+    from the fused kernel's epilogue); eager: torchvision's order (``F.batch_norm``, then ReLU6 in place)."""
+    pad = kernel // 2
+    x, dw, pw, affine, stats = _training_block(channels, size, out, kernel, batch, dtype_name, layout_name, device)
 
     def ours(x, dw, pw, gamma, out_gamma, beta, out_beta):
         mid, after = stats["ours"]
@@ -433,20 +455,10 @@ def separable_bn_row(name, channels, size, out, kernel, stride, batch, dtype_nam
         normalized = F.batch_norm(F.conv2d(x, dw, None, stride, pad, 1, channels), *mid, gamma, beta, True)
         return F.batch_norm(F.conv2d(F.relu6(normalized, inplace=True), pw), *after, out_gamma, out_beta, True)
 
-    impls: dict[str, Callable] = {"ours": ours, "eager": eager}
-    if compile_:
-        torch._dynamo.reset()
-        impls["compile"] = torch.compile(eager, dynamic=False)
-    inputs = tuple(t.detach().requires_grad_() for t in (x, dw, pw, *affine))
-    y = eager(*inputs)
-    grad = torch.randn_like(y)
-    names = ("x", "dw", "pw", "gamma", "out_gamma", "beta", "out_beta")
-    grad_errors = gradient_errors(names, ours(*inputs), y, inputs, grad)
     shape = (name, channels, size, out, kernel, stride, batch, dtype_name, layout_name)
-    row = _block_row("separable_bn", shape, x, y) | grad_errors
-    row["max_abs_error_vs_eager"] = (ours(*inputs).float() - y.float()).abs().max().item()
-    time_passes(row, impls, inputs, dict.fromkeys(impls, inputs), grad, device, graphs=dtype_name == "bf16")
-    return row
+    names = ("x", "dw", "pw", "gamma", "out_gamma", "beta", "out_beta")
+    impls = {"ours": ours, "eager": eager}
+    return _training_row("separable_bn", shape, impls, (x, dw, pw, *affine), names, device, compile_)
 
 
 def separable_se_row(name, channels, size, out, kernel, stride, batch, dtype_name, layout_name, *, device, compile_):
@@ -493,21 +505,13 @@ def separable_se_train_row(
     Ours: ``separable_conv2d_batch_norm`` with ``excitation=ExcitationArgs(...)`` and ``out_norm`` (three passes
     over x forward; backward recomputes the depthwise output once, one depthwise backward); eager: torchvision's
     order (``F.batch_norm``, SiLU in place, ``SqueezeExcitation``'s ops)."""
-    dtype, fmt = DTYPES[dtype_name], LAYOUTS[layout_name]
-    pad, squeezed = kernel // 2, max(1, channels // 24)
-    x = torch.randn(batch, channels, size, size, device=device, dtype=dtype).contiguous(memory_format=fmt)
-    dw = (torch.randn(channels, 1, kernel, kernel, device=device) / kernel).to(dtype)
-    pw = (torch.randn(out, channels, 1, 1, device=device) / channels**0.5).to(dtype)
+    dtype, pad, squeezed = DTYPES[dtype_name], kernel // 2, max(1, channels // 24)
+    x, dw, pw, affine, stats = _training_block(channels, size, out, kernel, batch, dtype_name, layout_name, device)
     reduce = (torch.randn(squeezed, channels, 1, 1, device=device) / channels**0.5).to(dtype)
     expand = (torch.randn(channels, squeezed, 1, 1, device=device) / squeezed**0.5).to(dtype)
     se_biases = [torch.zeros(n, device=device, dtype=dtype) for n in (squeezed, channels)]
-    affine = [torch.rand(n, device=device) + 0.5 for n in (channels, out)]
-    affine += [torch.randn(n, device=device) / 10 for n in (channels, out)]
-    stats = {
-        impl: [(torch.zeros(n, device=device), torch.ones(n, device=device)) for n in (channels, out)] for impl in IMPLS
-    }
 
-    def ours(x, dw, pw, reduce, reduce_bias, expand, expand_bias, gamma, out_gamma, beta, out_beta):
+    def ours(x, dw, pw, gamma, out_gamma, beta, out_beta, reduce, reduce_bias, expand, expand_bias):
         mid, after = stats["ours"]
         return separable_conv2d_batch_norm(
             x, dw, pw, None, stride, pad, 1, None, "silu", running_mean=mid[0], running_var=mid[1],
@@ -516,7 +520,7 @@ def separable_se_train_row(
             excitation=ExcitationArgs(reduce, reduce_bias, expand, expand_bias, "silu", "sigmoid"),
         )  # fmt: skip
 
-    def eager(x, dw, pw, reduce, reduce_bias, expand, expand_bias, gamma, out_gamma, beta, out_beta):
+    def eager(x, dw, pw, gamma, out_gamma, beta, out_beta, reduce, reduce_bias, expand, expand_bias):
         mid, after = stats["eager"]
         normalized = F.batch_norm(F.conv2d(x, dw, None, stride, pad, 1, channels), *mid, gamma, beta, True)
         a = F.silu(normalized, inplace=True)
@@ -524,23 +528,11 @@ def separable_se_train_row(
                                        expand_bias))  # fmt: skip
         return F.batch_norm(F.conv2d(a * scale, pw), *after, out_gamma, out_beta, True)
 
-    impls: dict[str, Callable] = {"ours": ours, "eager": eager}
-    if compile_:
-        torch._dynamo.reset()
-        impls["compile"] = torch.compile(eager, dynamic=False)
-    inputs = tuple(
-        t.detach().requires_grad_() for t in (x, dw, pw, reduce, se_biases[0], expand, se_biases[1], *affine)
-    )
-    y = eager(*inputs)
-    grad = torch.randn_like(y)
-    names = ("x", "dw", "pw", "reduce", "reduce_bias", "expand", "expand_bias", "gamma", "out_gamma", "beta",
-             "out_beta")  # fmt: skip
-    grad_errors = gradient_errors(names, ours(*inputs), y, inputs, grad)
     shape = (name, channels, size, out, kernel, stride, batch, dtype_name, layout_name)
-    row = _block_row("separable_se_train", shape, x, y) | grad_errors
-    row["max_abs_error_vs_eager"] = (ours(*inputs).float() - y.float()).abs().max().item()
-    time_passes(row, impls, inputs, dict.fromkeys(impls, inputs), grad, device, graphs=dtype_name == "bf16")
-    return row
+    names = ("x", "dw", "pw", "gamma", "out_gamma", "beta", "out_beta", "reduce", "reduce_bias", "expand",
+             "expand_bias")  # fmt: skip
+    tensors = (x, dw, pw, *affine, reduce, se_biases[0], expand, se_biases[1])
+    return _training_row("separable_se_train", shape, {"ours": ours, "eager": eager}, tensors, names, device, compile_)
 
 
 def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: str, dtype, compile_: set[str]):
