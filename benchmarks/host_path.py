@@ -56,8 +56,8 @@ def _stub_grad_input(grad, x, weight, *geometry, tiles=None):
     return torch.empty_like(x)
 
 
-def _stub_grad_weight(grad, x, weight, *geometry, tiles=None):
-    return torch.empty_like(weight), weight.new_empty(weight.shape[0])
+def _stub_grad_weight(grad, x, weight, *geometry, tiles=None, bias=True):
+    return torch.empty_like(weight), weight.new_empty(weight.shape[0]) if bias else None
 
 
 def _call(function: type[torch.autograd.Function], x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,20 @@ def compile_one(fn, data: str, constexprs: dict, capability: int) -> None:
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
-        elif name in ("partial_ptr", "sum_ptr", "m2_ptr", "count_ptr", "mean_ptr", "var_ptr", "gamma_ptr", "beta_ptr"):
+        elif name in (
+            "partial_ptr",
+            "sum_ptr",
+            "m2_ptr",
+            "count_ptr",
+            "mean_ptr",
+            "var_ptr",
+            "gamma_ptr",
+            "beta_ptr",
+            "rm_ptr",
+            "rv_ptr",
+        ):
             signature[name] = "*fp64" if data == "fp64" else "*fp32"  # partial sums, statistics: accumulator dtype
-        elif name == "eps":
+        elif name in ("eps", "momentum_hi", "momentum_lo"):
             signature[name] = "fp32"
         elif name.endswith("_ptr"):
             signature[name] = f"*{data}"
@@ -58,6 +69,7 @@ def main() -> int:
         (kernels.depthwise_grad_input_kernel, {"TILE_W": 8, "STATIC_KW": 5, "STRIDE_H": 2, "STRIDE_W": 3}),
         (kernels.depthwise_grad_weight_kernel, {"LOOP_TAPS": False, "BLOCK_W": 8}),
         (kernels.depthwise_grad_weight_kernel, {"LOOP_TAPS": True, "BLOCK_W": 32}),
+        (kernels.depthwise_grad_weight_kernel, {"LOOP_TAPS": True, "BLOCK_W": 32, "HAS_BIAS": False}),  # taps alone
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 0, "STATIC_KW": 0}),
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 3, "STATIC_KW": 3, "MID_ACT": 5}),  # gelu
         (kernels.separable_forward_kernel, separable | {"STATIC_KH": 0, "STATIC_KW": 3, "MID_ACT": 4}),  # silu
@@ -70,6 +82,8 @@ def main() -> int:
         ),  # activated means
         (kernels.finalize_moments_kernel, finalize | {"FOLD": True, "HAS_BIAS": True, "HAS_GAMMA": True}),
         (kernels.finalize_moments_kernel, finalize | {"PART_PIXELS": 64}),  # the fused kernel's epilogue's parts
+        (kernels.finalize_moments_kernel, finalize | {"FOLD": True, "RUNNING": True}),  # running statistics updated
+        (kernels.finalize_moments_kernel, finalize | {"PART_PIXELS": 64, "RUNNING": True}),
         # integers equal to 1 become constants in Triton's launcher: depth multiplier, stride and dilation 1 (the
         # common case) in the kernels first run without a GPU (statistics pass, activated means, fused epilogue/SE)
         (

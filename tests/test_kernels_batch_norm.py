@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from sepconv.kernels import separable as separable_module
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.depthwise import resolve_padding_sides
+from sepconv.kernels.output_norm import BatchNormArgs
 from test_kernels_depthwise import DEVICE, layout
 
 NAMES = ("x", "dw_weight", "dw_bias", "pw_weight", "pw_bias", "norm_weight", "norm_bias")
@@ -164,6 +165,37 @@ def test_running_statistics_follow_batch_norm_with_momentum_none_over_steps():
         torch.testing.assert_close(y, want)
     torch.testing.assert_close(norm.running_mean, ref.running_mean)
     torch.testing.assert_close(norm.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize("buffers", ["float32", "float64", "strided"])
+def test_running_statistics_updated_once_in_the_statistics_launch_or_else_by_pytorch(buffers):
+    """Both norms' running statistics move as F.batch_norm moves them, exactly once. Buffers the statistics'
+    launches can write (float32 for float32 statistics, contiguous) are updated inside those launches, without a
+    PyTorch operator; others (float64 buffers, a strided view) by PyTorch's operators after them."""
+    torch.manual_seed(4)
+    x = torch.randn(3, 6, 7, 7, device=DEVICE) * 2 + 1
+    dw, pw = torch.randn(6, 1, 3, 3, device=DEVICE), torch.randn(5, 6, 1, 1, device=DEVICE)
+    dtype = torch.float64 if buffers == "float64" else torch.float32
+    step = 2 if buffers == "strided" else 1
+
+    def running(channels):
+        storage = torch.rand(2, channels * step, dtype=dtype, device=DEVICE) + 0.5
+        return storage[0, ::step], storage[1, ::step]  # a mean and a positive variance
+
+    mid, after = running(6), running(5)
+    expected = [t.double() for t in (*mid, *after)]
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        separable_conv2d_batch_norm(
+            x, dw, pw, padding=1, running_mean=mid[0], running_var=mid[1], training=True, momentum=0.3,
+            out_norm=BatchNormArgs(*after, training=True, momentum=0.3),
+        )  # fmt: skip
+    z = F.conv2d(x.double(), dw.double(), padding=1, groups=6)
+    F.batch_norm(F.conv2d(F.batch_norm(z, *expected[:2], training=True, momentum=0.3), pw.double()), *expected[2:],
+                 training=True, momentum=0.3)  # fmt: skip
+    for got, want in zip((*mid, *after), expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    in_launch = buffers == "float32"
+    assert in_launch != any(event.name == "aten::lerp_" for event in prof.events())
 
 
 @pytest.mark.parametrize(

@@ -153,12 +153,14 @@ def test_matches_conv2d_in_float64(cfg):
     st.sampled_from([(3, 3), (2, 5), (1, 1), (6, 5)]),  # (6, 5): above the full-unroll area, rows unrolled
     st.sampled_from([1, 2]),
     st.booleans(),
+    st.booleans(),
 )
 def test_every_launch_configuration_computes_the_same_conv(
-    block_p, block_c, warps, static, tile_w, kind, kernel, stride, loop_taps
+    block_p, block_c, warps, static, tile_w, kind, kernel, stride, loop_taps, bias
 ):
     """Any tile shape (flat or rectangular pixels), warps, tap unrolling and grad-weight tap looping: forward,
-    grad-input and grad-weight equal the float64 reference (the benchmark's sweep times these configurations)."""
+    grad-input and grad-weight (with the bias's gradient or without) equal the float64 reference (the benchmark's
+    sweep times these configurations)."""
     tiles = Tiles(block_p, block_c, warps, static, min(tile_w, block_p), loop_taps)
     torch.manual_seed(1)
     x = layout(torch.randn(2, 5, 9, 7, dtype=torch.float64, device=DEVICE), kind)
@@ -173,7 +175,12 @@ def test_every_launch_configuration_computes_the_same_conv(
     want_x = want_x[:, :, 1 : 1 + x.shape[2], 2 : 2 + x.shape[3]]
     grad_x = _grad_input(grad, x, weight, *geometry, tiles=tiles)
     torch.testing.assert_close(grad_x, want_x, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_grad_weight(grad, x, weight, *geometry, tiles=tiles)[0], want_w, rtol=1e-10, atol=1e-10)
+    grad_w, grad_b = _grad_weight(grad, x, weight, *geometry, tiles=tiles, bias=bias)
+    torch.testing.assert_close(grad_w, want_w, rtol=1e-10, atol=1e-10)
+    if bias:
+        torch.testing.assert_close(grad_b, grad.sum((0, 2, 3)), rtol=1e-10, atol=1e-10)
+    else:
+        assert grad_b is None
 
 
 @st.composite

@@ -169,9 +169,9 @@ def test_the_depthwise_backward_runs_once_and_no_intermediate_is_kept(monkeypatc
     for name, key in (("_grad_input", "input"), ("_grad_weight", "weight")):
         original = getattr(depthwise_module, name)
 
-        def counted(*args, original=original, key=key):
+        def counted(*args, original=original, key=key, **kwargs):
             calls[key] += 1
-            return original(*args)
+            return original(*args, **kwargs)
 
         monkeypatch.setattr(depthwise_module, name, counted)
     cfg = BASE | {"layout": "contiguous"}

@@ -284,12 +284,16 @@ def finalize_moments_kernel(
     beta_ptr,
     fw_ptr,
     fb_ptr,
+    rm_ptr,
+    rv_ptr,
     PARTS,
     P,
     C,
     PIXELS,
     TAPS,
     eps,
+    momentum_hi,
+    momentum_lo,
     ACC: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -299,6 +303,7 @@ def finalize_moments_kernel(
     HAS_BIAS: tl.constexpr = False,
     HAS_GAMMA: tl.constexpr = False,
     HAS_BETA: tl.constexpr = False,
+    RUNNING: tl.constexpr = False,
 ):
     """Per-tile reductions (``depthwise_moments_kernel``'s, or the fused kernel's statistics epilogue's) to each
     channel's mean and biased variance, in one launch instead of a dozen small operators: the ``PARTS`` = N·P
@@ -306,7 +311,10 @@ def finalize_moments_kernel(
     in a fixed order. A part's pixel count is ``count_ptr[q % P]``, or with ``PART_PIXELS`` > 0 the run of
     ``PART_PIXELS`` pixels it covers out of an image's ``PIXELS``. With ``FOLD``, also the BatchNorm with those
     statistics folded into the depthwise conv: ``fw[c, t] = w[c, t]·s``, ``fb[c] = beta[c] + (b[c] - mean)·s``,
-    ``s = gamma[c] / sqrt(var + eps)`` (computed in ``ACC``, stored in the folded tensors' dtype)."""
+    ``s = gamma[c] / sqrt(var + eps)`` (computed in ``ACC``, stored in the folded tensors' dtype). With
+    ``RUNNING``, the running statistics ``rm``/``rv`` (in ``ACC``) moved towards the batch's in place as
+    ``F.batch_norm`` moves them (unbiased variance), by the momentum ``momentum_hi + momentum_lo`` (a float
+    argument is fp32: the pair carries a float64 momentum to ~48 bits)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     rows = tl.arange(0, BLOCK_Q)
@@ -335,6 +343,14 @@ def finalize_moments_kernel(
     var = m2 / count_all
     tl.store(mean_ptr + c, mean, mask=c_ok)
     tl.store(var_ptr + c, var, mask=c_ok)
+    if RUNNING:
+        # in ACC (a Python float under the interpreter, an fp32 scalar on a GPU: no .to() on either)
+        momentum = tl.zeros((BLOCK_C,), dtype=ACC) + momentum_hi + momentum_lo
+        running_mean = tl.load(rm_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        running_var = tl.load(rv_ptr + c, mask=c_ok, other=0.0).to(ACC)
+        unbiased = var * (count_all / (count_all - 1.0))
+        tl.store(rm_ptr + c, running_mean + momentum * (mean - running_mean), mask=c_ok)
+        tl.store(rv_ptr + c, running_var + momentum * (unbiased - running_var), mask=c_ok)
     if FOLD:
         if ACC == tl.float64:  # noqa: SIM108, SIM300 (a compile-time branch: fp32 takes the other)
             root = tl.sqrt(var + eps)
@@ -576,25 +592,31 @@ def depthwise_grad_weight_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_W: tl.constexpr,
     LOOP_TAPS: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = True,
 ):
     """One program per (channel block, tap, split); with ``LOOP_TAPS`` one per (channel block, split) that
     walks every tap over its pixels. A split is ``GROUPS`` consecutive (image, block of BLOCK_P / BLOCK_W
-    output rows) groups, walked BLOCK_W columns at a time: pixel indices need no per-pixel division."""
+    output rows) groups, walked BLOCK_W columns at a time: pixel indices need no per-pixel division. Taps
+    KH·KW of them, plus with ``HAS_BIAS`` the bias's (grad-output alone): partial is (splits, C_OUT, taps)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(2)
     c_ok = c < C_OUT
     x_chan = x_ptr + (c // MULT).to(tl.int64)[None, :] * sxc
     gy_chan = gy_ptr + c.to(tl.int64)[None, :] * sgc
+    if HAS_BIAS:  # noqa: SIM108 (a compile-time branch)
+        taps = KH * KW + 1
+    else:
+        taps = KH * KW
     if LOOP_TAPS:
-        for tap in range(0, KH * KW + 1):
+        for tap in range(0, taps):
             _grad_weight_tap(
-                x_chan, gy_chan, partial_ptr, c, c_ok, tap, split, N, H, W, C_OUT, OH, OW, OH_BLOCKS, GROUPS, sxn,
-                sxh, sxw, sgn, sgh, sgw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, ACC, BLOCK_P,
+                x_chan, gy_chan, partial_ptr, c, c_ok, tap, taps, split, N, H, W, C_OUT, OH, OW, OH_BLOCKS, GROUPS,
+                sxn, sxh, sxw, sgn, sgh, sgw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, ACC, BLOCK_P,
                 BLOCK_C, BLOCK_W,
             )  # fmt: skip
     else:
         _grad_weight_tap(
-            x_chan, gy_chan, partial_ptr, c, c_ok, tl.program_id(1), split, N, H, W, C_OUT, OH, OW, OH_BLOCKS,
+            x_chan, gy_chan, partial_ptr, c, c_ok, tl.program_id(1), taps, split, N, H, W, C_OUT, OH, OW, OH_BLOCKS,
             GROUPS, sxn, sxh, sxw, sgn, sgh, sgw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W, ACC,
             BLOCK_P, BLOCK_C, BLOCK_W,
         )  # fmt: skip
@@ -602,12 +624,12 @@ def depthwise_grad_weight_kernel(
 
 @triton.jit
 def _grad_weight_tap(
-    x_chan, gy_chan, partial_ptr, c, c_ok, tap, split, N, H, W, C_OUT, OH, OW, OH_BLOCKS, GROUPS, sxn, sxh, sxw,
+    x_chan, gy_chan, partial_ptr, c, c_ok, tap, taps, split, N, H, W, C_OUT, OH, OW, OH_BLOCKS, GROUPS, sxn, sxh, sxw,
     sgn, sgh, sgw, KH, KW, STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     """partial[split, c, tap] = sum over the split's pixels of grad-output x the tap's input (tap KH·KW:
-    grad-output alone, the bias gradient)."""
+    grad-output alone, the bias gradient); ``taps``: partial's row length."""
     p = tl.arange(0, BLOCK_P)
     row_in_block = p // BLOCK_W  # powers of two: shifts
     col_in_block = p % BLOCK_W
@@ -642,7 +664,6 @@ def _grad_weight_tap(
                 xv = tl.load(x_row + (iw.to(tl.int64) * sxw)[:, None], mask=mask, other=0.0)
                 acc += gv.to(ACC) * xv.to(ACC)
     total = tl.sum(acc, axis=0)
-    taps = KH * KW + 1
     out = partial_ptr + (split * C_OUT + c).to(tl.int64) * taps + tap
     tl.store(out, total, mask=c_ok)
 

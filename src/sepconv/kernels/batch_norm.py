@@ -10,8 +10,11 @@ weights folded with them. Only
 ``x`` and per-channel tensors are kept for backward, not ``z`` and its normalized and activated copies. Backward
 recomputes ``z`` once, then the 1x1 conv's gradients and the activation's with PyTorch's ops, BatchNorm's
 gradient (batch statistics' terms included) with PyTorch's own ``native_batch_norm_backward``, and the depthwise
-conv's with our kernels. Running statistics are updated as ``F.batch_norm`` updates them (unbiased variance); in
-eval mode they are folded instead (:func:`~sepconv.kernels.separable_conv2d`'s op).
+conv's with our kernels. Running statistics are updated as ``F.batch_norm`` updates them (unbiased variance):
+on plain eager calls inside the launch that combines the batch statistics
+(:func:`~sepconv.kernels.separable.finalize_moments`; buffers in the statistics' dtype, contiguous), else by
+PyTorch's operators after the op (a custom op with autograd cannot declare the mutation); in eval mode they are
+folded instead (:func:`~sepconv.kernels.separable_conv2d`'s op).
 
 >>> import torch
 >>> import torch.nn.functional as F
@@ -29,7 +32,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +64,14 @@ from sepconv.kernels.output_norm import (
     fold_output_norm,
     norm_dtype,
     normalize,
+    running_update,
     separable_with_output_norm,
     update_running_statistics,
 )
 from sepconv.kernels.separable import (
     MID_ACTIVATIONS,
     Fold,
+    RunningUpdate,
     _activate,
     _activation_backward,
     _check_pointwise,
@@ -153,22 +158,37 @@ def separable_conv2d_batch_norm(
     args = (x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, *geometry, activation, eps)
     inputs = (x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias)
     op = torch.ops.sepconv.separable_conv2d_batch_norm
-    y, mean, var, out_mean, out_var = run_op(op, _SeparableBatchNorm, (*args, out_statistics), inputs)
-    update_running_statistics(mid_norm, mean, var, count)
-    return normalize(y, out_mean, out_var, out) if out_statistics else y
+    running = RunningUpdates(running_update(mid_norm, x), running_update(out, x) if out_statistics else None)
+    y, mean, var, out_mean, out_var = run_op(op, _SeparableBatchNorm, (*args, out_statistics), inputs, running)
+    update_running_statistics(mid_norm, mean, var, count, running.mid)
+    return normalize(y, out_mean, out_var, out, running.out) if out_statistics else y
 
 
 # ---- training mode: custom op sepconv::separable_conv2d_batch_norm -----------------------------------------
 
 
-def _moments(x, weight, bias, stride, padding, dilation, fold: Fold | None = None) -> tuple[Tensor, ...]:
+class RunningUpdates(NamedTuple):
+    """The running statistics a block's launches update (:class:`~sepconv.kernels.separable.RunningUpdate`): the
+    norm between the convs' and the one after the 1x1 conv's (None: updated by the caller)."""
+
+    mid: RunningUpdate | None = None
+    out: RunningUpdate | None = None
+
+
+NO_RUNNING_UPDATES = RunningUpdates()  # the custom ops' calls: the callers update the running statistics
+
+
+def _moments(
+    x, weight, bias, stride, padding, dilation, fold: Fold | None = None, running: RunningUpdate | None = None
+) -> tuple[Tensor, ...]:
     """Per-channel mean and biased variance of the depthwise conv's output (float32, float64 for float64),
     without writing that output: each program of ``depthwise_moments_kernel`` reduces its tile to a sum and a
     sum of squared deviations, combined afterwards in a fixed order (:func:`finalize_moments`, which with
-    ``fold`` also returns the depthwise weight and bias with the norm of those statistics folded in)."""
+    ``fold`` also returns the depthwise weight and bias with the norm of those statistics folded in, and updates
+    ``running``)."""
     counts, sums, squares = moment_parts(x, weight, bias, stride, padding, dilation)
     out_h, out_w = output_size(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
-    return finalize_moments(sums, squares, out_h * out_w, counts=counts, fold=fold)
+    return finalize_moments(sums, squares, out_h * out_w, counts=counts, fold=fold, running=running)
 
 
 def moment_parts(x, weight, bias, stride, padding, dilation, activation: int = 0, rounded: bool = False):
@@ -209,15 +229,16 @@ def moment_parts(x, weight, bias, stride, padding, dilation, activation: int = 0
 
 
 def _train_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation,
-                   activation, eps, out_statistics):  # fmt: skip
+                   activation, eps, out_statistics, running: RunningUpdates = NO_RUNNING_UPDATES):  # fmt: skip
     """``(y, mean, var, out_mean, out_var)``: the output, the mid norm's batch statistics and, with
-    ``out_statistics``, the output's (from the fused kernel's epilogue; else empty)."""
+    ``out_statistics``, the output's (from the fused kernel's epilogue; else empty); ``running`` updated where
+    the launches computing those statistics can (plain-eager calls: :func:`~sepconv.kernels.depthwise.run_op`)."""
     fold = Fold(dw_weight, dw_bias, norm_weight, norm_bias, eps, x.dtype)
-    mean, var, weight, bias = _moments(x, dw_weight, dw_bias, stride, padding, dilation, fold)
+    mean, var, weight, bias = _moments(x, dw_weight, dw_bias, stride, padding, dilation, fold, running.mid)
     geometry = (stride, padding, dilation)
     if out_statistics:
         y, out_mean, out_var = _separable_forward(x, weight, bias, pw_weight, pw_bias, *geometry, activation,
-                                                  statistics=True)  # fmt: skip
+                                                  statistics=True, running=running.out)  # fmt: skip
         return y, mean, var, out_mean, out_var
     y = _separable_forward(x, weight, bias, pw_weight, pw_bias, *geometry, activation)
     return y, mean, var, mean.new_empty(0), mean.new_empty(0)

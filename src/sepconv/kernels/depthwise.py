@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from sepconv._args import int_tuple
+from sepconv._dtypes import cast
 from sepconv.cpu_backward import fft_grad_weight, flipped_conv_applies
 from sepconv.kernels._depthwise_triton import (
     depthwise_forward_kernel,
@@ -183,12 +184,17 @@ def plain_eager(tensors: Sequence[Tensor | None]) -> bool:
         return False
 
 
-def run_op(op: Any, function: type[torch.autograd.Function], args: tuple, tensors: Sequence[Tensor | None]) -> Any:
+def run_op(
+    op: Any, function: type[torch.autograd.Function], args: tuple, tensors: Sequence[Tensor | None], extra: Any = None
+) -> Any:
     """``op(*args)`` (a custom op), or the same computation without the dispatcher for :func:`plain_eager`
     calls: ``function.apply`` (same forward, context and backward as the op's autograd) when a gradient is
-    needed, else ``function.compute`` (the op without autograd)."""
+    needed, else ``function.compute`` (the op without autograd). ``extra`` (unless None): a last argument of
+    ``compute`` outside the op's schema, passed on plain-eager calls only (in-place work a functional op cannot
+    declare: running statistics updated inside a launch)."""
     if not plain_eager(tensors):
         return op(*args)
+    args = args if extra is None else (*args, extra)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return function.apply(*args)
     return function.compute(*args)
@@ -210,18 +216,22 @@ def differentiable(
     double backward (e.g. a gradient penalty) raises instead of treating the first gradients as constants."""
     backward = once_differentiable(backward)
     op.register_autograd(backward, setup_context=setup_context)
+    arity = len(op._opoverload._schema.arguments)
 
-    def forward(ctx, *inputs):  # the op's arguments
+    def forward(ctx, *inputs):  # the op's arguments, then perhaps run_op's extra one
         output = compute(*inputs)
-        setup_context(ctx, inputs, output)
+        setup_context(ctx, inputs[:arity], output)
         return output
+
+    def function_backward(ctx, *grads):  # a None for the extra argument (Nones past the inputs are dropped)
+        return (*backward(ctx, *grads), None)
 
     body = {
         "__doc__": "A custom op's autograd without the dispatcher (``run_op``); ``compute``: the op without autograd.",
         "__module__": compute.__module__,
         "compute": staticmethod(compute),
         "forward": staticmethod(forward),
-        "backward": staticmethod(backward),
+        "backward": staticmethod(function_backward),
     }
     return types.new_class(name, (torch.autograd.Function,), exec_body=lambda namespace: namespace.update(body))
 
@@ -514,8 +524,10 @@ def _grad_input(
 
 
 def _grad_weight(
-    grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, tiles: Tiles | None = None
-) -> tuple[Tensor, Tensor]:
+    grad: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, tiles: Tiles | None = None, bias: bool = True
+) -> tuple[Tensor, Tensor | None]:
+    """``(grad_weight, grad_bias)``; without ``bias`` (no bias gradient wanted: plain-eager calls) ``grad_bias``
+    may be None, and the direct kernel then reduces the taps only (two host operators after the launch, not six)."""
     kernel = weight.shape[2:]
     tiles = tiles or _opted_in(x, kernel, stride, dilation, TOEPLITZ_GRAD_WEIGHT_MIN_TAPS, TOEPLITZ_GRAD_WEIGHT_TILES)
     if tiles is not None and tiles.toeplitz and _toeplitz_applies(x, stride, dilation):
@@ -537,9 +549,10 @@ def _grad_weight(
     per_split = triton.cdiv(groups, splits) if groups else 1
     splits = triton.cdiv(groups, per_split) if groups else 1
     # every (split, channel, tap) partial is written by the kernel: no fill launch unless nothing runs
-    partial = (torch.empty if pixels else torch.zeros)((splits, c_out, kh * kw + 1), dtype=acc, device=x.device)
+    taps = kh * kw + bias
+    partial = (torch.empty if pixels else torch.zeros)((splits, c_out, taps), dtype=acc, device=x.device)
     if pixels:
-        grid = (triton.cdiv(c_out, block_c), 1 if tiles.loop_taps else kh * kw + 1, splits)
+        grid = (triton.cdiv(c_out, block_c), 1 if tiles.loop_taps else taps, splits)
         depthwise_grad_weight_kernel[grid](
             x,
             grad,
@@ -563,9 +576,12 @@ def _grad_weight(
             BLOCK_C=block_c,
             BLOCK_W=block_w,
             LOOP_TAPS=tiles.loop_taps,
+            HAS_BIAS=bias,
             num_warps=tiles.num_warps,
         )
     total = partial.sum(0)  # fixed order: deterministic
+    if not bias:  # total is the weight's alone: a view of it, cast where the weight's dtype differs
+        return cast(total, weight.dtype).view(c_out, 1, kh, kw), None
     grad_weight = total[:, : kh * kw].to(weight.dtype, copy=True).reshape(c_out, 1, kh, kw)
     return grad_weight, total[:, kh * kw].to(weight.dtype, copy=True)  # copies: outputs must not alias
 
@@ -718,6 +734,11 @@ def _setup_context(ctx, inputs, output):
     )
 
 
+def _grad_weight_alone(*args) -> tuple[Tensor, Tensor | None]:
+    """:func:`_grad_weight` where no bias gradient is wanted."""
+    return _grad_weight(*args, bias=False)
+
+
 def depthwise_gradients(
     grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, geometry: tuple, needs: Sequence[bool]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -728,7 +749,8 @@ def depthwise_gradients(
     if needs[0]:
         grad_x = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
     if needs[1] or (has_bias and needs[2]):
-        grad_weight, grad_bias = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_weight, _grad_weight, args, tensors)
+        kernel = _grad_weight if has_bias and needs[2] else _grad_weight_alone
+        grad_weight, grad_bias = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_weight, kernel, args, tensors)
         grad_weight = grad_weight if needs[1] else None
         grad_bias = grad_bias if has_bias and needs[2] else None
     return grad_x, grad_weight, grad_bias
@@ -747,8 +769,8 @@ def _backward(ctx, grad):
         if ctx.fft_grad_weight and ctx.grad_weight_tiles is None:
             grad_weight, grad_bias = _fft_grad_weight(*args)
         else:
-            tiles = ctx.grad_weight_tiles
-            kernel = _grad_weight if tiles is None else functools.partial(_grad_weight, tiles=tiles)
+            tiles, bias = ctx.grad_weight_tiles, ctx.has_bias and needs_bias
+            kernel = functools.partial(_grad_weight, tiles=tiles, bias=bias)
             grad_weight, grad_bias = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_weight, kernel, args, tensors)
         grad_weight = grad_weight if needs_weight else None
         grad_bias = grad_bias if ctx.has_bias and needs_bias else None

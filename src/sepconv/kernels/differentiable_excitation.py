@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sepconv._dtypes import accumulation_dtype, cast
-from sepconv.kernels.batch_norm import _moments
+from sepconv.kernels.batch_norm import NO_RUNNING_UPDATES, RunningUpdates, _moments
 from sepconv.kernels.depthwise import (
     _GEOMETRY,
     _DepthwiseConv2d,
@@ -56,6 +56,7 @@ from sepconv.kernels.output_norm import (
     fold_output_norm,
     norm_dtype,
     normalize,
+    running_update,
     update_running_statistics,
 )
 from sepconv.kernels.separable import MID_ACTIVATIONS, Fold, _activate, _activation_backward
@@ -161,12 +162,12 @@ def separable_with_gate(
     codes = (activation, MID_ACTIVATIONS.index(excitation.activation), GATES.index(excitation.gate))
     inputs = (x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, *gate_tensors)
     op_args = (*inputs, stride, padding, dilation, *codes, eps, mid_norm is not None, out_norm is not None)
-    y, mean, var, out_mean, out_var, _ = run_op(
-        torch.ops.sepconv.separable_conv2d_excitation, _SeparableExcitation, op_args, inputs
-    )
+    running = RunningUpdates(running_update(mid_norm, x), running_update(out_norm, x))
+    op = torch.ops.sepconv.separable_conv2d_excitation
+    y, mean, var, out_mean, out_var, *_ = run_op(op, _SeparableExcitation, op_args, inputs, running)
     if mid_norm is not None:
-        update_running_statistics(mid_norm, mean, var, x.shape[0] * out_h * out_w)
-    return y if out_norm is None else normalize(y, out_mean, out_var, out_norm)
+        update_running_statistics(mid_norm, mean, var, x.shape[0] * out_h * out_w, running.mid)
+    return y if out_norm is None else normalize(y, out_mean, out_var, out_norm, running.out)
 
 
 # ---- custom op sepconv::separable_conv2d_excitation ------------------------------------------------------------
@@ -183,32 +184,40 @@ def _squeeze(means: Tensor, reduce_weight, reduce_bias, expand_weight, expand_bi
 
 def _excitation_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, reduce_weight,
                         reduce_bias, expand_weight, expand_bias, stride, padding, dilation, activation,
-                        excitation_activation, gate, eps, batch_statistics, out_statistics):  # fmt: skip
-    """``(y, mean, var, out_mean, out_var, means)``: the output, the mid norm's batch statistics (with
-    ``batch_statistics``, else empty), the output's (with ``out_statistics``, else empty) and the activation's
-    per-image channel means (N, C·m) the gate was computed from (float32, float64 for float64)."""
+                        excitation_activation, gate, eps, batch_statistics, out_statistics,
+                        running: RunningUpdates = NO_RUNNING_UPDATES):  # fmt: skip
+    """``(y, mean, var, out_mean, out_var, means, scale, hidden_pre, hidden, expand_pre)``: the output, the mid norm's
+    batch statistics (with ``batch_statistics``, else empty), the output's (with ``out_statistics``, else empty),
+    the activation's per-image channel means (N, C·m) the gate was computed from (float32, float64 for float64),
+    and the gate's values the backward reads (:func:`_squeeze`'s, in x's dtype, ``hidden`` empty without an
+    activation: kept rather than recomputed, six operators on the host path); ``running`` updated where the
+    launches computing those statistics can."""
     geometry = (stride, padding, dilation)
     compute = accumulation_dtype(x.dtype)
-    mean, var, out_mean, out_var = (x.new_empty(0, dtype=compute) for _ in range(4))  # distinct: no aliases
     weight, bias = dw_weight, dw_bias
     if batch_statistics:
         fold = Fold(dw_weight, dw_bias, norm_weight, norm_bias, eps, x.dtype)
-        mean, var, weight, bias = _moments(x, dw_weight, dw_bias, *geometry, fold)
+        mean, var, weight, bias = _moments(x, dw_weight, dw_bias, *geometry, fold, running.mid)
+    else:  # empty placeholders, distinct (outputs must not alias)
+        mean, var = x.new_empty(0, dtype=compute), x.new_empty(0, dtype=compute)
     means = _depthwise_mean(x, weight, bias, *geometry, activation)
     gate_tensors = (reduce_weight, reduce_bias, expand_weight, expand_bias)
-    scale = _squeeze(cast(means, x.dtype), *gate_tensors, excitation_activation, gate)[0]
+    scale, hidden_pre, hidden, expand_pre = _squeeze(cast(means, x.dtype), *gate_tensors, excitation_activation, gate)
+    hidden = hidden if excitation_activation else hidden_pre.new_empty(0)  # no activation: hidden_pre itself
     y = _separable_forward(x, weight, bias, pw_weight, pw_bias, *geometry, activation, statistics=out_statistics,
-                           scale=scale)  # fmt: skip
+                           scale=scale, running=running.out)  # fmt: skip
     if out_statistics:
         y, out_mean, out_var = y
-    return y, mean, var, out_mean, out_var, means
+    else:
+        out_mean, out_var = x.new_empty(0, dtype=compute), x.new_empty(0, dtype=compute)
+    return y, mean, var, out_mean, out_var, means, scale, hidden_pre, hidden, expand_pre
 
 
 _SCHEMA = (
     "(Tensor x, Tensor dw_weight, Tensor? dw_bias, Tensor? norm_weight, Tensor? norm_bias, Tensor pw_weight, "
     "Tensor? pw_bias, Tensor reduce_weight, Tensor? reduce_bias, Tensor expand_weight, Tensor? expand_bias, "
     f"{_GEOMETRY}, int activation, int excitation_activation, int gate, float eps, bool batch_statistics, "
-    "bool out_statistics) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "bool out_statistics) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 
 
@@ -227,21 +236,26 @@ def _(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, reduce_
     compute = torch.promote_types(x.dtype, torch.float32)
     mid = dw_weight.shape[0] if batch_statistics else 0
     out = pw_weight.shape[0] if out_statistics else 0
-    sizes = ((mid,), (mid,), (out,), (out,), (x.shape[0], dw_weight.shape[0]))
-    return y, *(x.new_empty(size, dtype=compute) for size in sizes)
+    images, channels = x.shape[0], dw_weight.shape[0]
+    sizes = ((mid,), (mid,), (out,), (out,), (images, channels))
+    squeezed = (images, reduce_weight.shape[0])
+    hidden = squeezed if excitation_activation else (0,)
+    gate_sizes = ((images, channels), squeezed, hidden, (images, channels))  # in x's dtype
+    return y, *(x.new_empty(size, dtype=compute) for size in sizes), *(x.new_empty(size) for size in gate_sizes)
 
 
 def _setup_context(ctx, inputs, output):
     x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, *gate_tensors = inputs[:11]
     stride, padding, dilation, activation, excitation_activation, gate, eps, batch_statistics, _ = inputs[11:]
-    _, mean, var, out_mean, out_var, means = output
-    ctx.save_for_backward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, *gate_tensors, mean, var, means)
+    _, mean, var, out_mean, out_var, means, *gate_values = output
+    ctx.save_for_backward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, *gate_tensors, mean, var, means,
+                          *gate_values)  # fmt: skip
     ctx.has_pw_bias = pw_bias is not None
     ctx.geometry, ctx.eps, ctx.batch_statistics = (stride, padding, dilation), eps, batch_statistics
     ctx.codes = (activation, excitation_activation, gate)
     # the statistics are for the running ones and output_norm.normalize (whose backward carries their terms); the
     # means' gradient is in the backward below
-    ctx.mark_non_differentiable(mean, var, out_mean, out_var, means)
+    ctx.mark_non_differentiable(mean, var, out_mean, out_var, means, *gate_values)
     ctx.set_materialize_grads(False)  # no zero gradients made for them (operators on the host path); see backward
 
 
@@ -272,7 +286,7 @@ def _excitation_backward(ctx, grad, *_statistics_grads):
     the activation, the 1x1 conv's input gradient and a product of the two), as PyTorch's block keeps the conv's,
     the norm's, the activation's and the scaled outputs for its backward."""
     (x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, reduce_weight, reduce_bias, expand_weight,
-     expand_bias, mean, var, means) = ctx.saved_tensors  # fmt: skip
+     expand_bias, mean, var, means, scale, hidden_pre, hidden, expand_pre) = ctx.saved_tensors  # fmt: skip
     gate_tensors = (reduce_weight, reduce_bias, expand_weight, expand_bias)
     needs = ctx.needs_input_grad
     grads: list[Tensor | None] = [None] * 20
@@ -291,8 +305,9 @@ def _excitation_backward(ctx, grad, *_statistics_grads):
         return torch.batch_norm(z, gamma, beta, mean, var, False, 0.0, ctx.eps, False) if ctx.batch_statistics else z
 
     compute = means.dtype
-    squeezed = _squeeze(cast(means, x.dtype), *gate_tensors, *ctx.codes[1:])  # as the forward: x's dtype
-    scale = squeezed[0].view(*squeezed[0].shape, 1, 1)  # (N, C·m, 1, 1)
+    hidden = hidden if ctx.codes[1] else hidden_pre
+    squeezed = (scale, hidden_pre, hidden, expand_pre)  # the forward's, in x's dtype
+    scale = scale.view(*scale.shape, 1, 1)  # (N, C·m, 1, 1)
     mid = cast(_activate(pre_activation(z), activation), x.dtype)  # the activation as stored
     if needs[5]:  # the 1x1 weight's gradient, on the scaled activation
         scaled = mid * scale
@@ -312,7 +327,7 @@ def _excitation_backward(ctx, grad, *_statistics_grads):
         return tuple(grads)
     pixels = grad.shape[2] * grad.shape[3]
     grad_mid = cast(grad_scaled, work).mul_(cast(scale, work))  # through the scale, and through the means: each
-    grad_mid.add_(cast(grad_means / pixels, work).view(scale.shape))  # pixel's share of its channel's mean
+    grad_mid.add_(cast(grad_means, work).view(scale.shape), alpha=1 / pixels)  # pixel's share of its channel's mean
     del grad_scaled
     if activation:
         grad_mid = _activation_backward(grad_mid, pre_activation(z), activation, out=grad_mid)

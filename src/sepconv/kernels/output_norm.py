@@ -6,7 +6,9 @@ deviations as it stores it (custom op ``sepconv::separable_conv2d_statistics``: 
 biased variance), and the normalization is one elementwise pass with those statistics (custom op
 ``sepconv::batch_norm_with_statistics``, whose backward is PyTorch's own training-mode
 ``native_batch_norm_backward``: the batch statistics' terms included). Running statistics are updated as
-``F.batch_norm`` updates them. In eval mode the norm is folded into the 1x1 conv's weight and bias instead.
+``F.batch_norm`` updates them (on plain eager calls inside the launch that combines the statistics, as for the norm
+between the convs: :mod:`sepconv.kernels.batch_norm`). In eval mode the norm is folded into the 1x1 conv's weight
+and bias instead.
 
 >>> import torch
 >>> import torch.nn.functional as F
@@ -29,10 +31,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from sepconv._dtypes import cast
+from sepconv._dtypes import accumulation_dtype, cast
 from sepconv.folding import fold_statistics
 from sepconv.kernels.depthwise import _GEOMETRY, _memory_format, differentiable, output_size, run_op
-from sepconv.kernels.separable import _backward, _forward, _SeparableConv2d, _setup_context
+from sepconv.kernels.separable import RunningUpdate, _backward, _forward, _SeparableConv2d, _setup_context
 
 __all__ = ["BatchNormArgs"]
 
@@ -106,9 +108,20 @@ def fold_output_norm(pw_weight: Tensor, pw_bias: Tensor | None, norm: BatchNormA
     return fold_statistics(pw_weight, pw_bias, *statistics, pw_weight.dtype)
 
 
-def update_running_statistics(norm: BatchNormArgs, mean: Tensor, var: Tensor, count: int) -> None:
-    """``norm``'s running statistics moved towards a batch's, as ``F.batch_norm`` does (unbiased variance)."""
-    if norm.running_mean is None or norm.running_var is None:
+def running_update(norm: BatchNormArgs | None, x: Tensor) -> RunningUpdate | None:
+    """What a launch computing a training-mode ``norm``'s statistics for input ``x`` may update of its running
+    statistics (:class:`~sepconv.kernels.separable.RunningUpdate`), or None."""
+    if norm is None or not norm.training:
+        return None
+    return RunningUpdate.of(norm.running_mean, norm.running_var, norm.momentum, accumulation_dtype(x.dtype))
+
+
+def update_running_statistics(
+    norm: BatchNormArgs, mean: Tensor, var: Tensor, count: int, running: RunningUpdate | None = None
+) -> None:
+    """``norm``'s running statistics moved towards a batch's, as ``F.batch_norm`` does (unbiased variance),
+    unless a launch did (``running.done``)."""
+    if norm.running_mean is None or norm.running_var is None or (running is not None and running.done):
         return
     with torch.no_grad():
         norm.running_mean.lerp_(cast(mean, norm.running_mean.dtype), norm.momentum)
@@ -132,14 +145,19 @@ def separable_with_output_norm(args: tuple, norm: BatchNormArgs) -> Tensor:
     out_h, out_w = output_size(x.shape[-2:], dw_weight.shape[-2:], stride, padding, dilation)
     check_values(x.shape[0] * out_h * out_w, x, out_h, out_w)
     tensors = (x, dw_weight, dw_bias, pw_weight, pw_bias)
-    y, mean, var = run_op(torch.ops.sepconv.separable_conv2d_statistics, _SeparableStatistics, args, tensors)
-    return normalize(y, mean, var, norm)
+    running = running_update(norm, x)
+    op = torch.ops.sepconv.separable_conv2d_statistics
+    y, mean, var = run_op(op, _SeparableStatistics, args, tensors, running)
+    return normalize(y, mean, var, norm, running)
 
 
-def normalize(y: Tensor, mean: Tensor, var: Tensor, norm: BatchNormArgs) -> Tensor:
+def normalize(
+    y: Tensor, mean: Tensor, var: Tensor, norm: BatchNormArgs, running: RunningUpdate | None = None
+) -> Tensor:
     """A training-mode ``norm`` of ``y`` given ``y``'s batch statistics ``mean`` and biased ``var``: running
-    statistics updated, ``y`` normalized (its gradient includes the statistics' terms)."""
-    update_running_statistics(norm, mean, var, y.shape[0] * y.shape[2] * y.shape[3])
+    statistics updated (unless ``running.done``: by the launch that computed the statistics), ``y`` normalized
+    (its gradient includes the statistics' terms)."""
+    update_running_statistics(norm, mean, var, y.shape[0] * y.shape[2] * y.shape[3], running)
     args = (y, mean, var, norm.weight, norm.bias, norm.eps)
     return run_op(torch.ops.sepconv.batch_norm_with_statistics, _NormalizeWithStatistics, args, (y, *args[3:5]))
 
@@ -176,8 +194,10 @@ def _statistics_backward(ctx, grad, _grad_mean=None, _grad_var=None):
     return (None,) * 9 if grad is None else _backward(ctx, grad)
 
 
-def _statistics_forward(*inputs):
-    return _forward(*inputs, statistics=True)
+def _statistics_forward(x, dw_weight, dw_bias, pw_weight, pw_bias, stride, padding, dilation, activation,
+                        running: RunningUpdate | None = None):  # fmt: skip
+    geometry = (stride, padding, dilation)
+    return _forward(x, dw_weight, dw_bias, pw_weight, pw_bias, *geometry, activation, statistics=True, running=running)
 
 
 _SeparableStatistics = differentiable(

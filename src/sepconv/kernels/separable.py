@@ -20,6 +20,7 @@ True
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -212,11 +213,13 @@ def _forward(
     tiles: SeparableTiles | None = None,
     statistics: bool = False,
     scale: Tensor | None = None,
+    running: RunningUpdate | None = None,
 ):
     """The separable conv's output; with ``statistics``, ``(y, mean, var)``: also the per-channel mean and biased
     variance of ``y`` as stored (float32, float64 for float64), from the fused kernel's statistics epilogue (for
     a BatchNorm after the 1x1 conv: ``y`` is not read again for them). ``scale``: (N, C·m) in x's dtype, applied
-    to the activated intermediate (squeeze-excitation)."""
+    to the activated intermediate (squeeze-excitation). ``running``: with ``statistics``, the running statistics of
+    the norm they are for, updated where the statistics epilogue computed them (:func:`finalize_moments`)."""
     out_h, out_w = output_size(x.shape[-2:], dw_weight.shape[-2:], stride, padding, dilation)
     c_mid, c_out = dw_weight.shape[0], pw_weight.shape[0]
     if tiles is None and not fuses(c_out, dw_weight.shape[2:]):
@@ -275,7 +278,7 @@ def _forward(
         )
     if not statistics:
         return y
-    return (y, *finalize_moments(sums, squares, out_h * out_w, part_pixels=tiles.block_p))
+    return (y, *finalize_moments(sums, squares, out_h * out_w, part_pixels=tiles.block_p, running=running))
 
 
 def output_moments(y: Tensor) -> tuple[Tensor, Tensor]:
@@ -298,14 +301,36 @@ class Fold(NamedTuple):
     dtype: torch.dtype
 
 
+class RunningUpdate:
+    """A training-mode BatchNorm's running statistics for :func:`finalize_moments` to move towards the batch's in
+    its launch (in place, as ``F.batch_norm`` does: momentum, unbiased variance) instead of three PyTorch operators
+    after it: ``mean`` and ``var`` contiguous, in the statistics' dtype. ``done`` says whether a launch did it
+    (the callers update them in PyTorch otherwise: through the dispatcher, or where no launch computed the
+    statistics)."""
+
+    __slots__ = ("done", "mean", "momentum", "var")
+
+    def __init__(self, mean: Tensor, var: Tensor, momentum: float) -> None:
+        self.mean, self.var, self.momentum, self.done = mean, var, momentum, False
+
+    @classmethod
+    def of(cls, mean: Tensor | None, var: Tensor | None, momentum: float, dtype: torch.dtype) -> RunningUpdate | None:
+        """The update of the running ``mean`` and ``var`` by a launch whose statistics are ``dtype``, or None
+        where a launch cannot write them (none given, another dtype, not contiguous)."""
+        if mean is None or var is None or not all(t.dtype == dtype and t.is_contiguous() for t in (mean, var)):
+            return None
+        return cls(mean, var, momentum)
+
+
 def finalize_moments(
     sums: Tensor, squares: Tensor, pixels: int, *, counts: Tensor | None = None, part_pixels: int = 0,
-    fold: Fold | None = None,
+    fold: Fold | None = None, running: RunningUpdate | None = None,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """Mean and biased variance per channel from (N, P, C) per-tile ``sums`` and ``squares`` (deviations from
     each tile's own mean, squared and summed) of images of ``pixels`` values per channel: a tile's count is
     ``counts[p]``, or with ``part_pixels`` the run of that many pixels tile p covers. With ``fold``, also the
     depthwise weight and bias with the BatchNorm of those statistics folded in: ``(mean, var, weight, bias)``.
+    ``running``: a BatchNorm's running statistics, updated in the same launch (``running.done`` set).
     One launch (``finalize_moments_kernel``; Chan et al.'s combination in a fixed order) where the same in
     PyTorch's operators took a dozen or two (host time, KERNEL_NOTES item 16).
 
@@ -326,14 +351,20 @@ def finalize_moments(
         bias, gamma, beta = (mean if t is None else t.contiguous() for t in (fold.bias, fold.gamma, fold.beta))
     taps = weight.numel() // channels if fold is not None else 1
     block_c = _block(channels, 64)
+    running_mean, running_var = (mean, var) if running is None else (running.mean, running.var)
+    momentum = 0.0 if running is None else running.momentum
+    momentum_hi = struct.unpack("f", struct.pack("f", momentum))[0]  # as the fp32 argument holds it; the rest next
     finalize_moments_kernel[(triton.cdiv(channels, block_c),)](
         sums, squares, mean if counts is None else counts, mean, var, weight, bias, gamma, beta, folded_weight,
-        folded_bias, images * parts, parts, channels, pixels, taps, 0.0 if fold is None else fold.eps,
+        folded_bias, running_mean, running_var, images * parts, parts, channels, pixels, taps,
+        0.0 if fold is None else fold.eps, momentum_hi, momentum - momentum_hi,
         ACC=_ACC.get(sums.dtype, tl.float32), BLOCK_Q=_block(images * parts, 64), BLOCK_C=block_c,
         BLOCK_T=_block(taps, 64), PART_PIXELS=part_pixels if counts is None else 0, FOLD=fold is not None,
         HAS_BIAS=fold is not None and fold.bias is not None, HAS_GAMMA=fold is not None and fold.gamma is not None,
-        HAS_BETA=fold is not None and fold.beta is not None,
+        HAS_BETA=fold is not None and fold.beta is not None, RUNNING=running is not None,
     )  # fmt: skip
+    if running is not None:
+        running.done = True
     if fold is None:
         return mean, var
     # rounded by PyTorch (to nearest, as on a GPU): Triton's interpreter truncates fp32 -> bf16 inside kernels
