@@ -77,6 +77,7 @@ from sepconv.kernels.separable import (
     _check_pointwise,
     _SeparableConv2d,
     finalize_moments,
+    pointwise_backward,
 )
 from sepconv.kernels.separable import _forward as _separable_forward
 
@@ -307,17 +308,16 @@ def _train_backward(ctx, grad, *_statistics_grads):
     # relu and relu6 pass a gradient where their output lies strictly inside their range, as where their input
     # does: their backward can read the activated output kept from the 1x1 weight's gradient, instead of a second
     # normalization of z (same peak: z, that output and the 1x1 conv's input gradient)
-    activated = None
-    if needs[5]:  # the 1x1 weight's gradient, on the activated norm output
+    activated = grad_mid = None
+    if needs[5]:  # the 1x1 weight's gradient, on the activated norm output, and its input's in the same call
         activated = _activate(normalized(z), ctx.activation)
-        grads[5] = torch.ops.aten.convolution_backward(
-            grad, cast(activated, x.dtype), pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
-            [False, True, False],
-        )[1]  # fmt: skip
+        grad_mid, grads[5] = pointwise_backward(grad, cast(activated, x.dtype), pw_weight, any(needs[:5]))
         activated = activated if ctx.activation in _RELU_FAMILY else None
     if not any(needs[:5]):
         return tuple(grads)
-    grad_mid = cast(F.conv2d(grad, pw_weight.transpose(0, 1)), work)  # the 1x1 conv's input gradient
+    if grad_mid is None:
+        grad_mid = F.conv2d(grad, pw_weight.transpose(0, 1))  # the 1x1 conv's input gradient
+    grad_mid = cast(grad_mid, work)
     if ctx.activation:
         at = normalized(z) if activated is None else activated
         grad_mid = _activation_backward(grad_mid, at, ctx.activation, out=grad_mid)

@@ -59,7 +59,7 @@ from sepconv.kernels.output_norm import (
     running_update,
     update_running_statistics,
 )
-from sepconv.kernels.separable import MID_ACTIVATIONS, Fold, _activate, _activation_backward
+from sepconv.kernels.separable import MID_ACTIVATIONS, Fold, _activate, _activation_backward, pointwise_backward
 from sepconv.kernels.separable import _forward as _separable_forward
 
 __all__ = ["GATES", "ExcitationArgs", "separable_with_gate"]
@@ -309,15 +309,14 @@ def _excitation_backward(ctx, grad, *_statistics_grads):
     squeezed = (scale, hidden_pre, hidden, expand_pre)  # the forward's, in x's dtype
     scale = scale.view(*scale.shape, 1, 1)  # (N, C·m, 1, 1)
     mid = cast(_activate(pre_activation(z), activation), x.dtype)  # the activation as stored
-    if needs[5]:  # the 1x1 weight's gradient, on the scaled activation
-        scaled = mid * scale
-        grads[5] = torch.ops.aten.convolution_backward(
-            grad, scaled, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
-        )[1]
-        del scaled
-    if not (any(needs[:5]) or any(needs[7:11])):
+    needs_scaled = any(needs[:5]) or any(needs[7:11])  # the 1x1 conv's input gradient
+    grad_scaled = None
+    if needs[5]:  # the 1x1 weight's gradient, on the scaled activation, and its input's in the same call
+        grad_scaled, grads[5] = pointwise_backward(grad, mid * scale, pw_weight, needs_scaled)
+    if not needs_scaled:
         return tuple(grads)
-    grad_scaled = F.conv2d(grad, pw_weight.transpose(0, 1))  # the 1x1 conv's input gradient
+    if grad_scaled is None:
+        grad_scaled = F.conv2d(grad, pw_weight.transpose(0, 1))
     grad_scale = (grad_scaled * mid).sum((2, 3), dtype=compute)
     del mid
     grad_means, *gate_grads = _squeeze_backward(grad_scale, cast(means, x.dtype), squeezed, gate_tensors, ctx.codes[1:])

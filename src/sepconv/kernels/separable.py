@@ -409,12 +409,8 @@ def _backward(ctx, grad):
     if needs[3] or (ctx.activation and needs_depthwise):
         depthwise_args = (x, dw_weight, dw_bias, *ctx.geometry)
         pre = run_op(torch.ops.sepconv.depthwise_conv2d, _DepthwiseConv2d, depthwise_args, (x, dw_weight, dw_bias))
-    if needs[3]:  # the 1x1 conv's weight gradient as PyTorch's conv computes it: both read in their layouts
-        mid = _activate(pre, ctx.activation)
-        grad_pw = torch.ops.aten.convolution_backward(
-            grad, mid, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [False, True, False]
-        )[1]
-        del mid
+    if needs[3]:  # the 1x1 conv's weight gradient (its input's after mid is freed: two alive at once, not three)
+        grad_pw = pointwise_backward(grad, _activate(pre, ctx.activation), pw_weight, needs_input=False)[1]
     if ctx.has_pw_bias and needs[4]:
         grad_pw_bias = grad.sum((0, 2, 3))
     if needs_depthwise:
@@ -426,6 +422,17 @@ def _backward(ctx, grad):
             grad_mid, x, dw_weight, dw_bias is not None, ctx.geometry, needs
         )
     return grad_x, grad_dw, grad_dw_bias, grad_pw, grad_pw_bias, None, None, None, None
+
+
+def pointwise_backward(grad: Tensor, mid: Tensor, pw_weight: Tensor, needs_input: bool) -> tuple[Tensor | None, Tensor]:
+    """``(grad_mid, grad_weight)`` of the 1x1 conv for its output gradient ``grad`` and input ``mid``, as PyTorch's
+    conv computes them (both read in their layouts): one ``convolution_backward``, the input's gradient too where
+    ``needs_input`` (else None) — two host operators fewer than a transposed conv for it."""
+    mask = [needs_input, True, False]
+    grad_mid, grad_weight, _ = torch.ops.aten.convolution_backward(
+        grad, mid, pw_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, mask
+    )
+    return grad_mid, grad_weight
 
 
 _ACTIVATIONS = (lambda t: t, F.relu, F.relu6, F.hardswish, F.silu, F.gelu)  # by code, as MID_ACTIVATIONS
