@@ -398,30 +398,45 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     """Gradients with at most two intermediate-sized tensors alive at once, as PyTorch's two-conv block at its
-    peak: the recomputed intermediate and the activated one (for the 1x1 weight's gradient), then the
-    intermediate and its gradient (the activation's backward writes into the intermediate), then that gradient
-    and the input's."""
+    peak. Without an activation or with relu/relu6 (whose backward can read their output): the recomputed
+    intermediate activated in place, then both 1x1 gradients from one call (it and the 1x1 conv's input gradient
+    alive), then that gradient and the input's. Otherwise the intermediate and the activated one (for the 1x1
+    weight's gradient), then the intermediate and its gradient (the activation's backward writes into the
+    intermediate), then that gradient and the input's."""
     x, dw_weight, dw_bias, pw_weight = ctx.saved_tensors
     needs = ctx.needs_input_grad
     needs_depthwise = needs[0] or needs[1] or needs[2]
-    grad_pw = grad_pw_bias = grad_x = grad_dw = grad_dw_bias = None
+    grad_pw = grad_pw_bias = grad_x = grad_dw = grad_dw_bias = grad_mid = None
     pre = None
     if needs[3] or (ctx.activation and needs_depthwise):
         depthwise_args = (x, dw_weight, dw_bias, *ctx.geometry)
         pre = run_op(torch.ops.sepconv.depthwise_conv2d, _DepthwiseConv2d, depthwise_args, (x, dw_weight, dw_bias))
-    if needs[3]:  # the 1x1 conv's weight gradient (its input's after mid is freed: two alive at once, not three)
+    if needs[3] and ctx.activation in _OUTPUT_DECIDES:  # pre is ours alone: activated in place
+        mid = _ACTIVATIONS_IN_PLACE[ctx.activation](pre)
+        grad_mid, grad_pw = pointwise_backward(grad, mid, pw_weight, needs_depthwise)
+        if grad_mid is not None and ctx.activation:
+            grad_mid = _activation_backward(grad_mid, mid, ctx.activation, out=grad_mid)
+        pre = mid = None
+    elif needs[3]:  # the 1x1 weight's gradient alone (its input's after mid is freed: two alive, not three)
         grad_pw = pointwise_backward(grad, _activate(pre, ctx.activation), pw_weight, needs_input=False)[1]
     if ctx.has_pw_bias and needs[4]:
         grad_pw_bias = grad.sum((0, 2, 3))
     if needs_depthwise:
-        grad_mid = F.conv2d(grad, pw_weight.transpose(0, 1))  # the 1x1 conv's input gradient
-        if ctx.activation:
-            grad_mid = _activation_backward(grad_mid, pre, ctx.activation, out=pre)
+        if grad_mid is None:
+            grad_mid = F.conv2d(grad, pw_weight.transpose(0, 1))  # the 1x1 conv's input gradient
+            if ctx.activation:
+                grad_mid = _activation_backward(grad_mid, pre, ctx.activation, out=pre)
         pre = None
         grad_x, grad_dw, grad_dw_bias = depthwise_gradients(
             grad_mid, x, dw_weight, dw_bias is not None, ctx.geometry, needs
         )
     return grad_x, grad_dw, grad_dw_bias, grad_pw, grad_pw_bias, None, None, None, None
+
+
+# no activation, relu, relu6: their backward reads the output as well as the input (a gradient passes where the
+# output lies strictly inside the range, as where the input does), so the intermediate may be activated in place
+_OUTPUT_DECIDES = (0, 1, 2)
+_ACTIVATIONS_IN_PLACE = (lambda t: t, torch.relu_, lambda t: F.hardtanh_(t, 0.0, 6.0))
 
 
 def pointwise_backward(grad: Tensor, mid: Tensor, pw_weight: Tensor, needs_input: bool) -> tuple[Tensor | None, Tensor]:
