@@ -36,12 +36,12 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch import Tensor
 
 from sepconv._dtypes import accumulation_dtype, cast
 from sepconv.folding import fold_statistics
 from sepconv.kernels._depthwise_triton import depthwise_moments_kernel
+from sepconv.kernels._sizes import cdiv
 from sepconv.kernels.depthwise import (
     _GEOMETRY,
     PaddingSpec,
@@ -204,7 +204,7 @@ def moment_parts(x, weight, bias, stride, padding, dilation, activation: int = 0
     sums = torch.empty(x.shape[0], programs, channels, dtype=compute, device=x.device)
     squares, counts = torch.empty_like(sums), torch.empty(programs, dtype=compute, device=x.device)
     for xs, sums_part, squares_part in _batch_chunks(x, sums, squares):
-        grid = (programs, triton.cdiv(channels, tiles.block_c), xs.shape[0])
+        grid = (programs, cdiv(channels, tiles.block_c), xs.shape[0])
         depthwise_moments_kernel[grid](
             xs,
             weight,

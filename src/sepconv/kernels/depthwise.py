@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -37,6 +36,7 @@ from sepconv.kernels._depthwise_triton import (
     depthwise_grad_weight_kernel,
     depthwise_grad_weight_toeplitz_kernel,
 )
+from sepconv.kernels._sizes import cdiv, next_power_of_2
 from sepconv.padding import same_padding
 
 __all__ = [
@@ -343,8 +343,8 @@ class Tiles(NamedTuple):
     def pixel_programs(self, rows: int, cols: int) -> int:
         """Programs along the pixel axis for a rows x cols plane."""
         if self.tile_w == 0:
-            return triton.cdiv(rows * cols, self.block_p)
-        return triton.cdiv(rows, self.block_p // self.tile_w) * triton.cdiv(cols, self.tile_w)
+            return cdiv(rows * cols, self.block_p)
+        return cdiv(rows, self.block_p // self.tile_w) * cdiv(cols, self.tile_w)
 
 
 def _tiles(t: Tensor, pixels: int, channels: int, kernel: Sequence[int] = (0, 0), grad_input: bool = False) -> Tiles:
@@ -358,7 +358,7 @@ def _default_tiles(channels_last: bool, pixels: int, channels: int, kernel: tupl
     64 x 32 below 256 channels (grad-input: in 8 x 8 rectangles), 16 x 128 in 4 x 4 rectangles from 256. Tap
     unrolling for ``kernel`` as ``_MAX_FULL_UNROLL``/``_MAX_ROW_UNROLL`` say (grad-input: rows at most). The
     fastest or near it in ``benchmarks/results/tune_kernels.json`` (H200, bf16)."""
-    np2 = triton.next_power_of_2
+    np2 = next_power_of_2
     kh, kw = kernel
     if kh * kw <= _MAX_FULL_UNROLL[channels_last] and not grad_input:
         unroll: bool | str = "all"
@@ -417,7 +417,7 @@ def _forward(
     if tiles.toeplitz and _toeplitz_applies(x, stride, dilation):
         return _forward_toeplitz(x, weight, bias, padding, tiles, y)
     for xs, ys in _batch_chunks(x, y):
-        grid = (tiles.pixel_programs(out_h, out_w), triton.cdiv(c_out, tiles.block_c), ys.shape[0])
+        grid = (tiles.pixel_programs(out_h, out_w), cdiv(c_out, tiles.block_c), ys.shape[0])
         depthwise_forward_kernel[grid](
             *_forward_arguments(xs, weight, bias, ys),
             *_geometry(stride, padding, dilation),
@@ -468,9 +468,9 @@ def _toeplitz_applies(x: Tensor, stride: Sequence[int], dilation: Sequence[int])
 def _forward_toeplitz(x: Tensor, weight: Tensor, bias: Tensor | None, padding, tiles: Tiles, y: Tensor) -> Tensor:
     _, c_out, out_h, out_w = y.shape
     rows = max(tiles.block_p, 16)  # the products' M: at least 16
-    pixel_programs = triton.cdiv(out_h, rows) * triton.cdiv(out_w, _TOEPLITZ_COLUMNS)
+    pixel_programs = cdiv(out_h, rows) * cdiv(out_w, _TOEPLITZ_COLUMNS)
     for xs, ys in _batch_chunks(x, y):
-        depthwise_forward_toeplitz_kernel[(pixel_programs, triton.cdiv(c_out, tiles.block_c), ys.shape[0])](
+        depthwise_forward_toeplitz_kernel[(pixel_programs, cdiv(c_out, tiles.block_c), ys.shape[0])](
             *_forward_arguments(xs, weight, bias, ys),
             padding[0],
             padding[2],
@@ -496,7 +496,7 @@ def _grad_input(
     weight = weight.contiguous()
     tiles = tiles or _tiles(grad_x, h * w, c_in, weight.shape[2:], grad_input=True)
     for grads, grad_xs in _batch_chunks(grad, grad_x):
-        grid = (tiles.pixel_programs(h, w), triton.cdiv(c_in, tiles.block_c), grads.shape[0])
+        grid = (tiles.pixel_programs(h, w), cdiv(c_in, tiles.block_c), grads.shape[0])
         depthwise_grad_input_kernel[grid](
             grads,
             weight,
@@ -539,20 +539,20 @@ def _grad_weight(
     tiles = tiles or _tiles(x, pixels, c_out)
     block_p, block_c = tiles.block_p, tiles.block_c
     # a program walks (image, block of output rows) groups, block_w columns at a time
-    block_w = min(triton.next_power_of_2(max(out_w, 1)), block_p)
-    row_blocks = triton.cdiv(out_h, block_p // block_w)
+    block_w = min(next_power_of_2(max(out_w, 1)), block_p)
+    row_blocks = cdiv(out_h, block_p // block_w)
     groups = n * row_blocks
     if tiles.loop_taps:  # small chunks: each program's grad-output stays in cache while it walks the taps
-        splits = max(1, triton.cdiv(pixels, _LOOP_TAPS_CHUNK_BLOCKS * block_p))
+        splits = max(1, cdiv(pixels, _LOOP_TAPS_CHUNK_BLOCKS * block_p))
     else:
-        splits = max(1, min(_MAX_SPLITS, triton.cdiv(pixels, 16 * block_p)))
-    per_split = triton.cdiv(groups, splits) if groups else 1
-    splits = triton.cdiv(groups, per_split) if groups else 1
+        splits = max(1, min(_MAX_SPLITS, cdiv(pixels, 16 * block_p)))
+    per_split = cdiv(groups, splits) if groups else 1
+    splits = cdiv(groups, per_split) if groups else 1
     # every (split, channel, tap) partial is written by the kernel: no fill launch unless nothing runs
     taps = kh * kw + bias
     partial = (torch.empty if pixels else torch.zeros)((splits, c_out, taps), dtype=acc, device=x.device)
     if pixels:
-        grid = (triton.cdiv(c_out, block_c), 1 if tiles.loop_taps else taps, splits)
+        grid = (cdiv(c_out, block_c), 1 if tiles.loop_taps else taps, splits)
         depthwise_grad_weight_kernel[grid](
             x,
             grad,
@@ -602,12 +602,12 @@ def _grad_weight_toeplitz(grad: Tensor, x: Tensor, weight: Tensor, padding, tile
     n, _, out_h, out_w = grad.shape
     rows = n * out_h
     acc = torch.float32
-    block_kh, block_kw = (max(16, min(32, triton.next_power_of_2(k))) for k in (kh, kw))
-    per_split = max(1, tiles.block_p, triton.cdiv(rows, _MAX_GRID_YZ))  # splits on the grid's z: at most 65535
-    splits = max(1, triton.cdiv(rows, per_split))
+    block_kh, block_kw = (max(16, min(32, next_power_of_2(k))) for k in (kh, kw))
+    per_split = max(1, tiles.block_p, cdiv(rows, _MAX_GRID_YZ))  # splits on the grid's z: at most 65535
+    splits = max(1, cdiv(rows, per_split))
     partial = (torch.empty if rows else torch.zeros)((splits, c_out, kh * kw), dtype=acc, device=x.device)
     if rows:
-        grid = (triton.cdiv(c_out, tiles.block_c), triton.cdiv(kh, block_kh) * triton.cdiv(kw, block_kw), splits)
+        grid = (cdiv(c_out, tiles.block_c), cdiv(kh, block_kh) * cdiv(kw, block_kw), splits)
         depthwise_grad_weight_toeplitz_kernel[grid](
             x,
             grad,

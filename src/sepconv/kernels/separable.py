@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
 import triton.language as tl
 from torch import Tensor
 
 from sepconv._dtypes import accumulation_dtype, cast
 from sepconv.cpu_pointwise import pointwise_matmul
 from sepconv.kernels._depthwise_triton import finalize_moments_kernel, separable_forward_kernel
+from sepconv.kernels._sizes import cdiv, next_power_of_2
 from sepconv.kernels.depthwise import (
     _ACC,
     _GEOMETRY,
@@ -158,7 +158,7 @@ class SeparableTiles(NamedTuple):
 
 
 def _block(size: int, cap: int) -> int:
-    return min(max(triton.next_power_of_2(size), _MIN_DOT), cap)
+    return min(max(next_power_of_2(size), _MIN_DOT), cap)
 
 
 def _tiles(pixels: int, c_mid: int, c_out: int) -> SeparableTiles:
@@ -182,7 +182,7 @@ def fuses(c_out: int, kernel_size: Sequence[int]) -> bool:
     >>> fuses(160, (3, 3)), fuses(1536, (7, 7)), fuses(256, (31, 31)), fuses(128, (31, 31))
     (True, False, False, True)
     """
-    repeats = triton.cdiv(c_out, _block(c_out, _MAX_BLOCK_O))
+    repeats = cdiv(c_out, _block(c_out, _MAX_BLOCK_O))
     return (repeats - 1) * kernel_size[0] * kernel_size[1] <= MAX_REPEATED_TAPS
 
 
@@ -231,13 +231,13 @@ def _forward(
         return (y, *output_moments(y)) if statistics else y
     dw_weight, pw_weight = dw_weight.contiguous(), pw_weight.contiguous()
     tiles = tiles or _tiles(out_h * out_w, c_mid, c_out)
-    programs = triton.cdiv(out_h * out_w, tiles.block_p)
+    programs = cdiv(out_h * out_w, tiles.block_p)
     compute = accumulation_dtype(x.dtype)
     parts = (torch.empty(x.shape[0], programs, c_out, dtype=compute, device=x.device) for _ in range(2))
     sums, squares = parts if statistics else (y, y)  # y: an unused pointer
     scales = y if scale is None else scale.contiguous()  # y: an unused pointer
     for xs, ys, sums_part, squares_part, scales_part in _batch_chunks(x, y, sums, squares, scales):
-        grid = (programs, triton.cdiv(c_out, tiles.block_o), ys.shape[0])
+        grid = (programs, cdiv(c_out, tiles.block_o), ys.shape[0])
         separable_forward_kernel[grid](
             xs,
             dw_weight,
@@ -354,7 +354,7 @@ def finalize_moments(
     running_mean, running_var = (mean, var) if running is None else (running.mean, running.var)
     momentum = 0.0 if running is None else running.momentum
     momentum_hi = struct.unpack("f", struct.pack("f", momentum))[0]  # as the fp32 argument holds it; the rest next
-    finalize_moments_kernel[(triton.cdiv(channels, block_c),)](
+    finalize_moments_kernel[(cdiv(channels, block_c),)](
         sums, squares, mean if counts is None else counts, mean, var, weight, bias, gamma, beta, folded_weight,
         folded_bias, running_mean, running_var, images * parts, parts, channels, pixels, taps,
         0.0 if fold is None else fold.eps, momentum_hi, momentum - momentum_hi,
