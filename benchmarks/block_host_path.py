@@ -9,7 +9,9 @@ and dispatch work that issues its kernels. Two measures of that work here, devic
   GPU each top-level operator costs the host a dispatch and usually a kernel launch (~5-10 us), each Triton launch
   ~20-45 us (KERNEL_NOTES items 1 and 5);
 - ``*_us``: the medians of paired rounds (``sepconv.bench.interleaved_latencies``) on this CPU, batch 1 at 8x8,
-  where PyTorch's CPU kernels take little time and ours none (stubbed): host time, roughly.
+  where PyTorch's CPU kernels take little time and ours none (stubbed): host time, roughly. Denormals are flushed
+  to zero while it runs (``flush_denormal`` in the JSON): the stubs leave our outputs uninitialized, and denormal
+  garbage in them slowed PyTorch's CPU operators that read them by 10x and more, a cost of the stubs alone.
 
 Blocks (fp32, channels_last, 32 -> 16 channels, 3x3): ``separable`` dw -> ReLU6 -> 1x1; ``mobilenet_v2_train``
 dw -> BatchNorm -> ReLU6 -> 1x1 -> BatchNorm with batch statistics; ``efficientnet_train`` dw -> BatchNorm -> SiLU
@@ -199,8 +201,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
     args = parser.parse_args()
     start = time.perf_counter()
-    with stubbed_launches():
-        rows = measure(min_run_time=0.05 if args.quick else 2.0)
+    # the stubs leave our kernels' outputs uninitialized: denormal garbage would slow the CPU arithmetic of the
+    # PyTorch operators that read them ~10x (measured: 4.8 ms for one batch-norm backward), a cost of the stubs
+    flush = torch.set_flush_denormal(True)  # flush denormals to zero, for ours and eager alike
+    try:
+        with stubbed_launches():
+            rows = measure(min_run_time=0.05 if args.quick else 2.0)
+    finally:
+        torch.set_flush_denormal(False)
     result = {
         "benchmark": "block_host_path",
         "device": device_name("cpu"),
@@ -208,6 +216,7 @@ def main() -> None:
         "dtype": "float32",
         "shape": {"x": (1, CHANNELS, SIZE, SIZE), "out": OUT, "kernel": KERNEL, "layout": "channels_last"},
         "timer": "sepconv.bench.interleaved_latencies (paired rounds), medians; our launches stubbed",
+        "flush_denormal": flush,
         "rows": rows,
         "total_seconds": time.perf_counter() - start,
     }
