@@ -315,15 +315,17 @@ def test_double_backward_raises():
             "more than 1 value per channel",
         ),
         ({"act": "tanh"}, ValueError, "mid_activation must be one of"),
+        ({"momentum": None}, TypeError, r"momentum must be a number, .*1 / num_batches_tracked.*got NoneType"),
+        ({"momentum": torch.tensor(0.1)}, TypeError, "momentum must be a number"),
     ],
 )
 def test_bad_arguments_are_named(change, error, match):
     args = {"x": torch.randn(2, 3, 6, 6), "dw": torch.randn(3, 1, 3, 3), "pw": torch.randn(4, 3, 1, 1),
             "padding": 1, "act": None, "running_mean": torch.zeros(3), "running_var": torch.ones(3),
-            "norm_weight": None, "training": True} | change  # fmt: skip
+            "norm_weight": None, "training": True, "momentum": 0.1} | change  # fmt: skip
     with pytest.raises(error, match=match):
         separable_conv2d_batch_norm(
             args["x"], args["dw"], args["pw"], padding=args["padding"], mid_activation=args["act"],
             running_mean=args["running_mean"], running_var=args["running_var"], norm_weight=args["norm_weight"],
-            training=args["training"],
+            training=args["training"], momentum=args["momentum"],
         )  # fmt: skip

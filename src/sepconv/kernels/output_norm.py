@@ -26,6 +26,7 @@ True
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -70,6 +71,11 @@ def check_norm(prefix: str, what: str, channels: int, x: Tensor, norm: BatchNorm
             raise TypeError(
                 f"{prefix}{name} must be a floating-point tensor on {x.device}; got {t.dtype} on {t.device}"
             )
+    if isinstance(norm.momentum, bool) or not isinstance(norm.momentum, numbers.Real):
+        raise TypeError(
+            f"{prefix}momentum must be a number, as F.batch_norm's (nn.BatchNorm2d(momentum=None) passes "
+            f"1 / num_batches_tracked), got {type(norm.momentum).__name__}"
+        )
     if (norm.running_mean is None) != (norm.running_var is None):
         raise ValueError(f"{prefix}running_mean and {prefix}running_var must both be given or both be None")
     if not norm.training and norm.running_mean is None:
