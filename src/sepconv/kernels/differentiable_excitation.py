@@ -281,9 +281,28 @@ def _squeeze_backward(grad_scale: Tensor, means: Tensor, squeezed: tuple, gate_t
             grad_pre.sum(0))  # fmt: skip
 
 
+def _scale_and_weight_gradients(
+    grad: Tensor, mid: Tensor, scale: Tensor, pw_weight: Tensor, needs_weight: bool, compute: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """``(grad_scale, grad_pw_weight)`` for the 1x1 conv's output gradient ``grad`` (N, O, H, W), its input
+    ``mid * scale`` (``mid`` (N, C, H, W), ``scale`` (N, C)): both from one batched product of the two as laid out
+    (per image ``P = grad @ midᵀ``, (O, C): NCHW and channels_last are row- or column-major matrices, no copy),
+    ``grad_pw[o, c] = Σ_n P[n, o, c]·scale[n, c]`` and ``grad_scale[n, c] = Σ_o P[n, o, c]·pw[o, c]``, instead of the
+    scaled input and the product ``(pwᵀ grad)·mid``, two intermediate-sized temporaries. ``grad_scale`` in
+    ``compute``; the weight's gradient (None unless ``needs_weight``) in its dtype."""
+    products = cast(torch.bmm(grad.flatten(2), mid.flatten(2).transpose(1, 2)), compute)  # (N, O, C)
+    grad_weight = None
+    if needs_weight:
+        grad_weight = cast((products * cast(scale, compute)[:, None, :]).sum(0), pw_weight.dtype)
+        grad_weight = grad_weight.view(pw_weight.shape)
+    grad_scale = (products * cast(pw_weight, compute).flatten(1)).sum(1)
+    return grad_scale, grad_weight
+
+
 def _excitation_backward(ctx, grad, *_statistics_grads):
-    """Recompute the depthwise output ``z`` once; at most four intermediate-sized tensors alive at once (``z``,
-    the activation, the 1x1 conv's input gradient and a product of the two), as PyTorch's block keeps the conv's,
+    """Recompute the depthwise output ``z`` once; at most three intermediate-sized tensors alive at once (``z``, the
+    activation and the 1x1 conv's input gradient: :func:`_scale_and_weight_gradients`) where an image has at least as
+    many pixels as the block outputs, else four (a product of the last two), as PyTorch's block keeps the conv's,
     the norm's, the activation's and the scaled outputs for its backward."""
     (x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, reduce_weight, reduce_bias, expand_weight,
      expand_bias, mean, var, means, scale, hidden_pre, hidden, expand_pre) = ctx.saved_tensors  # fmt: skip
@@ -311,20 +330,28 @@ def _excitation_backward(ctx, grad, *_statistics_grads):
     mid = cast(_activate(pre_activation(z), activation), x.dtype)  # the activation as stored
     needs_scaled = any(needs[:5]) or any(needs[7:11])  # the 1x1 conv's input gradient
     grad_scaled = None
-    if needs[5]:  # the 1x1 weight's gradient, on the scaled activation, and its input's in the same call
-        grad_scaled, grads[5] = pointwise_backward(grad, mid * scale, pw_weight, needs_scaled)
-    if not needs_scaled:
-        return tuple(grads)
-    if grad_scaled is None:
-        grad_scaled = F.conv2d(grad, pw_weight.transpose(0, 1))
-    grad_scale = (grad_scaled * mid).sum((2, 3), dtype=compute)
-    del mid
+    pixels = grad.shape[2] * grad.shape[3]
+    if pixels >= grad.shape[1]:  # per-image products no larger than an intermediate: no intermediate-sized temporary
+        grad_scale, grads[5] = _scale_and_weight_gradients(grad, mid, squeezed[0], pw_weight, needs[5], compute)
+        del mid
+        if not needs_scaled:
+            return tuple(grads)
+    else:  # few pixels, many outputs (late stages): the products would outgrow an intermediate
+        if needs[5]:  # the 1x1 weight's gradient, on the scaled activation, and its input's in the same call
+            grad_scaled, grads[5] = pointwise_backward(grad, mid * scale, pw_weight, needs_scaled)
+        if not needs_scaled:
+            return tuple(grads)
+        if grad_scaled is None:
+            grad_scaled = F.conv2d(grad, pw_weight.transpose(0, 1))
+        grad_scale = (grad_scaled * mid).sum((2, 3), dtype=compute)
+        del mid
     grad_means, *gate_grads = _squeeze_backward(grad_scale, cast(means, x.dtype), squeezed, gate_tensors, ctx.codes[1:])
     for i, (t, g) in enumerate(zip(gate_tensors, gate_grads, strict=True), start=7):
         grads[i] = cast(g, t.dtype) if t is not None and needs[i] else None
     if not any(needs[:5]):
         return tuple(grads)
-    pixels = grad.shape[2] * grad.shape[3]
+    if grad_scaled is None:
+        grad_scaled = F.conv2d(grad, pw_weight.transpose(0, 1))  # the 1x1 conv's input gradient
     grad_mid = cast(grad_scaled, work).mul_(cast(scale, work))  # through the scale, and through the means: each
     grad_mid.add_(cast(grad_means, work).view(scale.shape), alpha=1 / pixels)  # pixel's share of its channel's mean
     del grad_scaled
