@@ -290,7 +290,7 @@ def _scale_and_weight_gradients(
     ``grad_pw[o, c] = Σ_n P[n, o, c]·scale[n, c]`` and ``grad_scale[n, c] = Σ_o P[n, o, c]·pw[o, c]``, instead of the
     scaled input and the product ``(pwᵀ grad)·mid``, two intermediate-sized temporaries. ``grad_scale`` in
     ``compute``; the weight's gradient (None unless ``needs_weight``) in its dtype."""
-    products = cast(torch.bmm(grad.flatten(2), mid.flatten(2).transpose(1, 2)), compute)  # (N, O, C)
+    products = torch.bmm(grad.flatten(2), mid.flatten(2).transpose(1, 2))  # (N, O, C), promoted in the products
     grad_weight = None
     if needs_weight:
         grad_weight = cast((products * cast(scale, compute)[:, None, :]).sum(0), pw_weight.dtype)
