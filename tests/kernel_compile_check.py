@@ -17,6 +17,9 @@ def compile_one(fn, data: str, constexprs: dict, capability: int) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    # constexpr parameters a launch leaves at their defaults are constants there too (not runtime integers)
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
+    constexprs = defaults | constexprs
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -80,6 +83,18 @@ def main() -> int:
             kernels.depthwise_moments_kernel,
             {"HAS_BIAS": True, "STATIC_KH": 0, "STATIC_KW": 0, "TILE_W": 0, "MID_ACT": 3, "ROUND": True},
         ),  # activated means
+        (
+            kernels.depthwise_moments_kernel,
+            {
+                "HAS_BIAS": False,
+                "STATIC_KH": 3,
+                "STATIC_KW": 3,
+                "TILE_W": 0,
+                "MID_ACT": 4,
+                "ROUND": True,
+                "SUMS_ONLY": True,
+            },
+        ),  # the squeeze-excitation's means: sums alone
         (kernels.finalize_moments_kernel, finalize | {"FOLD": True, "HAS_BIAS": True, "HAS_GAMMA": True}),
         (kernels.finalize_moments_kernel, finalize | {"PART_PIXELS": 64}),  # the fused kernel's epilogue's parts
         (kernels.finalize_moments_kernel, finalize | {"FOLD": True, "RUNNING": True}),  # running statistics updated

@@ -247,12 +247,14 @@ def depthwise_moments_kernel(
     EVEN_C: tl.constexpr = False,
     MID_ACT: tl.constexpr = 0,
     ROUND: tl.constexpr = False,
+    SUMS_ONLY: tl.constexpr = False,
 ):
     """The forward's tile, reduced instead of stored: per channel, the sum of the tile's outputs and their
     squared deviations from the tile's mean (M2), at ``[n, pixel program, channel]`` of (N, P, C_OUT) buffers;
     the tile's pixel count at ``count_ptr[pixel program]`` (the same for every image and channel block).
     Combined in a fixed order afterwards (Chan et al.'s pairwise formula): deterministic, no atomics.
-    ``MID_ACT``: of the activated outputs; ``ROUND``: of the outputs rounded to x's dtype (as stored)."""
+    ``MID_ACT``: of the activated outputs; ``ROUND``: of the outputs rounded to x's dtype (as stored);
+    ``SUMS_ONLY``: the sums alone (``m2_ptr`` and ``count_ptr`` unused: channel means)."""
     n = tl.program_id(2).to(tl.int64)
     pid_p = tl.program_id(0)
     acc, _, _, p_ok, c, c_ok = _forward_tile(
@@ -262,13 +264,14 @@ def depthwise_moments_kernel(
     acc = _mid_activation(acc, MID_ACT)
     if ROUND:
         acc = acc.to(x_ptr.dtype.element_ty).to(ACC)
-    count = tl.sum(p_ok.to(ACC), axis=0)
     total = tl.sum(tl.where(p_ok[:, None], acc, 0.0), axis=0)
-    deviation = tl.where(p_ok[:, None], acc - (total / count)[None, :], 0.0)
     part = (n * tl.num_programs(0) + pid_p) * C_OUT
     tl.store(sum_ptr + part + c, total, mask=c_ok)
-    tl.store(m2_ptr + part + c, tl.sum(deviation * deviation, axis=0), mask=c_ok)
-    tl.store(count_ptr + pid_p, count, mask=(tl.program_id(1) == 0) & (n == 0))
+    if not SUMS_ONLY:
+        count = tl.sum(p_ok.to(ACC), axis=0)
+        deviation = tl.where(p_ok[:, None], acc - (total / count)[None, :], 0.0)
+        tl.store(m2_ptr + part + c, tl.sum(deviation * deviation, axis=0), mask=c_ok)
+        tl.store(count_ptr + pid_p, count, mask=(tl.program_id(1) == 0) & (n == 0))
 
 
 @triton.jit

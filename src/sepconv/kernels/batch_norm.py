@@ -192,17 +192,23 @@ def _moments(
     return finalize_moments(sums, squares, out_h * out_w, counts=counts, fold=fold, running=running)
 
 
-def moment_parts(x, weight, bias, stride, padding, dilation, activation: int = 0, rounded: bool = False):
+def moment_parts(
+    x, weight, bias, stride, padding, dilation, activation: int = 0, rounded: bool = False, sums_only: bool = False
+):
     """``(counts, sums, squares)``: the depthwise output's per-tile reductions (``depthwise_moments_kernel``), the
     (P,) pixel counts and the (N, P, C·m) sums and squared deviations; of the output activated (``activation``, a
-    ``MID_ACTIVATIONS`` code) and, with ``rounded``, rounded to x's dtype as it would be stored."""
+    ``MID_ACTIVATIONS`` code) and, with ``rounded``, rounded to x's dtype as it would be stored. With
+    ``sums_only``, ``(None, sums, None)``: the sums alone (for means; two buffers and the squares' work fewer)."""
     out_h, out_w = output_size(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     channels, weight = weight.shape[0], weight.contiguous()
     tiles = _tiles(x, out_h * out_w, channels, weight.shape[2:])
     programs = tiles.pixel_programs(out_h, out_w)
     compute = accumulation_dtype(x.dtype)
     sums = torch.empty(x.shape[0], programs, channels, dtype=compute, device=x.device)
-    squares, counts = torch.empty_like(sums), torch.empty(programs, dtype=compute, device=x.device)
+    if sums_only:  # unused pointers
+        squares = counts = sums
+    else:
+        squares, counts = torch.empty_like(sums), torch.empty(programs, dtype=compute, device=x.device)
     for xs, sums_part, squares_part in _batch_chunks(x, sums, squares):
         grid = (programs, cdiv(channels, tiles.block_c), xs.shape[0])
         depthwise_moments_kernel[grid](
@@ -224,9 +230,10 @@ def moment_parts(x, weight, bias, stride, padding, dilation, activation: int = 0
             channels // x.shape[1],
             MID_ACT=activation,
             ROUND=rounded,
+            SUMS_ONLY=sums_only,
             **direct_launch_options(x, weight, bias, tiles),
         )
-    return counts, sums, squares
+    return (None, sums, None) if sums_only else (counts, sums, squares)
 
 
 def _train_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation,
