@@ -70,6 +70,7 @@ from sepconv.kernels.output_norm import (
 )
 from sepconv.kernels.separable import (
     MID_ACTIVATIONS,
+    RELU_FAMILY,
     Fold,
     RunningUpdate,
     _activate,
@@ -289,9 +290,6 @@ def _train_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zero gradients made for them (operators on the host path); see backward
 
 
-_RELU_FAMILY = (MID_ACTIVATIONS.index("relu"), MID_ACTIVATIONS.index("relu6"))
-
-
 def _train_backward(ctx, grad, *_statistics_grads):
     """Recompute ``z`` once; at most three intermediate-sized tensors alive at once (``z``, the 1x1 conv's
     input gradient, the activation's input), as PyTorch's BatchNorm backward holds its input, output gradient
@@ -312,14 +310,13 @@ def _train_backward(ctx, grad, *_statistics_grads):
     def normalized(z: Tensor) -> Tensor:  # the norm's output from z (PyTorch's eval-mode batch norm)
         return torch.batch_norm(z, gamma, beta, mean, var, False, 0.0, ctx.eps, False)
 
-    # relu and relu6 pass a gradient where their output lies strictly inside their range, as where their input
-    # does: their backward can read the activated output kept from the 1x1 weight's gradient, instead of a second
-    # normalization of z (same peak: z, that output and the 1x1 conv's input gradient)
+    # relu and relu6's backward can read their output (RELU_FAMILY): the activated output kept from the 1x1
+    # weight's gradient, instead of a second normalization of z (same peak: z, that output, the input gradient)
     activated = grad_mid = None
     if needs[5]:  # the 1x1 weight's gradient, on the activated norm output, and its input's in the same call
         activated = _activate(normalized(z), ctx.activation)
         grad_mid, grads[5] = pointwise_backward(grad, cast(activated, x.dtype), pw_weight, any(needs[:5]))
-        activated = activated if ctx.activation in _RELU_FAMILY else None
+        activated = activated if ctx.activation in RELU_FAMILY else None
     if not any(needs[:5]):
         return tuple(grads)
     if grad_mid is None:

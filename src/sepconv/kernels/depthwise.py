@@ -734,11 +734,6 @@ def _setup_context(ctx, inputs, output):
     )
 
 
-def _grad_weight_alone(*args) -> tuple[Tensor, Tensor | None]:
-    """:func:`_grad_weight` where no bias gradient is wanted."""
-    return _grad_weight(*args, bias=False)
-
-
 def depthwise_gradients(
     grad: Tensor, x: Tensor, weight: Tensor, has_bias: bool, geometry: tuple, needs: Sequence[bool]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -749,7 +744,7 @@ def depthwise_gradients(
     if needs[0]:
         grad_x = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_input, _grad_input, args, tensors)
     if needs[1] or (has_bias and needs[2]):
-        kernel = _grad_weight if has_bias and needs[2] else _grad_weight_alone
+        kernel = functools.partial(_grad_weight, bias=has_bias and needs[2])
         grad_weight, grad_bias = run_kernel(torch.ops.sepconv.depthwise_conv2d_grad_weight, kernel, args, tensors)
         grad_weight = grad_weight if needs[1] else None
         grad_bias = grad_bias if has_bias and needs[2] else None

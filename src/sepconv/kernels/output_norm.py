@@ -115,11 +115,15 @@ def fold_output_norm(pw_weight: Tensor, pw_bias: Tensor | None, norm: BatchNormA
 
 
 def running_update(norm: BatchNormArgs | None, x: Tensor) -> RunningUpdate | None:
-    """What a launch computing a training-mode ``norm``'s statistics for input ``x`` may update of its running
-    statistics (:class:`~sepconv.kernels.separable.RunningUpdate`), or None."""
-    if norm is None or not norm.training:
+    """The update of a training-mode ``norm``'s running statistics by the launch computing its statistics for input
+    ``x`` (:class:`~sepconv.kernels.separable.RunningUpdate`), or None where a launch cannot write them (none
+    given, another dtype than the statistics', not contiguous)."""
+    if norm is None or not norm.training or norm.running_mean is None or norm.running_var is None:
         return None
-    return RunningUpdate.of(norm.running_mean, norm.running_var, norm.momentum, accumulation_dtype(x.dtype))
+    dtype = accumulation_dtype(x.dtype)  # the statistics': a launch writes the buffers in it, contiguous
+    if not all(t.dtype == dtype and t.is_contiguous() for t in (norm.running_mean, norm.running_var)):
+        return None
+    return RunningUpdate(norm.running_mean, norm.running_var, norm.momentum)
 
 
 def update_running_statistics(

@@ -306,20 +306,12 @@ class RunningUpdate:
     its launch (in place, as ``F.batch_norm`` does: momentum, unbiased variance) instead of three PyTorch operators
     after it: ``mean`` and ``var`` contiguous, in the statistics' dtype. ``done`` says whether a launch did it
     (the callers update them in PyTorch otherwise: through the dispatcher, or where no launch computed the
-    statistics)."""
+    statistics). Made by :func:`sepconv.kernels.output_norm.running_update`."""
 
     __slots__ = ("done", "mean", "momentum", "var")
 
     def __init__(self, mean: Tensor, var: Tensor, momentum: float) -> None:
         self.mean, self.var, self.momentum, self.done = mean, var, momentum, False
-
-    @classmethod
-    def of(cls, mean: Tensor | None, var: Tensor | None, momentum: float, dtype: torch.dtype) -> RunningUpdate | None:
-        """The update of the running ``mean`` and ``var`` by a launch whose statistics are ``dtype``, or None
-        where a launch cannot write them (none given, another dtype, not contiguous)."""
-        if mean is None or var is None or not all(t.dtype == dtype and t.is_contiguous() for t in (mean, var)):
-            return None
-        return cls(mean, var, momentum)
 
 
 def finalize_moments(
@@ -433,10 +425,12 @@ def _backward(ctx, grad):
     return grad_x, grad_dw, grad_dw_bias, grad_pw, grad_pw_bias, None, None, None, None
 
 
-# no activation, relu, relu6: their backward reads the output as well as the input (a gradient passes where the
-# output lies strictly inside the range, as where the input does), so the intermediate may be activated in place
-_OUTPUT_DECIDES = (0, 1, 2)
-_ACTIVATIONS_IN_PLACE = (lambda t: t, torch.relu_, lambda t: F.hardtanh_(t, 0.0, 6.0))
+# relu and relu6 pass a gradient where their output lies strictly inside their range, as where their input does:
+# their backward may read the output instead of the input. With no activation, so does the plain block's backward,
+# which activates its recomputed intermediate in place
+RELU_FAMILY = (MID_ACTIVATIONS.index("relu"), MID_ACTIVATIONS.index("relu6"))
+_OUTPUT_DECIDES = (0, *RELU_FAMILY)
+_ACTIVATIONS_IN_PLACE = (lambda t: t, torch.relu_, lambda t: F.hardtanh_(t, 0.0, 6.0))  # by code, as _OUTPUT_DECIDES
 
 
 def pointwise_backward(grad: Tensor, mid: Tensor, pw_weight: Tensor, needs_input: bool) -> tuple[Tensor | None, Tensor]:
