@@ -20,6 +20,7 @@ forward+backward in training.
 
     python benchmarks/block_host_path.py              # writes benchmarks/results/block_host_path.{json,png}
     python benchmarks/block_host_path.py --quick --out /tmp
+    python benchmarks/block_host_path.py --finalize-in-launch   # block_host_path_finalize_in_launch.{json,png}
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 
 from sepconv.bench import device_name, interleaved_latencies, paired_ratio, versions
 from sepconv.io import atomic_write_png, atomic_write_text
+from sepconv.kernels import separable as separable_module
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.differentiable_excitation import ExcitationArgs
 from sepconv.kernels.output_norm import BatchNormArgs
@@ -199,7 +201,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run: checks the script")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="output folder")
+    parser.add_argument(
+        "--finalize-in-launch",
+        action="store_true",
+        help="ours with the statistics combined by the launches computing them (separable.FINALIZE_IN_LAUNCH)",
+    )
     args = parser.parse_args()
+    separable_module.FINALIZE_IN_LAUNCH = args.finalize_in_launch
     start = time.perf_counter()
     # the stubs leave our kernels' outputs uninitialized: denormal garbage would slow the CPU arithmetic of the
     # PyTorch operators that read them ~10x (measured: 4.8 ms for one batch-norm backward), a cost of the stubs
@@ -217,10 +225,12 @@ def main() -> None:
         "shape": {"x": (1, CHANNELS, SIZE, SIZE), "out": OUT, "kernel": KERNEL, "layout": "channels_last"},
         "timer": "sepconv.bench.interleaved_latencies (paired rounds), medians; our launches stubbed",
         "flush_denormal": flush,
+        "finalize_in_launch": args.finalize_in_launch,
         "rows": rows,
         "total_seconds": time.perf_counter() - start,
     }
-    stem = "block_host_path_quick" if args.quick else "block_host_path"
+    variant = "_finalize_in_launch" if args.finalize_in_launch else ""
+    stem = f"block_host_path{variant}" + ("_quick" if args.quick else "")
     atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=1) + "\n", overwrite=True)
     plot(result, args.out / f"{stem}.png")
 

@@ -4,7 +4,8 @@ Prints, for the forward and the forward+backward of one small layer, the host mi
 time to issue it, measured with the GPU idle between calls, then with a sync) and the torch.profiler table
 of CPU time by op, so that launch and dispatch overheads can be told from kernel time; last, the issue time of
 ``block_host_path.py``'s blocks (MobileNetV2's and EfficientNet's training blocks), ours vs eager, forward+backward:
-the GPU host's side of what that script counts on a CPU (KERNEL_NOTES item 16).
+the GPU host's side of what that script counts on a CPU (KERNEL_NOTES item 16), and the training blocks with
+the statistics combined in the launches computing them (``separable.FINALIZE_IN_LAUNCH``, item 18).
 
     python benchmarks/profile_overhead.py > profile.txt
 """
@@ -23,6 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from block_host_path import USED, block_tensors, blocks
 from sepconv.kernels import depthwise as dw
+from sepconv.kernels import separable
 from sepconv.kernels.depthwise import depthwise_conv2d
 
 
@@ -91,12 +93,18 @@ def main() -> None:
     tensors = {name: t.detach().requires_grad_() for name, t in block_tensors("cuda").items()}
     for block, impls in blocks(tensors).items():
         inputs = [t for name, t in tensors.items() if name in USED[block]]
-        for impl, fn in impls.items():
+        # the training blocks also with the statistics combined in the launches computing them (7 -> 5 launches
+        # for MobileNetV2's: KERNEL_NOTES item 18)
+        variants = [(impl, fn, False) for impl, fn in impls.items()]
+        variants += [("ours+in_launch", impls["ours"], True)] if block.endswith("_train") else []
+        for impl, fn, in_launch in variants:
+            separable.FINALIZE_IN_LAUNCH = in_launch
             step = lambda fn=fn, inputs=inputs: torch.autograd.grad(fn(tensors).sum(), inputs)  # noqa: E731
             for _ in range(5):
                 step()
             issue, total = host_us(step, repeats=50)
-            print(f"{block:20s} {impl:6s} issue {issue:8.1f} us   issue+sync {total:8.1f} us")
+            print(f"{block:20s} {impl:14s} issue {issue:8.1f} us   issue+sync {total:8.1f} us")
+        separable.FINALIZE_IN_LAUNCH = False
 
 
 if __name__ == "__main__":

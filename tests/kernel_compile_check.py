@@ -35,8 +35,12 @@ def compile_one(fn, data: str, constexprs: dict, capability: int) -> None:
             "beta_ptr",
             "rm_ptr",
             "rv_ptr",
+            "fw_ptr",
+            "fb_ptr",
         ):
             signature[name] = "*fp64" if data == "fp64" else "*fp32"  # partial sums, statistics: accumulator dtype
+        elif name == "counter_ptr":
+            signature[name] = "*i32"
         elif name in ("eps", "momentum_hi", "momentum_lo"):
             signature[name] = "fp32"
         elif name.endswith("_ptr"):
@@ -111,6 +115,14 @@ def main() -> int:
         ),
         # batch 1 and one tile, a 1x1 kernel, one channel: Triton's launcher makes integers equal to 1 constants
         (kernels.finalize_moments_kernel, finalize | {"FOLD": True, "PARTS": 1, "P": 1, "C": 1, "TAPS": 1}),
+        # statistics launches that finalize in their last program per channel block (an atomic counter)
+        (
+            kernels.depthwise_moments_kernel,
+            {"HAS_BIAS": True, "STATIC_KH": 3, "STATIC_KW": 3, "TILE_W": 0}
+            | {"FINALIZE": True, "FOLD": True, "HAS_GAMMA": True, "HAS_BETA": True, "RUNNING": True, "BLOCK_Q": 64},
+        ),
+        (kernels.depthwise_moments_kernel, {"HAS_BIAS": False, "TILE_W": 4, "FINALIZE": True, "FOLD": True} | ones),
+        (kernels.separable_forward_kernel, separable | {"STATS": True, "FINALIZE": True, "RUNNING": True} | ones),
         (kernels.depthwise_forward_toeplitz_kernel, toeplitz),
         (kernels.depthwise_grad_weight_toeplitz_kernel, toeplitz_grad_weight),
     ]

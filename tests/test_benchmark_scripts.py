@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parent.parent
 # the per-round ratios a row of benchmarks/cpu.py keeps (baseline / ours): what its verdicts and README table read
 PAIRED_RATIOS = {
@@ -61,6 +63,8 @@ def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
         if row["section"] == "separable_bn":  # the training block: every gradient checked against eager's
             grads = [key for key in row if key.startswith("max_rel_error_grad_")]
             assert len(grads) == 7 and all(row[key] < 1e-4 for key in grads)
+            # and with the statistics combined by the launches computing them
+            assert row["max_abs_error_in_launch_vs_eager"] < 1e-4 and row["ours_in_launch_forward_backward_ms"] > 0
         if row["section"] == "separable_se":  # the callable gate's path timed beside accelerate's
             assert row["max_abs_error_callable_vs_eager"] < 1e-4 and row["ours_callable_forward_ms"] > 0
         if row["section"] == "separable_se_train":  # and the squeeze-excitation's weights and biases
@@ -115,23 +119,28 @@ def test_training_memory_benchmark_quick_run(tmp_path):
     assert (tmp_path / "training_memory_quick.png").stat().st_size > 0
 
 
-def test_block_host_path_quick_run(tmp_path):
+@pytest.mark.parametrize("in_launch", [False, True], ids=["finalize_launch", "finalize_in_launch"])
+def test_block_host_path_quick_run(tmp_path, in_launch):
     """Our Triton launches per call, as the design has them: the fused kernel alone without gradients; with the
     backward also the depthwise recompute, its input and its weight gradients; for a mid BatchNorm with batch
     statistics a statistics pass and their finalization (with the fold), for a norm after the 1x1 conv the
-    finalization of the fused kernel's epilogue, for a squeeze-excitation a means pass. Operators counted on
+    finalization of the fused kernel's epilogue (none of the two finalizations with ``--finalize-in-launch``:
+    the statistics launches combine their statistics), for a squeeze-excitation a means pass. Operators counted on
     both sides."""
-    run_script("benchmarks/block_host_path.py", "--quick", "--out", str(tmp_path))
-    rows = json.loads((tmp_path / "block_host_path_quick.json").read_text())["rows"]
+    flags = ["--finalize-in-launch"] if in_launch else []
+    run_script("benchmarks/block_host_path.py", "--quick", "--out", str(tmp_path), *flags)
+    stem = "block_host_path_finalize_in_launch_quick" if in_launch else "block_host_path_quick"
+    rows = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
     launches = {(r["block"], r["pass"]): r["ours_launches"] for r in rows}
+    finalizations = 0 if in_launch else 2
     assert launches == {
         ("separable", "forward, no gradients"): 1,
         ("separable", "forward+backward"): 4,
-        ("mobilenet_v2_train", "forward+backward"): 7,
-        ("efficientnet_train", "forward+backward"): 8,
+        ("mobilenet_v2_train", "forward+backward"): 5 + finalizations,
+        ("efficientnet_train", "forward+backward"): 6 + finalizations,
     }
     assert all(r["ours_ops"] > 0 and r["eager_ops"] > 0 and r["ours_us"] > 0 and r["eager_us"] > 0 for r in rows)
-    assert (tmp_path / "block_host_path_quick.png").stat().st_size > 0
+    assert (tmp_path / f"{stem}.png").stat().st_size > 0
 
 
 def test_launch_configuration_sweep_quick_run(tmp_path):

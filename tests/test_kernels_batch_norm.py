@@ -3,6 +3,8 @@ outputs, every gradient (the batch statistics' terms included) and the running s
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,6 +30,12 @@ def reference(tensors, running, geometry, act, training, momentum, eps):
     z = F.batch_norm(z, *running, gamma, beta, training, momentum, eps)
     z = z if act is None else getattr(F, act)(z)
     return F.conv2d(z, pw, pw_bias)
+
+
+def finalizing(cfg: dict):
+    """The statistics combined by a second launch, or with ``cfg["finalize_in_launch"]`` by the last programs of
+    the launches computing them (``separable.FINALIZE_IN_LAUNCH``)."""
+    return mock.patch.object(separable_module, "FINALIZE_IN_LAUNCH", cfg.get("finalize_in_launch", False))
 
 
 def check(cfg, dtype=torch.float64, atol=1e-10):
@@ -57,10 +65,11 @@ def check(cfg, dtype=torch.float64, atol=1e-10):
     ref_leaves = [None if t is None else t.detach().requires_grad_() for t in tensors]
     geometry = (cfg["stride"], cfg["padding"], cfg["dilation"])
     x_, dw, dwb, pw, pwb, gamma, beta = leaves
-    ours = separable_conv2d_batch_norm(
-        x_, dw, pw, pwb, *geometry, dwb, cfg["act"], running_mean=ours_running[0], running_var=ours_running[1],
-        norm_weight=gamma, norm_bias=beta, training=training, momentum=momentum, eps=eps,
-    )  # fmt: skip
+    with finalizing(cfg):
+        ours = separable_conv2d_batch_norm(
+            x_, dw, pw, pwb, *geometry, dwb, cfg["act"], running_mean=ours_running[0], running_var=ours_running[1],
+            norm_weight=gamma, norm_bias=beta, training=training, momentum=momentum, eps=eps,
+        )  # fmt: skip
     expected = reference(ref_leaves, ref_running, geometry, cfg["act"], training, momentum, eps)
     assert ours.shape == expected.shape and ours.dtype == dtype
     if cfg["layout"] == "channels_last" and cfg["c"] > 1:  # (one channel: both layouts at once)
@@ -107,6 +116,7 @@ def configs(draw):
         "momentum": draw(st.sampled_from([0.1, 0.5, 1.0])),
         "layout": draw(st.sampled_from(["contiguous", "channels_last", "strided"])),
         "act": draw(st.sampled_from(separable_module.MID_ACTIVATIONS)),
+        "finalize_in_launch": draw(st.booleans()),
     }
 
 
@@ -167,11 +177,13 @@ def test_running_statistics_follow_batch_norm_with_momentum_none_over_steps():
     torch.testing.assert_close(norm.running_var, ref.running_var)
 
 
+@pytest.mark.parametrize("in_launch", [False, True], ids=["finalize_launch", "finalize_in_launch"])
 @pytest.mark.parametrize("buffers", ["float32", "float64", "strided"])
-def test_running_statistics_updated_once_in_the_statistics_launch_or_else_by_pytorch(buffers):
+def test_running_statistics_updated_once_in_the_statistics_launch_or_else_by_pytorch(buffers, in_launch):
     """Both norms' running statistics move as F.batch_norm moves them, exactly once. Buffers the statistics'
     launches can write (float32 for float32 statistics, contiguous) are updated inside those launches, without a
-    PyTorch operator; others (float64 buffers, a strided view) by PyTorch's operators after them."""
+    PyTorch operator; others (float64 buffers, a strided view) by PyTorch's operators after them. Either where a
+    second launch combines the statistics or where the launches computing them do (``in_launch``)."""
     torch.manual_seed(4)
     x = torch.randn(3, 6, 7, 7, device=DEVICE) * 2 + 1
     dw, pw = torch.randn(6, 1, 3, 3, device=DEVICE), torch.randn(5, 6, 1, 1, device=DEVICE)
@@ -184,7 +196,8 @@ def test_running_statistics_updated_once_in_the_statistics_launch_or_else_by_pyt
 
     mid, after = running(6), running(5)
     expected = [t.double() for t in (*mid, *after)]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    cpu = [torch.profiler.ProfilerActivity.CPU]
+    with finalizing({"finalize_in_launch": in_launch}), torch.profiler.profile(activities=cpu) as prof:
         separable_conv2d_batch_norm(
             x, dw, pw, padding=1, running_mean=mid[0], running_var=mid[1], training=True, momentum=0.3,
             out_norm=BatchNormArgs(*after, training=True, momentum=0.3),
@@ -194,20 +207,24 @@ def test_running_statistics_updated_once_in_the_statistics_launch_or_else_by_pyt
                  training=True, momentum=0.3)  # fmt: skip
     for got, want in zip((*mid, *after), expected, strict=True):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    in_launch = buffers == "float32"
-    assert in_launch != any(event.name == "aten::lerp_" for event in prof.events())
+    updated_in_launch = buffers == "float32"
+    assert updated_in_launch != any(event.name == "aten::lerp_" for event in prof.events())
 
 
 @pytest.mark.parametrize(
     ("channels", "kind", "hw"),
     [(3, "contiguous", (9, 7)), (300, "channels_last", (9, 7)), (40, "channels_last", (5, 11)), (5, "strided", (6, 6))],
 )
-def test_statistics_pass_matches_var_mean_of_the_output(channels, kind, hw):
-    """The statistics kernel reduces each tile (no output written), the tiles are combined afterwards: the mean
-    and biased variance of the depthwise output in float64 — tiles cut by the image's edge, 4x4 rectangles
-    (channels_last from 256 channels), several channel blocks, depth multiplier 2, stride, per-side padding and
-    dilation, an offset far larger than the spread."""
+@pytest.mark.parametrize("in_launch", [False, True], ids=["finalize_launch", "finalize_in_launch"])
+def test_statistics_pass_matches_var_mean_of_the_output(channels, kind, hw, in_launch, monkeypatch):
+    """The statistics kernel reduces each tile (no output written), the tiles are combined afterwards (by a
+    second launch, or by the last program of each channel block: ``in_launch``): the mean and biased variance of
+    the depthwise output in float64 — tiles cut by the image's edge, 4x4 rectangles (channels_last from 256
+    channels), several channel blocks, depth multiplier 2, stride, per-side padding and dilation, an offset far
+    larger than the spread."""
     from sepconv.kernels.batch_norm import _moments
+
+    monkeypatch.setattr(separable_module, "FINALIZE_IN_LAUNCH", in_launch)
 
     torch.manual_seed(channels)
     x = layout(torch.randn(3, channels, *hw, dtype=torch.float64, device=DEVICE) + 1000, kind)
@@ -220,6 +237,53 @@ def test_statistics_pass_matches_var_mean_of_the_output(channels, kind, hw):
         got_mean, got_var = _moments(x, weight, bias, stride, sides, dilation)
         torch.testing.assert_close(got_mean, mean, rtol=1e-12, atol=0)
         torch.testing.assert_close(got_var, var, rtol=1e-9, atol=0)
+
+
+class _NoLaunch:
+    """Stands in for ``finalize_moments_kernel`` where no launch of it is expected."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("finalize_moments_kernel launched")
+
+
+@pytest.mark.parametrize("norm", ["mid", "out"])
+def test_finalize_in_launch_matches_the_finalize_launch_over_many_programs(norm):
+    """The statistics, the folded depthwise weights and the running statistics combined by the last program of
+    each channel block to finish (an atomic counter per block; no finalize launch) equal those of the separate
+    finalize launch, within float32 rounding of the same sums in the same order (the reductions' layouts
+    differ). On a GPU the programs run concurrently, hundreds per channel block here: a stale or missing part
+    would be far off; repeated to give a race its chances."""
+    from sepconv.kernels.batch_norm import _moments
+    from sepconv.kernels.separable import Fold, RunningUpdate, _forward
+
+    torch.manual_seed(11)
+    n, c, hw, repeats = (32, 64, 28, 10) if DEVICE == "cuda" else (3, 40, 9, 1)
+    x = torch.randn(n, c, hw, hw, device=DEVICE).contiguous(memory_format=torch.channels_last) * 2 + 1
+    dw, dw_bias = torch.randn(c, 1, 3, 3, device=DEVICE), torch.randn(c, device=DEVICE)
+    pw = torch.randn(48, c, 1, 1, device=DEVICE)
+    gamma, beta = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
+    channels = c if norm == "mid" else 48
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1])  # stride, padding per side, dilation (as the ops pass them)
+
+    def statistics(in_launch: bool) -> list[torch.Tensor]:
+        running = RunningUpdate(torch.zeros(channels, device=DEVICE), torch.ones(channels, device=DEVICE), 0.25)
+        launch = _NoLaunch() if in_launch else separable_module.finalize_moments_kernel
+        with (
+            finalizing({"finalize_in_launch": in_launch}),
+            mock.patch.object(separable_module, "finalize_moments_kernel", launch),
+        ):
+            if norm == "mid":
+                fold = Fold(dw, dw_bias, gamma, beta, 1e-5, x.dtype)
+                got = _moments(x, dw, dw_bias, *geometry, fold, running)
+            else:
+                got = _forward(x, dw, dw_bias, pw, None, *geometry, 2, statistics=True, running=running)[1:]
+        assert running.done
+        return [*got, running.mean, running.var]
+
+    expected = statistics(False)
+    for _ in range(repeats):
+        for got, want in zip(statistics(True), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_autocast_runs_the_convs_in_bf16_and_the_norm_in_float32_like_pytorch():

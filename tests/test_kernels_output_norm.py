@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from sepconv.kernels import BatchNormArgs, separable_conv2d
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.depthwise import resolve_padding_sides
-from test_kernels_batch_norm import _output_values, assert_gradients_close
+from test_kernels_batch_norm import _output_values, assert_gradients_close, finalizing
 from test_kernels_batch_norm import configs as mid_norm_configs
 from test_kernels_depthwise import DEVICE, layout
 
@@ -68,14 +68,15 @@ def check(cfg, dtype=torch.float64, atol=1e-10):
     x_, dw, dwb, pw, pwb, gamma, beta, out_gamma, out_beta = leaves
     geometry = (cfg["stride"], cfg["padding"], cfg["dilation"])
     out_norm = BatchNormArgs(*ours_running[1], out_gamma, out_beta, cfg["out_training"], cfg["momentum"], 1e-3)
-    if cfg["mid"] is None:
-        ours = separable_conv2d(x_, dw, pw, pwb, *geometry, dwb, cfg["act"], out_norm=out_norm)
-    else:
-        ours = separable_conv2d_batch_norm(
-            x_, dw, pw, pwb, *geometry, dwb, cfg["act"], running_mean=ours_running[0][0],
-            running_var=ours_running[0][1], norm_weight=gamma, norm_bias=beta, training=cfg["mid"],
-            momentum=cfg["momentum"], out_norm=out_norm,
-        )  # fmt: skip
+    with finalizing(cfg):
+        if cfg["mid"] is None:
+            ours = separable_conv2d(x_, dw, pw, pwb, *geometry, dwb, cfg["act"], out_norm=out_norm)
+        else:
+            ours = separable_conv2d_batch_norm(
+                x_, dw, pw, pwb, *geometry, dwb, cfg["act"], running_mean=ours_running[0][0],
+                running_var=ours_running[0][1], norm_weight=gamma, norm_bias=beta, training=cfg["mid"],
+                momentum=cfg["momentum"], out_norm=out_norm,
+            )  # fmt: skip
     expected = reference(ref_leaves, *ref_running, cfg)
     assert ours.shape == expected.shape and ours.dtype == dtype
     if cfg["layout"] == "channels_last" and cfg["c"] > 1 and cfg["o"] > 1:  # (one channel: both layouts)
@@ -136,12 +137,17 @@ def test_low_precision(mid, dtype, atol):
         (40, 20, "channels_last", (13, 13)),
     ],
 )
-def test_statistics_epilogue_matches_var_mean_of_the_stored_output(channels, out, kind, hw):
+@pytest.mark.parametrize("in_launch", [False, True], ids=["finalize_launch", "finalize_in_launch"])
+def test_statistics_epilogue_matches_var_mean_of_the_stored_output(channels, out, kind, hw, in_launch, monkeypatch):
     """``(y, mean, var)`` from the fused kernel's epilogue: the mean and biased variance of ``y`` as stored, in
     float64 — pixel tiles cut by the image's end, several output blocks (200 outputs: two of 128), the unfused
     route (300 outputs of a 5x5 kernel: our depthwise kernel and a matrix product), an offset far larger than the
-    spread; bf16: the statistics of the rounded outputs."""
+    spread; bf16: the statistics of the rounded outputs. Combined by a second launch or by the epilogue's last
+    program per output block (``in_launch``)."""
+    from sepconv.kernels import separable as separable_module
     from sepconv.kernels.separable import _forward, fuses
+
+    monkeypatch.setattr(separable_module, "FINALIZE_IN_LAUNCH", in_launch)
 
     torch.manual_seed(out)
     x = layout(torch.randn(3, channels, *hw, dtype=torch.float64, device=DEVICE), kind)

@@ -248,13 +248,35 @@ def depthwise_moments_kernel(
     MID_ACT: tl.constexpr = 0,
     ROUND: tl.constexpr = False,
     SUMS_ONLY: tl.constexpr = False,
+    FINALIZE: tl.constexpr = False,
+    BLOCK_Q: tl.constexpr = 16,
+    BLOCK_T: tl.constexpr = 16,
+    FOLD: tl.constexpr = False,
+    HAS_GAMMA: tl.constexpr = False,
+    HAS_BETA: tl.constexpr = False,
+    RUNNING: tl.constexpr = False,
+    counter_ptr=None,
+    mean_ptr=None,
+    var_ptr=None,
+    gamma_ptr=None,
+    beta_ptr=None,
+    fw_ptr=None,
+    fb_ptr=None,
+    rm_ptr=None,
+    rv_ptr=None,
+    eps=None,
+    momentum_hi=None,
+    momentum_lo=None,
 ):
     """The forward's tile, reduced instead of stored: per channel, the sum of the tile's outputs and their
     squared deviations from the tile's mean (M2), at ``[n, pixel program, channel]`` of (N, P, C_OUT) buffers;
     the tile's pixel count at ``count_ptr[pixel program]`` (the same for every image and channel block).
     Combined in a fixed order afterwards (Chan et al.'s pairwise formula): deterministic, no atomics.
     ``MID_ACT``: of the activated outputs; ``ROUND``: of the outputs rounded to x's dtype (as stored);
-    ``SUMS_ONLY``: the sums alone (``m2_ptr`` and ``count_ptr`` unused: channel means)."""
+    ``SUMS_ONLY``: the sums alone (``m2_ptr`` and ``count_ptr`` unused: channel means). ``FINALIZE`` (one
+    launch of the whole batch): the last program of each channel block to finish also does
+    ``finalize_moments_kernel``'s work for that block (``FOLD``, ``RUNNING`` and the pointers after them as
+    there; ``counter_ptr``: one zeroed int32 per channel block), so that no second launch is needed."""
     n = tl.program_id(2).to(tl.int64)
     pid_p = tl.program_id(0)
     acc, _, _, p_ok, c, c_ok = _forward_tile(
@@ -271,55 +293,30 @@ def depthwise_moments_kernel(
         count = tl.sum(p_ok.to(ACC), axis=0)
         deviation = tl.where(p_ok[:, None], acc - (total / count)[None, :], 0.0)
         tl.store(m2_ptr + part + c, tl.sum(deviation * deviation, axis=0), mask=c_ok)
-        tl.store(count_ptr + pid_p, count, mask=(tl.program_id(1) == 0) & (n == 0))
+        if FINALIZE:  # every program: the last of a channel block reads the counts its own block's programs stored
+            tl.store(count_ptr + pid_p, count)
+        else:
+            tl.store(count_ptr + pid_p, count, mask=(tl.program_id(1) == 0) & (n == 0))
+    if FINALIZE:
+        programs = tl.num_programs(0) * tl.num_programs(2)
+        if _last_program(counter_ptr, tl.program_id(1), programs):
+            _finalize_channels(
+                c, c_ok, C_OUT, sum_ptr, m2_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr,
+                fw_ptr, fb_ptr, rm_ptr, rv_ptr, programs, tl.num_programs(0), OH * OW, KH * KW, eps, momentum_hi,
+                momentum_lo, ACC, BLOCK_Q, BLOCK_C, BLOCK_T, 0, FOLD, HAS_BIAS, HAS_GAMMA, HAS_BETA, RUNNING,
+            )  # fmt: skip
 
 
 @triton.jit
-def finalize_moments_kernel(
-    sum_ptr,
-    m2_ptr,
-    count_ptr,
-    mean_ptr,
-    var_ptr,
-    w_ptr,
-    b_ptr,
-    gamma_ptr,
-    beta_ptr,
-    fw_ptr,
-    fb_ptr,
-    rm_ptr,
-    rv_ptr,
-    PARTS,
-    P,
-    C,
-    PIXELS,
-    TAPS,
-    eps,
-    momentum_hi,
-    momentum_lo,
-    ACC: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    PART_PIXELS: tl.constexpr = 0,
-    FOLD: tl.constexpr = False,
-    HAS_BIAS: tl.constexpr = False,
-    HAS_GAMMA: tl.constexpr = False,
-    HAS_BETA: tl.constexpr = False,
-    RUNNING: tl.constexpr = False,
-):
-    """Per-tile reductions (``depthwise_moments_kernel``'s, or the fused kernel's statistics epilogue's) to each
-    channel's mean and biased variance, in one launch instead of a dozen small operators: the ``PARTS`` = N·P
-    rows of (N, P, C) sums and M2s combined by Chan et al.'s formula, ``M2 = Σ M2_q + Σ count_q·(mean_q - mean)²``,
-    in a fixed order. A part's pixel count is ``count_ptr[q % P]``, or with ``PART_PIXELS`` > 0 the run of
-    ``PART_PIXELS`` pixels it covers out of an image's ``PIXELS``. With ``FOLD``, also the BatchNorm with those
-    statistics folded into the depthwise conv: ``fw[c, t] = w[c, t]·s``, ``fb[c] = beta[c] + (b[c] - mean)·s``,
-    ``s = gamma[c] / sqrt(var + eps)`` (computed in ``ACC``, stored in the folded tensors' dtype). With
-    ``RUNNING``, the running statistics ``rm``/``rv`` (in ``ACC``) moved towards the batch's in place as
-    ``F.batch_norm`` moves them (unbiased variance), by the momentum ``momentum_hi + momentum_lo`` (a float
-    argument is fp32: the pair carries a float64 momentum to ~48 bits)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < C
+def _finalize_channels(
+    c, c_ok, C,
+    sum_ptr, m2_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, fw_ptr, fb_ptr, rm_ptr,
+    rv_ptr, PARTS, P, PIXELS, TAPS, eps, momentum_hi, momentum_lo, ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, PART_PIXELS: tl.constexpr, FOLD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, RUNNING: tl.constexpr,
+):  # fmt: skip
+    """``finalize_moments_kernel``'s work for the channels ``c`` (validity ``c_ok``) of C: shared with the
+    statistics launches that finalize in their last program (``FINALIZE``)."""
     rows = tl.arange(0, BLOCK_Q)
     total = tl.zeros((BLOCK_C,), dtype=ACC)
     for q0 in range(0, PARTS, BLOCK_Q):
@@ -374,6 +371,69 @@ def finalize_moments_kernel(
             offsets = c.to(tl.int64)[:, None] * TAPS + t[None, :]
             taps = tl.load(w_ptr + offsets, mask=ok, other=0.0).to(ACC) * scale[:, None]
             tl.store(fw_ptr + offsets, taps.to(fw_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _last_program(counter_ptr, block, programs):
+    """Whether this program is the last of the ``programs`` sharing ``block``'s counter (int32, zeroed before
+    the launch) to finish: it then reads what the others stored. The barrier orders the stores of all this
+    program's threads before the counter's increment, whose release (``acq_rel``, GPU scope) publishes them to
+    the program that sees the last count, and whose acquire makes the others' stores visible to that program
+    (the pattern of CUDA's threadFenceReduction sample)."""
+    tl.debug_barrier()
+    return tl.atomic_add(counter_ptr + block, 1, sem="acq_rel", scope="gpu") == programs - 1
+
+
+@triton.jit
+def finalize_moments_kernel(
+    sum_ptr,
+    m2_ptr,
+    count_ptr,
+    mean_ptr,
+    var_ptr,
+    w_ptr,
+    b_ptr,
+    gamma_ptr,
+    beta_ptr,
+    fw_ptr,
+    fb_ptr,
+    rm_ptr,
+    rv_ptr,
+    PARTS,
+    P,
+    C,
+    PIXELS,
+    TAPS,
+    eps,
+    momentum_hi,
+    momentum_lo,
+    ACC: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    PART_PIXELS: tl.constexpr = 0,
+    FOLD: tl.constexpr = False,
+    HAS_BIAS: tl.constexpr = False,
+    HAS_GAMMA: tl.constexpr = False,
+    HAS_BETA: tl.constexpr = False,
+    RUNNING: tl.constexpr = False,
+):
+    """Per-tile reductions (``depthwise_moments_kernel``'s, or the fused kernel's statistics epilogue's) to each
+    channel's mean and biased variance, in one launch instead of a dozen small operators: the ``PARTS`` = N·P
+    rows of (N, P, C) sums and M2s combined by Chan et al.'s formula, ``M2 = Σ M2_q + Σ count_q·(mean_q - mean)²``,
+    in a fixed order. A part's pixel count is ``count_ptr[q % P]``, or with ``PART_PIXELS`` > 0 the run of
+    ``PART_PIXELS`` pixels it covers out of an image's ``PIXELS``. With ``FOLD``, also the BatchNorm with those
+    statistics folded into the depthwise conv: ``fw[c, t] = w[c, t]·s``, ``fb[c] = beta[c] + (b[c] - mean)·s``,
+    ``s = gamma[c] / sqrt(var + eps)`` (computed in ``ACC``, stored in the folded tensors' dtype). With
+    ``RUNNING``, the running statistics ``rm``/``rv`` (in ``ACC``) moved towards the batch's in place as
+    ``F.batch_norm`` moves them (unbiased variance), by the momentum ``momentum_hi + momentum_lo`` (a float
+    argument is fp32: the pair carries a float64 momentum to ~48 bits)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    _finalize_channels(
+        c, c < C, C, sum_ptr, m2_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, fw_ptr, fb_ptr,
+        rm_ptr, rv_ptr, PARTS, P, PIXELS, TAPS, eps, momentum_hi, momentum_lo, ACC, BLOCK_Q, BLOCK_C, BLOCK_T,
+        PART_PIXELS, FOLD, HAS_BIAS, HAS_GAMMA, HAS_BETA, RUNNING,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -795,6 +855,16 @@ def separable_forward_kernel(
     STATIC_KW: tl.constexpr = 0,
     STATS: tl.constexpr = False,
     HAS_SCALE: tl.constexpr = False,
+    FINALIZE: tl.constexpr = False,
+    BLOCK_Q: tl.constexpr = 16,
+    RUNNING: tl.constexpr = False,
+    counter_ptr=None,
+    mean_ptr=None,
+    var_ptr=None,
+    rm_ptr=None,
+    rv_ptr=None,
+    momentum_hi=None,
+    momentum_lo=None,
 ):
     """Fused depthwise + (relu | relu6 | hardswish | silu | gelu) + pointwise: per block of mid channels, the
     depthwise tile is computed in registers (``ACC``), activated, rounded to the input dtype (as PyTorch's block
@@ -803,7 +873,10 @@ def separable_forward_kernel(
     sum of the tile's stored outputs and their squared deviations from the tile's mean (M2) at ``[n, pixel
     program, channel]`` of (N, P, C_OUT) buffers, as ``depthwise_moments_kernel`` stores them. ``HAS_SCALE``: the
     activated tile, rounded to x's dtype, times a per-image, per-channel scale (``scale_ptr``: (N, C_MID), x's
-    dtype; squeeze-excitation) before the pointwise product."""
+    dtype; squeeze-excitation) before the pointwise product. ``FINALIZE`` (with ``STATS``, one launch of the
+    whole batch): the last program of each output block to finish combines the block's statistics, as
+    ``finalize_moments_kernel`` would in a second launch (``RUNNING`` and the pointers after it as there;
+    ``counter_ptr``: one zeroed int32 per output block)."""
     n = tl.program_id(2).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -848,3 +921,11 @@ def separable_forward_kernel(
         part = (n * tl.num_programs(0) + tl.program_id(0)) * C_OUT
         tl.store(sum_ptr + part + o, total, mask=o_ok)
         tl.store(m2_ptr + part + o, tl.sum(deviation * deviation, axis=0), mask=o_ok)
+        if FINALIZE:
+            programs = tl.num_programs(0) * tl.num_programs(2)
+            if _last_program(counter_ptr, tl.program_id(1), programs):
+                _finalize_channels(
+                    o, o_ok, C_OUT, sum_ptr, m2_ptr, sum_ptr, mean_ptr, var_ptr, None, None, None, None, None, None,
+                    rm_ptr, rv_ptr, programs, tl.num_programs(0), OH * OW, 1, None, momentum_hi, momentum_lo, ACC,
+                    BLOCK_Q, BLOCK_O, 16, BLOCK_P, False, False, False, False, RUNNING,
+                )  # fmt: skip

@@ -31,7 +31,8 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -71,13 +72,18 @@ from sepconv.kernels.output_norm import (
 from sepconv.kernels.separable import (
     MID_ACTIVATIONS,
     RELU_FAMILY,
+    Finalization,
     Fold,
     RunningUpdate,
     _activate,
     _activation_backward,
     _check_pointwise,
     _SeparableConv2d,
+    finalization,
     finalize_moments,
+    finalized,
+    finalizes_in_launch,
+    in_launch,
     pointwise_backward,
 )
 from sepconv.kernels.separable import _forward as _separable_forward
@@ -187,9 +193,12 @@ def _moments(
     without writing that output: each program of ``depthwise_moments_kernel`` reduces its tile to a sum and a
     sum of squared deviations, combined afterwards in a fixed order (:func:`finalize_moments`, which with
     ``fold`` also returns the depthwise weight and bias with the norm of those statistics folded in, and updates
-    ``running``)."""
-    counts, sums, squares = moment_parts(x, weight, bias, stride, padding, dilation)
+    ``running``), or by the statistics launch's last programs (:func:`finalizes_in_launch`)."""
     out_h, out_w = output_size(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
+    combine = functools.partial(finalization, pixels=out_h * out_w, fold=fold, running=running)
+    counts, sums, squares, done = _moment_launch(x, weight, bias, stride, padding, dilation, combine=combine)
+    if done is not None:
+        return finalized(done)
     return finalize_moments(sums, squares, out_h * out_w, counts=counts, fold=fold, running=running)
 
 
@@ -200,6 +209,25 @@ def moment_parts(
     (P,) pixel counts and the (N, P, C·m) sums and squared deviations; of the output activated (``activation``, a
     ``MID_ACTIVATIONS`` code) and, with ``rounded``, rounded to x's dtype as it would be stored. With
     ``sums_only``, ``(None, sums, None)``: the sums alone (for means; two buffers and the squares' work fewer)."""
+    counts, sums, squares, _ = _moment_launch(x, weight, bias, stride, padding, dilation, activation, rounded,
+                                              sums_only)  # fmt: skip
+    return (None, sums, None) if sums_only else (counts, sums, squares)
+
+
+# what depthwise_moments_kernel takes to finalize its statistics in its last programs (besides its own w, b, ACC)
+_MOMENTS_FINALIZES = (
+    *("mean_ptr", "var_ptr", "gamma_ptr", "beta_ptr", "fw_ptr", "fb_ptr", "rm_ptr", "rv_ptr", "eps", "momentum_hi"),
+    *("momentum_lo", "BLOCK_Q", "BLOCK_T", "FOLD", "HAS_GAMMA", "HAS_BETA", "RUNNING"),
+)
+
+
+def _moment_launch(
+    x, weight, bias, stride, padding, dilation, activation: int = 0, rounded: bool = False, sums_only: bool = False,
+    combine: Callable[..., Finalization] | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Finalization | None]:  # fmt: skip
+    """:func:`moment_parts`' launch, ``(counts, sums, squares, done)``; with ``combine`` (the parts ->
+    :func:`finalization`, whose fold is of ``weight`` and ``bias``) and :func:`finalizes_in_launch`, the launch
+    also combines them (``done``: the finalization, its outputs written), else ``done`` is None."""
     out_h, out_w = output_size(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     channels, weight = weight.shape[0], weight.contiguous()
     tiles = _tiles(x, out_h * out_w, channels, weight.shape[2:])
@@ -210,6 +238,10 @@ def moment_parts(
         squares = counts = sums
     else:
         squares, counts = torch.empty_like(sums), torch.empty(programs, dtype=compute, device=x.device)
+    done, finalize = None, {}
+    if combine is not None and not sums_only and finalizes_in_launch(x):
+        done = combine(sums, squares, counts=counts)
+        finalize = in_launch(done, _MOMENTS_FINALIZES, cdiv(channels, tiles.block_c))
     for xs, sums_part, squares_part in _batch_chunks(x, sums, squares):
         grid = (programs, cdiv(channels, tiles.block_c), xs.shape[0])
         depthwise_moments_kernel[grid](
@@ -233,8 +265,9 @@ def moment_parts(
             ROUND=rounded,
             SUMS_ONLY=sums_only,
             **direct_launch_options(x, weight, bias, tiles),
+            **finalize,
         )
-    return (None, sums, None) if sums_only else (counts, sums, squares)
+    return counts, sums, squares, done
 
 
 def _train_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation,

@@ -20,6 +20,7 @@ True
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
@@ -36,6 +37,7 @@ from sepconv.kernels._sizes import cdiv, next_power_of_2
 from sepconv.kernels.depthwise import (
     _ACC,
     _GEOMETRY,
+    _MAX_GRID_YZ,
     PaddingSpec,
     _batch_chunks,
     _DepthwiseConv2d,
@@ -236,6 +238,10 @@ def _forward(
     parts = (torch.empty(x.shape[0], programs, c_out, dtype=compute, device=x.device) for _ in range(2))
     sums, squares = parts if statistics else (y, y)  # y: an unused pointer
     scales = y if scale is None else scale.contiguous()  # y: an unused pointer
+    done, finalize = None, {}
+    if statistics and finalizes_in_launch(x):  # combined by the epilogue's last program per output block
+        done = finalization(sums, squares, out_h * out_w, part_pixels=tiles.block_p, running=running)
+        finalize = in_launch(done, _SEPARABLE_FINALIZES, cdiv(c_out, tiles.block_o))
     for xs, ys, sums_part, squares_part, scales_part in _batch_chunks(x, y, sums, squares, scales):
         grid = (programs, cdiv(c_out, tiles.block_o), ys.shape[0])
         separable_forward_kernel[grid](
@@ -275,10 +281,17 @@ def _forward(
             num_warps=tiles.num_warps,
             num_stages=tiles.num_stages,
             **_static_taps(tiles, dw_weight.shape[2:]),
+            **finalize,
         )
     if not statistics:
         return y
+    if done is not None:
+        return (y, *finalized(done))
     return (y, *finalize_moments(sums, squares, out_h * out_w, part_pixels=tiles.block_p, running=running))
+
+
+# what the fused kernel's epilogue takes to finalize its statistics (no fold: the norm after the 1x1 conv)
+_SEPARABLE_FINALIZES = ("mean_ptr", "var_ptr", "rm_ptr", "rv_ptr", "momentum_hi", "momentum_lo", "BLOCK_Q", "RUNNING")
 
 
 def output_moments(y: Tensor) -> tuple[Tensor, Tensor]:
@@ -314,6 +327,63 @@ class RunningUpdate:
         self.mean, self.var, self.momentum, self.done = mean, var, momentum, False
 
 
+class Finalization(NamedTuple):
+    """A combination of per-tile statistics made ready (:func:`finalization`): ``finalize_moments_kernel``'s
+    ``arguments`` by name, the tensors it writes, and what :func:`finalized` does after it."""
+
+    arguments: dict[str, object]
+    mean: Tensor
+    var: Tensor
+    folded_weight: Tensor
+    folded_bias: Tensor
+    fold: Fold | None
+    running: RunningUpdate | None
+
+
+def finalization(
+    sums: Tensor, squares: Tensor, pixels: int, *, counts: Tensor | None = None, part_pixels: int = 0,
+    fold: Fold | None = None, running: RunningUpdate | None = None,
+) -> Finalization:  # fmt: skip
+    """The outputs and launch arguments of :func:`finalize_moments` (same parameters), for its own launch or for
+    a statistics launch that finalizes in its last program (:func:`in_launch`)."""
+    images, parts, channels = sums.shape
+    mean, var = (sums.new_empty(channels) for _ in range(2))
+    weight = bias = folded_weight = folded_bias = gamma = beta = mean  # mean: unused pointers
+    if fold is not None:
+        weight = fold.weight.contiguous()  # folded in the statistics' dtype, rounded to fold.dtype by PyTorch later
+        folded_weight, folded_bias = weight.new_empty(weight.shape, dtype=mean.dtype), mean.new_empty(channels)
+        bias, gamma, beta = (mean if t is None else t.contiguous() for t in (fold.bias, fold.gamma, fold.beta))
+    taps = weight.numel() // channels if fold is not None else 1
+    running_mean, running_var = (mean, var) if running is None else (running.mean, running.var)
+    momentum = 0.0 if running is None else running.momentum
+    momentum_hi = struct.unpack("f", struct.pack("f", momentum))[0]  # as the fp32 argument holds it; the rest next
+    arguments = {
+        "sum_ptr": sums, "m2_ptr": squares, "count_ptr": mean if counts is None else counts, "mean_ptr": mean,
+        "var_ptr": var, "w_ptr": weight, "b_ptr": bias, "gamma_ptr": gamma, "beta_ptr": beta,
+        "fw_ptr": folded_weight, "fb_ptr": folded_bias, "rm_ptr": running_mean, "rv_ptr": running_var,
+        "PARTS": images * parts, "P": parts, "C": channels, "PIXELS": pixels, "TAPS": taps,
+        "eps": 0.0 if fold is None else fold.eps, "momentum_hi": momentum_hi, "momentum_lo": momentum - momentum_hi,
+        "ACC": _ACC.get(sums.dtype, tl.float32), "BLOCK_Q": _block(images * parts, 64),
+        "BLOCK_C": _block(channels, 64), "BLOCK_T": _block(taps, 64),
+        "PART_PIXELS": part_pixels if counts is None else 0, "FOLD": fold is not None,
+        "HAS_BIAS": fold is not None and fold.bias is not None,
+        "HAS_GAMMA": fold is not None and fold.gamma is not None,
+        "HAS_BETA": fold is not None and fold.beta is not None, "RUNNING": running is not None,
+    }  # fmt: skip
+    return Finalization(arguments, mean, var, folded_weight, folded_bias, fold, running)
+
+
+def finalized(done: Finalization) -> tuple[Tensor, ...]:
+    """:func:`finalize_moments`'s result once ``done``'s launch has run: ``(mean, var)``, with a fold also the
+    folded weight and bias in the fold's dtype; marks the running statistics updated."""
+    if done.running is not None:
+        done.running.done = True
+    if done.fold is None:
+        return done.mean, done.var
+    # rounded by PyTorch (to nearest, as on a GPU): Triton's interpreter truncates fp32 -> bf16 inside kernels
+    return done.mean, done.var, cast(done.folded_weight, done.fold.dtype), cast(done.folded_bias, done.fold.dtype)
+
+
 def finalize_moments(
     sums: Tensor, squares: Tensor, pixels: int, *, counts: Tensor | None = None, part_pixels: int = 0,
     fold: Fold | None = None, running: RunningUpdate | None = None,
@@ -334,33 +404,29 @@ def finalize_moments(
     >>> torch.allclose(mean, values.mean()), torch.allclose(var, values.var(correction=0))
     (True, True)
     """
-    images, parts, channels = sums.shape
-    mean, var = (sums.new_empty(channels) for _ in range(2))
-    weight = bias = folded_weight = folded_bias = gamma = beta = mean  # mean: unused pointers
-    if fold is not None:
-        weight = fold.weight.contiguous()  # folded in the statistics' dtype, rounded to fold.dtype by PyTorch below
-        folded_weight, folded_bias = weight.new_empty(weight.shape, dtype=mean.dtype), mean.new_empty(channels)
-        bias, gamma, beta = (mean if t is None else t.contiguous() for t in (fold.bias, fold.gamma, fold.beta))
-    taps = weight.numel() // channels if fold is not None else 1
-    block_c = _block(channels, 64)
-    running_mean, running_var = (mean, var) if running is None else (running.mean, running.var)
-    momentum = 0.0 if running is None else running.momentum
-    momentum_hi = struct.unpack("f", struct.pack("f", momentum))[0]  # as the fp32 argument holds it; the rest next
-    finalize_moments_kernel[(cdiv(channels, block_c),)](
-        sums, squares, mean if counts is None else counts, mean, var, weight, bias, gamma, beta, folded_weight,
-        folded_bias, running_mean, running_var, images * parts, parts, channels, pixels, taps,
-        0.0 if fold is None else fold.eps, momentum_hi, momentum - momentum_hi,
-        ACC=_ACC.get(sums.dtype, tl.float32), BLOCK_Q=_block(images * parts, 64), BLOCK_C=block_c,
-        BLOCK_T=_block(taps, 64), PART_PIXELS=part_pixels if counts is None else 0, FOLD=fold is not None,
-        HAS_BIAS=fold is not None and fold.bias is not None, HAS_GAMMA=fold is not None and fold.gamma is not None,
-        HAS_BETA=fold is not None and fold.beta is not None, RUNNING=running is not None,
-    )  # fmt: skip
-    if running is not None:
-        running.done = True
-    if fold is None:
-        return mean, var
-    # rounded by PyTorch (to nearest, as on a GPU): Triton's interpreter truncates fp32 -> bf16 inside kernels
-    return mean, var, cast(folded_weight, fold.dtype), cast(folded_bias, fold.dtype)
+    done = finalization(sums, squares, pixels, counts=counts, part_pixels=part_pixels, fold=fold, running=running)
+    finalize_moments_kernel[(cdiv(sums.shape[2], done.arguments["BLOCK_C"]),)](**done.arguments)
+    return finalized(done)
+
+
+# Experimental, off by default until timed on a GPU (KERNEL_NOTES item 18): the statistics launches (the depthwise
+# statistics pass, the fused kernel's epilogue) combine the statistics in the last program of each channel block
+# to finish (an atomic counter) instead of a second launch of finalize_moments_kernel, when one launch covers the
+# batch. Set SEPCONV_FINALIZE_IN_LAUNCH=1, or this attribute, to use it.
+FINALIZE_IN_LAUNCH = os.environ.get("SEPCONV_FINALIZE_IN_LAUNCH", "") == "1"
+
+
+def finalizes_in_launch(x: Tensor) -> bool:
+    """Whether the statistics launches for input ``x`` finalize in their last programs: :data:`FINALIZE_IN_LAUNCH`
+    set and one launch covering the batch (the counters count one launch's programs)."""
+    return FINALIZE_IN_LAUNCH and x.shape[0] <= _MAX_GRID_YZ
+
+
+def in_launch(done: Finalization, names: Sequence[str], blocks: int) -> dict[str, object]:
+    """A statistics launch's arguments for finalizing ``done`` in its last program per channel block
+    (``FINALIZE``): ``done``'s arguments of those ``names`` and a zeroed counter per block of its ``blocks``."""
+    counter = torch.zeros(blocks, dtype=torch.int32, device=done.mean.device)
+    return {name: done.arguments[name] for name in names} | {"FINALIZE": True, "counter_ptr": counter}
 
 
 @torch.library.custom_op(
