@@ -43,6 +43,48 @@ def host_us(fn, repeats: int = 200) -> tuple[float, float]:
     return statistics.median(issue), statistics.median(total)
 
 
+def bare_launches(call) -> dict:
+    """The depthwise forward kernel's launch as ``call`` makes it, alone: through Triton's JIT (``kernel[grid](...)``:
+    argument binding, specialization, cache lookup, then the launcher), and by the compiled kernel's launcher
+    with the same arguments (``CompiledKernel.run``, what the JIT ends with): the JIT's own share of a launch,
+    i.e. what caching the launch per configuration could save (KERNEL_NOTES items 9 and 18)."""
+    import inspect
+
+    from triton.runtime import driver
+
+    seen = {}
+    kernel = dw.depthwise_forward_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.update(grid=grid, args=args, kwargs=kwargs)
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    dw.depthwise_forward_kernel = Recorder()
+    try:
+        call()
+    finally:
+        dw.depthwise_forward_kernel = kernel
+    grid, args, kwargs = seen["grid"], seen["args"], seen["kwargs"]
+    compiled = kernel[grid](*args, **kwargs)
+    options = {"num_warps", "num_stages", "num_ctas", "maxnreg"}
+    bound = inspect.signature(kernel.fn).bind(*args, **{k: v for k, v in kwargs.items() if k not in options})
+    bound.apply_defaults()
+    values = tuple(bound.arguments.values())
+    grid3 = (*grid, 1, 1)[:3]
+    stream = driver.active.get_current_stream(driver.active.get_current_device())
+    print(f"bare launch: {len(values)} arguments, grid {grid3}")
+    return {
+        "launch: Triton JIT": lambda: kernel[grid](*args, **kwargs),
+        "launch: compiled.run": lambda: compiled.run(
+            *grid3, stream, compiled.function, compiled.packed_metadata, None, None, None, *values
+        ),
+    }
+
+
 def main() -> None:
     x = torch.randn(1, 144, 56, 56, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     w = torch.randn(144, 1, 3, 3, device="cuda", dtype=torch.bfloat16)
@@ -66,6 +108,10 @@ def main() -> None:
         "empty output": lambda: dw._empty_output(x, w, *geometry),
         "plain_eager check": lambda: dw.plain_eager((x, w, None)),
     }
+    try:
+        pieces |= bare_launches(lambda: dw._forward(x, w, None, *geometry))
+    except Exception as error:  # Triton internals differ by version: report it, go on
+        print(f"bare launches: {type(error).__name__}: {error}")
     for name, fn in pieces.items():
         for _ in range(20):
             fn()
