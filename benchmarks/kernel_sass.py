@@ -106,8 +106,10 @@ def specialize(fn: Any, args: tuple, kwargs: dict) -> tuple[ASTSource, dict[str,
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + _TRITON_TYPES[value.dtype]
             attrs[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, bool) or value == 1:
+        elif value is None or isinstance(value, bool) or value == 1:  # None: an argument left at its default
             signature[name], constexprs[(index,)] = "constexpr", value
+        elif isinstance(value, float):
+            signature[name] = "fp32"
         else:
             signature[name] = "i64" if abs(value) >= 2**31 else "i32"
             if value % 16 == 0:

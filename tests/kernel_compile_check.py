@@ -28,15 +28,12 @@ def compile_one(fn, data: str, constexprs: dict, capability: int) -> None:
             "partial_ptr",
             "sum_ptr",
             "m2_ptr",
-            "count_ptr",
             "mean_ptr",
             "var_ptr",
             "gamma_ptr",
             "beta_ptr",
             "rm_ptr",
             "rv_ptr",
-            "fw_ptr",
-            "fb_ptr",
         ):
             signature[name] = "*fp64" if data == "fp64" else "*fp32"  # partial sums, statistics: accumulator dtype
         elif name == "counter_ptr":
@@ -65,7 +62,7 @@ def main() -> int:
     dtypes = {"fp16": tl.float32, "bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}  # data -> accumulator
     separable = {"HAS_DW_BIAS": True, "HAS_PW_BIAS": True, "MID_ACT": 2, "DOT_IN_FP32": False, "BLOCK_O": 64}
     toeplitz = {"HAS_BIAS": True, "DOT_IN_FP32": False, "BLOCK_R": 16, "BLOCK_I": 32, "BLOCK_J": 16}
-    finalize = {"BLOCK_Q": 64, "BLOCK_T": 16, "HAS_BETA": True}
+    finalize = {"BLOCK_Q": 64, "BLOCK_T": 16, "HAS_BETA": True, "PART_PIXELS": 64}
     ones = {"MULT": 1, "STRIDE_H": 1, "STRIDE_W": 1, "DIL_H": 1, "DIL_W": 1}
     toeplitz_grad_weight = {"DOT_IN_FP32": False, "BLOCK_KH": 32, "BLOCK_KW": 16, "BLOCK_I": 32, "BLOCK_J": 16}
     launches = [
@@ -99,10 +96,10 @@ def main() -> int:
                 "SUMS_ONLY": True,
             },
         ),  # the squeeze-excitation's means: sums alone
-        (kernels.finalize_moments_kernel, finalize | {"FOLD": True, "HAS_BIAS": True, "HAS_GAMMA": True}),
-        (kernels.finalize_moments_kernel, finalize | {"PART_PIXELS": 64}),  # the fused kernel's epilogue's parts
+        (kernels.finalize_moments_kernel, finalize | {"FOLD": True, "HAS_BIAS": True, "HAS_GAMMA": True, "TILE_W": 8}),
+        (kernels.finalize_moments_kernel, finalize),  # the fused kernel's epilogue's parts (runs of pixels)
         (kernels.finalize_moments_kernel, finalize | {"FOLD": True, "RUNNING": True}),  # running statistics updated
-        (kernels.finalize_moments_kernel, finalize | {"PART_PIXELS": 64, "RUNNING": True}),
+        (kernels.finalize_moments_kernel, finalize | {"RUNNING": True}),
         # integers equal to 1 become constants in Triton's launcher: depth multiplier, stride and dilation 1 (the
         # common case) in the kernels first run without a GPU (statistics pass, activated means, fused epilogue/SE)
         (

@@ -8,10 +8,13 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sepconv.kernels import separable as separable_module
+from sepconv.kernels._depthwise_triton import _rounded
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.depthwise import resolve_padding_sides
 from sepconv.kernels.output_norm import BatchNormArgs
@@ -237,6 +240,32 @@ def test_statistics_pass_matches_var_mean_of_the_output(channels, kind, hw, in_l
         got_mean, got_var = _moments(x, weight, bias, stride, sides, dilation)
         torch.testing.assert_close(got_mean, mean, rtol=1e-12, atol=0)
         torch.testing.assert_close(got_var, var, rtol=1e-9, atol=0)
+
+
+@triton.jit
+def _round_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + i, _rounded(tl.load(x_ptr + i, mask=i < n), y_ptr.dtype.element_ty), mask=i < n)
+
+
+def test_folded_weights_round_to_nearest_even_as_pytorch_casts():
+    """The fold stores its weights in the conv's dtype by ``_rounded``: bf16 bit-for-bit as PyTorch's cast of the
+    same float32 values (round to nearest, ties to even), ties of both parities, negatives, subnormals and values
+    that round up into the next binade included; fp16 likewise."""
+    torch.manual_seed(5)
+    high = torch.randint(0, 2**15, (512,), dtype=torch.int32) << 16  # positive finite-ish bf16 patterns
+    ties = high | 0x8000  # exactly halfway: even and odd kept halves
+    bits = torch.cat([ties, ties | (1 << 16), high | 0x7FFF, high | 0x8001, high | 0xFFFF, high])
+    values = bits.view(torch.float32)
+    values = torch.cat([values, -values, torch.randn(1024) * 1e3, torch.tensor([1e-40, -3e-39, 0.0, 1.0])])
+    values = values[torch.isfinite(values) & (values.abs() < 3e38)].to(DEVICE)
+    for dtype in (torch.bfloat16, torch.float16):
+        values = values[values.abs() <= torch.finfo(dtype).max]  # (fp16: its finite range)
+        got = torch.empty(values.shape, dtype=dtype, device=DEVICE)
+        _round_kernel[(triton.cdiv(values.numel(), 256),)](values, got, values.numel(), BLOCK=256)
+        want = values.to(dtype)
+        same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+        assert same.all(), (values[~same][:5], got[~same][:5], want[~same][:5])
 
 
 class _NoLaunch:

@@ -218,7 +218,6 @@ def depthwise_moments_kernel(
     b_ptr,
     sum_ptr,
     m2_ptr,
-    count_ptr,
     H,
     W,
     C_OUT,
@@ -270,10 +269,10 @@ def depthwise_moments_kernel(
 ):
     """The forward's tile, reduced instead of stored: per channel, the sum of the tile's outputs and their
     squared deviations from the tile's mean (M2), at ``[n, pixel program, channel]`` of (N, P, C_OUT) buffers;
-    the tile's pixel count at ``count_ptr[pixel program]`` (the same for every image and channel block).
+    a tile's pixel count follows from its place (``_tile_pixels``).
     Combined in a fixed order afterwards (Chan et al.'s pairwise formula): deterministic, no atomics.
     ``MID_ACT``: of the activated outputs; ``ROUND``: of the outputs rounded to x's dtype (as stored);
-    ``SUMS_ONLY``: the sums alone (``m2_ptr`` and ``count_ptr`` unused: channel means). ``FINALIZE`` (one
+    ``SUMS_ONLY``: the sums alone (``m2_ptr`` unused: channel means). ``FINALIZE`` (one
     launch of the whole batch): the last program of each channel block to finish also does
     ``finalize_moments_kernel``'s work for that block (``FOLD``, ``RUNNING`` and the pointers after them as
     there; ``counter_ptr``: one zeroed int32 per channel block), so that no second launch is needed."""
@@ -293,26 +292,23 @@ def depthwise_moments_kernel(
         count = tl.sum(p_ok.to(ACC), axis=0)
         deviation = tl.where(p_ok[:, None], acc - (total / count)[None, :], 0.0)
         tl.store(m2_ptr + part + c, tl.sum(deviation * deviation, axis=0), mask=c_ok)
-        if FINALIZE:  # every program: the last of a channel block reads the counts its own block's programs stored
-            tl.store(count_ptr + pid_p, count)
-        else:
-            tl.store(count_ptr + pid_p, count, mask=(tl.program_id(1) == 0) & (n == 0))
     if FINALIZE:
         programs = tl.num_programs(0) * tl.num_programs(2)
         if _last_program(counter_ptr, tl.program_id(1), programs):
             _finalize_channels(
-                c, c_ok, C_OUT, sum_ptr, m2_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr,
-                fw_ptr, fb_ptr, rm_ptr, rv_ptr, programs, tl.num_programs(0), OH * OW, KH * KW, eps, momentum_hi,
-                momentum_lo, ACC, BLOCK_Q, BLOCK_C, BLOCK_T, 0, FOLD, HAS_BIAS, HAS_GAMMA, HAS_BETA, RUNNING,
+                c, c_ok, C_OUT, sum_ptr, m2_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, fw_ptr,
+                fb_ptr, rm_ptr, rv_ptr, programs, tl.num_programs(0), OH * OW, OW, KH * KW, eps, momentum_hi,
+                momentum_lo, ACC, BLOCK_Q, BLOCK_C, BLOCK_T, BLOCK_P, TILE_W, FOLD, HAS_BIAS, HAS_GAMMA, HAS_BETA,
+                RUNNING,
             )  # fmt: skip
 
 
 @triton.jit
 def _finalize_channels(
     c, c_ok, C,
-    sum_ptr, m2_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, fw_ptr, fb_ptr, rm_ptr,
-    rv_ptr, PARTS, P, PIXELS, TAPS, eps, momentum_hi, momentum_lo, ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, PART_PIXELS: tl.constexpr, FOLD: tl.constexpr,
+    sum_ptr, m2_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, fw_ptr, fb_ptr, rm_ptr, rv_ptr, PARTS,
+    P, PIXELS, COLS, TAPS, eps, momentum_hi, momentum_lo, ACC: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, PART_PIXELS: tl.constexpr, TILE_W: tl.constexpr, FOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, RUNNING: tl.constexpr,
 ):  # fmt: skip
     """``finalize_moments_kernel``'s work for the channels ``c`` (validity ``c_ok``) of C: shared with the
@@ -332,10 +328,7 @@ def _finalize_channels(
         q_ok = q < PARTS
         ok = q_ok[:, None] & c_ok[None, :]
         offsets = q.to(tl.int64)[:, None] * C + c[None, :]
-        if PART_PIXELS > 0:
-            count = tl.minimum(PIXELS - (q % P) * PART_PIXELS, PART_PIXELS).to(ACC)
-        else:
-            count = tl.load(count_ptr + q % P, mask=q_ok, other=1.0).to(ACC)
+        count = _tile_pixels(q % P, PIXELS // COLS, COLS, PART_PIXELS, TILE_W).to(ACC)
         part_sum = tl.load(sum_ptr + offsets, mask=ok, other=0.0).to(ACC)
         deviation = tl.where(ok, part_sum / count[:, None] - mean[None, :], 0.0)
         part_m2 = tl.load(m2_ptr + offsets, mask=ok, other=0.0).to(ACC)
@@ -364,13 +357,39 @@ def _finalize_channels(
             shift += tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(ACC)
         if HAS_BIAS:
             shift += tl.load(b_ptr + c, mask=c_ok, other=0.0).to(ACC) * scale
-        tl.store(fb_ptr + c, shift.to(fb_ptr.dtype.element_ty), mask=c_ok)
+        tl.store(fb_ptr + c, _rounded(shift, fb_ptr.dtype.element_ty), mask=c_ok)
         for t0 in range(0, TAPS, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             ok = c_ok[:, None] & (t < TAPS)[None, :]
             offsets = c.to(tl.int64)[:, None] * TAPS + t[None, :]
             taps = tl.load(w_ptr + offsets, mask=ok, other=0.0).to(ACC) * scale[:, None]
-            tl.store(fw_ptr + offsets, taps.to(fw_ptr.dtype.element_ty), mask=ok)
+            tl.store(fw_ptr + offsets, _rounded(taps, fw_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _tile_pixels(pid, ROWS, COLS, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr):
+    """How many of program ``pid``'s BLOCK_P pixels lie inside the ROWS x COLS image (``_pixel_tile``'s
+    ``ok.sum()``, from the tile's place): a run of the row-major order cut by the image's end, or a rectangle cut
+    by its bottom and right edges."""
+    if TILE_W == 0:  # (one return: Triton would trace the rest with TILE_W = 0 after an early one)
+        pixels = tl.minimum(ROWS * COLS - pid * BLOCK_P, BLOCK_P)
+    else:
+        tiles_w = tl.cdiv(COLS, TILE_W)
+        rows = tl.minimum(ROWS - (pid // tiles_w) * (BLOCK_P // TILE_W), BLOCK_P // TILE_W)
+        pixels = rows * tl.minimum(COLS - (pid % tiles_w) * TILE_W, TILE_W)
+    return pixels
+
+
+@triton.jit
+def _rounded(value, dtype: tl.constexpr):
+    """``value`` (fp32 or fp64) in ``dtype``, rounded to nearest even as PyTorch rounds. bf16: in the integers,
+    the float32 bits' upper half rounded and reinterpreted (Triton's interpreter truncates fp32 -> bf16 and
+    mangles subnormals; a GPU rounds: this agrees on both). Finite values."""
+    if dtype == tl.bfloat16:
+        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+        upper = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # to nearest, ties to even
+        return upper.to(tl.uint16).to(dtype, bitcast=True)
+    return value.to(dtype)
 
 
 @triton.jit
@@ -388,7 +407,6 @@ def _last_program(counter_ptr, block, programs):
 def finalize_moments_kernel(
     sum_ptr,
     m2_ptr,
-    count_ptr,
     mean_ptr,
     var_ptr,
     w_ptr,
@@ -403,6 +421,7 @@ def finalize_moments_kernel(
     P,
     C,
     PIXELS,
+    COLS,
     TAPS,
     eps,
     momentum_hi,
@@ -411,7 +430,8 @@ def finalize_moments_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    PART_PIXELS: tl.constexpr = 0,
+    PART_PIXELS: tl.constexpr,
+    TILE_W: tl.constexpr = 0,
     FOLD: tl.constexpr = False,
     HAS_BIAS: tl.constexpr = False,
     HAS_GAMMA: tl.constexpr = False,
@@ -421,8 +441,9 @@ def finalize_moments_kernel(
     """Per-tile reductions (``depthwise_moments_kernel``'s, or the fused kernel's statistics epilogue's) to each
     channel's mean and biased variance, in one launch instead of a dozen small operators: the ``PARTS`` = N·P
     rows of (N, P, C) sums and M2s combined by Chan et al.'s formula, ``M2 = Σ M2_q + Σ count_q·(mean_q - mean)²``,
-    in a fixed order. A part's pixel count is ``count_ptr[q % P]``, or with ``PART_PIXELS`` > 0 the run of
-    ``PART_PIXELS`` pixels it covers out of an image's ``PIXELS``. With ``FOLD``, also the BatchNorm with those
+    in a fixed order. A part's pixel count is that of its tile (``_tile_pixels``): a run of ``PART_PIXELS``
+    pixels of an image's ``PIXELS`` (rows of ``COLS``), or with ``TILE_W`` a rectangle of PART_PIXELS / TILE_W x
+    TILE_W of them. With ``FOLD``, also the BatchNorm with those
     statistics folded into the depthwise conv: ``fw[c, t] = w[c, t]·s``, ``fb[c] = beta[c] + (b[c] - mean)·s``,
     ``s = gamma[c] / sqrt(var + eps)`` (computed in ``ACC``, stored in the folded tensors' dtype). With
     ``RUNNING``, the running statistics ``rm``/``rv`` (in ``ACC``) moved towards the batch's in place as
@@ -430,9 +451,9 @@ def finalize_moments_kernel(
     argument is fp32: the pair carries a float64 momentum to ~48 bits)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     _finalize_channels(
-        c, c < C, C, sum_ptr, m2_ptr, count_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, fw_ptr, fb_ptr,
-        rm_ptr, rv_ptr, PARTS, P, PIXELS, TAPS, eps, momentum_hi, momentum_lo, ACC, BLOCK_Q, BLOCK_C, BLOCK_T,
-        PART_PIXELS, FOLD, HAS_BIAS, HAS_GAMMA, HAS_BETA, RUNNING,
+        c, c < C, C, sum_ptr, m2_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, gamma_ptr, beta_ptr, fw_ptr, fb_ptr,
+        rm_ptr, rv_ptr, PARTS, P, PIXELS, COLS, TAPS, eps, momentum_hi, momentum_lo, ACC, BLOCK_Q, BLOCK_C, BLOCK_T,
+        PART_PIXELS, TILE_W, FOLD, HAS_BIAS, HAS_GAMMA, HAS_BETA, RUNNING,
     )  # fmt: skip
 
 
@@ -925,7 +946,7 @@ def separable_forward_kernel(
             programs = tl.num_programs(0) * tl.num_programs(2)
             if _last_program(counter_ptr, tl.program_id(1), programs):
                 _finalize_channels(
-                    o, o_ok, C_OUT, sum_ptr, m2_ptr, sum_ptr, mean_ptr, var_ptr, None, None, None, None, None, None,
-                    rm_ptr, rv_ptr, programs, tl.num_programs(0), OH * OW, 1, None, momentum_hi, momentum_lo, ACC,
-                    BLOCK_Q, BLOCK_O, 16, BLOCK_P, False, False, False, False, RUNNING,
+                    o, o_ok, C_OUT, sum_ptr, m2_ptr, mean_ptr, var_ptr, None, None, None, None, None, None, rm_ptr,
+                    rv_ptr, programs, tl.num_programs(0), OH * OW, OW, 1, None, momentum_hi, momentum_lo, ACC,
+                    BLOCK_Q, BLOCK_O, 16, BLOCK_P, 0, False, False, False, False, RUNNING,
                 )  # fmt: skip

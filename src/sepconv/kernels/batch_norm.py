@@ -194,24 +194,23 @@ def _moments(
     sum of squared deviations, combined afterwards in a fixed order (:func:`finalize_moments`, which with
     ``fold`` also returns the depthwise weight and bias with the norm of those statistics folded in, and updates
     ``running``), or by the statistics launch's last programs (:func:`finalizes_in_launch`)."""
-    out_h, out_w = output_size(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
-    combine = functools.partial(finalization, pixels=out_h * out_w, fold=fold, running=running)
-    counts, sums, squares, done = _moment_launch(x, weight, bias, stride, padding, dilation, combine=combine)
+    combine = functools.partial(finalization, fold=fold, running=running)
+    sums, squares, done, tiling = _moment_launch(x, weight, bias, stride, padding, dilation, combine=combine)
     if done is not None:
         return finalized(done)
-    return finalize_moments(sums, squares, out_h * out_w, counts=counts, fold=fold, running=running)
+    out_size, block_p, tile_w = tiling
+    return finalize_moments(sums, squares, out_size, block_p, tile_w=tile_w, fold=fold, running=running)
 
 
 def moment_parts(
     x, weight, bias, stride, padding, dilation, activation: int = 0, rounded: bool = False, sums_only: bool = False
 ):
-    """``(counts, sums, squares)``: the depthwise output's per-tile reductions (``depthwise_moments_kernel``), the
-    (P,) pixel counts and the (N, P, C·m) sums and squared deviations; of the output activated (``activation``, a
-    ``MID_ACTIVATIONS`` code) and, with ``rounded``, rounded to x's dtype as it would be stored. With
-    ``sums_only``, ``(None, sums, None)``: the sums alone (for means; two buffers and the squares' work fewer)."""
-    counts, sums, squares, _ = _moment_launch(x, weight, bias, stride, padding, dilation, activation, rounded,
-                                              sums_only)  # fmt: skip
-    return (None, sums, None) if sums_only else (counts, sums, squares)
+    """``(sums, squares)``: the depthwise output's per-tile reductions (``depthwise_moments_kernel``), the
+    (N, P, C·m) sums and squared deviations; of the output activated (``activation``, a ``MID_ACTIVATIONS`` code)
+    and, with ``rounded``, rounded to x's dtype as it would be stored. With ``sums_only``, ``(sums, None)``: the
+    sums alone (for means; a buffer and the squares' work fewer)."""
+    sums, squares, _, _ = _moment_launch(x, weight, bias, stride, padding, dilation, activation, rounded, sums_only)
+    return sums, None if sums_only else squares
 
 
 # what depthwise_moments_kernel takes to finalize its statistics in its last programs (besides its own w, b, ACC)
@@ -224,23 +223,22 @@ _MOMENTS_FINALIZES = (
 def _moment_launch(
     x, weight, bias, stride, padding, dilation, activation: int = 0, rounded: bool = False, sums_only: bool = False,
     combine: Callable[..., Finalization] | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Finalization | None]:  # fmt: skip
-    """:func:`moment_parts`' launch, ``(counts, sums, squares, done)``; with ``combine`` (the parts ->
-    :func:`finalization`, whose fold is of ``weight`` and ``bias``) and :func:`finalizes_in_launch`, the launch
-    also combines them (``done``: the finalization, its outputs written), else ``done`` is None."""
+) -> tuple[Tensor, Tensor, Finalization | None, tuple]:  # fmt: skip
+    """:func:`moment_parts`' launch, ``(sums, squares, done, tiling)``, ``tiling`` the tiles' shape as
+    :func:`finalize_moments` takes it (``((H, W), block_p, tile_w)``); with ``combine`` (:func:`finalization`, its
+    fold of ``weight`` and ``bias``) and :func:`finalizes_in_launch`, the launch also combines them (``done``: the
+    finalization, its outputs written), else ``done`` is None."""
     out_h, out_w = output_size(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     channels, weight = weight.shape[0], weight.contiguous()
     tiles = _tiles(x, out_h * out_w, channels, weight.shape[2:])
     programs = tiles.pixel_programs(out_h, out_w)
     compute = accumulation_dtype(x.dtype)
     sums = torch.empty(x.shape[0], programs, channels, dtype=compute, device=x.device)
-    if sums_only:  # unused pointers
-        squares = counts = sums
-    else:
-        squares, counts = torch.empty_like(sums), torch.empty(programs, dtype=compute, device=x.device)
+    squares = sums if sums_only else torch.empty_like(sums)  # sums: an unused pointer
     done, finalize = None, {}
+    tiling = ((out_h, out_w), tiles.block_p, tiles.tile_w)
     if combine is not None and not sums_only and finalizes_in_launch(x):
-        done = combine(sums, squares, counts=counts)
+        done = combine(sums, squares, *tiling[:2], tile_w=tiles.tile_w)
         finalize = in_launch(done, _MOMENTS_FINALIZES, cdiv(channels, tiles.block_c))
     for xs, sums_part, squares_part in _batch_chunks(x, sums, squares):
         grid = (programs, cdiv(channels, tiles.block_c), xs.shape[0])
@@ -250,7 +248,6 @@ def _moment_launch(
             weight if bias is None else bias.contiguous(),
             sums_part,
             squares_part,
-            counts,
             x.shape[2],
             x.shape[3],
             channels,
@@ -267,7 +264,7 @@ def _moment_launch(
             **direct_launch_options(x, weight, bias, tiles),
             **finalize,
         )
-    return counts, sums, squares, done
+    return sums, squares, done, tiling
 
 
 def _train_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation,

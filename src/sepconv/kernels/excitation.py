@@ -65,7 +65,7 @@ def separable_with_excitation(args: tuple, excitation: Callable[[Tensor], Tensor
 def _depthwise_mean(x, weight, bias, stride, padding, dilation, activation) -> Tensor:
     """(N, C·m): each image's channel means of the activated depthwise output as stored (rounded to x's dtype),
     in float32 (float64 for float64)."""
-    _, sums, _ = moment_parts(x, weight, bias, stride, padding, dilation, activation, rounded=True, sums_only=True)
+    sums, _ = moment_parts(x, weight, bias, stride, padding, dilation, activation, rounded=True, sums_only=True)
     out_h, out_w = output_size(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     return sums.sum(1).div_(out_h * out_w)
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton.language as tl
 from torch import Tensor
 
-from sepconv._dtypes import accumulation_dtype, cast
+from sepconv._dtypes import accumulation_dtype
 from sepconv.cpu_pointwise import pointwise_matmul
 from sepconv.kernels._depthwise_triton import finalize_moments_kernel, separable_forward_kernel
 from sepconv.kernels._sizes import cdiv, next_power_of_2
@@ -240,7 +240,7 @@ def _forward(
     scales = y if scale is None else scale.contiguous()  # y: an unused pointer
     done, finalize = None, {}
     if statistics and finalizes_in_launch(x):  # combined by the epilogue's last program per output block
-        done = finalization(sums, squares, out_h * out_w, part_pixels=tiles.block_p, running=running)
+        done = finalization(sums, squares, (out_h, out_w), tiles.block_p, running=running)
         finalize = in_launch(done, _SEPARABLE_FINALIZES, cdiv(c_out, tiles.block_o))
     for xs, ys, sums_part, squares_part, scales_part in _batch_chunks(x, y, sums, squares, scales):
         grid = (programs, cdiv(c_out, tiles.block_o), ys.shape[0])
@@ -287,7 +287,7 @@ def _forward(
         return y
     if done is not None:
         return (y, *finalized(done))
-    return (y, *finalize_moments(sums, squares, out_h * out_w, part_pixels=tiles.block_p, running=running))
+    return (y, *finalize_moments(sums, squares, (out_h, out_w), tiles.block_p, running=running))
 
 
 # what the fused kernel's epilogue takes to finalize its statistics (no fold: the norm after the 1x1 conv)
@@ -341,7 +341,7 @@ class Finalization(NamedTuple):
 
 
 def finalization(
-    sums: Tensor, squares: Tensor, pixels: int, *, counts: Tensor | None = None, part_pixels: int = 0,
+    sums: Tensor, squares: Tensor, out_size: tuple[int, int], part_pixels: int, *, tile_w: int = 0,
     fold: Fold | None = None, running: RunningUpdate | None = None,
 ) -> Finalization:  # fmt: skip
     """The outputs and launch arguments of :func:`finalize_moments` (same parameters), for its own launch or for
@@ -350,22 +350,23 @@ def finalization(
     mean, var = (sums.new_empty(channels) for _ in range(2))
     weight = bias = folded_weight = folded_bias = gamma = beta = mean  # mean: unused pointers
     if fold is not None:
-        weight = fold.weight.contiguous()  # folded in the statistics' dtype, rounded to fold.dtype by PyTorch later
-        folded_weight, folded_bias = weight.new_empty(weight.shape, dtype=mean.dtype), mean.new_empty(channels)
+        weight = fold.weight.contiguous()  # folded in the statistics' dtype, stored rounded to fold.dtype
+        folded_weight = weight.new_empty(weight.shape, dtype=fold.dtype)
+        folded_bias = mean.new_empty(channels, dtype=fold.dtype)
         bias, gamma, beta = (mean if t is None else t.contiguous() for t in (fold.bias, fold.gamma, fold.beta))
     taps = weight.numel() // channels if fold is not None else 1
     running_mean, running_var = (mean, var) if running is None else (running.mean, running.var)
     momentum = 0.0 if running is None else running.momentum
     momentum_hi = struct.unpack("f", struct.pack("f", momentum))[0]  # as the fp32 argument holds it; the rest next
     arguments = {
-        "sum_ptr": sums, "m2_ptr": squares, "count_ptr": mean if counts is None else counts, "mean_ptr": mean,
-        "var_ptr": var, "w_ptr": weight, "b_ptr": bias, "gamma_ptr": gamma, "beta_ptr": beta,
-        "fw_ptr": folded_weight, "fb_ptr": folded_bias, "rm_ptr": running_mean, "rv_ptr": running_var,
-        "PARTS": images * parts, "P": parts, "C": channels, "PIXELS": pixels, "TAPS": taps,
+        "sum_ptr": sums, "m2_ptr": squares, "mean_ptr": mean, "var_ptr": var, "w_ptr": weight, "b_ptr": bias,
+        "gamma_ptr": gamma, "beta_ptr": beta, "fw_ptr": folded_weight, "fb_ptr": folded_bias,
+        "rm_ptr": running_mean, "rv_ptr": running_var, "PARTS": images * parts, "P": parts, "C": channels,
+        "PIXELS": out_size[0] * out_size[1], "COLS": out_size[1], "TAPS": taps,
         "eps": 0.0 if fold is None else fold.eps, "momentum_hi": momentum_hi, "momentum_lo": momentum - momentum_hi,
         "ACC": _ACC.get(sums.dtype, tl.float32), "BLOCK_Q": _block(images * parts, 64),
         "BLOCK_C": _block(channels, 64), "BLOCK_T": _block(taps, 64),
-        "PART_PIXELS": part_pixels if counts is None else 0, "FOLD": fold is not None,
+        "PART_PIXELS": part_pixels, "TILE_W": tile_w, "FOLD": fold is not None,
         "HAS_BIAS": fold is not None and fold.bias is not None,
         "HAS_GAMMA": fold is not None and fold.gamma is not None,
         "HAS_BETA": fold is not None and fold.beta is not None, "RUNNING": running is not None,
@@ -375,36 +376,37 @@ def finalization(
 
 def finalized(done: Finalization) -> tuple[Tensor, ...]:
     """:func:`finalize_moments`'s result once ``done``'s launch has run: ``(mean, var)``, with a fold also the
-    folded weight and bias in the fold's dtype; marks the running statistics updated."""
+    folded weight and bias (in the fold's dtype); marks the running statistics updated."""
     if done.running is not None:
         done.running.done = True
     if done.fold is None:
         return done.mean, done.var
-    # rounded by PyTorch (to nearest, as on a GPU): Triton's interpreter truncates fp32 -> bf16 inside kernels
-    return done.mean, done.var, cast(done.folded_weight, done.fold.dtype), cast(done.folded_bias, done.fold.dtype)
+    return done.mean, done.var, done.folded_weight, done.folded_bias
 
 
 def finalize_moments(
-    sums: Tensor, squares: Tensor, pixels: int, *, counts: Tensor | None = None, part_pixels: int = 0,
+    sums: Tensor, squares: Tensor, out_size: tuple[int, int], part_pixels: int, *, tile_w: int = 0,
     fold: Fold | None = None, running: RunningUpdate | None = None,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """Mean and biased variance per channel from (N, P, C) per-tile ``sums`` and ``squares`` (deviations from
-    each tile's own mean, squared and summed) of images of ``pixels`` values per channel: a tile's count is
-    ``counts[p]``, or with ``part_pixels`` the run of that many pixels tile p covers. With ``fold``, also the
-    depthwise weight and bias with the BatchNorm of those statistics folded in: ``(mean, var, weight, bias)``.
+    each tile's own mean, squared and summed) of ``out_size`` (H, W) images: tile p covers the p-th run of
+    ``part_pixels`` pixels in row-major order, or with ``tile_w`` the p-th rectangle of part_pixels / tile_w rows x
+    tile_w columns (row-major order of the rectangles), each cut by the image's edges. With ``fold``, also the
+    depthwise weight and bias with the BatchNorm of those statistics folded in, in the fold's dtype (rounded to
+    nearest): ``(mean, var, weight, bias)``.
     ``running``: a BatchNorm's running statistics, updated in the same launch (``running.done`` set).
     One launch (``finalize_moments_kernel``; Chan et al.'s combination in a fixed order) where the same in
     PyTorch's operators took a dozen or two (host time, KERNEL_NOTES item 16).
 
-    >>> a, b = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 8.0, 16.0])  # two tiles (one image, one channel)
+    >>> a, b = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([8.0, 16.0])  # a 1x5 image in tiles of 3 (one channel)
     >>> sums = torch.stack([a.sum(), b.sum()]).view(1, 2, 1)
     >>> squares = torch.stack([(a - a.mean()).square().sum(), (b - b.mean()).square().sum()]).view(1, 2, 1)
-    >>> mean, var = finalize_moments(sums, squares, 5, counts=torch.tensor([2.0, 3.0]))
+    >>> mean, var = finalize_moments(sums, squares, (1, 5), 3)
     >>> values = torch.cat([a, b])
     >>> torch.allclose(mean, values.mean()), torch.allclose(var, values.var(correction=0))
     (True, True)
     """
-    done = finalization(sums, squares, pixels, counts=counts, part_pixels=part_pixels, fold=fold, running=running)
+    done = finalization(sums, squares, out_size, part_pixels, tile_w=tile_w, fold=fold, running=running)
     finalize_moments_kernel[(cdiv(sums.shape[2], done.arguments["BLOCK_C"]),)](**done.arguments)
     return finalized(done)
 
