@@ -239,7 +239,7 @@ def _moment_launch(
     tiling = ((out_h, out_w), tiles.block_p, tiles.tile_w)
     if combine is not None and not sums_only and finalizes_in_launch(x):
         done = combine(sums, squares, *tiling[:2], tile_w=tiles.tile_w)
-        finalize = in_launch(done, _MOMENTS_FINALIZES, cdiv(channels, tiles.block_c))
+        finalize = in_launch(done, _MOMENTS_FINALIZES, channels, tiles.block_c)
     for xs, sums_part, squares_part in _batch_chunks(x, sums, squares):
         grid = (programs, cdiv(channels, tiles.block_c), xs.shape[0])
         depthwise_moments_kernel[grid](

@@ -241,7 +241,7 @@ def _forward(
     done, finalize = None, {}
     if statistics and finalizes_in_launch(x):  # combined by the epilogue's last program per output block
         done = finalization(sums, squares, (out_h, out_w), tiles.block_p, running=running)
-        finalize = in_launch(done, _SEPARABLE_FINALIZES, cdiv(c_out, tiles.block_o))
+        finalize = in_launch(done, _SEPARABLE_FINALIZES, c_out, tiles.block_o)
     for xs, ys, sums_part, squares_part, scales_part in _batch_chunks(x, y, sums, squares, scales):
         grid = (programs, cdiv(c_out, tiles.block_o), ys.shape[0])
         separable_forward_kernel[grid](
@@ -424,11 +424,20 @@ def finalizes_in_launch(x: Tensor) -> bool:
     return FINALIZE_IN_LAUNCH and x.shape[0] <= _MAX_GRID_YZ
 
 
-def in_launch(done: Finalization, names: Sequence[str], blocks: int) -> dict[str, object]:
-    """A statistics launch's arguments for finalizing ``done`` in its last program per channel block
-    (``FINALIZE``): ``done``'s arguments of those ``names`` and a zeroed counter per block of its ``blocks``."""
-    counter = torch.zeros(blocks, dtype=torch.int32, device=done.mean.device)
-    return {name: done.arguments[name] for name in names} | {"FINALIZE": True, "counter_ptr": counter}
+# parts per step of an in-launch combination: at most this many values per part tile (BLOCK_Q x the launch's
+# channel block), 8 per thread of 4 warps; else the combination's tiles set the launch's register count (sm_90,
+# kernel_sass, bf16 NHWC batch 64: the statistics pass at 960x7 72 registers, 191 with 64 parts per step, 61 now)
+_IN_LAUNCH_PART_VALUES = 1024
+
+
+def in_launch(done: Finalization, names: Sequence[str], channels: int, block_c: int) -> dict[str, object]:
+    """A statistics launch's arguments for finalizing ``done`` in its last program per block of ``block_c`` of
+    its ``channels`` (``FINALIZE``): ``done``'s arguments of those ``names``, a zeroed counter per block, and
+    fewer parts per step (``BLOCK_Q``) where the launch's blocks are wide."""
+    counter = torch.zeros(cdiv(channels, block_c), dtype=torch.int32, device=done.mean.device)
+    arguments = {name: done.arguments[name] for name in names} | {"FINALIZE": True, "counter_ptr": counter}
+    arguments["BLOCK_Q"] = max(4, min(done.arguments["BLOCK_Q"], _IN_LAUNCH_PART_VALUES // block_c))
+    return arguments
 
 
 @torch.library.custom_op(
