@@ -25,7 +25,7 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
 - ``separable_se_train``: the same EfficientNet-B0 blocks in training, dw -> BatchNorm -> SiLU -> squeeze-excitation
   -> 1x1 -> BatchNorm (batch statistics): ours ``separable_conv2d_batch_norm(excitation=ExcitationArgs(...),
   out_norm=...)`` (one op, one depthwise backward) vs eager and compile, forward and forward+backward, with every
-  gradient's error;
+  gradient's error, and ``ours_in_launch`` as in ``separable_bn``;
 - ``models``: torchvision mobilenet_v2 and efficientnet_b0 eager, compiled and through ``sepconv.accelerate``,
   and resnet18; inference (eval) and an SGD training step, bf16 channels_last, batch 64 and 1;
 - ``memory floor`` = bytes that must move / copy bandwidth measured in this run: forward reads x and
@@ -537,7 +537,9 @@ def separable_se_train_row(
     names = ("x", "dw", "pw", "gamma", "out_gamma", "beta", "out_beta", "reduce", "reduce_bias", "expand",
              "expand_bias")  # fmt: skip
     tensors = (x, dw, pw, *affine, reduce, se_biases[0], expand, se_biases[1])
-    return _training_row("separable_se_train", shape, {"ours": ours, "eager": eager}, tensors, names, device, compile_)
+    in_launch = with_settings(separable_module, {"FINALIZE_IN_LAUNCH": True}, ours)  # as separable_bn's rows
+    impls = {"ours": ours, "ours_in_launch": in_launch, "eager": eager}
+    return _training_row("separable_se_train", shape, impls, tensors, names, device, compile_)
 
 
 def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: str, dtype, compile_: set[str]):

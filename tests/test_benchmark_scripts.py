@@ -70,6 +70,7 @@ def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
         if row["section"] == "separable_se_train":  # and the squeeze-excitation's weights and biases
             grads = [key for key in row if key.startswith("max_rel_error_grad_")]
             assert len(grads) == 11 and all(row[key] < 1e-4 for key in grads)
+            assert row["max_abs_error_in_launch_vs_eager"] < 1e-4 and row["ours_in_launch_forward_backward_ms"] > 0
         for key in ("ours_forward_ms", "eager_forward_ms", "ours_forward_repeat_ms"):
             assert row[key] > 0
         # inference rows (squeeze-excitation) time no backward

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sepconv.kernels import separable as separable_module
-from sepconv.kernels._depthwise_triton import _rounded
+from sepconv.kernels._depthwise_triton import _pixel_tile, _rounded, _tile_pixels
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.depthwise import resolve_padding_sides
 from sepconv.kernels.output_norm import BatchNormArgs
@@ -240,6 +240,30 @@ def test_statistics_pass_matches_var_mean_of_the_output(channels, kind, hw, in_l
         got_mean, got_var = _moments(x, weight, bias, stride, sides, dilation)
         torch.testing.assert_close(got_mean, mean, rtol=1e-12, atol=0)
         torch.testing.assert_close(got_var, var, rtol=1e-9, atol=0)
+
+
+@triton.jit
+def _tile_count_kernel(out_ptr, ROWS, COLS, BLOCK_P: tl.constexpr, TILE_W: tl.constexpr):
+    pid = tl.program_id(0)
+    _, _, ok = _pixel_tile(pid, ROWS, COLS, BLOCK_P, TILE_W)
+    tl.store(out_ptr + 2 * pid, tl.sum(ok.to(tl.int32), axis=0))
+    tl.store(out_ptr + 2 * pid + 1, _tile_pixels(pid, ROWS, COLS, BLOCK_P, TILE_W))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 40), st.integers(1, 40), st.sampled_from([16, 32, 64]), st.sampled_from([0, 4, 8, 16]),
+)  # fmt: skip
+def test_tile_pixel_counts_by_formula_match_the_tiles_masks(rows, cols, block_p, tile_w):
+    """The combination's count of a tile's pixels (``_tile_pixels``, from its place) is the number of valid
+    pixels the statistics kernel's tile holds (``_pixel_tile``'s mask), for every tile of runs or rectangles cut
+    by the image's edges."""
+    from sepconv.kernels.depthwise import Tiles
+
+    programs = Tiles(block_p, 16, tile_w=tile_w).pixel_programs(rows, cols)
+    out = torch.full((programs, 2), -1, dtype=torch.int32, device=DEVICE)
+    _tile_count_kernel[(programs,)](out, rows, cols, BLOCK_P=block_p, TILE_W=tile_w)
+    assert torch.equal(out[:, 0], out[:, 1]) and int(out[:, 0].sum()) == rows * cols
 
 
 @triton.jit
