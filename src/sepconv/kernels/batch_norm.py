@@ -31,8 +31,7 @@ True
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -194,12 +193,11 @@ def _moments(
     sum of squared deviations, combined afterwards in a fixed order (:func:`finalize_moments`, which with
     ``fold`` also returns the depthwise weight and bias with the norm of those statistics folded in, and updates
     ``running``), or by the statistics launch's last programs (:func:`finalizes_in_launch`)."""
-    combine = functools.partial(finalization, fold=fold, running=running)
-    sums, squares, done, tiling = _moment_launch(x, weight, bias, stride, padding, dilation, combine=combine)
-    if done is not None:
-        return finalized(done)
-    out_size, block_p, tile_w = tiling
-    return finalize_moments(sums, squares, out_size, block_p, tile_w=tile_w, fold=fold, running=running)
+    parts = _moment_launch(x, weight, bias, stride, padding, dilation, combine=Combine(fold, running))
+    if parts.done is not None:
+        return finalized(parts.done)
+    tiling = (parts.out_size, parts.block_p)
+    return finalize_moments(parts.sums, parts.squares, *tiling, tile_w=parts.tile_w, fold=fold, running=running)
 
 
 def moment_parts(
@@ -209,8 +207,8 @@ def moment_parts(
     (N, P, C·m) sums and squared deviations; of the output activated (``activation``, a ``MID_ACTIVATIONS`` code)
     and, with ``rounded``, rounded to x's dtype as it would be stored. With ``sums_only``, ``(sums, None)``: the
     sums alone (for means; a buffer and the squares' work fewer)."""
-    sums, squares, _, _ = _moment_launch(x, weight, bias, stride, padding, dilation, activation, rounded, sums_only)
-    return sums, None if sums_only else squares
+    parts = _moment_launch(x, weight, bias, stride, padding, dilation, activation, rounded, sums_only)
+    return parts.sums, None if sums_only else parts.squares
 
 
 # what depthwise_moments_kernel takes to finalize its statistics in its last programs (besides its own w, b, ACC)
@@ -220,14 +218,33 @@ _MOMENTS_FINALIZES = (
 )
 
 
+class Combine(NamedTuple):
+    """What the statistics pass's launch may combine its parts for (:func:`finalizes_in_launch`): a fold of the
+    pass's own weight and bias, running statistics to update."""
+
+    fold: Fold | None = None
+    running: RunningUpdate | None = None
+
+
+class MomentParts(NamedTuple):
+    """The statistics pass's (N, P, C) per-tile ``sums`` and ``squares`` of ``out_size`` (H, W) outputs in tiles
+    of ``block_p`` pixels (rectangles ``tile_w`` wide, or runs: 0), and ``done``: the finalization the launch ran
+    itself, or None."""
+
+    sums: Tensor
+    squares: Tensor
+    out_size: tuple[int, int]
+    block_p: int
+    tile_w: int
+    done: Finalization | None
+
+
 def _moment_launch(
     x, weight, bias, stride, padding, dilation, activation: int = 0, rounded: bool = False, sums_only: bool = False,
-    combine: Callable[..., Finalization] | None = None,
-) -> tuple[Tensor, Tensor, Finalization | None, tuple]:  # fmt: skip
-    """:func:`moment_parts`' launch, ``(sums, squares, done, tiling)``, ``tiling`` the tiles' shape as
-    :func:`finalize_moments` takes it (``((H, W), block_p, tile_w)``); with ``combine`` (:func:`finalization`, its
-    fold of ``weight`` and ``bias``) and :func:`finalizes_in_launch`, the launch also combines them (``done``: the
-    finalization, its outputs written), else ``done`` is None."""
+    combine: Combine | None = None,
+) -> MomentParts:  # fmt: skip
+    """:func:`moment_parts`' launch; with ``combine`` and :func:`finalizes_in_launch`, the launch also combines
+    the parts (:func:`finalization`; ``done`` set)."""
     out_h, out_w = output_size(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
     channels, weight = weight.shape[0], weight.contiguous()
     tiles = _tiles(x, out_h * out_w, channels, weight.shape[2:])
@@ -236,9 +253,8 @@ def _moment_launch(
     sums = torch.empty(x.shape[0], programs, channels, dtype=compute, device=x.device)
     squares = sums if sums_only else torch.empty_like(sums)  # sums: an unused pointer
     done, finalize = None, {}
-    tiling = ((out_h, out_w), tiles.block_p, tiles.tile_w)
     if combine is not None and not sums_only and finalizes_in_launch(x):
-        done = combine(sums, squares, *tiling[:2], tile_w=tiles.tile_w)
+        done = finalization(sums, squares, (out_h, out_w), tiles.block_p, tile_w=tiles.tile_w, **combine._asdict())
         finalize = in_launch(done, _MOMENTS_FINALIZES, channels, tiles.block_c)
     for xs, sums_part, squares_part in _batch_chunks(x, sums, squares):
         grid = (programs, cdiv(channels, tiles.block_c), xs.shape[0])
@@ -264,7 +280,7 @@ def _moment_launch(
             **direct_launch_options(x, weight, bias, tiles),
             **finalize,
         )
-    return sums, squares, done, tiling
+    return MomentParts(sums, squares, (out_h, out_w), tiles.block_p, tiles.tile_w, done)
 
 
 def _train_forward(x, dw_weight, dw_bias, norm_weight, norm_bias, pw_weight, pw_bias, stride, padding, dilation,
