@@ -23,13 +23,13 @@ if [ "${TUNE_SECONDS:-60}" != 0 ]; then
     echo "tune exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
 fi
 # shellcheck disable=SC2086
-timeout "${BENCH_SECONDS:-150}" python3 benchmarks/kernels.py --out "$out" --compile-where big-bf16 \
+timeout "${BENCH_SECONDS:-145}" python3 benchmarks/kernels.py --out "$out" --compile-where big-bf16 \
     --sections ${SECTIONS:-depthwise kernel_sizes separable separable_bn separable_se separable_se_train models} \
     --section-seconds ${SECTION_SECONDS:-depthwise=45 kernel_sizes=20 separable=20 separable_bn=10 separable_se=5 separable_se_train=5 models=15} \
     > "$out/kernels.log" 2>&1
 echo "benchmark exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
-if [ "${PROFILE_SECONDS:-40}" != 0 ]; then
-    timeout "${PROFILE_SECONDS:-40}" python3 benchmarks/profile_overhead.py > "$out/profile.txt" 2>&1
+if [ "${PROFILE_SECONDS:-45}" != 0 ]; then
+    timeout "${PROFILE_SECONDS:-45}" python3 benchmarks/profile_overhead.py > "$out/profile.txt" 2>&1
     echo "profile exit: $? after ${SECONDS}s" | tee -a "$out/gpu.txt"
 fi
 # The whole kernel suite does not fit (Triton compiles per hypothesis example: 1 test in 40 s on the H200):

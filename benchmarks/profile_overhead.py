@@ -5,7 +5,8 @@ time to issue it, measured with the GPU idle between calls, then with a sync) an
 of CPU time by op, so that launch and dispatch overheads can be told from kernel time; last, the issue time of
 ``block_host_path.py``'s blocks (MobileNetV2's and EfficientNet's training blocks), ours vs eager, forward+backward:
 the GPU host's side of what that script counts on a CPU (KERNEL_NOTES item 16), and the training blocks with
-the statistics combined in the launches computing them (``separable.FINALIZE_IN_LAUNCH``, item 18).
+the statistics combined in the launches computing them (``separable.FINALIZE_IN_LAUNCH``, item 18); last, one
+depthwise launch alone through Triton's JIT and by the compiled kernel's launcher (:func:`bare_launches`).
 
     python benchmarks/profile_overhead.py > profile.txt
 """
@@ -108,10 +109,6 @@ def main() -> None:
         "empty output": lambda: dw._empty_output(x, w, *geometry),
         "plain_eager check": lambda: dw.plain_eager((x, w, None)),
     }
-    try:
-        pieces |= bare_launches(lambda: dw._forward(x, w, None, *geometry))
-    except Exception as error:  # Triton internals differ by version: report it, go on
-        print(f"bare launches: {type(error).__name__}: {error}")
     for name, fn in pieces.items():
         for _ in range(20):
             fn()
@@ -151,6 +148,17 @@ def main() -> None:
             issue, total = host_us(step, repeats=50)
             print(f"{block:20s} {impl:14s} issue {issue:8.1f} us   issue+sync {total:8.1f} us")
         separable.FINALIZE_IN_LAUNCH = False
+    # last: a launch by Triton's internals could leave the CUDA context unusable for whatever came after it
+    print("\n== one depthwise forward launch alone (the _forward above's)")
+    try:
+        launches = bare_launches(lambda: dw._forward(x, w, None, *geometry))
+        for name, fn in launches.items():
+            for _ in range(20):
+                fn()
+            issue, total = host_us(fn)
+            print(f"{name:24s} issue {issue:8.1f} us   issue+sync {total:8.1f} us")
+    except Exception as error:  # Triton internals differ by version: report it
+        print(f"bare launches: {type(error).__name__}: {error}")
 
 
 if __name__ == "__main__":
