@@ -339,6 +339,48 @@ def test_finalize_in_launch_matches_the_finalize_launch_over_many_programs(norm)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_batches_launched_in_chunks_combine_their_statistics_in_a_launch_of_their_own(monkeypatch):
+    """A counter counts one launch's programs: where the batch is launched in chunks (CUDA's grid cap, patched
+    to 2 here: a batch of 5 in 3 launches) the statistics are combined by the finalize launch even with the
+    in-launch combination on, and both norms' statistics and running statistics stay F.batch_norm's."""
+    from sepconv.kernels import depthwise as depthwise_module
+
+    monkeypatch.setattr(depthwise_module, "_MAX_GRID_YZ", 2)
+    monkeypatch.setattr(separable_module, "_MAX_GRID_YZ", 2)
+    monkeypatch.setattr(separable_module, "FINALIZE_IN_LAUNCH", True)
+    launches = GridCounter(separable_module.finalize_moments_kernel)
+    monkeypatch.setattr(separable_module, "finalize_moments_kernel", launches)
+    torch.manual_seed(12)
+    x = torch.randn(5, 6, 7, 7, dtype=torch.float64, device=DEVICE) * 2 + 1
+    dw, pw = torch.randn(6, 1, 3, 3, dtype=torch.float64, device=DEVICE), torch.randn(5, 6, 1, 1, dtype=torch.float64)
+    pw = pw.to(DEVICE)
+    stats = [torch.zeros(n, dtype=torch.float64, device=DEVICE) for n in (6, 6, 5, 5)]
+    stats[1] += 1
+    stats[3] += 1
+    expected = [t.clone() for t in stats]
+    got = separable_conv2d_batch_norm(
+        x, dw, pw, padding=1, running_mean=stats[0], running_var=stats[1], training=True, momentum=0.5,
+        mid_activation="relu6", out_norm=BatchNormArgs(stats[2], stats[3], training=True, momentum=0.5),
+    )  # fmt: skip
+    z = F.relu6(F.batch_norm(F.conv2d(x, dw, padding=1, groups=6), *expected[:2], training=True, momentum=0.5))
+    want = F.batch_norm(F.conv2d(z, pw), *expected[2:], training=True, momentum=0.5)
+    torch.testing.assert_close(got, want)
+    for ours, theirs in zip(stats, expected, strict=True):
+        torch.testing.assert_close(ours, theirs)
+    assert launches.grids == 2  # one finalize launch per norm
+
+
+class GridCounter:
+    """Stands in for a kernel: counts its launches, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, 0
+
+    def __getitem__(self, grid):
+        self.grids += 1
+        return self.kernel[grid]
+
+
 def test_autocast_runs_the_convs_in_bf16_and_the_norm_in_float32_like_pytorch():
     """Under autocast: the output in the autocast dtype, as eager's conv -> BatchNorm -> SiLU -> conv gives it,
     as close to the float64 truth as eager's (bf16 rounding; statistics and fold in float32); float32 leaves get
