@@ -269,13 +269,13 @@ def depthwise_moments_kernel(
 ):
     """The forward's tile, reduced instead of stored: per channel, the sum of the tile's outputs and their
     squared deviations from the tile's mean (M2), at ``[n, pixel program, channel]`` of (N, P, C_OUT) buffers;
-    a tile's pixel count follows from its place (``_tile_pixels``).
-    Combined in a fixed order afterwards (Chan et al.'s pairwise formula): deterministic, no atomics.
-    ``MID_ACT``: of the activated outputs; ``ROUND``: of the outputs rounded to x's dtype (as stored);
-    ``SUMS_ONLY``: the sums alone (``m2_ptr`` unused: channel means). ``FINALIZE`` (one
-    launch of the whole batch): the last program of each channel block to finish also does
+    a tile's pixel count follows from its place (``_tile_pixels``). Combined in a fixed order afterwards (Chan
+    et al.'s pairwise formula): deterministic. ``MID_ACT``: of the activated outputs; ``ROUND``: of the outputs
+    rounded to x's dtype (as stored); ``SUMS_ONLY``: the sums alone (``m2_ptr`` unused: channel means).
+    ``FINALIZE`` (one launch of the whole batch): the last program of each channel block to finish also does
     ``finalize_moments_kernel``'s work for that block (``FOLD``, ``RUNNING`` and the pointers after them as
-    there; ``counter_ptr``: one zeroed int32 per channel block), so that no second launch is needed."""
+    there; ``counter_ptr``: one zeroed int32 per channel block; the counter picks the program, the order of the
+    combination stays fixed), so that no second launch is needed."""
     n = tl.program_id(2).to(tl.int64)
     pid_p = tl.program_id(0)
     acc, _, _, p_ok, c, c_ok = _forward_tile(
@@ -443,9 +443,9 @@ def finalize_moments_kernel(
     rows of (N, P, C) sums and M2s combined by Chan et al.'s formula, ``M2 = Σ M2_q + Σ count_q·(mean_q - mean)²``,
     in a fixed order. A part's pixel count is that of its tile (``_tile_pixels``): a run of ``PART_PIXELS``
     pixels of an image's ``PIXELS`` (rows of ``COLS``), or with ``TILE_W`` a rectangle of PART_PIXELS / TILE_W x
-    TILE_W of them. With ``FOLD``, also the BatchNorm with those
-    statistics folded into the depthwise conv: ``fw[c, t] = w[c, t]·s``, ``fb[c] = beta[c] + (b[c] - mean)·s``,
-    ``s = gamma[c] / sqrt(var + eps)`` (computed in ``ACC``, stored in the folded tensors' dtype). With
+    TILE_W of them. With ``FOLD``, also the BatchNorm with those statistics folded into the depthwise conv:
+    ``fw[c, t] = w[c, t]·s``, ``fb[c] = beta[c] + (b[c] - mean)·s``, ``s = gamma[c] / sqrt(var + eps)``
+    (computed in ``ACC``, stored rounded to nearest in the folded tensors' dtype: the conv's). With
     ``RUNNING``, the running statistics ``rm``/``rv`` (in ``ACC``) moved towards the batch's in place as
     ``F.batch_norm`` moves them (unbiased variance), by the momentum ``momentum_hi + momentum_lo`` (a float
     argument is fp32: the pair carries a float64 momentum to ~48 bits)."""
