@@ -352,11 +352,9 @@ def test_batches_launched_in_chunks_combine_their_statistics_in_a_launch_of_thei
     monkeypatch.setattr(separable_module, "finalize_moments_kernel", launches)
     torch.manual_seed(12)
     x = torch.randn(5, 6, 7, 7, dtype=torch.float64, device=DEVICE) * 2 + 1
-    dw, pw = torch.randn(6, 1, 3, 3, dtype=torch.float64, device=DEVICE), torch.randn(5, 6, 1, 1, dtype=torch.float64)
-    pw = pw.to(DEVICE)
-    stats = [torch.zeros(n, dtype=torch.float64, device=DEVICE) for n in (6, 6, 5, 5)]
-    stats[1] += 1
-    stats[3] += 1
+    dw, pw = (torch.randn(*shape, dtype=torch.float64, device=DEVICE) for shape in ((6, 1, 3, 3), (5, 6, 1, 1)))
+    sizes_values = ((6, 0.0), (6, 1.0), (5, 0.0), (5, 1.0))  # both norms' running means 0, variances 1
+    stats = [torch.full((n,), value, dtype=torch.float64, device=DEVICE) for n, value in sizes_values]
     expected = [t.clone() for t in stats]
     got = separable_conv2d_batch_norm(
         x, dw, pw, padding=1, running_mean=stats[0], running_var=stats[1], training=True, momentum=0.5,
@@ -367,17 +365,17 @@ def test_batches_launched_in_chunks_combine_their_statistics_in_a_launch_of_thei
     torch.testing.assert_close(got, want)
     for ours, theirs in zip(stats, expected, strict=True):
         torch.testing.assert_close(ours, theirs)
-    assert launches.grids == 2  # one finalize launch per norm
+    assert launches.launches == 2  # one finalize launch per norm
 
 
 class GridCounter:
     """Stands in for a kernel: counts its launches, then launches it."""
 
     def __init__(self, kernel):
-        self.kernel, self.grids = kernel, 0
+        self.kernel, self.launches = kernel, 0
 
     def __getitem__(self, grid):
-        self.grids += 1
+        self.launches += 1
         return self.kernel[grid]
 
 
