@@ -23,7 +23,7 @@ def test_kernels_compile_for_ampere_and_hopper():
     # grad-input, tap-looping grad-weight (with the bias's column and without), unrolled fused with gelu,
     # row-unrolled fused with silu, fused with the statistics epilogue, the batch statistics kernel, fused with a
     # squeeze-excitation scale, activated means (with the squared deviations and without), the statistics'
-    # finalization with a fold and without (pixel counts by formula), each also updating running statistics, and
+    # finalization with a fold (rectangular tiles) and without (runs), each also updating running statistics, and
     # with the integers a batch-1, one-tile, one-channel, 1x1 call passes (equal to 1: Triton makes them
     # constants); the statistics pass and the fused kernel with its epilogue and scale at multiplier, stride and
     # dilation 1 (constants too); the statistics pass finalizing in its last programs (fold, affine, running
