@@ -34,7 +34,7 @@ if [ "${PROFILE_SECONDS:-45}" != 0 ]; then
 fi
 # The whole kernel suite does not fit (Triton compiles per hypothesis example: 1 test in 40 s on the H200):
 # the CUDA run takes the fixed-shape tests (the interpreter runs everything in CI).
-CI=true timeout "${TEST_SECONDS:-85}" python3 -m pytest -q -p no:cacheprovider tests/test_kernels_depthwise.py \
+CI=true timeout "${TEST_SECONDS:-85}" python3 -m pytest -o addopts= -v --durations=15 -p no:cacheprovider tests/test_kernels_depthwise.py \
     tests/test_kernels_separable.py tests/test_kernels_batch_norm.py tests/test_kernels_output_norm.py \
     tests/test_kernels_excitation.py tests/test_kernels_differentiable_excitation.py -k "low_precision or half_precision or every_precision or edge_cases or \
 deterministic or partial_sum or unbatched or smooth_mid or kinks or two_intermediates or running_statistics_updated_once or \
