@@ -40,8 +40,10 @@ from sepconv.kernels import batch_norm as bn
 from sepconv.kernels import depthwise as dw
 from sepconv.kernels import separable as sep
 
-_TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-_TRITON_TYPES[torch.int32] = "i32"  # the in-launch combination's counters
+_TRITON_TYPES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+    torch.int32: "i32",  # the in-launch combination's counters
+}  # fmt: skip
 _LAUNCHERS = {"forward": "depthwise_forward_kernel", "grad_input": "depthwise_grad_input_kernel",
               "grad_weight": "depthwise_grad_weight_kernel", "separable": "separable_forward_kernel",
               "moments": "depthwise_moments_kernel",

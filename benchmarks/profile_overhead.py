@@ -44,32 +44,19 @@ def host_us(fn, repeats: int = 200) -> tuple[float, float]:
     return statistics.median(issue), statistics.median(total)
 
 
-def bare_launches(call) -> dict:
-    """The depthwise forward kernel's launch as ``call`` makes it, alone: through Triton's JIT (``kernel[grid](...)``:
-    argument binding, specialization, cache lookup, then the launcher), and by the compiled kernel's launcher
-    with the same arguments (``CompiledKernel.run``, what the JIT ends with): the JIT's own share of a launch,
-    i.e. what caching the launch per configuration could save (KERNEL_NOTES items 9 and 18)."""
+def bare_launches(x: torch.Tensor, w: torch.Tensor) -> dict:
+    """The depthwise forward kernel's launch for ``x`` and ``w`` (stride 1, 'same' padding; recorded as
+    ``kernel_sass.py`` records it), alone: through Triton's JIT (``kernel[grid](...)``: argument binding,
+    specialization, cache lookup, then the launcher), and by the compiled kernel's launcher with the same
+    arguments (``CompiledKernel.run``, what the JIT ends with): the JIT's own share of a launch, i.e. what caching
+    the launch per configuration could save (KERNEL_NOTES items 9 and 18)."""
     import inspect
 
     from triton.runtime import driver
 
-    seen = {}
-    kernel = dw.depthwise_forward_kernel
+    from kernel_sass import record_launch
 
-    class Recorder:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.update(grid=grid, args=args, kwargs=kwargs)
-                return kernel[grid](*args, **kwargs)
-
-            return launch
-
-    dw.depthwise_forward_kernel = Recorder()
-    try:
-        call()
-    finally:
-        dw.depthwise_forward_kernel = kernel
-    grid, args, kwargs = seen["grid"], seen["args"], seen["kwargs"]
+    kernel, grid, args, kwargs = record_launch("forward", x, w, 1, None)
     compiled = kernel[grid](*args, **kwargs)
     options = {"num_warps", "num_stages", "num_ctas", "maxnreg"}
     bound = inspect.signature(kernel.fn).bind(*args, **{k: v for k, v in kwargs.items() if k not in options})
@@ -151,7 +138,7 @@ def main() -> None:
     # last: a launch by Triton's internals could leave the CUDA context unusable for whatever came after it
     print("\n== one depthwise forward launch alone (the _forward above's)")
     try:
-        launches = bare_launches(lambda: dw._forward(x, w, None, *geometry))
+        launches = bare_launches(x, w)
         for name, fn in launches.items():
             for _ in range(20):
                 fn()

@@ -18,7 +18,7 @@ from sepconv.kernels._depthwise_triton import _pixel_tile, _rounded, _tile_pixel
 from sepconv.kernels.batch_norm import separable_conv2d_batch_norm
 from sepconv.kernels.depthwise import resolve_padding_sides
 from sepconv.kernels.output_norm import BatchNormArgs
-from test_kernels_depthwise import DEVICE, layout
+from test_kernels_depthwise import DEVICE, GridRecorder, layout
 
 NAMES = ("x", "dw_weight", "dw_bias", "pw_weight", "pw_bias", "norm_weight", "norm_bias")
 
@@ -292,13 +292,6 @@ def test_folded_weights_round_to_nearest_even_as_pytorch_casts():
         assert same.all(), (values[~same][:5], got[~same][:5], want[~same][:5])
 
 
-class _NoLaunch:
-    """Stands in for ``finalize_moments_kernel`` where no launch of it is expected."""
-
-    def __getitem__(self, grid):
-        raise AssertionError("finalize_moments_kernel launched")
-
-
 @pytest.mark.parametrize("norm", ["mid", "out"])
 def test_finalize_in_launch_matches_the_finalize_launch_over_many_programs(norm):
     """The statistics, the folded depthwise weights and the running statistics combined by the last program of
@@ -320,17 +313,17 @@ def test_finalize_in_launch_matches_the_finalize_launch_over_many_programs(norm)
 
     def statistics(in_launch: bool) -> list[torch.Tensor]:
         running = RunningUpdate(torch.zeros(channels, device=DEVICE), torch.ones(channels, device=DEVICE), 0.25)
-        launch = _NoLaunch() if in_launch else separable_module.finalize_moments_kernel
+        launches = GridRecorder(separable_module.finalize_moments_kernel)
         with (
             finalizing({"finalize_in_launch": in_launch}),
-            mock.patch.object(separable_module, "finalize_moments_kernel", launch),
+            mock.patch.object(separable_module, "finalize_moments_kernel", launches),
         ):
             if norm == "mid":
                 fold = Fold(dw, dw_bias, gamma, beta, 1e-5, x.dtype)
                 got = _moments(x, dw, dw_bias, *geometry, fold, running)
             else:
                 got = _forward(x, dw, dw_bias, pw, None, *geometry, 2, statistics=True, running=running)[1:]
-        assert running.done
+        assert running.done and bool(launches.grids) != in_launch  # a finalize launch unless in launch
         return [*got, running.mean, running.var]
 
     expected = statistics(False)
@@ -348,7 +341,7 @@ def test_batches_launched_in_chunks_combine_their_statistics_in_a_launch_of_thei
     monkeypatch.setattr(depthwise_module, "_MAX_GRID_YZ", 2)
     monkeypatch.setattr(separable_module, "_MAX_GRID_YZ", 2)
     monkeypatch.setattr(separable_module, "FINALIZE_IN_LAUNCH", True)
-    launches = GridCounter(separable_module.finalize_moments_kernel)
+    launches = GridRecorder(separable_module.finalize_moments_kernel)
     monkeypatch.setattr(separable_module, "finalize_moments_kernel", launches)
     torch.manual_seed(12)
     x = torch.randn(5, 6, 7, 7, dtype=torch.float64, device=DEVICE) * 2 + 1
@@ -365,18 +358,7 @@ def test_batches_launched_in_chunks_combine_their_statistics_in_a_launch_of_thei
     torch.testing.assert_close(got, want)
     for ours, theirs in zip(stats, expected, strict=True):
         torch.testing.assert_close(ours, theirs)
-    assert launches.launches == 2  # one finalize launch per norm
-
-
-class GridCounter:
-    """Stands in for a kernel: counts its launches, then launches it."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
+    assert len(launches.grids) == 2  # one finalize launch per norm
 
 
 def test_autocast_runs_the_convs_in_bf16_and_the_norm_in_float32_like_pytorch():
