@@ -47,7 +47,8 @@ import json, sys
 r = json.load(open(f"{sys.argv[1]}/kernels.json"))
 for row in r["rows"]:
     if row["section"] == "models":
-        print(row["model"], row["mode"], row["batch"], {k: round(v, 3) for k, v in row.items() if k.endswith("_ms")})
+        ms = {k: round(v, 3) for k, v in row.items() if k.endswith("_ms")}
+        print(row["model"], row["mode"], row["batch"], ms, {k: v[:80] for k, v in row.items() if k.endswith("_error")})
     else:
         ms = {k: round(v, 3) for k, v in row.items() if k.endswith("_ms") and "floor" not in k}
         errors = {k.removeprefix("max_"): float(f"{v:.2g}") for k, v in row.items() if k.startswith("max_")}

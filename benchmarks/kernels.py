@@ -27,7 +27,8 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
   out_norm=...)`` (one op, one depthwise backward) vs eager and compile, forward and forward+backward, with every
   gradient's error, and ``ours_in_launch`` as in ``separable_bn``;
 - ``models``: torchvision mobilenet_v2 and efficientnet_b0 eager, compiled and through ``sepconv.accelerate``,
-  and resnet18; inference (eval) and an SGD training step, bf16 channels_last, batch 64 and 1;
+  and resnet18; inference (eval) and an SGD training step, bf16 channels_last, batch 64 and 1; on CUDA also as
+  CUDA-graph replays (``*_graph_ms``; a training step's forward+backward);
 - ``memory floor`` = bytes that must move / copy bandwidth measured in this run: forward reads x and
   writes y; forward+backward also reads x and grad-y and writes grad-x;
 - ``FLOP floor`` (depthwise section) = MACs / the fp32 CUDA-core FMA rate measured in this run (depthwise
@@ -187,6 +188,22 @@ def graph_replay(fn: Callable[[], object]) -> tuple[Callable[[], None], float]:
     return graph.replay, error
 
 
+def record_graphs(row: dict[str, Any], impl: str, passes: dict[str, Callable[[], object]], device: str) -> None:
+    """Each of ``passes`` (pass name -> call) captured in a CUDA graph and its replay timed into ``row`` as
+    ``{impl}_graph_{pass}_ms`` (``{impl}_graph_ms`` for the pass name ""), with the replays' largest difference
+    from eager calls; a capture that fails is a finding for the row (``{impl}_graph_error``), not the end of the
+    run."""
+    try:
+        errors = []
+        for name, fn in passes.items():
+            replay, error = graph_replay(fn)
+            row[f"{impl}_graph{'_' * bool(name)}{name}_ms"] = measure(replay, device)
+            errors.append(error)
+        row[f"max_abs_error_{impl}_graph_vs_eager_call"] = max(errors)
+    except Exception as error:
+        row[f"{impl}_graph_error"] = f"{type(error).__name__}: {error}"[:300]
+
+
 GRAPHED = ("ours", "eager")  # impls also timed as CUDA-graph replays (``*_graph_*_ms``): device time only
 
 
@@ -213,13 +230,8 @@ def time_passes(
         row["ours_forward_repeat_ms"] = measure(lambda: impls["ours"](*inputs), device)
     if not backward:
         for impl in GRAPHED if graphs and device == "cuda" else ():
-            try:
-                with torch.no_grad():
-                    forward, forward_error = graph_replay(lambda fn=impls[impl]: fn(*inputs))
-                row[f"{impl}_graph_forward_ms"] = measure(forward, device)
-                row[f"max_abs_error_{impl}_graph_vs_eager_call"] = forward_error
-            except Exception as error:
-                row[f"{impl}_graph_error"] = f"{type(error).__name__}: {error}"[:300]
+            with torch.no_grad():
+                record_graphs(row, impl, {"forward": lambda fn=impls[impl]: fn(*inputs)}, device)
         return
     for impl, fn in impls.items():
         step = lambda fn=fn, impl=impl: torch.autograd.grad(fn(*inputs), wrt[impl], grad)  # noqa: E731
@@ -230,15 +242,10 @@ def time_passes(
     )
     for impl in GRAPHED if graphs and device == "cuda" else ():
         fn = impls[impl]
-        try:
-            with torch.no_grad():
-                forward, forward_error = graph_replay(lambda fn=fn: fn(*inputs))
-            row[f"{impl}_graph_forward_ms"] = measure(forward, device)
-            step, step_error = graph_replay(lambda fn=fn, impl=impl: torch.autograd.grad(fn(*inputs), wrt[impl], grad))
-            row[f"{impl}_graph_forward_backward_ms"] = measure(step, device)
-            row[f"max_abs_error_{impl}_graph_vs_eager_call"] = max(forward_error, step_error)
-        except Exception as error:  # a capture that fails is a finding for the row, not the end of the run
-            row[f"{impl}_graph_error"] = f"{type(error).__name__}: {error}"[:300]
+        step = lambda fn=fn, impl=impl: torch.autograd.grad(fn(*inputs), wrt[impl], grad)  # noqa: E731
+        record_graphs(
+            row, impl, {"forward": torch.no_grad()(lambda fn=fn: fn(*inputs)), "forward_backward": step}, device
+        )
 
 
 def with_settings(module: Any, settings: dict[str, Any], fn: Callable) -> Callable:
@@ -546,7 +553,9 @@ def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: s
     """Inference (eval, no_grad) and a training step (SGD) of a torchvision model: eager, accelerate, and
     compile for the modes in ``compile_``; on CUDA also ``accelerate_triton`` (``backend="triton"``: every chain on
     the fused kernel, training-mode BatchNorms and squeeze-excitations included), with its output's error against
-    eager's (inference)."""
+    eager's (inference). On CUDA each variant's inference, or its training step's forward+backward (the optimizer
+    left out), is also timed as a CUDA-graph replay (``{variant}_graph_ms``: device time; where it is far below
+    ``{variant}_ms`` the model is host-bound, and graphs are what a user would reach for)."""
     rows = []
     for mode in ("inference", "training"):
         torch._dynamo.reset()
@@ -581,6 +590,8 @@ def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: s
             if mode == "inference":
                 with torch.no_grad():
                     row[f"{variant}_ms"] = measure(lambda model=model, x=x: model(x), device)
+                    if device == "cuda":  # device time: whether the model is host-bound, and what graphs give
+                        record_graphs(row, variant, {"": lambda model=model, x=x: model(x)}, device)
             else:
                 optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
 
@@ -591,6 +602,12 @@ def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: s
 
                 row[f"{variant}_ms"] = measure(step, device)
                 row[f"{variant}_training_peak_bytes"] = peak_memory_bytes(step, device)
+                if device == "cuda":  # the step's forward+backward (not the optimizer) as a graph replay
+                    params = [p for p in model.parameters() if p.requires_grad]
+                    loss = lambda model=model, x=x: model(x).float().square().mean()  # noqa: E731
+                    record_graphs(
+                        row, variant, {"": lambda loss=loss, p=params: torch.autograd.grad(loss(), p)}, device
+                    )
         rows.append(row)
     return rows
 
