@@ -6,10 +6,13 @@ import pytest
 import timm
 import torch
 import torchvision
+from hypothesis import assume, given
+from hypothesis import strategies as st
 from torch import nn
 
 import sepconv
 from sepconv.accelerate import FusedSeparableConv2d, accelerate
+from tests.strategies import ConvConfig, conv_configs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -26,6 +29,23 @@ def randomize_norms(model: nn.Module) -> nn.Module:
                 m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
                 m.bias.copy_(torch.rand(n, generator=gen) - 0.5)
     return model
+
+
+def of_kind(changes: list, kind: str) -> list:
+    return [change for change in changes if change.kind == kind]
+
+
+def count(model: nn.Module, cls: type) -> int:
+    return sum(isinstance(m, cls) for m in model.modules())
+
+
+def shared_leaves(model: nn.Module) -> list[str]:
+    """The types of the modules without children that ``model`` reaches more than once, sorted."""
+    reached = {}
+    for _, module in model.named_modules(remove_duplicate=False):
+        if not module._modules:
+            reached[id(module)] = (reached.get(id(module), (0, module))[0] + 1, module)
+    return sorted(type(module).__name__ for times, module in reached.values() if times > 1)
 
 
 def snapshot(model: nn.Module) -> tuple[list[str], dict[str, torch.Tensor]]:
@@ -54,10 +74,14 @@ def test_mobilenet_v2_eval_fuses_every_block_and_keeps_outputs(mobilenet):
     before = snapshot(mobilenet)
     fast, changes = accelerate(mobilenet)
     # 17 inverted residual blocks, each: dw conv, BN, ReLU6, 1x1 conv, BN
-    assert [c.kind for c in changes] == ["fused separable"] * 17
-    assert all(c.activation == "relu6" and len(c.replaced) == 5 and len(c.folded_norms) == 2 for c in changes)
+    fused = of_kind(changes, "fused separable")
+    assert len(fused) == 17
+    assert all(c.activation == "relu6" and len(c.replaced) == 5 and len(c.folded_norms) == 2 for c in fused)
     assert sum(isinstance(m, FusedSeparableConv2d) for m in fast.modules()) == 17
-    assert not any(isinstance(m, nn.BatchNorm2d) and m.num_features == 16 for m in fast.features[1].modules())
+    # every other BatchNorm follows a standard conv (the stem, 16 expanding 1x1 convs, the last conv): folded too
+    folded = of_kind(changes, "folded conv")
+    assert len(folded) == count(mobilenet, nn.BatchNorm2d) - 2 * 17 == 18
+    assert len(changes) == 17 + 18 and count(fast, nn.BatchNorm2d) == 0
     x = torch.randn(2, 3, 64, 64, device=DEVICE)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), mobilenet(x), atol=1e-5, rtol=1e-4)
@@ -87,7 +111,11 @@ def test_mobilenet_v3_large_fuses_every_block_with_its_activation_and_squeeze_ex
     assert ("fused separable", "hardswish", None) in expected and sum(e[2] is not None for e in expected) == 8
     for backend in ("auto", "triton"):
         fast, changes = accelerate(model, backend=backend)
-        assert [(c.kind, c.activation, c.excitation) for c in changes] == expected
+        fused = of_kind(changes, "fused separable")
+        assert [(c.kind, c.activation, c.excitation) for c in fused] == expected
+        # the other convs with a BatchNorm (stem, expanding 1x1s, the last) folded; none left
+        assert len(of_kind(changes, "folded conv")) == len(changes) - len(fused) > 0
+        assert count(fast, nn.BatchNorm2d) == 0
         x = torch.randn(1, 3, 32, 32, device=DEVICE)
         with torch.no_grad():
             torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)
@@ -109,15 +137,22 @@ def test_efficientnet_b0_fuses_every_block_with_its_squeeze_excitation():
     torch.manual_seed(0)
     model = randomize_norms(torchvision.models.efficientnet_b0()).eval()
     fast, changes = accelerate(model)
-    assert [c.kind for c in changes] == ["fused separable"] * 16
-    assert all(len(c.folded_norms) == 2 and c.activation == "silu" and c.excitation for c in changes)
+    fused = of_kind(changes, "fused separable")
+    assert len(fused) == 16
+    assert all(len(c.folded_norms) == 2 and c.activation == "silu" and c.excitation for c in fused)
+    # the stem, 15 expanding 1x1 convs and the last conv keep no BatchNorm either
+    assert len(of_kind(changes, "folded conv")) == count(model, nn.BatchNorm2d) - 2 * 16 == 17
+    assert count(fast, nn.BatchNorm2d) == 0
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(x)
         torch.testing.assert_close(fast(x), expected, atol=1e-5 * expected.abs().max().item(), rtol=1e-4)
     stages = model.features[:3]  # the stem and 3 blocks
     fast, changes = accelerate(stages, backend="triton")
-    assert len(changes) == 3 and all(c.excitation for c in changes)
+    fused = of_kind(changes, "fused separable")
+    assert len(fused) == 3 and all(c.excitation for c in fused)
+    expanding = [(f"2.{j}.block.0.0", f"2.{j}.block.0.1") for j in range(2)]  # the third stage's 2 blocks expand
+    assert [c.replaced for c in of_kind(changes, "folded conv")] == [("0.0", "0.1"), *expanding]  # and the stem
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     with torch.no_grad():
         expected = stages(x)
@@ -126,7 +161,8 @@ def test_efficientnet_b0_fuses_every_block_with_its_squeeze_excitation():
     torch.testing.assert_close(got, want, atol=1e-5 * want.abs().max().item(), rtol=1e-4)
     grad = torch.randn_like(want)
     first_se = stages[1][0].block[1]
-    got_grads = torch.autograd.grad(got, [x, *fast[1][0].block[0].excitation.parameters()], grad)
+    first_fused = next(m for m in fast.modules() if isinstance(m, FusedSeparableConv2d))
+    got_grads = torch.autograd.grad(got, [x, *first_fused.excitation.parameters()], grad)
     want_grads = torch.autograd.grad(want, [x, *first_se.parameters()], grad)
     for a, b in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
@@ -346,6 +382,65 @@ def test_what_is_not_a_chain_is_left_alone(model):
     fast, changes = accelerate(model.eval())
     assert changes == []
     assert [type(m) for m in fast.modules()] == [type(m) for m in model.modules()]
+
+
+@given(conv_configs(ndims=(2,)), st.booleans(), st.booleans())
+def test_a_conv_and_the_eval_batch_norm_after_it_become_one_conv(cfg: ConvConfig, bias: bool, training: bool):
+    """Any conv (groups, stride, padding and its mode, dilation, bias) followed by an eval-mode BatchNorm2d: one
+    conv whose output and input gradient equal the pair's in float64; the conv's own kind of change (a depthwise
+    conv is routed, others folded). A training-mode norm is never folded (batch statistics)."""
+    assume(not cfg.strided_same)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cfg.in_channels, cfg.out_channels, cfg.kernel_size, bias=bias, **cfg.conv_kwargs)
+    model = randomize_norms(nn.Sequential(conv, nn.BatchNorm2d(cfg.out_channels), nn.ReLU())).double()
+    model.train(training)
+    fast, changes = accelerate(model)
+    depthwise = cfg.groups == cfg.in_channels and cfg.padding_mode == "zeros"  # out_channels: a multiple of groups
+    if training:
+        assert [c.kind for c in changes] == (["depthwise"] if depthwise else [])
+        assert count(fast, nn.BatchNorm2d) == 1
+    else:
+        kind = "depthwise" if depthwise else "folded conv"
+        assert [(c.kind, c.replaced, c.folded_norms) for c in changes] == [(kind, ("0", "1"), ("1",))]
+        assert count(fast, nn.BatchNorm2d) == 0 and len(fast) == 2 and fast[0].bias.requires_grad
+    shape = (2, *cfg.input_shape[1:])  # a training-mode norm needs two values per channel
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    want = model(x)
+    got = fast(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(want)
+    torch.testing.assert_close(*(torch.autograd.grad(y, x, grad) for y in (got, want)), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_modules_run_from_two_places_stay_shared_and_whole(training):
+    """A module a Sequential runs twice (or two Sequentials share) is neither dropped nor replaced: replacing it
+    in one place would untie weights the original trains together. Outputs and parameter gradients match."""
+    torch.manual_seed(2)
+    dw, conv = nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Conv2d(4, 4, 1)
+    shared_tail = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4))
+    model = nn.Sequential(
+        nn.Sequential(dw, nn.ReLU(), dw, conv, nn.BatchNorm2d(4)),  # dw twice in one Sequential
+        nn.Sequential(conv, nn.BatchNorm2d(4), shared_tail),
+        shared_tail,  # registered in two Sequentials
+        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4), nn.ReLU6(), nn.Conv2d(4, 8, 1)),
+    )
+    model = randomize_norms(model).double().train(training)
+    fast, changes = accelerate(model)
+    # eval: the last chain fused, the shared convs keep their norms; training: its depthwise conv routed
+    assert [(c.kind, c.replaced[0]) for c in changes] == [("depthwise" if training else "fused separable", "3.0")]
+    assert shared_leaves(fast) == shared_leaves(model) == ["BatchNorm2d", "Conv2d", "Conv2d", "Conv2d"]
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    want = model(x)
+    got = fast(x)
+    torch.testing.assert_close(got, want)
+    # training: nothing folded, the same parameters in the same order (each once), the same gradients
+    wrt = [lambda m: [x], lambda m: [x, *m.parameters()]][training]
+    x.requires_grad_()
+    grads = [torch.autograd.grad(m(x).square().sum(), wrt(m)) for m in (fast, model)]
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
 
 
 class ConvSame(nn.Conv2d):

@@ -18,12 +18,18 @@ def test_json_lists_every_efficientnet_block_with_its_squeeze_excitation(capsys:
     model = torchvision.models.efficientnet_b0()
     blocks = [f"features.{i}.{j}" for i, stage in enumerate(model.features) for j, block in enumerate(stage)
               if type(block).__name__ == "MBConv"]  # fmt: skip
-    assert len(blocks) == 16 and len(data["changes"]) == 16
-    for block, change in zip(blocks, data["changes"], strict=True):
+    fused = [change for change in data["changes"] if change["kind"] == "fused separable"]
+    assert len(blocks) == 16 and len(fused) == 16
+    for block, change in zip(blocks, fused, strict=True):
         # the depthwise Conv2dNormActivation is the block's first (no expansion) or second Sequential
         assert change["kind"] == "fused separable" and change["activation"] == "silu"
         assert change["excitation"].startswith(f"{block}.block.") and change["replaced"][0].startswith(block)
         assert len(change["folded_norms"]) == 2 and change["batch_norms"] == []
+    # every other BatchNorm2d (the stem's, the 15 expanding convs', the last conv's) folded into its conv
+    norms = [name for name, module in model.named_modules() if isinstance(module, torch.nn.BatchNorm2d)]
+    folded = [change for change in data["changes"] if change["kind"] == "folded conv"]
+    assert len(fused) + len(folded) == len(data["changes"]) and len(folded) == len(norms) - 2 * 16 == 17
+    assert sorted(n for change in data["changes"] for n in change["folded_norms"]) == sorted(norms)
     assert 0 <= data["max_relative_difference"] < 1e-5  # BatchNorm folding reorders products: float32 rounding
 
 

@@ -1,4 +1,5 @@
-"""What sepconv.accelerate(model) would change: every separable chain it fuses and every depthwise conv it routes.
+"""What sepconv.accelerate(model) would change: every separable chain it fuses, every depthwise conv it routes and
+every other conv whose eval-mode BatchNorm it folds.
 
 Lists the changes (the modules each replaces, the BatchNorms folded into the weights and those kept for their
 batch statistics, the fused activation, a kept squeeze-excitation); --check SHAPE runs the original and the
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 
 import torch
 from rich.console import Console
@@ -74,8 +76,11 @@ def change_record(change: Acceleration) -> dict:
 
 
 def changes_table(changes: list[Acceleration], title: str) -> Table:
-    fused = sum(change.kind == "fused separable" for change in changes)
-    table = Table(title=f"{title}: {fused} chains fused, {len(changes) - fused} depthwise convs routed")
+    kinds = Counter(change.kind for change in changes)
+    table = Table(
+        title=f"{title}: {kinds['fused separable']} chains fused, {kinds['depthwise']} depthwise convs routed, "
+        f"{kinds['folded conv']} other convs with their norm folded"
+    )
     for column in ("kind", "first module", "modules", "norms folded", "norms kept", "activation", "excitation"):
         table.add_column(column, justify="right" if column in ("modules", "norms folded", "norms kept") else "left")
     for change in changes:
