@@ -7,7 +7,8 @@ MobileNetV2 has about 6x fewer MACs than ResNet-18 (0.30 vs 1.81 GMACs at 224x22
 - `eager_nchw`, `eager_channels_last`: the model as torchvision builds it (random weights), NCHW, or with weights
   and input in channels_last (what a user who knows the CPU would do);
 - `accelerate`: `sepconv.accelerate(model)`, NCHW. In eval mode its separable chains are fused (BatchNorms folded
-  into the conv weights, ReLU6 between the convs); in training mode the BatchNorms cannot be folded and its
+  into the conv weights, ReLU6 between the convs) and every other conv's BatchNorm is folded into it (the stem,
+  the expanding 1x1 convs, the last conv); in training mode the BatchNorms cannot be folded and its
   depthwise convs become sepconv's `DepthwiseConv2d` (the CPU strategy per layer: layout, backward algorithms);
 - `sepconv`: `sepconv.run_channels_last(sepconv.accelerate(model))` — NCHW in and out, channels_last inside.
 

@@ -8,11 +8,11 @@ import torch
 import torchvision
 from hypothesis import assume, given
 from hypothesis import strategies as st
+from tests.strategies import ConvConfig, conv_configs
 from torch import nn
 
 import sepconv
 from sepconv.accelerate import FusedSeparableConv2d, accelerate
-from tests.strategies import ConvConfig, conv_configs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -443,6 +443,23 @@ def test_modules_run_from_two_places_stay_shared_and_whole(training):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("factory", [torchvision.models.resnet18, torchvision.models.resnet50])
+def test_resnet_blocks_fold_every_norm_in_eval_and_nothing_in_training(factory):
+    """torchvision's ResNets run their convs and norms from their blocks' own forward: in eval mode each conv +
+    BatchNorm pair the forward runs (stem, every block's, the downsampling Sequentials') becomes one conv, no norm
+    left, outputs and input gradient equal in float64; in training mode nothing changes (batch statistics)."""
+    torch.manual_seed(3)
+    model = randomize_norms(factory()).double()
+    fast, changes = accelerate(model.eval())
+    assert [c.kind for c in changes] == ["folded conv"] * count(model, nn.BatchNorm2d)
+    assert count(fast, nn.BatchNorm2d) == 0 and changes[0].replaced == ("conv1", "bn1")
+    x = torch.randn(1, 3, 48, 48, dtype=torch.float64, requires_grad=True)
+    got, want = fast(x), model(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(*(torch.autograd.grad(y.sum(), x) for y in (got, want)))
+    assert accelerate(model.train())[1] == []
+
+
 class ConvSame(nn.Conv2d):
     """Like timm's Conv2dSame: pads at run time, so its padding attribute does not describe what it computes."""
 
@@ -514,9 +531,15 @@ def test_timm_blocks_fuse_with_their_squeeze_excitation(name):
     blocks = _timm_blocks(model)
     for backend in ("auto", "triton"):
         fast, changes = accelerate(model, backend=backend)
-        assert all(c.kind == "fused separable" and len(c.folded_norms) == 2 for c in changes)
+        fused = of_kind(changes, "fused separable")
+        assert all(len(c.folded_norms) == 2 for c in fused)
         expected = [(path, act, f"{path}.se" if se else None) for path, se, act in blocks]
-        assert [(c.replaced[0].rsplit(".", 1)[0], c.activation, c.excitation) for c in changes] == expected
+        assert [(c.replaced[0].rsplit(".", 1)[0], c.activation, c.excitation) for c in fused] == expected
+        # the stem's and the expanding convs' norms (BatchNormAct2d: its activation stays) folded too: none left
+        folded = of_kind(changes, "folded conv")
+        assert len(fused) + len(folded) == len(changes) and count(fast, nn.BatchNorm2d) == 0
+        assert len(folded) == count(model, nn.BatchNorm2d) - 2 * len(fused)
+        assert ("conv_stem", "bn1") in [c.replaced for c in folded]
         x = torch.randn(1, 3, 32, 32, device=DEVICE)
         with torch.no_grad():
             torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-4)

@@ -37,13 +37,15 @@ is kept in the fused module (``excitation``, listed in :attr:`Acceleration.excit
 with batch statistics, the activation and the squeeze-excitation in one op) where its activation and gate are
 ones the op knows (:func:`~sepconv.squeeze_excitation.excitation_gate`), else for inference only
 (:mod:`sepconv.kernels.excitation`); otherwise, and on other backends, the module runs it itself. Depthwise
-convs outside any chain are replaced by a DepthwiseConv2d too, with a following eval-mode BatchNorm folded in,
-and every other conv followed by an eval-mode BatchNorm in a Sequential (a stem, MobileNetV2's expanding 1x1 convs,
-the last conv) becomes one ``nn.Conv2d`` with that norm folded into its weights (kind ``"folded conv"``): on this
-project's 2-core CPU that alone made ``accelerate(mobilenet_v2)`` 1.7x faster at inference (the norms read and
-wrote the largest activations). A module the model runs from more than one place (shared weights) is left as it
-is, and so are the norms after it. The input model is not modified; a Sequential that is rewritten comes back flat, so its state_dict keys change
-(``conv.1.0.weight`` -> ``conv.1_0.weight``): the result is for running, keep checkpoints of the original.
+convs outside any chain are replaced by a DepthwiseConv2d too, with a following eval-mode BatchNorm folded in.
+Every other conv followed by an eval-mode BatchNorm (in a Sequential, or as the attributes the modules of
+:data:`_CONV_NORMS` run: timm's stems, expanding 1x1 convs and last convs, torchvision's ResNet blocks) becomes
+one ``nn.Conv2d`` with that norm folded into its weights (kind ``"folded conv"``; a ``BatchNormAct2d`` leaves its
+activation behind): on this project's 2-core CPU that alone made ``accelerate(mobilenet_v2)`` 1.7x faster at
+inference (those norms read and wrote the largest activations). A module the model runs from more than one place
+(shared weights) is left as it is, and so are the norms after it. The input model is not modified; a Sequential
+that is rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` -> ``conv.1_0.weight``):
+the result is for running, keep checkpoints of the original.
 
 >>> import torch
 >>> from torch import nn
@@ -264,6 +266,7 @@ def _rewrite_module(module: nn.Module, path: str, surgery: _Surgery) -> None:
     if id(module) in surgery.visited:
         return
     surgery.visited.add(id(module))
+    _fold_attribute_convs(module, path, surgery)
     _rewrite_timm_block(module, path, surgery)
     _rewrite_children(module, path, surgery)
 
@@ -436,6 +439,20 @@ _TIMM_BLOCKS = {
 }
 _TIMM_NORM_ACT = "timm.layers.norm_act.BatchNormAct2d"  # batch norm, dropout, activation
 
+# modules whose own forward runs a conv and then its norm (a BatchNorm2d, or timm's BatchNormAct2d) as attributes:
+# (conv, norm) pairs, in forward order, besides the separable chains of _TIMM_BLOCKS (torchvision 0.2x, timm 1.0)
+_CONV_NORMS = {
+    "torchvision.models.resnet.ResNet": (("conv1", "bn1"),),
+    "torchvision.models.resnet.BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
+    "torchvision.models.resnet.Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+    "timm.models._efficientnet_blocks.InvertedResidual": (("conv_s2d", "bn_s2d"), ("conv_pw", "bn1")),
+    "timm.models._efficientnet_blocks.ConvBnAct": (("conv", "bn1"),),
+    "timm.models._efficientnet_blocks.EdgeResidual": (("conv_exp", "bn1"), ("conv_pwl", "bn2")),
+    "timm.models.efficientnet.EfficientNet": (("conv_stem", "bn1"), ("conv_head", "bn2")),
+    "timm.models.mobilenetv3.MobileNetV3": (("conv_stem", "bn1"),),
+    "timm.layers.conv_bn_act.ConvNormAct": (("conv", "bn"),),
+}
+
 
 def _qualified_name(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
@@ -470,6 +487,24 @@ def _batch_statistics_norm(module: nn.Module | None, channels: int) -> tuple[nn.
     if not isinstance(module, nn.BatchNorm2d) or module.num_features != channels:
         return None
     return module, None if type(module.act) is nn.Identity else module.act
+
+
+def _fold_attribute_convs(module: nn.Module, path: str, surgery: _Surgery) -> None:
+    """A module of :data:`_CONV_NORMS` (torchvision's ResNets, timm's blocks and models) in eval mode: each plain
+    conv whose norm folds (an eval-mode ``BatchNorm2d``, or ``BatchNormAct2d`` with an identity dropout) becomes one
+    conv with that norm folded in, the norm's attribute its activation (or ``nn.Identity``), so the module's own
+    forward runs as before."""
+    for conv_name, norm_name in _CONV_NORMS.get(_qualified_name(module), ()):
+        conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
+        if not (isinstance(conv, nn.Module) and _plain_conv(conv)):
+            continue
+        folds = _norm_and_activation(norm, conv.out_channels)
+        if folds is None or folds[0] is None or not surgery.replaceable(module, conv, norm, folds[1]):
+            continue
+        setattr(module, conv_name, _folded_conv(conv, folds[0]))
+        setattr(module, norm_name, nn.Identity() if folds[1] is None else folds[1])
+        norm_path = _join(path, norm_name)
+        surgery.changes.append(Acceleration("folded conv", (_join(path, conv_name), norm_path), (norm_path,), None))
 
 
 def _rewrite_timm_block(block: nn.Module, path: str, surgery: _Surgery) -> None:
