@@ -65,9 +65,10 @@ def worker(regime: str, args: argparse.Namespace) -> dict:
 
 
 def build_variants(training: bool, quick: bool) -> dict:
-    """The variants' modules, all from the same random weights: in eval mode `accelerate` folds the BatchNorms
-    into its fused chains; in training mode it cannot (batch statistics), and replaces the depthwise convs by
-    sepconv's DepthwiseConv2d (on CPU: the per-layer strategy, its layout and backward plans)."""
+    """The variants' modules, all from the same random weights: in eval mode `accelerate` folds every BatchNorm
+    into the conv before it (its fused chains' and the other convs'); in training mode it cannot (batch
+    statistics), and replaces the depthwise convs by sepconv's DepthwiseConv2d (on CPU: the per-layer strategy,
+    its layout and backward plans)."""
     import copy
 
     import torch

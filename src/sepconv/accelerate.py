@@ -41,11 +41,12 @@ convs outside any chain are replaced by a DepthwiseConv2d too, with a following 
 Every other conv followed by an eval-mode BatchNorm (in a Sequential, or as the attributes the modules of
 :data:`_CONV_NORMS` run: timm's stems, expanding 1x1 convs and last convs, torchvision's ResNet blocks) becomes
 one ``nn.Conv2d`` with that norm folded into its weights (kind ``"folded conv"``; a ``BatchNormAct2d`` leaves its
-activation behind): on this project's 2-core CPU that alone made ``accelerate(mobilenet_v2)`` 1.7x faster at
-inference (those norms read and wrote the largest activations). A module the model runs from more than one place
-(shared weights) is left as it is, and so are the norms after it. The input model is not modified; a Sequential
-that is rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` -> ``conv.1_0.weight``):
-the result is for running, keep checkpoints of the original.
+activation behind): on this project's 2-core CPU that took mobilenet_v2's inference under
+``run_channels_last(accelerate(model))`` from 1.08-1.16x to 1.22-1.73x eager channels_last's speed (those norms
+read and wrote the largest activations; ``benchmarks/cpu_torchvision.py``). A module the model runs from more
+than one place (shared weights) is left as it is, and so are the norms after it. The input model is not modified;
+a Sequential that is rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` ->
+``conv.1_0.weight``): the result is for running, keep checkpoints of the original.
 
 >>> import torch
 >>> from torch import nn
