@@ -443,16 +443,26 @@ def test_modules_run_from_two_places_stay_shared_and_whole(training):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("factory", [torchvision.models.resnet18, torchvision.models.resnet50])
-def test_resnet_blocks_fold_every_norm_in_eval_and_nothing_in_training(factory):
-    """torchvision's ResNets run their convs and norms from their blocks' own forward: in eval mode each conv +
-    BatchNorm pair the forward runs (stem, every block's, the downsampling Sequentials') becomes one conv, no norm
-    left, outputs and input gradient equal in float64; in training mode nothing changes (batch statistics)."""
+@pytest.mark.parametrize(
+    "factory",
+    [
+        torchvision.models.resnet18,
+        torchvision.models.resnet50,
+        lambda: torchvision.models.googlenet(aux_logits=False, init_weights=False),
+        lambda: timm.create_model("resnet18", pretrained=False),
+    ],
+    ids=["resnet18", "resnet50", "googlenet", "timm-resnet18"],
+)
+def test_blocks_with_their_own_forward_fold_every_norm_in_eval_and_nothing_in_training(factory):
+    """torchvision's ResNets and GoogLeNet and timm's ResNets run their convs and norms from their blocks' own
+    forward: in eval mode each conv + BatchNorm pair the forward runs (stem, every block's, the downsampling
+    Sequentials') becomes one conv, no norm left, outputs and input gradient equal in float64; in training mode
+    nothing changes (batch statistics)."""
     torch.manual_seed(3)
     model = randomize_norms(factory()).double()
     fast, changes = accelerate(model.eval())
     assert [c.kind for c in changes] == ["folded conv"] * count(model, nn.BatchNorm2d)
-    assert count(fast, nn.BatchNorm2d) == 0 and changes[0].replaced == ("conv1", "bn1")
+    assert count(fast, nn.BatchNorm2d) == 0
     x = torch.randn(1, 3, 48, 48, dtype=torch.float64, requires_grad=True)
     got, want = fast(x), model(x)
     torch.testing.assert_close(got, want)

@@ -39,13 +39,13 @@ ones the op knows (:func:`~sepconv.squeeze_excitation.excitation_gate`), else fo
 (:mod:`sepconv.kernels.excitation`); otherwise, and on other backends, the module runs it itself. Depthwise
 convs outside any chain are replaced by a DepthwiseConv2d too, with a following eval-mode BatchNorm folded in.
 Every other conv followed by an eval-mode BatchNorm (in a Sequential, or as the attributes the modules of
-:data:`_CONV_NORMS` run: timm's stems, expanding 1x1 convs and last convs, torchvision's ResNet blocks) becomes
-one ``nn.Conv2d`` with that norm folded into its weights (kind ``"folded conv"``; a ``BatchNormAct2d`` leaves its
-activation behind): on this project's 2-core CPU that took mobilenet_v2's inference under
-``run_channels_last(accelerate(model))`` from 1.08-1.16x to 1.22-1.73x eager channels_last's speed (those norms
-read and wrote the largest activations; ``benchmarks/cpu_torchvision.py``). A module the model runs from more
-than one place (shared weights) is left as it is, and so are the norms after it. The input model is not modified;
-a Sequential that is rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` ->
+:data:`_CONV_NORMS` run: timm's stems, expanding 1x1 convs, last convs and ResNet blocks, torchvision's ResNet,
+GoogLeNet and Inception blocks) becomes one ``nn.Conv2d`` with that norm folded into its weights (kind ``"folded
+conv"``; a ``BatchNormAct2d`` leaves its activation behind): on this project's 2-core CPU that took mobilenet_v2's
+inference under ``run_channels_last(accelerate(model))`` from 1.08-1.16x to 1.22-1.73x eager channels_last's speed
+(those norms read and wrote the largest activations; ``benchmarks/cpu_torchvision.py``). A module the model runs
+from more than one place (shared weights) is left as it is, and so are the norms after it. The input model is not
+modified; a Sequential that is rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` ->
 ``conv.1_0.weight``): the result is for running, keep checkpoints of the original.
 
 >>> import torch
@@ -446,6 +446,11 @@ _CONV_NORMS = {
     "torchvision.models.resnet.ResNet": (("conv1", "bn1"),),
     "torchvision.models.resnet.BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
     "torchvision.models.resnet.Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+    "torchvision.models.googlenet.BasicConv2d": (("conv", "bn"),),
+    "torchvision.models.inception.BasicConv2d": (("conv", "bn"),),
+    "timm.models.resnet.ResNet": (("conv1", "bn1"),),
+    "timm.models.resnet.BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
+    "timm.models.resnet.Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
     "timm.models._efficientnet_blocks.InvertedResidual": (("conv_s2d", "bn_s2d"), ("conv_pw", "bn1")),
     "timm.models._efficientnet_blocks.ConvBnAct": (("conv", "bn1"),),
     "timm.models._efficientnet_blocks.EdgeResidual": (("conv_exp", "bn1"), ("conv_pwl", "bn2")),
@@ -491,10 +496,10 @@ def _batch_statistics_norm(module: nn.Module | None, channels: int) -> tuple[nn.
 
 
 def _fold_attribute_convs(module: nn.Module, path: str, surgery: _Surgery) -> None:
-    """A module of :data:`_CONV_NORMS` (torchvision's ResNets, timm's blocks and models) in eval mode: each plain
-    conv whose norm folds (an eval-mode ``BatchNorm2d``, or ``BatchNormAct2d`` with an identity dropout) becomes one
-    conv with that norm folded in, the norm's attribute its activation (or ``nn.Identity``), so the module's own
-    forward runs as before."""
+    """A module of :data:`_CONV_NORMS` (torchvision's and timm's ResNets, timm's efficientnet family) in eval mode:
+    each plain conv whose norm folds (an eval-mode ``BatchNorm2d``, or ``BatchNormAct2d`` with an identity dropout)
+    becomes one conv with that norm folded in, the norm's attribute its activation (or ``nn.Identity``), so the
+    module's own forward runs as before."""
     for conv_name, norm_name in _CONV_NORMS.get(_qualified_name(module), ()):
         conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
         if not (isinstance(conv, nn.Module) and _plain_conv(conv)):
