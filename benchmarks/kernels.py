@@ -52,7 +52,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -549,14 +549,15 @@ def separable_se_train_row(
     return _training_row("separable_se_train", shape, impls, tensors, names, device, compile_)
 
 
-def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: str, dtype, compile_: set[str]):
+def model_rows(
+    name: str, factory: Callable, batch: int, size: int, *, device: str, dtype, compile_: set[str]
+) -> Iterator[dict[str, Any]]:
     """Inference (eval, no_grad) and a training step (SGD) of a torchvision model: eager, accelerate, and
     compile for the modes in ``compile_``; on CUDA also ``accelerate_triton`` (``backend="triton"``: every chain on
     the fused kernel, training-mode BatchNorms and squeeze-excitations included), with its output's error against
     eager's (inference). On CUDA each variant's inference, or its training step's forward+backward (the optimizer
     left out), is also timed as a CUDA-graph replay (``{variant}_graph_ms``: device time; where it is far below
     ``{variant}_ms`` the model is host-bound, and graphs are what a user would reach for)."""
-    rows = []
     for mode in ("inference", "training"):
         torch._dynamo.reset()
         base = factory().to(device=device, dtype=dtype, memory_format=torch.channels_last)
@@ -608,8 +609,7 @@ def model_rows(name: str, factory: Callable, batch: int, size: int, *, device: s
                     record_graphs(
                         row, variant, {"": lambda loss=loss, p=params: torch.autograd.grad(loss(), p)}, device
                     )
-        rows.append(row)
-    return rows
+        yield row  # as it comes: a run cut by its timeout keeps the inference row
 
 
 def add_floors(row: dict[str, Any], bandwidth: float, fmas: float | None) -> None:
