@@ -46,7 +46,9 @@ python3 - "$out" <<'PY'
 import json, sys
 r = json.load(open(f"{sys.argv[1]}/kernels.json"))
 for row in r["rows"]:
-    if row["section"] == "models":
+    if "error" in row:  # a configuration that raised: its traceback is in kernels.json
+        print("ERROR", row["section"], {k: v for k, v in row.items() if k in ("shape", "model", "batch", "dtype", "layout")}, row["error"][:300])
+    elif row["section"] == "models":
         ms = {k: round(v, 3) for k, v in row.items() if k.endswith("_ms")}
         print(row["model"], row["mode"], row["batch"], ms, {k: v[:80] for k, v in row.items() if k.endswith("_error")})
     else:

@@ -34,6 +34,9 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
 - ``FLOP floor`` (depthwise section) = MACs / the fp32 CUDA-core FMA rate measured in this run (depthwise
   has no tensor-core form here; bf16/fp16 accumulate in fp32 too); ``floor`` = max of the two.
 
+A configuration that raises (code first run on this device) becomes a row with its ``error`` and ``traceback``;
+after ``MAX_SECTION_ERRORS`` of them the section stops and the run goes on with the next.
+
 CUDA timings use ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, median); ``ours`` and
 ``eager`` in the bf16 depthwise, kernel_sizes and separable rows are also timed as CUDA-graph replays
 (``*_graph_*_ms``: the kernels' device time, without the host overhead that decides small rows). On a
@@ -52,6 +55,7 @@ import itertools
 import json
 import os
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -204,6 +208,7 @@ def record_graphs(row: dict[str, Any], impl: str, passes: dict[str, Callable[[],
         row[f"{impl}_graph_error"] = f"{type(error).__name__}: {error}"[:300]
 
 
+MAX_SECTION_ERRORS = 2  # configurations of a section that may raise before the run moves to the next section
 GRAPHED = ("ours", "eager")  # impls also timed as CUDA-graph replays (``*_graph_*_ms``): device time only
 
 
@@ -641,7 +646,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["section"] != "models"]
+    rows = [r for r in result["rows"] if r["section"] != "models" and "error" not in r]
     labels = [f"{r['section'][:3]} {r['shape']} b{r['batch']} {r['dtype']} {r['layout']}" for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.25 * len(rows) + 2), sharey=True)
     for ax, pass_ in zip(axes, ("forward", "forward_backward"), strict=True):
@@ -715,6 +720,17 @@ def main() -> None:
         result["total_seconds"] = time.perf_counter() - start
         atomic_write_text(args.out / f"{stem}.json", json.dumps(result, indent=1) + "\n", overwrite=True)
 
+    errors: dict[str, int] = {}
+
+    def failed(section: str, describe: dict[str, Any], error: Exception) -> bool:
+        """Emits an error row for a configuration that raised (code never run on this device must not take the
+        rest of the run with it); whether the section has failed :data:`MAX_SECTION_ERRORS` times (then it stops:
+        a broken CUDA context fails every later call alike)."""
+        emit({"section": section, **describe, "error": f"{type(error).__name__}: {error}"[:500],
+              "traceback": traceback.format_exc()[-3000:]})  # fmt: skip
+        errors[section] = errors.get(section, 0) + 1
+        return errors[section] >= MAX_SECTION_ERRORS
+
     def compiled(batch: int | None, dtype: str) -> bool:
         return compile_ and (args.compile_where == "all" or (batch is None and dtype == "bf16"))
 
@@ -731,7 +747,14 @@ def main() -> None:
                 if time.perf_counter() > deadline:
                     break
                 compile_row = compiled(batch, dtype) and section == "depthwise"
-                row = depthwise_row(name, c, h, k, s, batch or big, dtype, layout, device=device, compile_=compile_row)
+                try:
+                    row = depthwise_row(
+                        name, c, h, k, s, batch or big, dtype, layout, device=device, compile_=compile_row
+                    )
+                except Exception as error:
+                    if failed(section, {"shape": name, "batch": batch or big, "dtype": dtype, "layout": layout}, error):
+                        break
+                    continue
                 row["section"] = section
                 add_floors(row, bandwidth, fmas)
                 emit(row)
@@ -748,9 +771,14 @@ def main() -> None:
             for (batch, dtype, layout), (name, c, h, o, k, s, big) in itertools.product(combos, shapes):
                 if time.perf_counter() > deadline:
                     break
-                row = make_row(
-                    name, c, h, o, k, s, batch or big, dtype, layout, device=device, compile_=compiled(batch, dtype)
-                )
+                try:
+                    row = make_row(
+                        name, c, h, o, k, s, batch or big, dtype, layout, device=device, compile_=compiled(batch, dtype)
+                    )
+                except Exception as error:
+                    if failed(section, {"shape": name, "batch": batch or big, "dtype": dtype, "layout": layout}, error):
+                        break
+                    continue
                 add_floors(row, bandwidth, fmas)
                 emit(row)
         else:
@@ -760,16 +788,20 @@ def main() -> None:
                 if time.perf_counter() > deadline:
                     break
                 modes = {"inference", "training"} if args.compile_where == "all" else {"inference"}
-                for row in model_rows(
-                    name,
-                    factory,
-                    batch,
-                    size,
-                    device=device,
-                    dtype=dtype,
-                    compile_=modes if compile_ and (args.compile_where == "all" or batch != 1) else set(),
-                ):
-                    emit(row)
+                try:
+                    for row in model_rows(
+                        name,
+                        factory,
+                        batch,
+                        size,
+                        device=device,
+                        dtype=dtype,
+                        compile_=modes if compile_ and (args.compile_where == "all" or batch != 1) else set(),
+                    ):
+                        emit(row)
+                except Exception as error:
+                    if failed(section, {"model": name, "batch": batch}, error):
+                        break
     plot(result, args.out / f"{stem}.png")
 
 

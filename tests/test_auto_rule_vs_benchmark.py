@@ -16,7 +16,11 @@ import torch
 from sepconv import dispatch
 
 RESULTS = Path(__file__).parent.parent / "benchmarks" / "results" / "kernels.json"
-ROWS = [r for r in json.loads(RESULTS.read_text())["rows"] if r["section"] in ("depthwise", "kernel_sizes")]
+ROWS = [
+    r
+    for r in json.loads(RESULTS.read_text())["rows"]
+    if r["section"] in ("depthwise", "kernel_sizes") and "error" not in r  # an error row: a configuration that raised
+]
 
 
 def _decision(row: dict, needs_grad: bool) -> str | None:

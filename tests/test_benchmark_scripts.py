@@ -4,6 +4,7 @@ test read, and for agreement with PyTorch."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -77,6 +78,32 @@ def test_kernel_benchmark_quick_run_writes_comparable_rows(tmp_path):
         assert ("ours_forward_backward_ms" in row) == (row["section"] != "separable_se")
         assert row["floor_forward_ms"] == max(row["memory_floor_forward_ms"], row["flop_floor_forward_ms"] or 0.0)
     assert (tmp_path / "kernels_quick.png").stat().st_size > 0
+
+
+def test_kernel_benchmark_records_a_failing_configuration_and_goes_on(tmp_path, monkeypatch):
+    """A configuration that raises (code first run on a lent GPU) becomes an error row with its traceback; after
+    MAX_SECTION_ERRORS of them the section stops and the run goes on with the next section."""
+    spec = importlib.util.spec_from_file_location("kernels_benchmark", ROOT / "benchmarks" / "kernels.py")
+    kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kernels)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(args)
+        raise RuntimeError("broken on this device")
+
+    monkeypatch.setattr(kernels, "separable_row", broken)
+    argv = ["--quick", "--out", str(tmp_path), "--sections", "separable", "separable_se"]
+    monkeypatch.setattr(sys, "argv", ["kernels.py", *argv, "--section-seconds", "separable=600", "separable_se=1"])
+    kernels.main()
+    rows = json.loads((tmp_path / "kernels_quick.json").read_text())["rows"]
+    failed = [row for row in rows if row["section"] == "separable"]
+    assert len(failed) == len(calls) == kernels.MAX_SECTION_ERRORS  # of the section's 4+ configurations
+    assert all(row["error"] == "RuntimeError: broken on this device" and "broken" in row["traceback"] for row in failed)
+    assert [(row["shape"], row["batch"]) for row in failed] == [(args[0], args[6]) for args in calls]
+    went_on = [row for row in rows if row["section"] == "separable_se"]
+    assert went_on and all("error" not in row and row["max_abs_error_vs_eager"] < 1e-4 for row in went_on)
+    assert (tmp_path / "kernels_quick.png").stat().st_size > 0  # the plot leaves the error rows out
 
 
 def test_training_memory_benchmark_quick_run(tmp_path):
