@@ -583,7 +583,7 @@ def _fold(weight: Tensor, bias: Tensor | None, norm: nn.BatchNorm2d | None) -> t
 
 def _folded_conv(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
     """``norm(conv(x))`` as one ``nn.Conv2d`` (a new module: a conv shared elsewhere keeps its weights; a
-    parametrized weight is taken as computed), for an eval-mode norm after a conv that is not depthwise."""
+    parametrized weight is taken as computed), for an eval-mode norm after the conv."""
     weight, bias = _fold(conv.weight, conv.bias, norm)
     folded = nn.Conv2d(
         conv.in_channels,
