@@ -26,9 +26,9 @@ Sections (side by side in one run, medians, plus the peak memory of each forward
   -> 1x1 -> BatchNorm (batch statistics): ours ``separable_conv2d_batch_norm(excitation=ExcitationArgs(...),
   out_norm=...)`` (one op, one depthwise backward) vs eager and compile, forward and forward+backward, with every
   gradient's error, and ``ours_in_launch`` as in ``separable_bn``;
-- ``models``: torchvision mobilenet_v2 and efficientnet_b0 eager, compiled and through ``sepconv.accelerate``,
-  and resnet18; inference (eval) and an SGD training step, bf16 channels_last, batch 64 and 1; on CUDA also as
-  CUDA-graph replays (``*_graph_ms``; a training step's forward+backward);
+- ``models``: torchvision mobilenet_v2 and efficientnet_b0 eager, compiled and through ``sepconv.accelerate`` (also
+  compiled: ``accelerate_compile``), and resnet18; inference (eval) and an SGD training step, bf16 channels_last,
+  batch 64 and 1; on CUDA also as CUDA-graph replays (``*_graph_ms``; a training step's forward+backward);
 - ``memory floor`` = bytes that must move / copy bandwidth measured in this run: forward reads x and
   writes y; forward+backward also reads x and grad-y and writes grad-x;
 - ``FLOP floor`` (depthwise section) = MACs / the fp32 CUDA-core FMA rate measured in this run (depthwise
@@ -557,12 +557,13 @@ def separable_se_train_row(
 def model_rows(
     name: str, factory: Callable, batch: int, size: int, *, device: str, dtype, compile_: set[str]
 ) -> Iterator[dict[str, Any]]:
-    """Inference (eval, no_grad) and a training step (SGD) of a torchvision model: eager, accelerate, and
-    compile for the modes in ``compile_``; on CUDA also ``accelerate_triton`` (``backend="triton"``: every chain on
-    the fused kernel, training-mode BatchNorms and squeeze-excitations included), with its output's error against
-    eager's (inference). On CUDA each variant's inference, or its training step's forward+backward (the optimizer
-    left out), is also timed as a CUDA-graph replay (``{variant}_graph_ms``: device time; where it is far below
-    ``{variant}_ms`` the model is host-bound, and graphs are what a user would reach for)."""
+    """Inference (eval, no_grad) and a training step (SGD) of a torchvision model: eager, accelerate, and compile
+    (of the model and of the accelerated one: ``accelerate_compile``) for the modes in ``compile_``; on CUDA also
+    ``accelerate_triton`` (``backend="triton"``: every chain on the fused kernel, training-mode BatchNorms and
+    squeeze-excitations included), with its output's error against eager's (inference). On CUDA each variant's
+    inference, or its training step's forward+backward (the optimizer left out), is also timed as a CUDA-graph
+    replay (``{variant}_graph_ms``: device time; where it is far below ``{variant}_ms`` the model is host-bound, and
+    graphs are what a user would reach for)."""
     for mode in ("inference", "training"):
         torch._dynamo.reset()
         base = factory().to(device=device, dtype=dtype, memory_format=torch.channels_last)
@@ -573,6 +574,8 @@ def model_rows(
             variants["compile"] = torch.compile(base)
         if changes:
             variants["accelerate"] = accelerated
+        if changes and mode in compile_:  # what a user would try next: our modules inside the compiled graph
+            variants["accelerate_compile"] = torch.compile(accelerated)
         if changes and device == "cuda":  # the interpreter would take minutes on a CPU
             variants["accelerate_triton"], triton_changes = sepconv.accelerate(base, backend="triton")
         x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
