@@ -40,12 +40,11 @@ ones the op knows (:func:`~sepconv.squeeze_excitation.excitation_gate`), else fo
 convs outside any chain are replaced by a DepthwiseConv2d too, with a following eval-mode BatchNorm folded in.
 Every other conv followed by an eval-mode BatchNorm (in a Sequential, or as the attributes the modules of
 :data:`_CONV_NORMS` run: timm's stems, expanding 1x1 convs, last convs and ResNet blocks, torchvision's ResNet,
-GoogLeNet and Inception blocks) becomes one ``nn.Conv2d`` with that norm folded into its weights (kind ``"folded
-conv"``; a ``BatchNormAct2d`` leaves its activation behind): on this project's 2-core CPU that took mobilenet_v2's
-inference under ``run_channels_last(accelerate(model))`` from 1.08-1.16x to 1.22-1.73x eager channels_last's speed
-(those norms read and wrote the largest activations; ``benchmarks/cpu_torchvision.py``). A module the model runs
-from more than one place (shared weights) is left as it is, and so are the norms after it. The input model is not
-modified; a Sequential that is rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` ->
+GoogLeNet and Inception blocks) becomes one ``nn.Conv2d`` with that norm folded into its weights (kind
+``"folded conv"``; a ``BatchNormAct2d`` leaves its activation behind): those norms read and wrote the largest
+activations (the CPU gain: README, ``benchmarks/cpu_torchvision.py``). A module the model runs from more than one
+place (shared weights) is left as it is, and so are the norms after it. The input model is not modified; a
+Sequential that is rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` ->
 ``conv.1_0.weight``): the result is for running, keep checkpoints of the original.
 
 >>> import torch
@@ -300,6 +299,8 @@ def _leaves(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:
                 yield _join(path, name), part
         return
     for name, child in module._modules.items():  # as Sequential.forward runs them: a module twice included
+        if child is None:
+            continue
         if _is_plain_sequential(child) or isinstance(child, SeparableConv2d):
             yield from _leaves(child, _join(path, name))
         else:
@@ -496,10 +497,10 @@ def _batch_statistics_norm(module: nn.Module | None, channels: int) -> tuple[nn.
 
 
 def _fold_attribute_convs(module: nn.Module, path: str, surgery: _Surgery) -> None:
-    """A module of :data:`_CONV_NORMS` (torchvision's and timm's ResNets, timm's efficientnet family) in eval mode:
-    each plain conv whose norm folds (an eval-mode ``BatchNorm2d``, or ``BatchNormAct2d`` with an identity dropout)
-    becomes one conv with that norm folded in, the norm's attribute its activation (or ``nn.Identity``), so the
-    module's own forward runs as before."""
+    """A module of :data:`_CONV_NORMS` (its table names the classes) in eval mode: each plain conv whose norm folds
+    (an eval-mode ``BatchNorm2d``, or ``BatchNormAct2d`` with an identity dropout) becomes one conv with that norm
+    folded in, the norm's attribute its activation (or ``nn.Identity``), so the module's own forward runs as
+    before."""
     for conv_name, norm_name in _CONV_NORMS.get(_qualified_name(module), ()):
         conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
         if not (isinstance(conv, nn.Module) and _plain_conv(conv)):
