@@ -636,24 +636,35 @@ def test_timm_blocks_with_squeeze_excitation_train_on_triton_as_the_original(nam
             torch.testing.assert_close(fast_parameters[name_].grad, parameter.grad, msg=name_)
 
 
-def test_timm_block_whose_projection_norm_has_an_activation_keeps_that_norm():
-    """DepthwiseSeparableConv(pw_act=True): the activation after the 1x1 conv cannot be fused, so its
-    BatchNormAct2d stays as it is and only the part before it is fused (its first norm folded). In training
-    mode nothing folds: the depthwise conv alone is routed."""
+def test_timm_block_whose_projection_norm_has_an_activation_folds_it_and_keeps_the_activation():
+    """DepthwiseSeparableConv(pw_act=True) (timm's MobileNetV1 block): the activation after the 1x1 conv's
+    BatchNormAct2d cannot be fused, so the fused module takes both norms (folded in eval, kept with their batch
+    statistics in training on the Triton kernels) and that activation stays in the norm's place. Outputs (and in
+    training every gradient, the running statistics) equal the original's. Training on PyTorch's convs: nothing
+    folds, the depthwise conv alone is routed."""
     from timm.models._efficientnet_blocks import DepthwiseSeparableConv
 
     torch.manual_seed(3)
-    block = randomize_norms(DepthwiseSeparableConv(8, 16, dw_kernel_size=5, pw_act=True)).eval()
+    block = randomize_norms(DepthwiseSeparableConv(8, 16, dw_kernel_size=5, pw_act=True)).eval().double()
     fast, changes = accelerate(block)
     assert [(c.kind, c.replaced, c.folded_norms, c.activation) for c in changes] == [
-        ("fused separable", ("conv_dw", "bn1", "conv_pw"), ("bn1",), "relu")
+        ("fused separable", ("conv_dw", "bn1", "conv_pw", "bn2"), ("bn1", "bn2"), "relu")
     ]
-    assert type(fast.bn2).__name__ == "BatchNormAct2d" and isinstance(fast.conv_dw, FusedSeparableConv2d)
-    x = torch.randn(2, 8, 9, 9)
+    assert type(fast.bn2) is nn.ReLU and isinstance(fast.conv_dw, FusedSeparableConv2d)
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), block(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(fast(x), block(x))
     training, changes = accelerate(block.train())
     assert [c.kind for c in changes] == ["depthwise"] and type(training.bn1).__name__ == "BatchNormAct2d"
+    fast, changes = accelerate(block, backend="triton")  # on CPU: Triton's interpreter
+    assert [(c.replaced, c.folded_norms, c.batch_norms) for c in changes] == [
+        (("conv_dw", "bn1", "conv_pw", "bn2"), (), ("bn1", "bn2"))
+    ]
+    assert type(fast.bn2) is nn.ReLU and type(fast.conv_dw.out_norm).__name__ == "BatchNormAct2d"
+    step_both(block, fast, x)
+    torch.testing.assert_close(fast.conv_dw.pw_weight.grad, block.conv_pw.weight.grad)
+    torch.testing.assert_close(fast.conv_dw.out_norm.weight.grad, block.bn2.weight.grad)
+    torch.testing.assert_close(fast.conv_dw.out_norm.running_var, block.bn2.running_var)
 
 
 @pytest.mark.parametrize(
@@ -661,14 +672,14 @@ def test_timm_block_whose_projection_norm_has_an_activation_keeps_that_norm():
     [
         (lambda: timm.layers.SeparableConv2d(6, 10, 5, stride=2, channel_multiplier=2.0), ()),
         (lambda: timm.layers.SeparableConvNormAct(6, 10, 3, dilation=2, apply_act=False), ("bn",)),
-        (lambda: timm.layers.SeparableConvNormAct(6, 10, 3), ()),  # the norm applies a ReLU: it stays
+        (lambda: timm.layers.SeparableConvNormAct(6, 10, 3), ("bn",)),  # its ReLU stays in the norm's place
     ],
     ids=["separable", "norm", "norm-act"],
 )
 def test_timm_separable_layers_fuse(factory, folded):
     """timm's SeparableConv2d / SeparableConvNormAct (depthwise conv, 1x1 conv, optional trailing BatchNormAct2d):
-    one fused module with no activation between; the trailing norm folded unless it applies an activation.
-    Outputs equal the original's, on PyTorch's convs and on the Triton kernels."""
+    one fused module with no activation between; the trailing norm folded, the activation it applied (if any) left
+    in its place. Outputs equal the original's, on PyTorch's convs and on the Triton kernels."""
     torch.manual_seed(4)
     layer = randomize_norms(factory()).eval()
     for backend in ("auto", "triton"):
@@ -676,6 +687,8 @@ def test_timm_separable_layers_fuse(factory, folded):
         assert [(c.kind, c.replaced, c.folded_norms, c.activation) for c in changes] == [
             ("fused separable", ("conv_dw", "conv_pw", *folded), folded, None)
         ]
+        if folded:  # the norm's activation (a ReLU, or none) in its place
+            assert type(fast.bn) is type(getattr(layer.bn, "act", nn.Identity()))
         x = torch.randn(2, 6, 11, 11)
         with torch.no_grad():
             torch.testing.assert_close(fast(x), layer(x), atol=1e-5, rtol=1e-4)
@@ -718,3 +731,160 @@ def test_a_class_of_a_timm_name_elsewhere_is_not_fused():
     x = torch.randn(2, 4, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), layer(x))
+
+
+# ---- timm's Conv2dSame (TensorFlow 'same' padding at run time: the tf_ models) -----------------------------------
+
+
+@given(
+    channels=st.integers(1, 5),
+    multiplier=st.integers(1, 2),
+    kernel=st.tuples(st.integers(1, 6), st.integers(1, 6)),
+    stride=st.integers(1, 2),
+    dilation=st.integers(1, 2),
+    size=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    activation=st.sampled_from([nn.ReLU6, nn.SiLU]),
+)
+def test_conv2d_same_chains_fuse_and_keep_their_run_time_padding(
+    channels, multiplier, kernel, stride, dilation, size, activation
+):
+    """timm's Conv2dSame pads at run time for TensorFlow's 'same' (any stride, the odd pixel last) and ignores its
+    padding attribute. A depthwise Conv2dSame -> BN -> act -> 1x1 Conv2dSame -> BN chain is fused with padding
+    'same'; a standard Conv2dSame's norm is folded into a Conv2dSame. Outputs equal in float64 on any input size
+    (odd and even, smaller than the kernel), on PyTorch's convs and on the Triton kernels."""
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(0)
+    mid = channels * multiplier
+    model = nn.Sequential(
+        Conv2dSame(3, channels, 3, stride=stride, bias=False),  # three inputs: not a depthwise conv
+        nn.BatchNorm2d(channels),
+        Conv2dSame(channels, mid, kernel, stride=stride, dilation=dilation, groups=channels, bias=False),
+        nn.BatchNorm2d(mid),
+        activation(),
+        Conv2dSame(mid, 3, 1, bias=False),
+        nn.BatchNorm2d(3),
+    )
+    model = randomize_norms(model).double().eval()
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        want = model(x)
+    for backend in ("torch", "triton"):  # triton on CPU: the interpreter
+        fast, changes = accelerate(model, backend=backend)
+        assert [(c.kind, c.replaced) for c in changes] == [
+            ("folded conv", ("0", "1")),
+            ("fused separable", ("2", "3", "4", "5", "6")),
+        ]
+        assert type(fast[0]) is Conv2dSame and fast[1].padding == "same"
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), want)
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_b0", "tf_mobilenetv3_large_100"])
+def test_tf_models_fuse_their_stride_two_blocks_too(name):
+    """timm's tf_ models pad their stride-2 convs at run time (Conv2dSame): every block is fused, the stem's norm
+    folded, no BatchNorm left, outputs equal in float64 on an input whose 'same' pads are uneven."""
+    from timm.layers import Conv2dSame
+
+    torch.manual_seed(7)
+    model = randomize_norms(timm.create_model(name, pretrained=False)).double().eval()
+    fast, changes = accelerate(model)
+    same_padded = [path for path, m in model.named_modules() if type(m) is Conv2dSame and m.groups > 1]
+    fused = {c.replaced[0] for c in of_kind(changes, "fused separable")}
+    assert len(fused) == len(_timm_blocks(model)) and same_padded and set(same_padded) <= fused
+    assert count(fast, nn.BatchNorm2d) == 0 and type(fast.conv_stem) is Conv2dSame
+    x = torch.randn(1, 3, 45, 50, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+
+
+# ---- timm's UniversalInvertedResidual (MobileNetV4) ---------------------------------------------------------------
+
+
+def _universal_blocks(model: nn.Module) -> list[str]:
+    """The depthwise convs of MobileNetV4's blocks that start a chain: dw_start (before the expansion) and dw_mid."""
+    convs = []
+    for path, block in model.named_modules():
+        if type(block).__name__ == "UniversalInvertedResidual":
+            names = [name for name in ("dw_start", "dw_mid") if hasattr(block.get_submodule(name), "conv")]
+            convs += [f"{path}.{name}.conv" for name in names]
+    return convs
+
+
+def test_mobilenetv4_fuses_both_depthwise_convs_of_its_blocks():
+    """MobileNetV4's UniversalInvertedResidual runs ConvNormActs from its own forward: dw_start -> pw_exp (norm ->
+    1x1 -> norm + ReLU: the ReLU stays) and dw_mid (norm + ReLU) -> pw_proj become fused modules; with the stem,
+    the ConvBnAct blocks and the head's conv + norm folded, no BatchNorm is left. Outputs equal in float64."""
+    torch.manual_seed(8)
+    model = randomize_norms(timm.create_model("mobilenetv4_conv_small", pretrained=False)).double().eval()
+    chains = _universal_blocks(model)
+    fast, changes = accelerate(model)
+    fused = of_kind(changes, "fused separable")
+    assert sorted(c.replaced[0] for c in fused) == sorted(chains)
+    assert any(c.endswith("dw_start.conv") for c in chains) and any(c.endswith("dw_mid.conv") for c in chains)
+    assert all(len(c.folded_norms) == 2 for c in fused) and count(fast, nn.BatchNorm2d) == 0
+    for c in fused:
+        if c.replaced[0].endswith("dw_start.conv"):
+            assert c.activation is None and type(fast.get_submodule(c.replaced[-1])) is nn.ReLU  # pw_exp.bn
+        else:
+            assert c.activation == "relu" and type(fast.get_submodule(c.replaced[-1])) is nn.Identity
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+
+
+def test_mobilenetv4_blocks_train_on_triton_as_the_original():
+    """Training mode, backend="triton": both chains of each UniversalInvertedResidual keep their norms (batch
+    statistics), pw_exp's ReLU in its norm's place; outputs, the gradients of every parameter and the running
+    statistics equal the original's."""
+    torch.manual_seed(9)
+    model = randomize_norms(timm.create_model("mobilenetv4_conv_small", pretrained=False)).double().train()
+    part = nn.Sequential(model.conv_stem, model.bn1, model.blocks[0], model.blocks[1], model.blocks[2][0])
+    fast, changes = accelerate(part, backend="triton")  # on CPU: Triton's interpreter
+    fused = of_kind(changes, "fused separable")
+    assert sorted(c.replaced[0] for c in fused) == sorted(_universal_blocks(part)) and len(fused) == 2
+    assert all(len(c.batch_norms) == 2 and not c.folded_norms for c in fused)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    step_both(part, fast, x)
+    for c in fused:
+        module, block = fast.get_submodule(c.replaced[0]), c.replaced[0].rsplit(".", 2)[0]
+        original = part.get_submodule(block)
+        dw, pw = ("dw_start", "pw_exp") if c.replaced[0].endswith("dw_start.conv") else ("dw_mid", "pw_proj")
+        torch.testing.assert_close(module.dw_weight.grad, getattr(original, dw).conv.weight.grad)
+        torch.testing.assert_close(module.pw_weight.grad, getattr(original, pw).conv.weight.grad)
+        for kept, norm in ((module.mid_norm, getattr(original, dw).bn), (module.out_norm, getattr(original, pw).bn)):
+            torch.testing.assert_close(kept.weight.grad, norm.weight.grad)
+            torch.testing.assert_close(kept.running_mean, norm.running_mean)
+
+
+def _expected_chains(model: nn.Module) -> list[str]:
+    """The depthwise convs that start a fusable chain, from the model's structure: ReXNet's blocks without a
+    squeeze-excitation (theirs runs before the activation), EfficientViT's DSConv and MBConv, GhostNet's downsampling
+    shortcuts (a Sequential: depthwise conv, norm, 1x1 conv, norm)."""
+    chains = []
+    for path, block in model.named_modules():
+        kind = type(block).__name__
+        if kind == "LinearBottleneck" and block.se is None:
+            chains.append(f"{path}.conv_dw.conv")
+        elif kind in ("DSConv", "MBConv"):
+            chains.append(f"{path}.depth_conv.conv")
+        elif kind == "GhostBottleneck" and len(block.shortcut):
+            chains.append(f"{path}.shortcut.0")
+    return chains
+
+
+@pytest.mark.parametrize("name", ["rexnet_100", "efficientvit_b0", "ghostnet_100"])
+def test_more_timm_families_fuse_their_chains_and_fold_their_norms(name):
+    """ReXNet (ConvNormAct depthwise -> ReLU6 -> ConvNormAct 1x1), EfficientViT (its own ConvNormAct: dropout ->
+    conv -> norm -> act) and GhostNet (its depthwise conv + norm, stem): every chain the structure allows is fused,
+    the conv + norm pairs around them folded; outputs equal in float64."""
+    torch.manual_seed(10)
+    model = randomize_norms(timm.create_model(name, pretrained=False)).double().eval()
+    fast, changes = accelerate(model)
+    assert sorted(c.replaced[0] for c in of_kind(changes, "fused separable")) == sorted(_expected_chains(model))
+    norms = {path for path, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    in_excitations = {p for p in norms if ".se." in p}  # ReXNet's SEWithNorm: a norm on (N, C, 1, 1) gates
+    assert {p for c in changes for p in c.folded_norms} == norms - in_excitations
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))

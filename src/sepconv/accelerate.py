@@ -11,12 +11,15 @@ convs (on the folded weights), and our depthwise kernel for large kernels in cha
 runs the fused kernel, which measured slower.
 
 timm's blocks run their modules from their own forward: its efficientnet family (``DepthwiseSeparableConv``,
-``InvertedResidual``: timm's mobilenetv2/v3, mnasnet, efficientnet), ``timm.layers``' ``SeparableConv2d`` /
-``SeparableConvNormAct`` and xception_aligned's ``SeparableConv2d``, recognised by qualified class name (timm
-is not a dependency). In eval mode, the block's depthwise conv becomes the fused module of the conv, its norm
-(folded) and activation (fused), its squeeze-excitation if any (kept), the 1x1 conv and that one's norm (folded
-unless it applies an activation of its own), and the absorbed modules ``nn.Identity``: the block's forward,
-shortcut included, runs as before.
+``InvertedResidual``: timm's mobilenetv1/v2/v3, mnasnet, efficientnet; MobileNetV4's ``UniversalInvertedResidual``,
+both of its depthwise convs), ReXNet's and EfficientViT's (MIT) blocks, ``timm.layers``' ``SeparableConv2d`` /
+``SeparableConvNormAct`` and xception_aligned's ``SeparableConv2d`` (the table :data:`_TIMM_BLOCKS`), recognised
+by qualified class name (timm is not a dependency). In eval
+mode, the block's depthwise conv becomes the fused module of the conv, its norm (folded) and activation (fused),
+its squeeze-excitation if any (kept), the 1x1 conv and that one's norm (folded; an activation that norm applies
+stays in its place), and the absorbed modules ``nn.Identity``: the block's forward, shortcut included, runs as
+before. timm's ``Conv2dSame`` (the tf_ models' stride-2 convs: TensorFlow's 'same' padding, computed at run time)
+is taken as a conv with ``padding="same"``, which our modules and kernels compute the same way.
 
 A BatchNorm2d between the convs in training mode cannot be folded once (it normalizes with each batch's
 statistics). With ``backend="triton"`` the fused module keeps it (``mid_norm``, a ``BatchNorm2d`` or in timm's
@@ -65,6 +68,7 @@ import functools
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -351,12 +355,29 @@ def _rewrite_sequence(module: nn.Module, path: str, surgery: _Surgery) -> nn.Mod
     return sequence
 
 
+# nn.Conv2d subclasses whose forward pads for TensorFlow's 'same' at run time (any stride; the odd pixel last) and
+# ignores their padding attributes: what our layers and kernels compute for padding="same" (timm 0.4-1.0)
+_SAME_PADDED_CONVS = frozenset({"timm.layers.conv2d_same.Conv2dSame"})
+
+
+def _pads_same(module: nn.Module) -> bool:
+    return _qualified_name(module) in _SAME_PADDED_CONVS
+
+
 def _plain_conv(module: nn.Module) -> bool:
-    """An ``nn.Conv2d`` that computes what ``nn.Conv2d`` computes: its own forward, or one of our layers.
-    Subclasses with a forward of their own (timm's ``Conv2dSame`` pads at run time) are left alone."""
+    """An ``nn.Conv2d`` whose computation we know: its own forward, one of our layers, or one of
+    :data:`_SAME_PADDED_CONVS` (its padding is :func:`_conv_padding`). Other subclasses with a forward of their own
+    are left alone."""
     return isinstance(module, nn.Conv2d) and (
-        type(module).forward is nn.Conv2d.forward or isinstance(module, (DepthwiseConv2d, PointwiseConv2d))
+        type(module).forward is nn.Conv2d.forward
+        or isinstance(module, (DepthwiseConv2d, PointwiseConv2d))
+        or _pads_same(module)
     )
+
+
+def _conv_padding(conv: nn.Conv2d) -> str | tuple[int, ...]:
+    """The padding a :func:`_plain_conv` computes with, as our layers and kernels take it."""
+    return "same" if _pads_same(conv) else conv.padding  # type: ignore[return-value]
 
 
 def _is_depthwise(module: nn.Module) -> bool:
@@ -373,7 +394,7 @@ def _is_pointwise(module: nn.Module, channels: int) -> bool:
         _plain_conv(module)
         and module.kernel_size == (1, 1)
         and module.stride == (1, 1)
-        and module.padding in ((0, 0), "valid")
+        and _conv_padding(module) in ((0, 0), "valid", "same")  # 'same' pads nothing for a 1x1 stride-1 conv
         and module.groups == 1
         and module.in_channels == channels
     )
@@ -414,7 +435,7 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int, backend: str):
     dw_weight, dw_bias = _fold(dw.weight, dw.bias, None if norm1 is None else norm1[1])
     pw_weight, pw_bias = _fold(pw.weight, pw.bias, None if norm2 is None else norm2[1])
     act_name = None if activation is None else fused_activation(activation[1])
-    geometry = (dw.stride, dw.padding, dw.dilation)
+    geometry = (dw.stride, _conv_padding(dw), dw.dilation)
     mid_norm, out_norm, se = (None if k is None else k[1] for k in (kept, kept_out, excitation))
     weights = (dw_weight, dw_bias, pw_weight, pw_bias)
     norms = {"mid_norm": mid_norm, "out_norm": out_norm, "excitation": se}
@@ -427,17 +448,62 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int, backend: str):
     return i, fused, Acceleration("fused separable", replaced, folded, act_name, kept_paths, se_path)
 
 
-# timm's blocks that run a separable chain from their own forward, recognised by qualified class name (timm is not
-# a dependency; classes of the same name elsewhere may differ): the attributes their forward runs, in order —
-# depthwise conv, its norm (a BatchNorm2d or timm's BatchNormAct2d; None: none), its activation module (None:
-# none, or inside the BatchNormAct2d), modules that must be nn.Identity (anti-aliasing, squeeze-excitation), the
-# 1x1 conv, its norm (None: none). As in timm 1.0; what runs after these (an activation, the shortcut) stays.
+class _Chain(NamedTuple):
+    """A separable chain a block runs from its own forward: the attributes it runs, in order (dotted: a
+    submodule's, e.g. the conv of a ConvNormAct whose forward runs conv -> bn -> aa)."""
+
+    dw: str  # the depthwise conv
+    norm1: str | None  # its norm (a BatchNorm2d or timm's BatchNormAct2d), None: none
+    act1: str | None  # its activation module, None: none (or inside the BatchNormAct2d)
+    pw: str  # the 1x1 conv
+    norm2: str | None  # its norm, None: none
+    identities: tuple[str, ...] = ()  # run between the convs: each must be nn.Identity, a Dropout(p=0) or absent
+    excitation: str | None = None  # a squeeze-excitation between the activation and the 1x1 conv: kept, fused
+
+
+# timm's blocks that run separable chains from their own forward, recognised by qualified class name (timm is not
+# a dependency; classes of the same name elsewhere may differ), and their chains (timm 1.0). What runs after a
+# chain (an activation, the shortcut) stays.
 _TIMM_BLOCKS = {
-    "timm.models._efficientnet_blocks.DepthwiseSeparableConv": ("conv_dw", "bn1", None, ("aa", "se"), "conv_pw", "bn2"),
-    "timm.models._efficientnet_blocks.InvertedResidual": ("conv_dw", "bn2", None, ("aa", "se"), "conv_pwl", "bn3"),
-    "timm.layers.separable_conv.SeparableConvNormAct": ("conv_dw", None, None, (), "conv_pw", "bn"),
-    "timm.layers.separable_conv.SeparableConv2d": ("conv_dw", None, None, (), "conv_pw", None),
-    "timm.models.xception_aligned.SeparableConv2d": ("conv_dw", "bn_dw", "act_dw", (), "conv_pw", "bn_pw"),
+    "timm.models._efficientnet_blocks.DepthwiseSeparableConv": (
+        _Chain("conv_dw", "bn1", None, "conv_pw", "bn2", ("aa",), "se"),
+    ),
+    "timm.models._efficientnet_blocks.InvertedResidual": (
+        _Chain("conv_dw", "bn2", None, "conv_pwl", "bn3", ("aa",), "se"),
+    ),
+    # MobileNetV4: an optional depthwise conv before the expansion, and the usual one after it
+    "timm.models._efficientnet_blocks.UniversalInvertedResidual": (
+        _Chain("dw_start.conv", "dw_start.bn", None, "pw_exp.conv", "pw_exp.bn", ("dw_start.aa", "pw_exp.aa")),
+        _Chain("dw_mid.conv", "dw_mid.bn", None, "pw_proj.conv", "pw_proj.bn", ("dw_mid.aa", "pw_proj.aa"), "se"),
+    ),
+    # ReXNet: its squeeze-excitation runs before the activation, so only blocks without one
+    "timm.models.rexnet.LinearBottleneck": (
+        _Chain("conv_dw.conv", "conv_dw.bn", "act_dw", "conv_pwl.conv", "conv_pwl.bn", ("conv_dw.aa", "se")),
+    ),
+    # EfficientViT (MIT): ConvNormActs whose forward runs dropout -> conv -> norm -> act
+    "timm.models.efficientvit_mit.DSConv": (
+        _Chain(
+            "depth_conv.conv",
+            "depth_conv.norm",
+            "depth_conv.act",
+            "point_conv.conv",
+            "point_conv.norm",
+            ("point_conv.dropout",),
+        ),
+    ),
+    "timm.models.efficientvit_mit.MBConv": (
+        _Chain(
+            "depth_conv.conv",
+            "depth_conv.norm",
+            "depth_conv.act",
+            "point_conv.conv",
+            "point_conv.norm",
+            ("point_conv.dropout",),
+        ),
+    ),
+    "timm.layers.separable_conv.SeparableConvNormAct": (_Chain("conv_dw", None, None, "conv_pw", "bn"),),
+    "timm.layers.separable_conv.SeparableConv2d": (_Chain("conv_dw", None, None, "conv_pw", None),),
+    "timm.models.xception_aligned.SeparableConv2d": (_Chain("conv_dw", "bn_dw", "act_dw", "conv_pw", "bn_pw"),),
 }
 _TIMM_NORM_ACT = "timm.layers.norm_act.BatchNormAct2d"  # batch norm, dropout, activation
 
@@ -456,7 +522,10 @@ _CONV_NORMS = {
     "timm.models._efficientnet_blocks.ConvBnAct": (("conv", "bn1"),),
     "timm.models._efficientnet_blocks.EdgeResidual": (("conv_exp", "bn1"), ("conv_pwl", "bn2")),
     "timm.models.efficientnet.EfficientNet": (("conv_stem", "bn1"), ("conv_head", "bn2")),
-    "timm.models.mobilenetv3.MobileNetV3": (("conv_stem", "bn1"),),
+    "timm.models.mobilenetv3.MobileNetV3": (("conv_stem", "bn1"), ("conv_head", "norm_head")),  # norm_head: v4
+    "timm.models.ghostnet.GhostNet": (("conv_stem", "bn1"),),
+    "timm.models.ghostnet.GhostBottleneck": (("conv_dw", "bn_dw"),),
+    "timm.models.efficientvit_mit.ConvNormAct": (("conv", "norm"),),
     "timm.layers.conv_bn_act.ConvNormAct": (("conv", "bn"),),
 }
 
@@ -469,7 +538,7 @@ def _norm_and_activation(module: nn.Module | None, channels: int) -> tuple[nn.Mo
     """(norm to fold or None, activation it applies or None) of what follows a conv of ``channels`` outputs:
     nothing or ``nn.Identity`` (None, None); an eval-mode ``BatchNorm2d`` (it, None); an eval-mode timm
     ``BatchNormAct2d`` with an identity dropout (it, its activation or None); anything else None (no fold)."""
-    if module is None or type(module) is nn.Identity:
+    if module is None or type(module) is nn.Identity or (type(module) is nn.Sequential and not module._modules):
         return None, None
     if foldable_norm(module, channels):
         return module, None
@@ -515,27 +584,51 @@ def _fold_attribute_convs(module: nn.Module, path: str, surgery: _Surgery) -> No
 
 
 def _rewrite_timm_block(block: nn.Module, path: str, surgery: _Surgery) -> None:
-    """A timm block of :data:`_TIMM_BLOCKS` (eval mode, identity anti-aliasing and squeeze-excitation, a fusable
-    activation): its depthwise conv becomes a :class:`FusedSeparableConv2d` of the conv, its norm and activation,
-    the 1x1 conv and that one's norm (folded when it applies no activation of its own, else left in place); the
-    modules it absorbed become ``nn.Identity``, so the block's own forward (shortcut, drop-path) still runs."""
-    parts = _TIMM_BLOCKS.get(_qualified_name(block))
-    if parts is None or getattr(block, "conv_s2d", None) is not None:
+    """A timm block of :data:`_TIMM_BLOCKS`: each of its chains that :func:`_rewrite_timm_chain` can fuse."""
+    chains = _TIMM_BLOCKS.get(_qualified_name(block), ())
+    if getattr(block, "conv_s2d", None) is not None:  # space-to-depth before the chain: its own forward
         return
-    dw_name, norm1_name, act1_name, identities, pw_name, norm2_name = parts
+    for chain in chains:
+        _rewrite_timm_chain(block, path, chain, surgery)
+
+
+def _part(block: nn.Module, name: str | None) -> nn.Module | None:
+    """The module at attribute path ``name`` of ``block`` (dotted: a submodule's), None where absent."""
+    module: nn.Module | None = block
+    for attribute in [] if name is None else name.split("."):
+        module = getattr(module, attribute, None)
+        if not isinstance(module, nn.Module):
+            return None
+    return None if name is None else module
+
+
+def _set_part(block: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attribute = name.rpartition(".")
+    setattr(block.get_submodule(parent), attribute, module)
+
+
+def _rewrite_timm_chain(block: nn.Module, path: str, chain: _Chain, surgery: _Surgery) -> None:
+    """One chain of a timm block (a fusable activation, identity or absent anti-aliasing, a squeeze-excitation kept):
+    its depthwise conv becomes a :class:`FusedSeparableConv2d` of the conv, its norm and activation, the 1x1 conv
+    and that one's norm (eval mode: folded; a ``BatchNormAct2d``'s activation stays in its place); the other
+    modules it absorbed become ``nn.Identity``, so the block's own forward (shortcut, drop-path) still runs. In
+    training mode with ``backend="triton"`` the norms are kept in the fused module (batch statistics)."""
+    dw_name, norm1_name, act1_name, pw_name, norm2_name, identities, se_name = chain
     backend = surgery.backend
-    part = lambda name: None if name is None else getattr(block, name, None)  # noqa: E731
+    part = functools.partial(_part, block)
     dw, pw = part(dw_name), part(pw_name)
-    if not (isinstance(dw, nn.Module) and _is_depthwise(dw) and isinstance(pw, nn.Module)):
+    if not (dw is not None and _is_depthwise(dw) and pw is not None):
         return
     norm1 = _norm_and_activation(part(norm1_name), dw.out_channels)
     kept = _batch_statistics_norm(part(norm1_name), dw.out_channels) if backend == "triton" and norm1 is None else None
-    se = getattr(block, "se", None) if "se" in identities else None
+    se = part(se_name)
     se = se if se is not None and is_excitation(se, dw.out_channels) else None  # kept, run fused
-    if not surgery.replaceable(block, dw, pw, part(norm1_name), part(act1_name), part(norm2_name), se):
+    names = (dw_name, pw_name, norm1_name, act1_name, norm2_name)
+    parents = [part(name.rpartition(".")[0]) for name in names if name is not None and "." in name]
+    if not surgery.replaceable(block, *parents, *(part(name) for name in names), se):
         return
-    others = [n for n in identities if not (n == "se" and se is not None)]
-    if not _is_pointwise(pw, dw.out_channels) or any(type(part(n)) is not nn.Identity for n in others):
+    others = [part(n) for n in identities] + ([part(se_name)] if se is None and se_name is not None else [])
+    if not _is_pointwise(pw, dw.out_channels) or not all(_no_op(module) for module in others):
         return
     if kept is not None:  # training mode: kept in the fused module, its batch statistics folded in per call
         norm1 = (None, kept[1])
@@ -545,32 +638,41 @@ def _rewrite_timm_block(block: nn.Module, path: str, surgery: _Surgery) -> None:
     activation = norm1[1] if norm1[1] is not None else act1
     if activation is not None and fused_activation(activation) is None:
         return
+    # the 1x1 conv's norm: folded (eval) or kept (training, triton); the activation it applies stays in its place
     norm2 = _norm_and_activation(part(norm2_name), pw.out_channels)
-    norm2 = norm2[0] if norm2 is not None and norm2[1] is None else None  # folded only without an activation
     kept_out = None
-    if norm2 is None and backend == "triton":  # training mode: kept if it applies no activation of its own
-        statistics_norm = _batch_statistics_norm(part(norm2_name), pw.out_channels)
-        kept_out = statistics_norm[0] if statistics_norm is not None and statistics_norm[1] is None else None
+    if norm2 is None and backend == "triton":
+        kept_out = _batch_statistics_norm(part(norm2_name), pw.out_channels)
+    after = (norm2 or kept_out or (None, None))[1]  # the activation left in the norm's place
+    norm2_module = None if norm2 is None else norm2[0]
     dw_weight, dw_bias = _fold(dw.weight, dw.bias, norm1[0])
-    pw_weight, pw_bias = _fold(pw.weight, pw.bias, norm2)
+    pw_weight, pw_bias = _fold(pw.weight, pw.bias, norm2_module)
     act_name = None if activation is None else fused_activation(activation)
-    geometry = (dw.stride, dw.padding, dw.dilation)
+    geometry = (dw.stride, _conv_padding(dw), dw.dilation)
     weights, mid_norm = (dw_weight, dw_bias, pw_weight, pw_bias), None if kept is None else kept[0]
-    fused = FusedSeparableConv2d(dw.in_channels, *weights, *geometry, act_name, backend, mid_norm, kept_out, se)
+    out_norm = None if kept_out is None else kept_out[0]
+    fused = FusedSeparableConv2d(dw.in_channels, *weights, *geometry, act_name, backend, mid_norm, out_norm, se)
     fused.training = dw.training
-    folded = tuple(name for name, norm in ((norm1_name, norm1[0]), (norm2_name, norm2)) if norm is not None)
+    folded = tuple(name for name, norm in ((norm1_name, norm1[0]), (norm2_name, norm2_module)) if norm is not None)
     norm1_module = norm1[0] if kept is None else kept[0]
     absorbed = [name for name, m in ((norm1_name, norm1_module), (act1_name, act1), (pw_name, pw)) if m is not None]
-    absorbed += [norm2_name] if norm2 is not None or kept_out is not None else []
-    absorbed += ["se"] if se is not None else []
-    setattr(block, dw_name, fused)
+    absorbed += [se_name] if se is not None else []
+    _set_part(block, dw_name, fused)
     for name in absorbed:
-        setattr(block, name, nn.Identity())
+        _set_part(block, name, nn.Identity())
+    if norm2_module is not None or out_norm is not None:
+        absorbed.append(norm2_name)
+        _set_part(block, norm2_name, nn.Identity() if after is None else after)
     replaced = tuple(_join(path, n) for n in (dw_name, *absorbed))
     batch_norms = tuple(_join(path, n) for n, k in ((norm1_name, kept), (norm2_name, kept_out)) if k is not None)
     folded_paths = tuple(_join(path, n) for n in folded)
-    se_path = None if se is None else _join(path, "se")
+    se_path = None if se is None else _join(path, se_name)
     surgery.changes.append(Acceleration("fused separable", replaced, folded_paths, act_name, batch_norms, se_path))
+
+
+def _no_op(module: nn.Module | None) -> bool:
+    """Absent, ``nn.Identity`` or a dropout of probability 0: nothing to run between the convs."""
+    return module is None or type(module) is nn.Identity or (type(module) is nn.Dropout and module.p == 0)
 
 
 @torch.no_grad()
@@ -584,21 +686,23 @@ def _fold(weight: Tensor, bias: Tensor | None, norm: nn.BatchNorm2d | None) -> t
 
 def _folded_conv(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
     """``norm(conv(x))`` as one ``nn.Conv2d`` (a new module: a conv shared elsewhere keeps its weights; a
-    parametrized weight is taken as computed), for an eval-mode norm after the conv."""
+    parametrized weight is taken as computed), for an eval-mode norm after the conv. A conv of
+    :data:`_SAME_PADDED_CONVS` stays of its class (it pads at run time, which ``nn.Conv2d`` cannot for stride > 1)."""
     weight, bias = _fold(conv.weight, conv.bias, norm)
-    folded = nn.Conv2d(
-        conv.in_channels,
-        conv.out_channels,
-        conv.kernel_size,
-        conv.stride,
-        conv.padding,
-        conv.dilation,
-        conv.groups,
-        bias=True,
-        padding_mode=conv.padding_mode,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
+    geometry = {"stride": conv.stride, "dilation": conv.dilation, "groups": conv.groups, "bias": True}
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    if _pads_same(conv):  # timm's constructor: nn.Conv2d's arguments without padding_mode
+        folded = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, padding=0, **geometry, **factory)
+    else:
+        folded = nn.Conv2d(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            padding=conv.padding,
+            padding_mode=conv.padding_mode,
+            **geometry,
+            **factory,
+        )
     with torch.no_grad():
         folded.weight.copy_(weight)
         folded.bias.copy_(bias)
@@ -613,7 +717,7 @@ def _depthwise_replacement(conv: nn.Conv2d, norm: nn.BatchNorm2d | None, backend
         conv.in_channels,
         conv.kernel_size,
         conv.stride,
-        conv.padding,
+        _conv_padding(conv),
         conv.dilation,
         depth_multiplier=conv.out_channels // conv.in_channels,
         bias=bias is not None,
