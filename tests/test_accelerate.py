@@ -723,11 +723,14 @@ class SeparableConv2d(nn.Module):
         return self.conv_pw(self.bn(self.conv_dw(x)))
 
 
-def test_a_class_of_a_timm_name_elsewhere_is_not_fused():
+def test_a_class_of_a_timm_name_elsewhere_is_not_taken_for_timms():
+    """Its chain is found from its own forward (a trace), the norm between the convs included."""
     torch.manual_seed(6)
     layer = randomize_norms(SeparableConv2d()).eval()
     fast, changes = accelerate(layer)
-    assert [(c.kind, c.replaced) for c in changes] == [("depthwise", ("conv_dw",))]
+    assert [(c.kind, c.replaced, c.folded_norms) for c in changes] == [
+        ("fused separable", ("conv_dw", "bn", "conv_pw"), ("bn",))
+    ]
     x = torch.randn(2, 4, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), layer(x))
@@ -877,14 +880,132 @@ def _expected_chains(model: nn.Module) -> list[str]:
 def test_more_timm_families_fuse_their_chains_and_fold_their_norms(name):
     """ReXNet (ConvNormAct depthwise -> ReLU6 -> ConvNormAct 1x1), EfficientViT (its own ConvNormAct: dropout ->
     conv -> norm -> act) and GhostNet (its depthwise conv + norm, stem): every chain the structure allows is fused,
-    the conv + norm pairs around them folded; outputs equal in float64."""
+    every norm folded; outputs equal in float64."""
     torch.manual_seed(10)
     model = randomize_norms(timm.create_model(name, pretrained=False)).double().eval()
     fast, changes = accelerate(model)
     assert sorted(c.replaced[0] for c in of_kind(changes, "fused separable")) == sorted(_expected_chains(model))
     norms = {path for path, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    in_excitations = {p for p in norms if ".se." in p}  # ReXNet's SEWithNorm: a norm on (N, C, 1, 1) gates
-    assert {p for c in changes for p in c.folded_norms} == norms - in_excitations
+    # ReXNet's SEWithNorm's conv + norm (on (N, C, 1, 1) means) folded too: found by tracing its forward
+    assert {p for c in changes for p in c.folded_norms} == norms and count(fast, nn.BatchNorm2d) == 0
     x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+
+
+# ---- modules with a forward of their own, found by tracing it (torch.fx) ----------------------------------------
+
+
+class HandWrittenBlock(nn.Module):
+    """What users write: attributes run from a forward of their own, a ReLU module called twice, an argument."""
+
+    def __init__(self, channels: int = 6):
+        super().__init__()
+        self.conv1, self.bn1, self.relu = (
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+        )
+        self.dw, self.bn2 = (
+            nn.Conv2d(channels, 2 * channels, 5, padding=2, groups=channels),
+            nn.BatchNorm2d(2 * channels),
+        )
+        self.act, self.pw, self.bn3 = nn.ReLU6(), nn.Conv2d(2 * channels, channels, 1), nn.BatchNorm2d(channels)
+
+    def forward(self, x, scale: float = 1.0):
+        y = self.relu(self.bn1(self.conv1(x)))
+        y = self.bn3(self.pw(self.act(self.bn2(self.dw(y)))))
+        self.last_shape = y.shape  # an attribute set in forward: tracing must not leave a proxy behind
+        return self.relu(y + x) * scale
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = HandWrittenBlock(), HandWrittenBlock()
+
+    def forward(self, x, scale: float = 1.0):
+        return self.second(self.first(x, scale), scale)
+
+
+def test_hand_written_blocks_are_traced_and_rewritten_in_place():
+    """A module class of no table: its forward, traced, runs conv1 -> bn1 (folded) and dw -> bn2 -> ReLU6 -> 1x1 ->
+    bn3 (fused, both norms folded); the absorbed attributes become nn.Identity and the forward runs as before.
+    Eval outputs equal in float64; in training mode on the Triton kernels the chain keeps both norms and outputs,
+    gradients and running statistics equal the original's; on PyTorch's convs only the depthwise conv is routed."""
+    torch.manual_seed(11)
+    model = randomize_norms(TwoBlocks()).double()
+    fast, changes = accelerate(model.eval())
+    assert [(c.kind, c.replaced, c.folded_norms) for c in changes] == [
+        (kind, tuple(f"{block}.{name}" for name in names), tuple(f"{block}.{name}" for name in folded))
+        for block in ("first", "second")
+        for kind, names, folded in (
+            ("folded conv", ("conv1", "bn1"), ("bn1",)),
+            ("fused separable", ("dw", "bn2", "act", "pw", "bn3"), ("bn2", "bn3")),
+        )
+    ]
+    assert count(fast, nn.BatchNorm2d) == 0 and isinstance(fast.first.relu, nn.ReLU)
+    assert not any(isinstance(v, torch.fx.Proxy) for m in fast.modules() for v in vars(m).values())
+    x = torch.randn(2, 6, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, 0.5), model(x, 0.5))
+    _, changes = accelerate(model.train())
+    assert [(c.kind, c.replaced) for c in changes] == [("depthwise", (f"{b}.dw",)) for b in ("first", "second")]
+    fast, changes = accelerate(model, backend="triton")  # on CPU: Triton's interpreter
+    assert [c.batch_norms for c in changes] == [(f"{b}.bn2", f"{b}.bn3") for b in ("first", "second")]
+    torch.manual_seed(4)
+    expected = model(x, 0.5)
+    got = fast(x, 0.5)
+    torch.testing.assert_close(got, expected)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    for block in ("first", "second"):
+        fused, original = fast.get_submodule(f"{block}.dw"), model.get_submodule(block)
+        torch.testing.assert_close(fused.dw_weight.grad, original.dw.weight.grad)
+        torch.testing.assert_close(fused.out_norm.running_var, original.bn3.running_var)
+        torch.testing.assert_close(fast.get_submodule(f"{block}.conv1").weight.grad, original.conv1.weight.grad)
+
+
+class ConvUsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y  # the conv's output is needed unnormalized too
+
+
+class NormCalledTwice(ConvUsedTwice):
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.bn(x)
+
+
+class WeightRead(ConvUsedTwice):
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.conv.weight.mean()  # the forward reads the conv's own weight
+
+
+class FunctionBetween(ConvUsedTwice):
+    def forward(self, x):
+        return self.bn(torch.relu(self.conv(x)))
+
+
+class DataDependent(ConvUsedTwice):
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y if y.sum() > 0 else -y  # control flow on a tensor's value: not traceable
+
+
+@pytest.mark.parametrize("cls", [ConvUsedTwice, NormCalledTwice, WeightRead, FunctionBetween, DataDependent])
+def test_traced_forwards_that_need_their_modules_as_they_are_keep_them(cls):
+    """A norm is folded into the conv before it only where the forward runs nothing else on that path: not where
+    the conv's output is used twice, the norm is called twice, the forward reads the conv's weight, a function runs
+    between them, or the forward cannot be traced."""
+    torch.manual_seed(12)
+    model = randomize_norms(cls()).double().eval()
+    fast, changes = accelerate(model)
+    assert changes == [] and [type(m) for m in fast.modules()] == [type(m) for m in model.modules()]
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x))

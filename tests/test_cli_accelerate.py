@@ -30,6 +30,7 @@ def test_json_lists_every_efficientnet_block_with_its_squeeze_excitation(capsys:
     folded = [change for change in data["changes"] if change["kind"] == "folded conv"]
     assert len(fused) + len(folded) == len(data["changes"]) and len(folded) == len(norms) - 2 * 16 == 17
     assert sorted(n for change in data["changes"] for n in change["folded_norms"]) == sorted(norms)
+    assert data["norms_left"] == []
     assert 0 <= data["max_relative_difference"] < 1e-5  # BatchNorm folding reorders products: float32 rounding
 
 
@@ -39,15 +40,26 @@ def test_table_in_training_mode_lists_the_kept_norms(capsys: pytest.CaptureFixtu
     assert "17 chains fused, 0 depthwise convs routed" in table
     rows = [line for line in table.splitlines() if "fused separable" in line]
     assert len(rows) == 17 and all(line.split("│")[5].strip() == "2" for line in rows)  # both norms kept
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in torchvision.models.mobilenet_v2().modules())
+    assert f"BatchNorms left to run on their own: {norms - 2 * 17} (features.0.1, " in table  # the stem's first
 
 
-def test_check_in_training_mode_uses_the_same_random_numbers(capsys: pytest.CaptureFixture[str]) -> None:
-    """Training mode: dropout and batch statistics; both models see the same input and dropout mask."""
-    torch.manual_seed(0)
-    assert main(["accelerate", "torchvision:mobilenet_v2", "--train", "--check", "2,3,32,32", "--format", "json"]) == 0
+def test_norms_left_are_named(capsys: pytest.CaptureFixture[str]) -> None:
+    """DenseNet: a dense layer's forward (traced) runs norm2 right after conv1, folded, as the stem's norm0 after
+    conv0; the others (each layer's norm1, the transitions', norm5) follow a concatenation, a pooling or a
+    block: the footer and the JSON name them, norm by norm."""
+    model = torchvision.models.densenet121()
+    norms = [name for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    left = [name for name in norms if not name.endswith(".norm2") and name != "features.norm0"]
+    assert main(["accelerate", "torchvision:densenet121", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["training"] and [c["kind"] for c in data["changes"]] == ["depthwise"] * 17  # auto: not fused
-    assert data["max_relative_difference"] < 1e-5
+    assert data["norms_left"] == left and len(data["changes"]) == len(norms) - len(left) == 59
+    assert main(["accelerate", "torchvision:densenet121"]) == 0
+    footer = " ".join(capsys.readouterr().out.split("┘")[-1].split())  # the footer, rich's line breaks undone
+    assert (
+        footer
+        == f"BatchNorms left to run on their own: {len(left)} ({', '.join(left[:5])}, ... ({len(left) - 5} more))"
+    )
 
 
 @pytest.mark.parametrize(

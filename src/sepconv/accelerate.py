@@ -41,9 +41,15 @@ with batch statistics, the activation and the squeeze-excitation in one op) wher
 ones the op knows (:func:`~sepconv.squeeze_excitation.excitation_gate`), else for inference only
 (:mod:`sepconv.kernels.excitation`); otherwise, and on other backends, the module runs it itself. Depthwise
 convs outside any chain are replaced by a DepthwiseConv2d too, with a following eval-mode BatchNorm folded in.
-Every other conv followed by an eval-mode BatchNorm (in a Sequential, or as the attributes the modules of
+Modules of any other class with a forward of their own (a user's blocks, which run their attributes as
+``self.bn(self.conv(x))``) are traced with torch.fx, their submodules as leaves: children the forward runs one
+after the other, each called once, each output used by the next alone, are rewritten as a Sequential's are, in
+place (the first becomes the replacement, the others ``nn.Identity``); a forward that cannot be traced (control
+flow on tensor values) is left to the other rules.
+Every other conv followed by an eval-mode BatchNorm (in a Sequential, as the attributes the modules of
 :data:`_CONV_NORMS` run: timm's stems, expanding 1x1 convs, last convs and ResNet blocks, torchvision's ResNet,
-GoogLeNet and Inception blocks) becomes one ``nn.Conv2d`` with that norm folded into its weights (kind
+GoogLeNet and Inception blocks, or in a traced forward) becomes one ``nn.Conv2d`` with that norm folded into its
+weights (kind
 ``"folded conv"``; a ``BatchNormAct2d`` leaves its activation behind): those norms read and wrote the largest
 activations (the CPU gain: README, ``benchmarks/cpu_torchvision.py``). A module the model runs from more than one
 place (shared weights) is left as it is, and so are the norms after it. The input model is not modified; a
@@ -65,6 +71,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -252,6 +259,7 @@ class _Surgery:
     shared: frozenset[int]
     changes: list[Acceleration] = field(default_factory=list)
     visited: set[int] = field(default_factory=set)
+    created: set[int] = field(default_factory=set)  # replacements put in place by _rewrite_traced: done with
 
     def replaceable(self, *modules: nn.Module | None) -> bool:
         return not any(id(module) in self.shared for module in modules if module is not None)
@@ -270,8 +278,11 @@ def _rewrite_module(module: nn.Module, path: str, surgery: _Surgery) -> None:
     if id(module) in surgery.visited:
         return
     surgery.visited.add(id(module))
-    _fold_attribute_convs(module, path, surgery)
-    _rewrite_timm_block(module, path, surgery)
+    if _qualified_name(module) in _CONV_NORMS or _qualified_name(module) in _TIMM_BLOCKS:
+        _fold_attribute_convs(module, path, surgery)
+        _rewrite_timm_block(module, path, surgery)
+    else:
+        _rewrite_traced(module, path, surgery)
     _rewrite_children(module, path, surgery)
 
 
@@ -280,6 +291,8 @@ def _rewrite_children(module: nn.Module, prefix: str, surgery: _Surgery) -> None
         if child is None:
             continue
         path = _join(prefix, name)
+        if id(child) in surgery.created:
+            continue
         if not surgery.replaceable(child):
             _rewrite_module(child, path, surgery)
             continue
@@ -292,6 +305,85 @@ def _rewrite_children(module: nn.Module, prefix: str, surgery: _Surgery) -> None
             _rewrite_module(child, path, surgery)
             continue
         setattr(module, name, replacement)
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """torch.fx's tracer with every submodule a leaf: a module's forward as calls of its submodules."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _traced_graph(module: nn.Module) -> torch.fx.Graph | None:
+    """The graph of ``module``'s own forward (torch.fx, submodules as leaves; arguments with defaults fixed to them),
+    or None where it cannot be traced (control flow on tensor values, anything else that raises). Traced on a
+    shallow copy, so attributes its forward sets stay there (a proxy cannot be set as a parameter, buffer or
+    module: that raises)."""
+    probe = copy.copy(module)  # its own __dict__: attributes the forward sets land there
+    try:
+        defaults = {
+            name: parameter.default
+            for name, parameter in inspect.signature(type(module).forward).parameters.items()
+            if parameter.default is not inspect.Parameter.empty
+        }
+        return _LeafTracer().trace(probe, concrete_args=defaults or None)
+    except Exception:  # any failure to trace leaves the module to the other rules
+        return None
+
+
+def _linear_runs(graph: torch.fx.Graph, module: nn.Module) -> list[list[str]]:
+    """Names of ``module``'s children that its forward runs one after the other: each called once, on one argument,
+    its output used by the next one alone (the last one's by anything); none whose attributes the forward reads."""
+    calls = [node for node in graph.nodes if node.op == "call_module"]
+    times = Counter(node.target for node in calls)
+    read = {str(node.target).split(".")[0] for node in graph.nodes if node.op == "get_attr"}
+
+    def usable(node: torch.fx.Node) -> bool:
+        target = str(node.target)
+        return (
+            "." not in target
+            and target in module._modules
+            and times[target] == 1
+            and target not in read
+            and len(node.args) == 1
+            and not node.kwargs
+        )
+
+    following: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in calls:
+        users = list(node.users)
+        if usable(node) and len(users) == 1 and users[0].op == "call_module" and usable(users[0]):
+            following[node] = users[0]  # usable: its one argument is this node's output
+    followed = set(following.values())
+    runs = []
+    for node in calls:
+        if usable(node) and node not in followed:
+            run = [node]
+            while run[-1] in following:
+                run.append(following[run[-1]])
+            runs.append([str(n.target) for n in run])
+    return runs
+
+
+def _rewrite_traced(module: nn.Module, path: str, surgery: _Surgery) -> None:
+    """A module with a forward of its own, not torch's and not in our tables, with a conv among its children: the
+    runs of children its forward calls one after the other (:func:`_linear_runs`, from a torch.fx trace) are
+    rewritten as a Sequential's are (fused chains, routed depthwise convs, convs with their eval-mode norm folded),
+    in place: the run's first child becomes the replacement, the others ``nn.Identity``."""
+    if type(module).__module__.split(".")[0] == "torch" or not any(_plain_conv(c) for c in module.children()):
+        return
+    graph = _traced_graph(module)
+    if graph is None:
+        return
+    for run in _linear_runs(graph, module):
+        leaves = [(_join(path, name), module._modules[name]) for name in run]
+        for start, count, replacement in _replacements(leaves, surgery):
+            if replacement is None:
+                continue
+            setattr(module, run[start], replacement)
+            surgery.created.add(id(replacement))
+            for name in run[start + 1 : start + count]:
+                setattr(module, name, nn.Identity())
 
 
 def _leaves(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:
@@ -315,15 +407,35 @@ def _rewrite_sequence(module: nn.Module, path: str, surgery: _Surgery) -> nn.Mod
     leaves = list(_leaves(module, path))
     rebuilt: list[tuple[str, nn.Module]] = []
     changed = False
+    for start, _, replacement in _replacements(leaves, surgery):
+        leaf_path, leaf = leaves[start]
+        if replacement is None:
+            _rewrite_module(leaf, leaf_path, surgery)
+        changed |= replacement is not None
+        rebuilt.append((leaf_path, leaf if replacement is None else replacement))
+    if not changed:
+        return module
+    sequence = nn.Sequential(OrderedDict((p[len(path) :].lstrip(".").replace(".", "_"), m) for p, m in rebuilt))
+    sequence.training = module.training  # this module's flag only: the children keep theirs
+    return sequence
+
+
+def _replacements(
+    leaves: list[tuple[str, nn.Module]], surgery: _Surgery
+) -> Iterator[tuple[int, int, nn.Module | None]]:
+    """What modules run one after the other (``leaves``: paths and modules, in order) become: (start, count,
+    replacement) for each run of ``count`` leaves from ``start`` replaced by one module (a fused chain, a routed
+    depthwise conv with the eval-mode norm after it folded in, another conv with its norm folded: each change
+    recorded in ``surgery``), and (start, 1, None) for a leaf left as it is."""
     i = 0
     while i < len(leaves):
         chain = _match_chain(leaves, i, surgery.backend)
         if chain is not None and surgery.replaceable(*(module for _, module in leaves[i : chain[0]])):
             end, fused, change = chain
             fused.backend = surgery.backend
-            rebuilt.append((leaves[i][0], fused))
             surgery.changes.append(change)
-            changed, i = True, end
+            yield i, end - i, fused
+            i = end
             continue
         leaf_path, leaf = leaves[i]
         follower = leaves[i + 1] if i + 1 < len(leaves) else None
@@ -333,26 +445,18 @@ def _rewrite_sequence(module: nn.Module, path: str, surgery: _Surgery) -> nn.Mod
         if norm is not None and not surgery.replaceable(norm[1]):
             norm = None
         if _is_depthwise(leaf) and surgery.replaceable(leaf):
-            rebuilt.append(
-                (leaf_path, _depthwise_replacement(leaf, None if norm is None else norm[1], surgery.backend))
-            )
             folded = () if norm is None else (norm[0],)
             surgery.changes.append(Acceleration("depthwise", (leaf_path, *folded), folded, None))
-            changed, i = True, i + 1 + len(folded)
+            yield i, 1 + len(folded), _depthwise_replacement(leaf, None if norm is None else norm[1], surgery.backend)
+            i += 1 + len(folded)
             continue
         if _plain_conv(leaf) and norm is not None and surgery.replaceable(leaf):
-            rebuilt.append((leaf_path, _folded_conv(leaf, norm[1])))
             surgery.changes.append(Acceleration("folded conv", (leaf_path, norm[0]), (norm[0],), None))
-            changed, i = True, i + 2
+            yield i, 2, _folded_conv(leaf, norm[1])
+            i += 2
             continue
-        _rewrite_module(leaf, leaf_path, surgery)
-        rebuilt.append((leaf_path, leaf))
+        yield i, 1, None
         i += 1
-    if not changed:
-        return module
-    sequence = nn.Sequential(OrderedDict((p[len(path) :].lstrip(".").replace(".", "_"), m) for p, m in rebuilt))
-    sequence.training = module.training  # this module's flag only: the children keep theirs
-    return sequence
 
 
 # nn.Conv2d subclasses whose forward pads for TensorFlow's 'same' at run time (any stride; the odd pixel last) and

@@ -2,7 +2,8 @@
 every other conv whose eval-mode BatchNorm it folds.
 
 Lists the changes (the modules each replaces, the BatchNorms folded into the weights and those kept for their
-batch statistics, the fused activation, a kept squeeze-excitation); --check SHAPE runs the original and the
+batch statistics, the fused activation, a kept squeeze-excitation) and the BatchNorms left to run on their own;
+--check SHAPE runs the original and the
 accelerated model on one random input of that shape and prints the largest difference of the outputs, relative to
 the largest output. Nothing is written. Example: sepconv accelerate torchvision:efficientnet_b0 --check 1,3,64,64
 """
@@ -51,16 +52,32 @@ def run(args: argparse.Namespace) -> int:
         error = None if shape is None else relative_difference(model, fast, shape, seed=0)
     except RuntimeError as failure:  # e.g. --backend triton on a CPU without Triton's interpreter
         raise UsageError(f"--check failed: {str(failure).splitlines()[0]}") from failure
+    left = norms_left(model, changes)
     if args.format == "json":
         rows = [change_record(change) for change in changes]
         print(json.dumps({"model": args.spec, "backend": args.backend, "training": args.train, "changes": rows,
-                          "max_relative_difference": error}, indent=1))  # fmt: skip
+                          "norms_left": left, "max_relative_difference": error}, indent=1))  # fmt: skip
         return 0
     console = Console() if Console().is_terminal else Console(width=140)  # piped: rich would assume 80 columns
     console.print(changes_table(changes, f"{args.spec} ({'training' if args.train else 'eval'}, {args.backend})"))
+    shown = ", ".join(left[:NORMS_SHOWN]) + (
+        f", ... ({len(left) - NORMS_SHOWN} more)" if len(left) > NORMS_SHOWN else ""
+    )
+    console.print(f"BatchNorms left to run on their own: {len(left)}" + (f" ({shown})" if left else ""))
     if error is not None:
         console.print(f"outputs on a random {tuple(shape)} input: largest difference / largest output = {error:.2e}")
     return 0
+
+
+NORMS_SHOWN = 5  # paths of the norms left that the table's footer names
+
+
+def norms_left(model: nn.Module, changes: list[Acceleration]) -> list[str]:
+    """Paths (in ``model``, as the changes name them) of the BatchNorms the accelerated model still runs as modules
+    of their own: neither folded into a conv nor kept in a fused module (whose kernel computes them)."""
+    handled = {path for change in changes for path in (*change.folded_norms, *change.batch_norms)}
+    norms = (nn.BatchNorm2d, nn.SyncBatchNorm)
+    return [path for path, module in model.named_modules() if isinstance(module, norms) and path not in handled]
 
 
 def change_record(change: Acceleration) -> dict:
