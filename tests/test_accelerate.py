@@ -876,11 +876,12 @@ def _expected_chains(model: nn.Module) -> list[str]:
     return chains
 
 
-@pytest.mark.parametrize("name", ["rexnet_100", "efficientvit_b0", "ghostnet_100"])
+@pytest.mark.parametrize("name", ["rexnet_100", "efficientvit_b0", "ghostnet_100", "res2net50_26w_4s"])
 def test_more_timm_families_fuse_their_chains_and_fold_their_norms(name):
     """ReXNet (ConvNormAct depthwise -> ReLU6 -> ConvNormAct 1x1), EfficientViT (its own ConvNormAct: dropout ->
-    conv -> norm -> act) and GhostNet (its depthwise conv + norm, stem): every chain the structure allows is fused,
-    every norm folded; outputs equal in float64."""
+    conv -> norm -> act), GhostNet (its depthwise conv + norm, stem) and Res2Net (a forward looping over
+    ModuleLists of convs and norms, traced): every chain the structure allows is fused, every norm folded; outputs
+    equal in float64."""
     torch.manual_seed(10)
     model = randomize_norms(timm.create_model(name, pretrained=False)).double().eval()
     fast, changes = accelerate(model)

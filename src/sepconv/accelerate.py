@@ -332,19 +332,19 @@ def _traced_graph(module: nn.Module) -> torch.fx.Graph | None:
 
 
 def _linear_runs(graph: torch.fx.Graph, module: nn.Module) -> list[list[str]]:
-    """Names of ``module``'s children that its forward runs one after the other: each called once, on one argument,
-    its output used by the next one alone (the last one's by anything); none whose attributes the forward reads."""
+    """Names of ``module``'s children (or of modules in its ``nn.ModuleList`` / ``nn.ModuleDict`` children, which run
+    nothing themselves: dotted) that its forward runs one after the other: each called once, on one argument, its
+    output used by the next one alone (the last one's by anything); none whose attributes the forward reads."""
     calls = [node for node in graph.nodes if node.op == "call_module"]
     times = Counter(node.target for node in calls)
-    read = {str(node.target).split(".")[0] for node in graph.nodes if node.op == "get_attr"}
+    read = [str(node.target) for node in graph.nodes if node.op == "get_attr"]
 
     def usable(node: torch.fx.Node) -> bool:
         target = str(node.target)
         return (
-            "." not in target
-            and target in module._modules
+            _own_module(module, target)
             and times[target] == 1
-            and target not in read
+            and not any(attribute == target or attribute.startswith(f"{target}.") for attribute in read)
             and len(node.args) == 1
             and not node.kwargs
         )
@@ -365,25 +365,37 @@ def _linear_runs(graph: torch.fx.Graph, module: nn.Module) -> list[list[str]]:
     return runs
 
 
+def _own_module(module: nn.Module, target: str) -> bool:
+    """Whether ``target`` names a child of ``module``, or a module inside its containers (ModuleList, ModuleDict)."""
+    *containers, name = target.split(".")
+    for container in containers:
+        module = module._modules.get(container)  # type: ignore[assignment]
+        if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            return False
+    return module._modules.get(name) is not None
+
+
 def _rewrite_traced(module: nn.Module, path: str, surgery: _Surgery) -> None:
     """A module with a forward of its own, not torch's and not in our tables, with a conv among its children: the
     runs of children its forward calls one after the other (:func:`_linear_runs`, from a torch.fx trace) are
     rewritten as a Sequential's are (fused chains, routed depthwise convs, convs with their eval-mode norm folded),
     in place: the run's first child becomes the replacement, the others ``nn.Identity``."""
-    if type(module).__module__.split(".")[0] == "torch" or not any(_plain_conv(c) for c in module.children()):
+    containers = [c for c in module.children() if isinstance(c, (nn.ModuleList, nn.ModuleDict))]
+    children = [*module.children(), *(m for container in containers for m in container.children())]
+    if type(module).__module__.split(".")[0] == "torch" or not any(_plain_conv(c) for c in children):
         return
     graph = _traced_graph(module)
     if graph is None:
         return
     for run in _linear_runs(graph, module):
-        leaves = [(_join(path, name), module._modules[name]) for name in run]
+        leaves = [(_join(path, name), module.get_submodule(name)) for name in run]
         for start, count, replacement in _replacements(leaves, surgery):
             if replacement is None:
                 continue
-            setattr(module, run[start], replacement)
+            _set_part(module, run[start], replacement)
             surgery.created.add(id(replacement))
             for name in run[start + 1 : start + count]:
-                setattr(module, name, nn.Identity())
+                _set_part(module, name, nn.Identity())
 
 
 def _leaves(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:
