@@ -505,3 +505,24 @@ def test_host_path_benchmark_quick_run(tmp_path):
         assert row["ctx_in_forward_us"] > 0 and row["setup_context_us"] > 0 and row["rounds"] >= 20
         assert row["setup_context_over_ctx_in_forward"] > 0
     assert (tmp_path / "host_path_quick.png").stat().st_size > 0
+
+
+def test_cpu_accelerate_models_quick_run(tmp_path):
+    """Two families read by the new rules (MobileNetV4's blocks, Res2Net's traced loops): every variant timed in
+    the same paired rounds, what changed and the norms left recorded, the accelerated variants' outputs equal
+    eager NCHW's to float32 rounding."""
+    run_script("benchmarks/cpu_accelerate_models.py", "--quick", "--out", str(tmp_path), interpret=False)
+    result = json.loads((tmp_path / "cpu_accelerate_models_quick.json").read_text())
+    assert list(result["models"]) == ["timm:mobilenetv4_conv_small", "timm:res2net50_26w_4s"]
+    for entry in result["models"].values():
+        assert entry["batch_norms_before"] > 0 and entry["batch_norms_after"] == 0
+        assert entry["changes"]["folded conv"] > 0
+        row = entry["batches"]["1"]
+        assert set(row["ms"]) == {"eager_nchw", "accelerate", "eager_channels_last", "sepconv"}
+        assert all(ms > 0 for ms in row["ms"].values()) and row["rounds"] >= 3
+        for pair, ratio in row["paired"].items():  # a median of per-round ratios: near the medians' ratio
+            baseline, ours = pair.split(" / ")
+            assert 0.2 < ratio / (row["ms"][baseline] / row["ms"][ours]) < 5
+        assert all(0 <= error < 1e-5 for error in row["max_relative_difference"].values())
+    assert result["models"]["timm:mobilenetv4_conv_small"]["changes"]["fused separable"] == 15
+    assert (tmp_path / "cpu_accelerate_models_quick.png").stat().st_size > 0
