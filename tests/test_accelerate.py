@@ -450,8 +450,9 @@ def test_modules_run_from_two_places_stay_shared_and_whole(training):
         torchvision.models.resnet50,
         lambda: torchvision.models.googlenet(aux_logits=False, init_weights=False),
         lambda: timm.create_model("resnet18", pretrained=False),
+        lambda: timm.create_model("resnet26d", pretrained=False),  # a deep stem: a Sequential before bn1
     ],
-    ids=["resnet18", "resnet50", "googlenet", "timm-resnet18"],
+    ids=["resnet18", "resnet50", "googlenet", "timm-resnet18", "timm-resnet26d"],
 )
 def test_blocks_with_their_own_forward_fold_every_norm_in_eval_and_nothing_in_training(factory):
     """torchvision's ResNets and GoogLeNet and timm's ResNets run their convs and norms from their blocks' own

@@ -685,15 +685,19 @@ def _fold_attribute_convs(module: nn.Module, path: str, surgery: _Surgery) -> No
     """A module of :data:`_CONV_NORMS` (its table names the classes) in eval mode: each plain conv whose norm folds
     (an eval-mode ``BatchNorm2d``, or ``BatchNormAct2d`` with an identity dropout) becomes one conv with that norm
     folded in, the norm's attribute its activation (or ``nn.Identity``), so the module's own forward runs as
-    before."""
+    before. A plain Sequential in the conv's place (timm's deep stems: conv, norm, act, conv, norm, act, conv) has
+    its last conv folded."""
     for conv_name, norm_name in _CONV_NORMS.get(_qualified_name(module), ()):
         conv, norm = getattr(module, conv_name, None), getattr(module, norm_name, None)
+        sequence = conv if isinstance(conv, nn.Module) and _is_plain_sequential(conv) and len(conv) else None
+        if sequence is not None:  # the Sequential's last module runs right before the norm
+            conv_name, conv = f"{conv_name}.{len(sequence) - 1}", sequence[-1]
         if not (isinstance(conv, nn.Module) and _plain_conv(conv)):
             continue
         folds = _norm_and_activation(norm, conv.out_channels)
-        if folds is None or folds[0] is None or not surgery.replaceable(module, conv, norm, folds[1]):
+        if folds is None or folds[0] is None or not surgery.replaceable(module, sequence, conv, norm, folds[1]):
             continue
-        setattr(module, conv_name, _folded_conv(conv, folds[0]))
+        _set_part(module, conv_name, _folded_conv(conv, folds[0]))
         setattr(module, norm_name, nn.Identity() if folds[1] is None else folds[1])
         norm_path = _join(path, norm_name)
         surgery.changes.append(Acceleration("folded conv", (_join(path, conv_name), norm_path), (norm_path,), None))
