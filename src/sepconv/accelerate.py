@@ -577,6 +577,14 @@ class _Chain(NamedTuple):
     excitation: str | None = None  # a squeeze-excitation between the activation and the 1x1 conv: kept, fused
 
 
+_EFFICIENTVIT_CHAIN = _Chain(
+    "depth_conv.conv",
+    "depth_conv.norm",
+    "depth_conv.act",
+    "point_conv.conv",
+    "point_conv.norm",
+    ("point_conv.dropout",),
+)
 # timm's blocks that run separable chains from their own forward, recognised by qualified class name (timm is not
 # a dependency; classes of the same name elsewhere may differ), and their chains (timm 1.0). What runs after a
 # chain (an activation, the shortcut) stays.
@@ -597,26 +605,8 @@ _TIMM_BLOCKS = {
         _Chain("conv_dw.conv", "conv_dw.bn", "act_dw", "conv_pwl.conv", "conv_pwl.bn", ("conv_dw.aa", "se")),
     ),
     # EfficientViT (MIT): ConvNormActs whose forward runs dropout -> conv -> norm -> act
-    "timm.models.efficientvit_mit.DSConv": (
-        _Chain(
-            "depth_conv.conv",
-            "depth_conv.norm",
-            "depth_conv.act",
-            "point_conv.conv",
-            "point_conv.norm",
-            ("point_conv.dropout",),
-        ),
-    ),
-    "timm.models.efficientvit_mit.MBConv": (
-        _Chain(
-            "depth_conv.conv",
-            "depth_conv.norm",
-            "depth_conv.act",
-            "point_conv.conv",
-            "point_conv.norm",
-            ("point_conv.dropout",),
-        ),
-    ),
+    "timm.models.efficientvit_mit.DSConv": (_EFFICIENTVIT_CHAIN,),
+    "timm.models.efficientvit_mit.MBConv": (_EFFICIENTVIT_CHAIN,),
     "timm.layers.separable_conv.SeparableConvNormAct": (_Chain("conv_dw", None, None, "conv_pw", "bn"),),
     "timm.layers.separable_conv.SeparableConv2d": (_Chain("conv_dw", None, None, "conv_pw", None),),
     "timm.models.xception_aligned.SeparableConv2d": (_Chain("conv_dw", "bn_dw", "act_dw", "conv_pw", "bn_pw"),),
