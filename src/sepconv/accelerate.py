@@ -352,8 +352,10 @@ def _linear_runs(graph: torch.fx.Graph, module: nn.Module) -> list[list[str]]:
     following: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in calls:
         users = list(node.users)
-        if usable(node) and len(users) == 1 and users[0].op == "call_module" and usable(users[0]):
-            following[node] = users[0]  # usable: its one argument is this node's output
+        # its one user a module whose one argument is this output itself (not a tuple holding it)
+        chained = len(users) == 1 and users[0].op == "call_module" and usable(users[0]) and users[0].args[0] is node
+        if chained and usable(node):
+            following[node] = users[0]
     followed = set(following.values())
     runs = []
     for node in calls:
