@@ -1011,3 +1011,34 @@ def test_traced_forwards_that_need_their_modules_as_they_are_keep_them(cls):
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), model(x))
+
+
+class ConvNormActBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(3, 6, 3, padding=1), timm.layers.BatchNormAct2d(6, act_layer=nn.SiLU)
+        self.conv2, self.norm2 = nn.Conv2d(6, 6, 3, padding=1, groups=6), timm.layers.BatchNormAct2d(6)
+
+    def forward(self, x):
+        return self.norm2(self.conv2(self.norm1(self.conv1(x))))
+
+
+def test_batch_norm_act_after_a_conv_is_folded_and_leaves_its_activation():
+    """timm's BatchNormAct2d (norm, identity dropout, activation) after a conv, in a Sequential or a traced forward:
+    the norm folded into the conv (a depthwise conv routed with it), its activation left in its place. Outputs equal
+    in float64; in training mode nothing folds."""
+    torch.manual_seed(13)
+    block = randomize_norms(ConvNormActBlock()).double().eval()
+    sequence = randomize_norms(nn.Sequential(block.conv1, block.norm1, block.conv2, block.norm2)).double().eval()
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    for model, names in ((block, ("conv1", "norm1", "conv2", "norm2")), (sequence, ("0", "1", "2", "3"))):
+        fast, changes = accelerate(model)
+        assert [(c.kind, c.replaced, c.folded_norms) for c in changes] == [
+            ("folded conv", names[:2], names[1:2]),
+            ("depthwise", names[2:], names[3:]),
+        ]
+        assert count(fast, nn.BatchNorm2d) == 0 and [type(m) for m in fast.children()][1::2] == [nn.SiLU, nn.ReLU]
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x))
+        assert [c.kind for c in accelerate(model.train())[1]] == ["depthwise"]
+        model.eval()

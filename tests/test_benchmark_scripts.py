@@ -526,3 +526,28 @@ def test_cpu_accelerate_models_quick_run(tmp_path):
         assert all(0 <= error < 1e-5 for error in row["max_relative_difference"].values())
     assert result["models"]["timm:mobilenetv4_conv_small"]["changes"]["fused separable"] == 15
     assert (tmp_path / "cpu_accelerate_models_quick.png").stat().st_size > 0
+
+
+def test_accelerate_coverage_quick_run(tmp_path):
+    """The coverage report against the models' structure: torchvision's MobileNetV3 (15 inverted residual blocks)
+    and timm's tf_efficientnet_b0 (16 blocks, stride-2 ones padded at run time) fuse every block and fold every
+    other norm; DenseNet folds the norm after each dense layer's first conv and the stem's. Outputs equal to
+    float64 rounding."""
+    import timm
+    import torch
+    import torchvision
+
+    run_script("benchmarks/accelerate_coverage.py", "--quick", "--out", str(tmp_path), interpret=False)
+    rows = json.loads((tmp_path / "accelerate_coverage_quick.json").read_text())["models"]
+    v3, tf_b0 = torchvision.models.mobilenet_v3_large(), timm.create_model("tf_efficientnet_b0")
+    blocks = sum(type(m).__name__ == "InvertedResidual" for m in v3.modules())
+    tf_blocks = sum(type(m).__name__ in ("InvertedResidual", "DepthwiseSeparableConv") for m in tf_b0.modules())
+    assert (rows["torchvision:mobilenet_v3_large"]["fused separable"], blocks) == (15, 15)
+    assert rows["timm:tf_efficientnet_b0"]["fused separable"] == tf_blocks == 16
+    norms = [n for n, m in torchvision.models.densenet121().named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    folded = [n for n in norms if n.endswith(".norm2") or n == "features.norm0"]
+    assert rows["torchvision:densenet121"]["folded conv"] == len(folded) == 59
+    assert rows["torchvision:densenet121"]["batch_norms_after"] == len(norms) - len(folded)
+    for spec in ("torchvision:mobilenet_v3_large", "timm:tf_efficientnet_b0"):
+        assert rows[spec]["batch_norms_after"] == 0
+    assert all(0 < row["max_relative_difference"] < 1e-12 for row in rows.values())

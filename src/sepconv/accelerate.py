@@ -391,13 +391,11 @@ def _rewrite_traced(module: nn.Module, path: str, surgery: _Surgery) -> None:
         return
     for run in _linear_runs(graph, module):
         leaves = [(_join(path, name), module.get_submodule(name)) for name in run]
-        for start, count, replacement in _replacements(leaves, surgery):
-            if replacement is None:
-                continue
-            _set_part(module, run[start], replacement)
-            surgery.created.add(id(replacement))
-            for name in run[start + 1 : start + count]:
-                _set_part(module, name, nn.Identity())
+        for start, count, replacements in _replacements(leaves, surgery):
+            for k, name in enumerate(run[start : start + count] if replacements is not None else ()):
+                replacement = replacements[k] if k < len(replacements) else nn.Identity()
+                _set_part(module, name, replacement)
+                surgery.created.add(id(replacement))
 
 
 def _leaves(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:
@@ -421,12 +419,14 @@ def _rewrite_sequence(module: nn.Module, path: str, surgery: _Surgery) -> nn.Mod
     leaves = list(_leaves(module, path))
     rebuilt: list[tuple[str, nn.Module]] = []
     changed = False
-    for start, _, replacement in _replacements(leaves, surgery):
-        leaf_path, leaf = leaves[start]
-        if replacement is None:
+    for start, _, replacements in _replacements(leaves, surgery):
+        if replacements is None:
+            leaf_path, leaf = leaves[start]
             _rewrite_module(leaf, leaf_path, surgery)
-        changed |= replacement is not None
-        rebuilt.append((leaf_path, leaf if replacement is None else replacement))
+            rebuilt.append((leaf_path, leaf))
+            continue
+        changed = True
+        rebuilt += [(leaves[start + k][0], replacement) for k, replacement in enumerate(replacements)]
     if not changed:
         return module
     sequence = nn.Sequential(OrderedDict((p[len(path) :].lstrip(".").replace(".", "_"), m) for p, m in rebuilt))
@@ -436,11 +436,12 @@ def _rewrite_sequence(module: nn.Module, path: str, surgery: _Surgery) -> nn.Mod
 
 def _replacements(
     leaves: list[tuple[str, nn.Module]], surgery: _Surgery
-) -> Iterator[tuple[int, int, nn.Module | None]]:
+) -> Iterator[tuple[int, int, list[nn.Module] | None]]:
     """What modules run one after the other (``leaves``: paths and modules, in order) become: (start, count,
-    replacement) for each run of ``count`` leaves from ``start`` replaced by one module (a fused chain, a routed
-    depthwise conv with the eval-mode norm after it folded in, another conv with its norm folded: each change
-    recorded in ``surgery``), and (start, 1, None) for a leaf left as it is."""
+    replacements) for each run of ``count`` leaves from ``start`` replaced by the modules ``replacements`` (at most
+    ``count``, in the places of the first ones: a fused chain; a routed depthwise conv with the eval-mode norm after
+    it folded in; another conv with its norm folded; a timm ``BatchNormAct2d`` folded leaves its activation in its
+    place; each change recorded in ``surgery``), and (start, 1, None) for a leaf left as it is."""
     i = 0
     while i < len(leaves):
         chain = _match_chain(leaves, i, surgery.backend)
@@ -448,25 +449,25 @@ def _replacements(
             end, fused, change = chain
             fused.backend = surgery.backend
             surgery.changes.append(change)
-            yield i, end - i, fused
+            yield i, end - i, [fused]
             i = end
             continue
         leaf_path, leaf = leaves[i]
         follower = leaves[i + 1] if i + 1 < len(leaves) else None
-        norm = (
-            follower if follower is not None and foldable_norm(follower[1], getattr(leaf, "out_channels", 0)) else None
-        )
-        if norm is not None and not surgery.replaceable(norm[1]):
-            norm = None
+        folds = None if follower is None else _norm_and_activation(follower[1], getattr(leaf, "out_channels", 0))
+        if folds is None or folds[0] is None or not surgery.replaceable(follower[1], folds[1]):
+            folds = None
+        norm = None if folds is None else folds[0]
+        after = [] if folds is None or folds[1] is None else [folds[1]]  # a BatchNormAct2d's activation
+        folded = () if folds is None else (follower[0],)
         if _is_depthwise(leaf) and surgery.replaceable(leaf):
-            folded = () if norm is None else (norm[0],)
             surgery.changes.append(Acceleration("depthwise", (leaf_path, *folded), folded, None))
-            yield i, 1 + len(folded), _depthwise_replacement(leaf, None if norm is None else norm[1], surgery.backend)
+            yield i, 1 + len(folded), [_depthwise_replacement(leaf, norm, surgery.backend), *after]
             i += 1 + len(folded)
             continue
         if _plain_conv(leaf) and norm is not None and surgery.replaceable(leaf):
-            surgery.changes.append(Acceleration("folded conv", (leaf_path, norm[0]), (norm[0],), None))
-            yield i, 2, _folded_conv(leaf, norm[1])
+            surgery.changes.append(Acceleration("folded conv", (leaf_path, *folded), folded, None))
+            yield i, 2, [_folded_conv(leaf, norm), *after]
             i += 2
             continue
         yield i, 1, None
