@@ -864,7 +864,8 @@ def test_mobilenetv4_blocks_train_on_triton_as_the_original():
 def _expected_chains(model: nn.Module) -> list[str]:
     """The depthwise convs that start a fusable chain, from the model's structure: ReXNet's blocks without a
     squeeze-excitation (theirs runs before the activation), EfficientViT's DSConv and MBConv, GhostNet's downsampling
-    shortcuts (a Sequential: depthwise conv, norm, 1x1 conv, norm)."""
+    shortcuts (a Sequential: depthwise conv, norm, 1x1 conv, norm), MixNet's blocks whose convs are all plain ones
+    (its MixedConv2d splits the channels over several kernel sizes, or over grouped 1x1 convs)."""
     chains = []
     for path, block in model.named_modules():
         kind = type(block).__name__
@@ -874,15 +875,19 @@ def _expected_chains(model: nn.Module) -> list[str]:
             chains.append(f"{path}.depth_conv.conv")
         elif kind == "GhostBottleneck" and len(block.shortcut):
             chains.append(f"{path}.shortcut.0")
+        elif kind in ("DepthwiseSeparableConv", "InvertedResidual"):  # MixNet's: where both convs are plain
+            projection = block.conv_pw if kind == "DepthwiseSeparableConv" else block.conv_pwl
+            if type(block.conv_dw) is nn.Conv2d and type(projection) is nn.Conv2d:
+                chains.append(f"{path}.conv_dw")
     return chains
 
 
-@pytest.mark.parametrize("name", ["rexnet_100", "efficientvit_b0", "ghostnet_100", "res2net50_26w_4s"])
+@pytest.mark.parametrize("name", ["rexnet_100", "efficientvit_b0", "ghostnet_100", "res2net50_26w_4s", "mixnet_s"])
 def test_more_timm_families_fuse_their_chains_and_fold_their_norms(name):
     """ReXNet (ConvNormAct depthwise -> ReLU6 -> ConvNormAct 1x1), EfficientViT (its own ConvNormAct: dropout ->
-    conv -> norm -> act), GhostNet (its depthwise conv + norm, stem) and Res2Net (a forward looping over
-    ModuleLists of convs and norms, traced): every chain the structure allows is fused, every norm folded; outputs
-    equal in float64."""
+    conv -> norm -> act), GhostNet (its depthwise conv + norm, stem), Res2Net (a forward looping over ModuleLists of
+    convs and norms, traced) and MixNet (norms after a MixedConv2d folded into each of its convs, its channels'
+    slice): every chain the structure allows is fused, every norm folded; outputs equal in float64."""
     torch.manual_seed(10)
     model = randomize_norms(timm.create_model(name, pretrained=False)).double().eval()
     fast, changes = accelerate(model)

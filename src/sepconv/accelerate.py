@@ -279,8 +279,8 @@ def _rewrite_module(module: nn.Module, path: str, surgery: _Surgery) -> None:
         return
     surgery.visited.add(id(module))
     if _qualified_name(module) in _CONV_NORMS or _qualified_name(module) in _TIMM_BLOCKS:
+        _rewrite_timm_block(module, path, surgery)  # first: the pairs below fold what no chain took
         _fold_attribute_convs(module, path, surgery)
-        _rewrite_timm_block(module, path, surgery)
     else:
         _rewrite_traced(module, path, surgery)
     _rewrite_children(module, path, surgery)
@@ -627,7 +627,13 @@ _CONV_NORMS = {
     "timm.models.resnet.ResNet": (("conv1", "bn1"),),
     "timm.models.resnet.BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
     "timm.models.resnet.Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
-    "timm.models._efficientnet_blocks.InvertedResidual": (("conv_s2d", "bn_s2d"), ("conv_pw", "bn1")),
+    "timm.models._efficientnet_blocks.InvertedResidual": (
+        ("conv_s2d", "bn_s2d"),
+        ("conv_pw", "bn1"),
+        ("conv_dw", "bn2"),  # where the chain was not fused (MixNet's grouped projection, an unknown excitation)
+        ("conv_pwl", "bn3"),
+    ),
+    "timm.models._efficientnet_blocks.DepthwiseSeparableConv": (("conv_dw", "bn1"), ("conv_pw", "bn2")),
     "timm.models._efficientnet_blocks.ConvBnAct": (("conv", "bn1"),),
     "timm.models._efficientnet_blocks.EdgeResidual": (("conv_exp", "bn1"), ("conv_pwl", "bn2")),
     "timm.models.efficientnet.EfficientNet": (("conv_stem", "bn1"), ("conv_head", "bn2")),
@@ -685,12 +691,15 @@ def _fold_attribute_convs(module: nn.Module, path: str, surgery: _Surgery) -> No
         sequence = conv if isinstance(conv, nn.Module) and _is_plain_sequential(conv) and len(conv) else None
         if sequence is not None:  # the Sequential's last module runs right before the norm
             conv_name, conv = f"{conv_name}.{len(sequence) - 1}", sequence[-1]
-        if not (isinstance(conv, nn.Module) and _plain_conv(conv)):
+        if not (isinstance(conv, nn.Module) and (_plain_conv(conv) or _mixed_conv(conv))):
             continue
         folds = _norm_and_activation(norm, conv.out_channels)
         if folds is None or folds[0] is None or not surgery.replaceable(module, sequence, conv, norm, folds[1]):
             continue
-        _set_part(module, conv_name, _folded_conv(conv, folds[0]))
+        if _mixed_conv(conv) and not surgery.replaceable(*conv.children()):
+            continue
+        folder = _folded_mixed_conv if _mixed_conv(conv) else _folded_conv
+        _set_part(module, conv_name, folder(conv, folds[0]))
         setattr(module, norm_name, nn.Identity() if folds[1] is None else folds[1])
         norm_path = _join(path, norm_name)
         surgery.changes.append(Acceleration("folded conv", (_join(path, conv_name), norm_path), (norm_path,), None))
@@ -822,6 +831,41 @@ def _folded_conv(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
     folded.requires_grad_(conv.weight.requires_grad)
     folded.training = conv.training
     return folded
+
+
+# nn.ModuleDict subclasses whose forward splits the input's channels, runs each part through its conv in order and
+# concatenates the outputs (MixNet's several kernel sizes, grouped 1x1 convs; timm 0.4-1.0)
+_MIXED_CONVS = frozenset({"timm.layers.mixed_conv2d.MixedConv2d"})
+
+
+def _mixed_conv(module: nn.Module) -> bool:
+    parts = list(module.children())
+    return _qualified_name(module) in _MIXED_CONVS and bool(parts) and all(_plain_conv(part) for part in parts)
+
+
+def _folded_mixed_conv(mixed: nn.Module, norm: nn.BatchNorm2d) -> nn.Module:
+    """A :func:`_mixed_conv` with the eval-mode ``norm`` after it folded into its convs, each with its channels' slice
+    of the norm (a copy: the input's convs keep their weights)."""
+    folded = copy.copy(mixed)  # its own __dict__ and module table, sharing nothing it keeps
+    folded._modules = OrderedDict()
+    start = 0
+    for name, conv in mixed.named_children():
+        folded.add_module(name, _folded_conv(conv, _norm_slice(norm, start, start + conv.out_channels)))
+        start += conv.out_channels
+    return folded
+
+
+def _norm_slice(norm: nn.BatchNorm2d, start: int, stop: int) -> nn.BatchNorm2d:
+    """An eval-mode BatchNorm2d of ``norm``'s channels ``start:stop`` (running statistics, affine parameters, eps)."""
+    part = nn.BatchNorm2d(stop - start, eps=norm.eps, affine=norm.affine, device=norm.running_mean.device)
+    part = part.to(norm.running_mean.dtype).eval()
+    with torch.no_grad():
+        part.running_mean.copy_(norm.running_mean[start:stop])
+        part.running_var.copy_(norm.running_var[start:stop])
+        if norm.affine:
+            part.weight.copy_(norm.weight[start:stop])
+            part.bias.copy_(norm.bias[start:stop])
+    return part
 
 
 def _depthwise_replacement(conv: nn.Conv2d, norm: nn.BatchNorm2d | None, backend: str) -> DepthwiseConv2d:
