@@ -2,7 +2,7 @@
 
 The families whose blocks `accelerate` learned to read after the torchvision MobileNets (`cpu_torchvision.py`
 times those): timm's tf_ models (TensorFlow 'same' padding at run time), MobileNetV1 (an activation after the
-projection's norm), MobileNetV4 (UniversalInvertedResidual), ReXNet, EfficientViT (MIT), GhostNet, and models
+projection's norm), MobileNetV4 (UniversalInvertedResidual), ReXNet, EfficientViT (MIT), GhostNet, MixNet, and models
 whose blocks are read by tracing their forward (Res2Net's loops, torchvision's DenseNet). Random weights (nothing is
 downloaded), eval mode, fp32, NCHW input. Variants, timed in the same paired rounds per model and batch
 (`sepconv.bench.interleaved_latencies(..., paired=True)`; ratios are medians of per-round ratios):
@@ -37,6 +37,7 @@ MODELS = (
     "timm:efficientvit_b0",
     "timm:ghostnet_100",
     "timm:res2net50_26w_4s",
+    "timm:mixnet_s",
     "torchvision:densenet121",
 )
 VARIANTS = ("eager_nchw", "accelerate", "eager_channels_last", "sepconv")

@@ -14,12 +14,13 @@ timm's blocks run their modules from their own forward: its efficientnet family 
 ``InvertedResidual``: timm's mobilenetv1/v2/v3, mnasnet, efficientnet; MobileNetV4's ``UniversalInvertedResidual``,
 both of its depthwise convs), ReXNet's and EfficientViT's (MIT) blocks, ``timm.layers``' ``SeparableConv2d`` /
 ``SeparableConvNormAct`` and xception_aligned's ``SeparableConv2d`` (the table :data:`_TIMM_BLOCKS`), recognised
-by qualified class name (timm is not a dependency). In eval
-mode, the block's depthwise conv becomes the fused module of the conv, its norm (folded) and activation (fused),
-its squeeze-excitation if any (kept), the 1x1 conv and that one's norm (folded; an activation that norm applies
-stays in its place), and the absorbed modules ``nn.Identity``: the block's forward, shortcut included, runs as
-before. timm's ``Conv2dSame`` (the tf_ models' stride-2 convs: TensorFlow's 'same' padding, computed at run time)
-is taken as a conv with ``padding="same"``, which our modules and kernels compute the same way.
+by qualified class name (timm is not a dependency). In eval mode, the block's depthwise conv becomes the fused
+module of the conv, its norm (folded) and activation (fused), its squeeze-excitation if any (kept), the 1x1 conv
+and that one's norm (folded; an activation that norm applies stays in its place), and the absorbed modules
+``nn.Identity``: the block's forward, shortcut included, runs as before. timm's ``Conv2dSame`` (the tf_ models'
+stride-2 convs: TensorFlow's 'same' padding, computed at run time) is taken as a conv with ``padding="same"``,
+which our modules and kernels compute the same way; MixNet's ``MixedConv2d`` (channels split over several convs)
+takes the norm after it folded into each of its convs.
 
 A BatchNorm2d between the convs in training mode cannot be folded once (it normalizes with each batch's
 statistics). With ``backend="triton"`` the fused module keeps it (``mid_norm``, a ``BatchNorm2d`` or in timm's
@@ -49,11 +50,10 @@ flow on tensor values) is left to the other rules.
 Every other conv followed by an eval-mode BatchNorm (in a Sequential, as the attributes the modules of
 :data:`_CONV_NORMS` run: timm's stems, expanding 1x1 convs, last convs and ResNet blocks, torchvision's ResNet,
 GoogLeNet and Inception blocks, or in a traced forward) becomes one ``nn.Conv2d`` with that norm folded into its
-weights (kind
-``"folded conv"``; a ``BatchNormAct2d`` leaves its activation behind): those norms read and wrote the largest
-activations (the CPU gain: README, ``benchmarks/cpu_torchvision.py``). A module the model runs from more than one
-place (shared weights) is left as it is, and so are the norms after it. The input model is not modified; a
-Sequential that is rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` ->
+weights (kind ``"folded conv"``; a ``BatchNormAct2d`` leaves its activation behind): those norms read and wrote
+the largest activations (the CPU gain: README, ``benchmarks/cpu_torchvision.py``). A module the model runs from
+more than one place (shared weights) is left as it is, and so are the norms after it. The input model is not
+modified; a Sequential that is rewritten comes back flat, so its state_dict keys change (``conv.1.0.weight`` ->
 ``conv.1_0.weight``): the result is for running, keep checkpoints of the original.
 
 >>> import torch
@@ -259,7 +259,7 @@ class _Surgery:
     shared: frozenset[int]
     changes: list[Acceleration] = field(default_factory=list)
     visited: set[int] = field(default_factory=set)
-    created: set[int] = field(default_factory=set)  # replacements put in place by _rewrite_traced: done with
+    created: set[int] = field(default_factory=set)  # what _rewrite_traced put in place: not rewritten again
 
     def replaceable(self, *modules: nn.Module | None) -> bool:
         return not any(id(module) in self.shared for module in modules if module is not None)
