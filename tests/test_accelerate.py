@@ -22,7 +22,7 @@ def randomize_norms(model: nn.Module) -> nn.Module:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
                 n = m.num_features
                 m.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
                 m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
@@ -384,25 +384,31 @@ def test_what_is_not_a_chain_is_left_alone(model):
     assert [type(m) for m in fast.modules()] == [type(m) for m in model.modules()]
 
 
-@given(conv_configs(ndims=(2,)), st.booleans(), st.booleans())
+@given(conv_configs(), st.booleans(), st.booleans())
 def test_a_conv_and_the_eval_batch_norm_after_it_become_one_conv(cfg: ConvConfig, bias: bool, training: bool):
-    """Any conv (groups, stride, padding and its mode, dilation, bias) followed by an eval-mode BatchNorm2d: one
-    conv whose output and input gradient equal the pair's in float64; the conv's own kind of change (a depthwise
-    conv is routed, others folded). A training-mode norm is never folded (batch statistics)."""
+    """Any conv, 1-d, 2-d or 3-d (groups, stride, padding and its mode, dilation, bias) followed by an eval-mode
+    BatchNorm of its dimensions: one conv whose output and input gradient equal the pair's in float64; the conv's
+    own kind of change (a depthwise conv is routed to our DepthwiseConv1d/2d/3d, others folded). A training-mode
+    norm is never folded (batch statistics)."""
     assume(not cfg.strided_same)
     torch.manual_seed(0)
-    conv = nn.Conv2d(cfg.in_channels, cfg.out_channels, cfg.kernel_size, bias=bias, **cfg.conv_kwargs)
-    model = randomize_norms(nn.Sequential(conv, nn.BatchNorm2d(cfg.out_channels), nn.ReLU())).double()
+    conv_class, norm_class = [(nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d)][
+        cfg.ndim - 1
+    ]
+    conv = conv_class(cfg.in_channels, cfg.out_channels, cfg.kernel_size, bias=bias, **cfg.conv_kwargs)
+    model = randomize_norms(nn.Sequential(conv, norm_class(cfg.out_channels), nn.ReLU())).double()
     model.train(training)
     fast, changes = accelerate(model)
     depthwise = cfg.groups == cfg.in_channels and cfg.padding_mode == "zeros"  # out_channels: a multiple of groups
     if training:
         assert [c.kind for c in changes] == (["depthwise"] if depthwise else [])
-        assert count(fast, nn.BatchNorm2d) == 1
+        assert count(fast, norm_class) == 1
     else:
         kind = "depthwise" if depthwise else "folded conv"
         assert [(c.kind, c.replaced, c.folded_norms) for c in changes] == [(kind, ("0", "1"), ("1",))]
-        assert count(fast, nn.BatchNorm2d) == 0 and len(fast) == 2 and fast[0].bias.requires_grad
+        assert count(fast, norm_class) == 0 and len(fast) == 2 and fast[0].bias.requires_grad
+    routed = (sepconv.DepthwiseConv1d, sepconv.DepthwiseConv2d, sepconv.DepthwiseConv3d)[cfg.ndim - 1]
+    assert (type(fast[0]) is routed) == depthwise
     shape = (2, *cfg.input_shape[1:])  # a training-mode norm needs two values per channel
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     want = model(x)
@@ -1047,3 +1053,35 @@ def test_batch_norm_act_after_a_conv_is_folded_and_leaves_its_activation():
             torch.testing.assert_close(fast(x), model(x))
         assert [c.kind for c in accelerate(model.train())[1]] == ["depthwise"]
         model.eval()
+
+
+class ConformerConvolution(nn.Module):
+    """Conformer's convolution module (1-d): 1x1 conv -> GLU -> depthwise conv -> BatchNorm1d -> SiLU -> 1x1 conv."""
+
+    def __init__(self, channels: int = 6, kernel: int = 7):
+        super().__init__()
+        self.pointwise1, self.glu = nn.Conv1d(channels, 2 * channels, 1), nn.GLU(dim=1)
+        self.depthwise = nn.Conv1d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False)
+        self.norm, self.act, self.pointwise2 = nn.BatchNorm1d(channels), nn.SiLU(), nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x):
+        return self.pointwise2(self.act(self.norm(self.depthwise(self.glu(self.pointwise1(x))))))
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_one_dimensional_depthwise_conv_takes_its_norm_and_is_routed(backend):
+    """1-d (and 3-d) chains are not fused (the fused kernel is 2-d), but a depthwise Conv1d and the eval-mode
+    BatchNorm1d after it become our DepthwiseConv1d with the norm folded in, on the CPU strategy even for
+    backend="triton" (the kernels are 2-d). Outputs equal in float64; in training mode the norm stays."""
+    torch.manual_seed(14)
+    model = randomize_norms(ConformerConvolution()).double().eval()
+    fast, changes = accelerate(model, backend=backend)
+    assert [(c.kind, c.replaced, c.folded_norms) for c in changes] == [("depthwise", ("depthwise", "norm"), ("norm",))]
+    assert type(fast.depthwise) is sepconv.DepthwiseConv1d and fast.depthwise.backend == "auto"
+    assert type(fast.norm) is nn.Identity
+    x = torch.randn(2, 6, 19, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
+    fast, changes = accelerate(model.train(), backend=backend)
+    assert [(c.kind, c.replaced) for c in changes] == [("depthwise", ("depthwise",))]
+    assert type(fast.norm) is nn.BatchNorm1d

@@ -41,7 +41,8 @@ is kept in the fused module (``excitation``, listed in :attr:`Acceleration.excit
 with batch statistics, the activation and the squeeze-excitation in one op) where its activation and gate are
 ones the op knows (:func:`~sepconv.squeeze_excitation.excitation_gate`), else for inference only
 (:mod:`sepconv.kernels.excitation`); otherwise, and on other backends, the module runs it itself. Depthwise
-convs outside any chain are replaced by a DepthwiseConv2d too, with a following eval-mode BatchNorm folded in.
+convs outside any chain are replaced by a DepthwiseConv2d too, with a following eval-mode BatchNorm folded in
+(1-d and 3-d ones by our DepthwiseConv1d / DepthwiseConv3d: chains are fused in 2-d only, norms folded in any).
 Modules of any other class with a forward of their own (a user's blocks, which run their attributes as
 ``self.bn(self.conv(x))``) are traced with torch.fx, their submodules as leaves: children the forward runs one
 after the other, each called once, each output used by the next alone, are rewritten as a Sequential's are, in
@@ -83,7 +84,17 @@ from torch import Tensor, nn
 
 from sepconv.dispatch import backend_arg, batch_norm_2d, batch_norm_separable_forward, fused_activation, use_triton
 from sepconv.folding import fold_batch_norm, foldable_norm
-from sepconv.layers import DepthwiseConv2d, PointwiseConv2d, SeparableConv2d, _unhooked, pad_same
+from sepconv.layers import (
+    DepthwiseConv1d,
+    DepthwiseConv2d,
+    DepthwiseConv3d,
+    PointwiseConv1d,
+    PointwiseConv2d,
+    PointwiseConv3d,
+    SeparableConv2d,
+    _unhooked,
+    pad_same,
+)
 from sepconv.squeeze_excitation import excitation_gate, excitation_scale, is_excitation
 
 __all__ = ["Acceleration", "FusedSeparableConv2d", "accelerate"]
@@ -454,7 +465,8 @@ def _replacements(
             continue
         leaf_path, leaf = leaves[i]
         follower = leaves[i + 1] if i + 1 < len(leaves) else None
-        folds = None if follower is None else _norm_and_activation(follower[1], getattr(leaf, "out_channels", 0))
+        dims = _dims(leaf) if _plain_conv(leaf) else 2
+        folds = None if follower is None else _norm_and_activation(follower[1], getattr(leaf, "out_channels", 0), dims)
         if folds is None or folds[0] is None or not surgery.replaceable(follower[1], folds[1]):
             folds = None
         norm = None if folds is None else folds[0]
@@ -483,14 +495,22 @@ def _pads_same(module: nn.Module) -> bool:
     return _qualified_name(module) in _SAME_PADDED_CONVS
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # by spatial dimensions - 1, as the three below
+_DEPTHWISE = (DepthwiseConv1d, DepthwiseConv2d, DepthwiseConv3d)
+_OURS = (*_DEPTHWISE, PointwiseConv1d, PointwiseConv2d, PointwiseConv3d)
+
+
+def _dims(conv: nn.Module) -> int:
+    """The spatial dimensions of an ``nn.ConvNd`` (1, 2 or 3)."""
+    return next(d for d, cls in enumerate(_CONVS, 1) if isinstance(conv, cls))
+
+
 def _plain_conv(module: nn.Module) -> bool:
-    """An ``nn.Conv2d`` whose computation we know: its own forward, one of our layers, or one of
+    """An ``nn.Conv1d/2d/3d`` whose computation we know: its own forward, one of our layers, or one of
     :data:`_SAME_PADDED_CONVS` (its padding is :func:`_conv_padding`). Other subclasses with a forward of their own
-    are left alone."""
-    return isinstance(module, nn.Conv2d) and (
-        type(module).forward is nn.Conv2d.forward
-        or isinstance(module, (DepthwiseConv2d, PointwiseConv2d))
-        or _pads_same(module)
+    are left alone. (Chains are fused in 2-d only; 1-d and 3-d convs have their norms folded.)"""
+    return isinstance(module, _CONVS) and (
+        type(module).forward is _CONVS[_dims(module) - 1].forward or isinstance(module, _OURS) or _pads_same(module)
     )
 
 
@@ -525,7 +545,7 @@ def _match_chain(leaves: list[tuple[str, nn.Module]], start: int, backend: str):
     would run PyTorch's ops as the original does, and a :class:`~sepconv.DepthwiseConv2d` for the depthwise conv
     alone runs the measured choice (CPU layouts, our kernel for large kernels on CUDA)."""
     dw = leaves[start][1]
-    if not _is_depthwise(dw):
+    if not _is_depthwise(dw) or _dims(dw) != 2:  # the fused module and kernel are 2-d
         return None
     i, mid = start + 1, dw.out_channels
     norm1 = activation = norm2 = kept = None
@@ -649,15 +669,18 @@ def _qualified_name(module: nn.Module) -> str:
     return f"{type(module).__module__}.{type(module).__qualname__}"
 
 
-def _norm_and_activation(module: nn.Module | None, channels: int) -> tuple[nn.Module | None, nn.Module | None] | None:
-    """(norm to fold or None, activation it applies or None) of what follows a conv of ``channels`` outputs:
-    nothing or ``nn.Identity`` (None, None); an eval-mode ``BatchNorm2d`` (it, None); an eval-mode timm
-    ``BatchNormAct2d`` with an identity dropout (it, its activation or None); anything else None (no fold)."""
+def _norm_and_activation(
+    module: nn.Module | None, channels: int, dims: int = 2
+) -> tuple[nn.Module | None, nn.Module | None] | None:
+    """(norm to fold or None, activation it applies or None) of what follows a ``dims``-d conv of ``channels``
+    outputs: nothing or ``nn.Identity`` (None, None); an eval-mode ``BatchNorm{dims}d`` (it, None); after a 2-d
+    conv an eval-mode timm ``BatchNormAct2d`` with an identity dropout (it, its activation or None); anything else
+    None (no fold)."""
     if module is None or type(module) is nn.Identity or (type(module) is nn.Sequential and not module._modules):
         return None, None
-    if foldable_norm(module, channels):
+    if foldable_norm(module, channels, dims):
         return module, None
-    if _qualified_name(module) != _TIMM_NORM_ACT or type(getattr(module, "drop", None)) is not nn.Identity:
+    if dims != 2 or _qualified_name(module) != _TIMM_NORM_ACT or type(getattr(module, "drop", None)) is not nn.Identity:
         return None
     plain = not module.training and module.track_running_stats and module.running_mean is not None
     if not plain or module.num_features != channels:
@@ -693,7 +716,7 @@ def _fold_attribute_convs(module: nn.Module, path: str, surgery: _Surgery) -> No
             conv_name, conv = f"{conv_name}.{len(sequence) - 1}", sequence[-1]
         if not (isinstance(conv, nn.Module) and (_plain_conv(conv) or _mixed_conv(conv))):
             continue
-        folds = _norm_and_activation(norm, conv.out_channels)
+        folds = _norm_and_activation(norm, conv.out_channels, _dims(conv) if _plain_conv(conv) else 2)
         if folds is None or folds[0] is None or not surgery.replaceable(module, sequence, conv, norm, folds[1]):
             continue
         if _mixed_conv(conv) and not surgery.replaceable(*conv.children()):
@@ -739,7 +762,7 @@ def _rewrite_timm_chain(block: nn.Module, path: str, chain: _Chain, surgery: _Su
     backend = surgery.backend
     part = functools.partial(_part, block)
     dw, pw = part(dw_name), part(pw_name)
-    if not (dw is not None and _is_depthwise(dw) and pw is not None):
+    if not (dw is not None and _is_depthwise(dw) and _dims(dw) == 2 and pw is not None):
         return
     norm1 = _norm_and_activation(part(norm1_name), dw.out_channels)
     kept = _batch_statistics_norm(part(norm1_name), dw.out_channels) if backend == "triton" and norm1 is None else None
@@ -816,7 +839,7 @@ def _folded_conv(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
     if _pads_same(conv):  # timm's constructor: nn.Conv2d's arguments without padding_mode
         folded = type(conv)(conv.in_channels, conv.out_channels, conv.kernel_size, padding=0, **geometry, **factory)
     else:
-        folded = nn.Conv2d(
+        folded = _CONVS[_dims(conv) - 1](
             conv.in_channels,
             conv.out_channels,
             conv.kernel_size,
@@ -868,9 +891,13 @@ def _norm_slice(norm: nn.BatchNorm2d, start: int, stop: int) -> nn.BatchNorm2d:
     return part
 
 
-def _depthwise_replacement(conv: nn.Conv2d, norm: nn.BatchNorm2d | None, backend: str) -> DepthwiseConv2d:
+def _depthwise_replacement(conv: nn.Conv2d, norm: nn.BatchNorm2d | None, backend: str) -> nn.Module:
+    """Our ``DepthwiseConv1d/2d/3d`` for a depthwise conv, ``norm`` (eval mode) folded in; ``backend`` in 2-d (our
+    kernels are 2-d: 1-d and 3-d layers take "auto" for "triton", the CPU strategy on CPU)."""
     weight, bias = _fold(conv.weight, conv.bias, norm)
-    layer = DepthwiseConv2d(
+    dims = _dims(conv)
+    backend = backend if dims == 2 or backend != "triton" else "auto"
+    layer = _DEPTHWISE[dims - 1](
         conv.in_channels,
         conv.kernel_size,
         conv.stride,

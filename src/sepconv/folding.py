@@ -21,12 +21,17 @@ from sepconv._dtypes import accumulation_dtype, cast
 __all__ = ["fold_batch_norm", "fold_statistics", "foldable_norm"]
 
 
-def foldable_norm(module: nn.Module, channels: int) -> bool:
-    """An eval-mode ``BatchNorm2d`` over ``channels`` with running statistics: a per-channel affine map.
-    Subclasses with a forward of their own (timm's ``BatchNormAct2d`` also applies an activation) are not."""
+_BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def foldable_norm(module: nn.Module, channels: int, dims: int = 2) -> bool:
+    """An eval-mode ``BatchNorm2d`` (``BatchNorm1d``, ``BatchNorm3d`` for ``dims`` 1, 3) over ``channels`` with
+    running statistics: a per-channel affine map. Subclasses with a forward of their own (timm's ``BatchNormAct2d``
+    also applies an activation) are not."""
+    norm = _BATCH_NORMS[dims]
     return (
-        isinstance(module, nn.BatchNorm2d)
-        and type(module).forward is nn.BatchNorm2d.forward
+        isinstance(module, norm)
+        and type(module).forward is norm.forward
         and not module.training
         and module.track_running_stats
         and module.running_mean is not None

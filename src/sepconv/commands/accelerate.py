@@ -76,7 +76,7 @@ def norms_left(model: nn.Module, changes: list[Acceleration]) -> list[str]:
     """Paths (in ``model``, as the changes name them) of the BatchNorms the accelerated model still runs as modules
     of their own: neither folded into a conv nor kept in a fused module (whose kernel computes them)."""
     handled = {path for change in changes for path in (*change.folded_norms, *change.batch_norms)}
-    norms = (nn.BatchNorm2d, nn.SyncBatchNorm)
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
     return [path for path, module in model.named_modules() if isinstance(module, norms) and path not in handled]
 
 
