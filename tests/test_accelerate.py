@@ -1085,3 +1085,16 @@ def test_one_dimensional_depthwise_conv_takes_its_norm_and_is_routed(backend):
     fast, changes = accelerate(model.train(), backend=backend)
     assert [(c.kind, c.replaced) for c in changes] == [("depthwise", ("depthwise",))]
     assert type(fast.norm) is nn.BatchNorm1d
+
+
+def test_video_resnet_folds_every_batch_norm_3d():
+    """torchvision's r3d_18 (3-d convs and BatchNorm3d in Sequentials): every norm folded into its conv; outputs
+    equal in float64."""
+    torch.manual_seed(15)
+    model = randomize_norms(torchvision.models.video.r3d_18()).double().eval()
+    fast, changes = accelerate(model)
+    assert [c.kind for c in changes] == ["folded conv"] * count(model, nn.BatchNorm3d) == ["folded conv"] * 20
+    assert count(fast, nn.BatchNorm3d) == 0
+    x = torch.randn(1, 3, 4, 24, 24, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x))
