@@ -330,8 +330,8 @@ def _traced_graph(module: nn.Module) -> torch.fx.Graph | None:
     or None where it cannot be traced (control flow on tensor values, anything else that raises). Traced on a
     shallow copy, so attributes its forward sets stay there (a proxy cannot be set as a parameter, buffer or
     module: that raises)."""
-    probe = copy.copy(module)  # its own __dict__: attributes the forward sets land there
     try:
+        probe = copy.copy(module)  # its own __dict__: attributes the forward sets land there
         defaults = {
             name: parameter.default
             for name, parameter in inspect.signature(type(module).forward).parameters.items()
