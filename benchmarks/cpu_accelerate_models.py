@@ -95,6 +95,7 @@ def time_model(spec: str, args: argparse.Namespace) -> dict:
             "ms": {name: timing.median_ms for name, timing in timings.items()},
             "iqr_ms": {name: timing.iqr_ms for name, timing in timings.items()},
             "rounds": timings["eager_nchw"].runs,
+            "samples_ms": {name: list(timing.samples_ms) for name, timing in timings.items()},  # one per round
             "paired": {f"{a} / {b}": paired_ratio(timings[a], timings[b]) for a, b in PAIRS},
             "max_relative_difference": errors,
         }

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -520,9 +521,14 @@ def test_cpu_accelerate_models_quick_run(tmp_path):
         row = entry["batches"]["1"]
         assert set(row["ms"]) == {"eager_nchw", "accelerate", "eager_channels_last", "sepconv"}
         assert all(ms > 0 for ms in row["ms"].values()) and row["rounds"] >= 3
-        for pair, ratio in row["paired"].items():  # a median of per-round ratios: near the medians' ratio
+        samples = row["samples_ms"]  # every variant timed in every round
+        assert all(len(times) == row["rounds"] for times in samples.values())
+        for name, times in samples.items():
+            assert row["ms"][name] == pytest.approx(statistics.median(times))
+        for pair, ratio in row["paired"].items():  # the median of the per-round ratios
             baseline, ours = pair.split(" / ")
-            assert 0.2 < ratio / (row["ms"][baseline] / row["ms"][ours]) < 5
+            per_round = [a / b for a, b in zip(samples[baseline], samples[ours], strict=True)]
+            assert ratio == pytest.approx(statistics.median(per_round))
         assert all(0 <= error < 1e-5 for error in row["max_relative_difference"].values())
     assert result["models"]["timm:mobilenetv4_conv_small"]["changes"]["fused separable"] == 15
     assert (tmp_path / "cpu_accelerate_models_quick.png").stat().st_size > 0

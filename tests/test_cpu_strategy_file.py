@@ -307,10 +307,10 @@ def test_decisions_hold_only_in_the_allocator_regime_they_were_timed_in(tmp_path
     assert {key[-1] for key in kept} == {(threads, cpu_strategy.FREED_MEMORY_KEPT)}
     layouts = [{key[:-1] for key in keys if "Conv" in key[0]} for keys in (kept, default)]
     assert layouts[0] == layouts[1] and len(layouts[0]) == 4  # every layer's configuration, decided again
-    assert {key[0] for key in kept} == {key[0] for key in default}  # and its backward and pointwise decisions
-    # the layers' decisions described alike but for the regime (their pointwise and backward decisions follow the
-    # layouts each regime's timings picked: a pointwise conv is timed only where its input's layout allows a matrix
-    # product, so those sets may differ between the regimes)
+    # the layers' decisions described alike but for the regime. Their pointwise and backward decisions follow the
+    # layouts each regime's timings picked (a pointwise conv is timed only where its input's layout allows a matrix
+    # product, a depthwise backward only for the layout taken), so which of those each regime took may differ: CI
+    # saw 'depthwise_backward' in one regime only on a loaded machine. Every one taken names its regime (above).
     described = [{cpu_strategy.describe_decision(key) for key in keys if "Conv" in key[0]} for keys in (kept, default)]
     suffix = ", " + cpu_strategy.FREED_MEMORY_KEPT  # sepconv tune's table names the regime
     assert {(layer, shape, mode.removesuffix(suffix)) for layer, shape, mode in described[0]} == described[1]
