@@ -3,9 +3,9 @@ every other conv whose eval-mode BatchNorm it folds.
 
 Lists the changes (the modules each replaces, the BatchNorms folded into the weights and those kept for their
 batch statistics, the fused activation, a kept squeeze-excitation) and the BatchNorms left to run on their own;
---check SHAPE runs the original and the
-accelerated model on one random input of that shape and prints the largest difference of the outputs, relative to
-the largest output. Nothing is written. Example: sepconv accelerate torchvision:efficientnet_b0 --check 1,3,64,64
+--check SHAPE runs the original and the accelerated model on one random input of that shape and prints the largest
+difference of the outputs, relative to the largest output. Nothing is written. Example: sepconv accelerate
+torchvision:efficientnet_b0 --check 1,3,64,64
 """
 
 from __future__ import annotations
