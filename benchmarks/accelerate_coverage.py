@@ -136,11 +136,12 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)  # timm / torchvision constructor notices
     import torch
 
-    from sepconv.bench import versions
+    from sepconv.bench import device_name, versions
     from sepconv.io import atomic_write_text
 
     result = {
         "benchmark": "accelerate_coverage",
+        "device": device_name("cpu"),  # where the models ran (the outputs compared; seconds: accelerate's own)
         "dtype": "float64",
         "versions": versions()
         | {"torchvision": __import__("torchvision").__version__, "timm": __import__("timm").__version__},

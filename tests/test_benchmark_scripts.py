@@ -544,7 +544,9 @@ def test_accelerate_coverage_quick_run(tmp_path):
     import torchvision
 
     run_script("benchmarks/accelerate_coverage.py", "--quick", "--out", str(tmp_path), interpret=False)
-    rows = json.loads((tmp_path / "accelerate_coverage_quick.json").read_text())["models"]
+    result = json.loads((tmp_path / "accelerate_coverage_quick.json").read_text())
+    assert result["device"] and result["dtype"] == "float64" and {"torch", "timm"} <= set(result["versions"])
+    rows = result["models"]
     v3, tf_b0 = torchvision.models.mobilenet_v3_large(), timm.create_model("tf_efficientnet_b0")
     blocks = sum(type(m).__name__ == "InvertedResidual" for m in v3.modules())
     tf_blocks = sum(type(m).__name__ in ("InvertedResidual", "DepthwiseSeparableConv") for m in tf_b0.modules())
