@@ -3,13 +3,18 @@ outputs check, and the error paths (one line, exit status 2)."""
 
 from __future__ import annotations
 
+import collections
 import json
+import statistics
+from typing import ClassVar
 
 import pytest
 import torch
 import torchvision
 
+from sepconv.accelerate import accelerate
 from sepconv.cli import main
+from sepconv.commands.accelerate import measure, relative_difference
 
 
 def test_json_lists_every_efficientnet_block_with_its_squeeze_excitation(capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,9 +73,74 @@ def test_norms_left_are_named(capsys: pytest.CaptureFixture[str]) -> None:
         (["resnet18"], "model spec must look like"),
         (["torchvision:mobilenet_v2", "--check", "1,3"], "--check must be an image batch's shape N,C,H,W"),
         (["torchvision:mobilenet_v2", "--device", "nope"], "is not a device name"),
+        (["torchvision:mobilenet_v2", "--check", "1,3,a"], "--check must be positive ints"),
+        (["torchvision:mobilenet_v2", "--measure", "8,3,224"], "--measure must be an image batch's shape N,C,H,W"),
+        (["torchvision:mobilenet_v2", "--measure", "1,3,8,8", "--min-run-time", "0"], "--min-run-time must be"),
+        (["torchvision:mobilenet_v2", "--measure", "1,3,8,8", "--min-run-time", "nan"], "--min-run-time must be"),
     ],
 )
 def test_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
     assert main(["accelerate", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_measure_times_four_variants_in_paired_rounds(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["accelerate", "torchvision:mobilenet_v3_small", "--measure", "2,3,32,32", "--min-run-time", "0.05"]
+    assert main([*argv, "--format", "json"]) == 0
+    measured = json.loads(capsys.readouterr().out)["measured"]
+    assert measured["input_shape"] == [2, 3, 32, 32] and measured["step"].startswith("forward (eval mode")
+    assert measured["threads"] == torch.get_num_threads() and measured["versions"]["torch"] == torch.__version__
+    variants = measured["variants"]
+    assert list(variants) == ["original", "accelerated", "original, channels_last", "accelerated, channels_last"]
+    original = variants["original"]["samples_ms"]
+    for row in variants.values():
+        samples = row["samples_ms"]
+        assert len(samples) == row["rounds"] == len(original) >= 15  # one sample per round, every variant
+        assert row["median_ms"] == pytest.approx(statistics.median(samples))
+        speedup = statistics.median(a / b for a, b in zip(original, samples, strict=True))
+        assert row["speedup"] == pytest.approx(speedup)
+        low, high = row["speedup_interval"]
+        assert min(a / b for a, b in zip(original, samples, strict=True)) <= low <= row["speedup"] <= high
+    assert variants["original"]["speedup"] == 1.0
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "paired rounds" in table and all(f"│ {name} " in table for name in variants)
+
+
+class _TwoOutputs(torch.nn.Module):
+    """A conv + norm returning a named tuple (as GoogLeNet in training), logging its forward and backward calls in a
+    class attribute (shared by the copies the measurement makes)."""
+
+    Outputs = collections.namedtuple("Outputs", "logits aux")
+    calls: ClassVar[list[str]] = []
+
+    def __init__(self, aux_scale: float = 1.0) -> None:
+        super().__init__()
+        self.conv, self.norm, self.aux_scale = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), aux_scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.norm(self.conv(x))
+        _TwoOutputs.calls.append("forward")
+        if y.requires_grad:
+            y.register_hook(lambda grad: _TwoOutputs.calls.append("backward"))
+        return self.Outputs(y.mean((2, 3)), y[:, :2] * self.aux_scale)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_measure_runs_a_training_step_in_training_mode(training: bool) -> None:
+    model = _TwoOutputs().train(training)
+    fast, _ = accelerate(model)
+    _TwoOutputs.calls.clear()
+    timings = measure(model, fast, (2, 3, 8, 8), min_run_time=0.01)
+    forwards, backwards = _TwoOutputs.calls.count("forward"), _TwoOutputs.calls.count("backward")
+    assert forwards >= 4 * 15 and sum(t.runs for t in timings.values()) <= forwards
+    assert backwards == (forwards if training else 0)
+
+
+def test_relative_difference_compares_every_output() -> None:
+    """The largest relative difference over the outputs: here the auxiliary one, off by half."""
+    model = _TwoOutputs().eval()
+    fast = _TwoOutputs(aux_scale=1.5).eval()
+    fast.load_state_dict(model.state_dict())
+    assert relative_difference(model, fast, (2, 3, 8, 8), seed=0) == pytest.approx(0.5)

@@ -119,9 +119,18 @@ def _to_contiguous(t: Tensor) -> Tensor:
 
 
 def map_tensors(value: object, fn: Callable[[Tensor], Tensor]) -> object:
-    """``value`` with ``fn`` applied to every tensor inside tuples, lists and dicts."""
+    """``value`` with ``fn`` applied to every tensor inside tuples (named ones too: GoogLeNet's outputs in training),
+    lists and dicts.
+
+    >>> from collections import namedtuple
+    >>> Outputs = namedtuple("Outputs", "logits aux")
+    >>> map_tensors({"a": Outputs(torch.ones(1), [torch.ones(2)])}, lambda t: t * 2)
+    {'a': Outputs(logits=tensor([2.]), aux=[tensor([2., 2.])])}
+    """
     if isinstance(value, Tensor):
         return fn(value)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple: its fields positional
+        return type(value)(*(map_tensors(v, fn) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(map_tensors(v, fn) for v in value)
     if isinstance(value, dict):

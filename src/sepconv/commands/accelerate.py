@@ -4,15 +4,20 @@ every other conv whose eval-mode BatchNorm it folds.
 Lists the changes (the modules each replaces, the BatchNorms folded into the weights and those kept for their
 batch statistics, the fused activation, a kept squeeze-excitation) and the BatchNorms left to run on their own;
 --check SHAPE runs the original and the accelerated model on one random input of that shape and prints the largest
-difference of the outputs, relative to the largest output. Nothing is written. Example: sepconv accelerate
-torchvision:efficientnet_b0 --check 1,3,64,64
+difference of the outputs, relative to the largest output; --measure SHAPE times the original and the accelerated
+model side by side on this machine, each also run in channels_last (``sepconv.run_channels_last``: NCHW in and out),
+and prints the medians and each variant's speedup over the original, paired round by round, with its 95% interval.
+Nothing is written. Example: sepconv accelerate torchvision:efficientnet_b0 --check 1,3,64,64 --measure 8,3,224,224
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 from rich.console import Console
@@ -20,8 +25,10 @@ from rich.table import Table
 from torch import nn
 
 from sepconv.accelerate import Acceleration, accelerate
+from sepconv.bench import Timing, device_name, interleaved_latencies, paired_ratio, paired_ratio_interval, versions
 from sepconv.cli import UsageError
 from sepconv.commands.analyze import parse_device, parse_shape
+from sepconv.cpu_layout import map_tensors, run_channels_last
 from sepconv.models import load_model
 
 HELP = "list the separable chains sepconv.accelerate would fuse in a model, and check the outputs"
@@ -37,14 +44,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--train", action="store_true", help="the model in training mode (BatchNorms use batch statistics)"
     )
     parser.add_argument("--check", metavar="SHAPE", help="compare outputs on a random input, e.g. 1,3,224,224")
-    parser.add_argument("--device", default="cpu", help="device for --check (default cpu; e.g. cuda)")
+    parser.add_argument(
+        "--measure", metavar="SHAPE", help="time original vs accelerated on a random input, e.g. 8,3,224,224"
+    )
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per variant (--measure)")
+    parser.add_argument("--device", default="cpu", help="device for --check and --measure (default cpu; e.g. cuda)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
 
 
 def run(args: argparse.Namespace) -> int:
-    shape = None if args.check is None else parse_shape(args.check)
-    if shape is not None and len(shape) != 4:
-        raise UsageError(f"--check must be an image batch's shape N,C,H,W, e.g. 1,3,224,224; got {args.check!r}")
+    shape, timed_shape = (
+        _image_shape(text, option) for text, option in ((args.check, "--check"), (args.measure, "--measure"))
+    )
+    if not (math.isfinite(args.min_run_time) and args.min_run_time > 0):
+        raise UsageError(f"--min-run-time must be a positive number of seconds, e.g. 1.0; got {args.min_run_time}")
     device = parse_device(args.device)
     model = load_model(args.spec, weights=args.weights).train(args.train).to(device)
     fast, changes = accelerate(model, backend=args.backend)
@@ -52,11 +65,17 @@ def run(args: argparse.Namespace) -> int:
         error = None if shape is None else relative_difference(model, fast, shape, seed=0)
     except RuntimeError as failure:  # e.g. --backend triton on a CPU without Triton's interpreter
         raise UsageError(f"--check failed: {str(failure).splitlines()[0]}") from failure
+    try:
+        timings = None if timed_shape is None else measure(model, fast, timed_shape, min_run_time=args.min_run_time)
+    except RuntimeError as failure:
+        raise UsageError(f"--measure failed: {str(failure).splitlines()[0]}") from failure
     left = norms_left(model, changes)
+    measured = None if timings is None else timing_record(timings, timed_shape, device, args.train)
     if args.format == "json":
         rows = [change_record(change) for change in changes]
-        print(json.dumps({"model": args.spec, "backend": args.backend, "training": args.train, "changes": rows,
-                          "norms_left": left, "max_relative_difference": error}, indent=1))  # fmt: skip
+        record = {"model": args.spec, "backend": args.backend, "training": args.train, "changes": rows}
+        record |= {"norms_left": left, "max_relative_difference": error, "measured": measured}
+        print(json.dumps(record, indent=1))
         return 0
     console = Console() if Console().is_terminal else Console(width=140)  # piped: rich would assume 80 columns
     console.print(changes_table(changes, f"{args.spec} ({'training' if args.train else 'eval'}, {args.backend})"))
@@ -66,7 +85,93 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"BatchNorms left to run on their own: {len(left)}" + (f" ({shown})" if left else ""))
     if error is not None:
         console.print(f"outputs on a random {tuple(shape)} input: largest difference / largest output = {error:.2e}")
+    if measured is not None:
+        console.print(timings_table(measured))
     return 0
+
+
+def _image_shape(text: str | None, option: str) -> tuple[int, ...] | None:
+    shape = None if text is None else parse_shape(text, option)
+    if shape is not None and len(shape) != 4:
+        raise UsageError(f"{option} must be an image batch's shape N,C,H,W, e.g. 1,3,224,224; got {text!r}")
+    return shape
+
+
+# the variants --measure times, each a model and whether it runs in channels_last inside (NCHW in and out)
+VARIANTS = {
+    "original": ("original", False),
+    "accelerated": ("accelerated", False),
+    "original, channels_last": ("original", True),
+    "accelerated, channels_last": ("accelerated", True),
+}
+
+
+def measure(model: nn.Module, fast: nn.Module, shape: tuple[int, ...], *, min_run_time: float) -> dict[str, Timing]:
+    """Call times of the four :data:`VARIANTS` on one random input of ``shape``, in paired rounds
+    (:func:`sepconv.bench.interleaved_latencies`): a forward without gradients in eval mode, a forward and backward
+    (of the outputs' sum) in training mode. The channels_last variants run on copies (the conversion is in place)."""
+    device = next(model.parameters()).device
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
+    models = {"original": model, "accelerated": fast}
+    calls = {
+        name: _step(run_channels_last(copy.deepcopy(models[which])) if channels_last else models[which], x)
+        for name, (which, channels_last) in VARIANTS.items()
+    }
+    return interleaved_latencies(calls, min_run_time=min_run_time, warmup=3, paired=True, min_rounds=15)
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    def forward() -> None:
+        with torch.no_grad():
+            model(x)
+
+    def training_step() -> None:
+        sum(t.sum() for t in output_tensors(model(x))).backward()
+        model.zero_grad(set_to_none=True)
+
+    return training_step if model.training else forward
+
+
+def timing_record(timings: dict[str, Timing], shape: tuple[int, ...], device: torch.device, training: bool) -> dict:
+    """``measure``'s timings as JSON-ready fields: each variant's median, interquartile range and rounds, its speedup
+    over the original (the median over rounds of the original's time over its own) with a 95% interval, and where
+    they were measured."""
+    original = timings["original"]
+    return {
+        "input_shape": list(shape),
+        "step": "forward and backward (training mode)" if training else "forward (eval mode, no gradients)",
+        "device": device_name(device),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "versions": versions(),
+        "variants": {
+            name: {
+                "median_ms": timing.median_ms,
+                "iqr_ms": timing.iqr_ms,
+                "rounds": timing.runs,
+                "samples_ms": list(timing.samples_ms),  # one per round, in the order the rounds ran
+                "speedup": paired_ratio(original, timing),
+                "speedup_interval": paired_ratio_interval(original, timing),
+            }
+            for name, timing in timings.items()
+        },
+    }
+
+
+def timings_table(record: dict) -> Table:
+    """:func:`timing_record`'s fields as a table, one row per variant."""
+    threads = f", {record['threads']} threads" if record["threads"] else ""
+    table = Table(
+        title=f"{record['step']}, input {tuple(record['input_shape'])}, {record['device']}{threads}, "
+        f"torch {record['versions']['torch']}: medians of {record['variants']['original']['rounds']} paired rounds"
+    )
+    for column in ("variant", "median ms", "IQR ms", "speedup over original", "95% interval"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for name, row in record["variants"].items():
+        low, high = row["speedup_interval"] or (math.nan, math.nan)
+        table.add_row(
+            name, f"{row['median_ms']:.3f}", f"{row['iqr_ms']:.3f}", f"{row['speedup']:.2f}x", f"{low:.2f}-{high:.2f}x"
+        )
+    return table
 
 
 NORMS_SHOWN = 5  # paths of the norms left that the table's footer names
@@ -115,12 +220,27 @@ def changes_table(changes: list[Acceleration], title: str) -> Table:
 
 @torch.no_grad()
 def relative_difference(model: nn.Module, fast: nn.Module, shape: tuple[int, ...], seed: int) -> float:
-    """``max |fast(x) - model(x)| / max |model(x)|`` on one random ``x``; in training mode both run on copies of
-    the same running statistics (each call updates them) and the same random numbers (dropout)."""
+    """``max |fast(x) - model(x)| / max |model(x)|`` on one random ``x``, the largest over the outputs where the
+    model returns several (GoogLeNet's auxiliary logits in training); in training mode both run on copies of the same
+    running statistics (each call updates them) and the same random numbers (dropout)."""
     device = next(model.parameters()).device
     x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
     torch.manual_seed(seed)
-    want = model(x)
+    wanted = output_tensors(model(x))
     torch.manual_seed(seed)
-    got = fast(x)
-    return ((got - want).abs().max() / want.abs().max().clamp_min(torch.finfo(want.dtype).tiny)).item()
+    got = output_tensors(fast(x))
+    return max(
+        ((g - w).abs().max() / w.abs().max().clamp_min(torch.finfo(w.dtype).tiny)).item()
+        for g, w in zip(got, wanted, strict=True)
+    )
+
+
+def output_tensors(output: object) -> list[torch.Tensor]:
+    """The tensors in a model's output: itself, or those in its tuples (named ones included), lists and dicts.
+
+    >>> [t.shape for t in output_tensors({"out": torch.zeros(2), "aux": (torch.zeros(3), None)})]
+    [torch.Size([2]), torch.Size([3])]
+    """
+    found: list[torch.Tensor] = []
+    map_tensors(output, lambda t: found.append(t) or t)
+    return found

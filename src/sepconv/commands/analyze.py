@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """``'1,3,224,224'`` or ``'1x3x224x224'`` as a tuple of positive ints.
+def parse_shape(text: str, option: str = "--input") -> tuple[int, ...]:
+    """``'1,3,224,224'`` or ``'1x3x224x224'`` as a tuple of positive ints (else a usage error naming ``option``).
 
     >>> parse_shape("1,3,224,224"), parse_shape("2x8")
     ((1, 3, 224, 224), (2, 8))
@@ -54,7 +54,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or min(shape) < 1:
-        raise UsageError(f"--input must be positive ints separated by commas, e.g. 1,3,224,224; got {text!r}")
+        raise UsageError(f"{option} must be positive ints separated by commas, e.g. 1,3,224,224; got {text!r}")
     return shape
 
 
