@@ -128,6 +128,29 @@ def test_mobilenet_v2_on_the_triton_kernels(mobilenet):
         torch.testing.assert_close(fast(x), mobilenet(x), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize(("backend", "ours"), [("auto", set()), ("triton", {"separable_conv2d", "depthwise_conv2d"})])
+def test_an_accelerated_model_exports_and_compiles_whole(backend: str, ours: set[str]):
+    """torch.export and torch.compile (fullgraph) take an accelerated model: a fused chain and a routed depthwise conv
+    with its norm folded. On the CPU, auto's graph holds PyTorch's ops only; triton's holds our two custom ops. Both
+    compute the original's outputs (float64 reference)."""
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 16, 1), nn.BatchNorm2d(16),
+        nn.Conv2d(16, 32, 5, stride=2, padding=2, groups=16), nn.BatchNorm2d(32),
+    )  # fmt: skip
+    model = randomize_norms(model).eval()
+    fast, changes = accelerate(model, backend=backend)
+    assert [c.kind for c in changes] == ["fused separable", "depthwise"]
+    x = torch.randn(2, 8, 13, 11, device=DEVICE)
+    want = model.double().to(DEVICE)(x.double()).float()
+    exported = torch.export.export(fast, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert {t.split(".")[1] for t in targets if t.startswith("sepconv.")} == ours
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), want, atol=1e-5, rtol=1e-4)
+        compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), want, atol=1e-5, rtol=1e-4)
+
+
 def test_efficientnet_b0_fuses_every_block_with_its_squeeze_excitation():
     """efficientnet_b0: a SqueezeExcitation sits between every depthwise and pointwise conv; each of the 16 blocks
     becomes a fused chain that keeps it (both BatchNorms folded, SiLU fused). Inference outputs equal the
