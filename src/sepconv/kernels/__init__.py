@@ -6,7 +6,6 @@ Importing this package needs Triton (installed with PyTorch's CUDA builds on Lin
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 __all__ = [
@@ -19,10 +18,14 @@ __all__ = [
 ]
 
 
-@functools.cache
+# looked up once, at import (finds the package without importing it); a plain global, not a functools.cache: Dynamo
+# traces through cache wrappers with a warning on every torch.compile of a model with our layers
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def available() -> bool:
-    """True when Triton is installed, so ``sepconv.kernels`` can be imported (looked up once)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when Triton is installed, so ``sepconv.kernels`` can be imported."""
+    return _TRITON_FOUND
 
 
 def __getattr__(name: str):  # lazy: `import sepconv` must not import Triton
