@@ -10,7 +10,11 @@ downloaded), eval mode, fp32, NCHW input. Variants, timed in the same paired rou
 - `eager_nchw`: the model as built; `accelerate`: `sepconv.accelerate(model)` (backend auto: PyTorch's convs on
   the folded weights on CPU);
 - `eager_channels_last`: weights and input in channels_last; `sepconv`: `sepconv.run_channels_last` of the
-  accelerated model (NCHW in and out, channels_last inside).
+  accelerated model (NCHW in and out, channels_last inside);
+- `compiled`: `torch.compile(model)` (default mode: Inductor's C++/OpenMP code on CPU), NCHW input;
+  `compiled_accelerate`: `torch.compile` of the accelerated model, weights and input in channels_last. Both are
+  compiled anew for each batch size (`torch._dynamo.reset()`: no dynamic-shape recompile), and their first call
+  (the compile) is recorded as `compile_seconds`, outside the timing.
 
 Each model also records what changed (fused chains, routed depthwise convs, folded convs), the BatchNorms it ran
 before and after, and the largest output difference of the accelerated variants from eager NCHW (over the largest
@@ -40,12 +44,19 @@ MODELS = (
     "timm:mixnet_s",
     "torchvision:densenet121",
 )
-VARIANTS = ("eager_nchw", "accelerate", "eager_channels_last", "sepconv")
-PAIRS = (("eager_nchw", "accelerate"), ("eager_channels_last", "sepconv"), ("eager_nchw", "sepconv"))
+VARIANTS = ("eager_nchw", "accelerate", "eager_channels_last", "sepconv", "compiled", "compiled_accelerate")
+PAIRS = (
+    ("eager_nchw", "accelerate"),
+    ("eager_channels_last", "sepconv"),
+    ("eager_nchw", "sepconv"),
+    ("compiled", "sepconv"),
+    ("compiled", "compiled_accelerate"),
+)
+CHANNELS_LAST_INPUT = ("eager_channels_last", "compiled_accelerate")
 
 
 def variants(spec: str) -> tuple[dict, dict]:
-    """The four variants of one model (eval mode) and what ``accelerate`` changed in it."""
+    """The four eager variants of one model (eval mode) and what ``accelerate`` changed in it."""
     import torch
 
     import sepconv
@@ -73,16 +84,30 @@ def time_model(spec: str, args: argparse.Namespace) -> dict:
 
     from sepconv.bench import interleaved_latencies, paired_ratio
 
-    models, info = variants(spec)
+    eager, info = variants(spec)
     rows = {}
     for batch in args.batches:
         x = torch.randn(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
-        inputs = {name: x for name in VARIANTS} | {"eager_channels_last": x.to(memory_format=torch.channels_last)}
+        inputs = {name: x for name in VARIANTS}
+        inputs |= {name: x.to(memory_format=torch.channels_last) for name in CHANNELS_LAST_INPUT}
+        torch._dynamo.reset()  # compiled anew for this batch size: no recompile with dynamic shapes
+        models = eager | {
+            "compiled": torch.compile(copy.deepcopy(eager["eager_nchw"])),
+            "compiled_accelerate": torch.compile(
+                copy.deepcopy(eager["accelerate"]).to(memory_format=torch.channels_last)
+            ),
+        }
         with torch.no_grad():
             want = models["eager_nchw"](x)
+            compile_seconds = {}
+            for name in ("compiled", "compiled_accelerate"):
+                start = time.perf_counter()
+                models[name](inputs[name])
+                compile_seconds[name] = time.perf_counter() - start
             errors = {
                 name: ((models[name](inputs[name]) - want).abs().max() / want.abs().max()).item()
-                for name in ("accelerate", "sepconv")
+                for name in VARIANTS
+                if name != "eager_nchw"
             }
 
             timings = interleaved_latencies(
@@ -98,6 +123,7 @@ def time_model(spec: str, args: argparse.Namespace) -> dict:
             "samples_ms": {name: list(timing.samples_ms) for name, timing in timings.items()},  # one per round
             "paired": {f"{a} / {b}": paired_ratio(timings[a], timings[b]) for a, b in PAIRS},
             "max_relative_difference": errors,
+            "compile_seconds": compile_seconds,
         }
         print(spec, batch, json.dumps(rows[str(batch)]["paired"]), flush=True)
     return info | {"batches": rows}
@@ -117,7 +143,7 @@ def plot(result: dict, path: Path) -> None:
 
     batches = [str(b) for b in result["settings"]["batches"]]
     names = list(result["models"])
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 0.45 * len(names) + 1.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 0.7 * len(names) + 1.6), squeeze=False)
     width = 0.8 / len(PAIRS)
     for ax, batch in zip(axes[0], batches, strict=True):
         for k, (a, b) in enumerate(PAIRS):
@@ -141,10 +167,12 @@ def plot(result: dict, path: Path) -> None:
 
 def markdown(result: dict) -> str:
     lines = [
-        "| model | batch norms | batch | eager NCHW ms | accelerate ms | eager channels_last ms | sepconv ms | "
+        "| model | batch norms | batch | "
+        + " | ".join(f"{v} ms" for v in VARIANTS)
+        + " | "
         + " | ".join(f"{a} / {b}" for a, b in PAIRS)
         + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(PAIRS),
+        "|---|---|---|" + "---|" * (len(VARIANTS) + len(PAIRS)),
     ]
     for name, entry in result["models"].items():
         for batch, row in entry["batches"].items():

@@ -509,9 +509,9 @@ def test_host_path_benchmark_quick_run(tmp_path):
 
 
 def test_cpu_accelerate_models_quick_run(tmp_path):
-    """Two families read by the new rules (MobileNetV4's blocks, Res2Net's traced loops): every variant timed in
-    the same paired rounds, what changed and the norms left recorded, the accelerated variants' outputs equal
-    eager NCHW's to float32 rounding."""
+    """Two families read by the new rules (MobileNetV4's blocks, Res2Net's traced loops): every variant (the
+    torch.compile ones too) timed in the same paired rounds, what changed and the norms left recorded, every variant's
+    outputs equal eager NCHW's to float32 rounding."""
     run_script("benchmarks/cpu_accelerate_models.py", "--quick", "--out", str(tmp_path), interpret=False)
     result = json.loads((tmp_path / "cpu_accelerate_models_quick.json").read_text())
     assert list(result["models"]) == ["timm:mobilenetv4_conv_small", "timm:res2net50_26w_4s"]
@@ -519,7 +519,10 @@ def test_cpu_accelerate_models_quick_run(tmp_path):
         assert entry["batch_norms_before"] > 0 and entry["batch_norms_after"] == 0
         assert entry["changes"]["folded conv"] > 0
         row = entry["batches"]["1"]
-        assert set(row["ms"]) == {"eager_nchw", "accelerate", "eager_channels_last", "sepconv"}
+        eager = {"eager_nchw", "accelerate", "eager_channels_last", "sepconv"}
+        assert set(row["ms"]) == eager | {"compiled", "compiled_accelerate"}
+        assert set(row["compile_seconds"]) == {"compiled", "compiled_accelerate"}
+        assert set(row["max_relative_difference"]) == set(row["ms"]) - {"eager_nchw"}
         assert all(ms > 0 for ms in row["ms"].values()) and row["rounds"] >= 3
         samples = row["samples_ms"]  # every variant timed in every round
         assert all(len(times) == row["rounds"] for times in samples.values())
