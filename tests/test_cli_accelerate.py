@@ -77,6 +77,7 @@ def test_norms_left_are_named(capsys: pytest.CaptureFixture[str]) -> None:
         (["torchvision:mobilenet_v2", "--measure", "8,3,224"], "--measure must be an image batch's shape N,C,H,W"),
         (["torchvision:mobilenet_v2", "--measure", "1,3,8,8", "--min-run-time", "0"], "--min-run-time must be"),
         (["torchvision:mobilenet_v2", "--measure", "1,3,8,8", "--min-run-time", "nan"], "--min-run-time must be"),
+        (["torchvision:mobilenet_v2", "--with-compile"], "it needs --measure SHAPE"),
     ],
 )
 def test_errors_are_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
@@ -132,10 +133,28 @@ def test_measure_runs_a_training_step_in_training_mode(training: bool) -> None:
     model = _TwoOutputs().train(training)
     fast, _ = accelerate(model)
     _TwoOutputs.calls.clear()
-    timings = measure(model, fast, (2, 3, 8, 8), min_run_time=0.01)
+    timings = measure(model, fast, (2, 3, 8, 8), min_run_time=0.01).timings
     forwards, backwards = _TwoOutputs.calls.count("forward"), _TwoOutputs.calls.count("backward")
     assert forwards >= 4 * 15 and sum(t.runs for t in timings.values()) <= forwards
     assert backwards == (forwards if training else 0)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_measure_with_compile_times_both_compiled_models(training: bool) -> None:
+    """The compiled variants (a training step too) are timed in the same rounds, their first call (the compile) apart,
+    and compute the original's outputs."""
+    model = _TwoOutputs().train(training)
+    fast, _ = accelerate(model)
+    measured = measure(model, fast, (2, 3, 8, 8), min_run_time=0.01, compiled=True)
+    compiled = {"original, torch.compile", "accelerated, torch.compile"}
+    assert set(measured.timings) == {"original", "accelerated", "original, channels_last",
+                                     "accelerated, channels_last"} | compiled  # fmt: skip
+    assert set(measured.compile_seconds) == compiled and all(s > 0 for s in measured.compile_seconds.values())
+    assert len({t.runs for t in measured.timings.values()}) == 1  # paired: every variant in every round
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for got, want in zip(torch.compile(fast.eval())(x), model.eval()(x), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_relative_difference_compares_every_output() -> None:

@@ -6,7 +6,8 @@ batch statistics, the fused activation, a kept squeeze-excitation) and the Batch
 --check SHAPE runs the original and the accelerated model on one random input of that shape and prints the largest
 difference of the outputs, relative to the largest output; --measure SHAPE times the original and the accelerated
 model side by side on this machine, each also run in channels_last (``sepconv.run_channels_last``: NCHW in and out),
-and prints the medians and each variant's speedup over the original, paired round by round, with its 95% interval.
+and prints the medians and each variant's speedup over the original, paired round by round, with its 95% interval;
+--with-compile adds torch.compile of both models (their compile, the first call, is reported and not timed).
 Nothing is written. Example: sepconv accelerate torchvision:efficientnet_b0 --check 1,3,64,64 --measure 8,3,224,224
 """
 
@@ -16,8 +17,10 @@ import argparse
 import copy
 import json
 import math
+import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from rich.console import Console
@@ -48,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--measure", metavar="SHAPE", help="time original vs accelerated on a random input, e.g. 8,3,224,224"
     )
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per variant (--measure)")
+    parser.add_argument(
+        "--with-compile", action="store_true", help="--measure: also torch.compile of both models (compiles first)"
+    )
     parser.add_argument("--device", default="cpu", help="device for --check and --measure (default cpu; e.g. cuda)")
     parser.add_argument("--format", choices=("table", "json"), default="table", help="output format")
 
@@ -58,6 +64,8 @@ def run(args: argparse.Namespace) -> int:
     )
     if not (math.isfinite(args.min_run_time) and args.min_run_time > 0):
         raise UsageError(f"--min-run-time must be a positive number of seconds, e.g. 1.0; got {args.min_run_time}")
+    if args.with_compile and timed_shape is None:
+        raise UsageError("--with-compile times torch.compile beside the other variants: it needs --measure SHAPE")
     device = parse_device(args.device)
     model = load_model(args.spec, weights=args.weights).train(args.train).to(device)
     fast, changes = accelerate(model, backend=args.backend)
@@ -66,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as failure:  # e.g. --backend triton on a CPU without Triton's interpreter
         raise UsageError(f"--check failed: {str(failure).splitlines()[0]}") from failure
     try:
-        timings = None if timed_shape is None else measure(model, fast, timed_shape, min_run_time=args.min_run_time)
+        timings = (
+            None
+            if timed_shape is None
+            else measure(model, fast, timed_shape, min_run_time=args.min_run_time, compiled=args.with_compile)
+        )
     except RuntimeError as failure:
         raise UsageError(f"--measure failed: {str(failure).splitlines()[0]}") from failure
     left = norms_left(model, changes)
@@ -97,30 +109,53 @@ def _image_shape(text: str | None, option: str) -> tuple[int, ...] | None:
     return shape
 
 
-# the variants --measure times, each a model and whether it runs in channels_last inside (NCHW in and out)
+# the variants --measure times: each a model, and how it runs (as built; channels_last inside, NCHW in and out;
+# compiled by torch.compile, --with-compile only)
 VARIANTS = {
-    "original": ("original", False),
-    "accelerated": ("accelerated", False),
-    "original, channels_last": ("original", True),
-    "accelerated, channels_last": ("accelerated", True),
+    "original": ("original", "as built"),
+    "accelerated": ("accelerated", "as built"),
+    "original, channels_last": ("original", "channels_last"),
+    "accelerated, channels_last": ("accelerated", "channels_last"),
+}
+COMPILED_VARIANTS = {
+    "original, torch.compile": ("original", "compiled"),
+    "accelerated, torch.compile": ("accelerated", "compiled"),
 }
 
 
-def measure(model: nn.Module, fast: nn.Module, shape: tuple[int, ...], *, min_run_time: float) -> dict[str, Timing]:
-    """Call times of the four :data:`VARIANTS` on one random input of ``shape``, in paired rounds
-    (:func:`sepconv.bench.interleaved_latencies`): a forward without gradients in eval mode, a forward and backward
-    (of the outputs' sum) in training mode. The channels_last variants run on copies (the conversion is in place)."""
+@dataclass(frozen=True)
+class Measured:
+    """What :func:`measure` timed: each variant's :class:`~sepconv.bench.Timing`, and the seconds each compiled
+    variant's first call took (the compile, outside the timing)."""
+
+    timings: dict[str, Timing]
+    compile_seconds: dict[str, float]
+
+
+def measure(
+    model: nn.Module, fast: nn.Module, shape: tuple[int, ...], *, min_run_time: float, compiled: bool = False
+) -> Measured:
+    """Call times of the :data:`VARIANTS` (and with ``compiled`` the :data:`COMPILED_VARIANTS`) on one random input
+    of ``shape``, in paired rounds (:func:`sepconv.bench.interleaved_latencies`): a forward without gradients in eval
+    mode, a forward and backward (of the outputs' sum) in training mode. The channels_last and compiled variants run
+    on copies (the conversion is in place; the compiled ones' parameters stay the original's)."""
     device = next(model.parameters()).device
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     models = {"original": model, "accelerated": fast}
-    calls = {
-        name: _step(run_channels_last(copy.deepcopy(models[which])) if channels_last else models[which], x)
-        for name, (which, channels_last) in VARIANTS.items()
-    }
-    return interleaved_latencies(calls, min_run_time=min_run_time, warmup=3, paired=True, min_rounds=15)
+    prepare = {"as built": lambda m: m, "channels_last": lambda m: run_channels_last(copy.deepcopy(m))}
+    prepare["compiled"] = lambda m: torch.compile(copy.deepcopy(m))
+    variants = VARIANTS | (COMPILED_VARIANTS if compiled else {})
+    calls = {name: _step(prepare[how](models[which]), x, model.training) for name, (which, how) in variants.items()}
+    compile_seconds = {}
+    for name in variants.keys() & COMPILED_VARIANTS.keys():
+        start = time.perf_counter()
+        calls[name]()
+        compile_seconds[name] = time.perf_counter() - start
+    timings = interleaved_latencies(calls, min_run_time=min_run_time, warmup=3, paired=True, min_rounds=15)
+    return Measured(timings, compile_seconds)
 
 
-def _step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def _step(model: nn.Module, x: torch.Tensor, training: bool) -> Callable[[], None]:
     def forward() -> None:
         with torch.no_grad():
             model(x)
@@ -129,14 +164,14 @@ def _step(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
         sum(t.sum() for t in output_tensors(model(x))).backward()
         model.zero_grad(set_to_none=True)
 
-    return training_step if model.training else forward
+    return training_step if training else forward
 
 
-def timing_record(timings: dict[str, Timing], shape: tuple[int, ...], device: torch.device, training: bool) -> dict:
-    """``measure``'s timings as JSON-ready fields: each variant's median, interquartile range and rounds, its speedup
-    over the original (the median over rounds of the original's time over its own) with a 95% interval, and where
-    they were measured."""
-    original = timings["original"]
+def timing_record(measured: Measured, shape: tuple[int, ...], device: torch.device, training: bool) -> dict:
+    """:func:`measure`'s timings as JSON-ready fields: each variant's median, interquartile range and rounds, its
+    speedup over the original (the median over rounds of the original's time over its own) with a 95% interval, a
+    compiled variant's compile time, and where they were measured."""
+    original = measured.timings["original"]
     return {
         "input_shape": list(shape),
         "step": "forward and backward (training mode)" if training else "forward (eval mode, no gradients)",
@@ -152,7 +187,8 @@ def timing_record(timings: dict[str, Timing], shape: tuple[int, ...], device: to
                 "speedup": paired_ratio(original, timing),
                 "speedup_interval": paired_ratio_interval(original, timing),
             }
-            for name, timing in timings.items()
+            | ({"compile_seconds": measured.compile_seconds[name]} if name in measured.compile_seconds else {})
+            for name, timing in measured.timings.items()
         },
     }
 
@@ -166,11 +202,16 @@ def timings_table(record: dict) -> Table:
     )
     for column in ("variant", "median ms", "IQR ms", "speedup over original", "95% interval"):
         table.add_column(column, justify="left" if column == "variant" else "right")
+    compiles = []
     for name, row in record["variants"].items():
         low, high = row["speedup_interval"] or (math.nan, math.nan)
         table.add_row(
             name, f"{row['median_ms']:.3f}", f"{row['iqr_ms']:.3f}", f"{row['speedup']:.2f}x", f"{low:.2f}-{high:.2f}x"
         )
+        if "compile_seconds" in row:
+            compiles.append(f"{name} {row['compile_seconds']:.1f} s")
+    if compiles:
+        table.caption = "first call (the compile), not timed: " + ", ".join(compiles)
     return table
 
 
