@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as failure:  # e.g. --backend triton on a CPU without Triton's interpreter
         raise UsageError(f"--check failed: {str(failure).splitlines()[0]}") from failure
     try:
-        timings = (
+        measurement = (
             None
             if timed_shape is None
             else measure(model, fast, timed_shape, min_run_time=args.min_run_time, compiled=args.with_compile)
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError as failure:
         raise UsageError(f"--measure failed: {str(failure).splitlines()[0]}") from failure
     left = norms_left(model, changes)
-    measured = None if timings is None else timing_record(timings, timed_shape, device, args.train)
+    measured = None if measurement is None else timing_record(measurement, timed_shape, device, args.train)
     if args.format == "json":
         rows = [change_record(change) for change in changes]
         record = {"model": args.spec, "backend": args.backend, "training": args.train, "changes": rows}
@@ -138,7 +138,7 @@ def measure(
     """Call times of the :data:`VARIANTS` (and with ``compiled`` the :data:`COMPILED_VARIANTS`) on one random input
     of ``shape``, in paired rounds (:func:`sepconv.bench.interleaved_latencies`): a forward without gradients in eval
     mode, a forward and backward (of the outputs' sum) in training mode. The channels_last and compiled variants run
-    on copies (the conversion is in place; the compiled ones' parameters stay the original's)."""
+    on copies of the models (run_channels_last converts in place)."""
     device = next(model.parameters()).device
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
     models = {"original": model, "accelerated": fast}
@@ -147,7 +147,7 @@ def measure(
     variants = VARIANTS | (COMPILED_VARIANTS if compiled else {})
     calls = {name: _step(prepare[how](models[which]), x, model.training) for name, (which, how) in variants.items()}
     compile_seconds = {}
-    for name in variants.keys() & COMPILED_VARIANTS.keys():
+    for name in (name for name in variants if name in COMPILED_VARIANTS):
         start = time.perf_counter()
         calls[name]()
         compile_seconds[name] = time.perf_counter() - start
