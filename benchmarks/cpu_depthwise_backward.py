@@ -9,7 +9,9 @@ of per-call timings in ms:
 - ``conv_grad_input``: the forward conv of the output gradient with the flipped kernel;
 - ``fft_grad_weight``: the weight gradient by FFT;
 - ``torch_step`` / ``best_step``: forward + both gradients with PyTorch's backward / with the faster
-  algorithm of each gradient (what the CPU strategy picks when it measures the same).
+  algorithm of each gradient (what the CPU strategy picks when it measures the same);
+- ``compiled_step``: the same step through ``torch.compile`` (the conv compiled, both gradients from its compiled
+  backward), timed as one call; compiled anew per row (its first call, the compile, is ``compile_seconds``).
 
     python benchmarks/cpu_depthwise_backward.py            # writes benchmarks/results/cpu_depthwise_backward.{json,png}
     python benchmarks/cpu_depthwise_backward.py --quick --out /tmp
@@ -62,6 +64,19 @@ def row(ndim: int, batch: int, kernel: int, layout: str, min_run_time: float) ->
     with torch.no_grad():
         for name, call in calls.items():
             result[f"{name}_ms"] = median_latency(call, min_run_time=min_run_time, warmup=1, min_runs=3).median_ms
+    torch._dynamo.reset()  # compiled anew for this row's shapes
+    compiled_conv = torch.compile(lambda x, w: CONV[ndim](x, w, padding=pad, groups=channels))
+    x_leaf, w_leaf = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+
+    def compiled_step():
+        return torch.autograd.grad(compiled_conv(x_leaf, w_leaf), (x_leaf, w_leaf), grad_output)
+
+    start = time.perf_counter()
+    compiled_grads = compiled_step()
+    result["compile_seconds"] = time.perf_counter() - start
+    result["compiled_step_ms"] = median_latency(
+        compiled_step, min_run_time=min_run_time, warmup=1, min_runs=3
+    ).median_ms
     best_input = min(result["torch_grad_input_ms"], result["conv_grad_input_ms"])
     best_weight = min(result["torch_grad_weight_ms"], result["fft_grad_weight_ms"])
     result["torch_step_ms"] = result["forward_ms"] + result["torch_grad_input_ms"] + result["torch_grad_weight_ms"]
@@ -71,6 +86,8 @@ def row(ndim: int, batch: int, kernel: int, layout: str, min_run_time: float) ->
     ours = (calls["conv_grad_input"](), calls["fft_grad_weight"]())
     for name, got, expected in zip(("grad_input", "grad_weight"), ours, reference[:2], strict=True):
         result[f"max_rel_error_{name}"] = ((got - expected).abs().max() / expected.abs().max()).item()
+    for name, got, expected in zip(("grad_input", "grad_weight"), compiled_grads, reference[:2], strict=True):
+        result[f"compiled_max_rel_error_{name}"] = ((got - expected).abs().max() / expected.abs().max()).item()
     return result
 
 
@@ -88,6 +105,8 @@ def plot(result: dict, path: Path) -> None:
             ks = [r["K"] for r in rows]
             ax.plot(ks, [r["torch_step_ms"] for r in rows], "o" + style, color="tab:red", label=f"PyTorch, {layout}")
             ax.plot(ks, [r["best_step_ms"] for r in rows], "s" + style, color="tab:blue", label=f"best, {layout}")
+            compiled = [r["compiled_step_ms"] for r in rows]
+            ax.plot(ks, compiled, "^" + style, color="tab:green", label=f"torch.compile, {layout}")
         shape = "x".join(map(str, rows[0]["size"]))
         ax.set(
             xscale="log",

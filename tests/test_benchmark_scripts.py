@@ -271,6 +271,9 @@ def test_cpu_depthwise_backward_benchmark_quick_run(tmp_path):
     for row in result["rows"]:  # float32 FFT and flipped conv against PyTorch's own gradients
         assert row["max_rel_error_grad_input"] < 1e-5 and row["max_rel_error_grad_weight"] < 1e-5
         assert all(row[f"{name}_ms"] > 0 for name in ("forward", "torch_grad_weight", "fft_grad_weight"))
+        # torch.compile's step: its gradients are PyTorch's, its time and compile recorded
+        assert row["compiled_max_rel_error_grad_input"] < 1e-5 and row["compiled_max_rel_error_grad_weight"] < 1e-5
+        assert row["compiled_step_ms"] > 0 and row["compile_seconds"] > 0
     assert (tmp_path / "cpu_depthwise_backward.png").stat().st_size > 0
 
 
