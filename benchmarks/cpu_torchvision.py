@@ -1,4 +1,4 @@
-"""torchvision's mobilenet_v2 against resnet18 on CPU: PyTorch eager and sepconv, both allocator regimes.
+"""torchvision's mobilenet_v2 against resnet18 on CPU: PyTorch eager, torch.compile and sepconv, both allocator regimes.
 
 MobileNetV2 has about 6x fewer MACs than ResNet-18 (0.30 vs 1.81 GMACs at 224x224); on CPU its depthwise convs,
 1x1 convs and BatchNorms make it far less than 6x faster. Variants, all timed in the same paired rounds
@@ -10,7 +10,11 @@ MobileNetV2 has about 6x fewer MACs than ResNet-18 (0.30 vs 1.81 GMACs at 224x22
   into the conv weights, ReLU6 between the convs) and every other conv's BatchNorm is folded into it (the stem,
   the expanding 1x1 convs, the last conv); in training mode the BatchNorms cannot be folded and its
   depthwise convs become sepconv's `DepthwiseConv2d` (the CPU strategy per layer: layout, backward algorithms);
-- `sepconv`: `sepconv.run_channels_last(sepconv.accelerate(model))` — NCHW in and out, channels_last inside.
+- `sepconv`: `sepconv.run_channels_last(sepconv.accelerate(model))` — NCHW in and out, channels_last inside;
+- `compiled`: `torch.compile(model)` (default mode: Inductor's generated C++ on CPU), NCHW input; in training the
+  whole forward and backward (AOTAutograd), the optimizer step eager. Its first call (the compile: a forward, and
+  in training its backward) is recorded as `compile_seconds` and not timed; `torch._inductor.config.fallback_random`
+  makes its dropout draw eager's random numbers, so that its outputs can be compared.
 
 Passes: inference (a call under `no_grad`, eval mode; `--batches`) and training (an SGD step on cross-entropy with
 random labels, training mode; `--train-batches`).
@@ -45,6 +49,8 @@ PAIRS = (
     ("resnet18/eager_nchw", "mobilenet_v2/eager_nchw"),
     ("resnet18/eager_channels_last", "mobilenet_v2/eager_channels_last"),
     ("resnet18/eager_channels_last", "mobilenet_v2/sepconv"),
+    ("mobilenet_v2/compiled", "mobilenet_v2/sepconv"),
+    ("resnet18/compiled", "mobilenet_v2/compiled"),
 )
 PAIR_NAMES = [f"{a} / {b}" for a, b in PAIRS]
 
@@ -56,9 +62,11 @@ def worker(regime: str, args: argparse.Namespace) -> dict:
     if regime == REGIMES[1] and not sepconv.keep_freed_memory():
         raise RuntimeError("sepconv.keep_freed_memory() did not apply (Linux with glibc needed)")
     import torch
+    import torch._inductor.config
 
     from sepconv.bench import allocator_name
 
+    torch._inductor.config.fallback_random = True  # compiled dropout draws eager's numbers: outputs comparable
     rows = [timed_row("inference", batch, args) for batch in args.batches]
     rows += [timed_row("training", batch, args) for batch in args.train_batches]
     return {"regime": regime, "allocator": allocator_name(), "threads": torch.get_num_threads(), "rows": rows}
@@ -88,6 +96,8 @@ def build_variants(training: bool, quick: bool) -> dict:
         "mobilenet_v2/sepconv": sepconv.run_channels_last(copy.deepcopy(accelerated)),
         "resnet18/eager_nchw": resnet,
         "resnet18/eager_channels_last": copy.deepcopy(resnet).to(memory_format=torch.channels_last),
+        "resnet18/compiled": torch.compile(copy.deepcopy(resnet)),
+        "mobilenet_v2/compiled": torch.compile(copy.deepcopy(mobilenet)),
     }
 
 
@@ -117,10 +127,19 @@ def timed_row(pass_name: str, batch: int, args: argparse.Namespace) -> dict:
             (grad,) = torch.autograd.grad(F.cross_entropy(out, labels), given)
             return out.detach(), grad
 
+    compile_seconds = {}
+    for name in (name for name in modules if name.endswith("/compiled")):  # compiled before anything else runs them
+        start = time.perf_counter()
+        with torch.set_grad_enabled(training):
+            out = modules[name](inputs[name])
+            if training:  # the backward graph too; no step: every variant keeps the same weights
+                F.cross_entropy(out, labels).backward()
+                modules[name].zero_grad(set_to_none=True)
+        compile_seconds[name] = time.perf_counter() - start
     reference = outputs("mobilenet_v2/eager_nchw")
     error = {}
     # eager channels_last: the same math in another layout, the rounding to expect from the layout alone
-    for name in ("mobilenet_v2/eager_channels_last", "mobilenet_v2/accelerate", "mobilenet_v2/sepconv"):
+    for name in (f"mobilenet_v2/{v}" for v in ("eager_channels_last", "accelerate", "sepconv", "compiled")):
         pairs = zip(outputs(name), reference, strict=True)
         error[name] = max((o - r).abs().max().item() / r.abs().max().item() for o, r in pairs)
 
@@ -152,6 +171,7 @@ def timed_row(pass_name: str, batch: int, args: argparse.Namespace) -> dict:
         "rounds": {name: t.runs for name, t in timings.items()},
         "paired": {f"{a} / {b}": paired_ratio(timings[a], timings[b]) for a, b in PAIRS},
         "max_rel_error_vs_eager": error,
+        "compile_seconds": compile_seconds,
     }
 
 
@@ -198,7 +218,7 @@ def plot(result: dict, path: Path) -> None:
     panels = [(axes[i][j], regime, column) for i, regime in enumerate(regimes) for j, column in enumerate(columns)]
     for ax, regime, column in panels:
         ms = result["summary"][regime][column]["ms"]
-        names = list(ms)
+        names = sorted(ms, key=lambda name: not name.startswith("mobilenet"))  # mobilenet_v2 first, then resnet18
         colors = ["tab:blue" if name.startswith("mobilenet") else "tab:gray" for name in names]
         ax.barh(range(len(names)), [ms[name] for name in names], color=colors)
         ax.set_yticks(range(len(names)), names, fontsize=7)

@@ -468,15 +468,15 @@ def test_cpu_product_plan_quick_run_compares_the_strategy_with_and_without_the_p
 
 
 def test_cpu_torchvision_quick_run_times_both_models_in_both_regimes(tmp_path):
-    """mobilenet_v2 (eager, accelerated, accelerated in channels_last) and resnet18 in the same paired rounds, one
-    fresh process per allocator regime, inference and a training step; the accelerated variants compute eager's
-    function (in training: output and input gradient, dropout seeded alike), and each regime's summary is its one
-    process's numbers."""
+    """mobilenet_v2 (eager, accelerated, accelerated in channels_last, compiled) and resnet18 (eager, compiled) in the
+    same paired rounds, one fresh process per allocator regime, inference and a training step; the accelerated and
+    compiled variants compute eager's function (in training: output and input gradient, dropout seeded alike), and
+    each regime's summary is its one process's numbers."""
     run_script("benchmarks/cpu_torchvision.py", "--quick", "--out", str(tmp_path), interpret=False)
     result = json.loads((tmp_path / "cpu_torchvision_quick.json").read_text())
     variants = {
-        *(f"mobilenet_v2/{v}" for v in ("eager_nchw", "eager_channels_last", "accelerate", "sepconv")),
-        *(f"resnet18/{v}" for v in ("eager_nchw", "eager_channels_last")),
+        *(f"mobilenet_v2/{v}" for v in ("eager_nchw", "eager_channels_last", "accelerate", "sepconv", "compiled")),
+        *(f"resnet18/{v}" for v in ("eager_nchw", "eager_channels_last", "compiled")),
     }
     panels = ["inference, batch 1", "training, batch 2"]  # --quick
     assert list(result["summary"]) == ["glibc default", "keep_freed_memory()"]
@@ -486,6 +486,7 @@ def test_cpu_torchvision_quick_run_times_both_models_in_both_regimes(tmp_path):
         for row, panel in zip(run["rows"], panels, strict=True):
             assert f"{row['pass']}, batch {row['batch']}" == panel
             assert set(row["ms"]) == variants and per_panel[panel]["ms"] == row["ms"]
+            assert set(row["compile_seconds"]) == {"mobilenet_v2/compiled", "resnet18/compiled"}
             assert all(ms > 0 for ms in row["ms"].values()) and min(row["rounds"].values()) >= 3
             for pair, ratio in row["paired"].items():  # a median of per-round ratios: near the medians' ratio
                 baseline, ours = pair.split(" / ")
@@ -494,6 +495,10 @@ def test_cpu_torchvision_quick_run_times_both_models_in_both_regimes(tmp_path):
             # rounding (eager channels_last against eager NCHW) bounds ours
             error = row["max_rel_error_vs_eager"]
             layout = error.pop("mobilenet_v2/eager_channels_last")
+            # Inductor's own training numerics (not ours) are looser: at this size its fp32 input gradient lies
+            # ~3e-3 from float64's where eager's lies 4e-5 (checked by hand, 2026-11-29)
+            compiled = error.pop("mobilenet_v2/compiled")
+            assert 0 <= compiled < (1e-5 if row["pass"] == "inference" else 0.1)
             assert all(0 <= e <= max(1e-5, 2 * layout) for e in error.values()) and layout < 1e-3
     mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if mode.exists() and "[madvise]" in mode.read_text():
