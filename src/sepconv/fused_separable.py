@@ -39,7 +39,7 @@ class FusedSeparableConv2d(nn.Module):
 
     ``backend="triton"``: one fused Triton kernel; ``"auto"``: PyTorch's two convs, the depthwise one on our
     kernel where :mod:`sepconv.dispatch` measured it faster; ``"torch"``: PyTorch's two convs. Built by
-    :func:`accelerate`; parameters ``dw_weight``, ``dw_bias``, ``pw_weight``, ``pw_bias``, and ``mid_norm``: a
+    :func:`sepconv.accelerate`; parameters ``dw_weight``, ``dw_bias``, ``pw_weight``, ``pw_bias``, and ``mid_norm``: a
     BatchNorm2d between the convs that could not be folded (training mode), run by
     :func:`sepconv.dispatch.batch_norm_separable_forward` on the fused kernel (batch statistics folded per call);
     ``out_norm``: one after the 1x1 conv (training mode: its batch statistics from the fused kernel's epilogue);
