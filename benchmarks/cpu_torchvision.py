@@ -111,6 +111,7 @@ def timed_row(pass_name: str, batch: int, args: argparse.Namespace) -> dict:
     from sepconv.bench import interleaved_latencies, paired_ratio
 
     training = pass_name == "training"
+    torch._dynamo.reset()  # compiled anew per pass and batch: no recompile with a dynamic batch dimension
     modules = build_variants(training, args.quick)
     x = torch.randn(batch, 3, args.size, args.size)
     labels = torch.randint(0, 1000, (batch,))
