@@ -22,8 +22,12 @@ measures a close decision again (``settle``), as a user's loop would, before the
   ``ours_channels_last_in`` = ours given channels_last input (it stays channels_last), ``standard_*`` = the
   ``nn.Conv2d`` it replaces in either layout, ``torch_nchw_again``/``torch_channels_last_again`` = controls:
   copies of the PyTorch blocks doing the same work as them in the same rounds (how far apart the benchmark puts
-  equal work: its resolution on this machine);
-- models: the small Fashion-MNIST CNNs (``sepconv.nets``), standard vs separable, training step and inference.
+  equal work: its resolution on this machine), ``compiled_nchw``/``compiled_channels_last`` =
+  ``torch.compile`` (default options, static shapes, compiled anew per row) of the PyTorch block in either
+  layout; its first call per pass (the compile) is recorded as ``compiled_*_compile_ms_<pass>``, outside the
+  timing;
+- models: the small Fashion-MNIST CNNs (``sepconv.nets``), standard vs separable, training step and inference,
+  eager and ``torch.compile``-d (channels_last; in training forward and backward compiled, the SGD step eager).
 
     python benchmarks/cpu.py                    # full run, writes benchmarks/results/cpu.{json,png}
     python benchmarks/cpu.py --quick --out /tmp  # a few shapes, to check the script
@@ -35,6 +39,7 @@ import argparse
 import copy
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -90,7 +95,10 @@ PAIRS = [
     ("standard_channels_last", "ours_channels_last_in"),
     ("torch_nchw", "torch_nchw_again"),  # the controls
     ("torch_channels_last", "torch_channels_last_again"),
+    ("compiled_nchw", "ours"),
+    ("compiled_channels_last", "ours_channels_last_in"),
 ]
+COMPILED = ("compiled_nchw", "compiled_channels_last")
 
 
 def timed_side_by_side(fns: dict[str, Callable[[], object]], min_run_time: float) -> dict[str, Timing]:
@@ -160,6 +168,7 @@ class ConvertAround(nn.Module):
 
 
 def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_time: float) -> dict:
+    torch._dynamo.reset()  # compiled anew for this row: static shapes, no cache limit reached over the rows
     torch.manual_seed(0)
     x = torch.randn(batch, c, h, h)
     ours = sepconv.SeparableConv2d(c, o, k, stride=stride, padding=k // 2)
@@ -202,6 +211,11 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
         # buffers), timed in the same rounds; their ratio is how far apart this benchmark puts equal work
         "torch_nchw_again": (copy.deepcopy(plain), x.clone()),
         "torch_channels_last_again": (copy.deepcopy(plain_cl), x.contiguous(memory_format=CL)),
+        "compiled_nchw": (torch.compile(copy.deepcopy(plain), dynamic=False), x),
+        "compiled_channels_last": (
+            torch.compile(copy.deepcopy(plain_cl), dynamic=False),
+            x.contiguous(memory_format=CL),
+        ),
     }
     for pass_name, make in (("forward", forward), ("forward_backward", forward_backward)):
         fns = {}
@@ -210,6 +224,12 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
                 row[f"{name}_{pass_name}_ms"] = None
             else:
                 fns[name] = make(module, inp)
+        want = fns["torch_nchw"]()
+        for name in COMPILED:  # the compile: the first call of this pass (grad mode is part of the compiled graph)
+            start = time.perf_counter()
+            got = fns[name]()
+            row[f"{name}_compile_ms_{pass_name}"] = (time.perf_counter() - start) * 1e3
+            row[f"{name}_max_relative_difference_{pass_name}"] = relative_difference(got, want)
         if make is forward_backward:
             fns["upstream_relu_nchw"] = upstream_alone(x)
             fns["upstream_relu_channels_last"] = upstream_alone(x.contiguous(memory_format=CL))
@@ -243,6 +263,13 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
     return row
 
 
+def relative_difference(got: object, want: object) -> float:
+    """The largest deviation of ``got`` from ``want`` (a tensor, or a tuple of them: output, or the gradients of a
+    training step) over the largest entry of ``want``'s tensor, across the tensors."""
+    pairs = zip(got, want, strict=True) if isinstance(want, tuple) else [(got, want)]
+    return max(((g - w).abs().max() / w.abs().max()).item() for g, w in pairs)
+
+
 def settle(ours: nn.Module, x: torch.Tensor) -> None:
     """Run ``ours`` through the calls that settle its plans, for both callers and passes: a decision with another
     plan close to it is measured again at the layer's ``_RECHECK_AFTER_CALLS``-th call (its recheck), which a
@@ -271,11 +298,12 @@ def plans_for(decisions: dict[tuple, str], source: str) -> dict[str, str]:
 
 
 MODEL_VARIANTS = {
-    # name: (CPU strategy, model/input layout, wrap with run_channels_last)
-    "pytorch_nchw": ("off", "nchw", False),
-    "pytorch_channels_last": ("off", "channels_last", False),
-    "ours_per_layer": ("auto", "nchw", False),
-    "ours_run_channels_last": ("auto", "nchw", True),
+    # name: (CPU strategy, model/input layout, wrap with run_channels_last, torch.compile)
+    "pytorch_nchw": ("off", "nchw", False, False),
+    "pytorch_channels_last": ("off", "channels_last", False, False),
+    "pytorch_compiled_channels_last": ("off", "channels_last", False, True),
+    "ours_per_layer": ("auto", "nchw", False, False),
+    "ours_run_channels_last": ("auto", "nchw", True, False),
 }
 
 
@@ -299,11 +327,17 @@ def model_variant_rows(arch: str, build: Callable, conv: str, variants: list[str
     torch.manual_seed(0)
     x64 = torch.randn(64, 1, 28, 28)
     y64 = torch.randint(0, 10, (64,))
+    torch._dynamo.reset()  # this net's compiled variant compiled anew: static shapes
     setups = {variant: model_setup(build(conv), variant, x64, y64) for variant in variants}
     rows = {v: {"arch": arch, "conv": conv, "variant": v, "params": setups[v]["params"]} for v in variants}
     sepconv.clear_cpu_strategy_cache()
     for column in ("train_step_b64_ms", "inference_b64_ms", "inference_b1_ms"):
         fns = {v: setups[v][column] for v in variants}
+        for variant in variants:  # a compiled variant's first call of each column is its compile: not timed
+            if MODEL_VARIANTS[variant][3]:
+                start = time.perf_counter()
+                fns[variant]()
+                rows[variant][column.replace("_ms", "_compile_ms")] = (time.perf_counter() - start) * 1e3
         for variant, timing in timed_side_by_side(fns, min_run_time).items():
             rows[variant][column] = timing.median_ms
     return list(rows.values())
@@ -311,11 +345,13 @@ def model_variant_rows(arch: str, build: Callable, conv: str, variants: list[str
 
 def model_setup(model: nn.Module, variant: str, x64: torch.Tensor, y64: torch.Tensor) -> dict:
     """The variant's model (same initial weights for all) and its three timed calls, each under its CPU strategy."""
-    strategy, layout, wrap = MODEL_VARIANTS[variant]
+    strategy, layout, wrap, compiled = MODEL_VARIANTS[variant]
     fmt = CL if layout == "channels_last" else torch.contiguous_format
     model = copy.deepcopy(model).to(memory_format=fmt)
     if wrap:
         sepconv.run_channels_last(model)
+    if compiled:
+        model = torch.compile(model, dynamic=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x64, x1 = x64.contiguous(memory_format=fmt), x64[:1].contiguous(memory_format=fmt)
 
@@ -481,12 +517,41 @@ def target_counts(result: dict) -> list[str]:
     ]
 
 
+def compiled_cells(row: dict, pass_name: str) -> str:
+    """The table's torch.compile cells: its times in either layout, and ours (NCHW caller, channels_last caller)
+    over them as paired ratios; dashes in results from before the compiled variants."""
+    if f"compiled_nchw_{pass_name}_ms" not in row:
+        return "- | -"
+    times = " / ".join(f"{row[f'{name}_{pass_name}_ms']:.3f}" for name in COMPILED)
+    ratios = " / ".join(
+        f"{speedup(row, pass_name, name, ours):.2f}x"
+        for name, ours in zip(COMPILED, ("ours", "ours_channels_last_in"), strict=True)
+    )
+    return f"{times} | {ratios}"
+
+
+def compiled_counts(result: dict) -> list[str]:
+    """How often ours came out at least 0.95x ``torch.compile`` of the PyTorch block, each caller in its layout;
+    nothing for results from before the compiled variants."""
+    passes = [(r, p) for r in result["layers"] for p in ("forward", "forward_backward")]
+    if not passes or "compiled_nchw_forward_ms" not in passes[0][0]:
+        return []
+    nchw = [speedup(r, p, "compiled_nchw", "ours") for r, p in passes]
+    cl = [speedup(r, p, "compiled_channels_last", "ours_channels_last_in") for r, p in passes]
+    return [
+        f"Ours >= 0.95x torch.compile of PyTorch's block in the caller's layout: NCHW caller "
+        f"{sum(v >= 0.95 for v in nchw)}/{len(nchw)} rows (median {statistics.median(nchw):.2f}x), channels_last "
+        f"caller {sum(v >= 0.95 for v in cl)}/{len(cl)} (median {statistics.median(cl):.2f}x)."
+    ]
+
+
 def markdown(result: dict) -> str:
     lines = [
         "| C,H,O,K,s | batch | pass | PyTorch NCHW ms | PyTorch CL ms | PyTorch CL+conversions ms | upstream ReLU ms "
         "| ours ms | ours / best PyTorch | ours / best for an NCHW caller | ours CL-in / PyTorch CL "
-        "| standard best ms | ours vs standard | same work twice NCHW / CL |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| standard best ms | ours vs standard | same work twice NCHW / CL | torch.compile NCHW / CL ms "
+        "| ours / torch.compile NCHW / CL caller |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["layers"]:
         for p in ("forward", "forward_backward"):
@@ -516,9 +581,9 @@ def markdown(result: dict) -> str:
                 f"| {layer_ratio(speedup(r, p, 'torch_channels_last', 'ours_channels_last_in'), cl, ours_cl, relu_cl)} "
                 f"| {'skipped' if std_best is None else f'{std_best:.3f}'} "
                 f"| {'-' if vs_standard is None else f'{vs_standard:.2f}x'} "
-                f"| {' / '.join(f'{ratio:.2f}x' for ratio in control_ratios(r, p))} |"
+                f"| {' / '.join(f'{ratio:.2f}x' for ratio in control_ratios(r, p))} | {compiled_cells(r, p)} |"
             )
-    for verdict in target_counts(result):
+    for verdict in target_counts(result) + compiled_counts(result):
         lines += ["", verdict]
     lines += [
         "",

@@ -13,9 +13,11 @@ downloaded), eval mode, fp32, NCHW input. Variants, timed in the same paired rou
   accelerated model (NCHW in and out, channels_last inside);
 - `compiled`: `torch.compile(model)` (default mode: Inductor's C++/OpenMP code on CPU), NCHW input;
   `compiled_frozen`: the same with Inductor's `freezing` option (weights taken as constants: it folds the
-  BatchNorms itself); `compiled_accelerate`: `torch.compile` (default options) of the accelerated model, weights and
-  input in channels_last. Each is compiled anew for each batch size (`torch._dynamo.reset()`: no dynamic-shape
-  recompile), and its first call (the compile) is recorded as `compile_seconds`, outside the timing.
+  BatchNorms itself); `compiled_channels_last`: `torch.compile` of the model, weights and input in channels_last;
+  `compiled_accelerate`: `torch.compile` (default options) of the accelerated model, weights and input in
+  channels_last (so `compiled_channels_last / compiled_accelerate` is what `accelerate` adds under torch.compile,
+  the layout being the same on both sides). Each is compiled anew for each batch size (`torch._dynamo.reset()`: no
+  dynamic-shape recompile), and its first call (the compile) is recorded as `compile_seconds`, outside the timing.
 
 Each model also records what changed (fused chains, routed depthwise convs, folded convs), the BatchNorms it ran
 before and after, and the largest output difference of the accelerated variants from eager NCHW (over the largest
@@ -52,9 +54,10 @@ VARIANTS = (
     "sepconv",
     "compiled",
     "compiled_frozen",
+    "compiled_channels_last",
     "compiled_accelerate",
 )
-COMPILED = ("compiled", "compiled_frozen", "compiled_accelerate")
+COMPILED = ("compiled", "compiled_frozen", "compiled_channels_last", "compiled_accelerate")
 PAIRS = (
     ("eager_nchw", "accelerate"),
     ("eager_channels_last", "sepconv"),
@@ -62,8 +65,9 @@ PAIRS = (
     ("compiled", "sepconv"),
     ("compiled", "compiled_accelerate"),
     ("compiled_frozen", "compiled_accelerate"),
+    ("compiled_channels_last", "compiled_accelerate"),
 )
-CHANNELS_LAST_INPUT = ("eager_channels_last", "compiled_accelerate")
+CHANNELS_LAST_INPUT = ("eager_channels_last", "compiled_channels_last", "compiled_accelerate")
 
 
 def variants(spec: str) -> tuple[dict, dict]:
@@ -105,6 +109,7 @@ def time_model(spec: str, args: argparse.Namespace) -> dict:
         models = eager | {
             "compiled": torch.compile(copy.deepcopy(eager["eager_nchw"])),
             "compiled_frozen": torch.compile(copy.deepcopy(eager["eager_nchw"]), options={"freezing": True}),
+            "compiled_channels_last": torch.compile(copy.deepcopy(eager["eager_channels_last"])),
             "compiled_accelerate": torch.compile(
                 copy.deepcopy(eager["accelerate"]).to(memory_format=torch.channels_last)
             ),

@@ -24,6 +24,8 @@ PAIRED_RATIOS = {
     *(f"standard_{k}/{ours}" for k in ("nchw", "channels_last") for ours in ("ours", "ours_channels_last_in")),
     "torch_nchw/torch_nchw_again",
     "torch_channels_last/torch_channels_last_again",
+    "compiled_nchw/ours",  # torch.compile of PyTorch's block, each caller's layout
+    "compiled_channels_last/ours_channels_last_in",
 }
 
 
@@ -295,12 +297,20 @@ def alone_ratios(row: dict, pass_name: str) -> set[str]:
     return {name for name in PAIRED_RATIOS if alone & set(name.split("/"))}
 
 
+PASSES = ("forward", "forward_backward")
+CALLERS = (("nchw", "ours"), ("channels_last", "ours_channels_last_in"))  # torch.compile's layout, our variant
+
+
 def test_cpu_benchmark_quick_run(tmp_path):
     printed = run_script("benchmarks/cpu.py", "--quick", "--min-run-time", "0.005", "--out", str(tmp_path))
     result = json.loads((tmp_path / "cpu.json").read_text())
     variants = ["torch_nchw", "torch_channels_last", "torch_channels_last_converted", "ours", "ours_channels_last_in"]
     variants += ["torch_nchw_again", "torch_channels_last_again"]  # controls: equal work, timed alongside
+    variants += ["compiled_nchw", "compiled_channels_last"]  # torch.compile, its compile recorded apart
     for row in result["layers"]:  # every variant timed in the same interleaved rounds, at least 3 calls each
+        for layout in ("nchw", "channels_last"):  # outputs and gradients as eager's, up to float32 rounding
+            assert all(row[f"compiled_{layout}_compile_ms_{p}"] > 0 for p in PASSES)
+            assert all(0 <= row[f"compiled_{layout}_max_relative_difference_{p}"] < 1e-5 for p in PASSES)
         for name in (*variants, "standard_nchw", "standard_channels_last"):
             for pass_name in ("forward", "forward_backward"):
                 assert row[f"{name}_{pass_name}_ms"] > 0 and row[f"{name}_{pass_name}_runs"] >= 3
@@ -313,13 +323,18 @@ def test_cpu_benchmark_quick_run(tmp_path):
         assert set(row["ours_first_layout"]) == set(row["ours_layout"]) == {"forward", "forward_backward"}
         assert all(ms > 0 for ms in row["ours_recheck_ms"])  # close decisions' second measurements, if any
         assert row["separable_macs"] < row["standard_macs"]
-    plain = ["pytorch_nchw", "pytorch_channels_last"]
+    plain = ["pytorch_nchw", "pytorch_channels_last", "pytorch_compiled_channels_last"]
     assert [(r["conv"], r["variant"]) for r in result["models"]] == [
         *(("standard", v) for v in (*plain, "ours_run_channels_last")),
         *(("separable", v) for v in (*plain, "ours_per_layer", "ours_run_channels_last")),
     ]
     # the same network in every variant: the layouts and strategies change speed, not the parameters
     assert len({(r["conv"], r["params"]) for r in result["models"]}) == 2
+    columns = ("train_step_b64", "inference_b64", "inference_b1")
+    for r in result["models"]:  # a compiled variant's compile (each column's first call) recorded, not timed
+        compiled = r["variant"] == "pytorch_compiled_channels_last"
+        assert all((f"{c}_compile_ms" in r) == compiled and r[f"{c}_ms"] > 0 for c in columns)
+        assert not compiled or all(r[f"{c}_compile_ms"] > 0 for c in columns)
     assert (tmp_path / "cpu.png").stat().st_size > 0
     # paired rounds: each pass's variants were called in the same rounds (the upstream ReLU's too), but for those
     # far slower than the others (in their warm-up calls), timed on their own after them; each row keeps the
@@ -379,7 +394,13 @@ def test_cpu_benchmark_quick_run(tmp_path):
     doubt_verdict = (
         f"{sure} of the {misses} misses lie wholly below 0.95x; {excluded} of the {len(apart)} controls exclude 1.0"
     )
-    for line in (verdict, control_verdict, standard_verdict, doubt_verdict):
+    compiled = [[q[f"compiled_{k}/{ours}"] for q in paired] for k, ours in CALLERS]
+    compiled_verdict = (
+        f"NCHW caller {sum(x >= 0.95 for x in compiled[0])}/{len(passes)} rows (median "
+        f"{statistics.median(compiled[0]):.2f}x), channels_last caller {sum(x >= 0.95 for x in compiled[1])}/"
+        f"{len(passes)} (median {statistics.median(compiled[1]):.2f}x)."
+    )
+    for line in (verdict, control_verdict, standard_verdict, doubt_verdict, compiled_verdict):
         assert line in " ".join(printed.split()), printed[-2000:]
 
 
@@ -528,7 +549,7 @@ def test_cpu_accelerate_models_quick_run(tmp_path):
         assert entry["changes"]["folded conv"] > 0
         row = entry["batches"]["1"]
         eager = {"eager_nchw", "accelerate", "eager_channels_last", "sepconv"}
-        compiled = {"compiled", "compiled_frozen", "compiled_accelerate"}
+        compiled = {"compiled", "compiled_frozen", "compiled_channels_last", "compiled_accelerate"}
         assert set(row["ms"]) == eager | compiled and set(row["compile_seconds"]) == compiled
         assert set(row["max_relative_difference"]) == set(row["ms"]) - {"eager_nchw"}
         assert all(ms > 0 for ms in row["ms"].values()) and row["rounds"] >= 3
