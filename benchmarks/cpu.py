@@ -391,6 +391,7 @@ def plot(result: dict, path: Path) -> None:
         ("torch_channels_last", "PyTorch channels_last"),
         ("ours", "sepconv (NCHW in/out)"),
         ("standard_best", "standard conv (best layout)"),
+        ("compiled_best", "torch.compile of PyTorch's block (best layout)"),
     ]
     for i, pass_name in enumerate(passes):
         for j, batch in enumerate(batches):
@@ -399,18 +400,20 @@ def plot(result: dict, path: Path) -> None:
             labels = [
                 f"{r['C']},{r['H']},{r['O']},k{r['K']}" + (f",s{r['stride']}" if r["stride"] > 1 else "") for r in rows
             ]
-            width = 0.2
+            width = 0.8 / len(variants)
             for v, (key, label) in enumerate(variants):
                 values = []
                 for r in rows:
                     base = r[f"torch_nchw_{pass_name}_ms"]
-                    if key == "standard_best":
-                        std = [r[f"standard_{lay}_{pass_name}_ms"] for lay in ("nchw", "channels_last")]
-                        t = min(std) if None not in std else float("nan")
+                    if key.endswith("_best"):  # the faster layout; nan where skipped or not measured
+                        prefix = key.removesuffix("_best")
+                        both = [r.get(f"{prefix}_{lay}_{pass_name}_ms") for lay in ("nchw", "channels_last")]
+                        t = min(both) if None not in both else float("nan")
                     else:
                         t = r[f"{key}_{pass_name}_ms"]
                     values.append(base / t)
-                ax.bar([p + (v - 1.5) * width for p in range(len(rows))], values, width, label=label)
+                offsets = [p + (v - (len(variants) - 1) / 2) * width for p in range(len(rows))]
+                ax.bar(offsets, values, width, label=label)
             ax.set_yscale("log")
             ax.axhline(1.0, color="gray", linewidth=0.8)
             ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)

@@ -160,14 +160,15 @@ def plot(result: dict, path: Path) -> None:
 
     batches = [str(b) for b in result["settings"]["batches"]]
     names = list(result["models"])
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 0.7 * len(names) + 1.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.2 * len(batches), 0.8 * len(names) + 2.4), squeeze=False)
     width = 0.8 / len(PAIRS)
     for ax, batch in zip(axes[0], batches, strict=True):
         for k, (a, b) in enumerate(PAIRS):
             ratios = [result["models"][name]["batches"][batch]["paired"][f"{a} / {b}"] for name in names]
             ax.barh([i + k * width for i in range(len(names))], ratios, height=width, label=f"{a} / {b}")
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_yticks([i + width for i in range(len(names))], [n.split(":", 1)[1] for n in names], fontsize=7)
+        middle = width * (len(PAIRS) - 1) / 2
+        ax.set_yticks([i + middle for i in range(len(names))], [n.split(":", 1)[1] for n in names], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("speed-up (median of paired rounds; > 1: accelerated faster)", fontsize=8)
         ax.set_title(f"batch {batch}", fontsize=9)
@@ -176,7 +177,8 @@ def plot(result: dict, path: Path) -> None:
         f"{result['device']}, {result['threads']} threads",
         fontsize=9,
     )
-    axes[0][-1].legend(fontsize=6, loc="lower right")  # the largest batch: its short bars leave that corner free
+    # below the first panel, outside it (the layout makes room for it): no bar hidden
+    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0.0, -0.08), ncol=2)
     atomic_write_png(fig, path, overwrite=True)
     plt.close(fig)
 

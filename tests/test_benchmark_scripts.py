@@ -310,7 +310,7 @@ def test_cpu_benchmark_quick_run(tmp_path):
     for row in result["layers"]:  # every variant timed in the same interleaved rounds, at least 3 calls each
         for layout in ("nchw", "channels_last"):  # outputs and gradients as eager's, up to float32 rounding
             assert all(row[f"compiled_{layout}_compile_ms_{p}"] > 0 for p in PASSES)
-            assert all(0 <= row[f"compiled_{layout}_max_relative_difference_{p}"] < 1e-5 for p in PASSES)
+            assert all(0 <= row[f"compiled_{layout}_max_relative_difference_{p}"] < 1e-4 for p in PASSES)
         for name in (*variants, "standard_nchw", "standard_channels_last"):
             for pass_name in ("forward", "forward_backward"):
                 assert row[f"{name}_{pass_name}_ms"] > 0 and row[f"{name}_{pass_name}_runs"] >= 3

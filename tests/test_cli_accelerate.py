@@ -4,6 +4,7 @@ outputs check, and the error paths (one line, exit status 2)."""
 from __future__ import annotations
 
 import collections
+import copy
 import json
 import statistics
 from typing import ClassVar
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torchvision
 
+from sepconv import run_channels_last
 from sepconv.accelerate import accelerate
 from sepconv.cli import main
 from sepconv.commands.accelerate import measure, relative_difference
@@ -141,20 +143,23 @@ def test_measure_runs_a_training_step_in_training_mode(training: bool) -> None:
 
 @pytest.mark.parametrize("training", [False, True])
 def test_measure_with_compile_times_both_compiled_models(training: bool) -> None:
-    """The compiled variants (a training step too) are timed in the same rounds, their first call (the compile) apart,
-    and compute the original's outputs."""
+    """The compiled variants, as built and channels_last inside (a training step too), are timed in the same rounds,
+    their first call (the compile) apart, and compute the original's outputs, NCHW out."""
     model = _TwoOutputs().train(training)
     fast, _ = accelerate(model)
     measured = measure(model, fast, (2, 3, 8, 8), min_run_time=0.01, compiled=True)
-    compiled = {"original, torch.compile", "accelerated, torch.compile"}
+    models, layouts = ("original", "accelerated"), ("", "channels_last, ")
+    compiled = {f"{which}, {how}torch.compile" for which in models for how in layouts}
     assert set(measured.timings) == {"original", "accelerated", "original, channels_last",
                                      "accelerated, channels_last"} | compiled  # fmt: skip
     assert set(measured.compile_seconds) == compiled and all(s > 0 for s in measured.compile_seconds.values())
     assert len({t.runs for t in measured.timings.values()}) == 1  # paired: every variant in every round
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        for got, want in zip(torch.compile(fast.eval())(x), model.eval()(x), strict=True):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+        for compiled_fast in (torch.compile(fast.eval()), torch.compile(run_channels_last(copy.deepcopy(fast)))):
+            for got, want in zip(compiled_fast(x), model.eval()(x), strict=True):
+                assert got.is_contiguous()  # NCHW out, channels_last inside or not
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_relative_difference_compares_every_output() -> None:
