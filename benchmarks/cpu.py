@@ -58,6 +58,7 @@ from sepconv.bench import (
     paired_ratio_interval,
     versions,
 )
+from sepconv.commands.accelerate import max_relative_difference  # of outputs, or of gradient tuples
 from sepconv.cpu_strategy import CHANNELS_LAST, CONTIGUOUS  # plan names
 from sepconv.io import atomic_write_png, atomic_write_text
 from sepconv.nets import small_resnet, small_vgg
@@ -229,7 +230,7 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
             start = time.perf_counter()
             got = fns[name]()
             row[f"{name}_compile_ms_{pass_name}"] = (time.perf_counter() - start) * 1e3
-            row[f"{name}_max_relative_difference_{pass_name}"] = relative_difference(got, want)
+            row[f"{name}_max_relative_difference_{pass_name}"] = max_relative_difference(got, want)
         if make is forward_backward:
             fns["upstream_relu_nchw"] = upstream_alone(x)
             fns["upstream_relu_channels_last"] = upstream_alone(x.contiguous(memory_format=CL))
@@ -261,13 +262,6 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
     # a cost on top of the first call's: close decisions measured again by a timed call
     row["ours_recheck_ms"] = [m.seconds * 1e3 for m in sepconv.cpu_strategy_measurements() if m.kind == "recheck"]
     return row
-
-
-def relative_difference(got: object, want: object) -> float:
-    """The largest deviation of ``got`` from ``want`` (a tensor, or a tuple of them: output, or the gradients of a
-    training step) over the largest entry of ``want``'s tensor, across the tensors."""
-    pairs = zip(got, want, strict=True) if isinstance(want, tuple) else [(got, want)]
-    return max(((g - w).abs().max() / w.abs().max()).item() for g, w in pairs)
 
 
 def settle(ours: nn.Module, x: torch.Tensor) -> None:

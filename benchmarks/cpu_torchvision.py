@@ -109,6 +109,7 @@ def timed_row(pass_name: str, batch: int, args: argparse.Namespace) -> dict:
     import torch.nn.functional as F
 
     from sepconv.bench import interleaved_latencies, paired_ratio
+    from sepconv.commands.accelerate import max_relative_difference
 
     training = pass_name == "training"
     torch._dynamo.reset()  # compiled anew per pass and batch: no recompile with a dynamic batch dimension
@@ -141,8 +142,7 @@ def timed_row(pass_name: str, batch: int, args: argparse.Namespace) -> dict:
     error = {}
     # eager channels_last: the same math in another layout, the rounding to expect from the layout alone
     for name in (f"mobilenet_v2/{v}" for v in ("eager_channels_last", "accelerate", "sepconv", "compiled")):
-        pairs = zip(outputs(name), reference, strict=True)
-        error[name] = max((o - r).abs().max().item() / r.abs().max().item() for o, r in pairs)
+        error[name] = max_relative_difference(outputs(name), reference)
 
     def call(name: str):
         module, inp = modules[name], inputs[name]

@@ -276,11 +276,18 @@ def relative_difference(model: nn.Module, fast: nn.Module, shape: tuple[int, ...
     torch.manual_seed(seed)
     wanted = output_tensors(model(x))
     torch.manual_seed(seed)
-    got = output_tensors(fast(x))
-    return max(
-        ((g - w).abs().max() / w.abs().max().clamp_min(torch.finfo(w.dtype).tiny)).item()
-        for g, w in zip(got, wanted, strict=True)
-    )
+    return max_relative_difference(fast(x), wanted)
+
+
+def max_relative_difference(got: object, want: object) -> float:
+    """``max |g - w| / max |w|`` for each pair of tensors of two outputs (a tensor, or the tensors in their tuples,
+    lists and dicts, as :func:`output_tensors` finds them), the largest over the pairs.
+
+    >>> max_relative_difference((torch.tensor([1.0, 2.0]), torch.tensor([4.0])), (torch.ones(2), torch.ones(1)))
+    3.0
+    """
+    pairs = zip(output_tensors(got), output_tensors(want), strict=True)
+    return max(((g - w).abs().max() / w.abs().max().clamp_min(torch.finfo(w.dtype).tiny)).item() for g, w in pairs)
 
 
 def output_tensors(output: object) -> list[torch.Tensor]:
