@@ -6,6 +6,7 @@ import copy
 import itertools
 import threading
 import time
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -528,6 +529,9 @@ def test_a_channels_last_caller_in_chunks_keeps_its_layout_and_results(monkeypat
     layer = sepconv.SeparableConv2d(3, 5, 3, padding=1, dtype=torch.float64)
     x = torch.randn(5, 3, 9, 9, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     plain, plain_grads = forward_and_grads(layer, x, "off")
+    forward_and_grads(layer, x, "auto")  # decided before the hook: a layer with hooked parts is not timed
+    with torch.no_grad():
+        layer(x)
     batches: list[int] = []
     layer.depthwise.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
     out, grads = forward_and_grads(layer, x, "auto")
@@ -804,7 +808,6 @@ def test_ineligible_inputs_run_as_given_and_record_nothing() -> None:
     layer = sepconv.SeparableConv2d(4, 8, 3, padding=1, mid_activation=nn.ReLU)  # no dense plan to time
     x_cl = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
     assert layer(x_cl).is_contiguous(memory_format=torch.channels_last)  # the caller's layout, as nn.Conv2d
-    layer(torch.randn(4, 9, 9))  # unbatched
     sepconv.SeparableConv1d(4, 8, 3)(torch.randn(2, 4, 9))  # 1-d has no channels_last...
     with sepconv.use_cpu_strategy("off"):
         layer(torch.randn(2, 4, 9, 9))
@@ -1026,3 +1029,40 @@ def test_the_flipped_conv_competes_with_pytorch_computing_both_gradients_at_once
         assert flipped_extra[1].shape == torch_weight.shape == weight.shape
         torch.testing.assert_close(flipped_extra[1], torch_weight)
     assert len(seen) == 1 + weight_requires_grad
+
+
+class _AttributeDict(OrderedDict):
+    """A ``ModelOutput``-like output (Hugging Face's are OrderedDicts whose items are attributes too)."""
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class _TableNet(nn.Module):
+    """A conv beside a 4-d buffer that forward views (a lookup table, an embedding): only the conv's tensors change
+    layout; the output is an OrderedDict subclass read by attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = sepconv.SeparableConv2d(4, 8, 3, padding=1, dtype=torch.float64)
+        self.register_buffer("table", torch.randn(8, 2, 3, 3, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> _AttributeDict:
+        features = self.conv(x)
+        return _AttributeDict(features=features, scores=features.mean((2, 3)) @ self.table.view(8, 18))
+
+
+def test_run_channels_last_leaves_other_tensors_and_output_types_as_they_were() -> None:
+    torch.manual_seed(0)
+    model = _TableNet()
+    twin = sepconv.run_channels_last(copy.deepcopy(model))
+    assert twin.table.is_contiguous() and twin.conv.depthwise.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    out, expected = twin(x), model(x)
+    assert type(out) is _AttributeDict and list(out) == ["features", "scores"]
+    assert out.features.is_contiguous()
+    torch.testing.assert_close(out.features, expected.features, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.scores, expected.scores, rtol=1e-12, atol=1e-12)

@@ -365,3 +365,105 @@ def test_depthwise_and_pointwise_validate_their_arguments() -> None:
 def test_forward_names_expected_and_actual_shape(layer: nn.Module, shape: tuple, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         layer(torch.empty(shape))
+
+
+@pytest.mark.parametrize(
+    ("ndim", "kernel"),
+    [(1, 3), (1, 25), (2, 3), (2, 5), (3, 3)],
+    ids=["1d k3", "1d k25", "2d 3x3", "2d 5x5", "3d 3x3x3"],  # 25 taps and more: the measured depthwise backward
+)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "training"])
+def test_unbatched_inputs_equal_a_batch_of_one(ndim: int, kernel: int, grad: bool) -> None:
+    """(C, *spatial) in, (O, *spatial) out, as nn.ConvNd does it, with the CPU strategy on: a 3-d layer's
+    (C, D, H, W) input is not read as a batch of 2-d (N, C, H, W) ones, and the measured backward (kernels of 25
+    taps and more) gets the batched shape it expects. Gradients against float64 F.convNd on x[None]."""
+    torch.manual_seed(0)
+    spatial = {1: (40,), 2: (9, 11), 3: (5, 6, 6)}[ndim]
+    layers = [
+        SEPARABLE[ndim](4, 6, kernel, padding=kernel // 2, depthwise_bias=True, dtype=torch.float64),
+        DEPTHWISE[ndim](4, kernel, padding=kernel // 2, depth_multiplier=2, bias=True, dtype=torch.float64),
+    ]
+    conv = functools.partial({1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[ndim], padding=kernel // 2)
+    for layer in layers:
+        parts = [layer.depthwise, layer.pointwise] if isinstance(layer, SEPARABLE[ndim]) else [layer]
+        for _ in range(3):  # the first call measures plans, the later ones run the decided ones
+            x = torch.randn(4, *spatial, dtype=torch.float64, requires_grad=grad)
+            out = layer(x)
+            reference = x[None]
+            for part in parts:
+                reference = (
+                    conv(reference, part.weight, part.bias, groups=part.groups)
+                    if part is parts[0]
+                    else (F.conv1d if ndim == 1 else F.conv2d if ndim == 2 else F.conv3d)(
+                        reference, part.weight, part.bias
+                    )
+                )
+            torch.testing.assert_close(out, reference[0], rtol=1e-10, atol=1e-10)
+            if grad:
+                weights = [p for part in parts for p in (part.weight, part.bias)]
+                got = torch.autograd.grad(out, [x, *weights], torch.ones_like(out))
+                want = torch.autograd.grad(reference[0], [x, *weights], torch.ones_like(out))
+                for g, w in zip(got, want, strict=True):
+                    torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_an_empty_batch_gives_an_empty_output_like_nn_conv(ndim: int) -> None:
+    spatial = (9,) * ndim
+    layers = [SEPARABLE[ndim](4, 8, 3), SEPARABLE[ndim](4, 8, 3, padding="same"), DEPTHWISE[ndim](4, 5)]
+    for layer in layers:
+        x = torch.randn(0, 4, *spatial, requires_grad=True)
+        standard = CONV[ndim](4, layer.out_channels, layer.kernel_size, padding=layer.padding)
+        expected = standard(x).shape
+        with torch.no_grad():
+            assert layer(x).shape == expected
+        out = layer(x)  # in training: the backward of nothing
+        assert out.shape == expected
+        out.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_numpy_integers_are_accepted_as_nn_conv_accepts_them() -> None:
+    import numpy as np
+
+    layer = SeparableConv2d(np.int64(4), np.int32(8), np.int64(3), stride=np.int16(2), depth_multiplier=np.int64(2))
+    reference = SeparableConv2d(4, 8, 3, stride=2, depth_multiplier=2)
+    assert [p.shape for p in layer.parameters()] == [p.shape for p in reference.parameters()]
+    assert type(layer.in_channels) is int and type(layer.depth_multiplier) is int
+    assert layer(torch.rand(1, 4, 9, 9)).shape == (1, 8, 4, 4)
+    with pytest.raises(TypeError, match="in_channels must be an int"):
+        SeparableConv2d(np.float64(4), 8, 3)
+
+
+def test_hooks_on_the_parts_fire_once_per_call_while_plans_are_timed() -> None:
+    """The CPU strategy times a layer's plans on its first calls (hundreds of runs of the parts); a hook on a part
+    sees the layer's calls only."""
+    layer = SeparableConv2d(8, 16, 3, padding=1)
+    counts = {"depthwise": 0, "pointwise pre": 0}
+    layer.depthwise.register_forward_hook(lambda m, args, out: counts.__setitem__("depthwise", counts["depthwise"] + 1))
+    layer.pointwise.register_forward_pre_hook(
+        lambda m, args: counts.__setitem__("pointwise pre", counts["pointwise pre"] + 1)
+    )
+    x = torch.randn(2, 8, 16, 16)
+    with sepconv.use_cpu_strategy("auto"):
+        with torch.no_grad():
+            layer(x)
+        layer(x.requires_grad_()).sum().backward()  # a training call: its plans timed too
+    assert counts == {"depthwise": 2, "pointwise pre": 2}
+
+
+def test_a_frozen_layer_first_called_in_inference_mode_still_gives_input_gradients() -> None:
+    """The dense plan's composed weight, cached across calls, is made of normal tensors also under
+    torch.inference_mode: a later grad-mode call (a saliency map of a frozen model) saves it for its backward."""
+    torch.manual_seed(0)
+    layer = SeparableConv2d(4, 8, 3, padding=1, dtype=torch.float64).requires_grad_(False)
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    reference_x = x.clone().requires_grad_()
+    reference = F.conv2d(F.conv2d(reference_x, layer.depthwise.weight, None, 1, 1, 1, 4), layer.pointwise.weight)
+    (reference + layer.pointwise.bias[:, None, None]).sum().backward()
+    for run in (layer._dense_forward, layer):  # the dense plan directly, and whichever plan the strategy picks
+        with torch.inference_mode():
+            run(torch.randn(2, 4, 9, 9, dtype=torch.float64))
+        x.grad = None
+        run(x.requires_grad_()).sum().backward()
+        torch.testing.assert_close(x.grad, reference_x.grad)

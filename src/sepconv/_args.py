@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -9,12 +10,13 @@ PADDING_STRINGS = ("same", "valid")
 
 
 def positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    """``value`` as an int >= ``minimum``; TypeError for non-ints (bools included), ValueError below."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int >= ``minimum``; TypeError for non-integers (bools included), ValueError below. Integers
+    of other types (NumPy's, as ``nn.Conv2d`` takes them) come back as Python ints."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int >= {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return value
+    return int(value)
 
 
 def int_tuple(name: str, value: Any, ndim: int, *, minimum: int = 1) -> tuple[int, ...]:

@@ -13,6 +13,7 @@ True
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -53,8 +54,9 @@ def run_channels_last(model: nn.Module) -> nn.Module:
 
     A layer on its own must convert NCHW to channels_last and back on every call; a whole network
     converts once at its input and once at its output, and every conv, norm, activation and pool in
-    between stays in channels_last. The 4-d (5-d) parameters and buffers are stored channels_last
-    (channels_last_3d) in place; results are equal up to float rounding. Calling it again is a no-op.
+    between stays in channels_last. The convolutions' 4-d (5-d) parameters and buffers are stored
+    channels_last (channels_last_3d) in place — other modules' tensors keep their layout, so code that views
+    them still can; results are equal up to float rounding. Calling it again is a no-op.
 
     >>> import torch
     >>> from sepconv.nets import small_vgg
@@ -65,7 +67,7 @@ def run_channels_last(model: nn.Module) -> nn.Module:
     if getattr(model, "_sepconv_channels_last", False):
         return model
     with torch.no_grad():
-        for tensor in (*model.parameters(), *model.buffers()):
+        for tensor in _conv_tensors(model):
             if tensor.dim() in CHANNELS_LAST_FORMATS:
                 # channels_last strides also where a dimension of 1 makes them ambiguous: a conv
                 # whose input has one channel (a stem) picks its output's layout by its weight's
@@ -79,6 +81,18 @@ def run_channels_last(model: nn.Module) -> nn.Module:
     model.register_forward_hook(lambda module, args, output: map_tensors(output, _to_contiguous))
     model._sepconv_channels_last = True
     return model
+
+
+def _conv_tensors(model: nn.Module) -> list[Tensor]:
+    """The parameters and buffers of ``model``'s convolutions (``nn.ConvNd``, transposed ones, and every module
+    of this package: fused and folded blocks), each once: the tensors whose layout decides the layout a conv runs
+    in. A 4-d table or embedding elsewhere is left as it is (``.view`` on a channels_last copy would fail)."""
+    tensors: dict[int, Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd) or type(module).__module__.startswith("sepconv."):
+            for tensor in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
+                tensors.setdefault(id(tensor), tensor)
+    return list(tensors.values())
 
 
 def _layout_entries(model: nn.Module) -> list[nn.Module]:
@@ -120,12 +134,16 @@ def _to_contiguous(t: Tensor) -> Tensor:
 
 def map_tensors(value: object, fn: Callable[[Tensor], Tensor]) -> object:
     """``value`` with ``fn`` applied to every tensor inside tuples (named ones too: GoogLeNet's outputs in training),
-    lists and dicts.
+    lists and dicts (of their own type: an ``OrderedDict`` stays one, a ``ModelOutput`` keeps its attributes).
 
     >>> from collections import namedtuple
     >>> Outputs = namedtuple("Outputs", "logits aux")
     >>> map_tensors({"a": Outputs(torch.ones(1), [torch.ones(2)])}, lambda t: t * 2)
     {'a': Outputs(logits=tensor([2.]), aux=[tensor([2., 2.])])}
+    >>> from collections import OrderedDict
+    >>> out = map_tensors(OrderedDict(b=torch.ones(1)), lambda t: t * 3)
+    >>> type(out).__name__, out["b"]
+    ('OrderedDict', tensor([3.]))
     """
     if isinstance(value, Tensor):
         return fn(value)
@@ -133,6 +151,11 @@ def map_tensors(value: object, fn: Callable[[Tensor], Tensor]) -> object:
         return type(value)(*(map_tensors(v, fn) for v in value))
     if isinstance(value, (tuple, list)):
         return type(value)(map_tensors(v, fn) for v in value)
-    if isinstance(value, dict):
+    if type(value) is dict:
         return {k: map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, dict):  # OrderedDict, defaultdict, a ModelOutput: a copy of its own type, items replaced
+        mapped = copy.copy(value)
+        for k, v in value.items():
+            mapped[k] = map_tensors(v, fn)
+        return mapped
     return value

@@ -54,6 +54,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
 from sepconv import cpu_allocator, cpu_backward, cpu_layout, cpu_pointwise, cpu_timing
 
@@ -236,6 +237,8 @@ def may_choose_depthwise_backward(input: Tensor, weight: Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and not torch._C._are_functorch_transforms_active()
         and math.prod(weight.shape[2:]) >= MIN_KERNEL_AREA_FOR_BACKWARD  # after the tracing test: shapes are traced
+        and input.dim() == weight.dim()  # batched: the measured backward's algorithms expect (N, C, *spatial)
+        and input.numel() > 0  # an empty batch has nothing to measure (the FFT refuses empty transforms)
     )
 
 
@@ -636,6 +639,10 @@ def _recheck(
     with _lock:
         if _rechecks.get(recheck.key) is not recheck:  # done by another thread, or the cache was cleared
             return
+        if _hooked_inside(layer):  # not timed again with hooks that would see it (_hooked_inside): the first stands
+            del _rechecks[recheck.key]
+            _forget_layer_memos()
+            return
         cpu_timing.note_measurement()
         start = time.perf_counter()
         _, params = _layer_signature(layer)
@@ -702,8 +709,8 @@ def _check_mode(mode: str) -> str:
 
 def _input_layout(input: Tensor) -> str | None:
     """``CONTIGUOUS`` or ``CHANNELS_LAST`` for a batched 2-d/3-d CPU input the strategy may handle, else None
-    (other layouts, C=1 or 1x1 spatial where both layouts coincide, tracing, ``torch.compile``)."""
-    if not (input.is_cpu and input.dim() in _FORMATS and type(input) is Tensor):
+    (other layouts, C=1 or 1x1 spatial where both layouts coincide, an empty batch, tracing, ``torch.compile``)."""
+    if not (input.is_cpu and input.dim() in _FORMATS and type(input) is Tensor and input.numel() > 0):
         return None
     contiguous, channels_last = input.is_contiguous(), input.is_contiguous(memory_format=_FORMATS[input.dim()])
     if contiguous == channels_last or torch.jit.is_tracing() or torch.compiler.is_compiling():
@@ -733,6 +740,8 @@ def _decide(
     key = (*signature, *candidates, tuple(input.shape), input.dtype, source, training, batch_independent)
     key += (_runtime(),)
     plan = _decisions.get(key)
+    if plan is None and _hooked_inside(layer):  # as given, not timed (a decision already made applies, above)
+        return (source, None), None
     if plan is None:
         with _lock:  # one measurement per key, even when threads race to it
             plan = _decisions.get(key)
@@ -872,3 +881,22 @@ def _time_layouts(
     if only is not None:  # the plans still in the running
         steps = {name: run_step for name, run_step in steps.items() if name in only}
     return cpu_timing.time_candidates(steps, timed_rounds=timed_rounds)
+
+
+def _hooked_inside(layer: nn.Module) -> bool:
+    """Whether a module inside ``layer`` (its own hooks fire once around the call) carries hooks, or global module
+    hooks are set: timing the layer's plans would run them hundreds of times — a counting hook would count them, a
+    capturing one keep them, a stateful one (``torch.nn.utils.spectral_norm``'s power iteration) advance on each."""
+    if (
+        _nn_module._global_forward_pre_hooks
+        or _nn_module._global_forward_hooks
+        or _nn_module._global_backward_pre_hooks
+        or _nn_module._global_backward_hooks
+    ):
+        return True
+    for module in layer.modules():
+        if module is not layer and (
+            module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+        ):
+            return True
+    return False

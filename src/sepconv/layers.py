@@ -102,6 +102,8 @@ class _Conv:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
+        if input.dim() == self._ndim + 1:  # unbatched (C, *spatial), as nn.ConvNd takes it: a batch of one
+            return self._checked_forward(input.unsqueeze(0)).squeeze(0)
         return self._checked_forward(input)
 
     def _check_input(self, input: Tensor) -> None:
@@ -166,8 +168,8 @@ class _DepthwiseConv(_Conv):
         *,
         backend: str = "auto",
     ) -> None:
-        positive_int("in_channels", in_channels)
-        positive_int("depth_multiplier", depth_multiplier)
+        in_channels = positive_int("in_channels", in_channels)
+        depth_multiplier = positive_int("depth_multiplier", depth_multiplier)
         backend = backend_arg(backend, self._ndim)
         self._init_conv(
             in_channels,
@@ -189,6 +191,8 @@ class _DepthwiseConv(_Conv):
         return self.out_channels // self.in_channels  # type: ignore[attr-defined]
 
     def forward(self, input: Tensor) -> Tensor:
+        if input.dim() == self._ndim + 1:  # unbatched: see _unbatched
+            return _unbatched(self, input)
         if use_triton(self, input):  # type: ignore[arg-type]
             self._check_input(input)
             return triton_depthwise_forward(self, input)  # type: ignore[arg-type]
@@ -250,9 +254,9 @@ class _PointwiseConv(_Conv):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        positive_int("in_channels", in_channels)
-        positive_int("out_channels", out_channels)
-        positive_int("groups", groups)
+        in_channels = positive_int("in_channels", in_channels)
+        out_channels = positive_int("out_channels", out_channels)
+        groups = positive_int("groups", groups)
         divisible("in_channels", in_channels, groups)
         divisible("out_channels", out_channels, groups)
         self._init_conv(in_channels, out_channels, 1, 1, 0, 1, groups, bias, "zeros", device, dtype)
@@ -370,6 +374,15 @@ _ELEMENTWISE_ACTIVATIONS = (
 )  # fmt: skip
 
 
+def _unbatched(layer: nn.Module, input: Tensor) -> Tensor:
+    """``layer``'s output for an unbatched (C, *spatial) ``input``, as ``nn.ConvNd`` takes it: the batched path on
+    a batch of one, so that the CPU strategy, the measured backward and the Triton kernels (all written for
+    (N, C, *spatial)) see the shape they expect — a (C, D, H, W) input to a 3-d layer is not read as a batch of 2-d
+    ones."""
+    layer._check_input(input)  # type: ignore[operator]
+    return layer.forward(input.unsqueeze(0)).squeeze(0)
+
+
 def _strided_same(padding: str | tuple[int, ...], stride: tuple[int, ...]) -> bool:
     """Whether a conv pads in its forward: PyTorch's 'same' is stride-1 only; with a stride > 1 our layers pad the
     input themselves, as TensorFlow does (:func:`pad_same`)."""
@@ -438,8 +451,8 @@ class _SeparableConv(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        positive_int("in_channels", in_channels)
-        positive_int("groups", groups)
+        in_channels = positive_int("in_channels", in_channels)
+        groups = positive_int("groups", groups)
         divisible("in_channels", in_channels, groups)
         self.depthwise = self._depthwise(
             in_channels,
@@ -460,6 +473,8 @@ class _SeparableConv(nn.Module):
         self.pointwise = self._pointwise(mid, out_channels, bias, groups, device, dtype)
 
     def forward(self, input: Tensor) -> Tensor:
+        if input.dim() == self._ndim + 1:  # unbatched: see _unbatched
+            return _unbatched(self, input)
         # auto never fuses (the fused kernel measured slower, see sepconv.dispatch); the cheap tests first
         depthwise = self._modules["depthwise"]  # the dict, not nn.Module.__getattr__: this is the per-call path
         if depthwise.backend == "triton":  # type: ignore[union-attr]
@@ -594,9 +609,12 @@ class _SeparableConv(nn.Module):
         weight initialisations, changes a parameter without a new version."""
         cached = self.__dict__.get("_sepconv_dense_weights")
         if cached is None or not _same_values(cached[0], parts):
-            with torch.no_grad():
+            # normal tensors also when made under torch.inference_mode: a later call in grad mode (an input
+            # gradient of a frozen layer) saves the composed weight for its backward, which an inference tensor
+            # refuses
+            with torch.inference_mode(False), torch.no_grad():
                 composed = self._composed(*parts)
-            copies = tuple(None if part is None else part.detach().clone() for part in parts)
+                copies = tuple(None if part is None else part.detach().clone() for part in parts)
             cached = self.__dict__["_sepconv_dense_weights"] = (copies, composed)
         return cached[1]
 
