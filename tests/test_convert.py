@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import itertools
 import json
 import math
+import types
 
 import numpy as np
 import pytest
@@ -393,12 +396,165 @@ def test_output_error_of_a_random_init_is_large() -> None:
         ({"rank": 1, "min_kernel_size": 0}, ValueError, "min_kernel_size must be an int >= 1"),
         ({"rank": 1, "include": "nope*"}, ValueError, "include pattern 'nope\\*' matches no conv layer"),
         ({"rank": 1, "exclude": ["0", 3]}, TypeError, "exclude must be a pattern string"),
+        ({"rank": 1, "include": 3}, TypeError, r"include must be a pattern string .*got 3 \(int\)"),
+        ({"rank": 1, "inplace": "no"}, TypeError, "inplace must be True or False, got 'no'"),
+        ({"rank": 1, "inplace": 1}, TypeError, "inplace must be True or False, got 1"),
         ({"rank": 1, "example_inputs": [1, 2]}, TypeError, "example_inputs must be a tensor"),
     ],
 )
 def test_bad_arguments(kwargs: dict, error: type[Exception], match: str) -> None:
     with pytest.raises(error, match=match):
         convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)), **kwargs)
+
+
+def test_inplace_is_taken_as_given() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    copied, _ = convert(model, rank=1, inplace=False)
+    assert copied is not model and type(model[0]) is nn.Conv2d and isinstance(copied[0], SeparableConv2d)
+    same, _ = convert(model, rank=1, inplace=True)
+    assert same is model and isinstance(model[0], SeparableConv2d)
+
+
+def test_a_model_failing_on_example_inputs_is_a_value_error() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match=r"Sequential failed on example_inputs \(1, 4, 8, 8\): RuntimeError: ") as info:
+        convert(model, rank=1, example_inputs=torch.randn(1, 4, 8, 8))
+    assert "\n" not in str(info.value) and isinstance(info.value.__cause__, RuntimeError)
+    assert type(model[0]) is nn.Conv2d  # deep-copied: the caller's model is untouched
+
+
+# ---------------------------------------------------------------- calls, outputs, frozen and shared layers
+
+
+class _KeywordCall(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Conv2d(3, 8, 3)
+        self.second = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(input=self.first(input=x))
+
+
+def test_a_conv_called_with_a_keyword_argument_is_measured() -> None:
+    torch.manual_seed(0)
+    model, x = _KeywordCall().eval(), torch.randn(2, 3, 10, 10)
+    converted, report = convert(model, rank=2, example_inputs=x)
+    first, second = report.layers
+    assert first.macs_before == 2 * 8 * 8 * 8 * (3 * 9)  # 8x8 outputs of a 3-in, 8-out 3x3 conv, batch 2
+    assert second.macs_before == 2 * 8 * 8 * 4 * (8 * 9)
+    assert report.input_shapes == ((2, 3, 10, 10),)
+    with torch.no_grad():
+        assert report.output_error == pytest.approx(relative(converted(x), model(x)), rel=1e-6)
+
+
+@dataclasses.dataclass
+class _Output:
+    logits: torch.Tensor
+    note: str
+
+
+class _Wrapped(nn.Module):
+    """A conv whose output comes back inside an object of kind ``kind``."""
+
+    Pair = collections.namedtuple("Pair", ["logits", "note"])
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.conv = kind, nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> object:
+        y = self.conv(x)
+        if self.kind == "dataclass":
+            return _Output(y, "conv")
+        if self.kind == "namedtuple":
+            return self.Pair(y, "conv")
+        return types.SimpleNamespace(logits=y)  # an object whose tensors cannot be found
+
+
+@pytest.mark.parametrize("kind", ["dataclass", "namedtuple"])
+def test_output_error_looks_into_dataclasses_and_namedtuples(kind: str) -> None:
+    torch.manual_seed(0)
+    model, x = _Wrapped(kind), torch.randn(1, 3, 8, 8)
+    converted, report = convert(model, rank=1, example_inputs=x)
+    with torch.no_grad():
+        expected = relative(converted(x).logits, model(x).logits)
+    assert expected > 1e-3  # rank 1 of 8: the outputs really differ
+    assert report.output_error == pytest.approx(expected, rel=1e-6)
+
+
+def test_output_error_is_none_when_no_tensor_can_be_compared() -> None:
+    x = torch.randn(1, 3, 8, 8)
+    _, report = convert(_Wrapped("opaque"), rank=1, example_inputs=x)
+    assert report.output_error is None and report.to_dict()["output_error"] is None
+    assert "output error" not in report.summary()
+    assert report.layers[0].macs_before == 6 * 6 * 8 * 27  # the model did run on the inputs
+
+
+def test_frozen_parameters_stay_frozen() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 4, 3, bias=False))
+    model[0].weight.requires_grad_(False)  # bias still trained (e.g. BitFit)
+    model[1].requires_grad_(False)
+    for init in ("decompose", "random"):
+        converted, _ = convert(model, rank=2, init=init)
+        for i, conv in enumerate(model):
+            new = converted[i]
+            assert new.depthwise.weight.requires_grad is conv.weight.requires_grad, (init, i)
+            assert new.pointwise.weight.requires_grad is conv.weight.requires_grad, (init, i)
+            assert (new.pointwise.bias is None) == (conv.bias is None)
+            if conv.bias is not None:
+                assert new.pointwise.bias.requires_grad is conv.bias.requires_grad, (init, i)
+        trainable = [name for name, p in converted.named_parameters() if p.requires_grad]
+        assert trainable == ["0.pointwise.bias", "2.depthwise.weight", "2.pointwise.weight"]
+
+
+class _SharedConv(nn.Module):
+    """One conv object under two names, ``a`` and ``b``, called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = self.a
+        self.other = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.other(self.b(self.a(x)))
+
+
+def test_a_shared_conv_answers_to_each_of_its_names() -> None:
+    for kwargs in ({"exclude": "b"}, {"exclude": "a"}, {"include": "other"}):
+        converted, report = convert(_SharedConv(), rank=1, **kwargs)
+        assert [row.name for row in report.converted] == ["other"], kwargs
+        assert type(converted.a) is nn.Conv2d and converted.a is converted.b
+        assert report.layers[0].name == "a" and report.layers[0].reason != ""
+    for kwargs in ({"include": "b"}, {"include": ["b", "other"], "exclude": "other"}):
+        converted, report = convert(_SharedConv(), rank=1, **kwargs)
+        assert [row.name for row in report.converted] == ["a"], kwargs
+        assert isinstance(converted.b, SeparableConv2d) and converted.a is converted.b
+
+
+def test_a_rank_mapping_may_name_a_shared_conv_by_any_name() -> None:
+    x = torch.randn(1, 4, 6, 6)
+    model = _SharedConv()
+    converted, report = convert(model, rank={"b": 2}, example_inputs=x)
+    assert report.ranks == {"a": 2} and converted.a is converted.b
+    assert converted.b.decomposition.rank == 2 and type(converted.other) is nn.Conv2d
+    _, same = convert(model, rank={"a": 3, "b": 3})
+    assert same.ranks == {"a": 3}
+    fresh, _ = convert(_SharedConv(), rank=report.ranks, init="random")  # the documented reload
+    fresh.load_state_dict(converted.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), converted(x))
+    with pytest.raises(ValueError, match=r"two ranks: 1 as 'a', 2 as 'b'"):
+        convert(model, rank={"a": 1, "b": 2})
+
+
+def test_include_and_exclude_disagreeing_on_a_shared_conv() -> None:
+    with pytest.raises(ValueError, match=r"shared under the names 'a' and 'b': include picks it as 'a'"):
+        convert(_SharedConv(), rank=1, include="a", exclude="b")
+    _, report = convert(_SharedConv(), rank=1, include=["a", "other"], exclude="a")  # one name: exclude wins
+    assert [row.name for row in report.converted] == ["other"]
 
 
 # ---------------------------------------------------------------- deployment: compile, ONNX

@@ -209,6 +209,16 @@ def test_keeps_bias_mode_device_and_trains() -> None:
     assert sep.depthwise.weight.grad is not None and sep.pointwise.weight.grad is not None
 
 
+def test_frozen_weight_and_bias_stay_frozen_apart() -> None:
+    for weight_grad, bias_grad in ((False, True), (True, False), (False, False)):
+        conv = nn.Conv2d(4, 6, 3)
+        conv.weight.requires_grad_(weight_grad)
+        conv.bias.requires_grad_(bias_grad)
+        sep = decompose_conv(conv, rank=2)
+        flags = {name: p.requires_grad for name, p in sep.named_parameters()}
+        assert flags == {"depthwise.weight": weight_grad, "pointwise.weight": weight_grad, "pointwise.bias": bias_grad}
+
+
 def test_decomposes_sepconv_own_depthwise_layer_exactly() -> None:
     from sepconv import DepthwiseConv2d
 

@@ -2,11 +2,12 @@
 
 import collections
 import os
+import re
 
 import pytest
 import torch
 
-from sepconv.io import atomic_write, atomic_write_text, load_state_dict, save_state_dict
+from sepconv.io import atomic_write, atomic_write_text, check_output, load_state_dict, save_state_dict
 
 
 def test_atomic_write_refuses_to_overwrite_unless_asked(tmp_path) -> None:
@@ -92,3 +93,27 @@ def test_atomic_write_png_writes_a_png_refuses_to_overwrite_and_closes_the_figur
         atomic_write_png(fig2, path)
     assert not plt.fignum_exists(fig2.number) and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]  # no temp file left behind
+
+
+def test_a_corrupt_safetensors_file_is_a_value_error_naming_it(tmp_path) -> None:
+    garbage = tmp_path / "c.safetensors"
+    garbage.write_bytes(b"garbage")
+    truncated = tmp_path / "t.safetensors"
+    save_state_dict({"w": torch.randn(64)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-16])  # the header promises more bytes than there are
+    for path in (garbage, truncated):
+        with pytest.raises(ValueError, match=re.escape(f"cannot read {path} as a safetensors file: ")):
+            load_state_dict(path)
+
+
+def test_a_directory_is_refused_before_anything_is_written(tmp_path) -> None:
+    folder = tmp_path / "out.txt"
+    folder.mkdir()
+    (folder / "kept").write_text("inside")
+    for overwrite in (False, True):
+        with pytest.raises(IsADirectoryError, match=r"out\.txt is a directory; give a file path"):
+            check_output(folder, overwrite=overwrite)
+        with pytest.raises(IsADirectoryError, match="is a directory"):
+            atomic_write_text(folder, "text", overwrite=overwrite)
+    assert sorted(os.listdir(tmp_path)) == ["out.txt"] and os.listdir(folder) == ["kept"]  # no temp file left
+    assert check_output(tmp_path / "new.txt") == tmp_path / "new.txt"

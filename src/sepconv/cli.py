@@ -39,7 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+    # Only errors our code raises for what the user gave (a RuntimeError may be our bug: keep its traceback);
+    # IsADirectoryError: sepconv.io.check_output refuses an output path naming a directory.
+    except (UsageError, ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError) as error:
         if args.debug:
             raise
         print(f"sepconv {args.command}: error: {error}", file=sys.stderr)

@@ -26,11 +26,12 @@ Reloading a converted state_dict: build the architecture, convert it with the sa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import heapq
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -91,7 +92,10 @@ class ConversionReport:
 
     ``params_before/after`` and ``macs_before/after`` sum the listed conv layers (MACs need
     ``example_inputs``); ``model_params_before/after`` count the whole model. ``output_error`` is
-    ``||f'(x) - f(x)|| / ||f(x)||`` of the whole model in eval mode on ``example_inputs``.
+    ``||f'(x) - f(x)|| / ||f(x)||`` of the whole model in eval mode on ``example_inputs``, over the
+    tensors of its output (found in tuples, named ones included, lists, mappings and dataclasses). It is
+    None without ``example_inputs``, and when the output holds no tensor or holds another kind of object
+    (its tensors cannot be found: None, not a 0.0 that would claim identical outputs).
     """
 
     layers: tuple[LayerReport, ...]
@@ -243,10 +247,12 @@ def convert(
     name matches an ``include`` pattern (fnmatch; default all) and no ``exclude`` pattern, and whose
     largest kernel dim is >= ``min_kernel_size``. Never converted: 1x1 convs, depthwise convs
     (``groups == in_channels > 1``), sepconv's own layers, transposed convs, conv subclasses with their
-    own ``forward``. ``init="random"`` builds the same layers freshly initialised (BSConv-style), for
-    comparison and for reloading a converted state_dict. The model is deep-copied unless
-    ``inplace=True``. With ``example_inputs`` (a tensor or a tuple of positional inputs) the report
-    adds MACs per layer and the whole model's relative output error (both models in eval mode).
+    own ``forward``. A conv shared by several parents answers to each of its names (in patterns and rank
+    mappings); the report names it by its first. ``init="random"`` builds the same layers freshly
+    initialised (BSConv-style), for comparison and for reloading a converted state_dict. The model is
+    deep-copied unless ``inplace=True``. With ``example_inputs`` (a tensor or a tuple of positional
+    inputs) the report adds MACs per layer and the whole model's relative output error (both models in
+    eval mode); ValueError if the model fails on them. New layers keep the conv's ``requires_grad``.
 
     >>> model = nn.Sequential(nn.Conv2d(8, 64, 3), nn.BatchNorm2d(64), nn.Conv2d(64, 64, 3, groups=64))
     >>> _, report = convert(model, budget=0.3)
@@ -254,12 +260,17 @@ def convert(
     >>> report.layers[1].reason, first.rank, first.params_after <= 0.3 * first.params_before
     ('depthwise conv', 2, True)
     """
+    rank_given = rank  # a mapping is re-keyed by each conv's first name below; the report keeps the user's
     choice = _check_options(rank, energy, budget, budget_on, init, min_kernel_size, example_inputs)
+    if not isinstance(inplace, bool):
+        raise TypeError(f"inplace must be True or False, got {inplace!r} ({type(inplace).__name__})")
+    include_patterns, exclude_patterns = _patterns("include", include), _patterns("exclude", exclude)
     model = model if inplace else copy.deepcopy(model)
-    convs = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
-    reasons = _skip_reasons(convs, _patterns("include", include), _patterns("exclude", exclude), min_kernel_size)
+    paths = _conv_paths(model)
+    convs = [(names[0], conv) for conv, names in paths.items()]
+    reasons = _skip_reasons(paths, include_patterns, exclude_patterns, min_kernel_size)
     if isinstance(rank, Mapping):
-        reasons = _apply_rank_mapping(convs, reasons, rank)
+        reasons, rank = _apply_rank_mapping(paths, reasons, rank)
     candidates = [_Candidate(name, conv, _max_rank(conv)) for name, conv in convs if not reasons[name]]  # type: ignore[arg-type]
 
     shapes: dict[str, tuple[int, ...]] = {}
@@ -286,19 +297,19 @@ def convert(
     _replace(model, replacements)
 
     output_error = None
-    if example_inputs is not None:
+    if example_inputs is not None:  # the original ran on them: a failure of the converted model is our bug
         output_error = _relative_error(_run_eval(model, example_inputs), reference)
 
     rows = tuple(
         _layer_row(name, conv, reasons[name], replacements.get(conv), shapes.get(name)) for name, conv in convs
     )
     settings = {
-        "rank": dict(rank) if isinstance(rank, Mapping) else rank,
+        "rank": dict(rank_given) if isinstance(rank_given, Mapping) else rank_given,
         "energy": energy,
         "budget": budget,
         "budget_on": budget_on,
-        "include": _patterns("include", include),
-        "exclude": _patterns("exclude", exclude),
+        "include": include_patterns,
+        "exclude": exclude_patterns,
         "min_kernel_size": min_kernel_size,
         "init": init,
     }
@@ -345,35 +356,63 @@ def _check_options(
 
 
 def _patterns(name: str, patterns: Patterns) -> list[str] | None:
+    """``include``/``exclude`` as a list of fnmatch patterns (None: not given)."""
     if patterns is None:
         return None
     if isinstance(patterns, str):
         return [patterns]
-    if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"{name} must be a pattern string or a sequence of them, got {patterns!r}")
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"{name} must be a pattern string or a list or tuple of them, got {patterns!r} ({type(patterns).__name__})"
+        )
     return list(patterns)
 
 
+def _conv_paths(model: nn.Module) -> dict[nn.Module, list[str]]:
+    """Every conv of ``model`` with all its names, in ``named_modules`` order (a shared conv has several)."""
+    paths: dict[nn.Module, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.modules.conv._ConvNd):
+            paths.setdefault(module, []).append(name)
+    return paths
+
+
 def _skip_reasons(
-    convs: list[tuple[str, nn.Module]],
+    paths: dict[nn.Module, list[str]],
     include: list[str] | None,
     exclude: list[str] | None,
     min_kernel_size: int,
 ) -> dict[str, str]:
-    """``{name: why it is skipped}`` for every conv, ``""`` for the eligible ones."""
-    names = [name for name, _ in convs]
+    """``{first name: why it is skipped}`` for every conv, ``""`` for the eligible ones.
+
+    A conv is matched by a pattern if any of its names is; ValueError if ``include`` picks a shared conv
+    under one name and ``exclude`` drops it under another (which one the user meant is unclear).
+    """
+    names = [name for names in paths.values() for name in names]
     for label, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns or []:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 examples = ", ".join(names[:5]) or "none"
                 raise ValueError(f"{label} pattern {pattern!r} matches no conv layer (conv layers: {examples}, ...)")
+
+    def matches(name: str, patterns: list[str] | None) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in patterns or [])
+
     reasons = {}
-    for name, conv in convs:
-        reasons[name] = _structural_reason(conv, min_kernel_size)
-        if not reasons[name] and include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            reasons[name] = "not matched by include"
-        if not reasons[name] and exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            reasons[name] = "matched by exclude"
+    for conv, conv_names in paths.items():
+        excluded = [name for name in conv_names if matches(name, exclude)]
+        included = [name for name in conv_names if matches(name, include) and name not in excluded]
+        if included and excluded:
+            raise ValueError(
+                f"one conv is shared under the names {included[0]!r} and {excluded[0]!r}: include picks it as "
+                f"{included[0]!r}, exclude drops it as {excluded[0]!r}; make the patterns agree"
+            )
+        reason = _structural_reason(conv, min_kernel_size)
+        if not reason and include is not None and not included and not excluded:
+            reason = "not matched by include"
+        if not reason and excluded:
+            reason = "matched by exclude"
+        reasons[conv_names[0]] = reason
     return reasons
 
 
@@ -397,15 +436,26 @@ def _structural_reason(conv: nn.Module, min_kernel_size: int) -> str:
 
 
 def _apply_rank_mapping(
-    convs: list[tuple[str, nn.Module]], reasons: dict[str, str], ranks: Mapping[str, int]
-) -> dict[str, str]:
-    """Convert exactly the layers a ``{name: rank}`` mapping names; each must be eligible."""
-    for name in ranks:
-        if name not in reasons:
+    paths: dict[nn.Module, list[str]], reasons: dict[str, str], ranks: Mapping[str, int]
+) -> tuple[dict[str, str], dict[str, int]]:
+    """Convert exactly the layers a ``{name: rank}`` mapping names (any name of a shared conv); each must be
+    eligible. Returns the new reasons and the mapping keyed by each conv's first name."""
+    first = {name: names[0] for names in paths.values() for name in names}
+    by_first: dict[str, int] = {}
+    named_as: dict[str, str] = {}
+    for name, value in ranks.items():
+        if name not in first:
             raise ValueError(f"rank names layer {name!r}, which is not a conv layer of the model")
-        if reasons[name]:
-            raise ValueError(f"rank names layer {name!r}, which cannot be converted: {reasons[name]}")
-    return {name: reason or ("" if name in ranks else "not in the rank mapping") for name, reason in reasons.items()}
+        key = first[name]
+        if reasons[key]:
+            raise ValueError(f"rank names layer {name!r}, which cannot be converted: {reasons[key]}")
+        if key in by_first and by_first[key] != value:
+            raise ValueError(
+                f"rank gives one shared conv two ranks: {by_first[key]} as {named_as[key]!r}, {value} as {name!r}"
+            )
+        by_first[key], named_as[key] = value, name
+    new = {name: reason or ("" if name in by_first else "not in the rank mapping") for name, reason in reasons.items()}
+    return new, by_first
 
 
 def _max_rank(conv: nn.modules.conv._ConvNd) -> int:
@@ -537,38 +587,78 @@ def _run_eval(model: nn.Module, inputs: Any) -> Any:
 def _run_recording_shapes(
     model: nn.Module, inputs: Any, convs: dict[str, nn.Module]
 ) -> tuple[Any, dict[str, tuple[int, ...]]]:
-    """The model's eval-mode output on ``inputs`` and the input shape each conv saw (the first call's)."""
+    """The model's eval-mode output on ``inputs`` and the input shape each conv saw (the first call's).
+
+    ValueError if the model fails on ``inputs`` (the user's inputs do not fit it: one line, not a traceback).
+    """
     shapes: dict[str, tuple[int, ...]] = {}
 
     def hook(name: str) -> Any:
-        def record(_module: nn.Module, args: tuple[Any, ...]) -> None:
-            shapes.setdefault(name, tuple(args[0].shape))
+        def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else kwargs.get("input")  # a parent may call conv(input=x)
+            if isinstance(x, Tensor):
+                shapes.setdefault(name, tuple(x.shape))
 
         return record
 
-    handles = [conv.register_forward_pre_hook(hook(name)) for name, conv in convs.items()]
+    handles = [conv.register_forward_pre_hook(hook(name), with_kwargs=True) for name, conv in convs.items()]
     try:
         output = _run_eval(model, inputs)
+    except Exception as error:  # the model's own failure, in any exception type (as sepconv.analyze reports it)
+        given = ", ".join(str(tuple(x.shape)) for x in _as_tuple(inputs))
+        message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(
+            f"{type(model).__name__} failed on example_inputs {given}: {type(error).__name__}: {message}"
+        ) from error
     finally:
         for handle in handles:
             handle.remove()
     return output, shapes
 
 
-def _leaves(output: Any) -> Iterator[Tensor]:
+_PLAIN = (str, bytes, int, float, complex, type(None))  # values without tensors inside: nothing to compare
+
+
+def _leaves(output: Any) -> list[Tensor] | None:
+    """The tensors in ``output`` (in tuples, lists, mappings, dataclasses); None if it holds another object.
+
+    >>> @dataclasses.dataclass
+    ... class Out:
+    ...     logits: Tensor
+    ...     extra: Any
+    >>> [t.tolist() for t in _leaves({"a": (torch.ones(1), Out(torch.zeros(2), None)), "n": 3})]
+    [[1.0], [0.0, 0.0]]
+    >>> _leaves([torch.ones(1), object()]) is None
+    True
+    """
     if isinstance(output, Tensor):
-        yield output
-    elif isinstance(output, Mapping):
-        for value in output.values():
-            yield from _leaves(value)
+        return [output]
+    if isinstance(output, _PLAIN):
+        return []
+    if isinstance(output, Mapping):
+        values: Any = output.values()
     elif isinstance(output, (tuple, list)):
-        for value in output:
-            yield from _leaves(value)
+        values = output
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        values = [getattr(output, f.name) for f in dataclasses.fields(output)]
+    else:
+        return None
+    found: list[Tensor] = []
+    for value in values:
+        leaves = _leaves(value)
+        if leaves is None:
+            return None
+        found += leaves
+    return found
 
 
-def _relative_error(output: Any, reference: Any) -> float:
-    """``||output - reference|| / ||reference||`` over all tensors of (possibly nested) outputs, in float64."""
-    pairs = list(zip(_leaves(output), _leaves(reference), strict=True))
+def _relative_error(output: Any, reference: Any) -> float | None:
+    """``||output - reference|| / ||reference||`` over all tensors of (possibly nested) outputs, in float64;
+    None if the outputs hold no tensor or an object whose tensors :func:`_leaves` cannot find."""
+    got, want = _leaves(output), _leaves(reference)
+    if not got or not want:
+        return None
+    pairs = list(zip(got, want, strict=True))
     diff = sum(float((a.double() - b.double()).square().sum()) for a, b in pairs)
     norm = sum(float(b.double().square().sum()) for _, b in pairs)
     return math.sqrt(diff / norm) if norm > 0 else math.sqrt(diff)

@@ -159,7 +159,9 @@ def empty_separable(
     conv: nn.modules.conv._ConvNd, rank: int, *, device: torch.device | str | None = None
 ) -> _SeparableConv:
     """A freshly initialised separable twin of ``conv`` with depth multiplier ``rank`` (BSConv-style init),
-    on ``conv``'s device unless ``device`` is given (``"meta"`` to count costs without allocating)."""
+    on ``conv``'s device unless ``device`` is given (``"meta"`` to count costs without allocating), in its
+    dtype and training mode; both weights keep ``conv.weight``'s ``requires_grad``, the bias ``conv.bias``'s
+    (a frozen layer stays frozen)."""
     ndim = len(conv.kernel_size)
     layer = _SEPARABLE[ndim](
         conv.in_channels,
@@ -175,6 +177,10 @@ def empty_separable(
         device=conv.weight.device if device is None else device,
         dtype=conv.weight.dtype,
     )
+    layer.depthwise.weight.requires_grad_(conv.weight.requires_grad)
+    layer.pointwise.weight.requires_grad_(conv.weight.requires_grad)
+    if conv.bias is not None:
+        layer.pointwise.bias.requires_grad_(conv.bias.requires_grad)
     return layer.train(conv.training)
 
 

@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["atomic_write", "atomic_write_png", "atomic_write_text", "load_state_dict", "save_state_dict"]
+__all__ = [
+    "atomic_write",
+    "atomic_write_png",
+    "atomic_write_text",
+    "check_output",
+    "load_state_dict",
+    "save_state_dict",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -27,12 +34,10 @@ PathLike = str | os.PathLike[str]
 def atomic_write(path: PathLike, write: Callable[[Path], None], *, overwrite: bool = False) -> None:
     """Call ``write(tmp_path)`` on a temp file beside ``path``, then rename it onto ``path``.
 
-    Refuses (``FileExistsError``) to replace an existing file unless ``overwrite=True``;
+    Refuses (see :func:`check_output`) a directory, and an existing file unless ``overwrite=True``;
     on failure the temp file is removed and ``path`` is left as it was.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
+    path = check_output(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -43,6 +48,25 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], *, overwrite: bo
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_output(path: PathLike, *, overwrite: bool = False) -> Path:
+    """``path`` as a ``Path`` if a file may be written there, checked before any work is done.
+
+    ``IsADirectoryError`` for a directory (even with ``overwrite``: a file never replaces one),
+    ``FileExistsError`` for an existing file unless ``overwrite=True``.
+
+    >>> check_output(tempfile.gettempdir(), overwrite=True)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    IsADirectoryError: ... is a directory; give a file path
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file path")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
+    return path
 
 
 def _new_file_mode() -> int:
@@ -84,9 +108,13 @@ def load_state_dict(path: PathLike) -> dict[str, Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:  # a corrupt or truncated file: name it (the Rust error does not)
+            raise ValueError(f"cannot read {path} as a safetensors file: {error}") from error
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle errors come in many types; name the file and the rule

@@ -47,8 +47,37 @@ def load_model(
 
         model, _ = convert(model, rank=_read_ranks(ranks), init="random", inplace=True)
     if weights is not None:
-        model.load_state_dict(load_state_dict(weights))
+        _load_weights(model, spec, weights, converted=ranks is not None)
     return model
+
+
+def _load_weights(model: nn.Module, spec: str, weights: PathLike, *, converted: bool) -> None:
+    """``model.load_state_dict`` strictly, with one line naming the file and what does not match."""
+    state = load_state_dict(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        expected = model.state_dict()
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        shapes = [
+            f"{k} is {tuple(state[k].shape)} in the file, {tuple(v.shape)} in the model"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        found = [
+            f"{len(names)} {label}: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''}"
+            for label, names in (("missing keys", missing), ("unexpected keys", unexpected), ("shapes differ", shapes))
+            if names
+        ]
+        # load_state_dict's own message spans many lines; keep its first one if our comparison finds nothing
+        detail = "; ".join(found) or str(error).strip().splitlines()[0]
+        hint = (
+            ""
+            if converted
+            else " (a converted model's weights need its `sepconv convert --report` as ranks=; analyze: --ranks)"
+        )
+        raise ValueError(f"weights {weights} do not match {spec}: {detail}{hint}") from error
 
 
 def _read_ranks(ranks: Mapping[str, int] | PathLike) -> dict[str, int]:

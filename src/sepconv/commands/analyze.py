@@ -16,7 +16,7 @@ from torch import nn
 
 from sepconv.analyze import Report, analyze
 from sepconv.cli import UsageError
-from sepconv.io import atomic_write_text
+from sepconv.io import atomic_write_text, check_output
 from sepconv.models import load_model
 from sepconv.render import to_csv, to_markdown, to_rich
 
@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     device = parse_device(args.device) if args.measure else "cpu"
+    if args.out:
+        check_output(args.out, overwrite=args.force)  # refuse a directory or an existing file before the work
     model = _build(args.spec, args.weights, args.ranks, real=args.measure or args.weights is not None)
     model.train(args.backward)
     report = analyze(

@@ -80,11 +80,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_outputs(out: Path, report: Path | None, force: bool) -> None:
-    """Refuse before any work: wrong suffix, the same file twice, or existing files without --force."""
+    """Refuse before any work (so that no output is written when another would fail): wrong suffix, the
+    same file twice, a directory (even with --force), or existing files without --force."""
     if out.suffix != ".safetensors":
         raise UsageError(f"--out must be a .safetensors file, got {str(out)!r}")
     if report is not None and report.resolve() == out.resolve():
         raise UsageError("--out and --report must be different files")
-    for path in (out, report):
+    for option, path in (("--out", out), ("--report", report)):
+        if path is not None and path.is_dir():
+            raise UsageError(f"{option} {path} is a directory; give a file path")
         if path is not None and path.exists() and not force:
             raise FileExistsError(f"{path} exists; pass --force to replace it")
