@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from sepconv._block_tables import qualified_name
+from sepconv._module_kinds import pads_same
 from sepconv.cost import cost
 from sepconv.counting import Call, count_calls
 from sepconv.layers import SeparableConv1d, SeparableConv2d, SeparableConv3d, _Conv
@@ -38,6 +40,10 @@ __all__ = ["Measurement", "Report", "Row", "WhatIf", "analyze", "separable_twin"
 _ROUNDS = 3  # measure=True: interleaved timing rounds per model
 _SEPARABLE = {1: SeparableConv1d, 2: SeparableConv2d, 3: SeparableConv3d}
 Inputs = Sequence[int] | Tensor | Sequence[Tensor]
+# besides _block_tables.SAME_PADDED_CONVS, timm convs whose forward pads for TF's 'same' (timm 0.9-1.0): one that
+# does so always (its padding fixed at the first call's size), and ones that do when their `same_pad` flag is set
+_SAME_PADDED_EXTRA = frozenset({"timm.layers.conv2d_same.Conv2dSameExport"})
+_SAME_PAD_FLAG = frozenset({"timm.layers.std_conv.StdConv2dSame", "timm.layers.std_conv.ScaledStdConv2dSame"})
 
 
 @dataclass(frozen=True)
@@ -185,6 +191,9 @@ def analyze(
     >>> report.total.macs, report.total.backward_macs  # grad-weight only: the input needs no gradient
     (262144, 262144)
     """
+    if measure:  # checked before counting, so a bad argument fails at once
+        device = _measure_device(device)
+        min_run_time = _positive_seconds(min_run_time)
     args = _meta_inputs(inputs, _dtype(model))
     state = {
         name: torch.empty_like(t, device="meta").requires_grad_(backward and t.requires_grad)
@@ -244,15 +253,29 @@ def _replaceable(module: nn.Module) -> bool:
     )
 
 
+def _pads_same_at_run_time(conv: nn.Module) -> bool:
+    """Whether ``conv``'s forward pads for TensorFlow's 'same' (any stride) whatever its ``padding`` says."""
+    name = qualified_name(conv)
+    return (
+        pads_same(conv)
+        or name in _SAME_PADDED_EXTRA
+        or (name in _SAME_PAD_FLAG and getattr(conv, "same_pad", False) is True)
+    )
+
+
 def _separable_like(conv: nn.modules.conv._ConvNd, *, device: torch.device | str | None) -> nn.Module:
-    """The SeparableConvNd with ``conv``'s arguments (depth multiplier 1), on ``device`` (default: conv's)."""
+    """The SeparableConvNd with ``conv``'s arguments (depth multiplier 1), on ``device`` (default: conv's).
+
+    A conv padding for TF's 'same' in its forward gets ``padding="same"``: our layers pad the same way, at
+    any stride, and so keep its output size.
+    """
     weight = conv.weight
     return _SEPARABLE[len(conv.kernel_size)](
         conv.in_channels,
         conv.out_channels,
         conv.kernel_size,
         conv.stride,
-        conv.padding,  # type: ignore[arg-type]
+        "same" if _pads_same_at_run_time(conv) else conv.padding,  # type: ignore[arg-type]
         conv.dilation,
         1,
         conv.bias is not None,
@@ -350,14 +373,29 @@ def _dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
 
 
+_INPUTS_ARE = "inputs must be a shape of positive ints, a tensor or a sequence of tensors"
+
+
+def _describe(value: Any) -> str:
+    """``value`` for an error message: a tensor by its shape and dtype, never its values."""
+    if isinstance(value, Tensor):
+        return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype})"
+    if isinstance(value, (list, tuple)):
+        parts = ", ".join(_describe(v) for v in value)
+        return f"[{parts}]" if isinstance(value, list) else f"({parts}{',' if len(value) == 1 else ''})"
+    return repr(value)
+
+
 def _shape_arg(inputs: Inputs) -> tuple[int, ...] | None:
-    """``inputs`` as a shape if it is a sequence of ints, else None; ValueError for a bad shape."""
-    if isinstance(inputs, Tensor) or not isinstance(inputs, Sequence) or not inputs:
+    """``inputs`` as a shape if it is a sequence of ints, else None (tensors); TypeError or ValueError if neither."""
+    if isinstance(inputs, Tensor):
         return None
-    if all(isinstance(s, Tensor) for s in inputs):
+    if not isinstance(inputs, Sequence) or isinstance(inputs, (str, bytes)):
+        raise TypeError(f"{_INPUTS_ARE}; got {type(inputs).__name__} {_describe(inputs)}")
+    if inputs and all(isinstance(s, Tensor) for s in inputs):
         return None
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in inputs):
-        raise ValueError(f"inputs must be a shape of positive ints, a tensor or tensors; got {inputs!r}")
+    if not inputs or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in inputs):
+        raise ValueError(f"{_INPUTS_ARE}; got {_describe(inputs)}")
     return tuple(inputs)  # type: ignore[arg-type]
 
 
@@ -366,9 +404,32 @@ def _meta_inputs(inputs: Inputs, dtype: torch.dtype) -> tuple[Tensor, ...]:
     if shape is not None:
         return (torch.empty(shape, dtype=dtype, device="meta"),)
     tensors = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)  # type: ignore[arg-type]
-    if not tensors or not all(isinstance(t, Tensor) for t in tensors):
-        raise ValueError(f"inputs must be a shape of positive ints, a tensor or tensors; got {inputs!r}")
     return tuple(torch.empty_like(t, device="meta") for t in tensors)
+
+
+def _measure_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device that this machine has, else a ValueError naming ``device``."""
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be a torch.device or a name such as 'cpu' or 'cuda'; got {device!r}")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"device {device!r} is not a device name (e.g. 'cpu', 'cuda', 'cuda:1')") from error
+    if parsed.type == "meta":
+        raise ValueError("device must be one that computes (e.g. 'cpu', 'cuda'), not 'meta', with measure=True")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return parsed
+
+
+def _positive_seconds(min_run_time: float) -> float:
+    if isinstance(min_run_time, bool) or not isinstance(min_run_time, (int, float)):
+        raise TypeError(f"min_run_time must be a number of seconds > 0, got {min_run_time!r}")
+    if not min_run_time > 0:  # NaN too
+        raise ValueError(f"min_run_time must be > 0 seconds, got {min_run_time}")
+    return float(min_run_time)
 
 
 def _real_inputs(inputs: Inputs, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:

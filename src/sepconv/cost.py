@@ -6,7 +6,14 @@ Conventions (stated, because counting tools disagree):
 - bias additions are **not** in ``macs``/``flops``; they are counted on their own in ``bias_adds``;
 - counts cover the whole batch of ``input_shape`` (an unbatched shape counts one sample);
 - ``activation_bytes`` is the size of every tensor the layer writes in its forward pass
-  (a separable layer's intermediate included), at ``dtype`` (default: the layer's parameter dtype);
+  (a separable layer's intermediate included), at ``dtype`` (default: the layer's parameter dtype),
+  except a padded copy of the input, which depends on how the conv runs (a kernel that pads as it reads
+  writes none). :func:`sepconv.analyze` counts the ops PyTorch's own path runs, so it adds that copy, at
+  the input's batch and channels: with a ``padding_mode`` other than ``'zeros'``, the input padded on
+  both sides (even with padding 0); with ``'same'`` at stride 1 and an odd total padding in a dimension
+  (even kernel, odd dilation), the input one element longer in each such dimension (PyTorch pads the odd
+  element into a copy, the rest in the conv); with ``'same'`` at a stride > 1 (sepconv's layers), the
+  input padded for TensorFlow's 'same' (even where that padding is 0);
 - norms and activations inside a separable layer add their parameters and activation bytes, no MACs.
 
 >>> from torch import nn

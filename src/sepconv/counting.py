@@ -10,7 +10,8 @@ call. Conventions, the same as :func:`sepconv.cost`:
 - ``other_ops``: elements written by every other op that is not a view (norms, activations,
   pooling, softmax, adds, copies): a size of the memory-bound work, not FLOPs, and never in ``macs``;
 - ``activation_bytes``: bytes of every new tensor written in the forward pass (in-place ops and
-  views write none), at the tensors' own dtype;
+  views write none; an output sharing an input's storage is a view, whatever its schema says), at the
+  tensors' own dtype; a padded copy of a conv's input counts (``sepconv.cost`` leaves it out);
 - backward (on request): ``backward_macs`` = grad-input MACs + grad-weight MACs. For a convolution
   each equals the forward MACs, whatever ``groups`` is (``torch.utils.flop_counter`` multiplies
   grad-weight by ``groups``); grad-bias reductions and everything else go to ``backward_other_ops``.
@@ -136,10 +137,56 @@ def _attention_macs(args: Sequence[Any]) -> int:
     return batch_heads * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
-def _is_new_tensor(func: Any, index: int) -> bool:
-    """False for outputs that alias an input (views, in-place and out= ops)."""
+# batch-norm ops whose outputs after the first are the saved batch statistics (and cuDNN's reserve): written in
+# training only; eval mode returns empty tensors on CPU and CUDA, but (C,)-shaped ones on the meta device
+_BATCH_NORMS = {
+    getattr(aten, name)
+    for name in (
+        "native_batch_norm",
+        "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training",
+        "_batch_norm_no_update",
+        "cudnn_batch_norm",
+        "miopen_batch_norm",
+    )
+    if hasattr(aten, name)
+}
+
+
+def _storage_id(t: Tensor) -> int | None:
+    """Identity of ``t``'s storage, None for a tensor without one (sparse, some subclasses)."""
+    if t.layout is not torch.strided:
+        return None
+    try:
+        return t.untyped_storage()._cdata
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _new_outputs(func: Any, args: Sequence[Any], kwargs: Any, outputs: list[tuple[int, Tensor]]) -> list[Tensor]:
+    """The outputs that are new tensors: not views, in-place or out= results, nor unwritten batch statistics.
+
+    The schema's alias annotations say most of it, but a few view ops carry none (``aten._unsafe_view``,
+    which ``mm``/``bmm`` results go through to get their batch dims back), so an output sharing an input's
+    storage is a view too, whatever its schema says.
+    """
     returns = func._schema.returns
-    return index >= len(returns) or returns[index].alias_info is None
+    candidates = [(i, t) for i, t in outputs if i >= len(returns) or returns[i].alias_info is None]
+    if func.overloadpacket in _BATCH_NORMS and not _training(func, args, kwargs):
+        candidates = [(i, t) for i, t in candidates if i == 0]
+    if not candidates:
+        return []
+    inputs = {_storage_id(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)} - {None}
+    return [t for _, t in candidates if _storage_id(t) not in inputs]
+
+
+def _training(func: Any, args: Sequence[Any], kwargs: Any) -> bool:
+    """A batch-norm op's ``training`` argument (False for the ``_no_training``/``_no_update`` variants)."""
+    names = [a.name for a in func._schema.arguments]
+    if "training" not in names:
+        return False
+    index = names.index("training")
+    return bool(args[index] if index < len(args) else (kwargs or {}).get("training", False))
 
 
 class _Counter(TorchDispatchMode):
@@ -162,10 +209,10 @@ class _Counter(TorchDispatchMode):
             index = self.stack[-1]
         else:  # outside the model's call: inputs, the backward seed
             return out
-        self._charge(self.calls[index], func, args, out, backward)
+        self._charge(self.calls[index], func, args, kwargs, out, backward)
         return out
 
-    def _charge(self, call: Call, func: Any, args: Sequence[Any], out: Any, backward: bool) -> None:
+    def _charge(self, call: Call, func: Any, args: Sequence[Any], kwargs: Any, out: Any, backward: bool) -> None:
         if func in _NO_WORK:
             return
         packet = func.overloadpacket
@@ -184,19 +231,21 @@ class _Counter(TorchDispatchMode):
             if counted is not None:
                 macs, bias_adds = counted
         outputs = [(i, t) for i, t in enumerate(tree_flatten(out)[0]) if isinstance(t, Tensor)]
-        new = [t for i, t in outputs if _is_new_tensor(func, i)]
+        new = _new_outputs(func, args, kwargs, outputs)
         if backward:
             call.backward_macs += macs
             if not macs:
                 call.backward_other_ops += sum(t.numel() for t in new)
             return
         self.ticks += 1
-        if call.first_work_at is None and (macs or new or func._schema.is_mutable):
+        # in place: writes its outputs' elements, unless it only changes their shape (squeeze_, t_: a view)
+        in_place = func._schema.is_mutable and torch.Tag.inplace_view not in func.tags
+        if call.first_work_at is None and (macs or new or in_place):
             call.first_work_at = self.ticks
         call.macs += macs
         call.bias_adds += bias_adds
         call.activation_bytes += sum(t.numel() * t.element_size() for t in new)
-        if not macs and (new or func._schema.is_mutable):
+        if not macs and (new or in_place):
             call.other_ops += sum(t.numel() for t in (new or [t for _, t in outputs]))
 
 

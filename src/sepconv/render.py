@@ -212,12 +212,42 @@ def _exact(row: Row, columns: list[tuple[str, str]]) -> list[str]:
 
 
 def to_csv(report: Report) -> str:
-    """Every row field as CSV, one line per row, then a ``total`` line (its name column says ``total``)."""
+    """Every row field as CSV, one line per row, then a ``total`` line (its name column says ``total``).
+
+    With a what-if, two more columns: ``params_if_separable`` and ``macs_if_separable``, each row's (and the
+    total's) figures once every what-if conv is replaced by its separable twin (rows without one: unchanged).
+    """
     names = [f.name for f in fields(Row)]
+    saved = _what_if_savings(report)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(names)
-    for row in (*report.rows, report.total):
+    writer.writerow(names + (["params_if_separable", "macs_if_separable"] if saved is not None else []))
+    for index, row in enumerate((*report.rows, report.total)):
         data = asdict(row)
-        writer.writerow([str(data[n]) if isinstance(data[n], tuple) else data[n] for n in names])
+        line = [str(data[n]) if isinstance(data[n], tuple) else data[n] for n in names]
+        if saved is not None and index < len(report.rows):
+            line += [row.params - saved[index][0], row.macs - saved[index][1]]
+        elif saved is not None:  # the total: the model's own before/after (its params count every parameter)
+            totals = report.what_if_totals()
+            line += [totals["params_after"], totals["macs_after"]]
+        writer.writerow(line)
     return buffer.getvalue()
+
+
+def _what_if_savings(report: Report) -> list[tuple[int, int]] | None:
+    """(params saved, MACs saved) per row by the what-if, or None without one. A what-if conv belongs to the row
+    of its name, or, in rows summed per name prefix (``Report.by_depth``), to the row of its longest prefix."""
+    if report.what_if is None:
+        return None
+    index = {row.name: i for i, row in enumerate(report.rows)}
+    saved = [(0, 0)] * len(report.rows)
+    for w in report.what_if:
+        parts = w.name.split(".")
+        owner = next(
+            (index[".".join(parts[:n])] for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in index), None
+        )
+        if owner is None:  # its row was left out of the report (rows cut by hand): the total still has it
+            continue
+        params, macs = saved[owner]
+        saved[owner] = (params + w.params_saved, macs + w.macs_saved)
+    return saved
