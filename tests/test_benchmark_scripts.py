@@ -591,3 +591,35 @@ def test_accelerate_coverage_quick_run(tmp_path):
     for spec in ("torchvision:mobilenet_v3_large", "timm:tf_efficientnet_b0"):
         assert rows[spec]["batch_norms_after"] == 0
     assert all(0 < row["max_relative_difference"] < 1e-12 for row in rows.values())
+
+
+def test_cpu_conversions_quick_run_checks_the_kernels_and_times_both_settings(tmp_path):
+    """The conversions alone (compiled vs ATen vs a plain copy, each compiled result equal to ATen's) and an NCHW
+    caller's layer in both settings beside PyTorch eager and torch.compile, in the same paired rounds; the layer's
+    output with compiled conversions within float tolerance of PyTorch's; the summary counts its rows."""
+    run_script("benchmarks/cpu_conversions.py", "--quick", "--min-run-time", "0.01", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "cpu_conversions_quick.json").read_text())
+    assert {"device", "dtype", "versions", "threads", "allocator"} <= set(result)
+    inputs = {(c, h, batch) for c, h, *_ in ((32, 56), (128, 14)) for batch in (1, 4)}
+    assert {(r["C"], r["H"], r["batch"]) for r in result["conversions"]} == inputs
+    for row in result["conversions"]:
+        assert row["equal_to_aten"] is True
+        assert row["megabytes"] == pytest.approx(row["batch"] * row["C"] * row["H"] ** 2 * 4 / 1e6)
+        assert all(row[f"{name}_ms"] > 0 for name in ("aten_to_channels_last", "compiled_to_nchw", "clone"))
+        assert all(ratio > 0 for ratio in row["paired"].values())
+    assert [(r["C"], r["batch"]) for r in result["layers"]] == [(32, 1), (128, 1), (32, 4), (128, 4)]
+    for row in result["layers"]:
+        for pass_name in ("forward", "forward_backward"):
+            assert row[f"ours_compiled_conversions_max_relative_difference_{pass_name}"] < 1e-5
+            assert set(row[f"paired_{pass_name}"]) == {
+                "ours/ours_compiled_conversions", "torch_nchw/ours_compiled_conversions",
+                "torch_channels_last_converted/ours_compiled_conversions",
+                "compiled_nchw/ours_compiled_conversions", "compiled_nchw/ours",
+            }  # fmt: skip
+            assert all(ratio > 0 for ratio in row[f"paired_{pass_name}"].values())
+        # both settings decided their own plans (a pass with nothing to decide has none)
+        assert set(row["plans_aten"]) <= {"forward", "forward_backward"} and row["plans_aten"]
+        assert set(row["plans_compiled"]) <= {"forward", "forward_backward"} and row["plans_compiled"]
+    equal = sum(r["equal_to_aten"] for r in result["conversions"])
+    assert result["summary"][0] == f"conversions equal to ATen's: {equal} of 4"
+    assert (tmp_path / "cpu_conversions_quick.png").stat().st_size > 0

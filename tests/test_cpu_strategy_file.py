@@ -18,12 +18,13 @@ pytestmark = pytest.mark.usefixtures("fresh_cpu_strategy_cache")  # tests/confte
 
 
 def layers_and_inputs() -> list[tuple[torch.nn.Module, torch.Tensor, bool]]:
-    """(layer, input, training): a 2-d training step whose 5x5 depthwise conv decides its backward too, a 3-d
-    inference call, and a depthwise layer alone in float32."""
+    """(layer, input, training): a 2-d training step whose 5x5 depthwise conv decides its backward too (40 outputs:
+    no dense plan, which could win the step without a depthwise conv, to time), a 3-d inference call, and a
+    depthwise layer alone in float32."""
     torch.manual_seed(0)
     return [
         (
-            sepconv.SeparableConv2d(3, 4, 5, padding=2, dtype=torch.float64),
+            sepconv.SeparableConv2d(3, 40, 5, padding=2, dtype=torch.float64),
             torch.randn(2, 3, 12, 12, dtype=torch.float64),
             True,
         ),

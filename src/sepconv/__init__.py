@@ -13,6 +13,7 @@ from sepconv.analyze import Report, analyze
 from sepconv.convert import ConversionReport, convert
 from sepconv.cost import Comparison, Cost, compare, cost
 from sepconv.cpu_allocator import freed_memory_kept, huge_pages_in_use, keep_freed_memory
+from sepconv.cpu_conversions import compiled_conversions_in_use, use_compiled_conversions
 from sepconv.cpu_layout import run_channels_last
 from sepconv.cpu_strategy import (
     clear_cpu_strategy_cache,
@@ -59,6 +60,7 @@ __all__ = [
     "analyze",
     "clear_cpu_strategy_cache",
     "compare",
+    "compiled_conversions_in_use",
     "convert",
     "cost",
     "cpu_strategy_decisions",
@@ -77,5 +79,6 @@ __all__ = [
     "save_cpu_strategy_decisions",
     "set_cpu_strategy",
     "tune_cpu_strategy",
+    "use_compiled_conversions",
     "use_cpu_strategy",
 ]

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from sepconv import cpu_conversions
+
 __all__ = ["CHANNELS_LAST_FORMATS", "in_channels_last", "map_tensors", "run_channels_last"]
 
 CHANNELS_LAST_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}  # by tensor dimension
@@ -32,7 +34,8 @@ def in_channels_last(forward: Callable[[Tensor], Tensor], input: Tensor) -> Tens
     backwards of mixed layouts are slow (ReLU's backward in small_resnet, profiled: 4 -> 15 ms per step)."""
     memory_format = CHANNELS_LAST_FORMATS[input.dim()]
     if not torch.is_grad_enabled():
-        return forward(input.contiguous(memory_format=memory_format)).contiguous()
+        output = forward(cpu_conversions.to_memory_format(input, memory_format))
+        return cpu_conversions.to_memory_format(output, torch.contiguous_format)
     return _Relayout.apply(forward(_Relayout.apply(input, memory_format)), torch.contiguous_format)
 
 
@@ -42,11 +45,13 @@ class _Relayout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: Tensor, memory_format: torch.memory_format) -> Tensor:  # type: ignore[override]
         ctx.source_format = torch.contiguous_format if t.is_contiguous() else CHANNELS_LAST_FORMATS.get(t.dim())
-        return t.contiguous(memory_format=memory_format)
+        return cpu_conversions.to_memory_format(t, memory_format)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
-        return (grad if ctx.source_format is None else grad.contiguous(memory_format=ctx.source_format)), None
+        if ctx.source_format is None:
+            return grad, None
+        return cpu_conversions.to_memory_format(grad, ctx.source_format), None
 
 
 def run_channels_last(model: nn.Module) -> nn.Module:
@@ -125,11 +130,12 @@ def _channels_last_args(module: nn.Module, args: tuple) -> tuple | None:
 
 
 def _to_channels_last(t: Tensor) -> Tensor:
-    return t.contiguous(memory_format=CHANNELS_LAST_FORMATS[t.dim()]) if t.dim() in CHANNELS_LAST_FORMATS else t
+    memory_format = CHANNELS_LAST_FORMATS.get(t.dim())
+    return t if memory_format is None else cpu_conversions.to_memory_format(t, memory_format)
 
 
 def _to_contiguous(t: Tensor) -> Tensor:
-    return t.contiguous() if t.dim() in CHANNELS_LAST_FORMATS else t
+    return cpu_conversions.to_memory_format(t, torch.contiguous_format) if t.dim() in CHANNELS_LAST_FORMATS else t
 
 
 def map_tensors(value: object, fn: Callable[[Tensor], Tensor]) -> object:

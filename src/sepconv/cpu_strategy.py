@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
-from sepconv import cpu_allocator, cpu_backward, cpu_layout, cpu_pointwise, cpu_timing
+from sepconv import cpu_allocator, cpu_backward, cpu_conversions, cpu_layout, cpu_pointwise, cpu_timing
 
 __all__ = [
     "Measurement",
@@ -182,15 +182,18 @@ def clear_cpu_strategy_cache() -> None:
 
 
 FREED_MEMORY_KEPT = "freed memory kept"
+COMPILED_CONVERSIONS = "compiled conversions"
 HUGE_PAGES = "huge pages"
 
 
 def _regime() -> tuple[str, ...]:
     """The allocator regime this process runs in, by name: () for glibc's defaults, else :data:`FREED_MEMORY_KEPT`
     once :func:`sepconv.keep_freed_memory` applied and :data:`HUGE_PAGES` where PyTorch's large tensors get them
-    (:func:`sepconv.huge_pages_in_use`)."""
+    (:func:`sepconv.huge_pages_in_use`), and :data:`COMPILED_CONVERSIONS` while layouts are converted by compiled
+    kernels (:func:`sepconv.cpu_conversions.use_compiled_conversions`)."""
     kept, huge = cpu_allocator.freed_memory_kept(), cpu_allocator.huge_pages_in_use()
-    return (FREED_MEMORY_KEPT,) * kept + (HUGE_PAGES,) * huge
+    compiled = cpu_conversions.compiled_conversions_in_use()
+    return (FREED_MEMORY_KEPT,) * kept + (HUGE_PAGES,) * huge + (COMPILED_CONVERSIONS,) * compiled
 
 
 def _runtime() -> int | tuple[int | str, ...]:
@@ -523,7 +526,7 @@ def run(
     training = torch.is_grad_enabled() and (input.requires_grad or _any_trainable(layer))
     threads = torch.get_num_threads()
     key = (mode, input.shape, input.stride(), input.dtype, training, batch_independent, dense is not None, threads)
-    key += (product is not None,)
+    key += (product is not None, cpu_conversions._in_use)  # the conversions setting: a plan was timed with them
     memo = layer.__dict__.get("_sepconv_cpu_plans")
     if memo is None or memo[0] != _generation:
         memo = layer.__dict__["_sepconv_cpu_plans"] = (_generation, {})
@@ -688,7 +691,7 @@ def _in_chunks(forward: Callable[..., Tensor], input: Tensor, chunk: int, *, wri
         return torch.cat([run(part) for part in input.split(chunk)])
     output = None
     for start in range(0, input.shape[0], chunk):
-        part = input[start : start + chunk].contiguous(memory_format=memory_format)
+        part = cpu_conversions.to_memory_format(input[start : start + chunk], memory_format)
         if writes_into and output is not None:
             forward(part, out=output[start : start + chunk])
             continue
@@ -696,7 +699,7 @@ def _in_chunks(forward: Callable[..., Tensor], input: Tensor, chunk: int, *, wri
         if output is None:
             layout = torch.contiguous_format if converts else memory_format
             output = torch.empty((input.shape[0], *part.shape[1:]), dtype=part.dtype, memory_format=layout)
-        output[start : start + chunk].copy_(part)  # converted back while the chunk is in cache
+        cpu_conversions.copy_into(output[start : start + chunk], part)  # converted back while the chunk is in cache
     assert output is not None
     return output
 

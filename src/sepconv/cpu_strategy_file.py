@@ -107,7 +107,7 @@ def _warn_of_other_regime(path: PathLike, sections: dict[str, dict]) -> None:
             f"{others.total()} of the {len(keys)} decisions in {path} were measured in another allocator regime than "
             f"this process's ({_regime_name(current)}): {theirs}. They apply only in processes of their regime "
             "(sepconv.keep_freed_memory() before the first tensor: freed memory kept, and huge pages where the "
-            "kernel allows them)",
+            "kernel allows them; sepconv.cpu_conversions.use_compiled_conversions(): compiled conversions)",
             stacklevel=3,
         )
 
