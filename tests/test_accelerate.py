@@ -337,7 +337,8 @@ def test_chain_without_mid_norm_trains_fused_with_its_output_norm_kept():
     assert [(c.kind, c.replaced, c.activation, c.batch_norms) for c in changes] == [
         ("fused separable", ("0", "1", "2", "3"), "relu", ("3",))
     ]
-    assert len(fast) == 1 and isinstance(fast[0], FusedSeparableConv2d) and isinstance(fast[0].out_norm, nn.BatchNorm2d)
+    assert isinstance(fast[0], FusedSeparableConv2d) and isinstance(fast[0].out_norm, nn.BatchNorm2d)
+    assert [type(m) for m in fast[1:]] == [nn.Identity] * 3  # the Sequential keeps its length
     _, on_torch = accelerate(block, backend="auto")
     assert [c.replaced for c in on_torch] == [("0", "1", "2")]  # auto: the norm stays after the fused part
     x = torch.randn(3, 4, 9, 9, dtype=torch.float64, requires_grad=True)
@@ -429,7 +430,8 @@ def test_a_conv_and_the_eval_batch_norm_after_it_become_one_conv(cfg: ConvConfig
     else:
         kind = "depthwise" if depthwise else "folded conv"
         assert [(c.kind, c.replaced, c.folded_norms) for c in changes] == [(kind, ("0", "1"), ("1",))]
-        assert count(fast, norm_class) == 0 and len(fast) == 2 and fast[0].bias.requires_grad
+        assert count(fast, norm_class) == 0 and fast[0].bias.requires_grad
+        assert [type(m) for m in fast[1:]] == [nn.Identity, nn.ReLU]  # the Sequential keeps its length
     routed = (sepconv.DepthwiseConv1d, sepconv.DepthwiseConv2d, sepconv.DepthwiseConv3d)[cfg.ndim - 1]
     assert (type(fast[0]) is routed) == depthwise
     shape = (2, *cfg.input_shape[1:])  # a training-mode norm needs two values per channel
@@ -808,7 +810,7 @@ def test_conv2d_same_chains_fuse_and_keep_their_run_time_padding(
             ("folded conv", ("0", "1")),
             ("fused separable", ("2", "3", "4", "5", "6")),
         ]
-        assert type(fast[0]) is Conv2dSame and fast[1].padding == "same"
+        assert type(fast[0]) is Conv2dSame and fast[2].padding == "same"  # indices kept: identities in between
         with torch.no_grad():
             torch.testing.assert_close(fast(x), want)
 

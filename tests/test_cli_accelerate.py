@@ -168,3 +168,30 @@ def test_relative_difference_compares_every_output() -> None:
     fast = _TwoOutputs(aux_scale=1.5).eval()
     fast.load_state_dict(model.state_dict())
     assert relative_difference(model, fast, (2, 3, 8, 8), seed=0) == pytest.approx(0.5)
+
+
+def test_skipped_changes_carry_their_reason_in_the_table_and_the_json() -> None:
+    """A chain whose 1x1 conv has a hook is left as it is (the hook must see its module's call): the change is
+    listed as skipped, with the reason, in the JSON record and in a table column of its own."""
+    from rich.console import Console
+
+    from sepconv.commands.accelerate import change_record, changes_table
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 1),
+        torch.nn.BatchNorm2d(16),
+    ).eval()
+    model[3].register_forward_hook(lambda module, args, output: None)
+    _, changes = accelerate(model)
+    skipped = [change for change in changes if change.kind == "skipped"]
+    assert skipped and all("has hooks" in (change.reason or "") for change in skipped)
+    records = [change_record(change) for change in changes]
+    assert [r["reason"] for r in records if r["kind"] == "skipped"] == [c.reason for c in skipped]
+    assert all(r["reason"] is None for r in records if r["kind"] != "skipped")
+    console = Console(width=250, record=True)
+    console.print(changes_table(changes, "hooked"))
+    text = console.export_text()
+    assert f"{len(skipped)} skipped" in text and "reason" in text and "has hooks" in text

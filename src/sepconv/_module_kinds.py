@@ -117,3 +117,11 @@ def batch_statistics_norm(module: nn.Module | None, channels: int) -> tuple[nn.M
 def no_op(module: nn.Module | None) -> bool:
     """Absent, ``nn.Identity`` or a dropout of probability 0: nothing to run between the convs."""
     return module is None or type(module) is nn.Identity or (type(module) is nn.Dropout and module.p == 0)
+
+
+def has_hooks(module: nn.Module | None) -> bool:
+    """Whether ``module`` has forward, forward-pre or backward hooks of its own (global hooks see every call alike):
+    replaced or absorbed, it would no longer be called and its hooks would never fire."""
+    return module is not None and bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )

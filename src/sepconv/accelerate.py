@@ -44,15 +44,32 @@ DepthwiseConv3d: chains are fused in 2-d only, norms folded in any). Modules of 
 own (a user's blocks, which run their attributes as ``self.bn(self.conv(x))``) are traced with torch.fx, their
 submodules as leaves: children the forward runs one after the other, each called once, each output used by the next
 alone, are rewritten as a Sequential's are, in place (the first becomes the replacement, the others ``nn.Identity``); a
-forward that cannot be traced (control flow on tensor values) is left to the other rules. Every other conv followed by
+forward that cannot be traced (control flow on tensor values) is left to the other rules. A trace sees one call path:
+where the forward has arguments with defaults, it is traced with them fixed and with them as inputs, and only what
+runs one after the other in both traces is rewritten (a forward that branches on them, ``return f if features else
+self.bn(f)``, cannot be traced with them as inputs: its runs are left, listed as skipped). Children that methods of
+the class besides those forward ran use as values (``def features(self, x): return self.conv(x)``: a method with an
+input) are kept as they are, listed as skipped. What is not seen: a module reached otherwise (``getattr(self,
+name)``, a function outside the class, the caller's code: ``model.conv(x)``) runs as rewritten, here a conv with its
+norm folded in; call such a model through its forward. Every other conv followed by
 an eval-mode BatchNorm (in a Sequential, as the attributes the modules of :data:`sepconv._block_tables.CONV_NORMS` run:
 timm's stems, expanding 1x1 convs, last convs and ResNet blocks, torchvision's ResNet, GoogLeNet and Inception blocks,
 or in a traced forward) becomes one ``nn.Conv2d`` with that norm folded into its weights (kind ``"folded conv"``; a
 ``BatchNormAct2d`` leaves its activation behind): those norms read and wrote the largest activations (the CPU gain:
-README, ``benchmarks/cpu_torchvision.py``). A module the model runs from more than one place (shared weights) is left as
-it is, and so are the norms after it. The input model is not modified; a Sequential that is rewritten comes back flat,
-so its state_dict keys change (``conv.1.0.weight`` -> ``conv.1_0.weight``): the result is for running, keep checkpoints
-of the original.
+README, ``benchmarks/cpu_torchvision.py``). A module the model runs from more than one place (shared weights), or
+holds outside its submodules (``self.ops = [self.conv]``: that reference would still call the old module), is left as
+it is, and so are the norms after it. Modules with hooks of their own (forward, forward-pre, backward) are left as
+they are, with the chain or norm they would have joined, and so are the runs across a hooked Sequential's edge (its
+output or input would change); each is listed as a change of kind ``"skipped"`` with its ``reason``. New parameters
+require grad where a parameter they are made of does (a frozen model stays frozen).
+
+Every Sequential keeps its length and indices, so code that indexes or slices one at the edges of what was replaced
+(``features[:4]``, torchvision's and timm's blocks) runs as before: a chain's replacement sits where its first module
+was, ``nn.Identity`` where the others were, inside each nested Sequential (a part of a chain run alone, a slice that
+ends inside it or a nested Sequential it runs out of, computes all of the chain or none of it); a ``SeparableConv2d``
+with a part replaced becomes a Sequential of its parts (same names). The input model is not modified; the replacements'
+parameters have names of their own (``FusedSeparableConv2d``'s ``dw_weight`` ...), so state_dict keys change: the result
+is for running, keep checkpoints of the original.
 
 >>> import torch
 >>> from torch import nn
@@ -81,6 +98,7 @@ from sepconv._module_kinds import (
     batch_statistics_norm,
     conv_dims,
     conv_padding,
+    has_hooks,
     is_depthwise,
     is_plain_sequential,
     is_pointwise,
@@ -89,7 +107,7 @@ from sepconv._module_kinds import (
     norm_and_activation,
     plain_conv,
 )
-from sepconv._traced_runs import linear_runs, traced_graph
+from sepconv._traced_runs import called_elsewhere, defaulted_arguments, linear_runs, traced_graph
 from sepconv.dispatch import backend_arg, batch_norm_2d, fused_activation
 from sepconv.folding import foldable_norm
 from sepconv.fused_separable import FusedSeparableConv2d
@@ -103,13 +121,16 @@ __all__ = ["Acceleration", "FusedSeparableConv2d", "accelerate"]
 class Acceleration:
     """One change: the modules at ``replaced`` (paths in the input model) became one ``kind`` module."""
 
-    kind: str  # "fused separable" | "depthwise" | "folded conv" (another conv with the eval-mode BatchNorm after it)
+    # "fused separable" | "depthwise" | "folded conv" (another conv with the eval-mode BatchNorm after it) | "skipped"
+    # (modules that would have been replaced, left as they are: ``reason`` says why)
+    kind: str
     replaced: tuple[str, ...]
     folded_norms: tuple[str, ...]
     activation: str | None
     # norms between the convs kept as modules (training mode: their batch statistics are folded in on each call)
     batch_norms: tuple[str, ...] = ()
     excitation: str | None = None  # a squeeze-excitation between the activation and the 1x1 conv, kept as a module
+    reason: str | None = None  # why a "skipped" change was not made
 
 
 def accelerate(model: nn.Module, *, backend: str = "auto") -> tuple[nn.Module, list[Acceleration]]:
@@ -119,11 +140,21 @@ def accelerate(model: nn.Module, *, backend: str = "auto") -> tuple[nn.Module, l
     ``backend`` is given to every module it creates: ``"auto"`` (our kernels only where they measured
     faster, see :mod:`sepconv.dispatch`), ``"triton"`` (always; fused chains) or ``"torch"``.
     A module the model runs from more than one place (shared weights) is left as it is.
+
+    >>> accelerate(None)
+    Traceback (most recent call last):
+    TypeError: accelerate's model must be an nn.Module (a torch model), got None
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"accelerate's model must be an nn.Module (a torch model), got {model!r:.80}")
     backend_arg(backend, 2)
     model = copy.deepcopy(model)
     reached = Counter(id(module) for _, module in model.named_modules(remove_duplicate=False))
-    surgery = _Surgery(backend, frozenset(key for key, times in reached.items() if times > 1))
+    shared = {key for key, times in reached.items() if times > 1} | _held_outside(model)
+    surgery = _Surgery(backend, frozenset(shared))
+    if has_hooks(model) and (isinstance(model, SeparableConv2d) or is_depthwise(model)):
+        surgery.skip(("",), ("",))
+        return model, surgery.changes
     if is_plain_sequential(model) or isinstance(model, SeparableConv2d):
         return _rewrite_sequence(model, "", surgery), surgery.changes
     if is_depthwise(model):
@@ -147,6 +178,36 @@ class _Surgery:
 
     def replaceable(self, *modules: nn.Module | None) -> bool:
         return not any(id(module) in self.shared for module in modules if module is not None)
+
+    def skip(self, paths: tuple[str, ...], hooked: tuple[str, ...]) -> None:
+        """Record modules left as they are because those at ``hooked`` have hooks."""
+        self.changes.append(Acceleration("skipped", paths, (), None, reason=f"has hooks: {', '.join(hooked)}"))
+
+
+# nn.Module's own bookkeeping (parameters, buffers, submodules, hooks): every other attribute is the model's own
+_REGISTRIES = frozenset(vars(nn.Module()))
+
+
+def _held_outside(model: nn.Module) -> set[int]:
+    """Ids of the modules that ``model``'s modules hold outside their submodules (a plain attribute, or in a list,
+    tuple, set or dict, up to three levels deep): replaced, the holder would still call the old module."""
+    held: set[int] = set()
+
+    def scan(value: object, depth: int) -> None:
+        if isinstance(value, nn.Module):
+            held.add(id(value))
+        elif depth < 3 and isinstance(value, (list, tuple, set, frozenset)):
+            for item in value:
+                scan(item, depth + 1)
+        elif depth < 3 and isinstance(value, dict):
+            for item in value.values():
+                scan(item, depth + 1)
+
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in _REGISTRIES:
+                scan(value, 0)
+    return held
 
 
 def _join(prefix: str, name: str) -> str:
@@ -173,17 +234,20 @@ def _rewrite_children(module: nn.Module, prefix: str, surgery: _Surgery) -> None
         path = _join(prefix, name)
         if id(child) in surgery.created:
             continue
-        if not surgery.replaceable(child):
+        if is_plain_sequential(child):  # rewritten in place, shared or not (in a shared one nothing is replaceable)
+            _rewrite_sequence(child, path, surgery)
+            continue
+        if not surgery.replaceable(child) or not (isinstance(child, SeparableConv2d) or is_depthwise(child)):
             _rewrite_module(child, path, surgery)
             continue
-        if is_plain_sequential(child) or isinstance(child, SeparableConv2d):
+        if has_hooks(child):
+            surgery.skip((path,), (path,))
+            continue
+        if isinstance(child, SeparableConv2d):
             replacement = _rewrite_sequence(child, path, surgery)
-        elif is_depthwise(child):
+        else:
             replacement = depthwise_replacement(child, None, surgery.backend)
             surgery.changes.append(Acceleration("depthwise", (path,), (), None))
-        else:
-            _rewrite_module(child, path, surgery)
-            continue
         setattr(module, name, replacement)
 
 
@@ -191,98 +255,205 @@ def _rewrite_traced(module: nn.Module, path: str, surgery: _Surgery) -> None:
     """A module with a forward of its own, not torch's and not in our tables, with a conv among its children: the
     runs of children its forward calls one after the other (:func:`linear_runs`, from a torch.fx trace) are
     rewritten as a Sequential's are (fused chains, routed depthwise convs, convs with their eval-mode norm folded),
-    in place: the run's first child becomes the replacement, the others ``nn.Identity``."""
+    in place: the run's first child becomes the replacement, the others ``nn.Identity``. A forward with defaulted
+    arguments is traced twice (defaults fixed, and as inputs): only runs of both traces are rewritten; children that
+    other methods call (:func:`called_elsewhere`) are kept; what is left so is listed as skipped."""
     containers = [c for c in module.children() if isinstance(c, (nn.ModuleList, nn.ModuleDict))]
     children = [*module.children(), *(m for container in containers for m in container.children())]
     if type(module).__module__.split(".")[0] == "torch" or not any(plain_conv(c) for c in children):
         return
-    graph = traced_graph(module)
+    ran: set = set()
+    graph = traced_graph(module, ran=ran)
     if graph is None:
         return
-    for run in linear_runs(graph, module):
-        leaves = [(_join(path, name), module.get_submodule(name)) for name in run]
-        for start, count, replacements in _replacements(leaves, surgery):
-            for k, name in enumerate(run[start : start + count] if replacements is not None else ()):
-                replacement = replacements[k] if k < len(replacements) else nn.Identity()
-                _set_part(module, name, replacement)
-                surgery.created.add(id(replacement))
-
-
-def _leaves(module: nn.Module, path: str) -> Iterator[tuple[str, nn.Module]]:
-    """The modules a plain Sequential (or our SeparableConv2d) runs, in order, nested ones flattened."""
-    if isinstance(module, SeparableConv2d):
-        for name in ("depthwise", "mid_norm", "mid_activation", "pointwise"):
-            part = getattr(module, name)
-            if part is not None:
-                yield _join(path, name), part
+    defaulted = defaulted_arguments(module)
+    general = traced_graph(module, fix_defaults=False, ran=ran) if defaulted else graph
+    elsewhere = called_elsewhere(module, ran)  # children other methods call: kept as they are
+    runs = [] if general is None else _split(linear_runs(graph, module, general), elsewhere)
+    made = len(surgery.changes)
+    for run in runs:
+        _rewrite_run(module, path, run, surgery)
+    if runs == linear_runs(graph, module):
         return
-    for name, child in module._modules.items():  # as Sequential.forward runs them: a module twice included
-        if child is None:
+    # what the defaults' trace alone would have rewritten, listed as skipped with the reason
+    done = {change.replaced for change in surgery.changes[made:]}
+    dry = _Surgery(surgery.backend, surgery.shared)
+    for run in linear_runs(graph, module):
+        list(_replacements([(_join(path, name), module.get_submodule(name)) for name in run], dry))
+    for change in dry.changes:
+        if change.kind == "skipped" or change.replaced in done:
             continue
-        if is_plain_sequential(child) or isinstance(child, SeparableConv2d):
-            yield from _leaves(child, _join(path, name))
+        names = {name[len(path) :].lstrip(".").split(".")[0] for name in change.replaced}
+        methods = sorted({method for name in names for method in elsewhere.get(name, ())})
+        if methods:
+            reason = f"methods besides forward call them ({', '.join(methods)})"
         else:
-            yield _join(path, name), child
+            reason = (
+                f"its forward may run these otherwise when its defaulted arguments ({', '.join(defaulted)}) are given"
+            )
+        surgery.changes.append(Acceleration("skipped", change.replaced, (), None, reason=reason))
+
+
+def _split(runs: list[list[str]], kept: dict[str, list[str]]) -> list[list[str]]:
+    """``runs`` without the children named in ``kept`` (dotted names by their first part), cut where they were."""
+    parts: list[list[str]] = []
+    for run in runs:
+        part: list[str] = []
+        for name in run:
+            if name.split(".")[0] in kept:
+                parts, part = parts + ([part] if part else []), []
+            else:
+                part.append(name)
+        parts += [part] if part else []
+    return parts
+
+
+def _rewrite_run(module: nn.Module, path: str, run: list[str], surgery: _Surgery) -> None:
+    """The children at ``run`` (names in ``module``), which its forward runs one after the other, rewritten."""
+    leaves = [(_join(path, name), module.get_submodule(name)) for name in run]
+    for start, count, replacements in _replacements(leaves, surgery):
+        for k, name in enumerate(run[start : start + count] if replacements is not None else ()):
+            replacement = replacements[k] if k < len(replacements) else nn.Identity()
+            _set_part(module, name, replacement)
+            surgery.created.add(id(replacement))
+
+
+# a leaf's place: (container, the name it holds the next one by, the container's path) from the rewritten one down
+_Trail = tuple[tuple[nn.Module, str, str], ...]
+_SEPARABLE_PARTS = ("depthwise", "mid_norm", "mid_activation", "pointwise")
+
+
+def _leaves(
+    module: nn.Module, path: str, surgery: _Surgery, trail: _Trail = ()
+) -> Iterator[tuple[str, nn.Module, _Trail]]:
+    """The modules a plain Sequential (or our SeparableConv2d) runs, in order, nested ones entered (a
+    SeparableConv2d unless shared or hooked: one with a part replaced becomes a Sequential), each with its trail."""
+    if isinstance(module, SeparableConv2d):
+        names = [name for name in _SEPARABLE_PARTS if module._modules.get(name) is not None]
+    else:  # as Sequential.forward runs them: a module twice included
+        names = [name for name, child in module._modules.items() if child is not None]
+    for name in names:
+        child, child_path, step = module._modules[name], _join(path, name), (*trail, (module, name, path))
+        separable = isinstance(child, SeparableConv2d) and surgery.replaceable(child)
+        if separable and has_hooks(child):  # its parts replaced, it would be a Sequential without its hooks
+            surgery.skip((child_path,), (child_path,))
+        if is_plain_sequential(child) or (separable and not has_hooks(child)):
+            yield from _leaves(child, child_path, surgery, step)
+        else:
+            yield child_path, child, step
 
 
 def _rewrite_sequence(module: nn.Module, path: str, surgery: _Surgery) -> nn.Module:
-    leaves = list(_leaves(module, path))
-    rebuilt: list[tuple[str, nn.Module]] = []
-    changed = False
-    for start, _, replacements in _replacements(leaves, surgery):
-        if replacements is None:
-            leaf_path, leaf = leaves[start]
-            _rewrite_module(leaf, leaf_path, surgery)
-            rebuilt.append((leaf_path, leaf))
-            continue
-        changed = True
-        rebuilt += [(leaves[start + k][0], replacement) for k, replacement in enumerate(replacements)]
-    if not changed:
+    """A plain Sequential (or our SeparableConv2d) and those nested in it rewritten in place, each keeping its
+    length and indices: a run's replacements where its first modules were, ``nn.Identity`` where the others were.
+    Returns ``module``, or for a SeparableConv2d with a part replaced the Sequential of its parts to put there."""
+    if id(module) in surgery.visited:
         return module
-    sequence = nn.Sequential(OrderedDict((p[len(path) :].lstrip(".").replace(".", "_"), m) for p, m in rebuilt))
-    sequence.training = module.training  # this module's flag only: the children keep theirs
-    return sequence
+    surgery.visited.add(id(module))
+    found = list(_leaves(module, path, surgery))
+    leaves, trails = [(p, m) for p, m, _ in found], [t for _, _, t in found]
+    sequences: dict[int, nn.Module] = {}  # SeparableConv2d -> the Sequential of its parts now in its place
+    for start, count, replacements in _replacements(leaves, surgery, trails):
+        if replacements is None:
+            _rewrite_module(leaves[start][1], leaves[start][0], surgery)
+            continue
+        for k in range(count):
+            trail = trails[start + k]
+            replacement = replacements[k] if k < len(replacements) else nn.Identity()
+            _container(trail, len(trail) - 1, sequences)._modules[trail[-1][1]] = replacement
+    return sequences.get(id(module), module)
+
+
+def _container(trail: _Trail, depth: int, sequences: dict[int, nn.Module]) -> nn.Module:
+    """The container at ``depth`` of ``trail``, to put a replacement in: a SeparableConv2d becomes (once) a plain
+    Sequential of its parts, put in its own container's place (its forward would call the parts' own methods)."""
+    container = trail[depth][0]
+    if not isinstance(container, SeparableConv2d):
+        return container
+    if id(container) not in sequences:
+        parts = ((name, container._modules.get(name)) for name in _SEPARABLE_PARTS)
+        sequence = nn.Sequential(OrderedDict((name, part) for name, part in parts if part is not None))
+        sequence.training = container.training  # this module's flag only: the parts keep theirs
+        sequences[id(container)] = sequence
+        if depth:
+            _container(trail, depth - 1, sequences)._modules[trail[depth - 1][1]] = sequence
+    return sequences[id(container)]
+
+
+def _hooked(
+    leaves: list[tuple[str, nn.Module]], trails: list[_Trail] | None, start: int, end: int, kept: str | None = None
+) -> tuple[str, ...]:
+    """Paths of the modules with hooks that replacing ``leaves[start:end]`` would no longer call, or would call on
+    other values: those leaves (not ``kept``: a squeeze-excitation the fused module calls) and the containers (of
+    ``trails``) holding some of them but not all; a container holding them all computes as before."""
+    hooked = [leaf_path for leaf_path, leaf in leaves[start:end] if leaf_path != kept and has_hooks(leaf)]
+    if trails is not None:
+        run = trails[start:end]
+        common = 0
+        while all(len(t) > common and t[common][0] is run[0][common][0] for t in run):
+            common += 1
+        containers = {t[d][2]: t[d][0] for t in run for d in range(common, len(t))}
+        hooked += [container_path for container_path, container in containers.items() if has_hooks(container)]
+    return tuple(hooked)
 
 
 def _replacements(
-    leaves: list[tuple[str, nn.Module]], surgery: _Surgery
+    leaves: list[tuple[str, nn.Module]], surgery: _Surgery, trails: list[_Trail] | None = None
 ) -> Iterator[tuple[int, int, list[nn.Module] | None]]:
-    """What modules run one after the other (``leaves``: paths and modules, in order) become: (start, count,
-    replacements) for each run of ``count`` leaves from ``start`` replaced by the modules ``replacements`` (at most
-    ``count``, in the places of the first ones: a fused chain; a routed depthwise conv with the eval-mode norm after
-    it folded in; another conv with its norm folded; a timm ``BatchNormAct2d`` folded leaves its activation in its
-    place; each change recorded in ``surgery``), and (start, 1, None) for a leaf left as it is."""
+    """What modules run one after the other (``leaves``: paths and modules, in order; ``trails``: their containers,
+    for :func:`_hooked`) become: (start, count, replacements) for each run of ``count`` leaves from ``start``
+    replaced by the modules ``replacements`` (at most ``count``, in the places of the first ones: a fused chain; a
+    routed depthwise conv with the eval-mode norm after it folded in; another conv with its norm folded; a timm
+    ``BatchNormAct2d`` folded leaves its activation in its place; each change recorded in ``surgery``), and
+    (start, 1, None) for a leaf left as it is. Where hooks stop the largest change from a leaf, a smaller one is
+    tried and the largest is recorded as skipped."""
     i = 0
     while i < len(leaves):
+        blocked = None  # (paths, hooked paths) of the largest change that hooks stopped here
         chain = _match_chain(leaves, i, surgery.backend)
         if chain is not None and surgery.replaceable(*(module for _, module in leaves[i : chain[0]])):
             end, fused, change = chain
-            fused.backend = surgery.backend
-            surgery.changes.append(change)
-            yield i, end - i, [fused]
-            i = end
-            continue
+            hooked = _hooked(leaves, trails, i, end, change.excitation)
+            if not hooked:
+                fused.backend = surgery.backend
+                surgery.changes.append(change)
+                yield i, end - i, [fused]
+                i = end
+                continue
+            blocked = (change.replaced, hooked)
         leaf_path, leaf = leaves[i]
         follower = leaves[i + 1] if i + 1 < len(leaves) else None
         dims = conv_dims(leaf) if plain_conv(leaf) else 2
         folds = None if follower is None else norm_and_activation(follower[1], getattr(leaf, "out_channels", 0), dims)
         if folds is None or folds[0] is None or not surgery.replaceable(follower[1], folds[1]):
             folds = None
+        if folds is not None and (plain_conv(leaf) and surgery.replaceable(leaf)):
+            hooked = _hooked(leaves, trails, i, i + 2)
+            if hooked:
+                blocked, folds = blocked or ((leaf_path, follower[0]), hooked), None
         norm = None if folds is None else folds[0]
         after = [] if folds is None or folds[1] is None else [folds[1]]  # a BatchNormAct2d's activation
         folded = () if folds is None else (follower[0],)
+        changed = None
         if is_depthwise(leaf) and surgery.replaceable(leaf):
-            surgery.changes.append(Acceleration("depthwise", (leaf_path, *folded), folded, None))
-            yield i, 1 + len(folded), [depthwise_replacement(leaf, norm, surgery.backend), *after]
-            i += 1 + len(folded)
+            hooked = _hooked(leaves, trails, i, i + 1)
+            if hooked:
+                blocked = blocked or ((leaf_path,), hooked)
+            else:
+                changed = Acceleration("depthwise", (leaf_path, *folded), folded, None)
+                replacements = [depthwise_replacement(leaf, norm, surgery.backend), *after]
+        elif plain_conv(leaf) and norm is not None and surgery.replaceable(leaf):
+            changed = Acceleration("folded conv", (leaf_path, *folded), folded, None)
+            replacements = [folded_conv(leaf, norm), *after]
+        if blocked is not None:
+            surgery.skip(*blocked)
+        if changed is None:
+            yield i, 1, None
+            i += 1
             continue
-        if plain_conv(leaf) and norm is not None and surgery.replaceable(leaf):
-            surgery.changes.append(Acceleration("folded conv", (leaf_path, *folded), folded, None))
-            yield i, 2, [folded_conv(leaf, norm), *after]
-            i += 2
-            continue
-        yield i, 1, None
-        i += 1
+        surgery.changes.append(changed)
+        yield i, len(changed.replaced), replacements
+        i += len(changed.replaced)
 
 
 def _match_chain(leaves: list[tuple[str, nn.Module]], start: int, backend: str):
@@ -351,11 +522,17 @@ def _fold_attribute_convs(module: nn.Module, path: str, surgery: _Surgery) -> No
             continue
         if mixed_conv(conv) and not surgery.replaceable(*conv.children()):
             continue
+        conv_path, norm_path = _join(path, conv_name), _join(path, norm_name)
+        parts = [(conv_path, conv), (norm_path, norm), (_join(path, conv_name.rpartition(".")[0]), sequence)]
+        parts += [(_join(conv_path, name), part) for name, part in conv.named_children()]  # a MixedConv2d's convs
+        hooked = tuple(part_path for part_path, part in parts if has_hooks(part))
+        if hooked:
+            surgery.skip((conv_path, norm_path), hooked)
+            continue
         folder = folded_mixed_conv if mixed_conv(conv) else folded_conv
         _set_part(module, conv_name, folder(conv, folds[0]))
         setattr(module, norm_name, nn.Identity() if folds[1] is None else folds[1])
-        norm_path = _join(path, norm_name)
-        surgery.changes.append(Acceleration("folded conv", (_join(path, conv_name), norm_path), (norm_path,), None))
+        surgery.changes.append(Acceleration("folded conv", (conv_path, norm_path), (norm_path,), None))
 
 
 def _rewrite_timm_block(block: nn.Module, path: str, surgery: _Surgery) -> None:
@@ -402,6 +579,12 @@ def _rewrite_timm_chain(block: nn.Module, path: str, chain: Chain, surgery: _Sur
     parents = [part(name.rpartition(".")[0]) for name in names if name is not None and "." in name]
     if not surgery.replaceable(block, *parents, *(part(name) for name in names), se):
         return
+    # the modules it would absorb, and those holding them (their output would change): a squeeze-excitation is kept
+    hooked = tuple(
+        _join(path, name)
+        for name in {*(n for n in names if n is not None), *(n.rpartition(".")[0] for n in names if n and "." in n)}
+        if has_hooks(part(name))
+    )
     others = [part(n) for n in identities] + ([part(se_name)] if se is None and se_name is not None else [])
     if not is_pointwise(pw, dw.out_channels) or not all(no_op(module) for module in others):
         return
@@ -412,6 +595,9 @@ def _rewrite_timm_chain(block: nn.Module, path: str, chain: Chain, surgery: _Sur
         return
     activation = norm1[1] if norm1[1] is not None else act1
     if activation is not None and fused_activation(activation) is None:
+        return
+    if hooked:
+        surgery.skip(tuple(_join(path, name) for name in names if name is not None), tuple(sorted(hooked)))
         return
     # the 1x1 conv's norm: folded (eval) or kept (training, triton); the activation it applies stays in its place
     norm2 = norm_and_activation(part(norm2_name), pw.out_channels)

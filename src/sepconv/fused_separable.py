@@ -72,10 +72,11 @@ class FusedSeparableConv2d(nn.Module):
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
-        self.dw_weight = nn.Parameter(dw_weight.detach().clone())
-        self.dw_bias = None if dw_bias is None else nn.Parameter(dw_bias.detach().clone())
-        self.pw_weight = nn.Parameter(pw_weight.detach().clone())
-        self.pw_bias = None if pw_bias is None else nn.Parameter(pw_bias.detach().clone())
+        # each parameter as trainable as the tensor given (a frozen model's stays frozen)
+        self.dw_weight = _parameter(dw_weight)
+        self.dw_bias = None if dw_bias is None else _parameter(dw_bias)
+        self.pw_weight = _parameter(pw_weight)
+        self.pw_bias = None if pw_bias is None else _parameter(pw_bias)
         self.stride, self.padding, self.dilation = tuple(stride), padding, tuple(dilation)
         self.mid_activation = mid_activation
         self.backend = backend_arg(backend, 2)
@@ -141,6 +142,10 @@ class FusedSeparableConv2d(nn.Module):
             f"stride={self.stride}, padding={self.padding!r}, dilation={self.dilation}, "
             f"mid_activation={self.mid_activation!r}, backend={self.backend!r}"
         )
+
+
+def _parameter(tensor: Tensor) -> nn.Parameter:
+    return nn.Parameter(tensor.detach().clone(), requires_grad=tensor.requires_grad)
 
 
 def _depthwise_torch(x: Tensor, weight, bias, stride, padding, dilation, groups: int) -> Tensor:

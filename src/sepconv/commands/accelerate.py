@@ -242,6 +242,7 @@ def change_record(change: Acceleration) -> dict:
         "batch_norms": list(change.batch_norms),
         "activation": change.activation,
         "excitation": change.excitation,
+        "reason": change.reason,  # why a "skipped" change was not made (hooks, call paths a trace cannot see)
     }
 
 
@@ -250,11 +251,14 @@ def changes_table(changes: list[Acceleration], title: str) -> Table:
     table = Table(
         title=f"{title}: {kinds['fused separable']} chains fused, {kinds['depthwise']} depthwise convs routed, "
         f"{kinds['folded conv']} other convs with their norm folded"
+        + (f", {kinds['skipped']} skipped" if kinds["skipped"] else "")
     )
-    for column in ("kind", "first module", "modules", "norms folded", "norms kept", "activation", "excitation"):
+    columns = ["kind", "first module", "modules", "norms folded", "norms kept", "activation", "excitation"]
+    reasons = any(change.reason for change in changes)
+    for column in columns + ["reason"] * reasons:
         table.add_column(column, justify="right" if column in ("modules", "norms folded", "norms kept") else "left")
     for change in changes:
-        table.add_row(
+        cells = [
             change.kind,
             change.replaced[0],
             str(len(change.replaced)),
@@ -262,7 +266,8 @@ def changes_table(changes: list[Acceleration], title: str) -> Table:
             str(len(change.batch_norms)),
             change.activation or "",
             "yes" if change.excitation else "",
-        )
+        ]
+        table.add_row(*cells, *[change.reason or ""] * reasons)
     return table
 
 
