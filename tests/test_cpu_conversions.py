@@ -42,11 +42,11 @@ def compiled_calls(monkeypatch) -> list[str]:
 @pytest.mark.parametrize(
     ("shape", "dtype", "memory_format"),
     [
-        ((2, 64, 32, 32), torch.float32, CL),
-        ((1, 32, 48, 48), torch.float32, CL),  # batch 1: Dynamo specializes dimensions of size 1
-        ((2, 64, 32, 32), torch.bfloat16, CL),
-        ((2, 33, 31, 35), torch.float64, CL),  # odd sizes: no tile divides them
-        ((3, 16, 8, 16, 16), torch.float32, CL3D),
+        ((4, 96, 32, 32), torch.float32, CL),  # sizes above MIN_ELEMENTS_TO_CHANNELS_LAST
+        ((1, 160, 48, 48), torch.float32, CL),  # batch 1: Dynamo specializes dimensions of size 1
+        ((4, 96, 32, 32), torch.bfloat16, CL),
+        ((4, 99, 31, 35), torch.float64, CL),  # odd sizes: no tile divides them
+        ((3, 16, 8, 40, 40), torch.float32, CL3D),
     ],
     ids=["fp32", "batch 1", "bf16", "fp64 odd sizes", "5-d"],
 )
@@ -63,8 +63,8 @@ def test_compiled_conversions_equal_atens_copies_both_ways(compiled_calls, shape
 
 @pytest.mark.parametrize("destination_format", [NCHW, CL], ids=["into NCHW", "into channels_last"])
 def test_copy_into_a_slice_of_a_batch(compiled_calls, destination_format) -> None:
-    source = torch.randn(3, 48, 24, 24).contiguous(memory_format=CL if destination_format is NCHW else NCHW)
-    batch = torch.zeros(7, 48, 24, 24).contiguous(memory_format=destination_format)
+    source = torch.randn(3, 96, 36, 36).contiguous(memory_format=CL if destination_format is NCHW else NCHW)
+    batch = torch.zeros(7, 96, 36, 36).contiguous(memory_format=destination_format)
     cpu_conversions.copy_into(batch[2:5], source)
     assert torch.equal(batch[2:5], source)
     assert not batch[:2].any() and not batch[5:].any()  # nothing written outside the slice
@@ -73,10 +73,10 @@ def test_copy_into_a_slice_of_a_batch(compiled_calls, destination_format) -> Non
 
 
 def test_small_tensors_gradients_tracing_and_compile_keep_atens_copies(compiled_calls) -> None:
-    small = torch.randn(1, 8, 16, 16)  # below MIN_ELEMENTS: the compiled call costs more than the copy
-    assert small.numel() < cpu_conversions.MIN_ELEMENTS
+    small = torch.randn(1, 128, 36, 36)  # here the compiled call costs more than the copy
+    assert cpu_conversions.MIN_ELEMENTS_TO_CONTIGUOUS < small.numel() < cpu_conversions.MIN_ELEMENTS_TO_CHANNELS_LAST
     assert torch.equal(cpu_conversions.to_memory_format(small, CL), small)
-    x = torch.randn(2, 64, 32, 32, requires_grad=True)  # in grad mode: autograd must record the copy
+    x = torch.randn(4, 96, 32, 32, requires_grad=True)  # in grad mode: autograd must record the copy
     y = cpu_conversions.to_memory_format(x, CL)
     assert y.grad_fn is not None and y.is_contiguous(memory_format=CL)
     traced = torch.jit.trace(lambda t: cpu_conversions.to_memory_format(t, CL), x.detach(), check_trace=False)
@@ -102,7 +102,7 @@ def test_a_failing_compile_warns_once_and_falls_back_to_atens_copies(monkeypatch
     monkeypatch.setattr(cpu_conversions, "_in_use", False)
     cpu_conversions.use_compiled_conversions(True)
     assert cpu_conversions.compiled_conversions_in_use()
-    x = torch.randn(2, 64, 32, 32)
+    x = torch.randn(4, 96, 32, 32)
     with pytest.warns(RuntimeWarning, match="no C.. compiler here.*ATen's copies"):
         assert torch.equal(cpu_conversions.to_memory_format(x, CL), x)
     assert not cpu_conversions.compiled_conversions_in_use()
@@ -140,7 +140,7 @@ def test_a_layers_channels_last_plan_gives_the_same_float64_results_with_compile
     sepconv.clear_cpu_strategy_cache()
     torch.manual_seed(0)
     layer = sepconv.SeparableConv2d(32, 24, 3, padding=1, mid_activation=torch.nn.ReLU, dtype=torch.float64)
-    x = torch.randn(4, 32, 32, 32, dtype=torch.float64, requires_grad=True)  # 2 samples: MIN_ELEMENTS
+    x = torch.randn(4, 32, 64, 64, dtype=torch.float64, requires_grad=True)  # a 2-sample chunk's output: a copy
     params = [x, layer.depthwise.weight, layer.pointwise.weight, layer.pointwise.bias]
     expected = F.conv2d(F.relu(F.conv2d(x, layer.depthwise.weight, padding=1, groups=32)), *params[2:])
     expected_grads = torch.autograd.grad(expected.square().sum(), params)

@@ -14,6 +14,9 @@ strategy keys its decisions on the setting, so that a plan is timed with the con
 layer's first call after the switch decides again (its decisions of the other setting are kept for a switch
 back). Small tensors, tensors requiring a gradient in grad mode, and calls during tracing or ``torch.compile``
 keep ATen's copies (their results are equal: a copy is exact), as do variants past Dynamo's recompile limit.
+Measured (``benchmarks/cpu_conversions.py``, same VM): the conversions alone 0.95-4.0x ATen's where they apply;
+an NCHW caller's separable layer, forward and training step, mostly within a few percent of ATen's conversions,
+faster where a batch's conversions are a large part of the call (stride 2 batch 32: up to 1.8x).
 
 >>> import torch
 >>> x = torch.rand(2, 3, 4, 4)
@@ -35,7 +38,11 @@ from torch import Tensor
 __all__ = ["ENV_VARIABLE", "compiled_conversions_in_use", "copy_into", "to_memory_format", "use_compiled_conversions"]
 
 ENV_VARIABLE = "SEPCONV_COMPILED_CONVERSIONS"  # "1": use_compiled_conversions() at import
-MIN_ELEMENTS = 1 << 16  # below this ATen's copy takes about the compiled function's call (~20 us): not worth it
+# Smaller tensors keep ATen's copies: there the compiled call (~20 us of guards and wrappers) and its dynamic-shape
+# kernel were slower (benchmarks/cpu_conversions.json, AMD EPYC, fp32, batch 1: to channels_last 0.61-0.87x at
+# 0.1-0.3 M elements, 1.24-4.0x from 0.4 M; to NCHW 0.66x at 0.11 M (576 x 14 x 14), 1.35-3.5x at 0.1 M and more)
+MIN_ELEMENTS_TO_CHANNELS_LAST = 360_000
+MIN_ELEMENTS_TO_CONTIGUOUS = 150_000  # and copies into a slice (a chunk's output back into the batch's)
 _failed = False  # a compile failed in this process: ATen's copies from then on
 _in_use = os.environ.get(ENV_VARIABLE, "") == "1"  # enabled, and no compile failed (read on the strategy's call path)
 _compiled: dict[str, Callable[..., Tensor]] = {}
@@ -64,7 +71,8 @@ def compiled_conversions_in_use() -> bool:
 def to_memory_format(t: Tensor, memory_format: torch.memory_format) -> Tensor:
     """``t.contiguous(memory_format=memory_format)``, through a compiled kernel where that applies."""
     kernel = _CONVERSIONS.get(memory_format)
-    if kernel is not None and _applies(t) and not t.is_contiguous(memory_format=memory_format):
+    least = MIN_ELEMENTS_TO_CONTIGUOUS if memory_format == torch.contiguous_format else MIN_ELEMENTS_TO_CHANNELS_LAST
+    if kernel is not None and _applies(t, least) and not t.is_contiguous(memory_format=memory_format):
         converted = _run(kernel, t)
         if converted is not None:
             return converted
@@ -74,7 +82,11 @@ def to_memory_format(t: Tensor, memory_format: torch.memory_format) -> Tensor:
 def copy_into(destination: Tensor, source: Tensor) -> None:
     """``destination.copy_(source)`` (same shape and dtype; any strides, a slice of a larger tensor too), through a
     compiled kernel where that applies."""
-    applies = _applies(source) and not destination.requires_grad and destination.dtype == source.dtype
+    applies = (
+        _applies(source, MIN_ELEMENTS_TO_CONTIGUOUS)
+        and not destination.requires_grad
+        and destination.dtype == source.dtype
+    )
     if not (applies and _run(_copy, destination, source) is not None):
         destination.copy_(source)
 
@@ -104,7 +116,7 @@ _CONVERSIONS = {
 }
 
 
-def _applies(t: Tensor) -> bool:
+def _applies(t: Tensor, least: int) -> bool:
     return (
         _in_use
         and type(t) is Tensor
@@ -112,7 +124,7 @@ def _applies(t: Tensor) -> bool:
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
         and not (t.requires_grad and torch.is_grad_enabled())
-        and t.numel() >= MIN_ELEMENTS  # after the tracing test: sizes are traced
+        and t.numel() >= least  # after the tracing test: sizes are traced
     )
 
 
