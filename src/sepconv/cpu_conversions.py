@@ -14,9 +14,9 @@ strategy keys its decisions on the setting, so that a plan is timed with the con
 layer's first call after the switch decides again (its decisions of the other setting are kept for a switch
 back). Small tensors, tensors requiring a gradient in grad mode, and calls during tracing or ``torch.compile``
 keep ATen's copies (their results are equal: a copy is exact), as do variants past Dynamo's recompile limit.
-Measured (``benchmarks/cpu_conversions.py``, same VM): the conversions alone 0.95-4.0x ATen's where they apply;
-an NCHW caller's separable layer, forward and training step, mostly within a few percent of ATen's conversions,
-faster where a batch's conversions are a large part of the call (stride 2 batch 32: up to 1.8x).
+Measured (``benchmarks/cpu_conversions.py``, same VM): the conversions alone 0.89-3.9x ATen's where they apply;
+an NCHW caller's separable layer median 1.01x in both passes (batch 1 0.94-1.04x), faster where a batch's
+conversions are a large part of the call (batch 32 forward up to 1.89x: stride 2).
 
 >>> import torch
 >>> x = torch.rand(2, 3, 4, 4)
