@@ -31,12 +31,18 @@ def compiled_calls(monkeypatch) -> list[str]:
 
         return call
 
-    monkeypatch.setattr(cpu_conversions, "_compile", counting_compile)
+    switch_on_compiling_with(monkeypatch, counting_compile)
+    return calls
+
+
+def switch_on_compiling_with(monkeypatch, compile: Callable) -> None:
+    """Compiled conversions on, compiled by ``compile``, in a fresh state (no compiled function, no failure);
+    everything restored after the test."""
+    monkeypatch.setattr(cpu_conversions, "_compile", compile)
     monkeypatch.setattr(cpu_conversions, "_compiled", {})
     monkeypatch.setattr(cpu_conversions, "_failed", False)
     monkeypatch.setattr(cpu_conversions, "_in_use", False)
     cpu_conversions.use_compiled_conversions(True)
-    return calls
 
 
 @pytest.mark.parametrize(
@@ -96,11 +102,7 @@ def test_a_failing_compile_warns_once_and_falls_back_to_atens_copies(monkeypatch
 
         return fail
 
-    monkeypatch.setattr(cpu_conversions, "_compile", no_compiler)
-    monkeypatch.setattr(cpu_conversions, "_compiled", {})
-    monkeypatch.setattr(cpu_conversions, "_failed", False)
-    monkeypatch.setattr(cpu_conversions, "_in_use", False)
-    cpu_conversions.use_compiled_conversions(True)
+    switch_on_compiling_with(monkeypatch, no_compiler)
     assert cpu_conversions.compiled_conversions_in_use()
     x = torch.randn(4, 96, 32, 32)
     with pytest.warns(RuntimeWarning, match="no C.. compiler here.*ATen's copies"):
