@@ -157,6 +157,16 @@ def upstream_alone(x: torch.Tensor) -> Callable[[], object]:
     return run
 
 
+def plain_block(ours: sepconv.SeparableConv2d) -> nn.Sequential:
+    """PyTorch's separable block (depthwise conv, 1x1 conv) with ``ours``'s geometry and weights."""
+    c, o, k, stride = ours.in_channels, ours.out_channels, ours.kernel_size[0], ours.stride[0]
+    plain = nn.Sequential(nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False), nn.Conv2d(c, o, 1))
+    plain.load_state_dict(
+        {"0.weight": ours.depthwise.weight, "1.weight": ours.pointwise.weight, "1.bias": ours.pointwise.bias}
+    )
+    return plain
+
+
 class ConvertAround(nn.Module):
     """What an NCHW caller pays to use a channels_last module in plain PyTorch: convert in, run, convert back."""
 
@@ -173,10 +183,7 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
     torch.manual_seed(0)
     x = torch.randn(batch, c, h, h)
     ours = sepconv.SeparableConv2d(c, o, k, stride=stride, padding=k // 2)
-    plain = nn.Sequential(nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False), nn.Conv2d(c, o, 1))
-    plain.load_state_dict(
-        {"0.weight": ours.depthwise.weight, "1.weight": ours.pointwise.weight, "1.bias": ours.pointwise.bias}
-    )
+    plain = plain_block(ours)
     plain_cl = copy.deepcopy(plain).to(memory_format=CL)  # a copy: .to() would change `plain` too
     standard = nn.Conv2d(c, o, k, stride, k // 2)
     standard_cl = copy.deepcopy(standard).to(memory_format=CL)

@@ -25,10 +25,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import sepconv
-from cpu import QUICK_SHAPES, SHAPES, ConvertAround, _finite, forward, forward_backward, settle, timed_side_by_side
+from cpu import (
+    QUICK_SHAPES,
+    SHAPES,
+    ConvertAround,
+    _finite,
+    forward,
+    forward_backward,
+    plain_block,
+    settle,
+    timed_side_by_side,
+)
 from sepconv import cpu_conversions
 from sepconv.bench import allocator_name, device_name, paired_ratio, paired_ratio_interval, versions
 from sepconv.commands.accelerate import max_relative_difference
@@ -115,10 +124,7 @@ def layer_row(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_t
     torch.manual_seed(0)
     x = torch.randn(batch, c, h, h)
     ours = sepconv.SeparableConv2d(c, o, k, stride=stride, padding=k // 2)
-    plain = nn.Sequential(nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False), nn.Conv2d(c, o, 1))
-    plain.load_state_dict(
-        {"0.weight": ours.depthwise.weight, "1.weight": ours.pointwise.weight, "1.bias": ours.pointwise.bias}
-    )
+    plain = plain_block(ours)
     row: dict = {"C": c, "H": h, "O": o, "K": k, "stride": stride, "batch": batch}
     sepconv.clear_cpu_strategy_cache()
     for enabled in (False, True):

@@ -25,10 +25,19 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 import sepconv
-from cpu import QUICK_SHAPES, SHAPES, ConvertAround, _finite, forward, forward_backward, settle, timed_side_by_side
+from cpu import (
+    QUICK_SHAPES,
+    SHAPES,
+    ConvertAround,
+    _finite,
+    forward,
+    forward_backward,
+    plain_block,
+    settle,
+    timed_side_by_side,
+)
 from sepconv.bench import allocator_name, device_name, paired_ratio, paired_ratio_interval, versions
 from sepconv.io import atomic_write_png, atomic_write_text
 
@@ -78,10 +87,7 @@ def row_for(c: int, h: int, o: int, k: int, stride: int, batch: int, min_run_tim
     ours = sepconv.SeparableConv2d(c, o, k, stride=stride, padding=k // 2)
     without = SeparableConv2dWithoutProduct(c, o, k, stride=stride, padding=k // 2)
     without.load_state_dict(ours.state_dict())
-    plain = nn.Sequential(nn.Conv2d(c, c, k, stride, k // 2, groups=c, bias=False), nn.Conv2d(c, o, 1))
-    plain.load_state_dict(
-        {"0.weight": ours.depthwise.weight, "1.weight": ours.pointwise.weight, "1.bias": ours.pointwise.bias}
-    )
+    plain = plain_block(ours)
     plain_cl_block = copy.deepcopy(plain).to(memory_format=CL)  # a copy: .to() would change `plain` too
     plain_cl = ConvertAround(plain_cl_block)
     sepconv.clear_cpu_strategy_cache()
